@@ -1,0 +1,179 @@
+"""The .dsq container: ``magic | version | manifest length | manifest crc | JSON manifest | segments``.
+
+Layout (little-endian)::
+
+    8 bytes   magic  b"\\x89DSQ\\r\\n\\x1a\\n"  (PNG-style: catches text-mode and 7-bit mangling)
+    u32       format version
+    u64       manifest length in bytes
+    u32       CRC-32 of the manifest
+    ...       manifest: UTF-8 JSON, keys sorted (same inputs -> same bytes)
+    ...       segments, concatenated; each tensor entry lists (offset, length, crc32) of its own
+
+No pickle anywhere: tensors are encoded by registered encodings into plain bytes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+import tempfile
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepsqueeze.core.encoding import get_encoding
+from deepsqueeze.errors import ArtifactError
+
+MAGIC = b"\x89DSQ\r\n\x1a\n"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<8sIQI")
+
+_DTYPES: dict[str, torch.dtype] = {
+    str(dt).removeprefix("torch."): dt
+    for dt in (
+        torch.float64, torch.float32, torch.float16, torch.bfloat16,
+        torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
+    )
+}
+
+
+@dataclass
+class TensorEntry:
+    """One tensor to store: its state-dict name, value, and the encoding to use."""
+
+    name: str
+    tensor: torch.Tensor
+    encoding: str = "raw"
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class ArtifactContents:
+    manifest: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+    file_bytes: int
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    name = str(dtype).removeprefix("torch.")
+    if name not in _DTYPES:
+        raise ArtifactError(f"cannot store tensors of dtype {name}: supported dtypes are {', '.join(_DTYPES)}")
+    return name
+
+
+def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tensors: list[TensorEntry]) -> int:
+    """Encode ``tensors``, write the container atomically to ``path``, return its size in bytes."""
+    entries = []
+    payload = bytearray()
+    for item in tensors:
+        encoding = get_encoding(item.encoding)
+        tensor = item.tensor.detach().cpu()
+        meta, segments = encoding.encode(tensor, **item.params)
+        seg_index = []
+        for seg in segments:
+            seg_index.append([len(payload), len(seg), zlib.crc32(seg)])
+            payload += seg
+        entries.append(
+            {
+                "name": item.name,
+                "dtype": dtype_name(tensor.dtype),
+                "shape": list(tensor.shape),
+                "encoding": item.encoding,
+                "meta": meta,
+                "segments": seg_index,
+            }
+        )
+    full_manifest = {**manifest, "format": "deepsqueeze", "version": FORMAT_VERSION, "tensors": entries}
+    manifest_bytes = json.dumps(full_manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), zlib.crc32(manifest_bytes))
+    data = header + manifest_bytes + bytes(payload)
+    atomic_write_bytes(Path(path), data)
+    return len(data)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+    path = Path(path)
+    if not path.parent.exists():
+        raise ArtifactError(f"cannot write {path}: folder {path.parent} does not exist")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, int]:
+    """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ArtifactError(f"artifact {path} does not exist: check the path") from None
+    except IsADirectoryError:
+        raise ArtifactError(f"{path} is a folder, not a .dsq artifact") from None
+    except OSError as exc:
+        raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from None
+    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+            raise ArtifactError(f"{path} is truncated ({len(data)} bytes): re-create it with deepsqueeze compress")
+        raise ArtifactError(f"{path} is not a deepsqueeze artifact (bad magic bytes)")
+    _, version, manifest_len, manifest_crc = _HEADER.unpack_from(data)
+    if version > FORMAT_VERSION:
+        raise ArtifactError(
+            f"{path} uses .dsq format version {version}, newer than this deepsqueeze reads ({FORMAT_VERSION}): "
+            "upgrade deepsqueeze"
+        )
+    start = _HEADER.size
+    if start + manifest_len > len(data):
+        raise ArtifactError(f"{path} is truncated: the manifest runs past the end of the file; re-create it")
+    manifest_bytes = data[start : start + manifest_len]
+    if zlib.crc32(manifest_bytes) != manifest_crc:
+        raise ArtifactError(f"{path} is corrupted: manifest checksum mismatch; re-create it")
+    try:
+        manifest = json.loads(manifest_bytes)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise ArtifactError(f"{path} is corrupted: its manifest is not valid JSON") from None
+    return manifest, data[start + manifest_len :], len(data)
+
+
+def read_artifact(path: str | os.PathLike[str]) -> ArtifactContents:
+    """Read, verify and decode every tensor of a .dsq file."""
+    manifest, payload, size = read_manifest(path)
+    tensors: dict[str, torch.Tensor] = {}
+    try:
+        for entry in manifest["tensors"]:
+            name = entry["name"]
+            segments = []
+            for offset, length, crc in entry["segments"]:
+                seg = payload[offset : offset + length]
+                if len(seg) != length:
+                    raise ArtifactError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
+                if zlib.crc32(seg) != crc:
+                    raise ArtifactError(f"{path} is corrupted: checksum mismatch in tensor {name!r}")
+                segments.append(seg)
+            if entry["dtype"] not in _DTYPES:
+                raise ArtifactError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
+            shape = tuple(int(s) for s in entry["shape"])
+            encoding = get_encoding(entry["encoding"])
+            try:
+                tensor = encoding.decode(entry["meta"], segments, shape, _DTYPES[entry["dtype"]])
+            except ArtifactError:
+                raise
+            except Exception as exc:  # a decoder meeting inconsistent data must not crash the caller
+                raise ArtifactError(f"{path}: cannot decode tensor {name!r} ({entry['encoding']}): {exc}") from None
+            if tuple(tensor.shape) != shape:
+                raise ArtifactError(f"{path}: tensor {name!r} decoded to shape {tuple(tensor.shape)}, expected {shape}")
+            tensors[name] = tensor
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} has a malformed manifest ({type(exc).__name__}: {exc}); re-create it") from None
+    return ArtifactContents(manifest, tensors, size)

@@ -1,0 +1,85 @@
+"""What the stages did to a model: structural transforms (replayed on load) and tensor encodings.
+
+The record lives on the root module. A transform is ``(kind, target, params)``: ``kind`` names a
+replay function registered by the technique that made it, which rebuilds the module structure
+(shapes only) on a freshly built base model so the saved tensors fit.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from torch import nn
+
+from deepsqueeze.errors import ArtifactError
+
+ReplayFn = Callable[[nn.Module, str, dict[str, Any]], None]
+
+_REPLAYS: dict[str, ReplayFn] = {}
+_RECORD_ATTR = "_deepsqueeze_record"
+
+
+@dataclass(frozen=True)
+class Transform:
+    kind: str
+    target: str
+    params: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class CompressionRecord:
+    transforms: list[Transform] = field(default_factory=list)
+    encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+
+
+def get_record(model: nn.Module) -> CompressionRecord:
+    """The record attached to ``model`` (created empty on first use)."""
+    record = model.__dict__.get(_RECORD_ATTR)
+    if record is None:
+        record = CompressionRecord()
+        model.__dict__[_RECORD_ATTR] = record
+    return record
+
+
+def register_transform(kind: str) -> Callable[[ReplayFn], ReplayFn]:
+    """Register ``replay(root, target, params)`` for transforms of ``kind``."""
+
+    def decorate(fn: ReplayFn) -> ReplayFn:
+        _REPLAYS[kind] = fn
+        return fn
+
+    return decorate
+
+
+def record_transform(model: nn.Module, kind: str, target: str, **params: Any) -> None:
+    """Append a structural transform to ``model``'s record; ``params`` must be JSON-serializable."""
+    if kind not in _REPLAYS:
+        raise KeyError(f"transform kind {kind!r} has no registered replay function")
+    get_record(model).transforms.append(Transform(kind, target, params))
+
+
+def record_encoding(model: nn.Module, tensor_name: str, encoding: str, **params: Any) -> None:
+    """Ask the artifact writer to store state-dict entry ``tensor_name`` with ``encoding``."""
+    get_record(model).encodings[tensor_name] = {"encoding": encoding, **params}
+
+
+def replay_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
+    """Re-apply recorded transforms (from a manifest) to a freshly built base model."""
+    from deepsqueeze.core.plugins import load_plugins
+
+    load_plugins()
+    for entry in transforms:
+        kind = entry.get("kind")
+        replay = _REPLAYS.get(kind)  # type: ignore[arg-type]
+        if replay is None:
+            raise ArtifactError(
+                f"artifact uses transform {kind!r}, which this deepsqueeze does not know: upgrade deepsqueeze"
+            )
+        replay(model, entry["target"], dict(entry.get("params", {})))
+        get_record(model).transforms.append(Transform(kind, entry["target"], dict(entry.get("params", {}))))

@@ -1,0 +1,53 @@
+"""Find and replace submodules by name pattern, type and predicate."""
+
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+from torch import nn
+
+ModuleFilter = Callable[[str, nn.Module], bool]
+
+
+def iter_modules(
+    model: nn.Module,
+    types: type[nn.Module] | tuple[type[nn.Module], ...] | None = None,
+    include: Sequence[str] | None = None,
+    exclude: Sequence[str] | None = None,
+    filter_fn: ModuleFilter | None = None,
+) -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(name, module)`` for submodules matching every given criterion.
+
+    ``include``/``exclude`` are fnmatch patterns on the dotted module name (``"encoder.*.query"``).
+    The list is materialised first, so callers may replace modules while iterating.
+    """
+    selected = []
+    for name, module in model.named_modules():
+        if not name:
+            continue
+        if types is not None and not isinstance(module, types):
+            continue
+        if include and not _matches(name, include):
+            continue
+        if exclude and _matches(name, exclude):
+            continue
+        if filter_fn is not None and not filter_fn(name, module):
+            continue
+        selected.append((name, module))
+    yield from selected
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def get_submodule(root: nn.Module, name: str) -> nn.Module:
+    return root.get_submodule(name) if name else root
+
+
+def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
+    """Replace the submodule at dotted ``name`` with ``module``."""
+    parent_name, _, child = name.rpartition(".")
+    parent = get_submodule(root, parent_name)
+    setattr(parent, child, module)

@@ -1,0 +1,6 @@
+"""Data references: ``fashion-mnist[:DIR]``, ``digits``, ``text:FILE``, ``pydoc-sentences[:calib|eval]``."""
+
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.data.resolve import DATA_HELP, resolve_data
+
+__all__ = ["DATA_HELP", "ClassificationData", "TextData", "resolve_data"]

@@ -1,0 +1,35 @@
+"""The exceptions deepsqueeze raises for problems a user can fix.
+
+Every message says what is wrong and what to do about it; the CLI prints it on one
+line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+
+class DeepsqueezeError(Exception):
+    """Base class: a problem the user can fix (bad input, missing data, unsupported model)."""
+
+
+class ArtifactError(DeepsqueezeError):
+    """A .dsq file is missing, truncated, corrupted, foreign or from a newer format version."""
+
+
+class RecipeError(DeepsqueezeError, ValueError):
+    """A recipe or stage config is invalid: unknown key, wrong type, impossible value."""
+
+
+class DataError(DeepsqueezeError):
+    """A data reference cannot be resolved or its files are missing or malformed."""
+
+
+class ModelError(DeepsqueezeError):
+    """A model reference cannot be resolved, or its weights are missing, malformed or non-finite."""
+
+
+class UnsupportedLayerError(ModelError):
+    """A technique met a layer or pattern it cannot handle; the message names the layer and why."""
+
+
+class DeepsqueezeWarning(UserWarning):
+    """Warnings deepsqueeze emits (the test suite turns them into errors)."""
