@@ -1,0 +1,75 @@
+"""Save a compressed model to a .dsq file and load it back as a runnable module."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from deepsqueeze import __version__
+from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.record import get_record, replay_transforms
+from deepsqueeze.errors import ArtifactError, DeepsqueezeError, ModelError
+from deepsqueeze.zoo.resolve import build_base, check_finite
+
+
+def save(model: Model, path: str | os.PathLike[str]) -> int:
+    """Write ``model`` (base reference, recorded transforms, encoded tensors) to ``path``; return bytes.
+
+    The write is atomic, and refuses to replace the artifact the model was loaded from.
+    """
+    out = Path(path)
+    if model.artifact_path and out.exists() and out.resolve() == Path(model.artifact_path).resolve():
+        raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
+    check_finite(model.module, model.ref)
+    record = get_record(model.module)
+    state = model.module.state_dict()
+    unknown = set(record.encodings) - set(state)
+    if unknown:
+        raise ArtifactError(f"encodings were recorded for tensors the model does not have: {sorted(unknown)[:3]}")
+    entries = []
+    for name, tensor in state.items():
+        hint = dict(record.encodings.get(name, {"encoding": "raw"}))
+        entries.append(TensorEntry(name, tensor, hint.pop("encoding"), hint))
+    manifest: dict[str, Any] = {
+        "creator": f"deepsqueeze {__version__}",
+        "base": model.base,
+        "ref": model.ref,
+        "task": model.task.value,
+        "base_params": model.base_params,
+        "input_shape": list(model.input_shape) if model.input_shape else None,
+        "num_classes": model.num_classes,
+        "transforms": [t.to_dict() for t in record.transforms],
+        "stages": record.stages,
+    }
+    return write_artifact(out, manifest, entries)
+
+
+def load(path: str | os.PathLike[str]) -> Model:
+    """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors."""
+    contents = read_artifact(path)
+    manifest = contents.manifest
+    try:
+        module = build_base(manifest["base"])
+        replay_transforms(module, manifest["transforms"])
+        task = Task(manifest["task"])
+    except ArtifactError:
+        raise
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ArtifactError(f"{path} has a malformed manifest ({type(exc).__name__}: {exc})") from None
+    except DeepsqueezeError as exc:
+        raise ModelError(f"cannot rebuild the base model of {path}: {exc}") from None
+    result = module.load_state_dict(contents.tensors, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ArtifactError(
+            f"{path} does not fit its base model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+    get_record(module).stages = list(manifest.get("stages", []))
+    shape = manifest.get("input_shape")
+    return Model(
+        module.eval(), manifest["base"], task, manifest.get("ref", str(path)), int(manifest["base_params"]),
+        tuple(shape) if shape else None, manifest.get("num_classes"), artifact_path=str(path),
+        meta={"artifact_bytes": contents.file_bytes, "manifest": manifest},
+    )

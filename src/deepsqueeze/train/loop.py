@@ -1,0 +1,172 @@
+"""A small, deterministic training loop with a rich progress bar."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from deepsqueeze.data.datasets import ClassificationData
+
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+StepCallback = Callable[[int, int], None]  # (global step, total steps)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def fit(
+    module: nn.Module,
+    batches: Callable[[int], Iterable[Any]],
+    loss_fn: LossFn,
+    *,
+    epochs: float = 1,
+    steps_per_epoch: int,
+    lr: float = 1e-3,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    params: Iterable[nn.Parameter] | None = None,
+    seed: int = 0,
+    progress: bool = True,
+    description: str = "training",
+    before_step: StepCallback | None = None,
+    after_step: StepCallback | None = None,
+) -> dict[str, float]:
+    """Train ``module`` on ``batches(epoch)`` for ``epochs`` (fractions allowed) minimising ``loss_fn``.
+
+    ``before_step``/``after_step`` run around every optimiser step with (step, total steps): pruning
+    schedules and mask enforcement hook in there. Returns the mean loss of the last epoch.
+    """
+    seed_everything(seed)
+    trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
+    if not trainable:
+        raise ValueError("nothing to train: the model has no trainable parameters")
+    opt = _optimizer(optimizer, trainable, lr, weight_decay)
+    total = max(1, int(round(epochs * steps_per_epoch)))
+    sched = _scheduler(schedule, opt, total)
+    module.train()
+    step, last_losses = 0, []
+    with _progress(progress, description, total) as advance:
+        epoch = 0
+        while step < total:
+            last_losses = []
+            for batch in batches(epoch):
+                if step >= total:
+                    break
+                if before_step is not None:
+                    before_step(step, total)
+                opt.zero_grad(set_to_none=True)
+                loss = loss_fn(module, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+                loss.backward()
+                opt.step()
+                sched.step()
+                step += 1
+                last_losses.append(float(loss.detach()))
+                if after_step is not None:
+                    after_step(step, total)
+                advance(loss=last_losses[-1])
+            epoch += 1
+    module.eval()
+    return {"loss": float(np.mean(last_losses)) if last_losses else float("nan"), "steps": step}
+
+
+def train_classifier(
+    module: nn.Module,
+    data: ClassificationData,
+    *,
+    epochs: float = 1,
+    lr: float = 1e-3,
+    batch_size: int = 128,
+    optimizer: str = "adam",
+    weight_decay: float = 0.0,
+    schedule: str = "constant",
+    loss_fn: LossFn | None = None,
+    device: torch.device | str = "cpu",
+    seed: int = 0,
+    progress: bool = True,
+    limit: int | None = None,
+    **hooks: Any,
+) -> dict[str, float]:
+    """Supervised training on ``data``'s train split (cross-entropy unless ``loss_fn`` is given)."""
+    device = torch.device(device)
+    module.to(device)
+
+    def batches(epoch: int) -> Iterable[tuple[torch.Tensor, torch.Tensor]]:
+        for x, y in data.batches("train", batch_size, shuffle=True, seed=seed * 1000 + epoch, limit=limit):
+            yield x.to(device), y.to(device)
+
+    def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        return nn.functional.cross_entropy(model(x), y)
+
+    n = len(data.train_x) if limit is None else min(limit, len(data.train_x))
+    return fit(
+        module, batches, loss_fn or cross_entropy, epochs=epochs, steps_per_epoch=-(-n // batch_size),
+        lr=lr, optimizer=optimizer, weight_decay=weight_decay, schedule=schedule, seed=seed,
+        progress=progress, description=f"training on {data.name}", **hooks,
+    )
+
+
+def _optimizer(name: str, params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Optimizer:
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=weight_decay, nesterov=True)
+    raise ValueError(f"unknown optimizer {name!r}: use adam, adamw or sgd")
+
+
+def _scheduler(name: str, opt: torch.optim.Optimizer, total: int) -> torch.optim.lr_scheduler.LRScheduler:
+    if name == "constant":
+        return torch.optim.lr_scheduler.LambdaLR(opt, lambda _: 1.0)
+    if name == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=total)
+    if name == "onecycle":
+        return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
+    raise ValueError(f"unknown schedule {name!r}: use constant, cosine or onecycle")
+
+
+class _progress:
+    """A rich progress bar, or nothing when disabled or not on a terminal."""
+
+    def __init__(self, enabled: bool, description: str, total: int) -> None:
+        self.enabled, self.description, self.total = enabled, description, total
+        self.bar: Any = None
+
+    def __enter__(self) -> Callable[..., None]:
+        if self.enabled:
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self.bar = Progress(
+                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True,
+                console=_stderr_console(),
+            )
+            self.bar.start()
+            self.task = self.bar.add_task(self.description, total=self.total, loss=float("nan"))
+        return self.advance
+
+    def advance(self, loss: float) -> None:
+        if self.bar is not None:
+            self.bar.update(self.task, advance=1, loss=loss)
+
+    def __exit__(self, *exc: object) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
+def _stderr_console() -> Any:
+    from rich.console import Console
+
+    return Console(stderr=True)

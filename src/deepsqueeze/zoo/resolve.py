@@ -1,0 +1,119 @@
+"""One resolver for model references (everything but .dsq artifacts, which ``deepsqueeze.load`` reads).
+
+``zoo:NAME`` (untrained, Fashion-MNIST shape), ``zoo:NAME@DATA`` (trained on DATA, cached),
+``minilm``, ``hf:DIR``, ``py:package.module:factory`` (with optional safetensors weights).
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.errors import ModelError
+from deepsqueeze.zoo.builders import ZOO, build_zoo_model
+from deepsqueeze.zoo.hf import SentenceEncoder, load_sentence_encoder, minilm_dir
+
+MODEL_HELP = "zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), minilm, hf:DIR, py:package.module:factory, FILE.dsq"
+DEFAULT_SHAPE = (1, 28, 28)
+
+
+def build_base(base: dict[str, Any]) -> nn.Module:
+    """Rebuild the uncompressed architecture described by a manifest's ``base`` (weights not loaded)."""
+    kind = base.get("kind")
+    if kind == "zoo":
+        return build_zoo_model(base["name"], tuple(base["input_shape"]), base["num_classes"])
+    if kind == "minilm":
+        return load_sentence_encoder(minilm_dir(), pretrained=False)
+    if kind == "hf":
+        return load_sentence_encoder(base["path"], pretrained=False)
+    if kind == "py":
+        return _call_factory(base["factory"])
+    raise ModelError(f"unknown base model kind {kind!r}: this artifact needs a newer deepsqueeze")
+
+
+def resolve_base_model(ref: str, weights: str | None = None, progress: bool = True,
+                       device: str | torch.device = "cpu") -> Model:
+    """Resolve a non-artifact model reference into a ``Model`` with its weights loaded."""
+    if ref.startswith("zoo:"):
+        name, _, data_ref = ref[4:].partition("@")
+        if name not in ZOO:
+            raise ModelError(f"unknown zoo model {name!r}: choose one of {', '.join(ZOO)}")
+        if data_ref:
+            from deepsqueeze.zoo.pretrained import pretrained_zoo_model
+
+            model = pretrained_zoo_model(name, data_ref, progress=progress, device=device)
+        else:
+            torch.manual_seed(0)
+            module = build_zoo_model(name, DEFAULT_SHAPE, 10)
+            base = {"kind": "zoo", "name": name, "input_shape": list(DEFAULT_SHAPE), "num_classes": 10}
+            model = Model(module, base, Task.CLASSIFIER, ref, count_params(module), DEFAULT_SHAPE, 10)
+    elif ref == "minilm":
+        module = load_sentence_encoder(minilm_dir())
+        model = Model(module, {"kind": "minilm"}, Task.SENTENCE_ENCODER, ref, count_params(module))
+    elif ref.startswith("hf:"):
+        folder = Path(ref[3:]).resolve()
+        module = load_sentence_encoder(folder)
+        model = Model(module, {"kind": "hf", "path": str(folder)}, Task.SENTENCE_ENCODER, ref, count_params(module))
+    elif ref.startswith("py:"):
+        module = _call_factory(ref[3:])
+        task = Task.SENTENCE_ENCODER if isinstance(module, SentenceEncoder) else Task.CLASSIFIER
+        shape = getattr(module, "input_shape", None)
+        model = Model(module, {"kind": "py", "factory": ref[3:]}, task, ref, count_params(module),
+                      tuple(shape) if shape else None, getattr(module, "num_classes", None))
+    else:
+        raise ModelError(f"unknown model reference {ref!r}: use {MODEL_HELP}")
+    if weights is not None:
+        load_weights(model.module, weights)
+    check_finite(model.module, ref)
+    model.module.to(device).eval()
+    return model
+
+
+def load_weights(module: nn.Module, path: str) -> None:
+    """Load a safetensors state dict (never a pickle) into ``module``, strictly."""
+    file = Path(path)
+    if file.suffix != ".safetensors":
+        raise ModelError(f"--weights takes a .safetensors file, got {file.name}: pickled checkpoints are not loaded")
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    try:
+        state = load_file(str(file))
+    except FileNotFoundError:
+        raise ModelError(f"weights file {file} does not exist") from None
+    except (SafetensorsError, OSError) as exc:
+        raise ModelError(f"cannot read weights {file}: {exc}") from None
+    result = module.load_state_dict(state, strict=False)
+    if result.missing_keys or result.unexpected_keys:
+        raise ModelError(
+            f"weights {file} do not fit the model: missing {result.missing_keys[:3]}, "
+            f"unexpected {result.unexpected_keys[:3]}"
+        )
+
+
+def check_finite(module: nn.Module, ref: str) -> None:
+    for name, tensor in module.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ModelError(f"model {ref} has NaN or Inf values in {name}: fix or retrain the weights")
+
+
+def _call_factory(spec: str) -> nn.Module:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelError(f"py: reference {spec!r} must look like py:package.module:factory")
+    try:
+        factory = getattr(importlib.import_module(module_name), attr)
+    except ImportError as exc:
+        raise ModelError(f"cannot import {module_name!r} for py:{spec}: {exc}") from None
+    except AttributeError:
+        raise ModelError(f"module {module_name!r} has no {attr!r} (from py:{spec})") from None
+    module = factory()
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"py:{spec} returned {type(module).__name__}, not a torch.nn.Module")
+    return module.eval()
