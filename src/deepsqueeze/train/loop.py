@@ -43,7 +43,8 @@ def fit(
     """Train ``module`` on ``batches(epoch)`` for ``epochs`` (fractions allowed) minimising ``loss_fn``.
 
     ``before_step``/``after_step`` run around every optimiser step with (step, total steps): pruning
-    schedules and mask enforcement hook in there. Returns the mean loss of the last epoch.
+    schedules hook in there. Any submodule with a ``deepsqueeze_after_step()`` method (a mask, a
+    codebook) has it called after every step, in every training run. Returns the last epoch's mean loss.
     """
     seed_everything(seed)
     trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
@@ -52,6 +53,7 @@ def fit(
     opt = _optimizer(optimizer, trainable, lr, weight_decay)
     total = max(1, int(round(epochs * steps_per_epoch)))
     sched = _scheduler(schedule, opt, total)
+    constrained = [m for m in module.modules() if callable(getattr(m, "deepsqueeze_after_step", None))]
     module.train()
     step, last_losses = 0, []
     with _progress(progress, description, total) as advance:
@@ -70,6 +72,8 @@ def fit(
                 loss.backward()
                 opt.step()
                 sched.step()
+                for m in constrained:  # e.g. pruning masks: pruned weights stay zero
+                    m.deepsqueeze_after_step()
                 step += 1
                 last_losses.append(float(loss.detach()))
                 if after_step is not None:

@@ -1,0 +1,64 @@
+"""The typer app. Each command lives in its own module with ``register(app)``; heavy imports stay lazy.
+
+User errors (``DeepsqueezeError``) are caught here, once: one line on stderr, exit code 2.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+import typer
+
+COMMAND_MODULES: tuple[str, ...] = (
+    "inspect",
+    "train",
+    "evaluate",
+    "compress",
+    "bench",
+    "demo",
+    "sensitivity",
+)
+
+app = typer.Typer(
+    name="deepsqueeze",
+    help="Make trained PyTorch models smaller and faster, and prove it with measured size, speed and quality.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+for _name in COMMAND_MODULES:
+    try:
+        _module = importlib.import_module(f"deepsqueeze.cli.{_name}")
+    except ModuleNotFoundError as _exc:
+        if _exc.name != f"deepsqueeze.cli.{_name}":
+            raise
+        continue
+    _module.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: run the app, turning user errors into one line and exit code 2."""
+    from deepsqueeze.errors import DeepsqueezeError
+
+    try:
+        app(args=argv, standalone_mode=False)
+    except DeepsqueezeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        sys.exit(2)
+    except (typer.Exit, SystemExit) as exc:
+        code = getattr(exc, "exit_code", getattr(exc, "code", 0))
+        sys.exit(code)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
+    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
+        import click
+
+        if isinstance(exc, click.exceptions.ClickException):
+            exc.show()
+            sys.exit(2)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        raise
