@@ -75,11 +75,11 @@ def config_from_dict(data: dict[str, Any], where: str = "stage") -> StageConfig:
     stage_type = fields.pop("type", None)
     if stage_type is None:
         raise RecipeError(f"{where}: missing 'type' (one of: {', '.join(registered_stages())})")
-    config_cls, _ = stage_entry(str(stage_type))
     try:
-        return config_cls.model_validate(fields)
-    except ValidationError as exc:
-        raise RecipeError(f"{where} ({stage_type}): {_explain(exc, config_cls)}") from None
+        config_cls, _ = stage_entry(str(stage_type))
+        return config_cls(**fields)
+    except RecipeError as exc:
+        raise RecipeError(f"{where} ({stage_type}): {exc}") from None
 
 
 def config_to_dict(config: StageConfig) -> dict[str, Any]:

@@ -1,0 +1,61 @@
+"""Output helpers shared by the commands: one JSON object with --json, rich tables otherwise."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+stdout = Console()
+stderr = Console(stderr=True)
+
+JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
+DeviceOption = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ...")
+
+
+def emit_json(obj: dict[str, Any]) -> None:
+    print(json.dumps(obj, default=_plain, allow_nan=False, indent=2, sort_keys=False))
+
+
+def _plain(value: Any) -> Any:
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return str(value)
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4f}" if abs(value) < 100 else f"{value:,.1f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
+
+
+def kv_table(title: str, values: dict[str, Any]) -> Table:
+    table = Table(title=title, show_header=False, title_justify="left")
+    table.add_column("key", style="bold")
+    table.add_column("value", justify="right")
+    for key, value in values.items():
+        if not isinstance(value, (dict, list)):
+            table.add_row(key, fmt(value))
+    return table
+
+
+def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+    columns: list[str] = []
+    for row in rows:
+        columns += [c for c in row if c not in columns]
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("stage", "model", "variant") else "right")
+    for row in rows:
+        table.add_row(*(fmt(row.get(c)) for c in columns))
+    return table

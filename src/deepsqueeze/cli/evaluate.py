@@ -1,0 +1,46 @@
+"""``deepsqueeze evaluate MODEL --data DATA``: quality, size and latency under stable JSON keys."""
+
+from __future__ import annotations
+
+import typer
+
+from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, stdout
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def evaluate(
+        model: str = typer.Argument(..., help="Model reference or FILE.dsq"),
+        data: str = typer.Option(..., "--data", help="fashion-mnist, digits, pydoc-sentences:eval, text:FILE ..."),
+        reference: str = typer.Option(None, "--reference", help="Reference model for sentence encoders "
+                                      "(default: the artifact's base model)"),
+        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        batch_size: int = typer.Option(64, "--batch-size", help="Batch size for the latency measurement"),
+        threads: int = typer.Option(2, "--threads", help="torch threads during timing"),
+        no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement"),
+        backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
+        device: str = DeviceOption,
+        as_json: bool = JsonOption,
+    ) -> None:
+        """Score a model: accuracy or embedding fidelity, parameters, bytes, compression ratio, latency."""
+        from deepsqueeze.data import resolve_data
+        from deepsqueeze.errors import DeepsqueezeError
+        from deepsqueeze.eval import evaluate as run_evaluation
+        from deepsqueeze.resolve import resolve_model
+
+        m = resolve_model(model, weights=weights, progress=not as_json, device=device)
+        dataset = resolve_data(data, split="eval")
+        ref = resolve_model(reference, progress=not as_json, device=device) if reference else None
+        if backend == "ort":
+            from deepsqueeze.quant import ort_backend
+
+            m = ort_backend(m)
+        elif backend != "torch":
+            raise DeepsqueezeError(f"unknown backend {backend!r}: use torch or ort")
+        result = run_evaluation(m, dataset, ref, batch_size=batch_size, threads=threads,
+                                latency=not no_latency, device=device)
+        result["backend"] = backend
+        if as_json:
+            emit_json(result)
+        else:
+            stdout.print(kv_table(f"{model} on {dataset.name}", result))

@@ -1,0 +1,178 @@
+"""GPTQ (Frantar et al., 2022): weight-only quantization that corrects rounding error column by column.
+
+For a Linear layer with weight ``W`` (out x in) and calibration inputs ``X``, GPTQ minimises the
+layer-output error ``||W X - Q X||^2`` one input column at a time: each column is rounded, and its
+rounding error is spread over the columns not yet quantized through the inverse Hessian
+``H = 2 X X^T / n`` (the closed-form Optimal Brain Quantization update). Two tricks make it fast:
+the inverse Hessian rows needed are read from one upper Cholesky factor, and updates are applied
+lazily in blocks of columns.
+
+This module holds the pure algorithm (``gptq_quantize``: weight + Hessian -> integer codes and
+group parameters) and the Hessian accumulation. Which quantizer rounds a column (bits, symmetric or
+not) comes from ``deepsqueeze.primitives.quantize``; the model-level driver is ``gptq_model``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from deepsqueeze.errors import ModelError
+
+# (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
+ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+# (one column: rows, scale, zero_point) -> integer codes (rows,)
+QuantFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# (codes, scale, zero_point) -> reconstructed values (rows,)
+DequantFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ColumnQuantizer:
+    """How GPTQ rounds: group parameters from weights, then quantize / dequantize one column."""
+
+    params: ParamsFn
+    quantize: QuantFn
+    dequantize: DequantFn
+
+
+@dataclass
+class GPTQResult:
+    """Integer codes in the layer's natural column order plus one (scale, zero_point) per row and group."""
+
+    codes: torch.Tensor  # (out, in) integer codes
+    scale: torch.Tensor  # (out, n_groups)
+    zero_point: torch.Tensor  # (out, n_groups)
+    group_size: int
+
+    def dequantize(self, dequant: DequantFn) -> torch.Tensor:
+        """The reconstructed float weight (out x in)."""
+        group_of = torch.arange(self.codes.shape[1]) // self.group_size
+        return dequant(self.codes, self.scale[:, group_of], self.zero_point[:, group_of])
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over the rows of a layer's inputs (float64 for stability)."""
+
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape (..., columns); every leading index is one sample."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if x.shape[-1] != self.columns:
+            raise ModelError(f"Hessian expects inputs with {self.columns} features, got {x.shape[-1]}")
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ModelError("no calibration inputs reached this layer: check the calibration data and model")
+        return (2.0 / self.count) * self.sum
+
+
+def gptq_quantize(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    quantizer: ColumnQuantizer,
+    group_size: int | None = None,
+    *,
+    act_order: bool = False,
+    damp: float = 0.01,
+    block_size: int = 128,
+) -> GPTQResult:
+    """Quantize ``weight`` (out x in) with GPTQ given the input Hessian (in x in).
+
+    ``group_size`` None means one group per row (per-channel). ``act_order`` processes columns by
+    decreasing Hessian diagonal (largest activations first); group parameters still belong to the
+    natural, contiguous groups of ``group_size`` input columns, each computed from that group's
+    current (error-compensated) weights when its first column is reached, so the result packs like
+    round-to-nearest output. ``damp`` is added to the diagonal as a fraction of its mean.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ModelError(f"Hessian of shape {tuple(hessian.shape)} does not fit a weight with {cols} input columns")
+    group = cols if group_size is None else int(group_size)
+    if group <= 0 or cols % group:
+        raise ModelError(f"group size {group} does not divide the {cols} input columns: choose a divisor of {cols}")
+    dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    W = weight.detach().to(dtype).clone()
+    H = hessian.detach().to(dtype).clone()
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(cols)
+    W = W[:, perm]
+    H = H[perm][:, perm]
+    H.diagonal().add_(damp * torch.diagonal(H).mean())
+    U = _inverse_hessian_factor(H)  # upper Cholesky factor of H^-1: row i holds the OBQ update of column i
+
+    n_groups = cols // group
+    scale = torch.zeros(rows, n_groups, dtype=dtype)
+    zero = torch.zeros(rows, n_groups, dtype=dtype)
+    done = torch.zeros(n_groups, dtype=torch.bool)
+    codes = torch.zeros(rows, cols, dtype=torch.int32)
+    group_of = perm // group  # group of each permuted column
+    position = torch.empty(cols, dtype=torch.long)  # permuted position of each natural column
+    position[perm] = torch.arange(cols)
+
+    for i1 in range(0, cols, block_size):
+        i2 = min(i1 + block_size, cols)
+        W1 = W[:, i1:i2].clone()
+        E1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            g = int(group_of[i1 + i])
+            if not done[g]:
+                members = position[g * group : (g + 1) * group]
+                s, z = quantizer.params(_current_columns(W, W1, E1, U, i1, i2, i, members))
+                scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+                done[g] = True
+            w = W1[:, i]
+            q = quantizer.quantize(w, scale[:, g], zero[:, g])
+            codes[:, i1 + i] = q.to(torch.int32)
+            err = (w - quantizer.dequantize(q, scale[:, g], zero[:, g]).to(dtype)) / U1[i, i]
+            W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))
+            E1[:, i] = err
+        W[:, i2:].sub_(E1 @ U[i1:i2, i2:])
+
+    natural = torch.empty_like(codes)
+    natural[:, perm] = codes
+    return GPTQResult(natural, scale, zero, group)
+
+
+def _inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
+    """Upper Cholesky factor of ``H^-1``; raises a ModelError when H is not positive definite."""
+    try:
+        L = torch.linalg.cholesky(H)
+        Hinv = torch.cholesky_inverse(L)
+        return torch.linalg.cholesky(Hinv, upper=True)
+    except torch.linalg.LinAlgError:
+        raise ModelError(
+            "the layer's Hessian is not positive definite even after dampening: raise damp (e.g. 0.1) "
+            "or calibrate on more samples"
+        ) from None
+
+
+def _current_columns(W: torch.Tensor, W1: torch.Tensor, E1: torch.Tensor, U: torch.Tensor,
+                     i1: int, i2: int, i: int, members: torch.Tensor) -> torch.Tensor:
+    """Current (error-compensated) values of permuted columns ``members``, all not yet quantized.
+
+    Columns inside the current block are up to date in ``W1``; columns after it still owe the lazy
+    update of the block's first ``i`` errors, which is applied here on the fly.
+    """
+    out = torch.empty(W.shape[0], len(members), dtype=W.dtype)
+    inside = members < i2
+    if inside.any():
+        out[:, inside] = W1[:, members[inside] - i1]
+    outside = ~inside
+    if outside.any():
+        cols = members[outside]
+        out[:, outside] = W[:, cols] - E1[:, :i] @ U[i1 : i1 + i, cols]
+    return out

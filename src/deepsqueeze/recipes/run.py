@@ -1,0 +1,97 @@
+"""The compress driver: resolve model and data, run the stages, write the artifact."""
+
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepsqueeze.artifact import save
+from deepsqueeze.core.config import config_to_dict, stage_entry
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.record import get_record
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.data.resolve import resolve_data
+from deepsqueeze.errors import ArtifactError, DataError, RecipeError
+from deepsqueeze.recipes.schema import Recipe
+from deepsqueeze.resolve import resolve_model
+from deepsqueeze.train.loop import seed_everything
+
+
+@dataclass
+class CompressResult:
+    model: Model
+    artifact_path: str
+    artifact_bytes: int
+    compression_ratio: float
+    stage_reports: list[dict[str, Any]] = field(default_factory=list)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    compress_s: float = 0.0
+
+
+def training_data(model: Model, data_ref: str | None) -> ClassificationData | TextData | None:
+    """The data stages train and calibrate on: never the evaluation split of a text corpus."""
+    if data_ref is None:
+        data_ref = model.base.get("data")
+        if data_ref is None and model.task is Task.SENTENCE_ENCODER:
+            data_ref = "pydoc-sentences:calib"
+    if data_ref is None:
+        return None
+    if data_ref.rstrip() == "pydoc-sentences:eval":
+        raise DataError("pydoc-sentences:eval is kept for evaluation only: calibrate on pydoc-sentences:calib")
+    return resolve_data(data_ref, split="calib")
+
+
+def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
+               device: str | torch.device = "cpu", progress: bool = True) -> StageContext:
+    """Apply the recipe's stages to ``model`` in place, in order."""
+    seed_everything(recipe.seed)
+    reference = Model(copy.deepcopy(model.module).eval(), model.base, model.task, model.ref, model.base_params,
+                      model.input_shape, model.num_classes)
+    for p in reference.module.parameters():
+        p.requires_grad_(False)
+    ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
+                       seed=recipe.seed, progress=progress)
+    for index, config in enumerate(recipe.stages):
+        _, handler = stage_entry(config.stage_type)
+        start, reported = time.perf_counter(), len(ctx.report)
+        handler(model, config, ctx)
+        get_record(model.module).stages.append(config_to_dict(config))
+        if len(ctx.report) == reported:
+            ctx.report.append({"stage": config.stage_type})
+        ctx.report[-1].update(stage_index=index, stage=config.stage_type, seconds=round(time.perf_counter() - start, 2))
+    return ctx
+
+
+def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
+             weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
+             evaluate_result: bool = True) -> CompressResult:
+    """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened."""
+    model_ref = model_ref or recipe.model
+    if model_ref is None:
+        raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
+    out_path = Path(out)
+    if out_path.suffix != ".dsq":
+        raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
+    if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
+        raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
+    if not out_path.parent.exists():
+        raise ArtifactError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+    model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
+    data = training_data(model, data_ref or recipe.data)
+    start = time.perf_counter()
+    ctx = run_stages(model, recipe, data, device=device, progress=progress)
+    compress_s = time.perf_counter() - start
+    model.module.cpu().eval()
+    size = save(model, out_path)
+    metrics: dict[str, Any] = {}
+    if evaluate_result and isinstance(data, ClassificationData):
+        from deepsqueeze.eval.metrics import accuracy
+
+        metrics["accuracy"] = accuracy(model.module, data)
+    return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s)

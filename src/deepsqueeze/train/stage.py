@@ -1,0 +1,85 @@
+"""The ``finetune`` recipe stage: plain supervised fine-tuning (classifiers) or embedding
+matching to the uncompressed model (sentence encoders), through the one training loop."""
+
+from __future__ import annotations
+
+from enum import Enum
+
+import torch
+from pydantic import Field
+
+from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.errors import DataError
+from deepsqueeze.train.loop import fit, train_classifier
+
+
+class Optimizer(str, Enum):
+    ADAM = "adam"
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class Schedule(str, Enum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    ONECYCLE = "onecycle"
+
+
+class FinetuneConfig(StageConfig):
+    """Fine-tune every trainable parameter for ``epochs`` (fractions allowed) on the recipe's data."""
+
+    stage_type = "finetune"
+
+    epochs: float = Field(1.0, gt=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: Optimizer = Optimizer.ADAM
+    schedule: Schedule = Schedule.COSINE
+    weight_decay: float = Field(0.0, ge=0)
+    limit: int | None = Field(None, ge=1, description="use at most this many training samples")
+
+
+@register_stage(FinetuneConfig)
+def finetune(model: Model, config: FinetuneConfig, ctx: StageContext) -> None:
+    if ctx.data is None:
+        raise DataError("the finetune stage needs training data: pass --data or set 'data:' in the recipe")
+    common = dict(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer.value,
+                  schedule=config.schedule.value, weight_decay=config.weight_decay, seed=ctx.seed,
+                  progress=ctx.progress)
+    if model.task is Task.CLASSIFIER:
+        if not isinstance(ctx.data, ClassificationData):
+            raise DataError(f"fine-tuning a classifier needs image data, not {ctx.data.name}")
+        stats = train_classifier(model.module, ctx.data, batch_size=config.batch_size, device=ctx.device,
+                                 limit=config.limit, **common)
+    else:
+        if not isinstance(ctx.data, TextData):
+            raise DataError(f"fine-tuning a sentence encoder needs sentences, not {ctx.data.name}")
+        stats = match_embeddings(model, ctx, config.batch_size, config.limit, **common)
+    ctx.report.append({"stage": "finetune", "train_loss": round(stats["loss"], 5)})
+
+
+def match_embeddings(model: Model, ctx: StageContext, batch_size: int, limit: int | None,
+                     **fit_args: object) -> dict[str, float]:
+    """Train a sentence encoder so its embeddings match the reference model's (cosine loss)."""
+    assert ctx.reference is not None
+    sentences = ctx.data.sentences[:limit] if limit else ctx.data.sentences
+    module, teacher = model.module.to(ctx.device), ctx.reference.module.to(ctx.device)
+    batches_cache = []
+    with torch.no_grad():
+        for i in range(0, len(sentences), batch_size):
+            inputs = {k: v.to(ctx.device) for k, v in module.tokenize(sentences[i : i + batch_size]).items()}
+            batches_cache.append((inputs, teacher(**inputs)))
+
+    def batches(epoch: int):
+        order = torch.randperm(len(batches_cache), generator=torch.Generator().manual_seed(ctx.seed + epoch))
+        return (batches_cache[i] for i in order.tolist())
+
+    def cosine_loss(m: torch.nn.Module, batch) -> torch.Tensor:
+        inputs, target = batch
+        return (1 - torch.nn.functional.cosine_similarity(m(**inputs), target, dim=-1)).mean()
+
+    return fit(module, batches, cosine_loss, steps_per_epoch=len(batches_cache),
+               description="matching embeddings", **fit_args)
