@@ -13,14 +13,14 @@ once into a small table; pack and unpack are then a handful of vectorised shifts
 from __future__ import annotations
 
 import math
-from functools import lru_cache
+from functools import cache
 
 import torch
 
 __all__ = ["pack", "packed_length", "unpack"]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _layout(bits: int) -> tuple[int, int, tuple[tuple[int, int, int, int, int], ...]]:
     """(codes per block, bytes per block, pieces); a piece moves ``width`` bits of code ``code``
     (from bit ``code_shift`` of the code) to bit ``shift`` of byte ``byte`` of the block."""

@@ -24,7 +24,7 @@ per-channel mean of ``|w|``) and :func:`ternarize` (Ternary Weight Networks: thr
 from __future__ import annotations
 
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -82,7 +82,7 @@ class PerGroup:
 Granularity = PerTensor | PerChannel | PerGroup
 
 
-class Rounding(str, Enum):
+class Rounding(StrEnum):
     NEAREST = "nearest"  # round half to even (torch.round)
     FLOOR = "floor"
     STOCHASTIC = "stochastic"  # floor(v + u), u ~ U[0, 1): unbiased in expectation
