@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 
 from deepsqueeze.errors import ModelError
+from deepsqueeze.primitives import quantize as Q
 
 # (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
 ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -75,6 +76,25 @@ class HessianAccumulator:
         return (2.0 / self.count) * self.sum
 
 
+def affine_column_quantizer(bits: int, symmetric: bool = False) -> ColumnQuantizer:
+    """Min-max affine codes (unsigned, integer zero point) from ``deepsqueeze.primitives.quantize``.
+
+    The same parameters and rounding as round-to-nearest, so GPTQ and RTN output pack identically.
+    """
+
+    def params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        qp = Q.choose_qparams(w, bits, symmetric=symmetric, signed=False, granularity=Q.PerChannel(0))
+        return qp.scale, qp.zero_point
+
+    def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return Q.quantize(w, Q.QParams(scale.float(), zero, bits, False, Q.PerTensor()))
+
+    def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        return Q.dequantize(q, Q.QParams(scale.float(), zero, bits, False, Q.PerTensor()))
+
+    return ColumnQuantizer(params, quantize, dequantize)
+
+
 def gptq_quantize(
     weight: torch.Tensor,
     hessian: torch.Tensor,
@@ -115,7 +135,7 @@ def gptq_quantize(
 
     n_groups = cols // group
     scale = torch.zeros(rows, n_groups, dtype=dtype)
-    zero = torch.zeros(rows, n_groups, dtype=dtype)
+    zero: torch.Tensor | None = None  # dtype follows the quantizer (integer zero points for affine codes)
     done = torch.zeros(n_groups, dtype=torch.bool)
     codes = torch.zeros(rows, cols, dtype=torch.int32)
     group_of = perm // group  # group of each permuted column
@@ -132,7 +152,9 @@ def gptq_quantize(
             if not done[g]:
                 members = position[g * group : (g + 1) * group]
                 s, z = quantizer.params(_current_columns(W, W1, E1, U, i1, i2, i, members))
-                scale[:, g], zero[:, g] = s.to(dtype), z.to(dtype)
+                if zero is None:
+                    zero = torch.zeros(rows, n_groups, dtype=z.dtype)
+                scale[:, g], zero[:, g] = s.to(dtype), z
                 done[g] = True
             w = W1[:, i]
             q = quantizer.quantize(w, scale[:, g], zero[:, g])
@@ -144,6 +166,8 @@ def gptq_quantize(
 
     natural = torch.empty_like(codes)
     natural[:, perm] = codes
+    if zero is None:
+        raise ModelError("cannot quantize a weight with no input columns")
     return GPTQResult(natural, scale, zero, group)
 
 

@@ -1,0 +1,242 @@
+"""Calibration for layer-wise weight quantizers (GPTQ, sensitivity analysis).
+
+Statistics collection is kept apart from the algorithm that uses it: this module turns a data
+split into model inputs, and walks a model layer by layer, handing each target layer's input
+Hessian to a ``convert(name, layer, hessian)`` callback that returns the layer's replacement.
+
+Sequential mode quantizes in execution order, so every layer is calibrated on the outputs of the
+already-quantized layers before it. For models built from a stack of blocks (a transformer's
+``encoder.layer`` list) the block inputs are cached once and only one block runs per step; inside
+a block, layers reading the same input (query, key, value) are handled together.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.errors import DataError
+from deepsqueeze.quant.gptq import HessianAccumulator
+
+Convert = Callable[[str, nn.Module, torch.Tensor], nn.Module]
+
+
+@dataclass
+class CalibBatch:
+    """One batch of model inputs; ``token_mask`` (batch x tokens) marks real tokens (not padding)."""
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    token_mask: torch.Tensor | None = None
+
+
+def calibration_batches(model: Model, data: Any, samples: int = 512, batch_size: int = 32) -> list[CalibBatch]:
+    """The first ``samples`` calibration inputs of ``data`` as model-ready batches.
+
+    Images come from the training split; sentences from the given ``TextData`` (for MiniLM that
+    is ``pydoc-sentences:calib``, never the eval split), sorted by length to keep padding small.
+    """
+    if data is None:
+        raise DataError("this stage needs calibration data: pass --data (e.g. pydoc-sentences:calib or fashion-mnist)")
+    if model.task is Task.SENTENCE_ENCODER:
+        if not isinstance(data, TextData):
+            raise DataError(f"{model.ref} is a sentence encoder: calibrate it on sentences "
+                            f"(pydoc-sentences:calib or text:FILE), not {data.name}")
+        if data.name == "pydoc-sentences:eval":
+            raise DataError("pydoc-sentences:eval is reserved for evaluation: calibrate on pydoc-sentences:calib")
+        sentences = sorted(data.sentences[:samples], key=len)
+        out = []
+        for i in range(0, len(sentences), batch_size):
+            tokens = model.module.tokenize(sentences[i : i + batch_size])  # type: ignore[operator]
+            out.append(CalibBatch((), dict(tokens), tokens["attention_mask"]))
+        return out
+    if not isinstance(data, ClassificationData):
+        raise DataError(f"{model.ref} is a classifier: calibrate it on image data, not {data.name}")
+    return [CalibBatch((x,)) for x, _ in data.batches("train", batch_size, limit=samples)]
+
+
+def layerwise_convert(module: nn.Module, targets: list[str], batches: list[CalibBatch], convert: Convert, *,
+                      sequential: bool = True, progress: Callable[[str], None] | None = None) -> None:
+    """Replace every layer named in ``targets`` by ``convert(name, layer, hessian)``, in place."""
+    if not batches:
+        raise DataError("no calibration batches: the calibration data is empty")
+    remaining = list(targets)
+    with torch.no_grad():
+        if sequential:
+            blocks = _find_blocks(module, remaining)
+            if blocks is not None:
+                prefix, block_list = blocks
+                remaining = _convert_blocks(module, prefix, block_list, remaining, batches, convert, progress)
+            for group in _execution_groups(module, remaining, batches[0], lambda: _run_model(module, batches[0])):
+                hessians = _collect(module, group, batches, lambda b: _run_model(module, b))
+                _apply(module, group, hessians, convert, progress)
+        elif remaining:
+            hessians = _collect(module, remaining, batches, lambda b: _run_model(module, b))
+            _apply(module, remaining, hessians, convert, progress)
+
+
+def _run_model(module: nn.Module, batch: CalibBatch) -> Any:
+    return module(*batch.args, **batch.kwargs)
+
+
+class _Stop(Exception):
+    pass
+
+
+def _find_blocks(module: nn.Module, targets: list[str]) -> tuple[str, nn.ModuleList] | None:
+    """The ModuleList of repeated blocks holding the most target layers (at least two blocks)."""
+    best: tuple[int, str, nn.ModuleList] | None = None
+    for name, child in module.named_modules():
+        if not isinstance(child, nn.ModuleList) or len(child) < 2:
+            continue
+        held = sum(1 for t in targets if t.startswith(name + "."))
+        if held and (best is None or held > best[0]):
+            best = (held, name, child)
+    return None if best is None else (best[1], best[2])
+
+
+def _convert_blocks(module: nn.Module, prefix: str, blocks: nn.ModuleList, targets: list[str],
+                    batches: list[CalibBatch], convert: Convert, progress: Callable[[str], None] | None) -> list[str]:
+    """Quantize the targets inside ``blocks`` block by block; returns the targets left outside."""
+    inputs = _capture_block_inputs(module, blocks[0], batches)
+    for index, block in enumerate(blocks):
+        name = f"{prefix}.{index}"
+        inside = [t for t in targets if t.startswith(name + ".")]
+        if inside:
+            local = [t[len(name) + 1 :] for t in inside]
+            first = inputs[0]
+
+            def run_first(block: nn.Module = block, first: tuple = first) -> Any:
+                return block(*first[0], **first[1])
+
+            for group in _execution_groups(block, local, batches[0], run_first):
+                hessians = _collect(block, group, list(zip(inputs, batches, strict=True)),
+                                    lambda item, block=block: block(*item[0][0], **item[0][1]))
+                _apply(block, group, hessians, convert, progress, name_prefix=name + ".")
+        for i, (args, kwargs) in enumerate(inputs):
+            with _token_mask(batches[i].token_mask):
+                out = block(*args, **kwargs)
+            hidden = out[0] if isinstance(out, tuple) else out
+            inputs[i] = ((hidden, *args[1:]), kwargs)
+    return [t for t in targets if not t.startswith(prefix + ".")]
+
+
+def _capture_block_inputs(module: nn.Module, first: nn.Module, batches: list[CalibBatch]) -> list[tuple[tuple, dict]]:
+    captured: list[tuple[tuple, dict]] = []
+
+    def hook(_mod: nn.Module, args: tuple, kwargs: dict) -> None:
+        captured.append((tuple(args), dict(kwargs)))
+        raise _Stop
+
+    handle = first.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        for batch in batches:
+            try:
+                _run_model(module, batch)
+            except _Stop:
+                pass
+    finally:
+        handle.remove()
+    return captured
+
+
+_MASK: list[torch.Tensor | None] = [None]
+
+
+@contextmanager
+def _token_mask(mask: torch.Tensor | None) -> Iterator[None]:
+    _MASK.append(mask)
+    try:
+        yield
+    finally:
+        _MASK.pop()
+
+
+def _real_rows(x: torch.Tensor) -> torch.Tensor:
+    """Layer input rows for real tokens only (padding would skew the Hessian)."""
+    mask = _MASK[-1]
+    if mask is not None and x.dim() >= 3 and tuple(x.shape[:2]) == tuple(mask.shape):
+        return x[mask.bool()]
+    return x
+
+
+def _execution_groups(root: nn.Module, targets: list[str], batch: CalibBatch, run: Callable[[], Any]) -> list[list[str]]:
+    """Targets in the order they run; layers that read the very same input tensor form one group."""
+    if not targets:
+        return []
+    order: list[tuple[str, int]] = []
+    handles = []
+    for name in targets:
+        def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
+            if not any(n == name for n, _ in order):
+                order.append((name, id(args[0])))
+
+        handles.append(root.get_submodule(name).register_forward_pre_hook(hook))
+    try:
+        with _token_mask(batch.token_mask):
+            run()
+    finally:
+        for h in handles:
+            h.remove()
+    groups: list[list[str]] = []
+    last_input = None
+    for name, input_id in order:
+        if groups and input_id == last_input:
+            groups[-1].append(name)
+        else:
+            groups.append([name])
+        last_input = input_id
+    unseen = [t for t in targets if not any(n == t for n, _ in order)]
+    return groups + ([unseen] if unseen else [])
+
+
+def _collect(root: nn.Module, names: list[str], items: list, run: Callable[[Any], Any]) -> dict[str, HessianAccumulator]:
+    """Input Hessians of the layers ``names`` over every calibration item."""
+    accs: dict[str, HessianAccumulator] = {}
+    handles = []
+    for name in names:
+        layer = root.get_submodule(name)
+        columns = _input_features(layer)
+        accs[name] = HessianAccumulator(columns)
+
+        def hook(_mod: nn.Module, args: tuple, acc: HessianAccumulator = accs[name]) -> None:
+            acc.add(_real_rows(args[0]))
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        for item in items:
+            batch = item[1] if isinstance(item, tuple) else item
+            with _token_mask(batch.token_mask):
+                run(item)
+    finally:
+        for h in handles:
+            h.remove()
+    return accs
+
+
+def _input_features(layer: nn.Module) -> int:
+    features = getattr(layer, "in_features", None)
+    if features is None:
+        from deepsqueeze.errors import UnsupportedLayerError
+
+        raise UnsupportedLayerError(f"{type(layer).__name__} has no in_features: GPTQ handles Linear layers only")
+    return int(features)
+
+
+def _apply(root: nn.Module, names: list[str], hessians: dict[str, HessianAccumulator], convert: Convert,
+           progress: Callable[[str], None] | None, name_prefix: str = "") -> None:
+    from deepsqueeze.core.walker import set_submodule
+
+    for name in names:
+        layer = root.get_submodule(name)
+        new = convert(name_prefix + name, layer, hessians[name].hessian())
+        set_submodule(root, name, new)
+        if progress is not None:
+            progress(name_prefix + name)
