@@ -34,6 +34,11 @@ class StageConfig(BaseModel):
         except ValidationError as exc:
             raise RecipeError(_explain(exc, type(self))) from None
 
+    @classmethod
+    def example(cls) -> StageConfig:
+        """A valid instance (for docs and the round-trip test); override when a field is required."""
+        return cls()
+
 
 def register_stage(config_cls: type[StageConfig]) -> Callable[[StageHandler], StageHandler]:
     """Register ``handler(model, config, ctx)`` as the way to apply ``config_cls`` in a recipe."""
