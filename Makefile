@@ -1,0 +1,34 @@
+# Two entry points on a fresh machine: `make demo` and `make test` (see README.md).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
+
+.PHONY: install demo test lint bench clean
+
+# torch is pinned to the CPU wheel before the package, whose own requirement is a range (torch>=2.4).
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet torch==2.13.0
+	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/deepsqueeze demo
+
+test: install
+	$(BIN)/python -m pytest -q
+
+lint: install
+	$(BIN)/ruff check src tests benchmarks
+
+bench: install
+	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev,peers]'
+	$(BIN)/deepsqueeze bench
+
+clean:
+	rm -rf $(VENV) demo-artifacts .pytest_cache

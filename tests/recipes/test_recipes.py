@@ -1,0 +1,82 @@
+import pytest
+import yaml
+
+from deepsqueeze.artifact import load
+from deepsqueeze.errors import ArtifactError, DataError, RecipeError
+from deepsqueeze.eval import accuracy
+from deepsqueeze.recipes import compress, load_recipe, parse_recipe
+from deepsqueeze.recipes.schema import shipped_recipes_dir
+
+
+def test_every_shipped_recipe_validates():
+    files = sorted(shipped_recipes_dir().glob("*.yaml"))
+    assert files, "no shipped recipes found"
+    for file in files:
+        recipe = load_recipe(file)
+        assert recipe.stages, file.name
+        assert parse_recipe(recipe.to_dict(), file.name) == recipe
+
+
+def test_bare_name_finds_a_shipped_recipe():
+    assert load_recipe("finetune").stages[0].stage_type == "finetune"
+
+
+def test_typo_in_a_stage_key_names_the_stage_and_the_allowed_keys(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"stages": [{"type": "finetune", "epochs": 1}, {"type": "finetune", "lrr": 0.1}]}))
+    with pytest.raises(RecipeError) as info:
+        load_recipe(bad)
+    message = str(info.value)
+    assert "stage 2" in message and "'lrr'" in message and "did you mean 'lr'" in message and "allowed keys" in message
+    assert "\n" not in message
+
+
+@pytest.mark.parametrize("text, match", [
+    ("stages: []", "non-empty list"),
+    ("model: zoo:lenet300\nstagse: []", "unknown top-level key 'stagse'"),
+    ("stages: [{type: finetune}]\nseed: abc", "seed"),
+    ("stages: [{type: finetune\n", "YAML"),
+    ("- just a list", "mapping"),
+])
+def test_malformed_recipes_are_one_line_recipe_errors(tmp_path, text, match):
+    file = tmp_path / "r.yaml"
+    file.write_text(text)
+    with pytest.raises(RecipeError, match=match) as info:
+        load_recipe(file)
+    assert "\n" not in str(info.value)
+
+
+def test_missing_recipe_file(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+
+
+def test_finetune_only_recipe_round_trips_and_scores_the_same(tmp_path, digits):
+    recipe = parse_recipe({"stages": [{"type": "finetune", "epochs": 1, "lr": 1e-4, "limit": 256}]})
+    out = tmp_path / "ft.dsq"
+    result = compress("zoo:lenet300@digits", recipe, out, progress=False)
+    assert out.stat().st_size == result.artifact_bytes
+    assert result.compression_ratio == pytest.approx(4 * result.model.base_params / result.artifact_bytes)
+    loaded = load(out)
+    assert accuracy(loaded.module, digits) == result.metrics["accuracy"]
+    assert loaded.meta["manifest"]["stages"][0]["type"] == "finetune"
+
+
+def test_same_recipe_and_seed_give_the_same_bytes(tmp_path):
+    recipe = parse_recipe({"seed": 3, "stages": [{"type": "finetune", "epochs": 1, "limit": 128}]})
+    compress("zoo:lenet300@digits", recipe, tmp_path / "a.dsq", progress=False)
+    compress("zoo:lenet300@digits", recipe, tmp_path / "b.dsq", progress=False)
+    assert (tmp_path / "a.dsq").read_bytes() == (tmp_path / "b.dsq").read_bytes()
+
+
+def test_compress_refuses_bad_outputs_and_eval_text(tmp_path):
+    recipe = parse_recipe({"stages": [{"type": "finetune", "epochs": 1}]})
+    with pytest.raises(ArtifactError, match=".dsq"):
+        compress("zoo:lenet300@digits", recipe, tmp_path / "out.pt", progress=False)
+    with pytest.raises(ArtifactError, match="does not exist"):
+        compress("zoo:lenet300@digits", recipe, tmp_path / "no" / "out.dsq", progress=False)
+    with pytest.raises(RecipeError, match="no model"):
+        compress(None, recipe, tmp_path / "out.dsq", progress=False)
+    with pytest.raises(DataError, match="evaluation only"):
+        compress("zoo:lenet300@digits", recipe, tmp_path / "out.dsq", "pydoc-sentences:eval", progress=False)
+    assert list(tmp_path.iterdir()) == []
