@@ -1,0 +1,232 @@
+"""``distill_``: train a student to imitate a teacher (prepare the student, then train, as one verb).
+
+Classifiers: Hinton soft targets (+ optional FitNets hints through learned adapters).
+Sentence encoders: embedding matching (cosine or MSE) + hidden states of mapped layers (TinyBERT)
++ optional attention maps (MiniLM). The student is the model itself (e.g. after pruning), a copy of
+the teacher with layers dropped (``keep-layers``), or a fresh smaller zoo model (``zoo:NAME``).
+"""
+
+from __future__ import annotations
+
+import copy
+from enum import StrEnum
+from typing import Any, ClassVar
+
+import torch
+from pydantic import Field
+from torch import nn
+
+from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.walker import get_submodule
+from deepsqueeze.distill.losses import (
+    HintAdapter,
+    attention_loss,
+    embedding_loss,
+    hidden_state_loss,
+    hint_loss,
+)
+from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
+from deepsqueeze.errors import DataError, RecipeError
+
+
+class EmbeddingLoss(StrEnum):
+    COSINE = "cosine"
+    MSE = "mse"
+
+
+class DistillConfig(StageConfig):
+    """Distil the model (the student) from a teacher, by default the uncompressed reference model.
+
+    ``student``: ``self`` (train the current model), ``keep-layers`` (drop layers of the current model
+    to ``keep`` / ``num_layers``, initialised from the kept ones), or ``zoo:NAME`` (a fresh zoo model).
+    ``hints``: FitNets pairs ``[student_module, teacher_module]`` matched through a learned adapter.
+    """
+
+    stage_type: ClassVar[str] = "distill"
+
+    student: str = "self"
+    teacher: str | None = None
+    num_layers: int | None = Field(None, ge=1)
+    keep: list[int] | None = None
+    layers_path: str | None = None
+    epochs: float = Field(3.0, gt=0)
+    lr: float = Field(1e-3, gt=0)
+    batch_size: int = Field(64, ge=1)
+    optimizer: str = "adamw"
+    schedule: str = "onecycle"
+    weight_decay: float = Field(0.0, ge=0)
+    temperature: float = Field(4.0, gt=0)
+    alpha: float = Field(0.9, ge=0, le=1)
+    hints: list[tuple[str, str]] = Field(default_factory=list)
+    hint_weight: float = Field(1.0, ge=0)
+    embedding_loss: EmbeddingLoss = EmbeddingLoss.COSINE
+    embedding_weight: float = Field(1.0, ge=0)
+    hidden_weight: float = Field(1.0, ge=0)
+    attention_weight: float = Field(0.0, ge=0)
+    limit: int | None = Field(None, ge=1)
+
+
+def prepare_student_(model: Model, config: DistillConfig) -> list[int] | None:
+    """Turn ``model`` into the student the config names; return the kept teacher layers (keep-layers)."""
+    if config.student == "self":
+        return None
+    if config.student == "keep-layers":
+        path = config.layers_path or find_layer_stack(model.module)
+        n = len(get_submodule(model.module, path))
+        keep = list(config.keep) if config.keep else alternate_layers(n, config.num_layers or max(1, n // 2))
+        keep_layers_(model.module, keep, path)
+        return keep
+    if config.student.startswith("zoo:"):
+        if model.task is not Task.CLASSIFIER or model.input_shape is None or model.num_classes is None:
+            raise RecipeError("a zoo: student needs a classifier teacher with a known input shape and class count")
+        from deepsqueeze.zoo.builders import ZOO, build_zoo_model
+
+        name = config.student[4:]
+        if name not in ZOO:
+            raise RecipeError(f"unknown zoo student {name!r}: choose one of {', '.join(ZOO)}")
+        model.module = build_zoo_model(name, model.input_shape, model.num_classes)
+        model.base = {**model.base, "name": name}
+        return None
+    raise RecipeError(f"unknown student {config.student!r}: use self, keep-layers or zoo:NAME")
+
+
+def distill_(model: Model, teacher: nn.Module, config: DistillConfig, data: Any, *, seed: int = 0,
+             progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
+    """Prepare the student named by ``config`` in ``model`` and train it against ``teacher`` on ``data``."""
+    keep = prepare_student_(model, config)
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    module = model.module.to(device)
+    if model.task is Task.CLASSIFIER:
+        stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
+    else:
+        stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
+    module.eval()
+    return {**stats, "params": count_params(module), "kept_layers": keep}
+
+
+def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any, seed: int,
+                        progress: bool, device: Any) -> dict[str, float]:
+    from deepsqueeze.data.datasets import ClassificationData
+    from deepsqueeze.distill.losses import soft_target_loss
+    from deepsqueeze.train.loop import train_classifier
+
+    if not isinstance(data, ClassificationData):
+        raise DataError(f"distilling a classifier needs image data, not {getattr(data, 'name', data)}")
+    features: dict[str, torch.Tensor] = {}
+    handles = []
+    adapters = nn.ModuleList()
+    for i, (s_name, t_name) in enumerate(config.hints):
+        for prefix, root, name in (("s", module, s_name), ("t", teacher, t_name)):
+            try:
+                target = get_submodule(root, name)
+            except AttributeError:
+                raise RecipeError(f"hint layer {name!r} does not exist in the {'student' if prefix == 's' else 'teacher'}"
+                                  ) from None
+            handles.append(target.register_forward_hook(
+                lambda m, a, out, key=f"{prefix}{i}": features.__setitem__(key, out)))
+    if config.hints:
+        with torch.no_grad():
+            x0 = data.train_x[:2].to(device)
+            module.eval()
+            module(x0)
+            teacher(x0)
+        for i in range(len(config.hints)):
+            s, t = features[f"s{i}"], features[f"t{i}"]
+            adapters.append(HintAdapter(s.shape[1], t.shape[1], conv=s.dim() == 4).to(device))
+        module.add_module("_hint_adapters", adapters)  # trained with the student, removed afterwards
+
+    def loss_fn(m: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        x, y = batch
+        with torch.no_grad():
+            t_logits = teacher(x)
+        loss = soft_target_loss(m(x), t_logits, y, temperature=config.temperature, alpha=config.alpha)
+        for i in range(len(config.hints)):
+            loss = loss + config.hint_weight * hint_loss(features[f"s{i}"], features[f"t{i}"], adapters[i])
+        return loss
+
+    try:
+        return train_classifier(module, data, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
+                                optimizer=config.optimizer, schedule=config.schedule,
+                                weight_decay=config.weight_decay, loss_fn=loss_fn, device=device, seed=seed,
+                                progress=progress, limit=config.limit)
+    finally:
+        for handle in handles:
+            handle.remove()
+        if config.hints:
+            del module._hint_adapters
+
+
+def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any,
+                     keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
+    from deepsqueeze.data.datasets import TextData
+    from deepsqueeze.distill.text import sentence_batches
+    from deepsqueeze.train.loop import fit
+
+    if not isinstance(data, TextData):
+        raise DataError(f"distilling a sentence encoder needs sentences, not {getattr(data, 'name', data)}")
+    sentences = data.sentences[: config.limit] if config.limit else data.sentences
+    n_student = len(get_submodule(module, config.layers_path or find_layer_stack(module)))
+    n_teacher = len(get_submodule(teacher, config.layers_path or find_layer_stack(teacher)))
+    mapping = keep if keep is not None else alternate_layers(n_teacher, n_student)
+    use_attn = config.attention_weight > 0
+    if use_attn:
+        for m in (module, teacher):
+            m.transformer.set_attn_implementation("eager")  # type: ignore[union-attr,operator]
+    want_inner = config.hidden_weight > 0 or use_attn
+    batches, steps = sentence_batches(module, sentences, config.batch_size, seed)
+
+    def run(m: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
+        out = m.transformer(**inputs, output_hidden_states=want_inner, output_attentions=use_attn)  # type: ignore[operator]
+        mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
+        emb = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
+        if getattr(m, "normalize", False):
+            emb = nn.functional.normalize(emb, dim=-1)
+        return emb, out
+
+    def loss_fn(m: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        inputs = {k: v.to(device) for k, v in inputs.items()}
+        with torch.no_grad():
+            t_emb, t_out = run(teacher, inputs)
+        s_emb, s_out = run(m, inputs)
+        loss = config.embedding_weight * embedding_loss(s_emb, t_emb, config.embedding_loss.value)
+        mask = inputs["attention_mask"]
+        for i, t_layer in enumerate(mapping):
+            if config.hidden_weight > 0:
+                loss = loss + config.hidden_weight / len(mapping) * hidden_state_loss(
+                    s_out.hidden_states[i + 1], t_out.hidden_states[t_layer + 1], mask)
+            if use_attn:
+                loss = loss + config.attention_weight / len(mapping) * attention_loss(
+                    s_out.attentions[i], t_out.attentions[t_layer], mask)
+        return loss
+
+    try:
+        return fit(module, batches, loss_fn, epochs=config.epochs, steps_per_epoch=steps, lr=config.lr,
+                   optimizer=config.optimizer, schedule=config.schedule, weight_decay=config.weight_decay,
+                   seed=seed, progress=progress, description="distilling")
+    finally:
+        if use_attn:
+            for m in (module, teacher):
+                m.transformer.set_attn_implementation("sdpa")  # type: ignore[union-attr,operator]
+
+
+@register_stage(DistillConfig)
+def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> None:
+    """Recipe stage ``{"type": "distill", ...}``: teacher = ``teacher`` ref or the uncompressed reference."""
+    if ctx.data is None:
+        raise DataError("the distill stage needs training data: pass --data or set 'data:' in the recipe")
+    if config.teacher is not None:
+        from deepsqueeze.resolve import resolve_model
+
+        teacher = resolve_model(config.teacher, progress=ctx.progress).module
+    elif ctx.reference is not None:
+        teacher = ctx.reference.module
+    else:
+        teacher = copy.deepcopy(model.module)
+    stats = distill_(model, teacher, config, ctx.data, seed=ctx.seed, progress=ctx.progress, device=ctx.device)
+    ctx.report.append({"stage": "distill", "student": config.student, "params_after": stats["params"],
+                       "train_loss": round(stats["loss"], 5)})
