@@ -77,8 +77,10 @@ def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> Sentence
         raise ModelError(f"{folder} is not a Hugging Face model directory (no config.json): check the path")
     try:
         from transformers import AutoConfig, AutoModel, AutoTokenizer
+        from transformers.utils import logging as hf_logging
     except ImportError:
         raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
+    hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
     pooling, normalize, max_len = _sentence_transformers_settings(folder)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder)
