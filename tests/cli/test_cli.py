@@ -96,3 +96,11 @@ def test_installed_entry_point_prints_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error: ") and "Traceback" not in proc.stderr
+
+
+def test_quick_demo_compares_fp32_with_the_artifact(capsys, workdir):
+    code, out, err = run(capsys, "demo", "--quick", "--out-dir", "demo", "--json")
+    assert code == 0, err
+    rows = json.loads(out)["rows"]
+    assert [row["variant"] for row in rows][0] == "fp32" and len(rows) == 2
+    assert rows[1]["size_mb"] * 1e6 == pytest.approx(sum(p.stat().st_size for p in (workdir / "demo").glob("*.dsq")))

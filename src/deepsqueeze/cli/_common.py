@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import json
 import math
+import sys
 from typing import Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-stdout = Console()
+# Tables piped to a file or CI log get a wide console instead of rich's 80-column default, which truncates.
+stdout = Console() if sys.stdout.isatty() else Console(width=200)
 stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
