@@ -21,7 +21,7 @@ demo: install
 	$(BIN)/deepsqueeze demo
 
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest --durations=5
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks
