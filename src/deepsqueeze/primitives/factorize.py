@@ -51,8 +51,9 @@ def svd_relative_errors(weight: torch.Tensor) -> torch.Tensor:
     total = float(sq.sum())
     if total == 0.0:
         return torch.zeros(len(sq), dtype=torch.float64)
-    tail = total - torch.cumsum(sq, 0)
-    return (tail.clamp(min=0) / total).sqrt()
+    # Sum the tail from the small end (not total - cumsum) so full rank gives exactly 0, not sqrt(eps).
+    tail = torch.cat([torch.flip(torch.cumsum(torch.flip(sq, [0]), 0), [0])[1:], sq.new_zeros(1)])
+    return (tail / total).sqrt()
 
 
 def tucker2_factors(kernel: torch.Tensor, ranks: tuple[int, int], n_iter: int = 50
