@@ -50,7 +50,9 @@ class LoRALinear(nn.Module):
         self.in_features, self.out_features, self.rank = int(in_f), int(out_f), int(rank)
         self.alpha = float(alpha if alpha is not None else rank)
         self.scale = self.alpha / self.rank
-        ref = next(iter(base.parameters()), None) or next(iter(base.buffers()), None)
+        ref = next(iter(base.parameters()), None)
+        if ref is None:
+            ref = next(iter(base.buffers()), None)
         device = ref.device if ref is not None else None
         self.lora_a = nn.Linear(self.in_features, self.rank, bias=False, device=device)
         self.lora_b = nn.Linear(self.rank, self.out_features, bias=False, device=device)
