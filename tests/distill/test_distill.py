@@ -96,8 +96,13 @@ def test_encoder_distillation_with_hidden_and_attention_losses_moves_toward_the_
 def test_keep_layers_student_from_the_config():
     model = _tiny_bert_model()
     teacher = copy.deepcopy(model.module)
+    for p in model.module.parameters():  # a frozen copy (regression: distill_ used to refuse to train it)
+        p.requires_grad_(False)
     cfg = DistillConfig(student="keep-layers", num_layers=2, epochs=1, lr=1e-3, batch_size=32, hidden_weight=0.5)
     stats = distill_(model, teacher, cfg, TextData("toy", SENTENCES), progress=False)
+    assert all(p.requires_grad for p in teacher.parameters())  # the teacher's flags are left alone
+    dropouts = [m.p for m in model.module.modules() if isinstance(m, torch.nn.Dropout)]
+    assert dropouts and all(p == 0.1 for p in dropouts)  # switched off while training, restored after
     assert stats["kept_layers"] == [1, 3] and len(model.module.transformer.encoder.layer) == 2
     assert model.module.transformer.config.num_hidden_layers == 2
 

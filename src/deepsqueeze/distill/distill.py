@@ -43,6 +43,8 @@ class DistillConfig(StageConfig):
     ``student``: ``self`` (train the current model), ``keep-layers`` (drop layers of the current model
     to ``keep`` / ``num_layers``, initialised from the kept ones), or ``zoo:NAME`` (a fresh zoo model).
     ``hints``: FitNets pairs ``[student_module, teacher_module]`` matched through a learned adapter.
+    ``dropout``: keep the student's dropout active while it trains (off by default: the target is a
+    fixed teacher, and noise slows short distillation runs down).
     """
 
     stage_type: ClassVar[str] = "distill"
@@ -67,6 +69,7 @@ class DistillConfig(StageConfig):
     hidden_weight: float = Field(1.0, ge=0)
     attention_weight: float = Field(0.0, ge=0)
     limit: int | None = Field(None, ge=1)
+    dropout: bool = False
 
 
 def prepare_student_(model: Model, config: DistillConfig) -> list[int] | None:
@@ -97,14 +100,24 @@ def distill_(model: Model, teacher: nn.Module, config: DistillConfig, data: Any,
              progress: bool = True, device: str | torch.device = "cpu") -> dict[str, Any]:
     """Prepare the student named by ``config`` in ``model`` and train it against ``teacher`` on ``data``."""
     keep = prepare_student_(model, config)
-    teacher = teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = teacher.to(device).eval()  # run under no_grad in the losses; its flags are left as they are
     module = model.module.to(device)
-    if model.task is Task.CLASSIFIER:
-        stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
-    else:
-        stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
+    for p in module.parameters():  # the student trains as a whole (a copy of a frozen model included)
+        if p.is_floating_point():
+            p.requires_grad_(True)
+    saved_p = {}
+    if not config.dropout:  # fidelity to a fixed teacher: no noise in the student while it learns
+        saved_p = {m: m.p for m in module.modules() if isinstance(m, nn.Dropout)}
+        for m in saved_p:
+            m.p = 0.0
+    try:
+        if model.task is Task.CLASSIFIER:
+            stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
+        else:
+            stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
+    finally:
+        for m, p in saved_p.items():
+            m.p = p
     module.eval()
     return {**stats, "params": count_params(module), "kept_layers": keep}
 
