@@ -8,7 +8,7 @@ read by first-order Taylor. Structured pruning sums element scores over each cha
 from __future__ import annotations
 
 from collections.abc import Callable
-from enum import Enum
+from enum import StrEnum
 
 import torch
 
@@ -17,7 +17,7 @@ from deepsqueeze.errors import RecipeError
 ElementCriterion = Callable[[torch.Tensor, "torch.Tensor | None"], torch.Tensor]
 
 
-class Criterion(str, Enum):
+class Criterion(StrEnum):
     L1 = "l1"
     L2 = "l2"
     RANDOM = "random"

@@ -1,0 +1,76 @@
+"""Pruning: unstructured / N:M weight pruning with schedules, structured pruning that physically
+shrinks the model, sensitivity analysis, and sparse execution + storage.
+
+``prune_(model, config)`` is the one in-place verb; the mask helpers let other techniques (Deep
+Compression) keep pruned weights at zero in their own fine-tuning.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.model import Model
+from deepsqueeze.prune import schedules
+from deepsqueeze.prune.config import Execution, Pattern, PruneConfig, Schedule, Scope, Storage
+from deepsqueeze.prune.importance import (
+    Criterion,
+    bn_scale,
+    element_criterion,
+    magnitude_l1,
+    magnitude_l2,
+    random_scores,
+    taylor,
+)
+from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear, to_sparse_execution
+from deepsqueeze.prune.stage import as_model
+from deepsqueeze.prune.unstructured import (
+    MaskSet,
+    UnstructuredPlan,
+    compute_masks,
+    enforce_masks,
+    layer_sparsities,
+    masks_from_zeros,
+    prunable_weights,
+    prune_weights_,
+)
+
+
+def prune_(model: Model | nn.Module, config: PruneConfig, ctx: StageContext | None = None) -> Model:
+    """Apply a pruning config in place (fine-tuning needs ``ctx.data``); return the ``Model`` handle."""
+    from deepsqueeze.core.config import stage_entry
+
+    handle = as_model(model)
+    _, handler = stage_entry(config.stage_type)
+    handler(handle, config, ctx if ctx is not None else StageContext(handle, progress=False))
+    return handle
+
+
+__all__ = [
+    "CSR_BREAK_EVEN_SPARSITY",
+    "Criterion",
+    "Execution",
+    "MaskSet",
+    "Pattern",
+    "PruneConfig",
+    "Schedule",
+    "Scope",
+    "SparseCSRLinear",
+    "Storage",
+    "UnstructuredPlan",
+    "bn_scale",
+    "compute_masks",
+    "element_criterion",
+    "enforce_masks",
+    "layer_sparsities",
+    "magnitude_l1",
+    "magnitude_l2",
+    "masks_from_zeros",
+    "prunable_weights",
+    "prune_",
+    "prune_weights_",
+    "random_scores",
+    "schedules",
+    "taylor",
+    "to_sparse_execution",
+]

@@ -1,0 +1,113 @@
+"""Typed configs of the pruning stages (recipe form: ``{"type": "prune", ...}``)."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+from pydantic import Field, field_validator, model_validator
+
+from deepsqueeze.core.config import StageConfig
+from deepsqueeze.prune.importance import Criterion
+
+
+class Scope(StrEnum):
+    LAYER = "layer"    # every layer pruned to the same sparsity
+    GLOBAL = "global"  # one ranking across all layers
+
+
+class Pattern(StrEnum):
+    UNSTRUCTURED = "unstructured"
+    NM_2_4 = "2:4"
+    NM_4_8 = "4:8"
+
+
+class Schedule(StrEnum):
+    ONE_SHOT = "one_shot"    # prune, then fine-tune with masks enforced
+    ITERATIVE = "iterative"  # prune, fine-tune, repeat (rounds)
+    AGP = "agp"              # Zhu & Gupta's cubic schedule over the fine-tuning steps
+    LOTTERY = "lottery"      # iterative magnitude pruning with rewinding to early weights
+
+
+class Execution(StrEnum):
+    DENSE = "dense"            # keep nn.Linear (zeros multiplied densely)
+    AUTO = "auto"              # SparseCSRLinear where sparsity passes the measured break-even
+    SPARSE_CSR = "sparse_csr"  # SparseCSRLinear for every pruned Linear
+
+
+class Storage(StrEnum):
+    SPARSE = "sparse"  # values + compact indices in the artifact
+    DENSE = "dense"    # raw dense tensors
+
+
+class TrainOptimizer(StrEnum):
+    ADAM = "adam"
+    ADAMW = "adamw"
+    SGD = "sgd"
+
+
+class LRSchedule(StrEnum):
+    CONSTANT = "constant"
+    COSINE = "cosine"
+    ONECYCLE = "onecycle"
+
+
+class _FinetuneFields(StageConfig):
+    """Fine-tuning options shared by the pruning stages (``epochs: 0`` = no fine-tuning)."""
+
+    epochs: float = Field(0.0, ge=0)
+    lr: float = Field(1e-4, gt=0)
+    batch_size: int = Field(128, ge=1)
+    optimizer: TrainOptimizer = TrainOptimizer.ADAM
+    lr_schedule: LRSchedule = LRSchedule.COSINE
+    limit: int | None = Field(None, ge=1, description="use at most this many training samples per epoch")
+
+
+class PruneConfig(_FinetuneFields):
+    """Weight pruning of Linear/Conv layers: unstructured (ratio or |w| < threshold) or N:M.
+
+    ``overrides`` maps fnmatch patterns on layer names to their own sparsity (e.g. ``{"4": 0.7}``);
+    layers not overridden share ``sparsity`` (per layer, or one global ranking with ``scope: global``).
+    """
+
+    stage_type = "prune"
+
+    sparsity: float = Field(0.5, ge=0, le=1)
+    threshold: float | None = Field(None, ge=0, description="prune |w| < threshold instead of a ratio")
+    pattern: Pattern = Pattern.UNSTRUCTURED
+    criterion: Criterion = Criterion.L1
+    scope: Scope = Scope.LAYER
+    overrides: dict[str, float] = Field(default_factory=dict)
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+    schedule: Schedule = Schedule.ONE_SHOT
+    rounds: int = Field(3, ge=1, description="pruning rounds of the iterative and lottery schedules")
+    agp_start: float = Field(0.0, ge=0, lt=1, description="AGP starts at this fraction of fine-tuning steps")
+    agp_end: float = Field(0.75, gt=0, le=1, description="AGP reaches the target at this fraction")
+    agp_frequency: int = Field(0, ge=0, description="steps between AGP updates (0: about 40 updates)")
+    rewind: float = Field(0.1, ge=0, lt=1, description="lottery: snapshot at this fraction of the dense phase")
+    taylor_batches: int = Field(8, ge=1)
+    storage: Storage = Storage.SPARSE
+    execution: Execution = Execution.DENSE
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_overrides(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, sparsity in value.items():
+            if not 0.0 <= sparsity <= 1.0:
+                raise ValueError(f"override {pattern!r}: sparsity must be in [0, 1], got {sparsity}")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combination(self) -> PruneConfig:
+        if self.agp_start >= self.agp_end:
+            raise ValueError(f"agp_start ({self.agp_start}) must be below agp_end ({self.agp_end})")
+        if self.schedule in (Schedule.AGP, Schedule.LOTTERY) and self.epochs == 0:
+            raise ValueError(f"schedule {self.schedule.value} prunes during fine-tuning: set epochs > 0")
+        if self.pattern is not Pattern.UNSTRUCTURED and (self.threshold is not None or self.schedule
+                                                          is not Schedule.ONE_SHOT):
+            raise ValueError("N:M patterns are one-shot with a fixed ratio: drop threshold and use one_shot")
+        if self.threshold is not None and self.schedule is not Schedule.ONE_SHOT:
+            raise ValueError("threshold pruning is one-shot: use schedule one_shot or give a sparsity instead")
+        if self.criterion is Criterion.BN_SCALE:
+            raise ValueError("bn_scale scores channels: use it with the prune_channels stage")
+        return self

@@ -1,0 +1,217 @@
+"""The ``prune`` stage driver: schedules, fine-tuning with enforced masks, sparse storage and execution."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.core.config import register_stage
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.record import record_encoding
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.errors import DataError, RecipeError
+from deepsqueeze.primitives.masks import sparsity_of
+from deepsqueeze.prune import schedules
+from deepsqueeze.prune.config import (
+    Execution,
+    Pattern,
+    PruneConfig,
+    Schedule,
+    Scope,
+    Storage,
+    _FinetuneFields,
+)
+from deepsqueeze.prune.importance import Criterion, accumulate_gradients, element_criterion
+from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, to_sparse_execution
+from deepsqueeze.prune.unstructured import MaskSet, UnstructuredPlan, compute_masks, prunable_weights
+
+Hook = Callable[[int, int], None]
+
+# A weight this sparse or more is stored with the ``sparse`` encoding (bitmap overhead is 1/32 of fp32).
+SPARSE_STORAGE_MIN_SPARSITY = 0.1
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """Wrap a bare module so the stage handlers can take it (no fine-tuning data, classifier task)."""
+    if isinstance(model, Model):
+        return model
+    return Model(model, {"kind": "module"}, Task.CLASSIFIER, type(model).__name__, count_params(model))
+
+
+def finetune(model: Model, ctx: StageContext, config: _FinetuneFields, epochs: float,
+             before_step: Hook | None = None, after_step: Hook | None = None, description: str = "") -> float:
+    """Fine-tune through ``deepsqueeze.train`` (labels for classifiers, embedding matching for encoders)."""
+    if epochs <= 0:
+        return float("nan")
+    if ctx.data is None:
+        raise DataError(f"{description or 'pruning'} fine-tunes for {epochs} epochs and needs training data: "
+                        "pass --data (or set epochs: 0)")
+    common: dict[str, Any] = dict(epochs=epochs, lr=config.lr, optimizer=config.optimizer.value,
+                                  schedule=config.lr_schedule.value, seed=ctx.seed, progress=ctx.progress,
+                                  before_step=before_step, after_step=after_step)
+    if model.task is Task.CLASSIFIER:
+        if not isinstance(ctx.data, ClassificationData):
+            raise DataError(f"fine-tuning a classifier needs image data, not {ctx.data.name}")
+        from deepsqueeze.train.loop import train_classifier
+
+        stats = train_classifier(model.module, ctx.data, batch_size=config.batch_size, device=ctx.device,
+                                 limit=config.limit, **common)
+    else:
+        if not isinstance(ctx.data, TextData):
+            raise DataError(f"fine-tuning a sentence encoder needs sentences, not {ctx.data.name}")
+        if ctx.reference is None:
+            raise DataError("fine-tuning a pruned sentence encoder needs the unpruned model as reference")
+        from deepsqueeze.train.stage import match_embeddings
+
+        stats = match_embeddings(model, ctx, config.batch_size, config.limit, **common)
+    return float(stats["loss"])
+
+
+def loss_closures(model: Model, ctx: StageContext, batches: int, batch_size: int) -> list[Callable[[], torch.Tensor]]:
+    """Closures computing the training loss on the first ``batches`` training batches (for gradients)."""
+    if not isinstance(ctx.data, ClassificationData):
+        raise DataError("gradient-based importance (taylor) needs labelled image data: pass --data, "
+                        "or use criterion l1/l2 for sentence encoders")
+    out = []
+    for x, y in ctx.data.batches("train", batch_size, shuffle=True, seed=ctx.seed, limit=batches * batch_size):
+        x, y = x.to(ctx.device), y.to(ctx.device)
+        out.append(lambda x=x, y=y: nn.functional.cross_entropy(model.module(x), y))
+    return out
+
+
+def _plan(config: PruneConfig) -> UnstructuredPlan:
+    nm = None
+    if config.pattern is not Pattern.UNSTRUCTURED:
+        n, m = config.pattern.value.split(":")
+        nm = (int(n), int(m))
+    return UnstructuredPlan(config.sparsity, config.threshold, nm, config.scope is Scope.GLOBAL,
+                            dict(config.overrides))
+
+
+def _steps_per_epoch(model: Model, ctx: StageContext, config: _FinetuneFields) -> int:
+    if isinstance(ctx.data, ClassificationData):
+        n = len(ctx.data.train_x) if config.limit is None else min(config.limit, len(ctx.data.train_x))
+    elif isinstance(ctx.data, TextData):
+        n = len(ctx.data.sentences) if config.limit is None else min(config.limit, len(ctx.data.sentences))
+    else:
+        return 1
+    return max(1, -(-n // config.batch_size))
+
+
+class _Pruner:
+    """Holds the layers, plan and current masks of one ``prune`` stage."""
+
+    def __init__(self, model: Model, config: PruneConfig, ctx: StageContext) -> None:
+        self.model, self.config, self.ctx = model, config, ctx
+        self.params = prunable_weights(model.module, config.include, config.exclude)
+        if not self.params:
+            raise RecipeError("no Linear/Conv layers match the include/exclude patterns: nothing to prune")
+        self.plan = _plan(config)
+        self.criterion = element_criterion(config.criterion, ctx.seed)
+        self.masks = MaskSet(model.module, {})
+        self.events = 0
+
+    def prune_to(self, fraction: float) -> None:
+        grads = None
+        if self.config.criterion is Criterion.TAYLOR:
+            grads = accumulate_gradients(self.model.module, loss_closures(
+                self.model, self.ctx, self.config.taylor_batches, self.config.batch_size))
+        self.masks.masks = compute_masks(self.params, self.plan, self.criterion, fraction, grads,
+                                         previous=self.masks.masks or None)
+        self.masks.apply()
+        self.events += 1
+
+
+@register_stage(PruneConfig)
+def prune_stage(model: Model, config: PruneConfig, ctx: StageContext) -> None:
+    """Apply a ``prune`` stage: schedule + fine-tuning, then sparse storage / execution."""
+    start = time.perf_counter()
+    pruner = _Pruner(model, config, ctx)
+    final = config.sparsity
+    loss = float("nan")
+    if config.schedule is Schedule.ONE_SHOT:
+        pruner.prune_to(1.0)
+        loss = finetune(model, ctx, config, config.epochs, after_step=pruner.masks.after_step, description="prune")
+    elif config.schedule is Schedule.ITERATIVE:
+        schedule = schedules.iterative(final, config.rounds)
+        for r in range(config.rounds):
+            pruner.prune_to(_fraction(schedule(r, config.rounds), final))
+            loss = finetune(model, ctx, config, config.epochs / config.rounds, after_step=pruner.masks.after_step,
+                            description="iterative pruning")
+    elif config.schedule is Schedule.AGP:
+        total = max(1, round(config.epochs * _steps_per_epoch(model, ctx, config)))
+        frequency = config.agp_frequency or max(1, int(total * (config.agp_end - config.agp_start)) // 40)
+        schedule = schedules.agp(final, 0.0, config.agp_start, config.agp_end, frequency)
+        current = {"sparsity": -1.0}
+
+        def before_step(step: int, steps: int) -> None:
+            target = schedule(step, steps)
+            if target > current["sparsity"]:
+                current["sparsity"] = target
+                pruner.prune_to(_fraction(target, final))
+
+        loss = finetune(model, ctx, config, config.epochs, before_step=before_step,
+                        after_step=pruner.masks.after_step, description="AGP pruning")
+        pruner.prune_to(1.0)  # make sure the final target holds even if training stopped early
+    else:
+        loss = _lottery(model, config, ctx, pruner)
+    seconds = time.perf_counter() - start
+    _finish(model, config, pruner.masks)
+    ctx.report.append({
+        "stage": "prune", "schedule": config.schedule.value, "sparsity": round(pruner.masks.overall_sparsity(), 4),
+        "layers": {name: round(s, 4) for name, s in pruner.masks.sparsity().items()},
+        "prune_events": pruner.events, "train_loss": None if loss != loss else round(loss, 5),
+        "seconds": round(seconds, 2),
+    })
+
+
+def _fraction(sparsity: float, final: float) -> float:
+    return 1.0 if final <= 0 else min(1.0, sparsity / final)
+
+
+def _lottery(model: Model, config: PruneConfig, ctx: StageContext, pruner: _Pruner) -> float:
+    """Iterative magnitude pruning with rewinding: train dense, snapshot early weights, then per round
+    prune, rewind the survivors to the snapshot and retrain (Frankle et al., with late rewinding)."""
+    phase_epochs = config.epochs / (config.rounds + 1)
+    total = max(1, round(phase_epochs * _steps_per_epoch(model, ctx, config)))
+    rewind_step = int(config.rewind * total)
+    snapshot: dict[str, torch.Tensor] = {}
+
+    def take(step: int) -> None:
+        if not snapshot:
+            snapshot.update({k: v.detach().clone() for k, v in model.module.state_dict().items()})
+
+    if rewind_step == 0:
+        take(0)
+    loss = finetune(model, ctx, config, phase_epochs,
+                    after_step=lambda step, steps: take(step) if step >= rewind_step else None,
+                    description="lottery: dense phase")
+    take(0)
+    schedule = schedules.iterative(config.sparsity, config.rounds)
+    for r in range(config.rounds):
+        pruner.prune_to(_fraction(schedule(r, config.rounds), config.sparsity))
+        model.module.load_state_dict(snapshot)
+        pruner.masks.apply()
+        loss = finetune(model, ctx, config, phase_epochs, after_step=pruner.masks.after_step,
+                        description=f"lottery: round {r + 1}")
+    return loss
+
+
+def _finish(model: Model, config: PruneConfig, masks: MaskSet) -> None:
+    """Record sparse storage for sparse weights and swap in sparse execution where configured."""
+    module = model.module
+    if config.execution is not Execution.DENSE:
+        minimum = CSR_BREAK_EVEN_SPARSITY if config.execution is Execution.AUTO else 1e-9
+        names = [name.rsplit(".", 1)[0] for name in masks.masks]
+        to_sparse_execution(module, minimum, include=names)
+    if config.storage is Storage.SPARSE:
+        state = module.state_dict()
+        for name in masks.masks:
+            if name in state and sparsity_of(state[name]) >= SPARSE_STORAGE_MIN_SPARSITY:
+                record_encoding(module, name, "sparse")
