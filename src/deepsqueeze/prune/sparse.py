@@ -149,8 +149,8 @@ def sparse_layout_bytes(rows: int, cols: int, nnz: int, itemsize: int) -> dict[s
 def _encode_sparse(tensor: torch.Tensor, **_: Any) -> tuple[dict[str, Any], list[bytes]]:
     t = tensor.detach().cpu().contiguous()
     rows = t.shape[0] if t.dim() > 0 else 1
-    flat = t.reshape(rows, -1)
-    cols = flat.shape[1]
+    cols = math.prod(t.shape[1:]) if t.dim() > 0 else 1
+    flat = t.reshape(rows, cols)
     nonzero = flat != 0
     values = flat[nonzero]
     sizes = sparse_layout_bytes(rows, cols, int(values.numel()), t.element_size())
@@ -175,7 +175,7 @@ def _decode_sparse(meta: dict[str, Any], segments: list[bytes], shape: tuple[int
 
     rows = shape[0] if shape else 1
     numel = math.prod(shape)
-    cols = numel // rows if rows else 0
+    cols = math.prod(shape[1:]) if shape else 1
     nnz = int(meta["nnz"])
     try:
         values = bytes_to_tensor(segments[0], (nnz,), dtype)
