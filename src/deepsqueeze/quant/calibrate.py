@@ -240,3 +240,21 @@ def _apply(root: nn.Module, names: list[str], hessians: dict[str, HessianAccumul
         set_submodule(root, name, new)
         if progress is not None:
             progress(name_prefix + name)
+
+
+def as_calib_batches(batches: list[Any]) -> list[CalibBatch]:
+    """Normalise calibration inputs: a tensor is ``module(x)``, a tuple positional arguments, a dict keyword
+    arguments (its ``attention_mask`` marks real tokens); ``CalibBatch`` items pass through."""
+    out = []
+    for batch in batches:
+        if isinstance(batch, CalibBatch):
+            out.append(batch)
+        elif isinstance(batch, torch.Tensor):
+            out.append(CalibBatch((batch,)))
+        elif isinstance(batch, dict):
+            out.append(CalibBatch((), dict(batch), batch.get("attention_mask")))
+        elif isinstance(batch, (tuple, list)):
+            out.append(CalibBatch(tuple(batch)))
+        else:
+            raise DataError(f"cannot feed a calibration batch of type {type(batch).__name__} to the model")
+    return out

@@ -9,7 +9,9 @@ lazily in blocks of columns.
 
 This module holds the pure algorithm (``gptq_quantize``: weight + Hessian -> integer codes and
 group parameters) and the Hessian accumulation. Which quantizer rounds a column (bits, symmetric or
-not) comes from ``deepsqueeze.primitives.quantize``; the model-level driver is ``gptq_model``.
+not) comes from ``deepsqueeze.primitives.quantize``; the model-level driver is :func:`gptq_model_`, and
+the ``gptq`` method of the ``quantize`` stage installs its output as :class:`PackedIntLinear` modules, the
+same packed representation round-to-nearest produces.
 """
 
 from __future__ import annotations
@@ -17,10 +19,16 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-import torch
+from typing import Any
 
-from deepsqueeze.errors import ModelError
+import torch
+from torch import nn
+
+from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
+from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
+from deepsqueeze.quant.config import Method, QuantizeConfig
+from deepsqueeze.quant.modules import PackedIntLinear
 
 # (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
 ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -200,3 +208,80 @@ def _current_columns(W: torch.Tensor, W1: torch.Tensor, E1: torch.Tensor, U: tor
         cols = members[outside]
         out[:, outside] = W[:, cols] - E1[:, :i] @ U[i1 : i1 + i, cols]
     return out
+
+
+# (layer name, original Linear, GPTQ result, bits) -> the module that replaces the layer
+LayerBuilder = Callable[[str, nn.Linear, GPTQResult, int], nn.Module]
+
+
+def packed_linear(name: str, layer: nn.Linear, result: GPTQResult, bits: int) -> PackedIntLinear:
+    """The product builder: GPTQ's codes and group parameters in a :class:`PackedIntLinear`."""
+    out = PackedIntLinear(layer.in_features, layer.out_features, bits, result.group_size, layer.bias is not None)
+    out.set_codes(result.codes, result.scale, result.zero_point)
+    if layer.bias is not None:
+        out.bias.copy_(layer.bias.detach().float())
+    return out.to(layer.weight.device)
+
+
+def dequantized_linear(name: str, layer: nn.Linear, result: GPTQResult, bits: int) -> nn.Linear:
+    """Simulation builder: a float Linear holding the dequantized GPTQ weight (for experiments)."""
+    out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
+    with torch.no_grad():
+        out.weight.copy_(result.dequantize(affine_column_quantizer(bits).dequantize).to(layer.weight.dtype))
+        if layer.bias is not None:
+            out.bias.copy_(layer.bias)
+    return out.to(layer.weight.device)
+
+
+def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, int] = 4,
+                group_size: int | None = 64, symmetric: bool = False, act_order: bool = False,
+                damp: float = 0.01, block_size: int = 128, sequential: bool = True,
+                targets: list[str] | None = None, build: LayerBuilder = packed_linear,
+                progress: Callable[[str], None] | None = None) -> dict[str, GPTQResult]:
+    """Quantize the Linear layers ``targets`` (default: all) of ``module`` in place with GPTQ.
+
+    ``batches`` are calibration inputs (tensors, tuples, kwargs dicts or ``CalibBatch``) from the
+    calibration split. ``bits`` may be one width or a per-layer dict (mixed precision); a layer whose
+    inputs ``group_size`` does not divide falls back to one group per row. ``sequential`` calibrates
+    every layer on the outputs of the already-quantized layers before it (block by block for
+    transformers). ``build`` turns a result into the replacement module: :func:`packed_linear` (the
+    product) or :func:`dequantized_linear` (simulation). Returns the results by layer name.
+    """
+    from deepsqueeze.quant.calibrate import as_calib_batches, layerwise_convert
+
+    if targets is None:
+        targets = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+    results: dict[str, GPTQResult] = {}
+
+    def convert(name: str, layer: nn.Module, hessian: torch.Tensor) -> nn.Module:
+        if not isinstance(layer, nn.Linear):
+            raise UnsupportedLayerError(f"{name} is a {type(layer).__name__}: GPTQ quantizes nn.Linear layers only")
+        b = bits[name] if isinstance(bits, dict) else bits
+        group = group_size if group_size is not None and layer.in_features % group_size == 0 else None
+        result = gptq_quantize(layer.weight.detach().cpu(), hessian, affine_column_quantizer(b, symmetric), group,
+                               act_order=act_order, damp=damp, block_size=block_size)
+        results[name] = result
+        return build(name, layer, result, b)
+
+    layerwise_convert(module, list(targets), as_calib_batches(batches), convert, sequential=sequential,
+                      progress=progress)
+    return results
+
+
+@register_method(Method.GPTQ)
+def gptq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    """The ``gptq`` method of the ``quantize`` stage: GPTQ for Linear layers, round-to-nearest for the rest.
+
+    Linear layers become :class:`PackedIntLinear` (``bits``, ``group_size``, ``symmetric``, ``damp``,
+    ``act_order``); Conv2d layers and embedding tables (``embedding_bits``) get the same packed
+    layouts by round-to-nearest, since GPTQ's Hessian is defined here for Linear inputs only.
+    """
+    if not batches:
+        raise DataError("quantize method gptq calibrates on data: pass calibration batches "
+                        "(recipes: --data, e.g. pydoc-sentences:calib or fashion-mnist)")
+    targets = [name for name, _ in select_layers(module, config, (nn.Linear,))]
+    gptq_model_(module, batches, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
+                act_order=config.act_order, damp=config.damp, targets=targets)
+    for name in targets:
+        install(module, name, module.get_submodule(name))
+    return targets + METHODS[Method.RTN.value](module, config, batches)
