@@ -1,0 +1,68 @@
+"""Quantization: primitives live in ``deepsqueeze.primitives``; this package holds the stage, the verb
+``quantize_``, the integer modules it installs, and the ONNX Runtime export (imported lazily).
+
+    from deepsqueeze.quant import quantize_, Int8DynamicConfig
+    quantize_(model.module, Int8DynamicConfig())
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
+from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
+from deepsqueeze.quant.config import (
+    ActScheme,
+    Int8DynamicConfig,
+    Int8StaticConfig,
+    Method,
+    ObserverName,
+    QuantizeConfig,
+    SmoothQuantConfig,
+    WeightOnlyConfig,
+)
+from deepsqueeze.quant.modules import (
+    Int8Conv2d,
+    Int8Embedding,
+    Int8Linear,
+    PackedInt4Linear,
+    PackedIntConv2d,
+    PackedIntEmbedding,
+    PackedIntLinear,
+)
+
+_LAZY = {"export_onnx": "deepsqueeze.quant.onnx", "OrtModule": "deepsqueeze.quant.onnx",
+         "ort_model": "deepsqueeze.quant.onnx"}
+
+__all__ = [
+    "METHODS",
+    "ActScheme",
+    "Int8Conv2d",
+    "Int8DynamicConfig",
+    "Int8Embedding",
+    "Int8Linear",
+    "Int8StaticConfig",
+    "Method",
+    "ObserverName",
+    "PackedInt4Linear",
+    "PackedIntConv2d",
+    "PackedIntEmbedding",
+    "PackedIntLinear",
+    "QuantizeConfig",
+    "SmoothQuantConfig",
+    "WeightOnlyConfig",
+    "install",
+    "quantize_",
+    "register_method",
+    "run_batch",
+    "select_layers",
+    *sorted(_LAZY),
+]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module 'deepsqueeze.quant' has no attribute {name!r}")
+    return getattr(importlib.import_module(module), name)

@@ -1,0 +1,345 @@
+"""``quantize_``: the in-place verb, the method registry, and the built-in methods.
+
+``quantize_(module, config, calibration_batches)`` replaces the selected layers of ``module`` by integer
+modules (:mod:`deepsqueeze.quant.modules`) and records one replayable ``quant.module`` transform per
+replaced layer on ``module`` (the model root), so ``deepsqueeze.load`` rebuilds the same structure.
+
+Methods are functions ``fn(module, config, batches) -> list[str]`` (the names of the replaced layers)
+registered with :func:`register_method`; the ``quantize`` stage dispatches on ``config.method``.
+A method installs each new layer with :func:`install`, which records the transform for it.
+
+Calibration batches are any iterable of model inputs: a tensor (``module(x)``), a tuple of positional
+arguments, a dict of keyword arguments, or a ``CalibBatch`` from :mod:`deepsqueeze.quant.calibrate`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.core.record import record_transform, register_transform
+from deepsqueeze.core.walker import iter_modules, set_submodule
+from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
+from deepsqueeze.primitives import quantize as Q
+from deepsqueeze.primitives.observers import Observer, make_observer
+from deepsqueeze.quant.config import Method, QuantizeConfig
+from deepsqueeze.quant.modules import (
+    CONV_INPUT_BITS,
+    Int8Conv2d,
+    Int8Embedding,
+    Int8Linear,
+    PackedInt4Linear,
+    PackedIntConv2d,
+    PackedIntEmbedding,
+    PackedIntLinear,
+)
+
+__all__ = ["METHODS", "MethodFn", "install", "quantize_", "register_method", "run_batch", "select_layers"]
+
+MethodFn = Callable[[nn.Module, QuantizeConfig, list[Any] | None], list[str]]
+METHODS: dict[str, MethodFn] = {}
+
+# Classes the loader may rebuild (by name: nothing is imported from the artifact).
+MODULE_CLASSES: dict[str, type[nn.Module]] = {
+    cls.__name__: cls
+    for cls in (Int8Linear, Int8Conv2d, PackedIntLinear, PackedInt4Linear, PackedIntConv2d, Int8Embedding,
+                PackedIntEmbedding)
+}
+
+
+def register_method(name: str | Method) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn(module, config, batches) -> replaced layer names`` for ``config.method == name``."""
+
+    def decorate(fn: MethodFn) -> MethodFn:
+        METHODS[str(Method(name).value)] = fn
+        return fn
+
+    return decorate
+
+
+def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: Iterable[Any] | None = None) -> list[str]:
+    """Quantize ``module`` in place with ``config``; returns the names of the layers replaced.
+
+    Methods that calibrate (static, smoothquant, gptq) need ``calibration_batches`` (never the
+    evaluation split).
+    """
+    fn = METHODS.get(config.method.value)
+    if fn is None:
+        raise RecipeError(f"quantize method {config.method.value!r} is not available in this deepsqueeze "
+                          f"(available: {', '.join(sorted(METHODS))})")
+    batches = list(calibration_batches) if calibration_batches is not None else None
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            return fn(module, config, batches)
+    finally:
+        module.train(was_training)
+
+
+def install(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` (a module from :mod:`deepsqueeze.quant.modules`) at ``name`` and record its replay."""
+    cls = type(new).__name__
+    if cls not in MODULE_CLASSES:
+        raise TypeError(f"{cls} is not a replayable quantized module")
+    set_submodule(root, name, new)
+    record_transform(root, "quant.module", name, cls=cls, **new.replay_params())  # type: ignore[operator]
+
+
+def _install_identity(root: nn.Module, name: str) -> None:
+    set_submodule(root, name, nn.Identity())
+    record_transform(root, "quant.identity", name)
+
+
+@register_transform("quant.module")
+def _replay_module(root: nn.Module, target: str, params: dict[str, Any]) -> None:
+    params = dict(params)
+    cls = MODULE_CLASSES.get(params.pop("cls", None))  # type: ignore[arg-type]
+    if cls is None:
+        raise ArtifactError(f"unknown quantized module class for {target}: upgrade deepsqueeze")
+    set_submodule(root, target, cls(**params))
+
+
+@register_transform("quant.identity")
+def _replay_identity(root: nn.Module, target: str, params: dict[str, Any]) -> None:
+    set_submodule(root, target, nn.Identity())
+
+
+def run_batch(module: nn.Module, batch: Any) -> Any:
+    """Call ``module`` on one calibration batch (tensor, tuple of args, dict of kwargs or CalibBatch)."""
+    if isinstance(batch, torch.Tensor):
+        return module(batch)
+    if isinstance(batch, dict):
+        return module(**batch)
+    if isinstance(batch, (tuple, list)):
+        return module(*batch)
+    args, kwargs = getattr(batch, "args", None), getattr(batch, "kwargs", None)
+    if args is None or kwargs is None:
+        raise DataError(f"cannot feed a calibration batch of type {type(batch).__name__} to the model")
+    return module(*args, **kwargs)
+
+
+def _need_batches(config: QuantizeConfig, batches: list[Any] | None) -> list[Any]:
+    if not batches:
+        raise DataError(f"quantize method {config.method.value} calibrates on data: pass calibration batches "
+                        "(recipes: --data, e.g. fashion-mnist or pydoc-sentences:calib)")
+    return batches
+
+
+def select_layers(module: nn.Module, config: QuantizeConfig,
+                  types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
+    """Layers of ``types`` matching the config's include/exclude patterns (embeddings only if enabled)."""
+    if not config.embeddings:
+        types = tuple(t for t in types if t is not nn.Embedding)
+    return list(iter_modules(module, types=types, include=list(config.include) or None,
+                             exclude=list(config.exclude) or None))
+
+
+def _activation_qparams(observer: Observer, bits: int = 8) -> tuple[float, float]:
+    qp = observer.qparams(bits, symmetric=False, signed=False)
+    return float(qp.scale), float(qp.zero_point)
+
+
+def _new_observer(config: QuantizeConfig) -> Observer:
+    return make_observer(config.observer.value, 8, symmetric=False, signed=False, percentile=config.percentile)
+
+
+# ------------------------------------------------------------------------------------------ methods
+
+
+@register_method(Method.DYNAMIC)
+def _dynamic(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    done = []
+    for name, layer in select_layers(module, config, (nn.Linear, nn.Embedding)):
+        if isinstance(layer, nn.Linear):
+            install(module, name, Int8Linear.from_float(layer, config.activations.value))
+        else:
+            install(module, name, Int8Embedding.from_float(layer))
+        done.append(name)
+    return done
+
+
+@register_method(Method.SMOOTHQUANT)
+def _smoothquant(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    """SmoothQuant: per input channel j, ``s_j = max|X_j|^alpha / max|W_j|^(1-alpha)``; X/s and W*s."""
+    batches = _need_batches(config, batches)
+    linears = [(n, m) for n, m in select_layers(module, config, (nn.Linear,))]
+    amax: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, layer in linears:
+        def hook(_m: nn.Module, args: tuple, name: str = name) -> None:
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).abs().amax(0).float()
+            amax[name] = x if name not in amax else torch.maximum(amax[name], x)
+
+        handles.append(layer.register_forward_pre_hook(hook))
+    try:
+        for batch in batches:
+            run_batch(module, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    done = []
+    for name, layer in linears:
+        x_max = amax.get(name)
+        if x_max is None:
+            continue  # never ran during calibration: leave it in float
+        w_max = layer.weight.detach().abs().amax(0).float()
+        s = x_max.clamp_min(1e-5).pow(config.alpha) / w_max.clamp_min(1e-5).pow(1 - config.alpha)
+        s = torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
+        install(module, name, Int8Linear.from_float(layer, config.activations.value, smooth=s))
+        done.append(name)
+    for name, layer in select_layers(module, config, (nn.Embedding,)):
+        install(module, name, Int8Embedding.from_float(layer))
+        done.append(name)
+    return done
+
+
+def _fold_batchnorm(module: nn.Module, conv_names: set[str]) -> None:
+    """Fold each BatchNorm2d that directly follows a target Conv2d in a Sequential into the conv."""
+    for seq_name, seq in list(module.named_modules()):
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = list(seq.named_children())
+        for (cname, conv), (bname, bn) in zip(children, children[1:], strict=False):
+            full = f"{seq_name}.{cname}" if seq_name else cname
+            if full not in conv_names or not isinstance(bn, nn.BatchNorm2d) or not isinstance(conv, nn.Conv2d):
+                continue
+            if bn.running_mean is None or bn.running_var is None:
+                continue
+            factor = (bn.weight.detach() if bn.affine else torch.ones_like(bn.running_var)) / torch.sqrt(
+                bn.running_var + bn.eps)
+            shift = bn.bias.detach() if bn.affine else torch.zeros_like(bn.running_mean)
+            bias = conv.bias.detach() if conv.bias is not None else torch.zeros_like(bn.running_mean)
+            conv.weight.data = conv.weight.detach() * factor.reshape(-1, 1, 1, 1)
+            conv.bias = nn.Parameter((bias - bn.running_mean) * factor + shift)
+            _install_identity(module, f"{seq_name}.{bname}" if seq_name else bname)
+
+
+def _following_relu(module: nn.Module, conv_names: set[str]) -> dict[str, str]:
+    """Target conv name -> name of the ReLU that directly follows it in a Sequential (after BN folding)."""
+    out = {}
+    for seq_name, seq in module.named_modules():
+        if not isinstance(seq, nn.Sequential):
+            continue
+        children = [(n, c) for n, c in seq.named_children() if not isinstance(c, nn.Identity)]
+        for (cname, _), (rname, relu) in zip(children, children[1:], strict=False):
+            full = f"{seq_name}.{cname}" if seq_name else cname
+            if full in conv_names and isinstance(relu, nn.ReLU):
+                out[full] = f"{seq_name}.{rname}" if seq_name else rname
+    return out
+
+
+@register_method(Method.STATIC)
+def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    batches = _need_batches(config, batches)
+    layers = select_layers(module, config, (nn.Linear, nn.Conv2d))
+    conv_names = {n for n, m in layers if isinstance(m, nn.Conv2d)}
+    _fold_batchnorm(module, conv_names)
+    relus = _following_relu(module, conv_names)
+    observers_in: dict[str, Observer] = {}
+    observers_out: dict[str, Observer] = {}
+    handles = []
+    for name, layer in layers:
+        observers_in[name] = _new_observer(config)
+        handles.append(layer.register_forward_pre_hook(
+            lambda _m, args, obs=observers_in[name]: obs.update(args[0])))
+        if name in conv_names:
+            observers_out[name] = _new_observer(config)
+            fuse = name in relus
+
+            def out_hook(_m: nn.Module, _a: tuple, out: torch.Tensor, obs: Observer = observers_out[name],
+                         fuse: bool = fuse) -> None:
+                obs.update(torch.relu(out) if fuse else out)
+
+            handles.append(layer.register_forward_hook(out_hook))
+    try:
+        for batch in batches:
+            run_batch(module, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    done = []
+    for name, layer in layers:
+        if observers_in[name].seen == 0:
+            continue  # not reached by the calibration data: keep float
+        if isinstance(layer, nn.Conv2d):
+            qin = _activation_qparams(observers_in[name], CONV_INPUT_BITS)
+            new: nn.Module = Int8Conv2d.from_float(layer, qin, _activation_qparams(observers_out[name]),
+                                                   relu=name in relus)
+            install(module, name, new)
+            if name in relus:
+                _install_identity(module, relus[name])
+        else:
+            qin = _activation_qparams(observers_in[name])
+            install(module, name, Int8Linear.from_float(layer, "static", input_qparams=qin))
+        done.append(name)
+    for name, layer in select_layers(module, config, (nn.Embedding,)):
+        install(module, name, Int8Embedding.from_float(layer))
+        done.append(name)
+    return done
+
+
+@register_method(Method.RTN)
+def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    done = []
+    for name, layer in select_layers(module, config, (nn.Linear, nn.Conv2d, nn.Embedding)):
+        new: nn.Module
+        try:
+            if isinstance(layer, nn.Linear):
+                new = PackedIntLinear.from_float(layer, config.bits, config.group_size, config.symmetric)
+            elif isinstance(layer, nn.Conv2d):
+                new = PackedIntConv2d.from_float(layer, config.bits, _conv_group(layer, config.group_size),
+                                                 config.symmetric)
+            else:
+                new = PackedIntEmbedding.from_float(layer, config.embedding_bits or config.bits, config.group_size,
+                                                    config.symmetric)
+        except ValueError as exc:
+            raise RecipeError(f"cannot quantize {name}: {exc} (or exclude it)") from None
+        install(module, name, new)
+        done.append(name)
+    return done
+
+
+def _conv_group(conv: nn.Conv2d, group_size: int | None) -> int | None:
+    """A conv row is ``in/groups*kh*kw`` long: fall back to per channel when the group does not divide it."""
+    row = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
+    return group_size if group_size is not None and row % group_size == 0 else None
+
+
+def _levels(module: nn.Module, config: QuantizeConfig, ternary: bool) -> list[str]:
+    done = []
+    for name, layer in select_layers(module, config, (nn.Linear, nn.Conv2d)):
+        if isinstance(layer, nn.Linear):
+            new: PackedIntLinear | PackedIntConv2d = PackedIntLinear(
+                layer.in_features, layer.out_features, 2, None, layer.bias is not None, binary=not ternary)
+        else:
+            if not isinstance(layer.padding, tuple):
+                raise UnsupportedLayerError(f"{name}: string padding is not supported; exclude it")
+            new = PackedIntConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                                  layer.stride, layer.padding, layer.dilation, layer.groups,  # type: ignore[arg-type]
+                                  layer.bias is not None, 2, None, binary=not ternary)
+        w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+        if ternary:
+            codes, scale = Q.ternarize(w, axis=0)
+            zero = torch.ones(w.shape[0], 1, dtype=torch.uint8)
+            new.set_codes((codes + 1).to(torch.uint8), scale[:, None], zero)
+        else:
+            new.quantize_weight(w)
+        if layer.bias is not None:
+            new.bias.copy_(layer.bias.detach().float())
+        install(module, name, new)
+        done.append(name)
+    return done
+
+
+@register_method(Method.BINARY)
+def _binary(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    return _levels(module, config, ternary=False)
+
+
+@register_method(Method.TERNARY)
+def _ternary(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
+    return _levels(module, config, ternary=True)

@@ -1,0 +1,143 @@
+"""The ``quantize`` stage config and its named presets.
+
+One recipe stage, ``{type: quantize, method: ..., ...}``, covers every post-training quantizer; the
+``method`` picks the algorithm from the registry in :mod:`deepsqueeze.quant.api` (``METHODS``), so a new
+algorithm (GPTQ, mixed precision) is one registered function, not a new config class.
+
+Presets with their own defaults (all are ``QuantizeConfig`` and serialize to the same recipe form)::
+
+    Int8DynamicConfig()            # W8A8: int8 weights per channel, per-token dynamic int8 activations
+    Int8StaticConfig(observer="percentile")   # calibrated activation ranges (Linear and Conv2d)
+    WeightOnlyConfig(bits=4, group_size=64)   # packed 4-bit weights, round-to-nearest (or method="gptq")
+    SmoothQuantConfig(alpha=0.5)   # activation outliers migrated into the weights, then W8A8
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import ClassVar
+
+from pydantic import model_validator
+
+from deepsqueeze.core.config import StageConfig
+from deepsqueeze.primitives.quantize import SUPPORTED_BITS
+
+__all__ = [
+    "ActScheme",
+    "Int8DynamicConfig",
+    "Int8StaticConfig",
+    "Method",
+    "ObserverName",
+    "QuantizeConfig",
+    "SmoothQuantConfig",
+    "WeightOnlyConfig",
+]
+
+
+class Method(StrEnum):
+    RTN = "rtn"  # weight-only round-to-nearest, packed codes
+    DYNAMIC = "dynamic"  # int8 weights, dynamic int8 activations
+    STATIC = "static"  # int8 weights, calibrated int8 activations (Linear, Conv2d)
+    SMOOTHQUANT = "smoothquant"  # SmoothQuant migration, then dynamic int8
+    GPTQ = "gptq"  # weight-only, error-compensating (deepsqueeze.quant.gptq)
+    MIXED = "mixed"  # per-layer bit widths under a size budget
+    BINARY = "binary"  # XNOR-Net weights: sign x per-channel mean |w|
+    TERNARY = "ternary"  # TWN weights: {-1, 0, +1} x per-channel scale
+
+
+class ActScheme(StrEnum):
+    PER_TOKEN = "per_token"  # one symmetric int8 scale per row (token): highest fidelity
+    PER_TENSOR = "per_tensor"  # one asymmetric uint8 range per call (ONNX DynamicQuantizeLinear)
+
+
+class ObserverName(StrEnum):
+    MINMAX = "minmax"
+    MOVING_AVERAGE = "moving_average"
+    PERCENTILE = "percentile"
+    MSE = "mse"
+    ENTROPY = "entropy"
+
+
+WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.MIXED, Method.BINARY, Method.TERNARY)
+
+
+class QuantizeConfig(StageConfig):
+    """Every option of the ``quantize`` stage.
+
+    ``bits``/``group_size``/``symmetric`` describe the weights (group_size None: one scale per output
+    channel). ``activations`` is the dynamic scheme; ``observer``/``percentile``/``calibration_samples``
+    drive static calibration. ``alpha`` is SmoothQuant's migration strength. ``embeddings`` also
+    quantizes ``nn.Embedding`` tables (int8 rows for int8 methods, ``embedding_bits`` for weight-only).
+    ``include``/``exclude`` are fnmatch patterns on module names. ``damp``/``act_order``/``max_bytes``/
+    ``avg_bits`` belong to GPTQ and mixed precision.
+    """
+
+    stage_type: ClassVar[str] = "quantize"
+
+    method: Method = Method.DYNAMIC
+    bits: int = 8
+    group_size: int | None = None
+    symmetric: bool = True
+    activations: ActScheme = ActScheme.PER_TOKEN
+    observer: ObserverName = ObserverName.MINMAX
+    percentile: float = 99.99
+    calibration_samples: int = 256
+    alpha: float = 0.5
+    embeddings: bool = True
+    embedding_bits: int | None = None
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    damp: float = 0.01
+    act_order: bool = False
+    max_bytes: int | None = None
+    avg_bits: float | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> QuantizeConfig:
+        if self.bits not in SUPPORTED_BITS:
+            raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
+        if self.method in (Method.DYNAMIC, Method.STATIC, Method.SMOOTHQUANT) and self.bits != 8:
+            raise ValueError(f"method {self.method.value} executes int8: bits must be 8 (use method rtn or gptq "
+                             f"for {self.bits}-bit weights)")
+        if self.method in (Method.RTN, Method.GPTQ) and self.bits > 8:
+            raise ValueError("weight-only methods pack 2..8-bit codes: choose bits <= 8")
+        if self.group_size is not None and self.group_size < 1:
+            raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
+        if self.group_size is not None and self.method not in WEIGHT_ONLY:
+            raise ValueError("group_size applies to weight-only methods (rtn, gptq, mixed): remove it")
+        if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
+            raise ValueError(f"embedding_bits must be in 2..8, got {self.embedding_bits}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
+        if not 50.0 < self.percentile <= 100.0:
+            raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.calibration_samples < 1:
+            raise ValueError("calibration_samples must be >= 1")
+        return self
+
+
+class Int8DynamicConfig(QuantizeConfig):
+    """W8A8 with dynamic activations (per token by default)."""
+
+    method: Method = Method.DYNAMIC
+
+
+class Int8StaticConfig(QuantizeConfig):
+    """W8A8 with activation ranges calibrated on data (Linear and Conv2d)."""
+
+    method: Method = Method.STATIC
+
+
+class WeightOnlyConfig(QuantizeConfig):
+    """Packed low-bit weights (round-to-nearest by default; ``method="gptq"`` for error compensation)."""
+
+    method: Method = Method.RTN
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+
+
+class SmoothQuantConfig(QuantizeConfig):
+    """SmoothQuant (alpha = migration strength) followed by dynamic int8."""
+
+    method: Method = Method.SMOOTHQUANT

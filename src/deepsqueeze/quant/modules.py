@@ -1,0 +1,516 @@
+"""Quantized module representations, named by what they hold (not by the algorithm that made them).
+
+* :class:`Int8Linear`: int8 weights (one scale per output channel) times int8 activations, int32
+  accumulation with ``torch._int_mm``. Activations are quantized per token (dynamic, symmetric int8),
+  per tensor (dynamic, asymmetric uint8: what ONNX Runtime's ``DynamicQuantizeLinear`` does) or with a
+  fixed calibrated scale and zero point (static). An optional per-input-channel ``smooth`` vector
+  divides the input first (SmoothQuant; the weight was multiplied by it before quantization).
+* :class:`Int8Conv2d`: static int8 convolution (per-channel int8 weights, uint8 activations with
+  calibrated input and output ranges) on PyTorch's fbgemm/x86 integer kernels, optionally with the
+  following ReLU fused.
+* :class:`PackedIntLinear` / :class:`PackedIntConv2d` (and :class:`PackedInt4Linear`): weight-only
+  codes of 1..8 bits packed into uint8 rows, with one scale and zero point per output channel or per
+  group of input elements; binary codes (XNOR-Net) are stored as 1-bit codes ``(2q - 1) * scale``.
+* :class:`Int8Embedding` (int8 rows, one scale per row) and :class:`PackedIntEmbedding` (2..8-bit
+  rows with group scales): MiniLM's word-embedding table is half of its parameters.
+
+Buffers hold the integers themselves, so the artifact's ``raw`` encoding already stores packed bits.
+Every class has an ``empty`` constructor used by the artifact loader's replay (shapes only).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsqueeze.errors import ModelError, UnsupportedLayerError
+from deepsqueeze.primitives import packing
+from deepsqueeze.primitives import quantize as Q
+
+__all__ = [
+    "ActScheme",
+    "Int8Conv2d",
+    "Int8Embedding",
+    "Int8Linear",
+    "PackedInt4Linear",
+    "PackedIntConv2d",
+    "PackedIntEmbedding",
+    "PackedIntLinear",
+    "quantize_activation_per_token",
+]
+
+ACT_SCHEMES = ("per_token", "per_tensor", "static")
+CONV_INPUT_BITS = 7
+ActScheme = str  # one of ACT_SCHEMES
+
+
+class _Cached(nn.Module):
+    """Keeps derived tensors (transposed weights, prepacked kernels) that are rebuilt after loading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, Any] = {}
+
+    def _cached(self, key: str, make: Any) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device / dtype moves
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+
+def quantize_activation_per_token(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int8 codes of each row of ``x`` (2-D) and the row scales ``max|row| / 127`` (1 for 0 rows)."""
+    amax = x.abs().amax(dim=1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(x / scale).clamp_(-127, 127).to(torch.int8), scale
+
+
+def _per_tensor_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """ONNX ``DynamicQuantizeLinear``: the range ``[min(x,0), max(x,0)]`` onto uint8 (scale, zero point)."""
+    lo = torch.clamp(x.min(), max=0.0)
+    hi = torch.clamp(x.max(), min=0.0)
+    scale = torch.where(hi > lo, (hi - lo) / 255.0, torch.ones_like(hi))
+    zero_point = torch.clamp(torch.round(-lo / scale), 0, 255)
+    return scale, zero_point
+
+
+# ------------------------------------------------------------------------------------------ Int8Linear
+
+
+class Int8Linear(_Cached):
+    """``y = x W^T + b`` computed as int8 x int8 -> int32 (``torch._int_mm``), then rescaled to float.
+
+    Buffers: ``weight`` (out, in) int8 codes, ``weight_scale`` (out,) float32, ``bias`` (out,) or None,
+    ``smooth`` (in,) float32 or None (SmoothQuant: the input is divided by it), and for static
+    activations ``input_scale`` / ``input_zero_point`` (uint8 convention, zero point in 0..255).
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, act: ActScheme = "per_token",
+                 smooth: bool = False) -> None:
+        super().__init__()
+        if act not in ACT_SCHEMES:
+            raise ValueError(f"act must be one of {ACT_SCHEMES}, got {act!r}")
+        self.in_features, self.out_features, self.act = in_features, out_features, act
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features))
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self.register_buffer("smooth", torch.ones(in_features) if smooth else None)
+        if act == "static":
+            self.register_buffer("input_scale", torch.ones(()))
+            self.register_buffer("input_zero_point", torch.full((), 128.0))
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, act: ActScheme = "per_token", smooth: torch.Tensor | None = None,
+                   input_qparams: tuple[float, float] | None = None) -> Int8Linear:
+        """Quantize ``linear``'s weight symmetrically per output channel (after multiplying by ``smooth``).
+
+        ``input_qparams`` (scale, uint8 zero point) is required for ``act="static"``.
+        """
+        w = linear.weight.detach().float()
+        Q.check_finite(w, "the weight")
+        module = cls(linear.in_features, linear.out_features, linear.bias is not None, act, smooth is not None)
+        if smooth is not None:
+            module.smooth.copy_(smooth.float())
+            w = w * smooth.float()
+        qp = Q.choose_qparams(w, 8, symmetric=True, signed=True, granularity=Q.PerChannel(0))
+        module.weight.copy_(Q.quantize(w, qp))
+        module.weight_scale.copy_(qp.scale)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        if act == "static":
+            if input_qparams is None:
+                raise ModelError("static int8 activations need calibrated input parameters: run calibration first")
+            module.input_scale.fill_(float(input_qparams[0]))
+            module.input_zero_point.fill_(float(input_qparams[1]))
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The float weight the integer kernel computes with (divided back by ``smooth``)."""
+        w = self.weight.float() * self.weight_scale[:, None]
+        return w / self.smooth if self.smooth is not None else w
+
+    def _colsum(self) -> torch.Tensor:
+        return self._cached("colsum", lambda: self.weight.sum(1, dtype=torch.int32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if self.smooth is not None:
+            x2 = x2 * self._cached("inv_smooth", lambda: 1.0 / self.smooth)
+        w_t = self.weight.t()
+        if x2.shape[0] == 0:
+            y = x2.new_zeros(0, self.out_features)
+        elif self.act == "per_token":
+            xq, xs = quantize_activation_per_token(x2)
+            y = torch._int_mm(xq, w_t).float() * (xs * self.weight_scale)
+        else:
+            if self.act == "per_tensor":
+                xs, zp = _per_tensor_uint8(x2)
+            else:
+                xs, zp = self.input_scale, self.input_zero_point
+            # uint8 codes shifted to int8: (q - zp) = (q - 128) + (128 - zp)
+            xq = (torch.round(x2 / xs) + zp).clamp_(0, 255).sub_(128).to(torch.int8)
+            acc = torch._int_mm(xq, w_t) + (128 - zp).to(torch.int32) * self._colsum()
+            y = acc.float() * (xs * self.weight_scale)
+        if self.bias is not None:
+            y = y + self.bias
+        return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def deepsqueeze_param_count(self) -> int:
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        return int((self.weight != 0).sum()) + (int((self.bias != 0).sum()) if self.bias is not None else 0)
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features,
+                "bias": self.bias is not None, "act": self.act, "smooth": self.smooth is not None}
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}"
+
+
+# ------------------------------------------------------------------------------------------ Int8Conv2d
+
+
+def _quantized_engine() -> str:
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "onednn", "qnnpack"):
+        if engine in engines:
+            return engine
+    raise UnsupportedLayerError("this PyTorch build has no quantized CPU engine (x86/fbgemm/qnnpack) for Int8Conv2d")
+
+
+class Int8Conv2d(_Cached):
+    """Static int8 convolution: uint8 input codes x per-channel int8 weights, int32 accumulation.
+
+    Runs on PyTorch's quantized CPU kernels (x86/fbgemm): the input is quantized with the calibrated
+    ``input_scale``/``input_zero_point``, the kernel requantizes its int32 sums to the calibrated
+    output range (``output_scale``/``output_zero_point``), and the result is returned as float.
+    ``relu=True`` fuses the ReLU that followed the convolution.
+
+    Input codes must lie in 0..127 (7 bits, :data:`CONV_INPUT_BITS`): the x86/fbgemm kernels multiply
+    uint8 by int8 pairwise into int16 and saturate with full-range inputs (PyTorch's own x86
+    configuration uses the same ``reduce_range``).
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True, relu: bool = False) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.dilation, self.groups, self.relu = tuple(dilation), groups, relu
+        self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, *kernel_size, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_channels))
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+        self.register_buffer("input_scale", torch.ones(()))
+        self.register_buffer("input_zero_point", torch.full((), 128.0))
+        self.register_buffer("output_scale", torch.ones(()))
+        self.register_buffer("output_zero_point", torch.full((), 128.0))
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, input_qparams: tuple[float, float], output_qparams: tuple[float, float],
+                   relu: bool = False) -> Int8Conv2d:
+        """Quantize ``conv``'s weight per output channel; activation parameters come from calibration."""
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"Int8Conv2d needs numeric zero padding, got padding={conv.padding!r} "
+                                        f"mode={conv.padding_mode}: exclude this layer")
+        w = conv.weight.detach().float()
+        Q.check_finite(w, "the weight")
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                     conv.dilation, conv.groups, conv.bias is not None, relu)  # type: ignore[arg-type]
+        qp = Q.choose_qparams(w, 8, symmetric=True, signed=True, granularity=Q.PerChannel(0))
+        module.weight.copy_(Q.quantize(w, qp))
+        module.weight_scale.copy_(qp.scale)
+        if conv.bias is not None:
+            module.bias.copy_(conv.bias.detach().float())
+        module.input_scale.fill_(float(input_qparams[0]))
+        module.input_zero_point.fill_(float(input_qparams[1]))
+        module.output_scale.fill_(float(output_qparams[0]))
+        module.output_zero_point.fill_(float(output_qparams[1]))
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.weight_scale.reshape(-1, 1, 1, 1)
+
+    def _packed(self) -> Any:
+        def make() -> Any:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                torch.backends.quantized.engine = _quantized_engine()
+                qweight = torch._make_per_channel_quantized_tensor(
+                    self.weight, self.weight_scale.double(), torch.zeros(self.out_channels, dtype=torch.long), 0)
+                return torch.ops.quantized.conv2d_prepack(qweight, self.bias, list(self.stride), list(self.padding),
+                                                          list(self.dilation), self.groups)
+
+        return self._cached("packed", make)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        packed = self._packed()
+        op = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            scale, zero = float(self.input_scale), int(self.input_zero_point)
+            # clamp to the 7-bit input range first (quantize_per_tensor would saturate at 255)
+            lo, hi = (0 - zero) * scale, ((1 << CONV_INPUT_BITS) - 1 - zero) * scale
+            qx = torch.quantize_per_tensor(x.float().clamp(lo, hi).contiguous(), scale, zero, torch.quint8)
+            y = op(qx, packed, float(self.output_scale), int(self.output_zero_point))
+            return y.dequantize().to(x.dtype)
+
+    def deepsqueeze_param_count(self) -> int:
+        return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        return int((self.weight != 0).sum()) + (int((self.bias != 0).sum()) if self.bias is not None else 0)
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "relu": self.relu}
+
+    def extra_repr(self) -> str:
+        return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
+                f"padding={self.padding}, relu={self.relu}")
+
+
+# ------------------------------------------------------------------------------------------ packed weight-only
+
+
+class _PackedWeight(_Cached):
+    """Codes of ``bits`` bits for a weight viewed as rows (out, K), packed along K into uint8.
+
+    ``scale``/``zero_point`` have shape (out, K // group_size) (per channel: group_size = K). Codes are
+    unsigned: ``w = (q - zero_point) * scale``; binary weights store ``w = (2q - 1) * scale``.
+    """
+
+    def _init_codes(self, rows: int, cols: int, bits: int, group_size: int | None, binary: bool) -> None:
+        if binary:
+            bits = 1
+        elif not 2 <= bits <= 8:
+            raise ValueError(f"packed weights take 2..8 bits (or binary), got {bits}")
+        group = cols if group_size is None else int(group_size)
+        if group < 1 or cols % group:
+            raise ValueError(f"group size {group} does not divide the {cols} inputs of each row: choose a divisor")
+        self.bits, self.group_size, self.binary, self._rows, self._cols = bits, group, binary, rows, cols
+        groups = cols // group
+        self.register_buffer("codes", torch.zeros(rows, packing.packed_length(cols, bits), dtype=torch.uint8))
+        self.register_buffer("scale", torch.ones(rows, groups))
+        self.register_buffer("zero_point", None if binary else torch.zeros(rows, groups, dtype=torch.uint8))
+
+    def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
+        """Store unsigned codes (rows, K) with their (rows, groups) scales and zero points (e.g. from GPTQ)."""
+        codes = codes.reshape(self._rows, self._cols)
+        self.codes.copy_(packing.pack(codes, self.bits))
+        self.scale.copy_(scale.reshape(self.scale.shape).float())
+        if self.zero_point is not None:
+            if zero_point is None:
+                raise ValueError("affine codes need zero points")
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).to(torch.uint8))
+        self._cache.clear()
+
+    def quantize_weight(self, w: torch.Tensor, symmetric: bool = False,
+                        rounding: Q.Rounding | str = Q.Rounding.NEAREST) -> None:
+        """Round-to-nearest codes of ``w`` (rows x K) at this module's bits and groups."""
+        w = w.detach().float().reshape(self._rows, self._cols)
+        Q.check_finite(w, "the weight")
+        if self.binary:
+            signs, scale = Q.binarize(w, axis=0)
+            self.set_codes((signs > 0).to(torch.uint8), scale[:, None].expand_as(self.scale), None)
+            return
+        gran = Q.PerGroup(self.group_size)
+        qp = Q.choose_qparams(w, self.bits, symmetric=symmetric, signed=False, granularity=gran)
+        self.set_codes(Q.quantize(w, qp, rounding), qp.scale, qp.zero_point)
+
+    def int_codes(self) -> torch.Tensor:
+        """Unpacked unsigned codes (rows, K)."""
+        return packing.unpack(self.codes, self.bits, self._cols)
+
+    def dequantized_rows(self) -> torch.Tensor:
+        q = self.int_codes().float()
+        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        if self.binary:
+            return (2 * q - 1) * scale
+        return (q - self.zero_point.float().repeat_interleave(self.group_size, dim=1)) * scale
+
+    def deepsqueeze_param_count(self) -> int:
+        bias = getattr(self, "bias", None)
+        return self._rows * self._cols + (bias.numel() if bias is not None else 0)
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        bias = getattr(self, "bias", None)
+        nz = int((self.dequantized_rows() != 0).sum())
+        return nz + (int((bias != 0).sum()) if bias is not None else 0)
+
+    def ideal_bits(self) -> int:
+        """Bits of codes plus fp32 scales and 8-bit zero points (the physical lower bound of this layout)."""
+        return self.codes.numel() * 8 + self.scale.numel() * 32 + (
+            self.zero_point.numel() * 8 if self.zero_point is not None else 0)
+
+
+class PackedIntLinear(_PackedWeight):
+    """Weight-only Linear: packed 1..8-bit codes, dequantized once into a cached float weight."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = None,
+                 bias: bool = True, binary: bool = False) -> None:
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self._init_codes(out_features, in_features, bits, group_size, binary)
+        self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+
+    @classmethod
+    def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
+                   binary: bool = False) -> PackedIntLinear:
+        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, binary)
+        module.quantize_weight(linear.weight, symmetric)
+        if linear.bias is not None:
+            module.bias.copy_(linear.bias.detach().float())
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self._cached("weight", self.dequantized_rows)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
+                "group_size": self.group_size, "bias": self.bias is not None, "binary": self.binary}
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}{', binary' if self.binary else ''}")
+
+
+class PackedInt4Linear(PackedIntLinear):
+    """:class:`PackedIntLinear` at 4 bits: two codes per byte."""
+
+    def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = None,
+                 bias: bool = True, binary: bool = False) -> None:
+        if bits != 4 or binary:
+            raise ValueError("PackedInt4Linear holds 4-bit codes; use PackedIntLinear for other widths")
+        super().__init__(in_features, out_features, 4, group_size, bias)
+
+
+class PackedIntConv2d(_PackedWeight):
+    """Weight-only Conv2d: each output channel's ``in/groups * kh * kw`` weights are one packed row."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
+                 stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True, bits: int = 4,
+                 group_size: int | None = None, binary: bool = False) -> None:
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
+        self.dilation, self.groups = tuple(dilation), groups
+        self._init_codes(out_channels, in_channels // groups * kernel_size[0] * kernel_size[1], bits, group_size, binary)
+        self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
+
+    @classmethod
+    def from_float(cls, conv: nn.Conv2d, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
+                   binary: bool = False) -> PackedIntConv2d:
+        if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
+            raise UnsupportedLayerError(f"PackedIntConv2d needs numeric zero padding, got {conv.padding!r}")
+        module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
+                     conv.dilation, conv.groups, conv.bias is not None, bits, group_size, binary)  # type: ignore[arg-type]
+        module.quantize_weight(conv.weight, symmetric)
+        if conv.bias is not None:
+            module.bias.copy_(conv.bias.detach().float())
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
+        return self._cached("weight", lambda: self.dequantized_rows().reshape(shape))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, self.stride, self.padding,
+                        self.dilation, self.groups)
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"in_channels": self.in_channels, "out_channels": self.out_channels,
+                "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
+                "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
+                "bits": self.bits, "group_size": self.group_size, "binary": self.binary}
+
+
+# ------------------------------------------------------------------------------------------ embeddings
+
+
+class Int8Embedding(nn.Module):
+    """Embedding table as int8 rows with one float32 scale per row (symmetric): lookups gather int8."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self.register_buffer("weight", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8))
+        self.register_buffer("scale", torch.ones(num_embeddings))
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding) -> Int8Embedding:
+        w = embedding.weight.detach().float()
+        Q.check_finite(w, "the embedding table")
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, embedding.padding_idx)
+        qp = Q.choose_qparams(w, 8, symmetric=True, signed=True, granularity=Q.PerChannel(0))
+        module.weight.copy_(Q.quantize(w, qp))
+        module.scale.copy_(qp.scale)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.weight.float() * self.scale[:, None]
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+
+    def deepsqueeze_param_count(self) -> int:
+        return self.weight.numel()
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        return int((self.weight != 0).sum())
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim,
+                "padding_idx": self.padding_idx}
+
+
+class PackedIntEmbedding(_PackedWeight):
+    """Embedding table of packed 2..8-bit rows with group scales; a lookup unpacks only the rows it needs."""
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4, group_size: int | None = None,
+                 padding_idx: int | None = None) -> None:
+        super().__init__()
+        self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
+        self._init_codes(num_embeddings, embedding_dim, bits, group_size, False)
+
+    @classmethod
+    def from_float(cls, embedding: nn.Embedding, bits: int = 4, group_size: int | None = None,
+                   symmetric: bool = False) -> PackedIntEmbedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits, group_size, embedding.padding_idx)
+        module.quantize_weight(embedding.weight, symmetric)
+        return module
+
+    def dequantized_weight(self) -> torch.Tensor:
+        return self.dequantized_rows()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        q = packing.unpack(self.codes[flat], self.bits, self.embedding_dim).float()
+        scale = self.scale[flat].repeat_interleave(self.group_size, dim=1)
+        zero = self.zero_point[flat].float().repeat_interleave(self.group_size, dim=1)
+        return ((q - zero) * scale).reshape(*ids.shape, self.embedding_dim)
+
+    def replay_params(self) -> dict[str, Any]:
+        return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
+                "group_size": self.group_size, "padding_idx": self.padding_idx}

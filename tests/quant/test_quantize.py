@@ -1,0 +1,144 @@
+"""quantize_ methods, the quantize stage, configs, and artifact round trips."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+import deepsqueeze.artifact as artifact
+from deepsqueeze.core.config import config_from_dict, config_to_dict
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.errors import DataError, RecipeError
+from deepsqueeze.primitives.quantize import sqnr_db
+from deepsqueeze.quant import (
+    Int8Conv2d,
+    Int8DynamicConfig,
+    Int8Linear,
+    Int8StaticConfig,
+    PackedIntLinear,
+    QuantizeConfig,
+    SmoothQuantConfig,
+    WeightOnlyConfig,
+    quantize_,
+)
+from deepsqueeze.quant.stage import quantize_stage
+from deepsqueeze.testing.models import tiny_classification_data, tiny_model_handle
+from deepsqueeze.testing.quant_models import tiny_bn_convnet_handle
+
+CONFIGS = [
+    Int8DynamicConfig(),
+    Int8DynamicConfig(activations="per_tensor"),
+    Int8StaticConfig(),
+    Int8StaticConfig(observer="percentile", percentile=99.9),
+    Int8StaticConfig(observer="mse"),
+    Int8StaticConfig(observer="entropy"),
+    SmoothQuantConfig(alpha=0.6),
+    WeightOnlyConfig(bits=4, group_size=16),
+    WeightOnlyConfig(bits=3, group_size=None, symmetric=True),
+    QuantizeConfig(method="binary"),
+    QuantizeConfig(method="ternary"),
+]
+
+
+def _batches(n: int = 4):
+    data = tiny_classification_data()
+    return [x for x, _ in data.batches("train", 64, limit=64 * n)]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda c: f"{c.method.value}-{c.observer.value}-{c.bits}")
+def test_quantize_then_artifact_round_trip(config, tmp_path):
+    model = tiny_model_handle()
+    x = torch.randn(32, 1, 4, 4)
+    ref = model.module(x)
+    quantize_(model.module, config, _batches())
+    out = model.module(x)
+    floor = {"binary": -5, "ternary": 0, "rtn": 12}.get(config.method.value, 25)
+    assert sqnr_db(ref, out) > floor
+    path = tmp_path / "m.dsq"
+    size = artifact.save(model, path)
+    loaded = artifact.load(path)
+    assert torch.equal(loaded.module(x), out)
+    assert path.stat().st_size == size
+    artifact.save(model, tmp_path / "again.dsq")
+    assert (tmp_path / "again.dsq").read_bytes() == path.read_bytes()
+
+
+def test_static_cnn_folds_batchnorm_fuses_relu_and_round_trips(tmp_path):
+    model = tiny_bn_convnet_handle()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(32, 1, 8, 8, generator=g) for _ in range(4)]
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    ref = model.module(x)
+    done = quantize_(model.module, Int8StaticConfig(), calib)
+    assert done == ["0", "3", "8"]
+    kinds = [type(m).__name__ for m in model.module]
+    assert kinds[:6] == ["Int8Conv2d", "Identity", "Identity", "Int8Conv2d", "Identity", "Identity"]
+    assert model.module[0].relu and model.module[0].bias is not None
+    out = model.module(x)
+    assert sqnr_db(ref, out) > 25
+    artifact.save(model, tmp_path / "cnn.dsq")
+    loaded = artifact.load(tmp_path / "cnn.dsq")
+    assert isinstance(loaded.module[3], Int8Conv2d)
+    assert torch.equal(loaded.module(x), out)
+
+
+def test_artifact_stores_packed_integers(tmp_path):
+    model = tiny_model_handle()
+    fp32 = artifact.save(model, tmp_path / "fp32.dsq")
+    quantize_(model.module, WeightOnlyConfig(bits=4, group_size=16))
+    assert isinstance(model.module.fc1, PackedIntLinear)
+    state = model.module.state_dict()
+    assert state["fc1.codes"].dtype == torch.uint8 and state["fc1.codes"].shape == (32, 8)
+    w4 = artifact.save(model, tmp_path / "w4.dsq")
+    stored = sum(t.numel() * t.element_size() for t in state.values())
+    assert stored < 4 * 1204 / 3  # 1204 fp32 parameters; 4-bit codes + group scales
+    assert w4 < fp32  # (a tiny model's file is mostly manifest: MiniLM's ratio is measured by the benchmarks)
+
+
+def test_include_exclude_and_embeddings():
+    module = nn.Sequential(nn.Embedding(10, 8), nn.Linear(8, 8), nn.Linear(8, 2))
+    quantize_(module, Int8DynamicConfig(exclude=("2",), embeddings=False))
+    assert [type(m).__name__ for m in module] == ["Embedding", "Int8Linear", "Linear"]
+    quantize_(module, Int8DynamicConfig(include=("0",)))
+    assert type(module[0]).__name__ == "Int8Embedding"
+
+
+def test_calibrating_methods_need_data():
+    with pytest.raises(DataError, match="calibrat"):
+        quantize_(tiny_model_handle().module, Int8StaticConfig())
+
+
+def test_stage_uses_context_data_and_reports():
+    model = tiny_model_handle()
+    ctx = StageContext(model=model, data=tiny_classification_data())
+    quantize_stage(model, Int8StaticConfig(calibration_samples=128), ctx)
+    assert isinstance(model.module.fc2, Int8Linear) and model.module.fc2.act == "static"
+    assert ctx.report[-1]["layers"] == 3 and ctx.report[-1]["calibration_batches"] >= 1
+
+
+@pytest.mark.parametrize("config", CONFIGS)
+def test_config_round_trips_through_recipe_form(config):
+    back = config_from_dict(config_to_dict(config))
+    assert config_to_dict(back) == config_to_dict(config)
+
+
+@pytest.mark.parametrize("bad", [
+    {"type": "quantize", "method": "dynamic", "bits": 4},
+    {"type": "quantize", "method": "rtn", "bits": 9},
+    {"type": "quantize", "method": "dynamic", "group_size": 64},
+    {"type": "quantize", "method": "median"},
+    {"type": "quantize", "alpha": 2},
+    {"type": "quantize", "observr": "mse"},
+])
+def test_bad_configs_raise_recipe_errors(bad):
+    with pytest.raises(RecipeError):
+        config_from_dict(bad)
+
+
+def test_rtn_group_that_does_not_divide_is_a_recipe_error():
+    module = nn.Sequential(nn.Linear(10, 4))
+    with pytest.raises(RecipeError, match="group"):
+        quantize_(copy.deepcopy(module), WeightOnlyConfig(group_size=4))
