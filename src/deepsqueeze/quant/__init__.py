@@ -66,3 +66,7 @@ def __getattr__(name: str) -> Any:
     if module is None:
         raise AttributeError(f"module 'deepsqueeze.quant' has no attribute {name!r}")
     return getattr(importlib.import_module(module), name)
+
+# Methods registered by sibling modules of this package (GPTQ, mixed; imported last: they build on api/config).
+from deepsqueeze.quant import gptq as _gptq  # noqa: E402, F401
+from deepsqueeze.quant import mixed as _mixed  # noqa: E402, F401
