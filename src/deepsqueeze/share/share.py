@@ -1,0 +1,273 @@
+"""Weight sharing (Deep Compression, step 2) and entropy coding of the shared tensors (step 3).
+
+``share`` clusters each Linear/Conv weight's non-zero values into at most ``2**bits`` centroids, writes
+the centroid values into the dense weight (so the model stays an ordinary runnable module whose
+weights take few distinct values), and optionally fine-tunes the centroids: during fine-tuning each
+weight is a parametrization ``centroids[index]`` (zero where pruned), so autograd's gather backward
+sums the gradients of every weight sharing a centroid, exactly Han et al.'s update; indices never
+change. It records the ``sparse-codebook`` (or dense ``codebook``) encoding for each shared weight.
+
+``encode`` switches those records to ``sparse-codebook-entropy`` (entropy-coded indices and
+positions). Loading decodes the codebook values bit-exactly, so the loaded model computes exactly
+what the compressed model computed.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import time
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from deepsqueeze.codec.codebook import analyze
+from deepsqueeze.core.config import register_stage
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.encoding import get_encoding
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.record import get_record, record_encoding
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.errors import DataError, RecipeError
+from deepsqueeze.primitives.kmeans import assign, exact_1d, init_centroids, lloyd
+from deepsqueeze.share.config import EncodeConfig, Method, ShareConfig
+
+SHAREABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
+CODEBOOK_ENCODINGS = ("codebook", "sparse-codebook", "sparse-codebook-entropy")
+# Below this fraction of zeros a shared weight is stored densely (an index for every entry).
+SPARSE_MIN_SPARSITY = 0.1
+
+
+def shareable_layers(module: nn.Module, include: list[str] | None = None,
+                     exclude: list[str] | None = None) -> dict[str, nn.Module]:
+    """Linear/Conv layers (by name) whose weights the ``share`` stage clusters."""
+    out = {}
+    for name, sub in module.named_modules():
+        if not name or not isinstance(sub, SHAREABLE_TYPES):
+            continue
+        if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
+            continue
+        if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
+            continue
+        out[name] = sub
+    return out
+
+
+def layer_bits(name: str, layer: nn.Module, config: ShareConfig) -> int:
+    """Codebook bits of one layer: name override, then layer-type bits, then the default."""
+    for pattern, bits in config.overrides.items():
+        if fnmatch.fnmatchcase(name, pattern):
+            return bits
+    if isinstance(layer, (nn.Conv1d, nn.Conv2d)) and config.conv_bits is not None:
+        return config.conv_bits
+    if isinstance(layer, nn.Linear) and config.linear_bits is not None:
+        return config.linear_bits
+    return config.bits
+
+
+def cluster(values: torch.Tensor, k: int, method: Method | str = Method.LLOYD, init: str = "linear",
+            iterations: int = 30, seed: int = 0) -> torch.Tensor:
+    """Sorted float64 centroids (at most ``k``) for the 1-D ``values``."""
+    if Method(method) is Method.EXACT:
+        return exact_1d(values, k)
+    return lloyd(values, init_centroids(values, k, init, seed), iterations)
+
+
+class CodebookWeight(nn.Module):
+    """Parametrization ``weight = centroids[indices]`` (zero where ``mask`` is False) for centroid
+    fine-tuning: the gather's backward adds up the gradients of all weights sharing a centroid."""
+
+    def __init__(self, centroids: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> None:
+        super().__init__()
+        self.centroids = nn.Parameter(centroids.clone())
+        self.register_buffer("indices", indices)
+        self.register_buffer("mask", mask)
+
+    def forward(self, original: torch.Tensor) -> torch.Tensor:
+        shared = self.centroids[self.indices]
+        return torch.where(self.mask, shared, torch.zeros((), dtype=shared.dtype, device=shared.device))
+
+
+def share_weights_(module: nn.Module, config: ShareConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Cluster every shareable weight in place; return per layer ``{bits, k, centroids, indices, mask}``."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, layer in shareable_layers(module, config.include, config.exclude).items():
+        weight = layer.weight
+        bits = layer_bits(name, layer, config)
+        with torch.no_grad():
+            mask = weight != 0
+            values = weight[mask]
+            if values.numel() == 0:
+                continue
+            centroids = cluster(values.cpu(), 1 << bits, config.method, config.init.value, config.iterations,
+                                seed).to(weight.dtype)
+            centroids = torch.unique(centroids)  # centroids that coincide after rounding merge
+            idx = assign(values.cpu(), centroids).to(weight.device)
+            centroids = centroids.to(weight.device)
+            weight[mask] = centroids[idx]
+            full_idx = torch.zeros(weight.shape, dtype=torch.long, device=weight.device)
+            full_idx[mask] = idx
+        out[name] = {"bits": bits, "k": int(centroids.numel()), "centroids": centroids, "indices": full_idx,
+                     "mask": mask.clone()}
+    return out
+
+
+def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
+                       shared: dict[str, dict[str, Any]]) -> float:
+    """Train the centroids (and biases) with indices fixed and pruned weights at zero; then write the
+    trained shared values back into plain dense weights."""
+    if config.epochs <= 0 or not shared:
+        return float("nan")
+    if ctx.data is None:
+        raise DataError(f"the share stage fine-tunes centroids for {config.epochs} epochs and needs training "
+                        "data: pass --data (or set epochs: 0)")
+    module = model.module
+    params: list[nn.Parameter] = []
+    for name, info in shared.items():
+        layer = module.get_submodule(name)
+        parametrize.register_parametrization(
+            layer, "weight", CodebookWeight(info["centroids"], info["indices"], info["mask"]), unsafe=True)
+        params.append(layer.parametrizations.weight[0].centroids)
+        if config.train_biases and getattr(layer, "bias", None) is not None:
+            params.append(layer.bias)
+    fit_args: dict[str, Any] = dict(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer.value,
+                                    schedule=config.lr_schedule.value, seed=ctx.seed, progress=ctx.progress,
+                                    params=params)
+    try:
+        if model.task is Task.CLASSIFIER:
+            if not isinstance(ctx.data, ClassificationData):
+                raise DataError(f"fine-tuning a classifier's centroids needs image data, not {ctx.data.name}")
+            from deepsqueeze.train.loop import train_classifier
+
+            stats = train_classifier(module, ctx.data, batch_size=config.batch_size, device=ctx.device,
+                                     limit=config.limit, **fit_args)
+        else:
+            if not isinstance(ctx.data, TextData) or ctx.reference is None:
+                raise DataError("fine-tuning a sentence encoder's centroids needs sentences and the reference model")
+            from deepsqueeze.train.stage import match_embeddings
+
+            stats = match_embeddings(model, ctx, config.batch_size, config.limit, **fit_args)
+    finally:
+        for name, info in shared.items():
+            layer = module.get_submodule(name)
+            info["centroids"] = layer.parametrizations.weight[0].centroids.detach().clone()
+            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+    return float(stats["loss"])
+
+
+def _accuracy(module: nn.Module, data: Any) -> float | None:
+    """Test-split top-1 accuracy for the stage report (None for non-classification data)."""
+    if not isinstance(data, ClassificationData):
+        return None
+    module.eval()
+    correct = total = 0
+    device = next(module.parameters()).device
+    with torch.no_grad():
+        for x, y in data.batches("test", 1000):
+            correct += int((module(x.to(device)).argmax(-1).cpu() == y).sum())
+            total += len(y)
+    return correct / max(total, 1)
+
+
+def payload_bytes(module: nn.Module) -> int:
+    """Bytes of every state-dict tensor under its recorded encoding (the .dsq file adds its header and
+    manifest to this)."""
+    encodings = get_record(module).encodings
+    total = 0
+    for name, tensor in module.state_dict().items():
+        hint = dict(encodings.get(name, {"encoding": "raw"}))
+        _, segments = get_encoding(hint.pop("encoding")).encode(tensor.detach().cpu(), **hint)
+        total += sum(len(s) for s in segments)
+    return total
+
+
+def measure(model: Model, ctx: StageContext) -> dict[str, Any]:
+    """``bytes`` (tensor payload under the recorded encodings), ``ratio`` against fp32 and ``accuracy``."""
+    size = payload_bytes(model.module)
+    out: dict[str, Any] = {"bytes": size, "ratio": round(4 * model.base_params / max(size, 1), 2)}
+    acc = _accuracy(model.module, ctx.data)
+    if acc is not None:
+        out["accuracy"] = round(acc, 4)
+    return out
+
+
+def _fill_previous_row(model: Model, ctx: StageContext) -> None:
+    """Give the previous stage's report row (e.g. pruning) its bytes, ratio and accuracy if it has none."""
+    if ctx.report and "bytes" not in ctx.report[-1]:
+        ctx.report[-1].update(measure(model, ctx))
+
+
+def _record_codebook_encodings(module: nn.Module, names: list[str]) -> None:
+    for name in names:
+        weight = module.get_submodule(name).weight.detach()
+        sparsity = 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
+        record_encoding(module, f"{name}.weight", "sparse-codebook" if sparsity >= SPARSE_MIN_SPARSITY
+                        else "codebook")
+
+
+@register_stage(ShareConfig)
+def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
+    """Apply a ``share`` stage: cluster, fine-tune centroids, record codebook storage, report."""
+    _fill_previous_row(model, ctx)
+    start = time.perf_counter()
+    shared = share_weights_(model.module, config, ctx.seed)
+    if not shared:
+        raise RecipeError("the share stage found no Linear/Conv weights to cluster: check include/exclude")
+    cluster_s = time.perf_counter() - start
+    loss = finetune_centroids(model, ctx, config, shared)
+    _record_codebook_encodings(model.module, list(shared))
+    ctx.report.append({
+        "stage": "share", "layers": {n: {"bits": i["bits"], "k": i["k"]} for n, i in shared.items()},
+        "cluster_s": round(cluster_s, 3), "train_loss": None if loss != loss else round(loss, 5),
+        **measure(model, ctx),
+    })
+
+
+@register_stage(EncodeConfig)
+def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
+    """Apply an ``encode`` stage: entropy-code every codebook tensor; report each stream against its
+    Shannon bound."""
+    _fill_previous_row(model, ctx)
+    module = model.module
+    record = get_record(module)
+    names = [n for n, e in record.encodings.items() if e.get("encoding") in CODEBOOK_ENCODINGS]
+    if not names:
+        raise RecipeError("the encode stage found no weight-shared tensors: put a share stage before it")
+    start = time.perf_counter()
+    state = module.state_dict()
+    streams = []
+    for name in names:
+        if record.encodings[name]["encoding"] == "codebook":
+            continue  # dense codebooks: entropy coding of a dense index stream is left to a later version
+        params = {}
+        if config.positions.value != "auto":
+            params["positions"] = config.positions.value
+        if config.coder.value != "auto":
+            params["coder"] = config.coder.value
+        record_encoding(module, name, "sparse-codebook-entropy", **params)
+        streams.append(analyze(name, state[name], "sparse-codebook-entropy").as_dict())
+    ctx.report.append({"stage": "encode", "streams": streams, "encode_s": round(time.perf_counter() - start, 3),
+                       **measure(model, ctx)})
+
+
+def as_model(model: Model | nn.Module) -> Model:
+    """Wrap a bare module so the stage handlers can take it (classifier task, no data)."""
+    if isinstance(model, Model):
+        return model
+    return Model(model, {"kind": "module"}, Task.CLASSIFIER, type(model).__name__, count_params(model))
+
+
+def share_(model: Model | nn.Module, config: ShareConfig, ctx: StageContext | None = None) -> Model:
+    """Weight-share ``model`` in place (centroid fine-tuning needs ``ctx.data``); return the handle."""
+    handle = as_model(model)
+    share_stage(handle, config, ctx if ctx is not None else StageContext(handle, progress=False))
+    return handle
+
+
+def encode_(model: Model | nn.Module, config: EncodeConfig | None = None, ctx: StageContext | None = None) -> Model:
+    """Switch a weight-shared model's storage to the entropy-coded forms, in place."""
+    handle = as_model(model)
+    encode_stage(handle, config or EncodeConfig(), ctx if ctx is not None else StageContext(handle, progress=False))
+    return handle
