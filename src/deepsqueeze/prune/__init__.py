@@ -12,7 +12,17 @@ from torch import nn
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model
 from deepsqueeze.prune import schedules
-from deepsqueeze.prune.config import Execution, Pattern, PruneConfig, Schedule, Scope, Storage
+from deepsqueeze.prune.config import (
+    ChannelSchedule,
+    Execution,
+    Pattern,
+    PruneChannelsConfig,
+    PruneConfig,
+    Schedule,
+    Scope,
+    Storage,
+)
+from deepsqueeze.prune.graph import DependencyGraph, Group, analyze
 from deepsqueeze.prune.importance import (
     Criterion,
     bn_scale,
@@ -24,6 +34,8 @@ from deepsqueeze.prune.importance import (
 )
 from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear, to_sparse_execution
 from deepsqueeze.prune.stage import as_model
+from deepsqueeze.prune.structured import ChannelPlan, ChannelPruneResult, group_scores, prune_channels_
+from deepsqueeze.prune.surgery import cut_, register_surgery
 from deepsqueeze.prune.unstructured import (
     MaskSet,
     UnstructuredPlan,
@@ -48,28 +60,39 @@ def prune_(model: Model | nn.Module, config: PruneConfig, ctx: StageContext | No
 
 __all__ = [
     "CSR_BREAK_EVEN_SPARSITY",
+    "ChannelPlan",
+    "ChannelPruneResult",
+    "ChannelSchedule",
     "Criterion",
+    "DependencyGraph",
     "Execution",
+    "Group",
     "MaskSet",
     "Pattern",
+    "PruneChannelsConfig",
     "PruneConfig",
     "Schedule",
     "Scope",
     "SparseCSRLinear",
     "Storage",
     "UnstructuredPlan",
+    "analyze",
     "bn_scale",
     "compute_masks",
+    "cut_",
     "element_criterion",
     "enforce_masks",
+    "group_scores",
     "layer_sparsities",
     "magnitude_l1",
     "magnitude_l2",
     "masks_from_zeros",
     "prunable_weights",
     "prune_",
+    "prune_channels_",
     "prune_weights_",
     "random_scores",
+    "register_surgery",
     "schedules",
     "taylor",
     "to_sparse_execution",

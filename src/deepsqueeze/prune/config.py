@@ -111,3 +111,38 @@ class PruneConfig(_FinetuneFields):
         if self.criterion is Criterion.BN_SCALE:
             raise ValueError("bn_scale scores channels: use it with the prune_channels stage")
         return self
+
+
+class ChannelSchedule(StrEnum):
+    ONE_SHOT = "one_shot"    # cut everything, then fine-tune
+    ITERATIVE = "iterative"  # cut a share, fine-tune, repeat (rounds)
+
+
+class PruneChannelsConfig(_FinetuneFields):
+    """Structured pruning that removes whole channels/neurons (the model becomes physically smaller).
+
+    ``ratio`` of the channels of every prunable dependency group is removed (Conv2d outputs with their
+    BatchNorm and consumers, Linear neurons, residual-coupled channels together); ``include``/``exclude``/
+    ``overrides`` match the names of the layers producing a group.
+    """
+
+    stage_type = "prune_channels"
+
+    ratio: float = Field(0.5, ge=0, lt=1)
+    criterion: Criterion = Criterion.L2
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=list)
+    overrides: dict[str, float] = Field(default_factory=dict)
+    round_to: int = Field(1, ge=1, description="keep a multiple of this many channels per group")
+    min_channels: int = Field(1, ge=1)
+    schedule: ChannelSchedule = ChannelSchedule.ONE_SHOT
+    rounds: int = Field(2, ge=1)
+    taylor_batches: int = Field(8, ge=1)
+
+    @field_validator("overrides")
+    @classmethod
+    def _check_overrides(cls, value: dict[str, float]) -> dict[str, float]:
+        for pattern, ratio in value.items():
+            if not 0.0 <= ratio < 1.0:
+                raise ValueError(f"override {pattern!r}: ratio must be in [0, 1), got {ratio}")
+        return value

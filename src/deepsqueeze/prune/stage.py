@@ -15,12 +15,14 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import record_encoding
 from deepsqueeze.data.datasets import ClassificationData, TextData
-from deepsqueeze.errors import DataError, RecipeError
+from deepsqueeze.errors import DataError, ModelError, RecipeError
 from deepsqueeze.primitives.masks import sparsity_of
 from deepsqueeze.prune import schedules
 from deepsqueeze.prune.config import (
+    ChannelSchedule,
     Execution,
     Pattern,
+    PruneChannelsConfig,
     PruneConfig,
     Schedule,
     Scope,
@@ -29,6 +31,7 @@ from deepsqueeze.prune.config import (
 )
 from deepsqueeze.prune.importance import Criterion, accumulate_gradients, element_criterion
 from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, to_sparse_execution
+from deepsqueeze.prune.structured import ChannelPlan, prune_channels_
 from deepsqueeze.prune.unstructured import MaskSet, UnstructuredPlan, compute_masks, prunable_weights
 
 Hook = Callable[[int, int], None]
@@ -215,3 +218,44 @@ def _finish(model: Model, config: PruneConfig, masks: MaskSet) -> None:
         for name in masks.masks:
             if name in state and sparsity_of(state[name]) >= SPARSE_STORAGE_MIN_SPARSITY:
                 record_encoding(module, name, "sparse")
+
+
+def example_input(model: Model) -> torch.Tensor:
+    """A fixed random batch of one input of ``model`` (structured pruning traces shapes with it)."""
+    if model.input_shape is None:
+        raise ModelError(f"{model.ref} has no known input shape: structured pruning traces the model with an "
+                         "example input (use a zoo/py model with an input shape, or prune_channels_ directly)")
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn((1, *model.input_shape), generator=generator)
+
+
+@register_stage(PruneChannelsConfig)
+def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageContext) -> None:
+    """Remove channels/neurons (one-shot or in rounds), fine-tuning after each cut."""
+    if model.task is not Task.CLASSIFIER:
+        raise RecipeError("prune_channels traces CNN/MLP classifiers; for transformer encoders use the "
+                          "prune_transformer stage (heads and FFN neurons)")
+    start = time.perf_counter()
+    example = example_input(model).to(ctx.device)
+    rounds = config.rounds if config.schedule is ChannelSchedule.ITERATIVE else 1
+    ratio = 1.0 - (1.0 - config.ratio) ** (1.0 / rounds)
+    overrides = {k: 1.0 - (1.0 - v) ** (1.0 / rounds) for k, v in config.overrides.items()}
+    plan = ChannelPlan(ratio, overrides, config.include, list(config.exclude), config.round_to, config.min_channels)
+    params_before = count_params(model.module)
+    criterion_seconds, loss = 0.0, float("nan")
+    for r in range(rounds):
+        t0 = time.perf_counter()
+        grads = None
+        if config.criterion is Criterion.TAYLOR:
+            grads = accumulate_gradients(model.module, loss_closures(model, ctx, config.taylor_batches,
+                                                                     config.batch_size))
+        criterion = config.criterion if config.criterion is not Criterion.RANDOM else element_criterion(
+            Criterion.RANDOM, ctx.seed + r)
+        prune_channels_(model.module, example, plan, criterion, grads)
+        criterion_seconds += time.perf_counter() - t0
+        loss = finetune(model, ctx, config, config.epochs / rounds, description=f"channel pruning round {r + 1}")
+    ctx.report.append({
+        "stage": "prune_channels", "ratio": config.ratio, "rounds": rounds, "params_before": params_before,
+        "params_after": count_params(model.module), "train_loss": None if loss != loss else round(loss, 5),
+        "prune_seconds": round(criterion_seconds, 3), "seconds": round(time.perf_counter() - start, 2),
+    })

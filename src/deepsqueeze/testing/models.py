@@ -53,3 +53,74 @@ def tiny_model_handle() -> Model:
     module = TinyMLP()
     return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.models:TinyMLP"}, Task.CLASSIFIER,
                  "py:deepsqueeze.testing.models:TinyMLP", count_params(module), TINY_SHAPE, TINY_CLASSES)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Architectures for structured pruning tests (never special-cased by deepsqueeze.prune).
+
+
+class ResidualBlock(nn.Module):
+    """conv-bn-relu-conv-bn + identity (or a 1x1 projection when the width changes), then relu."""
+
+    def __init__(self, cin: int, cout: int, stride: int = 1) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(cout)
+        self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(cout)
+        self.shortcut = nn.Identity() if stride == 1 and cin == cout else nn.Sequential(
+            nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = self.bn2(self.conv2(out))
+        return torch.relu(out + self.shortcut(x))
+
+
+class TinyResNet(nn.Module):
+    """A ResNet-style net for (1, 8, 8) inputs: stem, two residual stages, global pooling, classifier."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU())
+        self.layer1 = nn.Sequential(ResidualBlock(16, 16), ResidualBlock(16, 16))
+        self.layer2 = nn.Sequential(ResidualBlock(16, 32, stride=2), ResidualBlock(32, 32))
+        self.pool = nn.AdaptiveAvgPool2d(1)
+        self.fc = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.layer2(self.layer1(self.stem(x)))
+        return self.fc(torch.flatten(self.pool(x), 1))
+
+
+class DepthwiseSeparableCNN(nn.Module):
+    """MobileNet-style: conv stem, depthwise 3x3 + pointwise 1x1 blocks with BatchNorm, concat branch, fc."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(1, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16), nn.ReLU6())
+        self.dw1 = nn.Sequential(nn.Conv2d(16, 16, 3, padding=1, groups=16, bias=False), nn.BatchNorm2d(16),
+                                 nn.ReLU6())
+        self.pw1 = nn.Sequential(nn.Conv2d(16, 32, 1, bias=False), nn.BatchNorm2d(32), nn.ReLU6())
+        self.dw2 = nn.Sequential(nn.Conv2d(32, 32, 3, stride=2, padding=1, groups=32, bias=False),
+                                 nn.BatchNorm2d(32), nn.ReLU6())
+        self.pw2 = nn.Sequential(nn.Conv2d(32, 24, 1, bias=False), nn.BatchNorm2d(24), nn.ReLU6())
+        self.side = nn.Conv2d(32, 8, 1, stride=2)  # concatenated with pw2's output
+        self.fc = nn.Linear(32 * 4 * 4, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.pw1(self.dw1(self.stem(x)))
+        x = torch.cat([self.pw2(self.dw2(x)), self.side(x)], dim=1)
+        return self.fc(x.flatten(1))
+
+
+class PlainMLP(nn.Module):
+    """64 -> 48 -> 32 -> 10 with ReLU (input (1, 8, 8), flattened)."""
+
+    def __init__(self, num_classes: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(64, 48), nn.ReLU(), nn.Linear(48, 32), nn.ReLU())
+        self.head = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
