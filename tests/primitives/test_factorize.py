@@ -124,3 +124,13 @@ def test_parameter_counts():
     assert linear_factored_params(300, 784, 10) == 10 * (300 + 784)
     assert tucker2_params(64, 32, 3, 3, (16, 8)) == 8 * 32 + 16 * 8 * 9 + 64 * 16
     assert cp_params(64, 32, 3, 3, 5) == 5 * (32 + 3 + 3 + 64)
+
+
+def test_hosvd_error_table_matches_the_direct_computation():
+    from deepsqueeze.primitives.factorize import hosvd_error_table
+
+    k = torch.randn(6, 5, 3, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    table = hosvd_error_table(k)
+    assert table.shape == (6, 5)
+    for a, b in ((1, 1), (2, 4), (6, 5), (3, 2)):
+        assert table[a - 1, b - 1].item() == pytest.approx(hosvd_relative_error(k, (a, b)), abs=1e-9)

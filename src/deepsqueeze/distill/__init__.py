@@ -10,7 +10,7 @@ from deepsqueeze.distill.losses import (
     soft_target_loss,
 )
 from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
-from deepsqueeze.distill.text import sentence_batches
+from deepsqueeze.distill.text import augment_sentences, sentence_batches
 
 __all__ = [
     "DistillConfig",
@@ -18,6 +18,7 @@ __all__ = [
     "HintAdapter",
     "alternate_layers",
     "attention_loss",
+    "augment_sentences",
     "distill_",
     "embedding_loss",
     "find_layer_stack",

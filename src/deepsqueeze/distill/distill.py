@@ -45,6 +45,8 @@ class DistillConfig(StageConfig):
     ``hints``: FitNets pairs ``[student_module, teacher_module]`` matched through a learned adapter.
     ``dropout``: keep the student's dropout active while it trains (off by default: the target is a
     fixed teacher, and noise slows short distillation runs down).
+    ``augment``: for sentence encoders, add this many variants of every training sentence (spans, word
+    dropout, joined pairs: ``augment_sentences``); the teacher labels them, so they are free supervision.
     """
 
     stage_type: ClassVar[str] = "distill"
@@ -70,6 +72,7 @@ class DistillConfig(StageConfig):
     attention_weight: float = Field(0.0, ge=0)
     limit: int | None = Field(None, ge=1)
     dropout: bool = False
+    augment: int = Field(0, ge=0)
 
 
 def prepare_student_(model: Model, config: DistillConfig) -> list[int] | None:
@@ -177,12 +180,14 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
 def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any,
                      keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
     from deepsqueeze.data.datasets import TextData
-    from deepsqueeze.distill.text import sentence_batches
+    from deepsqueeze.distill.text import augment_sentences, sentence_batches
     from deepsqueeze.train.loop import fit
 
     if not isinstance(data, TextData):
         raise DataError(f"distilling a sentence encoder needs sentences, not {getattr(data, 'name', data)}")
-    sentences = data.sentences[: config.limit] if config.limit else data.sentences
+    sentences = list(data.sentences[: config.limit] if config.limit else data.sentences)
+    if config.augment:
+        sentences = augment_sentences(sentences, config.augment, seed)
     n_student = len(get_submodule(module, config.layers_path or find_layer_stack(module)))
     n_teacher = len(get_submodule(teacher, config.layers_path or find_layer_stack(teacher)))
     mapping = keep if keep is not None else alternate_layers(n_teacher, n_student)

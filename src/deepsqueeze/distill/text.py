@@ -32,3 +32,28 @@ def sentence_batches(module: nn.Module, sentences: list[str], batch_size: int, s
         return (cached[i] for i in idx)
 
     return batches, len(cached)
+
+
+def augment_sentences(sentences: list[str], copies: int = 3, seed: int = 0) -> list[str]:
+    """``sentences`` plus ``copies`` deterministic variants of each, for distillation only.
+
+    A teacher labels any text, so more (unlabeled) inputs are free supervision: each variant is a
+    random contiguous word span (40-90% of the words), the sentence with 15% of its words dropped, or
+    the sentence joined with another one of the same list. Nothing outside ``sentences`` is used.
+    """
+    rng = random.Random(seed)
+    out = list(sentences)
+    for i, sentence in enumerate(sentences):
+        words = sentence.split()
+        for c in range(copies):
+            kind = (i + c) % 3
+            if kind == 0 and len(words) > 4:
+                n = max(3, int(len(words) * rng.uniform(0.4, 0.9)))
+                start = rng.randrange(0, len(words) - n + 1)
+                out.append(" ".join(words[start : start + n]))
+            elif kind == 1 and len(words) > 4:
+                kept = [w for w in words if rng.random() > 0.15]
+                out.append(" ".join(kept or words))
+            else:
+                out.append(sentence + " " + sentences[rng.randrange(len(sentences))])
+    return out

@@ -30,7 +30,7 @@ from deepsqueeze.lowrank.modules import CPConv2d, LowRankLinear, Tucker2Conv2d, 
 from deepsqueeze.primitives.factorize import (
     cp_params,
     energy_rank,
-    hosvd_relative_error,
+    hosvd_error_table,
     linear_factored_params,
     singular_values,
     svd_relative_errors,
@@ -190,14 +190,14 @@ def _conv_layer(name: str, module: nn.Conv2d, config: LowRankConfig, sizes: tupl
     dense = out_c * in_c * kh * kw
     cands: list[_Candidate] = []
     if config.conv is ConvMethod.TUCKER2:
-        need_err = config.rule is not RankRule.FIXED
+        table = hosvd_error_table(module.weight.data) if config.rule is not RankRule.FIXED else None
         for r_out in range(config.min_rank, out_c + 1):
             r_in = max(config.min_rank, min(in_c, math.ceil(r_out * in_c / out_c)))
             params = tucker2_params(out_c, in_c, kh, kw, (r_out, r_in))
             if params >= dense:
                 break
             macs = r_in * in_c * hw_in + (r_out * r_in * kh * kw + out_c * r_out) * hw_out
-            err2 = hosvd_relative_error(module.weight.data, (r_out, r_in)) ** 2 if need_err else 0.0
+            err2 = float(table[r_out - 1, r_in - 1]) ** 2 if table is not None else 0.0
             cands.append(_Candidate((r_out, r_in), params, macs, err2))
         kind = "tucker2"
     else:

@@ -91,6 +91,23 @@ def hosvd_relative_error(kernel: torch.Tensor, ranks: tuple[int, int]) -> float:
     return float((k - approx).norm()) / norm if norm else 0.0
 
 
+def hosvd_error_table(kernel: torch.Tensor) -> torch.Tensor:
+    """``table[a-1, b-1]`` = relative error of the truncated HOSVD at ranks ``(a, b)``, for every pair at once.
+
+    With orthonormal ``U_out``/``U_in`` from the mode unfoldings, the kept energy at ``(a, b)`` is the
+    squared norm of the leading ``a x b`` block of ``G = U_out^T K U_in``: one SVD per mode, then cumsums.
+    """
+    k = kernel.detach().to(torch.float64)
+    u_out = torch.linalg.svd(k.flatten(1), full_matrices=False)[0]
+    u_in = torch.linalg.svd(k.transpose(0, 1).flatten(1), full_matrices=False)[0]
+    g2 = torch.einsum("pa,pqhw,qb->abhw", u_out, k, u_in).pow(2).sum((2, 3))
+    kept = g2.cumsum(0).cumsum(1)
+    total = float(k.pow(2).sum())
+    if total == 0.0:
+        return torch.zeros_like(kept)
+    return ((total - kept).clamp(min=0) / total).sqrt()
+
+
 def cp_factors(kernel: torch.Tensor, rank: int, n_iter: int = 200
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """CP (PARAFAC) of a conv kernel into ``rank`` rank-one terms (ALS, SVD-initialised).
