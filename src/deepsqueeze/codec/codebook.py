@@ -3,11 +3,13 @@
 A weight-shared tensor is stored as its distinct values (the codebook, in the tensor's own dtype, so
 decoding is bit-exact) plus one index per entry. Three forms, registered as .dsq encodings:
 
-- ``codebook``: every entry gets an index (zero included when present), packed at a fixed width.
+- ``codebook``: every entry gets an index (zero included when present), packed at a fixed width;
+  ``codebook-entropy``: the same indices entropy-coded (for dense tensors such as shared biases).
 - ``sparse-codebook``: Deep Compression's stored form before Huffman: positions of the non-zero
   entries as fixed-width relative gaps with filler entries, indices of the non-zeros at a fixed width.
-- ``sparse-codebook-entropy``: positions coded by the smallest of the entropy-coded gap forms and the
-  adaptive bitmap (``codec.sparse_index``), indices entropy-coded (Huffman or ANS, whichever is smaller).
+- ``sparse-codebook-entropy``: positions coded by the smallest of the entropy-coded gap forms, the
+  adaptive bitmap (``codec.sparse_index``) and the fixed gaps; indices entropy-coded (Huffman or ANS,
+  whichever is smaller, or fixed width when the code tables would cost more than they save).
 
 Segments: ``[codebook, positions, indices]`` (``codebook`` has no positions segment). The manifest meta
 records the codebook size and which position scheme and index coder won. ``analyze`` reports every
@@ -79,15 +81,22 @@ def _encode(tensor: torch.Tensor, *, sparse: bool, positions: str, coder: str,
             pos = _encode_positions_fixed(mask, gap_width)
         else:
             pos = encode_positions(mask, _shape2d(tuple(tensor.shape)), scheme=positions)
+            if positions == PositionScheme.AUTO.value:  # the paper's fixed form can win on tiny tensors
+                pos = min(pos, _encode_positions_fixed(mask, None), key=len)
         meta["pos"] = scheme_name(pos)
         segments.append(pos)
+    fixed = pack_fixed(indices, _width(k))
     if coder == FIXED:
-        segments.append(pack_fixed(indices, _width(k)))
+        segments.append(fixed)
         meta["idx"] = FIXED
     else:
         stream, stats = encode_stream(indices, max(k, 1), coder)
-        segments.append(stream)
-        meta["idx"] = stats.coder
+        if coder == Coder.AUTO.value and len(fixed) < len(stream):  # code tables cost more than they save
+            segments.append(fixed)
+            meta["idx"] = FIXED
+        else:
+            segments.append(stream)
+            meta["idx"] = stats.coder
     return meta, segments
 
 
@@ -137,6 +146,7 @@ def _register(name: str, *, sparse: bool, positions: str, coder: str) -> None:
 
 
 _register("codebook", sparse=False, positions="", coder=FIXED)
+_register("codebook-entropy", sparse=False, positions="", coder=Coder.AUTO.value)
 _register("sparse-codebook", sparse=True, positions=PositionScheme.GAPS_FIXED.value, coder=FIXED)
 _register("sparse-codebook-entropy", sparse=True, positions=PositionScheme.AUTO.value, coder=Coder.AUTO.value)
 
@@ -171,7 +181,8 @@ class TensorCodingStats:
                 "total_bytes": self.total_bytes}
 
 
-def analyze(name: str, tensor: torch.Tensor, encoding: str = "sparse-codebook-entropy") -> TensorCodingStats:
+def analyze(name: str, tensor: torch.Tensor, encoding: str = "sparse-codebook-entropy",
+            **params: Any) -> TensorCodingStats:
     """Encode ``tensor`` with ``encoding`` and report each stream (what the .dsq will hold for it).
 
     The gap bound is the order-0 Shannon bound of the 4-bit-filler gap stream (the paper's form), a
@@ -180,8 +191,8 @@ def analyze(name: str, tensor: torch.Tensor, encoding: str = "sparse-codebook-en
     from deepsqueeze.codec.sparse_index import gap_symbols
     from deepsqueeze.core.encoding import get_encoding
 
-    meta, segments = get_encoding(encoding).encode(tensor.detach().cpu())
-    sparse = encoding != "codebook"
+    meta, segments = get_encoding(encoding).encode(tensor.detach().cpu(), **params)
+    sparse = encoding.startswith("sparse-")
     _, mask, indices = split_codebook(tensor, sparse)
     k = int(meta["k"])
     if meta["idx"] == FIXED:

@@ -42,6 +42,7 @@ class ShareConfig(StageConfig):
     conv_bits: int | None = Field(None, ge=1, le=16)
     linear_bits: int | None = Field(None, ge=1, le=16)
     overrides: dict[str, int] = Field(default_factory=dict)
+    bias_bits: int | None = Field(None, ge=1, le=16, description="also share biases (dense codebook); None: raw")
     init: Init = Init.LINEAR
     method: Method = Method.LLOYD
     iterations: int = Field(30, ge=1, description="Lloyd iterations at most")

@@ -35,7 +35,7 @@ from deepsqueeze.primitives.kmeans import assign, exact_1d, init_centroids, lloy
 from deepsqueeze.share.config import EncodeConfig, Method, ShareConfig
 
 SHAREABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
-CODEBOOK_ENCODINGS = ("codebook", "sparse-codebook", "sparse-codebook-entropy")
+CODEBOOK_ENCODINGS = ("codebook", "codebook-entropy", "sparse-codebook", "sparse-codebook-entropy")
 # Below this fraction of zeros a shared weight is stored densely (an index for every entry).
 SPARSE_MIN_SPARSITY = 0.1
 
@@ -90,34 +90,45 @@ class CodebookWeight(nn.Module):
         return torch.where(self.mask, shared, torch.zeros((), dtype=shared.dtype, device=shared.device))
 
 
-def share_weights_(module: nn.Module, config: ShareConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
-    """Cluster every shareable weight in place; return per layer ``{bits, k, centroids, indices, mask}``."""
-    out: dict[str, dict[str, Any]] = {}
+def _shared_tensors(module: nn.Module, config: ShareConfig) -> list[tuple[str, nn.Module, str, int]]:
+    """``(layer name, layer, "weight" | "bias", bits)`` for every tensor the stage clusters."""
+    out = []
     for name, layer in shareable_layers(module, config.include, config.exclude).items():
-        weight = layer.weight
-        bits = layer_bits(name, layer, config)
+        out.append((name, layer, "weight", layer_bits(name, layer, config)))
+        if config.bias_bits is not None and getattr(layer, "bias", None) is not None:
+            out.append((name, layer, "bias", config.bias_bits))
+    return out
+
+
+def share_weights_(module: nn.Module, config: ShareConfig, seed: int = 0) -> dict[str, dict[str, Any]]:
+    """Cluster every shareable tensor in place; return per tensor name (``"fc1.weight"``)
+    ``{bits, k, centroids, indices, mask}``. Weights cluster their non-zeros (pruned weights stay
+    zero); biases (with ``bias_bits``) cluster all their entries."""
+    out: dict[str, dict[str, Any]] = {}
+    for name, layer, attr, bits in _shared_tensors(module, config):
+        tensor = getattr(layer, attr)
         with torch.no_grad():
-            mask = weight != 0
-            values = weight[mask]
+            mask = tensor != 0 if attr == "weight" else torch.ones_like(tensor, dtype=torch.bool)
+            values = tensor[mask]
             if values.numel() == 0:
                 continue
             centroids = cluster(values.cpu(), 1 << bits, config.method, config.init.value, config.iterations,
-                                seed).to(weight.dtype)
+                                seed).to(tensor.dtype)
             centroids = torch.unique(centroids)  # centroids that coincide after rounding merge
-            idx = assign(values.cpu(), centroids).to(weight.device)
-            centroids = centroids.to(weight.device)
-            weight[mask] = centroids[idx]
-            full_idx = torch.zeros(weight.shape, dtype=torch.long, device=weight.device)
+            idx = assign(values.cpu(), centroids).to(tensor.device)
+            centroids = centroids.to(tensor.device)
+            tensor[mask] = centroids[idx]
+            full_idx = torch.zeros(tensor.shape, dtype=torch.long, device=tensor.device)
             full_idx[mask] = idx
-        out[name] = {"bits": bits, "k": int(centroids.numel()), "centroids": centroids, "indices": full_idx,
-                     "mask": mask.clone()}
+        out[f"{name}.{attr}"] = {"bits": bits, "k": int(centroids.numel()), "centroids": centroids,
+                                 "indices": full_idx, "mask": mask.clone()}
     return out
 
 
 def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
                        shared: dict[str, dict[str, Any]]) -> float:
-    """Train the centroids (and biases) with indices fixed and pruned weights at zero; then write the
-    trained shared values back into plain dense weights."""
+    """Train the centroids (and unshared biases) with indices fixed and pruned weights at zero; then
+    write the trained shared values back into plain dense tensors."""
     if config.epochs <= 0 or not shared:
         return float("nan")
     if ctx.data is None:
@@ -125,13 +136,17 @@ def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
                         "data: pass --data (or set epochs: 0)")
     module = model.module
     params: list[nn.Parameter] = []
-    for name, info in shared.items():
+    for key, info in shared.items():
+        name, attr = key.rsplit(".", 1)
         layer = module.get_submodule(name)
         parametrize.register_parametrization(
-            layer, "weight", CodebookWeight(info["centroids"], info["indices"], info["mask"]), unsafe=True)
-        params.append(layer.parametrizations.weight[0].centroids)
-        if config.train_biases and getattr(layer, "bias", None) is not None:
-            params.append(layer.bias)
+            layer, attr, CodebookWeight(info["centroids"], info["indices"], info["mask"]), unsafe=True)
+        params.append(getattr(layer.parametrizations, attr)[0].centroids)
+    if config.train_biases:
+        for name in {key.rsplit(".", 1)[0] for key in shared}:
+            layer = module.get_submodule(name)
+            if f"{name}.bias" not in shared and getattr(layer, "bias", None) is not None:
+                params.append(layer.bias)
     fit_args: dict[str, Any] = dict(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer.value,
                                     schedule=config.lr_schedule.value, seed=ctx.seed, progress=ctx.progress,
                                     params=params)
@@ -150,10 +165,11 @@ def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
 
             stats = match_embeddings(model, ctx, config.batch_size, config.limit, **fit_args)
     finally:
-        for name, info in shared.items():
+        for key, info in shared.items():
+            name, attr = key.rsplit(".", 1)
             layer = module.get_submodule(name)
-            info["centroids"] = layer.parametrizations.weight[0].centroids.detach().clone()
-            parametrize.remove_parametrizations(layer, "weight", leave_parametrized=True)
+            info["centroids"] = getattr(layer.parametrizations, attr)[0].centroids.detach().clone()
+            parametrize.remove_parametrizations(layer, attr, leave_parametrized=True)
     return float(stats["loss"])
 
 
@@ -200,11 +216,12 @@ def _fill_previous_row(model: Model, ctx: StageContext) -> None:
 
 
 def _record_codebook_encodings(module: nn.Module, names: list[str]) -> None:
+    state = module.state_dict()
     for name in names:
-        weight = module.get_submodule(name).weight.detach()
-        sparsity = 1.0 - int(torch.count_nonzero(weight)) / max(weight.numel(), 1)
-        record_encoding(module, f"{name}.weight", "sparse-codebook" if sparsity >= SPARSE_MIN_SPARSITY
-                        else "codebook")
+        tensor = state[name]
+        sparsity = 1.0 - int(torch.count_nonzero(tensor)) / max(tensor.numel(), 1)
+        sparse = name.endswith(".weight") and sparsity >= SPARSE_MIN_SPARSITY
+        record_encoding(module, name, "sparse-codebook" if sparse else "codebook")
 
 
 @register_stage(ShareConfig)
@@ -219,7 +236,7 @@ def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
     loss = finetune_centroids(model, ctx, config, shared)
     _record_codebook_encodings(model.module, list(shared))
     ctx.report.append({
-        "stage": "share", "layers": {n: {"bits": i["bits"], "k": i["k"]} for n, i in shared.items()},
+        "stage": "share", "tensors": {n: {"bits": i["bits"], "k": i["k"]} for n, i in shared.items()},
         "cluster_s": round(cluster_s, 3), "train_loss": None if loss != loss else round(loss, 5),
         **measure(model, ctx),
     })
@@ -239,15 +256,15 @@ def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
     state = module.state_dict()
     streams = []
     for name in names:
-        if record.encodings[name]["encoding"] == "codebook":
-            continue  # dense codebooks: entropy coding of a dense index stream is left to a later version
+        sparse = record.encodings[name]["encoding"] != "codebook"
         params = {}
-        if config.positions.value != "auto":
+        if sparse and config.positions.value != "auto":
             params["positions"] = config.positions.value
         if config.coder.value != "auto":
             params["coder"] = config.coder.value
-        record_encoding(module, name, "sparse-codebook-entropy", **params)
-        streams.append(analyze(name, state[name], "sparse-codebook-entropy").as_dict())
+        encoding = "sparse-codebook-entropy" if sparse else "codebook-entropy"
+        record_encoding(module, name, encoding, **params)
+        streams.append(analyze(name, state[name], encoding, **params).as_dict())
     ctx.report.append({"stage": "encode", "streams": streams, "encode_s": round(time.perf_counter() - start, 3),
                        **measure(model, ctx)})
 
