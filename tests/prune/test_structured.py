@@ -8,7 +8,7 @@ from deepsqueeze.artifact import load, save
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.errors import RecipeError, UnsupportedLayerError
+from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.eval import accuracy
 from deepsqueeze.prune import ChannelPlan, PruneChannelsConfig, analyze, prune_, prune_channels_
 from deepsqueeze.testing.models import DepthwiseSeparableCNN, PlainMLP, TinyResNet
@@ -146,8 +146,11 @@ def test_bn_scale_keeps_the_channels_with_the_largest_gamma():
             bn.weight.copy_(torch.arange(16, dtype=torch.float32))
     result = prune_channels_(model, X, ChannelPlan(0.5, include=["layer1.0.conv1"]), criterion="bn_scale")
     assert list(result.kept.values()) == [list(range(8, 16))]
-    with pytest.raises(RecipeError, match="needs a BatchNorm"):
-        prune_channels_(PlainMLP().eval(), X, ChannelPlan(0.5), criterion="bn_scale")
+    # neurons without a BatchNorm fall back to L2 magnitude
+    a, b = PlainMLP().eval(), None
+    b = copy.deepcopy(a)
+    kept_bn = prune_channels_(a, X, ChannelPlan(0.5), criterion="bn_scale").kept
+    assert kept_bn == prune_channels_(b, X, ChannelPlan(0.5), criterion="l2").kept
 
 
 def test_stage_round_trips_through_the_artifact(tmp_path, digits):

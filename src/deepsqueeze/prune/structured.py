@@ -69,22 +69,21 @@ def _segment_slices(layout: Layout, gid: int) -> list[tuple[int, int, int]]:
 def group_scores(graph: DependencyGraph, group: Group, criterion: ElementCriterion | Criterion,
                  grads: Mapping[str, torch.Tensor] | None = None) -> torch.Tensor:
     """One score per channel of ``group``: element scores summed over every coupled weight slice
-    (producers' output rows, consumers' input columns, depthwise filters), or |γ| of its BatchNorms."""
+    (producers' output rows, consumers' input columns, depthwise filters, BatchNorm scales), or only |γ|
+    of its BatchNorms for ``bn_scale`` (channels without a BatchNorm then fall back to L2 magnitude)."""
     grads = grads or {}
     total = torch.zeros(group.channels)
     if isinstance(criterion, str):
         criterion = Criterion(criterion)
+    norms = [(role.module, offset, n) for role in graph.layers.values()
+             if isinstance(role.module, nn.modules.batchnorm._BatchNorm) and role.module.affine
+             for offset, n, _ in _segment_slices(role.in_layout, group.id)]
     if criterion is Criterion.BN_SCALE:
-        found = False
-        for role in graph.layers.values():
-            if isinstance(role.module, nn.modules.batchnorm._BatchNorm) and role.module.affine:
-                for offset, n, _ in _segment_slices(role.in_layout, group.id):
-                    total += bn_scale(role.module.weight[offset:offset + n]).cpu().float()
-                    found = True
-        if not found:
-            raise RecipeError(f"criterion bn_scale needs a BatchNorm after {group.producers}: use l1/l2 there, "
-                              "or exclude those layers")
-        return total
+        if norms:  # channels without a BatchNorm (e.g. fc neurons) fall back to L2 magnitude below
+            for bn, offset, n in norms:
+                total += bn_scale(bn.weight[offset:offset + n]).cpu().float()
+            return total
+        criterion = Criterion.L2
     score_fn = element_criterion(criterion) if isinstance(criterion, Criterion) else criterion
     for name, role in graph.layers.items():
         module = role.module
@@ -99,7 +98,14 @@ def group_scores(graph: DependencyGraph, group: Group, criterion: ElementCriteri
         for offset, n, repeat in _segment_slices(role.in_layout, group.id):
             cols = channel_scores(scores, 1)[offset:offset + n * repeat]
             total += cols.reshape(n, repeat).sum(1)
+    for bn, offset, n in norms:  # the BatchNorm scale is part of the channel's weights (as Torch-Pruning counts it)
+        gamma = bn.weight[offset:offset + n]
+        total += score_fn(gamma, grads.get(_param_name(graph, bn) + ".weight")).float().cpu()
     return total
+
+
+def _param_name(graph: DependencyGraph, module: nn.Module) -> str:
+    return next((name for name, role in graph.layers.items() if role.module is module), "")
 
 
 def _check_requested(graph: DependencyGraph, plan: ChannelPlan) -> None:
