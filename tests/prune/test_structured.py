@@ -171,3 +171,19 @@ def test_stage_round_trips_through_the_artifact(tmp_path, digits):
     for (k, a), (k2, b) in zip(model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     assert accuracy(loaded.module, digits) == reported
+
+
+def test_compress_with_the_shipped_recipe_loads_as_the_smaller_model(tmp_path, digits):
+    from pathlib import Path
+
+    from deepsqueeze.recipes import compress, load_recipe
+    from deepsqueeze.recipes.schema import Recipe
+
+    shipped = load_recipe(Path(__file__).parents[2] / "recipes" / "prune-structured.yaml")
+    stage = shipped.stages[0].model_copy(update={"limit": 256})
+    recipe = Recipe(stages=(stage,))
+    result = compress("zoo:lenet5@digits", recipe, tmp_path / "v.dsq", "digits", progress=False)
+    loaded = load(tmp_path / "v.dsq")
+    assert loaded.module[0].out_channels == 10 and loaded.module[2].out_channels == 25
+    assert loaded.module[5].out_features == 250 and loaded.module[7].in_features == 250
+    assert accuracy(loaded.module, digits) == result.metrics["accuracy"]
