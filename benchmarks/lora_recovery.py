@@ -16,7 +16,7 @@ NAME = "lora-recovery"
 TITLE = "LoRA recovery after 3-bit weight quantization of MiniLM"
 SETUP = (
     "all-MiniLM-L6-v2; every Linear layer of the encoder quantized by `quantize_` (method rtn, 3 bits, "
-    "asymmetric, group 64, packed codes; embeddings stay fp32). `add_lora_` wraps the 36 packed layers with rank-8 "
+    "asymmetric, group 64, packed codes; embeddings stay fp32). `add_lora_` wraps the 37 packed layers (pooler included) with rank-8 "
     "adapters (alpha 16), trained on `pydoc-sentences:calib` against the fp32 model's embeddings (cosine loss, "
     "AdamW lr 1e-3, one-cycle, batch 32, epochs listed) with the packed weights frozen. Export keeps each adapter "
     "as a recorded fp32 side branch (`merge_lora_`); the `merged, re-quantized` row folds the adapters into "

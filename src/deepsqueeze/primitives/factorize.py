@@ -56,23 +56,33 @@ def svd_relative_errors(weight: torch.Tensor) -> torch.Tensor:
     return (tail / total).sqrt()
 
 
-def tucker2_factors(kernel: torch.Tensor, ranks: tuple[int, int], n_iter: int = 50
+def tucker2_factors(kernel: torch.Tensor, ranks: tuple[int, int], n_iter: int = 50, tol: float = 1e-10
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Tucker-2 of a conv kernel over its output and input channel modes (HOOI, SVD-initialised).
+    """Tucker-2 of a conv kernel over its output and input channel modes (HOOI, HOSVD-initialised).
 
     Returns ``(first (r_in, I), core (r_out, r_in, kh, kw), last (O, r_out))`` with
-    ``K[o, i] ~= sum_{a, b} last[o, a] core[a, b] first[b, i]``.
+    ``K[o, i] ~= sum_{a, b} last[o, a] core[a, b] first[b, i]``. Alternating SVDs in float64 torch:
+    the same fixed point as TensorLy's ``partial_tucker`` (tested), hundreds of times faster on CPU.
     """
     if kernel.dim() != 4:
         raise ValueError(f"tucker2_factors takes a 4-D conv kernel, got shape {tuple(kernel.shape)}")
     out_ch, in_ch = kernel.shape[:2]
     r_out, r_in = _check_rank(ranks[0], out_ch), _check_rank(ranks[1], in_ch)
-    from tensorly.decomposition import partial_tucker
-
-    array = kernel.detach().to(torch.float64).cpu().numpy()
-    (core, (u_out, u_in)), _ = partial_tucker(array, rank=[r_out, r_in], modes=[0, 1], n_iter_max=n_iter,
-                                              init="svd", tol=1e-8)
-    core, u_out, u_in = (torch.from_numpy(np.ascontiguousarray(a)) for a in (core, u_out, u_in))
+    k = kernel.detach().to(torch.float64).cpu()
+    u_out = torch.linalg.svd(k.flatten(1), full_matrices=False)[0][:, :r_out]
+    u_in = torch.linalg.svd(k.transpose(0, 1).flatten(1), full_matrices=False)[0][:, :r_in]
+    norm2 = float(k.pow(2).sum()) or 1.0
+    previous = -1.0
+    for _ in range(n_iter):
+        y = torch.einsum("oihw,ib->obhw", k, u_in)
+        u_out = torch.linalg.svd(y.flatten(1), full_matrices=False)[0][:, :r_out]
+        y = torch.einsum("oihw,oa->iahw", k, u_out)
+        u_in = torch.linalg.svd(y.flatten(1), full_matrices=False)[0][:, :r_in]
+        kept = float(torch.einsum("oihw,oa,ib->abhw", k, u_out, u_in).pow(2).sum()) / norm2
+        if abs(kept - previous) < tol:
+            break
+        previous = kept
+    core = torch.einsum("oihw,oa,ib->abhw", k, u_out, u_in)
     return u_in.T.contiguous().to(kernel.dtype), core.to(kernel.dtype), u_out.contiguous().to(kernel.dtype)
 
 
