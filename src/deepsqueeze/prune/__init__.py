@@ -18,6 +18,7 @@ from deepsqueeze.prune.config import (
     Pattern,
     PruneChannelsConfig,
     PruneConfig,
+    PruneTransformerConfig,
     Schedule,
     Scope,
     Storage,
@@ -36,6 +37,13 @@ from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear, t
 from deepsqueeze.prune.stage import as_model
 from deepsqueeze.prune.structured import ChannelPlan, ChannelPruneResult, group_scores, prune_channels_
 from deepsqueeze.prune.surgery import cut_, register_surgery
+from deepsqueeze.prune.transformer import (
+    TransformerBlock,
+    drop_layers_,
+    find_blocks,
+    prune_ffn_,
+    prune_heads_,
+)
 from deepsqueeze.prune.unstructured import (
     MaskSet,
     UnstructuredPlan,
@@ -71,17 +79,21 @@ __all__ = [
     "Pattern",
     "PruneChannelsConfig",
     "PruneConfig",
+    "PruneTransformerConfig",
     "Schedule",
     "Scope",
     "SparseCSRLinear",
     "Storage",
+    "TransformerBlock",
     "UnstructuredPlan",
     "analyze",
     "bn_scale",
     "compute_masks",
     "cut_",
+    "drop_layers_",
     "element_criterion",
     "enforce_masks",
+    "find_blocks",
     "group_scores",
     "layer_sparsities",
     "magnitude_l1",
@@ -90,6 +102,8 @@ __all__ = [
     "prunable_weights",
     "prune_",
     "prune_channels_",
+    "prune_ffn_",
+    "prune_heads_",
     "prune_weights_",
     "random_scores",
     "register_surgery",

@@ -146,3 +146,22 @@ class PruneChannelsConfig(_FinetuneFields):
             if not 0.0 <= ratio < 1.0:
                 raise ValueError(f"override {pattern!r}: ratio must be in [0, 1), got {ratio}")
         return value
+
+
+class PruneTransformerConfig(_FinetuneFields):
+    """Structured pruning of BERT-style blocks: ``heads`` attention heads and ``ffn_ratio`` of the FFN neurons
+    removed from every block matching ``include``, and whole blocks in ``drop_layers`` removed."""
+
+    stage_type = "prune_transformer"
+
+    heads: int = Field(0, ge=0, description="attention heads removed from every block")
+    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of FFN neurons removed from every block")
+    drop_layers: list[str] = Field(default_factory=list, description="blocks removed, e.g. encoder.layer.5")
+    criterion: Criterion = Criterion.L2
+    include: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _check_criterion(self) -> PruneTransformerConfig:
+        if self.criterion not in (Criterion.L1, Criterion.L2):
+            raise ValueError("prune_transformer scores heads and neurons by weight magnitude: use l1 or l2")
+        return self

@@ -15,7 +15,7 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import record_encoding
 from deepsqueeze.data.datasets import ClassificationData, TextData
-from deepsqueeze.errors import DataError, ModelError, RecipeError
+from deepsqueeze.errors import DataError, ModelError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives.masks import sparsity_of
 from deepsqueeze.prune import schedules
 from deepsqueeze.prune.config import (
@@ -24,6 +24,7 @@ from deepsqueeze.prune.config import (
     Pattern,
     PruneChannelsConfig,
     PruneConfig,
+    PruneTransformerConfig,
     Schedule,
     Scope,
     Storage,
@@ -258,4 +259,38 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
         "stage": "prune_channels", "ratio": config.ratio, "rounds": rounds, "params_before": params_before,
         "params_after": count_params(model.module), "train_loss": None if loss != loss else round(loss, 5),
         "prune_seconds": round(criterion_seconds, 3), "seconds": round(time.perf_counter() - start, 2),
+    })
+
+
+@register_stage(PruneTransformerConfig)
+def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: StageContext) -> None:
+    """Remove heads / FFN neurons / whole blocks of a BERT-style encoder, then fine-tune (embedding matching)."""
+    import fnmatch
+
+    from deepsqueeze.prune.transformer import drop_layers_, find_blocks, prune_ffn_, prune_heads_
+
+    start = time.perf_counter()
+    root = model.module
+    params_before = count_params(root)
+    if config.drop_layers:
+        drop_layers_(root, list(config.drop_layers))
+    blocks = [b for b in find_blocks(root)
+              if config.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in config.include)]
+    if not blocks and (config.heads or config.ffn_ratio):
+        raise UnsupportedLayerError(f"{model.ref} has no BERT-style blocks (attention.self.query/key/value, "
+                                    "intermediate.dense, output.dense) matching the include patterns")
+    criterion = element_criterion(config.criterion)
+    heads: dict[str, int] = {}
+    for block in blocks:
+        if config.heads:
+            heads[block.layer] = len(prune_heads_(root, block, config.heads, criterion))
+        if config.ffn_ratio:
+            prune_ffn_(root, block, config.ffn_ratio, criterion)
+    prune_s = time.perf_counter() - start
+    loss = finetune(model, ctx, config, config.epochs, description="transformer pruning")
+    ctx.report.append({
+        "stage": "prune_transformer", "blocks": len(blocks), "heads_kept": heads, "ffn_ratio": config.ffn_ratio,
+        "dropped": list(config.drop_layers), "params_before": params_before, "params_after": count_params(root),
+        "train_loss": None if loss != loss else round(loss, 5), "prune_seconds": round(prune_s, 3),
+        "seconds": round(time.perf_counter() - start, 2),
     })
