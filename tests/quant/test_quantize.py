@@ -34,7 +34,6 @@ CONFIGS = [
     Int8StaticConfig(),
     Int8StaticConfig(observer="percentile", percentile=99.9),
     Int8StaticConfig(observer="mse"),
-    Int8StaticConfig(observer="entropy"),
     SmoothQuantConfig(alpha=0.6),
     WeightOnlyConfig(bits=4, group_size=16),
     WeightOnlyConfig(bits=3, group_size=None, symmetric=True),
