@@ -98,7 +98,9 @@ def test_pipeline_fine_tunes_centroids_and_round_trips_exactly(tmp_path: Path) -
     for row in rows.values():
         assert {"bytes", "ratio", "accuracy"} <= set(row)
     assert rows["encode"]["bytes"] <= rows["share"]["bytes"] < rows["prune"]["bytes"]
-    assert {s["tensor"] for s in rows["encode"]["streams"]} >= {"fc1.weight", "fc1.bias"}
+    assert all(not isinstance(v, (dict, list)) for row in rows.values() if row["stage"] != "prune" for v in row.values())
+    assert {s["tensor"] for s in ctx.extras["encode_streams"]} >= {"fc1.weight", "fc1.bias"}
+    assert rows["encode"]["index_bytes"] >= 0.99 * rows["encode"]["index_shannon_bytes"]
     size = save(model, tmp_path / "dc.dsq")
     manifest = read_manifest(tmp_path / "dc.dsq")[0]
     kinds = {t["name"]: t["encoding"] for t in manifest["tensors"]}

@@ -224,6 +224,11 @@ def _record_codebook_encodings(module: nn.Module, names: list[str]) -> None:
         record_encoding(module, name, "sparse-codebook" if sparse else "codebook")
 
 
+def _bits_range(bits: list[int]) -> str:
+    lo, hi = min(bits), max(bits)
+    return str(lo) if lo == hi else f"{lo}-{hi}"
+
+
 @register_stage(ShareConfig)
 def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
     """Apply a ``share`` stage: cluster, fine-tune centroids, record codebook storage, report."""
@@ -236,7 +241,7 @@ def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
     loss = finetune_centroids(model, ctx, config, shared)
     _record_codebook_encodings(model.module, list(shared))
     ctx.report.append({
-        "stage": "share", "tensors": {n: {"bits": i["bits"], "k": i["k"]} for n, i in shared.items()},
+        "stage": "share", "shared_tensors": len(shared), "bits": _bits_range([i["bits"] for i in shared.values()]),
         "cluster_s": round(cluster_s, 3), "train_loss": None if loss != loss else round(loss, 5),
         **measure(model, ctx),
     })
@@ -244,8 +249,8 @@ def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
 
 @register_stage(EncodeConfig)
 def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
-    """Apply an ``encode`` stage: entropy-code every codebook tensor; report each stream against its
-    Shannon bound."""
+    """Apply an ``encode`` stage: entropy-code every codebook tensor; report the coded streams against
+    their Shannon bounds (totals in the report row, per tensor in ``ctx.extras["encode_streams"]``)."""
     _fill_previous_row(model, ctx)
     module = model.module
     record = get_record(module)
@@ -265,8 +270,15 @@ def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
         encoding = "sparse-codebook-entropy" if sparse else "codebook-entropy"
         record_encoding(module, name, encoding, **params)
         streams.append(analyze(name, state[name], encoding, **params).as_dict())
-    ctx.report.append({"stage": "encode", "streams": streams, "encode_s": round(time.perf_counter() - start, 3),
-                       **measure(model, ctx)})
+    ctx.extras["encode_streams"] = streams  # per tensor: bytes and Shannon bound of every stream
+    ctx.report.append({
+        "stage": "encode",
+        "index_bytes": sum(s["index_bytes"] for s in streams),
+        "index_shannon_bytes": round(sum(s["index_shannon_bytes"] for s in streams)),
+        "position_bytes": sum(s["position_bytes"] for s in streams),
+        "gap_shannon_bytes": round(sum(s["gap_shannon_bytes"] for s in streams)),
+        "encode_s": round(time.perf_counter() - start, 3), **measure(model, ctx),
+    })
 
 
 def as_model(model: Model | nn.Module) -> Model:
