@@ -138,10 +138,12 @@ def layer_sensitivity(module: nn.Module, batches: Sequence[Any], names: Sequence
 
 def allocate_bits(costs: Sequence[LayerCost], sensitivity: dict[str, dict[int, float]],
                   budget_bytes: float | None = None, avg_bits: float | None = None) -> dict[str, int]:
-    """One width per layer minimising the summed sensitivity under the budget (greedy knapsack).
+    """One width per layer minimising the summed sensitivity under the budget.
 
-    ``budget_bytes`` bounds the summed weight bytes of these layers; ``avg_bits`` the element-weighted
-    mean width. Raises RecipeError when even the narrowest widths do not fit.
+    Greedy knapsack by sensitivity gained per byte, started from the narrowest width and from every uniform
+    width that fits; the best finish wins, so the result is maximal (no single upgrade still fits) and never
+    worse than the best uniform width. ``budget_bytes`` bounds the summed weight bytes of these layers;
+    ``avg_bits`` the element-weighted mean width. Raises RecipeError when even the narrowest widths do not fit.
     """
     if (budget_bytes is None) == (avg_bits is None):
         raise RecipeError("mixed precision needs exactly one budget: max_bytes or avg_bits")
@@ -156,12 +158,24 @@ def allocate_bits(costs: Sequence[LayerCost], sensitivity: dict[str, dict[int, f
         def size(c: LayerCost, b: int) -> float:
             return c.elements * b
         budget = float(avg_bits) * sum(c.elements for c in costs)  # type: ignore[arg-type]
-    choice = {c.name: candidates[0] for c in costs}
-    used = sum(size(c, candidates[0]) for c in costs)
-    if used > budget:
-        need = used if budget_bytes is not None else used / sum(c.elements for c in costs)
+    narrowest = sum(size(c, candidates[0]) for c in costs)
+    if narrowest > budget:
+        need = narrowest if budget_bytes is not None else narrowest / sum(c.elements for c in costs)
         raise RecipeError(f"the budget is below what {candidates[0]}-bit weights everywhere take "
                           f"({need:.6g} {'bytes' if budget_bytes is not None else 'bits on average'}): raise it")
+    finishes = []
+    for start in candidates:
+        if sum(size(c, start) for c in costs) <= budget:
+            choice = _greedy_upgrades({c.name: start for c in costs}, costs, sensitivity, candidates, size, budget)
+            finishes.append((sum(sensitivity[c.name][choice[c.name]] for c in costs), start, choice))
+    return min(finishes, key=lambda f: (f[0], f[1]))[2]
+
+
+def _greedy_upgrades(choice: dict[str, int], costs: Sequence[LayerCost], sensitivity: dict[str, dict[int, float]],
+                     candidates: Sequence[int], size: Callable[[LayerCost, int], float],
+                     budget: float) -> dict[str, int]:
+    """Apply the upgrade with the best sensitivity gain per byte until none fits."""
+    used = sum(size(c, choice[c.name]) for c in costs)
     while True:
         best: tuple[float, str, int, float] | None = None
         for c in costs:
@@ -174,9 +188,8 @@ def allocate_bits(costs: Sequence[LayerCost], sensitivity: dict[str, dict[int, f
                     continue
                 gain = sensitivity[c.name][now] - sensitivity[c.name][b]
                 ratio = gain / max(extra, 1e-12)
-                key = (ratio, c.name, b, extra)
                 if best is None or ratio > best[0] or (ratio == best[0] and extra < best[3]):
-                    best = key
+                    best = (ratio, c.name, b, extra)
         if best is None:
             return choice
         _, name, bits, extra = best
