@@ -104,3 +104,16 @@ def test_quick_demo_compares_fp32_with_the_artifact(capsys, workdir):
     rows = json.loads(out)["rows"]
     assert [row["variant"] for row in rows][0] == "fp32" and len(rows) == 2
     assert rows[1]["size_mb"] * 1e6 == pytest.approx(sum(p.stat().st_size for p in (workdir / "demo").glob("*.dsq")))
+
+
+def test_ort_backend_scores_like_torch(capsys, lenet300_digits):
+    pytest.importorskip("onnxruntime")
+    results = {}
+    for backend in ("torch", "ort"):
+        code, out, err = run(capsys, "evaluate", "zoo:lenet300@digits", "--data", "digits", "--backend", backend,
+                             "--no-latency", "--json")
+        assert code == 0, err
+        results[backend] = json.loads(out)
+    assert results["ort"]["backend"] == "ort"
+    assert results["ort"]["accuracy"] == pytest.approx(results["torch"]["accuracy"], abs=0.003)
+    assert results["ort"]["params"] == results["torch"]["params"]

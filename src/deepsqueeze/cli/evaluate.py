@@ -32,9 +32,9 @@ def register(app: typer.Typer) -> None:
         dataset = resolve_data(data, split="eval")
         ref = resolve_model(reference, progress=not as_json, device=device) if reference else None
         if backend == "ort":
-            from deepsqueeze.quant import ort_backend
+            from deepsqueeze.quant import ort_model
 
-            m = ort_backend(m)
+            m = ort_model(m, threads=threads)
         elif backend != "torch":
             raise DeepsqueezeError(f"unknown backend {backend!r}: use torch or ort")
         result = run_evaluation(m, dataset, ref, batch_size=batch_size, threads=threads,
