@@ -59,7 +59,7 @@ def test_nan_weights_are_refused_and_nothing_is_written(tmp_path, lenet300_digit
 
 
 def test_unknown_transform_is_an_artifact_error(tmp_path, lenet300_digits):
-    from deepsqueeze.codec.format import read_artifact, write_artifact, TensorEntry
+    from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
 
     save(lenet300_digits, tmp_path / "m.dsq")
     contents = read_artifact(tmp_path / "m.dsq")
@@ -68,3 +68,23 @@ def test_unknown_transform_is_an_artifact_error(tmp_path, lenet300_digits):
     write_artifact(tmp_path / "f.dsq", manifest, [TensorEntry(k, v) for k, v in contents.tensors.items()])
     with pytest.raises(ArtifactError, match="upgrade"):
         load(tmp_path / "f.dsq")
+
+
+def test_a_loaded_model_saves_again_with_the_same_encodings(tmp_path, lenet300_digits):
+    from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
+    from deepsqueeze.core import record_encoding
+    from deepsqueeze.core.encoding import register_encoding
+
+    def encode(tensor, scale):
+        return {"scale": scale}, [tensor_to_bytes((tensor * scale).to(torch.float16))]
+
+    def decode(meta, segments, shape, dtype):
+        return bytes_to_tensor(segments[0], shape, torch.float16).to(dtype) / meta["scale"]
+
+    register_encoding("test-half", encode, decode)
+    model = copy.deepcopy(lenet300_digits)
+    record_encoding(model.module, "1.weight", "test-half", scale=2)
+    first = save(model, tmp_path / "a.dsq")
+    again = save(load(tmp_path / "a.dsq"), tmp_path / "b.dsq")
+    assert again == first
+    assert load(tmp_path / "b.dsq").meta["manifest"]["tensors"][0]["params"] == {"scale": 2}

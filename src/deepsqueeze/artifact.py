@@ -9,7 +9,7 @@ from typing import Any
 from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.record import get_record, replay_transforms
+from deepsqueeze.core.record import get_record, record_encoding, replay_transforms
 from deepsqueeze.errors import ArtifactError, DeepsqueezeError, ModelError
 from deepsqueeze.zoo.resolve import build_base, check_finite
 
@@ -67,6 +67,9 @@ def load(path: str | os.PathLike[str]) -> Model:
             f"unexpected {result.unexpected_keys[:3]}"
         )
     get_record(module).stages = list(manifest.get("stages", []))
+    for entry in manifest["tensors"]:
+        if entry["encoding"] != "raw":
+            record_encoding(module, entry["name"], entry["encoding"], **entry.get("params", {}))
     shape = manifest.get("input_shape")
     return Model(
         module.eval(), manifest["base"], task, manifest.get("ref", str(path)), int(manifest["base_params"]),

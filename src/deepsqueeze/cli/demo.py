@@ -10,13 +10,13 @@ import typer
 
 from deepsqueeze.cli._common import JsonOption, emit_json, rows_table, stderr, stdout
 
-# (model, evaluation data, recipes in order of preference: the first one shipped is used)
+# (model, evaluation data, recipes): every shipped recipe listed runs, each compared with the fp32 model.
 DEMO_JOBS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("minilm", "pydoc-sentences:eval", ("int8-dynamic", "w4-gptq", "finetune")),
-    ("zoo:lenet5@{images}", "{images}", ("deep-compression", "int8-static", "finetune")),
+    ("minilm", "pydoc-sentences:eval", ("w4-gptq", "int8-dynamic")),
+    ("zoo:lenet5@{images}", "{images}", ("deep-compression-lenet5", "int8-static")),
 ]
 QUICK_JOBS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("zoo:lenet300@digits", "digits", ("deep-compression", "finetune")),
+    ("zoo:lenet300@digits", "digits", ("deep-compression",)),
 ]
 
 
@@ -47,34 +47,29 @@ def run_demo(out_dir: Path, quick: bool = False, progress: bool = True) -> list[
     rows: list[dict[str, Any]] = []
     for model_ref, data_ref, recipe_names in QUICK_JOBS if quick else DEMO_JOBS:
         model_ref, data_ref = model_ref.format(images=images), data_ref.format(images=images)
-        recipe_name = next(name for name in recipe_names if find_recipe(name) is not None)
+        shipped = [name for name in recipe_names if find_recipe(name) is not None] or ["finetune"]
         if progress:
-            stderr.print(f"[bold]{model_ref}[/bold] with recipe {recipe_name} ...")
-        rows += compare(model_ref, data_ref, recipe_name, out_dir, progress)
+            stderr.print(f"[bold]{model_ref}[/bold] with {', '.join(shipped)} ...")
+        rows += compare(model_ref, data_ref, shipped, out_dir, progress)
     return rows
 
 
-def compare(model_ref: str, data_ref: str, recipe_name: str, out_dir: Path, progress: bool) -> list[dict[str, Any]]:
-    """Evaluate the fp32 model and its compressed artifact side by side."""
+def compare(model_ref: str, data_ref: str, recipe_names: list[str], out_dir: Path,
+            progress: bool) -> list[dict[str, Any]]:
+    """Evaluate the fp32 model and each recipe's artifact, reloaded from disk, side by side."""
     from deepsqueeze.artifact import load
     from deepsqueeze.data import resolve_data
     from deepsqueeze.eval import evaluate
     from deepsqueeze.recipes import compress, load_recipe
-    from deepsqueeze.recipes.schema import find_recipe
     from deepsqueeze.resolve import resolve_model
 
-    recipe = load_recipe(find_recipe(recipe_name))  # type: ignore[arg-type]
     fp32 = resolve_model(model_ref, progress=progress)
     data = resolve_data(data_ref, split="eval")
-    out = out_dir / f"{model_ref.replace(':', '-').replace('@', '-')}.{recipe_name}.dsq"
-    result = compress(model_ref, recipe, out, progress=progress, evaluate_result=False)
-    small = load(out)
     before = evaluate(fp32, data, fp32)
-    after = evaluate(small, data, fp32)
     quality_keys = [k for k in ("accuracy", "cosine_mean", "cosine_min", "neighbor_agreement_at_10") if k in before]
-    rows = []
-    for variant, res, size in (("fp32", before, before["fp32_bytes"]), (recipe_name, after, after["artifact_bytes"])):
-        rows.append({
+
+    def row(variant: str, res: dict[str, Any], size: int, compress_s: float | None) -> dict[str, Any]:
+        return {
             "model": model_ref,
             "variant": variant,
             "size_mb": size / 1e6,
@@ -82,6 +77,13 @@ def compare(model_ref: str, data_ref: str, recipe_name: str, out_dir: Path, prog
             **{k: res[k] for k in quality_keys},
             "latency_ms": res["latency_ms_median"],
             "speedup": before["latency_ms_median"] / res["latency_ms_median"],
-            "compress_s": None if variant == "fp32" else round(result.compress_s, 1),
-        })
+            "compress_s": compress_s,
+        }
+
+    rows = [row("fp32", before, before["fp32_bytes"], None)]
+    for recipe_name in recipe_names:
+        out = out_dir / f"{model_ref.replace(':', '-').replace('@', '-')}.{recipe_name}.dsq"
+        result = compress(model_ref, load_recipe(recipe_name), out, progress=progress, evaluate_result=False)
+        after = evaluate(load(out), data, fp32)
+        rows.append(row(recipe_name, after, after["artifact_bytes"], round(result.compress_s, 1)))
     return rows

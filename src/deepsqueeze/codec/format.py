@@ -77,16 +77,17 @@ def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tenso
         for seg in segments:
             seg_index.append([len(payload), len(seg), zlib.crc32(seg)])
             payload += seg
-        entries.append(
-            {
-                "name": item.name,
-                "dtype": dtype_name(tensor.dtype),
-                "shape": list(tensor.shape),
-                "encoding": item.encoding,
-                "meta": meta,
-                "segments": seg_index,
-            }
-        )
+        entry = {
+            "name": item.name,
+            "dtype": dtype_name(tensor.dtype),
+            "shape": list(tensor.shape),
+            "encoding": item.encoding,
+            "meta": meta,
+            "segments": seg_index,
+        }
+        if item.params:  # what was asked for, so a loaded model saves again the same way
+            entry["params"] = item.params
+        entries.append(entry)
     full_manifest = {**manifest, "format": "deepsqueeze", "version": FORMAT_VERSION, "tensors": entries}
     manifest_bytes = json.dumps(full_manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
     header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), zlib.crc32(manifest_bytes))
