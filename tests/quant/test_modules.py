@@ -17,7 +17,12 @@ from deepsqueeze.quant import (
     PackedIntEmbedding,
     PackedIntLinear,
 )
-from deepsqueeze.quant.modules import quantize_activation_per_token
+from deepsqueeze.quant.modules import (
+    FBGEMM_ACT_BITS,
+    int8_kernel,
+    quantize_activation_per_token,
+    set_int8_kernel,
+)
 
 
 def _linear(i: int = 64, o: int = 48, seed: int = 0) -> nn.Linear:
@@ -25,26 +30,43 @@ def _linear(i: int = 64, o: int = 48, seed: int = 0) -> nn.Linear:
     return nn.Linear(i, o)
 
 
-def _fake_per_token(x: torch.Tensor) -> torch.Tensor:
-    return Q.fake_quantize(x, 8, symmetric=True, signed=True, granularity=Q.PerChannel(0))
+def _fake_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    return Q.fake_quantize(x, bits, symmetric=True, signed=True, granularity=Q.PerChannel(0))
 
 
-def test_int8_linear_per_token_equals_fake_quant_reference():
+KERNEL_BITS = {"int_mm": 8, "fbgemm": FBGEMM_ACT_BITS}
+
+
+@pytest.fixture(params=list(KERNEL_BITS))
+def kernel(request):
+    """Run a test under each int8 kernel (forced), restoring the measured choice afterwards."""
+    set_int8_kernel(request.param)
+    yield request.param
+    set_int8_kernel(None)
+
+
+def test_int8_linear_per_token_equals_fake_quant_reference(kernel):
     lin = _linear()
     x = torch.randn(3, 5, 64) * 3
     q = Int8Linear.from_float(lin, "per_token")
+    assert q.kernel(x.device) == kernel
     w_ref = Q.fake_quantize(lin.weight.detach(), 8, granularity=Q.PerChannel(0))
-    ref = nn.functional.linear(_fake_per_token(x.reshape(-1, 64)), w_ref, lin.bias.detach()).reshape(3, 5, 48)
+    x_ref = _fake_per_token(x.reshape(-1, 64), KERNEL_BITS[kernel])
+    ref = nn.functional.linear(x_ref, w_ref, lin.bias.detach()).reshape(3, 5, 48)
     torch.testing.assert_close(q(x), ref, rtol=1e-5, atol=1e-5)
-    assert Q.sqnr_db(lin(x), q(x)) > 35
+    assert Q.sqnr_db(lin(x), q(x)) > (35 if kernel == "int_mm" else 29)
     assert q.weight.dtype == torch.int8
 
 
-def test_int8_linear_integer_accumulation_is_exact():
+def test_int8_linear_integer_accumulation_is_exact(kernel):
+    """Both kernels give the exact int32 sums of our codes (fbgemm: 7-bit codes, no u8s8 saturation)."""
     lin = _linear(32, 8)
+    nn.init.uniform_(lin.weight, -1, 1)
+    lin.weight.data[:, :4] = 1.0  # adjacent +-127 codes: the pairs that saturate int16 with 8-bit uint8 inputs
     q = Int8Linear.from_float(lin, "per_token")
     x = torch.randn(7, 32)
-    xq, xs = quantize_activation_per_token(x)
+    x[:, :4] = 10.0
+    xq, xs = quantize_activation_per_token(x, KERNEL_BITS[kernel])
     acc = xq.long() @ q.weight.long().T  # exact integer reference
     torch.testing.assert_close(q(x), acc.double().mul(xs.double() * q.weight_scale.double()).add(q.bias.double()).float(),
                                rtol=1e-6, atol=1e-6)
@@ -75,7 +97,41 @@ def test_int8_linear_smoothing_tames_outlier_channels():
     assert Q.sqnr_db(lin(x), smoothed(x)) > Q.sqnr_db(lin(x), plain(x)) + 6
 
 
-def test_int8_linear_degenerate_inputs():
+def test_fbgemm_kernel_matches_int_mm_on_the_same_codes():
+    """fbgemm (per-token 7-bit) and _int_mm agree exactly on 7-bit codes, incl. a smoothed layer and 3-D input."""
+    torch.manual_seed(1)
+    lin = _linear(96, 40)
+    q = Int8Linear.from_float(lin, "per_token", smooth=torch.rand(96) + 0.5)
+    x = torch.randn(2, 9, 96) * 4
+    set_int8_kernel("fbgemm")
+    try:
+        y = q(x)
+        y_again = q(x)
+    finally:
+        set_int8_kernel(None)
+    x2 = x.reshape(-1, 96) / q.smooth
+    xq, xs = quantize_activation_per_token(x2, FBGEMM_ACT_BITS)
+    assert int(xq.abs().max()) == 63
+    ref = torch._int_mm(xq, q.weight.t()).double() * xs.double() * q.weight_scale.double() + q.bias.double()
+    torch.testing.assert_close(y.reshape(-1, 40).double(), ref, rtol=1e-5, atol=1e-5)
+    assert torch.equal(y, y_again)  # deterministic, packed once
+
+
+def test_int8_kernel_choice(monkeypatch):
+    cpu = torch.device("cpu")
+    assert int8_kernel(cpu) in ("int_mm", "fbgemm")  # measured once on this CPU
+    monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "int_mm")
+    assert int8_kernel(cpu) == "int_mm"
+    monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "vnni")
+    with pytest.raises(ModelError, match="DEEPSQUEEZE_INT8_KERNEL"):
+        int8_kernel(cpu)
+    with pytest.raises(ModelError, match="unknown int8 kernel"):
+        set_int8_kernel("avx")
+    assert Int8Linear(1, 4).kernel(cpu) == "int_mm"  # one input feature: no room for fbgemm's range row
+    assert Int8Linear(8, 4, act="per_tensor").kernel(cpu) == "int_mm"
+
+
+def test_int8_linear_degenerate_inputs(kernel):
     lin = nn.Linear(8, 4)
     nn.init.zeros_(lin.weight)
     q = Int8Linear.from_float(lin)

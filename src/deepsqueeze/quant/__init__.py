@@ -30,6 +30,8 @@ from deepsqueeze.quant.modules import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
+    int8_kernel,
+    set_int8_kernel,
 )
 
 _LAZY = {"export_onnx": "deepsqueeze.quant.onnx", "OrtModule": "deepsqueeze.quant.onnx",
@@ -53,10 +55,12 @@ __all__ = [
     "SmoothQuantConfig",
     "WeightOnlyConfig",
     "install",
+    "int8_kernel",
     "quantize_",
     "register_method",
     "run_batch",
     "select_layers",
+    "set_int8_kernel",
     *sorted(_LAZY),
 ]
 
