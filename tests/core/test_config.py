@@ -1,4 +1,5 @@
 import pytest
+from pydantic import ValidationError
 
 from deepsqueeze.core import config_from_dict, config_to_dict, registered_stages
 from deepsqueeze.errors import RecipeError
@@ -38,5 +39,5 @@ def test_invalid_values_and_missing_type_are_recipe_errors():
 
 def test_configs_are_immutable():
     config = config_from_dict({"type": "finetune"})
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         config.epochs = 3  # type: ignore[misc]

@@ -1,6 +1,17 @@
 """The small core every technique plugs into: configs, registries, the module walker and the record."""
 
-from deepsqueeze.core.config import StageConfig, config_from_dict, config_to_dict, registered_stages, register_stage, stage_entry
+from deepsqueeze.core.config import (
+    StageConfig,
+    config_from_dict,
+    config_to_dict,
+    register_stage,
+    registered_stages,
+    stage_entry,
+)
+from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.counting import count_nonzero_params, count_params
+from deepsqueeze.core.encoding import Encoding, get_encoding, register_encoding, registered_encodings
+from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import (
     CompressionRecord,
     Transform,
@@ -11,10 +22,6 @@ from deepsqueeze.core.record import (
     replay_transforms,
 )
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
-from deepsqueeze.core.context import StageContext
-from deepsqueeze.core.counting import count_nonzero_params, count_params
-from deepsqueeze.core.encoding import Encoding, get_encoding, register_encoding, registered_encodings
-from deepsqueeze.core.model import Model, Task
 
 __all__ = [
     "Encoding",

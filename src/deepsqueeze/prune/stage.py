@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from typing import Any
 
 import torch
 from torch import nn
@@ -53,27 +52,12 @@ def finetune(model: Model, ctx: StageContext, config: _FinetuneFields, epochs: f
     """Fine-tune through ``deepsqueeze.train`` (labels for classifiers, embedding matching for encoders)."""
     if epochs <= 0:
         return float("nan")
-    if ctx.data is None:
-        raise DataError(f"{description or 'pruning'} fine-tunes for {epochs} epochs and needs training data: "
-                        "pass --data (or set epochs: 0)")
-    common: dict[str, Any] = dict(epochs=epochs, lr=config.lr, optimizer=config.optimizer.value,
-                                  schedule=config.lr_schedule.value, seed=ctx.seed, progress=ctx.progress,
-                                  before_step=before_step, after_step=after_step)
-    if model.task is Task.CLASSIFIER:
-        if not isinstance(ctx.data, ClassificationData):
-            raise DataError(f"fine-tuning a classifier needs image data, not {ctx.data.name}")
-        from deepsqueeze.train.loop import train_classifier
+    from deepsqueeze.train import finetune_model
 
-        stats = train_classifier(model.module, ctx.data, batch_size=config.batch_size, device=ctx.device,
-                                 limit=config.limit, **common)
-    else:
-        if not isinstance(ctx.data, TextData):
-            raise DataError(f"fine-tuning a sentence encoder needs sentences, not {ctx.data.name}")
-        if ctx.reference is None:
-            raise DataError("fine-tuning a pruned sentence encoder needs the unpruned model as reference")
-        from deepsqueeze.train.stage import match_embeddings
-
-        stats = match_embeddings(model, ctx, config.batch_size, config.limit, **common)
+    stats = finetune_model(model, ctx, batch_size=config.batch_size, limit=config.limit,
+                           what=f"{description or 'pruning'} with {epochs} fine-tuning epochs (or set epochs: 0)",
+                           epochs=epochs, lr=config.lr, optimizer=config.optimizer.value,
+                           schedule=config.lr_schedule.value, before_step=before_step, after_step=after_step)
     return float(stats["loss"])
 
 

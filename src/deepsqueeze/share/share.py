@@ -29,7 +29,7 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record, record_encoding
-from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives.kmeans import assign, exact_1d, init_centroids, lloyd
 from deepsqueeze.share.config import EncodeConfig, Method, ShareConfig
@@ -147,23 +147,12 @@ def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
             layer = module.get_submodule(name)
             if f"{name}.bias" not in shared and getattr(layer, "bias", None) is not None:
                 params.append(layer.bias)
-    fit_args: dict[str, Any] = dict(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer.value,
-                                    schedule=config.lr_schedule.value, seed=ctx.seed, progress=ctx.progress,
-                                    params=params)
+    from deepsqueeze.train import finetune_model
+
     try:
-        if model.task is Task.CLASSIFIER:
-            if not isinstance(ctx.data, ClassificationData):
-                raise DataError(f"fine-tuning a classifier's centroids needs image data, not {ctx.data.name}")
-            from deepsqueeze.train.loop import train_classifier
-
-            stats = train_classifier(module, ctx.data, batch_size=config.batch_size, device=ctx.device,
-                                     limit=config.limit, **fit_args)
-        else:
-            if not isinstance(ctx.data, TextData) or ctx.reference is None:
-                raise DataError("fine-tuning a sentence encoder's centroids needs sentences and the reference model")
-            from deepsqueeze.train.stage import match_embeddings
-
-            stats = match_embeddings(model, ctx, config.batch_size, config.limit, **fit_args)
+        stats = finetune_model(model, ctx, batch_size=config.batch_size, limit=config.limit,
+                               what="centroid fine-tuning", epochs=config.epochs, lr=config.lr,
+                               optimizer=config.optimizer.value, schedule=config.lr_schedule.value, params=params)
     finally:
         for key, info in shared.items():
             name, attr = key.rsplit(".", 1)

@@ -4,6 +4,7 @@ matching to the uncompressed model (sentence encoders), through the one training
 from __future__ import annotations
 
 from enum import Enum
+from typing import Any
 
 import torch
 from pydantic import Field
@@ -44,21 +45,29 @@ class FinetuneConfig(StageConfig):
 
 @register_stage(FinetuneConfig)
 def finetune(model: Model, config: FinetuneConfig, ctx: StageContext) -> None:
+    stats = finetune_model(model, ctx, batch_size=config.batch_size, limit=config.limit, epochs=config.epochs,
+                           lr=config.lr, optimizer=config.optimizer.value, schedule=config.schedule.value,
+                           weight_decay=config.weight_decay, what="the finetune stage")
+    ctx.report.append({"stage": "finetune", "train_loss": round(stats["loss"], 5)})
+
+
+def finetune_model(model: Model, ctx: StageContext, *, batch_size: int, limit: int | None = None,
+                   what: str = "fine-tuning", **fit_args: Any) -> dict[str, float]:
+    """Fine-tune ``model`` on ``ctx.data`` through the one loop: labels for classifiers, embedding matching
+    to ``ctx.reference`` for sentence encoders. ``fit_args`` go to ``fit`` (epochs, lr, hooks, ...)."""
     if ctx.data is None:
-        raise DataError("the finetune stage needs training data: pass --data or set 'data:' in the recipe")
-    common = dict(epochs=config.epochs, lr=config.lr, optimizer=config.optimizer.value,
-                  schedule=config.schedule.value, weight_decay=config.weight_decay, seed=ctx.seed,
-                  progress=ctx.progress)
+        raise DataError(f"{what} needs training data: pass --data or set 'data:' in the recipe")
+    fit_args = {"seed": ctx.seed, "progress": ctx.progress, **fit_args}
     if model.task is Task.CLASSIFIER:
         if not isinstance(ctx.data, ClassificationData):
             raise DataError(f"fine-tuning a classifier needs image data, not {ctx.data.name}")
-        stats = train_classifier(model.module, ctx.data, batch_size=config.batch_size, device=ctx.device,
-                                 limit=config.limit, **common)
-    else:
-        if not isinstance(ctx.data, TextData):
-            raise DataError(f"fine-tuning a sentence encoder needs sentences, not {ctx.data.name}")
-        stats = match_embeddings(model, ctx, config.batch_size, config.limit, **common)
-    ctx.report.append({"stage": "finetune", "train_loss": round(stats["loss"], 5)})
+        return train_classifier(model.module, ctx.data, batch_size=batch_size, device=ctx.device, limit=limit,
+                                **fit_args)
+    if not isinstance(ctx.data, TextData):
+        raise DataError(f"fine-tuning a sentence encoder needs sentences, not {ctx.data.name}")
+    if ctx.reference is None:
+        raise DataError("fine-tuning a sentence encoder needs the uncompressed model as its reference")
+    return match_embeddings(model, ctx, batch_size, limit, **fit_args)
 
 
 def match_embeddings(model: Model, ctx: StageContext, batch_size: int, limit: int | None,
