@@ -108,6 +108,16 @@ def _replay_identity(root: nn.Module, target: str, params: dict[str, Any]) -> No
     set_submodule(root, target, nn.Identity())
 
 
+def run_calibration(module: nn.Module, batches: Iterable[Any], handles: list[Any]) -> None:
+    """Run every calibration batch through ``module``, then remove the observing hooks ``handles``."""
+    try:
+        for batch in batches:
+            run_batch(module, batch)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def run_batch(module: nn.Module, batch: Any) -> Any:
     """Call ``module`` on one calibration batch (tensor, tuple of args, dict of kwargs or CalibBatch)."""
     if isinstance(batch, torch.Tensor):
@@ -175,12 +185,7 @@ def _smoothquant(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
             amax[name] = x if name not in amax else torch.maximum(amax[name], x)
 
         handles.append(layer.register_forward_pre_hook(hook))
-    try:
-        for batch in batches:
-            run_batch(module, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(module, batches, handles)
     done = []
     for name, layer in linears:
         x_max = amax.get(name)
@@ -255,12 +260,7 @@ def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None
                 obs.update(torch.relu(out) if fuse else out)
 
             handles.append(layer.register_forward_hook(out_hook))
-    try:
-        for batch in batches:
-            run_batch(module, batch)
-    finally:
-        for h in handles:
-            h.remove()
+    run_calibration(module, batches, handles)
     done = []
     for name, layer in layers:
         if observers_in[name].seen == 0:
