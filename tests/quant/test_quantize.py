@@ -76,6 +76,8 @@ def test_static_cnn_folds_batchnorm_fuses_relu_and_round_trips(tmp_path):
     kinds = [type(m).__name__ for m in model.module]
     assert kinds[:6] == ["Int8Conv2d", "Identity", "Identity", "Int8Conv2d", "Identity", "Identity"]
     assert model.module[0].relu and model.module[0].bias is not None
+    # conv -> conv and conv -> pool -> flatten -> Linear: the codes flow between the integer kernels
+    assert model.module[0].quantized_output and model.module[3].quantized_output
     out = model.module(x)
     assert sqnr_db(ref, out) > 25
     artifact.save(model, tmp_path / "cnn.dsq")
@@ -141,3 +143,27 @@ def test_rtn_group_that_does_not_divide_is_a_recipe_error():
     module = nn.Sequential(nn.Linear(10, 4))
     with pytest.raises(RecipeError, match="group"):
         quantize_(copy.deepcopy(module), WeightOnlyConfig(group_size=4))
+
+
+class _ResidualConvNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b = nn.Conv2d(1, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+        self.head = nn.Linear(4 * 8 * 8, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.a(x)
+        return self.head(torch.flatten(y + self.b(y), 1))
+
+
+def test_static_keeps_float_outputs_where_a_float_op_consumes_them():
+    """A conv feeding a residual addition (no quantized kernel) must hand over float, not codes."""
+    module = _ResidualConvNet().eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    ref = module(x)
+    assert quantize_(module, Int8StaticConfig(), calib) == ["a", "b", "head"]
+    assert not module.a.quantized_output and not module.b.quantized_output
+    assert sqnr_db(ref, module(x)) > 25

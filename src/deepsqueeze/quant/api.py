@@ -237,6 +237,36 @@ def _following_relu(module: nn.Module, conv_names: set[str]) -> dict[str, str]:
     return out
 
 
+# Modules and calls that run on quantized tensors unchanged (the codes keep their scale and zero point).
+_QUANTIZED_PASSTHROUGH = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
+_QUANTIZED_PASSTHROUGH_CALLS = {torch.flatten, torch.reshape, "flatten", "view", "reshape", "contiguous"}
+
+
+def _integer_fed(module: nn.Module, convs: set[str], integer_layers: set[str]) -> set[str]:
+    """The convs in ``convs`` whose every consumer is an integer layer (through pooling and flattening).
+
+    Their outputs can stay quantized tensors. Found on the torch.fx graph; a model fx cannot trace
+    keeps float boundaries between layers (correct, only slower).
+    """
+    try:
+        graph = torch.fx.symbolic_trace(module).graph
+    except Exception:  # noqa: BLE001 - any tracing failure only disables the optimisation
+        return set()
+    modules = dict(module.named_modules())
+
+    def only_integer_users(node: torch.fx.Node) -> bool:
+        for user in node.users:
+            if user.op == "call_module" and user.target in integer_layers:
+                continue
+            passthrough = (user.op == "call_module" and isinstance(modules.get(str(user.target)), _QUANTIZED_PASSTHROUGH)
+                           or user.op in ("call_function", "call_method") and user.target in _QUANTIZED_PASSTHROUGH_CALLS)
+            if not passthrough or user.args[0] is not node or not only_integer_users(user):
+                return False
+        return bool(node.users)
+
+    return {str(n.target) for n in graph.nodes if n.op == "call_module" and n.target in convs and only_integer_users(n)}
+
+
 @register_method(Method.STATIC)
 def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
     batches = _need_batches(config, batches)
@@ -261,19 +291,22 @@ def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None
 
             handles.append(layer.register_forward_hook(out_hook))
     run_calibration(module, batches, handles)
+    integer = {name for name, _ in layers if observers_in[name].seen > 0}  # others were not reached: keep float
+    for conv, relu in relus.items():
+        if conv in integer:
+            _install_identity(module, relu)  # the fused Int8Conv2d below applies it
+    chained = _integer_fed(module, conv_names & integer, integer)
     done = []
     for name, layer in layers:
-        if observers_in[name].seen == 0:
-            continue  # not reached by the calibration data: keep float
+        if name not in integer:
+            continue
+        qin = _activation_qparams(observers_in[name], CONV_INPUT_BITS)
         if isinstance(layer, nn.Conv2d):
-            qin = _activation_qparams(observers_in[name], CONV_INPUT_BITS)
-            new: nn.Module = Int8Conv2d.from_float(layer, qin, _activation_qparams(observers_out[name]),
-                                                   relu=name in relus)
+            out_bits = CONV_INPUT_BITS if name in chained else 8
+            new: nn.Module = Int8Conv2d.from_float(layer, qin, _activation_qparams(observers_out[name], out_bits),
+                                                   relu=name in relus, quantized_output=name in chained)
             install(module, name, new)
-            if name in relus:
-                _install_identity(module, relus[name])
         else:
-            qin = _activation_qparams(observers_in[name])
             install(module, name, Int8Linear.from_float(layer, "static", input_qparams=qin))
         done.append(name)
     for name, layer in select_layers(module, config, (nn.Embedding,)):

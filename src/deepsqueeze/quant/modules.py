@@ -4,9 +4,10 @@
   accumulation with the fastest kernel measured on the running device (:func:`int8_kernel`):
   ``torch._int_mm`` (CUDA, VNNI/AMX CPUs) or fbgemm's ``quantized::linear_dynamic`` on weights packed
   from our codes at first use after loading (AVX2, where ``_int_mm`` is ~20x slower than fp32; per-token
-  codes are 7-bit there to avoid the u8 x s8 int16 saturation). Packed kernels are never stored. Activations are quantized per token (dynamic, symmetric int8),
-  per tensor (dynamic, asymmetric uint8: what ONNX Runtime's ``DynamicQuantizeLinear`` does) or with a
-  fixed calibrated scale and zero point (static). An optional per-input-channel ``smooth`` vector
+  codes are 7-bit there to avoid the u8 x s8 int16 saturation). Packed kernels are never stored.
+  Activations are quantized per token (dynamic, symmetric int8), per tensor (dynamic, asymmetric
+  uint8: what ONNX Runtime's ``DynamicQuantizeLinear`` does) or with a fixed calibrated scale and zero
+  point (static, fbgemm's static kernel on CPU). An optional per-input-channel ``smooth`` vector
   divides the input first (SmoothQuant; the weight was multiplied by it before quantization).
 * :class:`Int8Conv2d`: static int8 convolution (per-channel int8 weights, uint8 activations with
   calibrated input and output ranges) on PyTorch's fbgemm/x86 integer kernels, optionally with the
@@ -131,18 +132,23 @@ def _race(fns: dict[str, Any], rounds: int = 3, budget_s: float = 0.5) -> str:
     return min(best, key=best.__getitem__)
 
 
+def _forced_kernel() -> str | None:
+    import os
+
+    forced = _kernel_override or os.environ.get("DEEPSQUEEZE_INT8_KERNEL") or None
+    if forced is not None and forced not in INT8_KERNELS:
+        raise ModelError(f"DEEPSQUEEZE_INT8_KERNEL={forced!r} is not one of {INT8_KERNELS}: fix or unset it")
+    return forced
+
+
 def int8_kernel(device: torch.device) -> str:
     """The kernel for dynamic int8 Linear on ``device``: forced, or measured once per process.
 
     CUDA uses ``_int_mm``. On a CPU both kernels run a MiniLM-sized product (512 x 384 x 384) and
     the faster wins (interleaved, best of 3, ~0.5 s once); on AVX2 without VNNI ``_int_mm`` is ~20x slower than fp32 and fbgemm ~2x faster.
     """
-    import os
-
-    forced = _kernel_override or os.environ.get("DEEPSQUEEZE_INT8_KERNEL") or None
+    forced = _forced_kernel()
     if forced is not None:
-        if forced not in INT8_KERNELS:
-            raise ModelError(f"DEEPSQUEEZE_INT8_KERNEL={forced!r} is not one of {INT8_KERNELS}: fix or unset it")
         return forced
     if device.type != "cpu" or not _fbgemm_available():
         return "int_mm"
@@ -157,14 +163,14 @@ def int8_kernel(device: torch.device) -> str:
     return _measured_kernel["cpu"]
 
 
-def _fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor) -> Any:
-    """fbgemm-packed per-channel weights from our int8 codes and scales (no bias: it is added after)."""
+def _fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    """fbgemm-packed per-channel weights from our int8 codes and scales (and the float bias, if given)."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.backends.quantized.engine = _quantized_engine()
         qweight = torch._make_per_channel_quantized_tensor(
             weight.contiguous(), weight_scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qweight, None)
+        return torch.ops.quantized.linear_prepack(qweight, bias)
 
 
 def _fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
@@ -185,6 +191,12 @@ def _fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
     return torch.ops.quantized.linear_dynamic(buf, packed, True)[:rows], scale
 
 
+def _clamp_7bit(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor) -> torch.Tensor:
+    """``x`` clipped to what uint8 codes 0..127 represent (x86 kernels saturate full-range uint8 inputs)."""
+    s, z = float(scale), int(zero_point)
+    return x.float().clamp((0 - z) * s, ((1 << CONV_INPUT_BITS) - 1 - z) * s).contiguous()
+
+
 def _per_tensor_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """ONNX ``DynamicQuantizeLinear``: the range ``[min(x,0), max(x,0)]`` onto uint8 (scale, zero point)."""
     lo = torch.clamp(x.min(), max=0.0)
@@ -198,11 +210,12 @@ def _per_tensor_uint8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(_Cached):
-    """``y = x W^T + b`` computed as int8 x int8 -> int32 (``torch._int_mm``), then rescaled to float.
+    """``y = x W^T + b`` computed as int8 x int8 -> int32 (see :meth:`kernel`), then rescaled to float.
 
     Buffers: ``weight`` (out, in) int8 codes, ``weight_scale`` (out,) float32, ``bias`` (out,) or None,
     ``smooth`` (in,) float32 or None (SmoothQuant: the input is divided by it), and for static
-    activations ``input_scale`` / ``input_zero_point`` (uint8 convention, zero point in 0..255).
+    activations ``input_scale`` / ``input_zero_point`` (uint8 convention; calibrated onto 7-bit codes
+    0..127, which both kernels accept).
     """
 
     def __init__(self, in_features: int, out_features: int, bias: bool = True, act: ActScheme = "per_token",
@@ -250,13 +263,23 @@ class Int8Linear(_Cached):
         return w / self.smooth if self.smooth is not None else w
 
     def kernel(self, device: torch.device) -> str:
-        """``"fbgemm"`` or ``"int_mm"``: see :func:`int8_kernel` (per-token activations only use fbgemm)."""
-        return int8_kernel(device) if self.act == "per_token" and self.in_features > 1 else "int_mm"
+        """``"fbgemm"`` or ``"int_mm"``: see :func:`int8_kernel`.
+
+        Per-token activations race the two kernels; static activations use fbgemm's static kernel on
+        any CPU that has it (unless ``int_mm`` is forced); per-tensor activations use ``_int_mm``.
+        """
+        if self.act == "per_token" and self.in_features > 1:
+            return int8_kernel(device)
+        if self.act == "static" and device.type == "cpu" and _fbgemm_available() and _forced_kernel() != "int_mm":
+            return "fbgemm"
+        return "int_mm"
 
     def _colsum(self) -> torch.Tensor:
         return self._cached("colsum", lambda: self.weight.sum(1, dtype=torch.int32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.is_quantized:  # from an Int8Conv2d chain
+            x = x.dequantize()
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()
         if self.smooth is not None:
@@ -268,6 +291,14 @@ class Int8Linear(_Cached):
             packed = self._cached("fbgemm", lambda: _fbgemm_pack(self.weight, self.weight_scale))
             acc, xs = _fbgemm_per_token(x2, packed)  # already times the weight scales
             y = acc.mul_(xs) if self.bias is None else torch.addcmul(self.bias, acc, xs)
+            return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
+        elif self.act == "static" and self.kernel(x2.device) == "fbgemm":
+            packed = self._cached("fbgemm", lambda: _fbgemm_pack(self.weight, self.weight_scale, self.bias))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                y = torch.ops.quantized.linear_with_input_q_dq_qweight_dq_output_fp32(
+                    _clamp_7bit(x2, self.input_scale, self.input_zero_point), float(self.input_scale),
+                    int(self.input_zero_point), packed)
             return y.reshape(*shape[:-1], self.out_features).to(x.dtype)
         elif self.act == "per_token":
             xq, xs = quantize_activation_per_token(x2)
@@ -316,7 +347,10 @@ class Int8Conv2d(_Cached):
     Runs on PyTorch's quantized CPU kernels (x86/fbgemm): the input is quantized with the calibrated
     ``input_scale``/``input_zero_point``, the kernel requantizes its int32 sums to the calibrated
     output range (``output_scale``/``output_zero_point``), and the result is returned as float.
-    ``relu=True`` fuses the ReLU that followed the convolution.
+    ``relu=True`` fuses the ReLU that followed the convolution. With ``quantized_output=True`` the result
+    stays a quantized tensor (7-bit codes with the output parameters) for the next integer layer: the
+    quantize step sets this where every consumer takes quantized input, so chains of convolutions,
+    poolings and flattens run in integers end to end. A quantized input is used as it is.
 
     Input codes must lie in 0..127 (7 bits, :data:`CONV_INPUT_BITS`): the x86/fbgemm kernels multiply
     uint8 by int8 pairwise into int16 and saturate with full-range inputs (PyTorch's own x86
@@ -325,11 +359,13 @@ class Int8Conv2d(_Cached):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: tuple[int, int],
                  stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0),
-                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True, relu: bool = False) -> None:
+                 dilation: tuple[int, int] = (1, 1), groups: int = 1, bias: bool = True, relu: bool = False,
+                 quantized_output: bool = False) -> None:
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = tuple(kernel_size), tuple(stride), tuple(padding)
         self.dilation, self.groups, self.relu = tuple(dilation), groups, relu
+        self.quantized_output = quantized_output
         self.register_buffer("weight", torch.zeros(out_channels, in_channels // groups, *kernel_size, dtype=torch.int8))
         self.register_buffer("weight_scale", torch.ones(out_channels))
         self.register_buffer("bias", torch.zeros(out_channels) if bias else None)
@@ -340,15 +376,18 @@ class Int8Conv2d(_Cached):
 
     @classmethod
     def from_float(cls, conv: nn.Conv2d, input_qparams: tuple[float, float], output_qparams: tuple[float, float],
-                   relu: bool = False) -> Int8Conv2d:
-        """Quantize ``conv``'s weight per output channel; activation parameters come from calibration."""
+                   relu: bool = False, quantized_output: bool = False) -> Int8Conv2d:
+        """Quantize ``conv``'s weight per output channel; activation parameters come from calibration.
+
+        With ``quantized_output`` the output parameters must map onto 7-bit codes (they feed another kernel).
+        """
         if not isinstance(conv.padding, tuple) or conv.padding_mode != "zeros":
             raise UnsupportedLayerError(f"Int8Conv2d needs numeric zero padding, got padding={conv.padding!r} "
                                         f"mode={conv.padding_mode}: exclude this layer")
         w = conv.weight.detach().float()
         Q.check_finite(w, "the weight")
         module = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding,  # type: ignore[arg-type]
-                     conv.dilation, conv.groups, conv.bias is not None, relu)  # type: ignore[arg-type]
+                     conv.dilation, conv.groups, conv.bias is not None, relu, quantized_output)  # type: ignore[arg-type]
         qp = Q.choose_qparams(w, 8, symmetric=True, signed=True, granularity=Q.PerChannel(0))
         module.weight.copy_(Q.quantize(w, qp))
         module.weight_scale.copy_(qp.scale)
@@ -380,12 +419,11 @@ class Int8Conv2d(_Cached):
         op = torch.ops.quantized.conv2d_relu if self.relu else torch.ops.quantized.conv2d
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scale, zero = float(self.input_scale), int(self.input_zero_point)
-            # clamp to the 7-bit input range first (quantize_per_tensor would saturate at 255)
-            lo, hi = (0 - zero) * scale, ((1 << CONV_INPUT_BITS) - 1 - zero) * scale
-            qx = torch.quantize_per_tensor(x.float().clamp(lo, hi).contiguous(), scale, zero, torch.quint8)
+            qx = x if x.is_quantized else torch.quantize_per_tensor(
+                _clamp_7bit(x, self.input_scale, self.input_zero_point), float(self.input_scale),
+                int(self.input_zero_point), torch.quint8)
             y = op(qx, packed, float(self.output_scale), int(self.output_zero_point))
-            return y.dequantize().to(x.dtype)
+            return y if self.quantized_output else y.dequantize().to(x.dtype)
 
     def deepsqueeze_param_count(self) -> int:
         return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)
@@ -397,11 +435,11 @@ class Int8Conv2d(_Cached):
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
-                "relu": self.relu}
+                "relu": self.relu, "quantized_output": self.quantized_output}
 
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
-                f"padding={self.padding}, relu={self.relu}")
+                f"padding={self.padding}, relu={self.relu}, quantized_output={self.quantized_output}")
 
 
 # ------------------------------------------------------------------------------------------ packed weight-only
