@@ -118,6 +118,6 @@ def _bench_model(name: str, data_ref: str, epochs: float, seeds: list[int], ctx:
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
     if ctx.quick:
         return _bench_model("vgg-small", "digits", 1, [0], ctx, None)
-    rows = _bench_model("vgg-small", "fashion-mnist", 1, [0, 1, 2], ctx, None)
-    rows += _bench_model("lenet5", "fashion-mnist", 1, [0, 1, 2], ctx, None)
+    rows = _bench_model("vgg-small", "fashion-mnist", 3, [0, 1, 2], ctx, None)
+    rows += _bench_model("lenet5", "fashion-mnist", 3, [0, 1, 2], ctx, None)
     return rows
