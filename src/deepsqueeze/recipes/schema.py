@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +52,11 @@ def parse_recipe(data: Any, source: str = "recipe") -> Recipe:
 
 
 def shipped_recipes_dir() -> Path:
-    """The recipes/ folder of the source checkout (shipped YAML recipes)."""
-    return Path(__file__).resolve().parents[3] / "recipes"
+    """The shipped YAML recipes: the source checkout's recipes/, else a wheel's <prefix>/share/deepsqueeze/recipes."""
+    checkout = Path(__file__).resolve().parents[3] / "recipes"
+    if checkout.is_dir():
+        return checkout
+    return Path(sys.prefix) / "share" / "deepsqueeze" / "recipes"
 
 
 def find_recipe(name: str) -> Path | None:
