@@ -8,7 +8,6 @@ from deepsqueeze.primitives.masks import (
     keep_count,
     nm_mask,
     sparsity_mask,
-    sparsity_of,
     threshold_mask,
     topk_mask,
 )
@@ -58,10 +57,17 @@ def test_nm_mask_rejects_bad_shapes():
 
 
 def test_global_masks_rank_across_tensors():
-    a, b = torch.tensor([1.0, 2.0, 3.0]), torch.tensor([10.0, 20.0])
-    ma, mb = global_sparsity_masks([a, b], 0.6)
-    assert ma.tolist() == [False, False, False] and mb.tolist() == [True, True]
-    assert sparsity_of(torch.cat([ma, mb])) == pytest.approx(0.6)
+    a, b = torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([10.0, 20.0, 30.0])
+    ma, mb = global_sparsity_masks([a, b], 4 / 7)
+    assert ma.tolist() == [False, False, False, True] and mb.tolist() == [False, True, True]
+
+
+def test_global_masks_never_cut_a_layer_out():
+    """A layer of tiny weights keeps its best ceil(1%) entries; the total kept stays exact."""
+    small, big = torch.rand(200) * 1e-3, torch.rand(1000) + 1.0
+    ms, mb = global_sparsity_masks([small, big], 0.9)
+    assert int(ms.sum()) == 2 and bool(ms[small.topk(2).indices].all())
+    assert int(ms.sum() + mb.sum()) == keep_count(1200, 0.9)
 
 
 def test_bad_sparsity_is_rejected():

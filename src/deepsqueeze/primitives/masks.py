@@ -6,6 +6,7 @@ A mask is a bool tensor shaped like the scores: True = keep. Ties are broken by 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -44,12 +45,31 @@ def threshold_mask(scores: torch.Tensor, threshold: float) -> torch.Tensor:
     return scores.detach() >= threshold
 
 
-def global_sparsity_masks(scores: Sequence[torch.Tensor], sparsity: float) -> list[torch.Tensor]:
-    """One ranking across all tensors: drop the ``sparsity`` fraction of all entries with the lowest scores."""
+def global_sparsity_masks(scores: Sequence[torch.Tensor], sparsity: float,
+                          min_density: float = 0.01) -> list[torch.Tensor]:
+    """One ranking across all tensors: drop the ``sparsity`` fraction of all entries with the lowest scores.
+
+    Each tensor keeps at least its best ``max(1, ceil(min_density * numel))`` entries, so a layer whose
+    scores are all small is never cut out entirely (that disconnects the network); the total count
+    kept is still exact unless these floors alone exceed it.
+    """
     if not scores:
         return []
+    _check_fraction(min_density)
     flat = torch.cat([s.detach().reshape(-1).float() for s in scores])
-    mask = topk_mask(flat, keep_count(flat.numel(), sparsity))
+    keep = keep_count(flat.numel(), sparsity)
+    if keep > 0:
+        floors, start = [], 0
+        for s in scores:
+            if s.numel():
+                floor = max(1, math.ceil(min_density * s.numel()))
+                floors.append(start + torch.nonzero(topk_mask(s, floor).reshape(-1)).reshape(-1))
+            start += s.numel()
+        reserved = torch.cat(floors)
+        flat = flat.clone()
+        flat[reserved] = float("inf")
+        keep = max(keep, reserved.numel())
+    mask = topk_mask(flat, keep)
     out, start = [], 0
     for s in scores:
         out.append(mask[start : start + s.numel()].reshape(s.shape))
