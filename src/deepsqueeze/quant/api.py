@@ -248,6 +248,8 @@ def _integer_fed(module: nn.Module, convs: set[str], integer_layers: set[str]) -
     Their outputs can stay quantized tensors. Found on the torch.fx graph; a model fx cannot trace
     keeps float boundaries between layers (correct, only slower).
     """
+    if not convs:
+        return set()
     try:
         graph = torch.fx.symbolic_trace(module).graph
     except Exception:  # noqa: BLE001 - any tracing failure only disables the optimisation
