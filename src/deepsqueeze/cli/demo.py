@@ -12,7 +12,7 @@ from deepsqueeze.cli._common import JsonOption, emit_json, rows_table, stderr, s
 
 # (model, evaluation data, recipes): every shipped recipe listed runs, each compared with the fp32 model.
 DEMO_JOBS: list[tuple[str, str, tuple[str, ...]]] = [
-    ("minilm", "pydoc-sentences:eval", ("w4-gptq", "int8-dynamic")),
+    ("minilm", "pydoc-sentences:eval", ("w4-gptq", "int8-smoothquant")),
     ("zoo:lenet5@{images}", "{images}", ("deep-compression-lenet5", "int8-static")),
 ]
 QUICK_JOBS: list[tuple[str, str, tuple[str, ...]]] = [
