@@ -27,14 +27,20 @@ def measure_latency(fn: Callable[[], object], warmup: int = 3, repeat: int = 7, 
 
 def measure_latency_interleaved(fns: dict[str, Callable[[], object]], warmup: int = 3, repeat: int = 7,
                                 threads: int = 2) -> dict[str, float]:
-    """Median ms per callable, timing them in turn (A B A B ...) so machine noise hits all alike."""
+    """Median ms per callable, timing them in turn (A B C, B C A, C A B, ...) so machine noise hits all alike.
+
+    The order rotates every round: no callable always runs right after the same neighbour (whose
+    cache footprint would otherwise tax it in every sample).
+    """
     times: dict[str, list[float]] = {name: [] for name in fns}
+    items = list(fns.items())
     with pinned_threads(threads), torch.inference_mode():
         for _ in range(warmup):
             for fn in fns.values():
                 fn()
-        for _ in range(repeat):
-            for name, fn in fns.items():
+        for round_ in range(repeat):
+            shift = round_ % len(items)
+            for name, fn in items[shift:] + items[:shift]:
                 start = time.perf_counter()
                 fn()
                 times[name].append((time.perf_counter() - start) * 1000)
