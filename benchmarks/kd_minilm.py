@@ -53,7 +53,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = [{"model": "minilm, layers 1/3/5", "method": "no distillation", **fidelity(untrained),
                                    "params": count_params(untrained)}]
     del untrained
-    epochs = 0.5 if ctx.quick else 2.0
+    epochs = 0.5 if ctx.quick else 4.0
     cfg = DistillConfig(student="keep-layers", keep=[1, 3, 5], epochs=epochs, lr=1e-3, batch_size=32,
                         optimizer="adamw", schedule="onecycle", embedding_weight=1.0, hidden_weight=0.1,
                         attention_weight=0.0, augment=0 if ctx.quick else 3)
