@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from benchmarks.runner import BenchContext
 
 NAME = "prune-lenet300"
@@ -17,7 +19,8 @@ SETUP = (
     "93/90/70% (fc1/fc2/fc3, as Han et al. set by layer sensitivity: 92.6% of all weights), AGP cubic schedule "
     "from 0 over the first 60% of the fine-tuning steps, masks re-applied after every "
     "step; stored with the `sparse` encoding (values + bitmap/CSR indices); Linear layers at >= 85% sparsity "
-    "run as SparseCSRLinear (torch.sparse.mm). Peer: torch.nn.utils.prune.global_unstructured (L1Unstructured, "
+    "load as SparseCSRLinear, which runs torch.sparse.mm or a dense product, whichever its first-call race "
+    "measured faster for that shape and batch kind (`kernel_b1_b256`). Peer: torch.nn.utils.prune.global_unstructured (L1Unstructured, "
     "the same overall sparsity) once, then the same fine-tuning (its masks stay on through the reparametrization), saved dense. "
     "Both: Adam lr 1e-3, cosine, batch 128, the epochs listed. Accuracy on the full 10k test split; latency "
     "at batch 1 and 256 interleaved with the fp32 model, 2 threads."
@@ -37,6 +40,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.data import resolve_data
     from deepsqueeze.eval import accuracy, measure_latency_interleaved
     from deepsqueeze.prune import PruneConfig, SparseCSRLinear, prune_
+    from deepsqueeze.prune.sparse import sparse_kernel
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.train.loop import train_classifier
 
@@ -84,6 +88,11 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     peer_size = save(peer_model, tmp / "peer.dsq")
 
     sparse_layers = [n for n, m in loaded.module.named_modules() if isinstance(m, SparseCSRLinear)]
+
+    def kernels(name: str, x: torch.Tensor) -> str:
+        """The kernel the layer's first-call race chose for this batch kind (x: the model input batch)."""
+        layer = loaded.module.get_submodule(name)
+        return sparse_kernel(layer.weight_csr, torch.zeros(x.shape[0], layer.in_features))
     one, big = data.test_x[:1], data.test_x[:256]
     fp32_m, ours_m = base.module.eval(), loaded.module.eval()
     times = measure_latency_interleaved(
@@ -111,6 +120,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                    times["ours_b1"], times["ours_b256"], ours_s,
                    {"layer_sparsity": " ".join(f"{k.split('.')[0]}:{v:.3f}" for k, v in report["layers"].items()),
                     "sparse_layers": " ".join(sparse_layers) or "-",
+                    "kernel_b1_b256": " ".join(f"{n}:{kernels(n, one)}/{kernels(n, big)}" for n in sparse_layers) or "-",
                     "target": f"drop <= {TARGET_DROP_PP} pp at {SPARSITY:.0%} sparsity"})
     ours_row["met"] = "yes" if ours_row["drop_pp"] <= TARGET_DROP_PP and ours_row["weight_sparsity"] >= SPARSITY else "no"
     peer_row = row("torch.nn.utils.prune global L1 once + same fine-tuning (dense file)", peer_acc,

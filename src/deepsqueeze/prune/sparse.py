@@ -4,7 +4,11 @@ Break-even, measured with ``torch.sparse.mm`` (CSR) against ``F.linear`` on this
 (torch 2.13.0, 1 thread to keep the shared machine's scheduling noise out, 10th-percentile of 60 calls,
 see the prune engineer's report): at batch 256 CSR wins from about 80% sparsity (0.99x at 80%,
 3.6x at 90%, 7.0x at 95% on a 1536x384 weight; 0.57x / 1.86x / 3.30x on 300x784); at batch 1 only
-from about 93% (0.75x at 90%, 1.23x at 95% on 1536x384). ``CSR_BREAK_EVEN_SPARSITY`` sits between.
+from about 93% (0.75x at 90%, 1.23x at 95% on 1536x384). ``CSR_BREAK_EVEN_SPARSITY`` sits between and
+decides which layers are stored and loaded as ``SparseCSRLinear``. At 2 threads the same 300x784 layer
+ran 0.8x of dense, so the break-even moves with shapes, threads and CPUs: each ``SparseCSRLinear``
+therefore races CSR against a dense product on its first call (:func:`sparse_kernel`), once per
+process for each (shape, non-zeros, batch kind), and runs the faster one.
 """
 
 from __future__ import annotations
@@ -19,12 +23,42 @@ from torch import nn
 from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
 from deepsqueeze.core.encoding import register_encoding
 from deepsqueeze.core.record import record_encoding, record_transform, register_transform
+from deepsqueeze.core.timing import race
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
-from deepsqueeze.errors import ArtifactError
+from deepsqueeze.errors import ArtifactError, ModelError
 
 CSR_BREAK_EVEN_SPARSITY = 0.85
 
 _CSR_BETA = "Sparse CSR tensor support is in beta state"
+
+
+SPARSE_KERNELS = ("csr", "dense")
+_measured_sparse_kernel: dict[tuple[int, ...], str] = {}
+
+
+def sparse_kernel(weight_csr: torch.Tensor, x: torch.Tensor) -> str:
+    """``"csr"`` or ``"dense"`` for this weight and batch: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
+
+    The race (both products on ``x``, interleaved, best of 3, a few ms) is cached per process by
+    weight shape, non-zero count and batch kind (one row or many), so every layer of that kind, in
+    every copy of the model, runs the same kernel and gives the same bits.
+    """
+    import os
+
+    forced = os.environ.get("DEEPSQUEEZE_SPARSE_KERNEL") or None
+    if forced is not None:
+        if forced not in SPARSE_KERNELS:
+            raise ModelError(f"DEEPSQUEEZE_SPARSE_KERNEL={forced!r} is not one of {SPARSE_KERNELS}: fix or unset it")
+        return forced
+    if weight_csr.device.type != "cpu":
+        return "csr"
+    key = (*weight_csr.shape, int(weight_csr.values().numel()), min(x.shape[0], 2))
+    if key not in _measured_sparse_kernel:
+        dense = weight_csr.to_dense()
+        xt = x.T.contiguous()
+        _measured_sparse_kernel[key] = race({"csr": lambda: torch.sparse.mm(weight_csr, xt),
+                                             "dense": lambda: torch.nn.functional.linear(x, dense)})
+    return _measured_sparse_kernel[key]
 
 
 def _to_csr(dense: torch.Tensor) -> torch.Tensor:
@@ -34,7 +68,10 @@ def _to_csr(dense: torch.Tensor) -> torch.Tensor:
 
 
 class SparseCSRLinear(nn.Module):
-    """A Linear layer whose weight is held and multiplied as a CSR sparse matrix (inference only).
+    """A Linear layer whose weight is held as a CSR sparse matrix (inference only).
+
+    It multiplies with ``torch.sparse.mm``, or with a dense copy where :func:`sparse_kernel` measured
+    the dense product faster for this shape and batch on the running machine.
 
     The state dict still carries the dense ``weight`` (rebuilt from CSR on save, turned back into
     CSR on load) so the artifact's ``sparse`` encoding and strict loading see the usual keys.
@@ -45,6 +82,7 @@ class SparseCSRLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_csr = _to_csr(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
+        self._dense: torch.Tensor | None = None  # a dense copy, made only if the dense kernel wins
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseCSRLinear:
@@ -56,6 +94,11 @@ class SparseCSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
+        if sparse_kernel(self.weight_csr, flat) == "dense":
+            if self._dense is None:  # built once, only when this layer's race goes to dense
+                self._dense = self.weight_csr.to_dense()
+            out = torch.nn.functional.linear(flat, self._dense, self.bias)
+            return out.reshape(*x.shape[:-1], self.out_features)
         out = torch.sparse.mm(self.weight_csr, flat.T.contiguous()).T
         if self.bias is not None:
             out = out + self.bias
@@ -85,6 +128,7 @@ class SparseCSRLinear(nn.Module):
                                   f"({self.out_features}, {self.in_features})")
             else:
                 self.weight_csr = _to_csr(weight.detach().float().clone())
+                self._dense = None
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
@@ -93,6 +137,7 @@ class SparseCSRLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseCSRLinear:
         super()._apply(fn, recurse)
         self.weight_csr = fn(self.weight_csr)
+        self._dense = None
         return self
 
     def extra_repr(self) -> str:

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from deepsqueeze.core.timing import race
 from deepsqueeze.errors import ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
@@ -114,24 +115,6 @@ def _fbgemm_available() -> bool:
     return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
 
 
-def _race(fns: dict[str, Any], rounds: int = 3, budget_s: float = 0.5) -> str:
-    """The name of the fastest callable: interleaved rounds (A B A B), best time of each, time-capped."""
-    import time
-
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (packing, thread pools)
-    stop = time.perf_counter() + budget_s
-    for _ in range(rounds):
-        for name, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - start)
-        if time.perf_counter() > stop:
-            break
-    return min(best, key=best.__getitem__)
-
-
 def _forced_kernel() -> str | None:
     import os
 
@@ -158,7 +141,7 @@ def int8_kernel(device: torch.device) -> str:
         w = torch.randint(-127, 128, (384, 384), generator=g, dtype=torch.int8)
         xq = torch.randint(-127, 128, (512, 384), generator=g, dtype=torch.int8)
         packed = _fbgemm_pack(w, torch.ones(384))
-        _measured_kernel["cpu"] = _race({"fbgemm": lambda: _fbgemm_per_token(x, packed),
+        _measured_kernel["cpu"] = race({"fbgemm": lambda: _fbgemm_per_token(x, packed),
                                          "int_mm": lambda: torch._int_mm(xq, w.t())})
     return _measured_kernel["cpu"]
 
