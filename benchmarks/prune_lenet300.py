@@ -92,7 +92,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     def kernels(name: str, x: torch.Tensor) -> str:
         """The kernel the layer's first-call race chose for this batch kind (x: the model input batch)."""
         layer = loaded.module.get_submodule(name)
-        return sparse_kernel(layer.weight_csr, torch.zeros(x.shape[0], layer.in_features))
+        return sparse_kernel(layer, torch.zeros(x.shape[0], layer.in_features))
     one, big = data.test_x[:1], data.test_x[:256]
     fp32_m, ours_m = base.module.eval(), loaded.module.eval()
     times = measure_latency_interleaved(

@@ -73,7 +73,7 @@ def test_sparse_csr_linear_matches_dense_linear(kernel, monkeypatch):
         linear.weight.mul_(torch.rand_like(linear.weight) > 0.9)
     sparse = SparseCSRLinear.from_linear(linear)
     if kernel:
-        assert sparse_kernel(sparse.weight_csr, torch.zeros(5, 64)) == kernel
+        assert sparse_kernel(sparse, torch.zeros(5, 64)) == kernel
     for x in (torch.randn(5, 64), torch.randn(2, 3, 64), torch.randn(1, 64)):
         torch.testing.assert_close(sparse(x), linear(x), rtol=1e-5, atol=1e-5)
     assert sparse.deepsqueeze_param_count() == 64 * 24 + 24

@@ -36,12 +36,12 @@ SPARSE_KERNELS = ("csr", "dense")
 _measured_sparse_kernel: dict[tuple[int, ...], str] = {}
 
 
-def sparse_kernel(weight_csr: torch.Tensor, x: torch.Tensor) -> str:
-    """``"csr"`` or ``"dense"`` for this weight and batch: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
+def sparse_kernel(layer: SparseCSRLinear, x: torch.Tensor) -> str:
+    """``"csr"`` or ``"dense"`` for ``layer`` on the 2-D batch ``x``: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
 
-    The race (both products on ``x``, interleaved, best of 3, a few ms) is cached per process by
-    weight shape, non-zero count and batch kind (one row or many), so every layer of that kind, in
-    every copy of the model, runs the same kernel and gives the same bits.
+    The race runs both of the layer's forward paths on ``x`` (interleaved, best of 3, a few ms) and is
+    cached per process by weight shape, non-zero count and batch kind (one row or many), so every
+    layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
     """
     import os
 
@@ -50,14 +50,12 @@ def sparse_kernel(weight_csr: torch.Tensor, x: torch.Tensor) -> str:
         if forced not in SPARSE_KERNELS:
             raise ModelError(f"DEEPSQUEEZE_SPARSE_KERNEL={forced!r} is not one of {SPARSE_KERNELS}: fix or unset it")
         return forced
-    if weight_csr.device.type != "cpu":
+    if layer.weight_csr.device.type != "cpu":
         return "csr"
-    key = (*weight_csr.shape, int(weight_csr.values().numel()), min(x.shape[0], 2))
+    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
     if key not in _measured_sparse_kernel:
-        dense = weight_csr.to_dense()
-        xt = x.T.contiguous()
-        _measured_sparse_kernel[key] = race({"csr": lambda: torch.sparse.mm(weight_csr, xt),
-                                             "dense": lambda: torch.nn.functional.linear(x, dense)})
+        _measured_sparse_kernel[key] = race({"csr": lambda: layer._csr_product(x),
+                                             "dense": lambda: layer._dense_product(x)})
     return _measured_sparse_kernel[key]
 
 
@@ -82,7 +80,8 @@ class SparseCSRLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_csr = _to_csr(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._dense: torch.Tensor | None = None  # a dense copy, made only if the dense kernel wins
+        self._dense: torch.Tensor | None = None  # a dense copy, kept only if the dense kernel wins
+        self._kernels: dict[int, str] = {}  # batch kind (1 row / many) -> "csr" or "dense"
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> SparseCSRLinear:
@@ -94,15 +93,23 @@ class SparseCSRLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         flat = x.reshape(-1, self.in_features)
-        if sparse_kernel(self.weight_csr, flat) == "dense":
-            if self._dense is None:  # built once, only when this layer's race goes to dense
-                self._dense = self.weight_csr.to_dense()
-            out = torch.nn.functional.linear(flat, self._dense, self.bias)
-            return out.reshape(*x.shape[:-1], self.out_features)
+        kind = min(flat.shape[0], 2)
+        kernel = self._kernels.get(kind)
+        if kernel is None:
+            kernel = self._kernels[kind] = sparse_kernel(self, flat)
+            if kernel == "csr":
+                self._dense = None  # the race built it: keep it only if some batch kind runs dense
+        product = self._dense_product if kernel == "dense" else self._csr_product
+        return product(flat).reshape(*x.shape[:-1], self.out_features)
+
+    def _csr_product(self, flat: torch.Tensor) -> torch.Tensor:
         out = torch.sparse.mm(self.weight_csr, flat.T.contiguous()).T
-        if self.bias is not None:
-            out = out + self.bias
-        return out.reshape(*x.shape[:-1], self.out_features)
+        return out + self.bias if self.bias is not None else out
+
+    def _dense_product(self, flat: torch.Tensor) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.weight_csr.to_dense()
+        return torch.nn.functional.linear(flat, self._dense, self.bias)
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_csr.to_dense()
@@ -128,7 +135,7 @@ class SparseCSRLinear(nn.Module):
                                   f"({self.out_features}, {self.in_features})")
             else:
                 self.weight_csr = _to_csr(weight.detach().float().clone())
-                self._dense = None
+                self._dense, self._kernels = None, {}
         elif strict:
             missing_keys.append(key)
         rest = {k: v for k, v in state_dict.items() if k != key}
@@ -137,7 +144,7 @@ class SparseCSRLinear(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> SparseCSRLinear:
         super()._apply(fn, recurse)
         self.weight_csr = fn(self.weight_csr)
-        self._dense = None
+        self._dense, self._kernels = None, {}
         return self
 
     def extra_repr(self) -> str:
