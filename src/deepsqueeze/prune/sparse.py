@@ -97,8 +97,8 @@ class SparseCSRLinear(nn.Module):
         kernel = self._kernels.get(kind)
         if kernel is None:
             kernel = self._kernels[kind] = sparse_kernel(self, flat)
-            if kernel == "csr":
-                self._dense = None  # the race built it: keep it only if some batch kind runs dense
+            if "dense" not in self._kernels.values():
+                self._dense = None  # the race built it: keep it only while some batch kind runs dense
         product = self._dense_product if kernel == "dense" else self._csr_product
         return product(flat).reshape(*x.shape[:-1], self.out_features)
 
