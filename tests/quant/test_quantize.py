@@ -167,3 +167,16 @@ def test_static_keeps_float_outputs_where_a_float_op_consumes_them():
     assert quantize_(module, Int8StaticConfig(), calib) == ["a", "b", "head"]
     assert not module.a.quantized_output and not module.b.quantized_output
     assert sqnr_db(ref, module(x)) > 25
+
+
+def test_static_chains_codes_through_average_pooling():
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3), nn.ReLU(),
+                           nn.AdaptiveAvgPool2d(2), nn.Flatten(), nn.Linear(32, 10)).eval()
+    g = torch.Generator().manual_seed(0)
+    calib = [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)]
+    x = torch.randn(8, 1, 8, 8, generator=g)
+    ref = module(x)
+    quantize_(module, Int8StaticConfig(), calib)
+    assert module[0].quantized_output and module[2].quantized_output and module[2].relu
+    assert sqnr_db(ref, module(x)) > 25

@@ -238,7 +238,8 @@ def _following_relu(module: nn.Module, conv_names: set[str]) -> dict[str, str]:
 
 
 # Modules and calls that run on quantized tensors unchanged (the codes keep their scale and zero point).
-_QUANTIZED_PASSTHROUGH = (nn.MaxPool2d, nn.Flatten, nn.Identity, nn.Dropout, nn.Unflatten)
+_QUANTIZED_PASSTHROUGH = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.ReLU, nn.Flatten, nn.Identity,
+                          nn.Dropout, nn.Unflatten)
 _QUANTIZED_PASSTHROUGH_CALLS = {torch.flatten, torch.reshape, "flatten", "view", "reshape", "contiguous"}
 
 
