@@ -26,6 +26,7 @@ SETUP = (
     "here, so the _int_mm rows are not timed); the SmoothQuant row first migrates activation outliers into "
     "the weights (alpha 0.5, calibrated on 256 `pydoc-sentences:calib` sentences); `ORT fused` exports the per-tensor model with "
     "deepsqueeze.quant.export_onnx (ORT transformer fusion + integer ops, per-tensor uint8 activations). "
+    "`ideal_mb`: bits x parameters (8 per int8 code, 32 per float parameter, scales not counted). "
     "`artifact_mb`: measured .dsq bytes / 1e6 (the ONNX file for the ORT peer; torch.ao has no file). "
     "`compress_s`: quantization wall time (plus calibration, plus export for ORT rows)."
 )
@@ -34,6 +35,17 @@ TARGET = "cosine_mean >= 0.995, cosine_min >= 0.99, speedup >= 2.0x and faster t
 
 def _mb(n: float) -> float:
     return round(n / 1e6, 2)
+
+
+def _ideal_mb(module: torch.nn.Module) -> float:
+    """Bits x parameters: 1 byte per int8 code, 4 per float parameter; scales and smoothing vectors not counted."""
+    total = 0
+    for name, tensor in module.state_dict().items():
+        if tensor.dtype in (torch.int8, torch.uint8):
+            total += tensor.numel()
+        elif tensor.is_floating_point() and not name.endswith(("scale", "smooth")):
+            total += 4 * tensor.numel()
+    return _mb(total)
 
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
@@ -68,6 +80,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
 
     save(base, tmp / "fp32.dsq")
     rows["fp32 torch"] = {"cosine_mean": 1.0, "cosine_min": 1.0, "neighbor_agreement_at_10": 1.0,
+                          "ideal_mb": _ideal_mb(fp32),
                           "artifact_mb": _mb((tmp / "fp32.dsq").stat().st_size), "compress_s": 0.0}
     runners["fp32 torch"] = lambda: fp32(**tokens)
 
@@ -107,14 +120,15 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         if act != "per_tensor":  # per-tensor eager runs on torch._int_mm: ~20x slower than fp32 on AVX2
             kernel = loaded.module.transformer.encoder.layer[0].attention.self.query.kernel(torch.device("cpu"))
             name = f"deepsqueeze int8 {act} (torch eager, {kernel})"
-            rows[name] = {**fidelity(loaded.module), "artifact_mb": _mb(size), "compress_s": round(compress_s, 1)}
+            rows[name] = {**fidelity(loaded.module), "artifact_mb": _mb(size), "ideal_mb": _ideal_mb(loaded.module),
+                          "compress_s": round(compress_s, 1)}
             runners[name] = lambda m=loaded.module: m(**tokens)
         else:  # the ORT export runs per-tensor activations (DynamicQuantizeLinear)
             start = time.perf_counter()
             export_onnx(loaded, tmp / f"int8_{act}.onnx")
             ort = OrtModule(tmp / f"int8_{act}.onnx", loaded.module, ctx.threads)
             name = f"deepsqueeze int8 {act} (ORT fused)"
-            rows[name] = {**fidelity(ort), "artifact_mb": _mb(size),
+            rows[name] = {**fidelity(ort), "artifact_mb": _mb(size), "ideal_mb": _ideal_mb(loaded.module),
                           "compress_s": round(compress_s + time.perf_counter() - start, 1)}
             runners[name] = lambda m=ort: m(**tokens)
 
