@@ -52,6 +52,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     prune_(model, PruneTransformerConfig(heads=2, ffn_ratio=0.3), sctx)
     prune_s = time.perf_counter() - start
     after_prune = embedding_fidelity(model.module.encode(sentences), ref_emb)
+    distilled = copy.deepcopy(model)  # the same pruned model, recovered by the distill stage below
     start = time.perf_counter()
     from deepsqueeze.prune.stage import finetune
 
@@ -62,10 +63,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     loaded = load(tmp / "pruned.dsq")
     after_ft = embedding_fidelity(loaded.module.encode(sentences), ref_emb)
 
-    # the same pruned model recovered by the distill stage instead (what kd-minilm uses)
-    distilled = copy.deepcopy(base)
-    prune_(distilled, PruneTransformerConfig(heads=2, ffn_ratio=0.3),
-           StageContext(distilled, data=calib, reference=base, seed=ctx.seed, progress=False))
+    # the pruned model recovered by the distill stage instead (what kd-minilm uses)
     kd = DistillConfig(epochs=0.5 if ctx.quick else 2.0, lr=1e-3, batch_size=32, optimizer="adamw",
                        schedule="onecycle", embedding_weight=1.0, hidden_weight=0.1, augment=0 if ctx.quick else 3,
                        limit=limit)

@@ -2,8 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+
+from deepsqueeze.errors import ModelError
+
+
+def forced_choice(env_var: str, choices: Sequence[str]) -> str | None:
+    """The kernel the environment variable ``env_var`` forces (None when unset); a value outside ``choices`` is an error."""
+    forced = os.environ.get(env_var) or None
+    if forced is not None and forced not in choices:
+        raise ModelError(f"{env_var}={forced!r} is not one of {tuple(choices)}: fix or unset it")
+    return forced
 
 
 def race(fns: dict[str, Callable[[], object]], rounds: int = 3, budget_s: float = 0.5) -> str:

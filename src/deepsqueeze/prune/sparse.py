@@ -23,9 +23,9 @@ from torch import nn
 from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
 from deepsqueeze.core.encoding import register_encoding
 from deepsqueeze.core.record import record_encoding, record_transform, register_transform
-from deepsqueeze.core.timing import race
+from deepsqueeze.core.timing import forced_choice, race
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
-from deepsqueeze.errors import ArtifactError, ModelError
+from deepsqueeze.errors import ArtifactError
 
 CSR_BREAK_EVEN_SPARSITY = 0.85
 
@@ -43,12 +43,8 @@ def sparse_kernel(layer: SparseCSRLinear, x: torch.Tensor) -> str:
     cached per process by weight shape, non-zero count and batch kind (one row or many), so every
     layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
     """
-    import os
-
-    forced = os.environ.get("DEEPSQUEEZE_SPARSE_KERNEL") or None
+    forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
     if forced is not None:
-        if forced not in SPARSE_KERNELS:
-            raise ModelError(f"DEEPSQUEEZE_SPARSE_KERNEL={forced!r} is not one of {SPARSE_KERNELS}: fix or unset it")
         return forced
     if layer.weight_csr.device.type != "cpu":
         return "csr"

@@ -31,7 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsqueeze.core.timing import race
+from deepsqueeze.core.timing import forced_choice, race
 from deepsqueeze.errors import ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
@@ -116,12 +116,7 @@ def _fbgemm_available() -> bool:
 
 
 def _forced_kernel() -> str | None:
-    import os
-
-    forced = _kernel_override or os.environ.get("DEEPSQUEEZE_INT8_KERNEL") or None
-    if forced is not None and forced not in INT8_KERNELS:
-        raise ModelError(f"DEEPSQUEEZE_INT8_KERNEL={forced!r} is not one of {INT8_KERNELS}: fix or unset it")
-    return forced
+    return _kernel_override or forced_choice("DEEPSQUEEZE_INT8_KERNEL", INT8_KERNELS)
 
 
 def int8_kernel(device: torch.device) -> str:
@@ -146,14 +141,19 @@ def int8_kernel(device: torch.device) -> str:
     return _measured_kernel["cpu"]
 
 
-def _fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
-    """fbgemm-packed per-channel weights from our int8 codes and scales (and the float bias, if given)."""
+def _per_channel_qweight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Our int8 codes and per-output-channel scales as a PyTorch qint8 tensor (no copy of the values),
+    with the quantized engine selected for the prepack that follows."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.backends.quantized.engine = _quantized_engine()
-        qweight = torch._make_per_channel_quantized_tensor(
+        return torch._make_per_channel_quantized_tensor(
             weight.contiguous(), weight_scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0)
-        return torch.ops.quantized.linear_prepack(qweight, bias)
+
+
+def _fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    """fbgemm-packed per-channel weights from our int8 codes and scales (and the float bias, if given)."""
+    return torch.ops.quantized.linear_prepack(_per_channel_qweight(weight, weight_scale), bias)
 
 
 def _fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
@@ -388,13 +388,9 @@ class Int8Conv2d(_Cached):
 
     def _packed(self) -> Any:
         def make() -> Any:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.backends.quantized.engine = _quantized_engine()
-                qweight = torch._make_per_channel_quantized_tensor(
-                    self.weight, self.weight_scale.double(), torch.zeros(self.out_channels, dtype=torch.long), 0)
-                return torch.ops.quantized.conv2d_prepack(qweight, self.bias, list(self.stride), list(self.padding),
-                                                          list(self.dilation), self.groups)
+            return torch.ops.quantized.conv2d_prepack(_per_channel_qweight(self.weight, self.weight_scale), self.bias,
+                                                      list(self.stride), list(self.padding), list(self.dilation),
+                                                      self.groups)
 
         return self._cached("packed", make)
 
