@@ -9,7 +9,8 @@ from typing import Any
 from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.record import get_record, record_encoding, replay_transforms
+from deepsqueeze.core.record import CoverageEntry, get_record, record_encoding, replay_transforms
+from deepsqueeze.core.sharing import shared_tensors, tie_tensor
 from deepsqueeze.errors import ArtifactError, DeepsqueezeError, ModelError
 from deepsqueeze.zoo.resolve import build_base, check_finite
 
@@ -28,8 +29,11 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
     unknown = set(record.encodings) - set(state)
     if unknown:
         raise ArtifactError(f"encodings were recorded for tensors the model does not have: {sorted(unknown)[:3]}")
+    ties = shared_tensors(state)
     entries = []
     for name, tensor in state.items():
+        if name in ties:
+            continue  # stored once, under the name it was first seen by; re-tied at load
         hint = dict(record.encodings.get(name, {"encoding": "raw"}))
         entries.append(TensorEntry(name, tensor, hint.pop("encoding"), hint))
     manifest: dict[str, Any] = {
@@ -42,7 +46,10 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
         "num_classes": model.num_classes,
         "transforms": [t.to_dict() for t in record.transforms],
         "stages": record.stages,
+        "coverage": [entry.to_dict() for entry in record.coverage],
     }
+    if ties:
+        manifest["ties"] = ties
     return write_artifact(out, manifest, entries)
 
 
@@ -60,13 +67,20 @@ def load(path: str | os.PathLike[str]) -> Model:
         raise ArtifactError(f"{path} has a malformed manifest ({type(exc).__name__}: {exc})") from None
     except DeepsqueezeError as exc:
         raise ModelError(f"cannot rebuild the base model of {path}: {exc}") from None
+    ties = manifest.get("ties") or {}
+    if not isinstance(ties, dict) or any(not isinstance(k, str) or v not in contents.tensors for k, v in ties.items()):
+        raise ArtifactError(f"{path} has a malformed manifest: 'ties' must map tensor names to stored tensors")
     result = module.load_state_dict(contents.tensors, strict=False)
-    if result.missing_keys or result.unexpected_keys:
+    missing = [k for k in result.missing_keys if k not in ties]
+    if missing or result.unexpected_keys:
         raise ArtifactError(
-            f"{path} does not fit its base model: missing {result.missing_keys[:3]}, "
+            f"{path} does not fit its base model: missing {missing[:3]}, "
             f"unexpected {result.unexpected_keys[:3]}"
         )
+    for alias, source in ties.items():
+        tie_tensor(module, alias, source)
     get_record(module).stages = list(manifest.get("stages", []))
+    get_record(module).coverage = [CoverageEntry.from_dict(e) for e in manifest.get("coverage", [])]
     for entry in manifest["tensors"]:
         if entry["encoding"] != "raw":
             record_encoding(module, entry["name"], entry["encoding"], **entry.get("params", {}))

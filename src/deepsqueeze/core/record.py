@@ -31,11 +31,55 @@ class Transform:
         return asdict(self)
 
 
+# Why a stage left a weight-bearing module alone (``CoverageEntry.reason``).
+UNSUPPORTED = "unsupported type"
+EXCLUDED = "excluded by pattern"
+TOO_SMALL = "too small"
+NOT_DIVISIBLE = "shape not divisible by the group size"
+TIED = "tied to a module already handled"
+NOT_REACHED = "not reached by the calibration data"
+BLOCKED = "blocked by the dependency graph"
+
+COVERAGE_ACTIONS = ("compressed", "skipped", "float")
+
+
+@dataclass(frozen=True)
+class CoverageEntry:
+    """What one stage did to one weight-bearing module.
+
+    ``action`` is ``compressed`` (``into`` names the representation, e.g. ``Int8Linear`` or
+    ``mask 50%``), ``skipped`` (``reason`` says why: one of the reason constants of this module, with
+    detail after a colon) or ``float`` (the stage does not claim this kind, so it stays float).
+    ``weights`` counts the module's weight elements (biases and norms excluded), shared ones once.
+    """
+
+    stage: int
+    stage_type: str
+    module: str
+    kind: str
+    weights: int
+    action: str
+    into: str | None = None
+    reason: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CoverageEntry:
+        try:
+            return cls(int(data["stage"]), str(data["stage_type"]), str(data["module"]), str(data["kind"]),
+                       int(data["weights"]), str(data["action"]), data.get("into"), data.get("reason"))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ArtifactError(f"malformed coverage entry in the manifest ({type(exc).__name__}: {exc})") from None
+
+
 @dataclass
 class CompressionRecord:
     transforms: list[Transform] = field(default_factory=list)
     encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
     stages: list[dict[str, Any]] = field(default_factory=list)
+    coverage: list[CoverageEntry] = field(default_factory=list)
 
 
 def get_record(model: nn.Module) -> CompressionRecord:
@@ -67,6 +111,11 @@ def record_transform(model: nn.Module, kind: str, target: str, **params: Any) ->
 def record_encoding(model: nn.Module, tensor_name: str, encoding: str, **params: Any) -> None:
     """Ask the artifact writer to store state-dict entry ``tensor_name`` with ``encoding``."""
     get_record(model).encodings[tensor_name] = {"encoding": encoding, **params}
+
+
+def record_coverage(model: nn.Module, entries: list[CoverageEntry]) -> None:
+    """Append a stage's coverage entries to ``model``'s record."""
+    get_record(model).coverage.extend(entries)
 
 
 def replay_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from deepsqueeze.core.outputs import primary_output
 from deepsqueeze.data.datasets import ClassificationData
 
 
@@ -15,7 +16,7 @@ def accuracy(module: nn.Module, data: ClassificationData, split: str = "test", b
     module.eval()
     correct = total = 0
     for x, y in data.batches(split, batch_size):
-        pred = module(x.to(device)).argmax(-1).cpu()
+        pred = primary_output(module(x.to(device))).argmax(-1).cpu()
         correct += int((pred == y).sum())
         total += len(y)
     return correct / max(total, 1)

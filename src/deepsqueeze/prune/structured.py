@@ -10,10 +10,12 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import nn
 
+from deepsqueeze.core.outputs import output_shapes
 from deepsqueeze.errors import RecipeError, UnsupportedLayerError
 from deepsqueeze.prune.graph import DependencyGraph, Group, Layout, analyze
 from deepsqueeze.prune.importance import (
@@ -140,7 +142,7 @@ def prune_channels_(module: nn.Module, example: torch.Tensor, plan: ChannelPlan,
     if not 0.0 <= plan.ratio < 1.0:
         raise RecipeError(f"ratio must be in [0, 1), got {plan.ratio}")
     with torch.no_grad():
-        before_shape = tuple(_forward(module, example).shape)
+        before_shape = output_shapes(_forward(module, example))
     params_before = sum(p.numel() for p in module.parameters())
     graph = analyze(module, example)
     _check_requested(graph, plan)
@@ -163,7 +165,7 @@ def prune_channels_(module: nn.Module, example: torch.Tensor, plan: ChannelPlan,
             cut_(module, name, "in", _in_indices(role.in_layout, kept))
     with torch.no_grad():
         try:
-            after_shape = tuple(_forward(module, example).shape)
+            after_shape = output_shapes(_forward(module, example))
         except RuntimeError as exc:
             raise UnsupportedLayerError(f"the pruned model no longer runs ({str(exc)[:200]}): a coupling was missed; "
                                         "exclude the layers involved and report the model") from None
@@ -189,7 +191,7 @@ def _in_indices(layout: Layout, kept: Mapping[int, list[int]]) -> list[int]:
     return out
 
 
-def _forward(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> torch.Tensor:
+def _forward(module: nn.Module, example: torch.Tensor | Sequence[torch.Tensor]) -> Any:
     was_training = module.training
     module.eval()
     try:

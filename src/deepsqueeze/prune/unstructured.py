@@ -29,7 +29,12 @@ PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv1d)
 
 def prunable_weights(module: nn.Module, include: Sequence[str] | None = None,
                      exclude: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
-    """``{"layer.weight": parameter}`` for every Linear/Conv layer matching the name patterns."""
+    """``{"layer.weight": parameter}`` for every Linear/Conv layer matching the name patterns.
+
+    A weight shared by several layers (a tied ``lm_head``) appears once, under the name
+    ``module.named_parameters()`` gives it (the first place it is reached), so it gets one mask.
+    """
+    canonical = {id(p): name for name, p in module.named_parameters()}
     out: dict[str, nn.Parameter] = {}
     for name, sub in module.named_modules():
         if not name or not isinstance(sub, PRUNABLE_TYPES):
@@ -38,7 +43,8 @@ def prunable_weights(module: nn.Module, include: Sequence[str] | None = None,
             continue
         if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        out[f"{name}.weight"] = sub.weight
+        key = canonical.get(id(sub.weight), f"{name}.weight")
+        out.setdefault(key, sub.weight)
     return out
 
 

@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.outputs import primary_output
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
@@ -95,8 +96,7 @@ def _outputs(module: nn.Module, batches: Sequence[Any]) -> list[torch.Tensor]:
     out = []
     for batch in batches:
         y = run_batch(module, batch)
-        y = y[0] if isinstance(y, tuple) else getattr(y, "last_hidden_state", y)
-        out.append(y.detach().float())
+        out.append(primary_output(y).detach().float())
     return out
 
 

@@ -1,0 +1,55 @@
+"""One way to read a model's forward output, whatever its container.
+
+Models return a tensor, a tuple or list (``(logits, aux)``), a dict (detection heads), a Hugging Face
+``ModelOutput`` (an ordered dict whose unset fields are ``None``) or nestings of these. Every place
+that inspects outputs (tracing checks, calibration, evaluation, export) goes through these helpers
+instead of assuming ``.shape``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from deepsqueeze.errors import ModelError
+
+__all__ = ["output_shapes", "output_tensors", "primary_output"]
+
+
+def output_tensors(output: Any) -> list[torch.Tensor]:
+    """Every tensor in ``output``, depth first in container order (dict/ModelOutput: insertion order).
+
+    ``None`` and non-tensor leaves (ints, strings, caches without tensors) are skipped.
+    """
+    out: list[torch.Tensor] = []
+    _collect(output, out)
+    return out
+
+
+def _collect(value: Any, out: list[torch.Tensor]) -> None:
+    if isinstance(value, torch.Tensor):
+        out.append(value)
+    elif isinstance(value, Mapping):
+        for item in value.values():
+            _collect(item, out)
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _collect(item, out)
+
+
+def primary_output(output: Any) -> torch.Tensor:
+    """The first tensor of ``output`` (``logits`` / ``last_hidden_state`` of a ``ModelOutput``).
+
+    Raises ModelError when the output holds no tensor at all.
+    """
+    tensors = output_tensors(output)
+    if not tensors:
+        raise ModelError(f"the model's forward returned {type(output).__name__} without any tensor in it")
+    return tensors[0]
+
+
+def output_shapes(output: Any) -> list[tuple[int, ...]]:
+    """The shape of every tensor of ``output`` (a signature to compare before and after a rewrite)."""
+    return [tuple(t.shape) for t in output_tensors(output)]
