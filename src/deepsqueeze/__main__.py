@@ -1,6 +1,5 @@
-"""``python -m deepsqueeze``: the same CLI as the ``deepsqueeze`` command."""
+"""``python -m deepsqueeze ...``: the CLI (also what ``torchrun -m deepsqueeze compress ...`` starts)."""
 
 from deepsqueeze.cli.app import main
 
-if __name__ == "__main__":
-    main()
+main()

@@ -26,7 +26,11 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.recipes import load_recipe
 
         parsed = load_recipe(recipe)
+        from deepsqueeze.train.distributed import is_main_process
+
         result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json)
+        if not is_main_process():
+            return
         summary = {
             "model": result.model.ref,
             "recipe": str(recipe),

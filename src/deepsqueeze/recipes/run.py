@@ -20,6 +20,7 @@ from deepsqueeze.data.resolve import resolve_data
 from deepsqueeze.errors import ArtifactError, DataError, RecipeError
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
+from deepsqueeze.train import distributed
 from deepsqueeze.train.loop import seed_everything
 
 
@@ -71,7 +72,11 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
              evaluate_result: bool = True) -> CompressResult:
-    """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened."""
+    """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
+
+    Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
+    batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
+    """
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
@@ -82,13 +87,18 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
         raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
     if not out_path.parent.exists():
         raise ArtifactError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
+    distributed.init_from_env(device)
+    progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
     data = training_data(model, data_ref or recipe.data)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
-    size = save(model, out_path)
+    if distributed.is_main_process():
+        save(model, out_path)
+    distributed.barrier()
+    size = out_path.stat().st_size
     metrics: dict[str, Any] = {}
     if evaluate_result and isinstance(data, ClassificationData):
         from deepsqueeze.eval.metrics import accuracy

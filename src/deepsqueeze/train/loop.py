@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.data.datasets import ClassificationData
+from deepsqueeze.train import distributed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 StepCallback = Callable[[int, int], None]  # (global step, total steps)
@@ -45,6 +46,9 @@ def fit(
     ``before_step``/``after_step`` run around every optimiser step with (step, total steps): pruning
     schedules hook in there. Any submodule with a ``deepsqueeze_after_step()`` method (a mask, a
     codebook) has it called after every step, in every training run. Returns the last epoch's mean loss.
+
+    Under ``torchrun --nproc-per-node N`` each step's batch is split across the processes and their
+    gradients are averaged (see ``deepsqueeze.train.distributed``): the same updates as one process.
     """
     seed_everything(seed)
     trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
@@ -55,8 +59,9 @@ def fit(
     sched = _scheduler(schedule, opt, total)
     constrained = [m for m in module.modules() if callable(getattr(m, "deepsqueeze_after_step", None))]
     module.train()
+    rank, world_size = distributed.world()
     step, last_losses = 0, []
-    with _progress(progress, description, total) as advance:
+    with _progress(progress and rank == 0, description, total) as advance:
         epoch = 0
         while step < total:
             last_losses = []
@@ -66,16 +71,19 @@ def fit(
                 if before_step is not None:
                     before_step(step, total)
                 opt.zero_grad(set_to_none=True)
-                loss = loss_fn(module, batch)
-                if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} at step {step}: lower the learning rate")
+                local, weight = distributed.shard(batch, rank, world_size)
+                loss = loss_fn(module, local) * weight
+                reported = distributed.mean_over_processes(loss.detach())
+                if not torch.isfinite(reported):
+                    raise FloatingPointError(f"loss became {reported.item()} at step {step}: lower the learning rate")
                 loss.backward()
+                distributed.average_gradients(trainable)
                 opt.step()
                 sched.step()
                 for m in constrained:  # e.g. pruning masks: pruned weights stay zero
                     m.deepsqueeze_after_step()
                 step += 1
-                last_losses.append(float(loss.detach()))
+                last_losses.append(float(reported))
                 if after_step is not None:
                     after_step(step, total)
                 advance(loss=last_losses[-1])
