@@ -19,6 +19,7 @@ import os
 import struct
 import tempfile
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,18 +66,38 @@ def dtype_name(dtype: torch.dtype) -> str:
     return name
 
 
-def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tensors: list[TensorEntry]) -> int:
-    """Encode ``tensors``, write the container atomically to ``path``, return its size in bytes."""
-    entries = []
-    payload = bytearray()
-    for item in tensors:
+class ArtifactWriter:
+    """Write a .dsq incrementally: each tensor is encoded as it comes and its segments are spooled to an
+    unnamed temporary file beside the target, so memory holds one tensor at a time, not the model.
+
+    ``finish(manifest)`` writes header, manifest and the spooled segments atomically to the target and
+    returns the file's size; leaving the ``with`` block on an error writes nothing.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        if not self.path.parent.exists():
+            raise ArtifactError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        self._spool = tempfile.TemporaryFile(dir=self.path.parent)
+        self._entries: list[dict[str, Any]] = []
+        self._offset = 0
+
+    def __enter__(self) -> ArtifactWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._spool.close()
+
+    def add(self, item: TensorEntry) -> None:
+        """Encode ``item`` and spool its segments."""
         encoding = get_encoding(item.encoding)
         tensor = item.tensor.detach().cpu()
         meta, segments = encoding.encode(tensor, **item.params)
         seg_index = []
         for seg in segments:
-            seg_index.append([len(payload), len(seg), zlib.crc32(seg)])
-            payload += seg
+            seg_index.append([self._offset, len(seg), zlib.crc32(seg)])
+            self._spool.write(seg)
+            self._offset += len(seg)
         entry = {
             "name": item.name,
             "dtype": dtype_name(tensor.dtype),
@@ -87,24 +108,41 @@ def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tenso
         }
         if item.params:  # what was asked for, so a loaded model saves again the same way
             entry["params"] = item.params
-        entries.append(entry)
-    full_manifest = {**manifest, "format": "deepsqueeze", "version": FORMAT_VERSION, "tensors": entries}
-    manifest_bytes = json.dumps(full_manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-    header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), zlib.crc32(manifest_bytes))
-    data = header + manifest_bytes + bytes(payload)
-    atomic_write_bytes(Path(path), data)
-    return len(data)
+        self._entries.append(entry)
+
+    def finish(self, manifest: dict[str, Any]) -> int:
+        """Write the container (``manifest`` plus the tensor entries) atomically; return its size in bytes."""
+        full_manifest = {**manifest, "format": "deepsqueeze", "version": FORMAT_VERSION, "tensors": self._entries}
+        manifest_bytes = json.dumps(full_manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+        header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), zlib.crc32(manifest_bytes))
+
+        def write(fh: Any) -> None:
+            fh.write(header + manifest_bytes)
+            self._spool.seek(0)
+            while chunk := self._spool.read(1 << 22):
+                fh.write(chunk)
+
+        atomic_write(self.path, write)
+        return len(header) + len(manifest_bytes) + self._offset
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write via a temporary file in the same folder and rename: readers never see half a file."""
+def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tensors: list[TensorEntry]) -> int:
+    """Encode ``tensors``, write the container atomically to ``path``, return its size in bytes."""
+    with ArtifactWriter(path) as writer:
+        for item in tensors:
+            writer.add(item)
+        return writer.finish(manifest)
+
+
+def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
+    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it to ``path``."""
     path = Path(path)
     if not path.parent.exists():
         raise ArtifactError(f"cannot write {path}: folder {path.parent} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
