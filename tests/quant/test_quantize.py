@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import copy
-
 import pytest
 import torch
 from torch import nn
@@ -11,6 +9,7 @@ from torch import nn
 import deepsqueeze.artifact as artifact
 from deepsqueeze.core.config import config_from_dict, config_to_dict
 from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.record import get_record
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives.quantize import sqnr_db
 from deepsqueeze.quant import (
@@ -139,10 +138,12 @@ def test_bad_configs_raise_recipe_errors(bad):
         config_from_dict(bad)
 
 
-def test_rtn_group_that_does_not_divide_is_a_recipe_error():
-    module = nn.Sequential(nn.Linear(10, 4))
-    with pytest.raises(RecipeError, match="group"):
-        quantize_(copy.deepcopy(module), WeightOnlyConfig(group_size=4))
+def test_rtn_group_that_does_not_divide_falls_back_to_rows_with_its_reason():
+    module = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 4))
+    done = quantize_(module, WeightOnlyConfig(group_size=4))
+    assert done == ["0", "1"] and module[0].group_size == 10 and module[1].group_size == 4
+    entry = get_record(module).coverage[0]
+    assert (entry.module, entry.action) == ("0", "compressed") and "does not divide 10" in entry.reason
 
 
 class _ResidualConvNet(nn.Module):

@@ -43,8 +43,10 @@ def register(app: typer.Typer) -> None:
             **result.metrics,
         }
         if as_json:
-            emit_json({**summary, "stages": result.stage_reports})
+            emit_json({**summary, "stages": result.stage_reports, "coverage": result.coverage})
             return
         stdout.print(kv_table(f"compressed {result.model.ref} -> {out}", summary))
+        if result.coverage:
+            stdout.print(rows_table("coverage (weight-bearing modules per stage)", result.coverage))
         if report:
             stdout.print(rows_table("stages", result.stage_reports))

@@ -27,4 +27,5 @@ class StageContext:
     seed: int = 0
     progress: bool = True
     report: list[dict[str, Any]] = field(default_factory=list)
+    on_unsupported: str = "warn"  # the recipe's choice for layer kinds a stage does not handle (warn|skip|error)
     extras: dict[str, Any] = field(default_factory=dict)

@@ -5,8 +5,8 @@ A module that stores weights in another form (packed integers, CSR, codebooks) i
 
 Tied weights (a GPT-2 ``lm_head`` whose weight is the embedding table) and modules reused at several
 places in the tree are counted once: a plain parameter by its identity, a compressed module when every
-tensor it holds was already seen under another module (the representation of a tied weight shares its
-buffers with the first one).
+its weight tensor (``codes`` or ``weight``) was already seen under another module (the representation of
+a tied weight shares its buffers with the first one): then only its bias counts.
 """
 
 from __future__ import annotations
@@ -28,9 +28,14 @@ def _walk(model: nn.Module, method: str, fallback: Callable[[torch.Tensor], int]
         own = getattr(module, method, None)
         if callable(own):
             tensors = [t for t in (*module.parameters(), *module.buffers()) if t is not None]
-            fresh = [t for t in tensors if id(t) not in seen_tensors]
+            primary = getattr(module, "codes", None)
+            primary = getattr(module, "weight", None) if primary is None else primary
+            shared = isinstance(primary, torch.Tensor) and id(primary) in seen_tensors
             seen_tensors.update(id(t) for t in tensors)
-            return int(own()) if fresh or not tensors else 0
+            if not shared:
+                return int(own())
+            bias = getattr(module, "bias", None)  # the weight is counted where it was first seen
+            return fallback(bias) if isinstance(bias, torch.Tensor) else 0
         total = 0
         for p in module.parameters(recurse=False):
             if id(p) not in seen_tensors:

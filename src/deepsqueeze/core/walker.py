@@ -38,8 +38,12 @@ def iter_modules(
     yield from selected
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
+def name_matches(name: str, patterns: Iterable[str]) -> bool:
+    """Whether dotted module ``name`` matches any fnmatch pattern of ``patterns``."""
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+_matches = name_matches
 
 
 def get_submodule(root: nn.Module, name: str) -> nn.Module:

@@ -20,8 +20,27 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.record import record_transform, register_transform
-from deepsqueeze.core.walker import iter_modules, set_submodule
+from deepsqueeze.core.coverage import (
+    check_unsupported,
+    diff_coverage,
+    register_planner,
+    report_coverage,
+    snapshot,
+)
+from deepsqueeze.core.kinds import conv1d_to_linear, layer_kind, weight_bearing_modules
+from deepsqueeze.core.record import (
+    EXCLUDED,
+    NOT_DIVISIBLE,
+    TIED,
+    UNSUPPORTED,
+    CoverageEntry,
+    get_record,
+    record_coverage,
+    record_transform,
+    register_transform,
+)
+from deepsqueeze.core.sharing import tied_weight_groups
+from deepsqueeze.core.walker import get_submodule, name_matches, set_submodule
 from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.primitives.observers import Observer, make_observer
@@ -36,8 +55,10 @@ from deepsqueeze.quant.modules import (
     PackedIntEmbedding,
     PackedIntLinear,
 )
+from deepsqueeze.quant.packed_weights import PackedWeights
 
-__all__ = ["METHODS", "MethodFn", "install", "quantize_", "register_method", "run_batch", "select_layers"]
+__all__ = ["CLAIMED_KINDS", "METHODS", "MethodFn", "install", "note_skip", "plan_quantize", "quantize_", "register_method",
+           "run_batch", "select_layers"]
 
 MethodFn = Callable[[nn.Module, QuantizeConfig, list[Any] | None], list[str]]
 METHODS: dict[str, MethodFn] = {}
@@ -48,36 +69,189 @@ MODULE_CLASSES: dict[str, type[nn.Module]] = {
     for cls in (Int8Linear, Int8Conv2d, PackedIntLinear, PackedInt4Linear, PackedIntConv2d, Int8Embedding,
                 PackedIntEmbedding)
 }
+# What counts as a quantized representation in coverage.
+REPRESENTATIONS: tuple[type[nn.Module], ...] = (*MODULE_CLASSES.values(), PackedWeights)
 
 
-def register_method(name: str | Method) -> Callable[[MethodFn], MethodFn]:
-    """Register ``fn(module, config, batches) -> replaced layer names`` for ``config.method == name``."""
+# Layer kinds (deepsqueeze.core.kinds) each method handles. Linear-like kinds go through the method's own
+# kernels; GENERIC_KINDS (and conv2d for the dynamic methods) get PackedWeights codes after the method ran.
+LINEAR_KINDS = frozenset({"linear", "hf-conv1d"})
+GENERIC_KINDS = frozenset({"conv1d", "conv3d", "conv-transpose1d", "conv-transpose2d", "lstm", "gru", "rnn",
+                           "multihead-attention"})
+_ALL_KINDS = LINEAR_KINDS | GENERIC_KINDS | {"conv2d", "embedding"}
+CLAIMED_KINDS: dict[str, frozenset[str]] = {
+    Method.DYNAMIC.value: _ALL_KINDS, Method.SMOOTHQUANT.value: _ALL_KINDS, Method.STATIC.value: _ALL_KINDS,
+    Method.RTN.value: _ALL_KINDS, Method.GPTQ.value: _ALL_KINDS,
+    Method.MIXED.value: LINEAR_KINDS | {"conv2d", "embedding"},
+    Method.BINARY.value: LINEAR_KINDS | {"conv2d"}, Method.TERNARY.value: LINEAR_KINDS | {"conv2d"},
+}
+# The kinds the dynamic methods (no conv kernel of their own) also hand to PackedWeights.
+_GENERIC_FOR = {Method.DYNAMIC.value: GENERIC_KINDS | {"conv2d"}, Method.SMOOTHQUANT.value: GENERIC_KINDS | {"conv2d"},
+                Method.STATIC.value: GENERIC_KINDS, Method.RTN.value: GENERIC_KINDS, Method.GPTQ.value: GENERIC_KINDS}
+
+
+def register_method(name: str | Method, kinds: Iterable[str] | None = None) -> Callable[[MethodFn], MethodFn]:
+    """Register ``fn(module, config, batches) -> replaced layer names`` for ``config.method == name``.
+
+    ``kinds`` are the layer kinds (:mod:`deepsqueeze.core.kinds`) the method handles (default: the
+    Linear-like kinds); coverage warns about weight-bearing modules of other kinds it leaves float.
+    """
 
     def decorate(fn: MethodFn) -> MethodFn:
-        METHODS[str(Method(name).value)] = fn
+        key = str(Method(name).value)
+        METHODS[key] = fn
+        if kinds is not None or key not in CLAIMED_KINDS:
+            CLAIMED_KINDS[key] = frozenset(kinds) if kinds is not None else LINEAR_KINDS
         return fn
 
     return decorate
 
 
-def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: Iterable[Any] | None = None) -> list[str]:
+def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: Iterable[Any] | None = None, *,
+              on_unsupported: str = "warn") -> list[str]:
     """Quantize ``module`` in place with ``config``; returns the names of the layers replaced.
 
     Methods that calibrate (static, smoothquant, gptq) need ``calibration_batches`` (never the
-    evaluation split).
+    evaluation split). Every weight-bearing module ends up in the coverage record
+    (``get_record(module).coverage``): compressed into which representation, skipped and why, or left
+    float. ``on_unsupported`` (``warn``, ``skip``, ``error``) decides what a module of a kind the
+    method does not handle causes; ``error`` raises UnsupportedLayerError before anything changes.
+    A weight tied to another (GPT-2's ``lm_head``) ends up sharing the other's codes.
     """
     fn = METHODS.get(config.method.value)
     if fn is None:
         raise RecipeError(f"quantize method {config.method.value!r} is not available in this deepsqueeze "
                           f"(available: {', '.join(sorted(METHODS))})")
+    check_unsupported(plan_quantize(module, config), on_unsupported)
     batches = list(calibration_batches) if calibration_batches is not None else None
+    before = snapshot(module)
+    ties = tied_weight_groups(module)
+    module.__dict__.pop(_SKIPS, None)
     was_training = module.training
     module.eval()
     try:
         with torch.no_grad():
-            return fn(module, config, batches)
+            done = fn(module, config, batches)
+            done += _pack_generic(module, config)
+            _retie(module, ties)
     finally:
         module.train(was_training)
+    reasons = {**_skip_reasons(module, config), **module.__dict__.pop(_SKIPS, {})}
+    entries = diff_coverage(module, before, "quantize", CLAIMED_KINDS[config.method.value], reasons,
+                            REPRESENTATIONS)
+    record_coverage(module, entries)
+    report_coverage(entries, on_unsupported)
+    return done
+
+
+_SKIPS = "_deepsqueeze_quant_skips"
+
+
+def note_skip(root: nn.Module, name: str, reason: str) -> None:
+    """A method tells coverage why it left layer ``name`` of ``root`` float (``reason``: a constant of
+    :mod:`deepsqueeze.core.record`, then detail)."""
+    root.__dict__.setdefault(_SKIPS, {})[name] = reason
+
+
+def _skip_reasons(module: nn.Module, config: QuantizeConfig) -> dict[str, str]:
+    """Modules the config leaves alone on purpose: include/exclude patterns, ``embeddings: false``."""
+    reasons = {}
+    for name, _layer, kind in weight_bearing_modules(module):
+        if config.include and not name_matches(name, config.include):
+            reasons[name] = f"{EXCLUDED}: not in include"
+        elif config.exclude and name_matches(name, config.exclude):
+            reasons[name] = f"{EXCLUDED}: exclude"
+        elif kind is not None and kind.name == "embedding" and not config.embeddings:
+            reasons[name] = f"{EXCLUDED}: embeddings: false"
+    return reasons
+
+
+def _predicted(method: str, kind: str) -> str:
+    weight_only = method in (Method.RTN.value, Method.GPTQ.value, Method.MIXED.value, Method.BINARY.value,
+                             Method.TERNARY.value)
+    if kind in _GENERIC_FOR.get(method, ()):
+        return "PackedWeights"
+    if kind in LINEAR_KINDS:
+        return "PackedIntLinear" if weight_only else "Int8Linear"
+    if kind == "conv2d":
+        return "PackedIntConv2d" if weight_only else "Int8Conv2d"
+    if kind == "embedding":
+        return "PackedIntEmbedding" if weight_only else "Int8Embedding"
+    return "?"
+
+
+def plan_quantize(module: nn.Module, config: QuantizeConfig) -> list[CoverageEntry]:
+    """The coverage :func:`quantize_` will record, from the config and the layer kinds alone (nothing runs).
+
+    Calibrated methods may still leave a module float when the calibration data never reaches it.
+    """
+    claimed = CLAIMED_KINDS.get(config.method.value, LINEAR_KINDS)
+    reasons = _skip_reasons(module, config)
+    stage = len(get_record(module).stages)
+    entries = []
+    for snap in snapshot(module):
+        kind = snap.kind or f"other:{type(snap.module).__name__}"
+        if snap.name in reasons:
+            entries.append(CoverageEntry(stage, "quantize", snap.name, kind, snap.weights, "skipped", None,
+                                         reasons[snap.name]))
+        elif snap.kind in claimed:
+            entries.append(CoverageEntry(stage, "quantize", snap.name, kind, snap.weights, "compressed",
+                                         _predicted(config.method.value, snap.kind or ""),
+                                         f"{TIED}: {snap.tied_to}" if snap.tied_to else None))
+        else:
+            entries.append(CoverageEntry(stage, "quantize", snap.name, kind, snap.weights, "float", None, UNSUPPORTED))
+    return entries
+
+
+@register_planner("quantize")
+def _plan_stage(module: nn.Module, config: Any) -> list[CoverageEntry]:
+    return plan_quantize(module, config)
+
+
+def _pack_generic(module: nn.Module, config: QuantizeConfig) -> list[str]:
+    """Layer kinds without their own integer module here get their weights as PackedWeights codes."""
+    kinds = _GENERIC_FOR.get(config.method.value)
+    if not kinds:
+        return []
+    int8 = config.method.value in (Method.DYNAMIC.value, Method.SMOOTHQUANT.value, Method.STATIC.value)
+    bits, group, symmetric = (8, None, True) if int8 else (config.bits, config.group_size, config.symmetric)
+    reasons = _skip_reasons(module, config)
+    done = []
+    for name, layer, kind in list(weight_bearing_modules(module)):
+        if kind is None or kind.name not in kinds or name in reasons:
+            continue
+        new = PackedWeights.from_float(layer, bits, group, symmetric)
+        set_submodule(module, name, new)
+        record_transform(module, "quant.packed_weights", name, **new.replay_params())
+        done.append(name)
+    return done
+
+
+def _retie(root: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
+    """Modules that shared one float weight share the equal tensors of their quantized representations."""
+    for places in groups:
+        mods = []
+        for mod_name, _ in places:
+            try:
+                mods.append(get_submodule(root, mod_name))
+            except AttributeError:
+                continue
+        if len(mods) < 2 or not isinstance(mods[0], REPRESENTATIONS):
+            continue
+        pool = [b for b in mods[0].buffers() if b is not None]
+        for other in mods[1:]:
+            if not isinstance(other, REPRESENTATIONS) or other is mods[0]:
+                continue
+            for sub in other.modules():
+                for attr, buf in list(sub._buffers.items()):
+                    if buf is None:
+                        continue
+                    match = next((b for b in pool if b.shape == buf.shape and b.dtype == buf.dtype
+                                  and torch.equal(b, buf)), None)
+                    if match is not None:
+                        sub._buffers[attr] = match
+                        if hasattr(sub, "_cache"):
+                            sub._cache.clear()
 
 
 def install(root: nn.Module, name: str, new: nn.Module) -> None:
@@ -101,6 +275,19 @@ def _replay_module(root: nn.Module, target: str, params: dict[str, Any]) -> None
     if cls is None:
         raise ArtifactError(f"unknown quantized module class for {target}: upgrade deepsqueeze")
     set_submodule(root, target, cls(**params))
+
+
+@register_transform("quant.packed_weights")
+def _replay_packed_weights(root: nn.Module, target: str, params: dict[str, Any]) -> None:
+    specs = params.get("specs")
+    if not isinstance(specs, dict):
+        raise ArtifactError(f"malformed quant.packed_weights transform for {target}")
+    set_submodule(root, target, PackedWeights(get_submodule(root, target), specs))
+
+
+@register_transform("quant.as_linear")
+def _replay_as_linear(root: nn.Module, target: str, params: dict[str, Any]) -> None:
+    set_submodule(root, target, conv1d_to_linear(get_submodule(root, target)))
 
 
 @register_transform("quant.identity")
@@ -141,11 +328,33 @@ def _need_batches(config: QuantizeConfig, batches: list[Any] | None) -> list[Any
 
 def select_layers(module: nn.Module, config: QuantizeConfig,
                   types: tuple[type[nn.Module], ...]) -> list[tuple[str, nn.Module]]:
-    """Layers of ``types`` matching the config's include/exclude patterns (embeddings only if enabled)."""
+    """Layers of ``types`` matching the config's include/exclude patterns (embeddings only if enabled).
+
+    When ``nn.Linear`` is asked for, transformers' ``Conv1D`` (a transposed Linear: GPT-2's ``c_attn``,
+    ``c_proj``, ``c_fc``) is selected too, turned into the equal ``nn.Linear`` (a recorded transform).
+    Layers inside a module that runs them itself (``nn.MultiheadAttention``'s ``out_proj``) are left
+    to that module's handler.
+    """
     if not config.embeddings:
         types = tuple(t for t in types if t is not nn.Embedding)
-    return list(iter_modules(module, types=types, include=list(config.include) or None,
-                             exclude=list(config.exclude) or None))
+    owners = [name + "." for name, _, kind in weight_bearing_modules(module) if kind is not None and kind.owns_children]
+    out = []
+    for name, layer in list(module.named_modules()):
+        if not name or any(name.startswith(o) for o in owners):
+            continue
+        if config.include and not name_matches(name, config.include):
+            continue
+        if config.exclude and name_matches(name, config.exclude):
+            continue
+        kind = layer_kind(layer)
+        if not isinstance(layer, types):
+            if nn.Linear not in types or kind is None or kind.name != "hf-conv1d":
+                continue
+            layer = conv1d_to_linear(layer)
+            set_submodule(module, name, layer)
+            record_transform(module, "quant.as_linear", name)
+        out.append((name, layer))
+    return out
 
 
 def _activation_qparams(observer: Observer, bits: int = 8) -> tuple[float, float]:
@@ -323,17 +532,24 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
     done = []
     for name, layer in select_layers(module, config, (nn.Linear, nn.Conv2d, nn.Embedding)):
         new: nn.Module
+        row = layer.in_features if isinstance(layer, nn.Linear) else layer.embedding_dim \
+            if isinstance(layer, nn.Embedding) else None
+        group = config.group_size
+        if row is not None and group is not None and row % group:
+            note_skip(module, name, f"{NOT_DIVISIBLE}: group {group} does not divide {row}, one scale per row")
+            group = None
         try:
             if isinstance(layer, nn.Linear):
-                new = PackedIntLinear.from_float(layer, config.bits, config.group_size, config.symmetric)
+                new = PackedIntLinear.from_float(layer, config.bits, group, config.symmetric)
             elif isinstance(layer, nn.Conv2d):
                 new = PackedIntConv2d.from_float(layer, config.bits, _conv_group(layer, config.group_size),
                                                  config.symmetric)
             else:
-                new = PackedIntEmbedding.from_float(layer, config.embedding_bits or config.bits, config.group_size,
+                new = PackedIntEmbedding.from_float(layer, config.embedding_bits or config.bits, group,
                                                     config.symmetric)
         except ValueError as exc:
-            raise RecipeError(f"cannot quantize {name}: {exc} (or exclude it)") from None
+            note_skip(module, name, f"{NOT_DIVISIBLE}: {exc}")
+            continue
         install(module, name, new)
         done.append(name)
     return done

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.sharing import tied_weight_groups
 from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
@@ -278,7 +279,10 @@ def gptq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | 
     if not batches:
         raise DataError("quantize method gptq calibrates on data: pass calibration batches "
                         "(recipes: --data, e.g. pydoc-sentences:calib or fashion-mnist)")
-    targets = [name for name, _ in select_layers(module, config, (nn.Linear,))]
+    tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
+    # a weight tied to an earlier module (GPT-2's lm_head) is rounded by RTN below, as that module is,
+    # so both share one set of codes
+    targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
     gptq_model_(module, batches, bits=config.bits, group_size=config.group_size, symmetric=config.symmetric,
                 act_order=config.act_order, damp=config.damp, targets=targets)
     for name in targets:

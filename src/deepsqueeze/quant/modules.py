@@ -403,7 +403,9 @@ class Int8Conv2d(_Cached):
                 _clamp_7bit(x, self.input_scale, self.input_zero_point), float(self.input_scale),
                 int(self.input_zero_point), torch.quint8)
             y = op(qx, packed, float(self.output_scale), int(self.output_zero_point))
-            return y if self.quantized_output else y.dequantize().to(x.dtype)
+            if self.quantized_output:
+                return y
+            return y.dequantize() if x.is_quantized else y.dequantize().to(x.dtype)
 
     def deepsqueeze_param_count(self) -> int:
         return self.weight.numel() + (self.bias.numel() if self.bias is not None else 0)

@@ -21,6 +21,6 @@ def quantize_stage(model: Model, config: QuantizeConfig, ctx: StageContext) -> N
         from deepsqueeze.quant.calibrate import calibration_batches
 
         batches = calibration_batches(model, ctx.data, samples=config.calibration_samples)
-    layers = quantize_(model.module, config, batches)
+    layers = quantize_(model.module, config, batches, on_unsupported=ctx.on_unsupported)
     ctx.report.append({"stage": "quantize", "method": config.method.value, "bits": config.bits,
                        "layers": len(layers), "calibration_batches": len(batches) if batches else 0})

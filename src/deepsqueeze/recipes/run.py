@@ -13,6 +13,7 @@ import torch
 from deepsqueeze.artifact import save
 from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
+from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
@@ -33,6 +34,7 @@ class CompressResult:
     stage_reports: list[dict[str, Any]] = field(default_factory=list)
     metrics: dict[str, Any] = field(default_factory=dict)
     compress_s: float = 0.0
+    coverage: list[dict[str, Any]] = field(default_factory=list)  # per stage: modules and weights covered
 
 
 def training_data(model: Model, data_ref: str | None) -> ClassificationData | TextData | None:
@@ -57,7 +59,12 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     for p in reference.module.parameters():
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
-                       seed=recipe.seed, progress=progress)
+                       seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported)
+    if recipe.on_unsupported == "error":  # refuse before any stage does work
+        for config in recipe.stages:
+            planner = planner_for(config.stage_type)
+            if planner is not None:
+                check_unsupported(planner(model.module, config), "error")
     for index, config in enumerate(recipe.stages):
         _, handler = stage_entry(config.stage_type)
         start, reported = time.perf_counter(), len(ctx.report)
@@ -66,6 +73,9 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         if len(ctx.report) == reported:
             ctx.report.append({"stage": config.stage_type})
         ctx.report[-1].update(stage_index=index, stage=config.stage_type, seconds=round(time.perf_counter() - start, 2))
+        totals = [t for t in coverage_totals(get_record(model.module).coverage) if t["stage"] == index]
+        if totals:
+            ctx.report[-1]["covered_pct"] = totals[0]["covered_pct"]
     return ctx
 
 
@@ -104,4 +114,5 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
         from deepsqueeze.eval.metrics import accuracy
 
         metrics["accuracy"] = accuracy(model.module, data)
-    return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s)
+    return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s,
+                          coverage_totals(get_record(model.module).coverage))

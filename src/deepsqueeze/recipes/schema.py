@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from deepsqueeze.core.config import StageConfig, config_from_dict, config_to_dict
 from deepsqueeze.errors import RecipeError
 
-RECIPE_KEYS = ("model", "data", "seed", "description", "stages")
+RECIPE_KEYS = ("model", "data", "seed", "description", "on_unsupported", "stages")
 
 
 class Recipe(BaseModel):
@@ -25,10 +25,13 @@ class Recipe(BaseModel):
     data: str | None = None
     seed: int = 0
     description: str | None = None
+    on_unsupported: Literal["warn", "skip", "error"] = "warn"  # weight-bearing layers a stage does not handle
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {k: getattr(self, k) for k in ("model", "data", "description") if getattr(self, k)}
         out["seed"] = self.seed
+        if self.on_unsupported != "warn":
+            out["on_unsupported"] = self.on_unsupported
         out["stages"] = [config_to_dict(stage) for stage in self.stages]
         return out
 
