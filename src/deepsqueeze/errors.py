@@ -33,3 +33,15 @@ class UnsupportedLayerError(ModelError):
 
 class DeepsqueezeWarning(UserWarning):
     """Warnings deepsqueeze emits (the test suite turns them into errors)."""
+
+
+def one_line(message: object, limit: int = 600) -> str:
+    """``message`` (an exception or text) as one line of at most ``limit`` characters, for error messages.
+
+    Library code quotes third-party exceptions with it (torch, safetensors and YAML messages span lines);
+    the CLI passes every message through it, so ``error: ...`` on stderr is always exactly one line.
+    """
+    text = " ".join(str(message).split())
+    if not text and isinstance(message, BaseException):
+        text = type(message).__name__
+    return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

@@ -39,20 +39,27 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: run the app, turning user errors into one line and exit code 2."""
-    from deepsqueeze.errors import DeepsqueezeError
+    """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits 130.
 
+    The click command is invoked directly rather than through typer's ``main``: with ``standalone_mode=False``
+    that turns ``KeyboardInterrupt`` and ``typer.Exit`` into a *returned* exit code, which is easy to drop.
+    """
+    from deepsqueeze.errors import DeepsqueezeError, one_line
+
+    args = sys.argv[1:] if argv is None else list(argv)
     try:
-        app(args=argv, standalone_mode=False)
+        command = typer.main.get_command(app)
+        with command.make_context("deepsqueeze", args) as ctx:
+            command.invoke(ctx)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
     except DeepsqueezeError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
     except Exception as exc:
         # Usage errors come from click, or from the copy of click that newer typer vendors: match by shape.
         if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):

@@ -76,8 +76,7 @@ class ArtifactWriter:
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        if not self.path.parent.exists():
-            raise ArtifactError(f"cannot write {self.path}: folder {self.path.parent} does not exist")
+        check_writable(self.path)
         self._spool = tempfile.TemporaryFile(dir=self.path.parent)
         self._entries: list[dict[str, Any]] = []
         self._offset = 0
@@ -134,11 +133,30 @@ def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tenso
         return writer.finish(manifest)
 
 
+def check_writable(path: str | os.PathLike[str]) -> None:
+    """Fail fast, before any work, if ``path`` cannot be written as a file.
+
+    Raises ``ArtifactError`` when ``path`` is a folder, its folder is missing, or the folder refuses a new
+    file (permissions, read-only filesystem): a probe file is created there and removed at once.
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ArtifactError(f"{path} is a folder: name a file inside it, e.g. {path / 'model.dsq'}")
+    if not path.parent.is_dir():
+        raise ArtifactError(f"cannot write {path}: folder {path.parent} does not exist")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
+    except OSError as exc:
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc} in {path.parent}; choose another location"
+                            ) from None
+    os.close(fd)
+    Path(probe).unlink(missing_ok=True)
+
+
 def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
     """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it to ``path``."""
     path = Path(path)
-    if not path.parent.exists():
-        raise ArtifactError(f"cannot write {path}: folder {path.parent} does not exist")
+    check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
@@ -146,6 +164,9 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except OSError as exc:  # disk full, a folder appearing at ``path`` meanwhile ...
+        Path(tmp).unlink(missing_ok=True)
+        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
+import torch
 from torch import nn
+
+from deepsqueeze.errors import ModelError
 
 
 class Task(str, Enum):
@@ -32,3 +36,24 @@ class Model:
     num_classes: int | None = None
     artifact_path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+
+def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
+    """Copy ``state`` into ``module`` after checking that names and shapes match exactly.
+
+    Raises ``ModelError`` naming ``source`` and the first mismatching tensor (missing, unexpected, or
+    its shape in the file against the shape the model expects); ``module`` is unchanged then.
+    """
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    if missing or unexpected:
+        raise ModelError(f"{source}: its tensors do not fit the model: missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    for name, tensor in state.items():
+        if tuple(tensor.shape) != tuple(expected[name].shape):
+            raise ModelError(
+                f"{source}: its tensors do not fit the model: {name} has shape {list(tensor.shape)} in the file, "
+                f"the model expects {list(expected[name].shape)}"
+            )
+    module.load_state_dict(state, strict=True)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 
 from deepsqueeze.artifact import save
+from deepsqueeze.codec.format import check_writable
 from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
@@ -91,12 +92,11 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
     out_path = Path(out)
+    check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
     if out_path.suffix != ".dsq":
         raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
     if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
         raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
-    if not out_path.parent.exists():
-        raise ArtifactError(f"cannot write {out_path}: folder {out_path.parent} does not exist")
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.errors import ModelError
+from deepsqueeze.errors import ModelError, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -81,17 +81,31 @@ def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> Sentence
     except ImportError:
         raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
     hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
-    pooling, normalize, max_len = _sentence_transformers_settings(folder)
+    if pretrained:
+        _require_safetensors(folder)
     try:
+        pooling, normalize, max_len = _sentence_transformers_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if pretrained:
-            transformer = AutoModel.from_pretrained(folder)
+            transformer = AutoModel.from_pretrained(folder, use_safetensors=True)
         else:
             transformer = AutoModel.from_config(AutoConfig.from_pretrained(folder))
-    except (OSError, ValueError) as exc:
-        raise ModelError(f"cannot load the Hugging Face model in {folder}: {str(exc).splitlines()[0]}") from None
+    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
+        raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
     transformer.eval()
     return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
+
+
+def _require_safetensors(folder: Path) -> None:
+    """Weights are read from safetensors only: a folder holding only pickle checkpoints is refused, unread."""
+    if any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file():
+        return
+    pickles = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt", ".pkl"))
+    found = f" (found {', '.join(pickles[:3])})" if pickles else ""
+    raise ModelError(
+        f"{folder} has no .safetensors weights{found}: pickled checkpoints are never loaded; convert them "
+        "to safetensors (model.save_pretrained(dir, safe_serialization=True)) where you trust the file"
+    )
 
 
 def _sentence_transformers_settings(folder: Path) -> tuple[str, bool, int]:

@@ -9,10 +9,10 @@ from pathlib import Path
 import torch
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, load_state_checked
 from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import DataError, ModelError
+from deepsqueeze.errors import DataError, ModelError, one_line
 from deepsqueeze.train.loop import seed_everything, train_classifier
 from deepsqueeze.zoo.builders import ZOO, build_zoo_model
 
@@ -54,9 +54,14 @@ def pretrained_zoo_model(name: str, data_ref: str, progress: bool = True,
     module = build_zoo_model(name, data.input_shape, data.num_classes)
     if path.exists():
         try:
-            module.load_state_dict(load_file(str(path)))
-        except Exception as exc:  # a damaged cache entry is retrained, not trusted
-            raise ModelError(f"cached checkpoint {path} is unreadable ({exc}): delete it to retrain") from None
+            state = load_file(str(path))
+        except Exception as exc:  # a damaged cache entry is reported, not trusted
+            raise ModelError(f"cached checkpoint {path} is unreadable ({one_line(exc, 300)}): delete it to retrain"
+                             ) from None
+        try:
+            load_state_checked(module, state, f"cached checkpoint {path}")
+        except ModelError as exc:
+            raise ModelError(f"{exc}: delete it to retrain") from None
     else:
         module = train_zoo_model(name, data, progress=progress, device=device)
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
-from deepsqueeze.errors import ModelError
+from deepsqueeze.core.model import Model, Task, load_state_checked
+from deepsqueeze.errors import ModelError, one_line
 from deepsqueeze.zoo.builders import ZOO, build_zoo_model
 from deepsqueeze.zoo.hf import SentenceEncoder, load_sentence_encoder, minilm_dir
 
@@ -87,13 +87,8 @@ def load_weights(module: nn.Module, path: str) -> None:
     except FileNotFoundError:
         raise ModelError(f"weights file {file} does not exist") from None
     except Exception as exc:  # safetensors raises its own error types for malformed headers
-        raise ModelError(f"cannot read weights {file}: {exc}") from None
-    result = module.load_state_dict(state, strict=False)
-    if result.missing_keys or result.unexpected_keys:
-        raise ModelError(
-            f"weights {file} do not fit the model: missing {result.missing_keys[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+        raise ModelError(f"cannot read weights {file}: {one_line(exc)}") from None
+    load_state_checked(module, state, f"weights {file}")
 
 
 def check_finite(module: nn.Module, ref: str) -> None:
@@ -106,13 +101,21 @@ def _call_factory(spec: str) -> nn.Module:
     module_name, _, attr = spec.partition(":")
     if not module_name or not attr:
         raise ModelError(f"py: reference {spec!r} must look like py:package.module:factory")
+    # User code may fail in any way (syntax error, exception or sys.exit at import, a factory that raises):
+    # all of it is a ModelError naming the reference; only Ctrl-C passes through.
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
-    except ImportError as exc:
-        raise ModelError(f"cannot import {module_name!r} for py:{spec}: {exc}") from None
-    except AttributeError:
-        raise ModelError(f"module {module_name!r} has no {attr!r} (from py:{spec})") from None
-    module = factory()
+        imported = importlib.import_module(module_name)
+    except (Exception, SystemExit) as exc:
+        raise ModelError(
+            f"cannot import {module_name!r} for py:{spec}: {type(exc).__name__}: {one_line(exc, 300)}"
+        ) from None
+    factory = getattr(imported, attr, None)
+    if not callable(factory):
+        raise ModelError(f"module {module_name!r} has no callable {attr!r} (from py:{spec})")
+    try:
+        module = factory()
+    except (Exception, SystemExit) as exc:
+        raise ModelError(f"py:{spec} raised {type(exc).__name__}: {one_line(exc, 300)}") from None
     if not isinstance(module, nn.Module):
         raise ModelError(f"py:{spec} returned {type(module).__name__}, not a torch.nn.Module")
     return module.eval()
