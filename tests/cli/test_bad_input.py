@@ -150,3 +150,16 @@ def test_every_error_message_is_collapsed_to_one_line(capsys, workdir, monkeypat
     line = assert_one_line(*run(capsys, "compress", "--model", "zoo:lenet300", "--recipe", "x.yaml",
                                 "--out", "x.dsq"))
     assert line == "error: first line second line third"
+
+
+# ---------------------------------------------------------------------------------------------- recipes
+
+@pytest.mark.parametrize("text", [
+    "stages: " + "[" * 50_000 + "]" * 50_000 + "\n",
+    "".join(f"{' ' * i}k{i}:\n" for i in range(1_200)),
+])
+def test_deeply_nested_recipe(capsys, workdir, text):
+    (workdir / "deep.yaml").write_text(text)
+    assert_one_line(*run(capsys, "compress", "--model", "zoo:lenet300", "--recipe", "deep.yaml",
+                         "--out", "x.dsq"), "deep.yaml", "nest")
+    assert not (workdir / "x.dsq").exists()

@@ -10,13 +10,23 @@ from __future__ import annotations
 
 import copy
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import torch
 from pydantic import Field
 from torch import nn
 
-from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.config import (
+    Count,
+    Epochs,
+    Flag,
+    Fraction,
+    Index,
+    LearningRate,
+    StageConfig,
+    Weight,
+    register_stage,
+)
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task
@@ -53,26 +63,26 @@ class DistillConfig(StageConfig):
 
     student: str = "self"
     teacher: str | None = None
-    num_layers: int | None = Field(None, ge=1)
-    keep: list[int] | None = None
+    num_layers: Count | None = None
+    keep: list[Index] | None = None
     layers_path: str | None = None
-    epochs: float = Field(3.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
+    epochs: Epochs = Field(3.0, gt=0)
+    lr: LearningRate = 1e-3
+    batch_size: Count = 64
     optimizer: str = "adamw"
     schedule: str = "onecycle"
-    weight_decay: float = Field(0.0, ge=0)
-    temperature: float = Field(4.0, gt=0)
-    alpha: float = Field(0.9, ge=0, le=1)
+    weight_decay: Weight = 0.0
+    temperature: Weight = Field(4.0, gt=0)
+    alpha: Fraction = 0.9
     hints: list[tuple[str, str]] = Field(default_factory=list)
-    hint_weight: float = Field(1.0, ge=0)
+    hint_weight: Weight = 1.0
     embedding_loss: EmbeddingLoss = EmbeddingLoss.COSINE
-    embedding_weight: float = Field(1.0, ge=0)
-    hidden_weight: float = Field(1.0, ge=0)
-    attention_weight: float = Field(0.0, ge=0)
-    limit: int | None = Field(None, ge=1)
-    dropout: bool = False
-    augment: int = Field(0, ge=0)
+    embedding_weight: Weight = 1.0
+    hidden_weight: Weight = 1.0
+    attention_weight: Weight = 0.0
+    limit: Count | None = None
+    dropout: Flag = False
+    augment: Annotated[Index, Field(le=1000)] = 0
 
 
 def prepare_student_(model: Model, config: DistillConfig) -> list[int] | None:

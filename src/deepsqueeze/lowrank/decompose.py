@@ -20,7 +20,7 @@ import torch
 from pydantic import Field, model_validator
 from torch import nn
 
-from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.config import Count, Flag, Fraction, StageConfig, register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import record_transform, register_transform
@@ -71,17 +71,17 @@ class LowRankConfig(StageConfig):
     stage_type: ClassVar[str] = "lowrank"
 
     rule: RankRule = RankRule.ENERGY
-    energy: float = Field(0.9, gt=0.0, le=1.0)
-    rank: int | None = Field(None, ge=1)
-    rank_ratio: float | None = Field(None, gt=0.0, le=1.0)
-    budget: float | None = Field(None, gt=0.0, lt=1.0)
+    energy: Fraction = Field(0.9, gt=0)
+    rank: Count | None = None
+    rank_ratio: Fraction | None = Field(None, gt=0)
+    budget: Fraction | None = Field(None, gt=0, lt=1)
     budget_metric: BudgetMetric = BudgetMetric.PARAMS
     allocation: Allocation = Allocation.ENERGY
-    linear: bool = True
+    linear: Flag = True
     conv: ConvMethod = ConvMethod.TUCKER2
     include: list[str] | None = None
     exclude: list[str] | None = None
-    min_rank: int = Field(1, ge=1)
+    min_rank: Count = 1
 
     @model_validator(mode="after")
     def _check_rule(self) -> LowRankConfig:

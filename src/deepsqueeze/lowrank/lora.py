@@ -26,7 +26,16 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.config import (
+    Count,
+    Epochs,
+    Flag,
+    Fraction,
+    LearningRate,
+    StageConfig,
+    Weight,
+    register_stage,
+)
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record, record_transform, register_transform
@@ -191,17 +200,17 @@ class LoRAConfig(StageConfig):
 
     stage_type: ClassVar[str] = "lora"
 
-    rank: int = Field(8, ge=1)
-    alpha: float | None = Field(None, gt=0)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    rank: Count = 8
+    alpha: Weight | None = Field(None, gt=0)
+    dropout: Fraction = Field(0.0, lt=1)
     include: list[str] | None = None
     exclude: list[str] | None = None
     loss: LoRALoss = LoRALoss.DISTILL
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-3, gt=0)
-    batch_size: int = Field(64, ge=1)
-    temperature: float = Field(4.0, gt=0)
-    merge: bool = True
+    epochs: Epochs = Field(1.0, gt=0)
+    lr: LearningRate = 1e-3
+    batch_size: Count = 64
+    temperature: Weight = Field(4.0, gt=0)
+    merge: Flag = True
 
 
 @register_stage(LoRAConfig)

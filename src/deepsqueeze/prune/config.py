@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from enum import StrEnum
+from typing import Annotated
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from deepsqueeze.core.config import StageConfig
+from deepsqueeze.core.config import Count, Epochs, Fraction, Index, LearningRate, StageConfig, Weight
 from deepsqueeze.prune.importance import Criterion
 
 
@@ -54,12 +55,12 @@ class LRSchedule(StrEnum):
 class _FinetuneFields(StageConfig):
     """Fine-tuning options shared by the pruning stages (``epochs: 0`` = no fine-tuning)."""
 
-    epochs: float = Field(0.0, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(128, ge=1)
+    epochs: Epochs = 0.0
+    lr: LearningRate = 1e-4
+    batch_size: Count = 128
     optimizer: TrainOptimizer = TrainOptimizer.ADAM
     lr_schedule: LRSchedule = LRSchedule.COSINE
-    limit: int | None = Field(None, ge=1, description="use at most this many training samples per epoch")
+    limit: Count | None = Field(None, description="use at most this many training samples per epoch")
 
 
 class PruneConfig(_FinetuneFields):
@@ -71,31 +72,23 @@ class PruneConfig(_FinetuneFields):
 
     stage_type = "prune"
 
-    sparsity: float = Field(0.5, ge=0, le=1)
-    threshold: float | None = Field(None, ge=0, description="prune |w| < threshold instead of a ratio")
+    sparsity: Fraction = 0.5
+    threshold: Weight | None = Field(None, description="prune |w| < threshold instead of a ratio")
     pattern: Pattern = Pattern.UNSTRUCTURED
     criterion: Criterion = Criterion.L1
     scope: Scope = Scope.LAYER
-    overrides: dict[str, float] = Field(default_factory=dict)
+    overrides: dict[str, Fraction] = Field(default_factory=dict)
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     schedule: Schedule = Schedule.ONE_SHOT
-    rounds: int = Field(3, ge=1, description="pruning rounds of the iterative and lottery schedules")
-    agp_start: float = Field(0.0, ge=0, lt=1, description="AGP starts at this fraction of fine-tuning steps")
-    agp_end: float = Field(0.75, gt=0, le=1, description="AGP reaches the target at this fraction")
-    agp_frequency: int = Field(0, ge=0, description="steps between AGP updates (0: about 40 updates)")
-    rewind: float = Field(0.1, ge=0, lt=1, description="lottery: snapshot at this fraction of the dense phase")
-    taylor_batches: int = Field(8, ge=1)
+    rounds: Count = Field(3, description="pruning rounds of the iterative and lottery schedules")
+    agp_start: Fraction = Field(0.0, lt=1, description="AGP starts at this fraction of fine-tuning steps")
+    agp_end: Fraction = Field(0.75, gt=0, description="AGP reaches the target at this fraction")
+    agp_frequency: Index = Field(0, description="steps between AGP updates (0: about 40 updates)")
+    rewind: Fraction = Field(0.1, lt=1, description="lottery: snapshot at this fraction of the dense phase")
+    taylor_batches: Count = 8
     storage: Storage = Storage.SPARSE
     execution: Execution = Execution.DENSE
-
-    @field_validator("overrides")
-    @classmethod
-    def _check_overrides(cls, value: dict[str, float]) -> dict[str, float]:
-        for pattern, sparsity in value.items():
-            if not 0.0 <= sparsity <= 1.0:
-                raise ValueError(f"override {pattern!r}: sparsity must be in [0, 1], got {sparsity}")
-        return value
 
     @model_validator(mode="after")
     def _check_combination(self) -> PruneConfig:
@@ -128,24 +121,16 @@ class PruneChannelsConfig(_FinetuneFields):
 
     stage_type = "prune_channels"
 
-    ratio: float = Field(0.5, ge=0, lt=1)
+    ratio: Fraction = Field(0.5, lt=1)
     criterion: Criterion = Criterion.L2
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
-    overrides: dict[str, float] = Field(default_factory=dict)
-    round_to: int = Field(1, ge=1, description="keep a multiple of this many channels per group")
-    min_channels: int = Field(1, ge=1)
+    overrides: dict[str, Annotated[Fraction, Field(lt=1)]] = Field(default_factory=dict)
+    round_to: Count = Field(1, description="keep a multiple of this many channels per group")
+    min_channels: Count = 1
     schedule: ChannelSchedule = ChannelSchedule.ONE_SHOT
-    rounds: int = Field(2, ge=1)
-    taylor_batches: int = Field(8, ge=1)
-
-    @field_validator("overrides")
-    @classmethod
-    def _check_overrides(cls, value: dict[str, float]) -> dict[str, float]:
-        for pattern, ratio in value.items():
-            if not 0.0 <= ratio < 1.0:
-                raise ValueError(f"override {pattern!r}: ratio must be in [0, 1), got {ratio}")
-        return value
+    rounds: Count = 2
+    taylor_batches: Count = 8
 
 
 class PruneTransformerConfig(_FinetuneFields):
@@ -154,8 +139,8 @@ class PruneTransformerConfig(_FinetuneFields):
 
     stage_type = "prune_transformer"
 
-    heads: int = Field(0, ge=0, description="attention heads removed from every block")
-    ffn_ratio: float = Field(0.0, ge=0, lt=1, description="fraction of FFN neurons removed from every block")
+    heads: Index = Field(0, description="attention heads removed from every block")
+    ffn_ratio: Fraction = Field(0.0, lt=1, description="fraction of FFN neurons removed from every block")
     drop_layers: list[str] = Field(default_factory=list, description="blocks removed, e.g. encoder.layer.5")
     criterion: Criterion = Criterion.L2
     include: list[str] | None = None

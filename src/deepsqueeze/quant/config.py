@@ -19,7 +19,7 @@ from typing import ClassVar
 
 from pydantic import model_validator
 
-from deepsqueeze.core.config import StageConfig
+from deepsqueeze.core.config import Bits, ByteSize, Count, Flag, Fraction, MeanBits, Percent, StageConfig
 from deepsqueeze.primitives.quantize import SUPPORTED_BITS
 
 __all__ = [
@@ -75,22 +75,22 @@ class QuantizeConfig(StageConfig):
     stage_type: ClassVar[str] = "quantize"
 
     method: Method = Method.DYNAMIC
-    bits: int = 8
-    group_size: int | None = None
-    symmetric: bool = True
+    bits: Bits = 8
+    group_size: Count | None = None
+    symmetric: Flag = True
     activations: ActScheme = ActScheme.PER_TOKEN
     observer: ObserverName = ObserverName.MINMAX
-    percentile: float = 99.99
-    calibration_samples: int = 256
-    alpha: float = 0.5
-    embeddings: bool = True
-    embedding_bits: int | None = None
+    percentile: Percent = 99.99
+    calibration_samples: Count = 256
+    alpha: Fraction = 0.5
+    embeddings: Flag = True
+    embedding_bits: Bits | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
-    damp: float = 0.01
-    act_order: bool = False
-    max_bytes: int | None = None
-    avg_bits: float | None = None
+    damp: Fraction = 0.01
+    act_order: Flag = False
+    max_bytes: ByteSize | None = None
+    avg_bits: MeanBits | None = None
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
@@ -101,18 +101,12 @@ class QuantizeConfig(StageConfig):
                              f"for {self.bits}-bit weights)")
         if self.method in (Method.RTN, Method.GPTQ) and self.bits > 8:
             raise ValueError("weight-only methods pack 2..8-bit codes: choose bits <= 8")
-        if self.group_size is not None and self.group_size < 1:
-            raise ValueError(f"group_size must be a positive integer or null, got {self.group_size}")
         if self.group_size is not None and self.method not in WEIGHT_ONLY:
             raise ValueError("group_size applies to weight-only methods (rtn, gptq, mixed): remove it")
         if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
             raise ValueError(f"embedding_bits must be in 2..8, got {self.embedding_bits}")
-        if not 0.0 <= self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in [0, 1], got {self.alpha}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
-        if self.calibration_samples < 1:
-            raise ValueError("calibration_samples must be >= 1")
         return self
 
 
@@ -132,9 +126,9 @@ class WeightOnlyConfig(QuantizeConfig):
     """Packed low-bit weights (round-to-nearest by default; ``method="gptq"`` for error compensation)."""
 
     method: Method = Method.RTN
-    bits: int = 4
-    group_size: int | None = 64
-    symmetric: bool = False
+    bits: Bits = 4
+    group_size: Count | None = 64
+    symmetric: Flag = False
 
 
 class SmoothQuantConfig(QuantizeConfig):

@@ -2,17 +2,89 @@
 
 from __future__ import annotations
 
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from deepsqueeze.core.config import StageConfig, config_from_dict, config_to_dict
-from deepsqueeze.errors import RecipeError
+from deepsqueeze.core.config import Seed, StageConfig, config_from_dict, config_to_dict
+from deepsqueeze.errors import RecipeError, one_line
 
 RECIPE_KEYS = ("model", "data", "seed", "description", "on_unsupported", "stages")
+MAX_RECIPE_BYTES = 1_000_000
+MAX_RECIPE_DEPTH = 32
+MAX_RECIPE_VALUES = 100_000
+
+_BaseLoader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
+class _RecipeLoader(_BaseLoader):  # type: ignore[misc, valid-type]
+    """``yaml.safe_load``'s loader, plus YAML 1.2 floats: ``1e-4`` is a number, not the string "1e-4"."""
+
+
+_RecipeLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def load_yaml_bounded(text: str, source: str = "recipe") -> Any:
+    """``yaml.safe_load`` with bounds checked on the event stream, before any object is built.
+
+    Refuses (``RecipeError``) more than ``MAX_RECIPE_BYTES`` of text, nesting deeper than
+    ``MAX_RECIPE_DEPTH``, and more than ``MAX_RECIPE_VALUES`` values once aliases are expanded (a
+    "billion laughs" document is a few hundred bytes of anchors that expand exponentially).
+    """
+    if len(text) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"{source} is {len(text):,} characters: recipes are limited to {MAX_RECIPE_BYTES:,}")
+    try:
+        _check_events(yaml.parse(text, Loader=_RecipeLoader), source)
+        return yaml.load(text, Loader=_RecipeLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise RecipeError(f"{source} is not valid YAML{where}: {one_line(getattr(exc, 'problem', None) or exc, 200)}"
+                          ) from None
+    except RecursionError:  # a bound above should have caught it first; never a traceback
+        raise RecipeError(f"{source} is nested too deeply: at most {MAX_RECIPE_DEPTH} levels") from None
+
+
+def _check_events(events: Iterator[yaml.Event], source: str) -> None:
+    sizes: dict[str, int] = {}  # anchor -> number of values it expands to
+    stack: list[list[Any]] = [[None, 0]]  # open collections: [anchor, values so far]
+    total = 0
+
+    def add(n: int) -> None:
+        nonlocal total
+        total += n
+        stack[-1][1] += n
+        if total > MAX_RECIPE_VALUES:
+            raise RecipeError(f"{source} expands to more than {MAX_RECIPE_VALUES:,} values (YAML aliases?): "
+                              "write the recipe out plainly")
+
+    for event in events:
+        if isinstance(event, yaml.CollectionStartEvent):
+            add(1)
+            stack.append([event.anchor, 0])
+            if len(stack) - 1 > MAX_RECIPE_DEPTH:
+                raise RecipeError(f"{source} is nested more than {MAX_RECIPE_DEPTH} levels deep: "
+                                  "a recipe is a few levels of mappings and lists")
+        elif isinstance(event, yaml.CollectionEndEvent):
+            anchor, size = stack.pop()
+            stack[-1][1] += size
+            if anchor is not None:
+                sizes[anchor] = size + 1
+        elif isinstance(event, yaml.ScalarEvent):
+            add(1)
+            if event.anchor is not None:
+                sizes[event.anchor] = 1
+        elif isinstance(event, yaml.AliasEvent):
+            add(sizes.get(event.anchor, 1))
 
 
 class Recipe(BaseModel):
@@ -23,7 +95,7 @@ class Recipe(BaseModel):
     stages: tuple[StageConfig, ...]
     model: str | None = None
     data: str | None = None
-    seed: int = 0
+    seed: Seed = 0
     description: str | None = None
     on_unsupported: Literal["warn", "skip", "error"] = "warn"  # weight-bearing layers a stage does not handle
 
@@ -74,15 +146,16 @@ def load_recipe(path: str | Path) -> Recipe:
     if not file.exists() and file.suffix == "" and find_recipe(str(path)) is not None:
         file = find_recipe(str(path))  # type: ignore[assignment]
     try:
-        text = file.read_text(encoding="utf-8")
+        with file.open("rb") as fh:
+            raw = fh.read(MAX_RECIPE_BYTES + 1)  # never more than the limit, whatever the file's size
     except FileNotFoundError:
         raise RecipeError(f"recipe {file} does not exist: see the recipes/ folder for shipped ones") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise RecipeError(f"cannot read recipe {file}: {exc}") from None
+    except OSError as exc:
+        raise RecipeError(f"cannot read recipe {file}: {exc.strerror or one_line(exc)}") from None
+    if len(raw) > MAX_RECIPE_BYTES:
+        raise RecipeError(f"recipe {file} is larger than {MAX_RECIPE_BYTES:,} bytes: a recipe is a short YAML file")
     try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"recipe {file} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return parse_recipe(data, source=str(file))
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise RecipeError(f"recipe {file} is not UTF-8 text (byte {exc.start})") from None
+    return parse_recipe(load_yaml_bounded(text, source=f"recipe {file}"), source=str(file))

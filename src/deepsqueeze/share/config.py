@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from enum import StrEnum
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
 from deepsqueeze.codec.entropy import Coder
 from deepsqueeze.codec.sparse_index import PositionScheme
-from deepsqueeze.core.config import StageConfig
+from deepsqueeze.core.config import Bits, Count, Epochs, Flag, LearningRate, StageConfig
 from deepsqueeze.primitives.kmeans import Init
 
 
@@ -38,31 +38,24 @@ class ShareConfig(StageConfig):
 
     stage_type = "share"
 
-    bits: int = Field(5, ge=1, le=16)
-    conv_bits: int | None = Field(None, ge=1, le=16)
-    linear_bits: int | None = Field(None, ge=1, le=16)
-    overrides: dict[str, int] = Field(default_factory=dict)
-    bias_bits: int | None = Field(None, ge=1, le=16, description="also share biases (dense codebook); None: raw")
+    bits: Bits = 5
+    conv_bits: Bits | None = None
+    linear_bits: Bits | None = None
+    overrides: dict[str, Bits] = Field(default_factory=dict)
+    bias_bits: Bits | None = Field(None, description="also share biases (dense codebook); None: raw")
     init: Init = Init.LINEAR
     method: Method = Method.LLOYD
-    iterations: int = Field(30, ge=1, description="Lloyd iterations at most")
+    iterations: Count = Field(30, description="Lloyd iterations at most")
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
-    epochs: float = Field(0.0, ge=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(128, ge=1)
+    epochs: Epochs = 0.0
+    lr: LearningRate = 1e-4
+    batch_size: Count = 128
     optimizer: TrainOptimizer = TrainOptimizer.ADAM
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
-    train_biases: bool = True
-    limit: int | None = Field(None, ge=1, description="use at most this many training samples per epoch")
+    train_biases: Flag = True
+    limit: Count | None = Field(None, description="use at most this many training samples per epoch")
 
-    @field_validator("overrides")
-    @classmethod
-    def _check_overrides(cls, value: dict[str, int]) -> dict[str, int]:
-        for pattern, bits in value.items():
-            if not 1 <= bits <= 16:
-                raise ValueError(f"override {pattern!r}: bits must be in 1..16, got {bits}")
-        return value
 
 
 class EncodeConfig(StageConfig):

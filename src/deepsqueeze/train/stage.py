@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from pydantic import Field
 
-from deepsqueeze.core.config import StageConfig, register_stage
+from deepsqueeze.core.config import Count, Epochs, LearningRate, StageConfig, Weight, register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
@@ -34,13 +34,13 @@ class FinetuneConfig(StageConfig):
 
     stage_type = "finetune"
 
-    epochs: float = Field(1.0, gt=0)
-    lr: float = Field(1e-4, gt=0)
-    batch_size: int = Field(128, ge=1)
+    epochs: Epochs = Field(1.0, gt=0)
+    lr: LearningRate = 1e-4
+    batch_size: Count = 128
     optimizer: Optimizer = Optimizer.ADAM
     schedule: Schedule = Schedule.COSINE
-    weight_decay: float = Field(0.0, ge=0)
-    limit: int | None = Field(None, ge=1, description="use at most this many training samples")
+    weight_decay: Weight = 0.0
+    limit: Count | None = Field(None, description="use at most this many training samples")
 
 
 @register_stage(FinetuneConfig)
