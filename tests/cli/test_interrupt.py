@@ -40,7 +40,7 @@ MODEL_CODE = textwrap.dedent('''
 
 def test_ctrl_c_during_compress_exits_130_and_leaves_no_file(tmp_path: Path, console_script: list[str]) -> None:
     (tmp_path / "ds_interrupt_model.py").write_text(MODEL_CODE)
-    (tmp_path / "long.yaml").write_text("stages:\n  - type: finetune\n    epochs: 100000\n")
+    (tmp_path / "long.yaml").write_text("stages:\n  - type: finetune\n    epochs: 10000\n")
     files_before = sorted(p.name for p in tmp_path.iterdir())
     started = tmp_path / "started.flag"
     env = {**os.environ, "DS_STARTED": str(started),

@@ -39,6 +39,7 @@ NOT_DIVISIBLE = "shape not divisible by the group size"
 TIED = "tied to a module already handled"
 NOT_REACHED = "not reached by the calibration data"
 BLOCKED = "blocked by the dependency graph"
+EMPTY = "zero-size weight"  # nothing to compress (core.walker.has_empty_weight)
 
 COVERAGE_ACTIONS = ("compressed", "skipped", "float")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import fnmatch
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 ModuleFilter = Callable[[str, nn.Module], bool]
@@ -16,15 +17,20 @@ def iter_modules(
     include: Sequence[str] | None = None,
     exclude: Sequence[str] | None = None,
     filter_fn: ModuleFilter | None = None,
+    skip_empty: bool = True,
 ) -> Iterator[tuple[str, nn.Module]]:
     """Yield ``(name, module)`` for submodules matching every given criterion.
 
     ``include``/``exclude`` are fnmatch patterns on the dotted module name (``"encoder.*.query"``).
+    Modules whose weight has no elements (``nn.Linear(32, 0)``) are left out unless ``skip_empty`` is
+    False: there is nothing in them to compress (``has_empty_weight``).
     The list is materialised first, so callers may replace modules while iterating.
     """
     selected = []
     for name, module in model.named_modules():
         if not name:
+            continue
+        if skip_empty and has_empty_weight(module):
             continue
         if types is not None and not isinstance(module, types):
             continue
@@ -36,6 +42,15 @@ def iter_modules(
             continue
         selected.append((name, module))
     yield from selected
+
+
+def has_empty_weight(module: nn.Module) -> bool:
+    """True when ``module.weight`` is a tensor with no elements (a zero-size Linear, Conv or Embedding).
+
+    Every technique skips such layers: no values to quantize, prune, share or factor, and no bytes to save.
+    """
+    weight = getattr(module, "weight", None)
+    return isinstance(weight, torch.Tensor) and weight.numel() == 0
 
 
 def name_matches(name: str, patterns: Iterable[str]) -> bool:

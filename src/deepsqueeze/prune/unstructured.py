@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deepsqueeze.core.walker import has_empty_weight
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.primitives.masks import (
     global_sparsity_masks,
@@ -37,7 +38,7 @@ def prunable_weights(module: nn.Module, include: Sequence[str] | None = None,
     canonical = {id(p): name for name, p in module.named_parameters()}
     out: dict[str, nn.Parameter] = {}
     for name, sub in module.named_modules():
-        if not name or not isinstance(sub, PRUNABLE_TYPES):
+        if not name or not isinstance(sub, PRUNABLE_TYPES) or has_empty_weight(sub):
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue

@@ -29,6 +29,7 @@ from deepsqueeze.core.coverage import (
 )
 from deepsqueeze.core.kinds import conv1d_to_linear, layer_kind, weight_bearing_modules
 from deepsqueeze.core.record import (
+    EMPTY,
     EXCLUDED,
     NOT_DIVISIBLE,
     TIED,
@@ -40,7 +41,7 @@ from deepsqueeze.core.record import (
     register_transform,
 )
 from deepsqueeze.core.sharing import tied_weight_groups
-from deepsqueeze.core.walker import get_submodule, name_matches, set_submodule
+from deepsqueeze.core.walker import get_submodule, has_empty_weight, name_matches, set_submodule
 from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.primitives.observers import Observer, make_observer
@@ -163,6 +164,8 @@ def _skip_reasons(module: nn.Module, config: QuantizeConfig) -> dict[str, str]:
             reasons[name] = f"{EXCLUDED}: exclude"
         elif kind is not None and kind.name == "embedding" and not config.embeddings:
             reasons[name] = f"{EXCLUDED}: embeddings: false"
+        elif has_empty_weight(_layer):
+            reasons[name] = EMPTY
     return reasons
 
 
@@ -340,7 +343,7 @@ def select_layers(module: nn.Module, config: QuantizeConfig,
     owners = [name + "." for name, _, kind in weight_bearing_modules(module) if kind is not None and kind.owns_children]
     out = []
     for name, layer in list(module.named_modules()):
-        if not name or any(name.startswith(o) for o in owners):
+        if not name or any(name.startswith(o) for o in owners) or has_empty_weight(layer):
             continue
         if config.include and not name_matches(name, config.include):
             continue

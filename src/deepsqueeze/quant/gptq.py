@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.sharing import tied_weight_groups
+from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
@@ -250,7 +251,7 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
     from deepsqueeze.quant.calibrate import as_calib_batches, layerwise_convert
 
     if targets is None:
-        targets = [n for n, m in module.named_modules() if isinstance(m, nn.Linear)]
+        targets = [n for n, _ in iter_modules(module, types=nn.Linear)]
     results: dict[str, GPTQResult] = {}
 
     def convert(name: str, layer: nn.Module, hessian: torch.Tensor) -> nn.Module:

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.outputs import primary_output
+from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
@@ -218,7 +219,7 @@ def mixed_precision_(module: nn.Module, batches: Sequence[Any], *, max_bytes: in
     from deepsqueeze.quant.gptq import gptq_model_
 
     if names is None:
-        names = [n for n, m in module.named_modules() if isinstance(m, MIXED_TYPES)]
+        names = [n for n, _ in iter_modules(module, types=MIXED_TYPES)]
     candidates = sorted(set(candidates))
     for b in candidates:
         if not 2 <= b <= 8:

@@ -29,6 +29,7 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record, record_encoding
+from deepsqueeze.core.walker import has_empty_weight
 from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives.kmeans import assign, exact_1d, init_centroids, lloyd
@@ -45,7 +46,7 @@ def shareable_layers(module: nn.Module, include: list[str] | None = None,
     """Linear/Conv layers (by name) whose weights the ``share`` stage clusters."""
     out = {}
     for name, sub in module.named_modules():
-        if not name or not isinstance(sub, SHAREABLE_TYPES):
+        if not name or not isinstance(sub, SHAREABLE_TYPES) or has_empty_weight(sub):
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
