@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import importlib
+import sys
+from pathlib import Path
+from types import ModuleType
+
 import typer
 
 from deepsqueeze.cli._common import JsonOption, emit_json, rows_table, stdout
@@ -18,14 +23,10 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JsonOption,
     ) -> None:
         """Run benchmarks and regenerate BENCHMARKS.md from their results."""
-        try:
-            from benchmarks.runner import BenchContext, discover, run_benchmark
-        except ImportError:
-            from deepsqueeze.errors import DeepsqueezeError
-
-            raise DeepsqueezeError("benchmarks/ is not importable: run deepsqueeze bench from a source checkout") from None
         from deepsqueeze.errors import DeepsqueezeError
 
+        runner = benchmarks_runner()
+        BenchContext, discover, run_benchmark = runner.BenchContext, runner.discover, runner.run_benchmark
         available = discover()
         if list_only:
             listing = {name: getattr(mod, "TITLE", "") for name, mod in available.items()}
@@ -43,3 +44,26 @@ def register(app: typer.Typer) -> None:
                 stdout.print(rows_table(f"{name}: {result['title']}", result["rows"]))
         if as_json:
             emit_json({"results": results})
+
+
+def benchmarks_runner() -> ModuleType:
+    """``benchmarks.runner`` of the source checkout deepsqueeze runs from (``src/deepsqueeze`` beside
+    ``benchmarks/``). Benchmarks are not part of the installed package (a top-level ``benchmarks`` in
+    site-packages would collide with other projects' packages); from a wheel install this raises
+    ``DeepsqueezeError`` saying so."""
+    import deepsqueeze
+    from deepsqueeze.errors import DeepsqueezeError
+
+    root = Path(deepsqueeze.__file__).resolve().parents[2]
+    folder = root / "benchmarks"
+    if not (folder / "runner.py").is_file():
+        raise DeepsqueezeError("benchmarks need a source checkout (they are not installed with the package): "
+                               "clone deepsqueeze, pip install -e . and run deepsqueeze bench there")
+    if str(root) not in sys.path:
+        sys.path.insert(0, str(root))
+    runner = importlib.import_module("benchmarks.runner")
+    found = Path(runner.__file__ or "").resolve().parent
+    if found != folder:
+        raise DeepsqueezeError(f"another package named benchmarks ({found}) shadows {folder}: uninstall it or run "
+                               "deepsqueeze bench from the checkout's folder")
+    return runner
