@@ -163,3 +163,9 @@ def test_deeply_nested_recipe(capsys, workdir, text):
     assert_one_line(*run(capsys, "compress", "--model", "zoo:lenet300", "--recipe", "deep.yaml",
                          "--out", "x.dsq"), "deep.yaml", "nest")
     assert not (workdir / "x.dsq").exists()
+
+
+@pytest.mark.parametrize("out_dir", ["/sys/demo-out", "a-file"])
+def test_demo_out_dir_that_cannot_be_written(capsys, workdir, out_dir):
+    (workdir / "a-file").write_text("not a folder")
+    assert_one_line(*run(capsys, "demo", "--quick", "--out-dir", out_dir), out_dir)

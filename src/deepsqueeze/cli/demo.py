@@ -43,7 +43,7 @@ def run_demo(out_dir: Path, quick: bool = False, progress: bool = True) -> list[
     if images == "digits" and not quick:
         stderr.print("[yellow]fashion-mnist is not installed (Debian package dataset-fashion-mnist): "
                      "LeNet-5 runs on the bundled digits instead[/yellow]")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _prepare_out_dir(out_dir)
     rows: list[dict[str, Any]] = []
     for model_ref, data_ref, recipe_names in QUICK_JOBS if quick else DEMO_JOBS:
         model_ref, data_ref = model_ref.format(images=images), data_ref.format(images=images)
@@ -52,6 +52,19 @@ def run_demo(out_dir: Path, quick: bool = False, progress: bool = True) -> list[
             stderr.print(f"[bold]{model_ref}[/bold] with {', '.join(shipped)} ...")
         rows += compare(model_ref, data_ref, shipped, out_dir, progress)
     return rows
+
+
+def _prepare_out_dir(out_dir: Path) -> None:
+    """Create ``out_dir`` and check a file can be written in it, before any work (ArtifactError otherwise)."""
+    from deepsqueeze.codec.format import check_writable
+    from deepsqueeze.errors import ArtifactError
+
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create --out-dir {out_dir}: {exc.strerror or exc}; choose another folder"
+                            ) from None
+    check_writable(out_dir / "demo.dsq")
 
 
 def compare(model_ref: str, data_ref: str, recipe_names: list[str], out_dir: Path,
