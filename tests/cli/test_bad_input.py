@@ -169,3 +169,28 @@ def test_deeply_nested_recipe(capsys, workdir, text):
 def test_demo_out_dir_that_cannot_be_written(capsys, workdir, out_dir):
     (workdir / "a-file").write_text("not a folder")
     assert_one_line(*run(capsys, "demo", "--quick", "--out-dir", out_dir), out_dir)
+
+
+def test_model_that_does_not_fit_the_data_is_found_before_any_stage(capsys, workdir, monkeypatch):
+    (workdir / "ft.yaml").write_text(FINETUNE)
+    assert_one_line(*run(capsys, "compress", "--model", "zoo:lenet300", "--data", "digits", "--recipe", "ft.yaml",
+                         "--out", "x.dsq"), "(1, 28, 28)", "(1, 8, 8)")
+    write_module(workdir, "ds_bad_forward", """
+        from torch import nn
+
+        class Bad(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.fc = nn.Linear(64, 10)
+
+            def forward(self, x):
+                raise RuntimeError("forward is broken\\nline two")
+
+        def make():
+            return Bad()
+    """)
+    monkeypatch.syspath_prepend(str(workdir))
+    assert_one_line(*run(capsys, "compress", "--model", "py:ds_bad_forward:make", "--data", "digits",
+                         "--recipe", "ft.yaml", "--out", "x.dsq"), "does not run on digits",
+                    "RuntimeError: forward is broken line two")
+    assert not (workdir / "x.dsq").exists()

@@ -19,7 +19,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import ArtifactError, DataError, RecipeError
+from deepsqueeze.errors import ArtifactError, DataError, ModelError, RecipeError, one_line
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
 from deepsqueeze.train import distributed
@@ -49,6 +49,33 @@ def training_data(model: Model, data_ref: str | None) -> ClassificationData | Te
     if data_ref.rstrip() == "pydoc-sentences:eval":
         raise DataError("pydoc-sentences:eval is kept for evaluation only: calibrate on pydoc-sentences:calib")
     return resolve_data(data_ref, split="calib")
+
+
+def check_model_runs_on(model: Model, data: ClassificationData | TextData | None,
+                        device: str | torch.device = "cpu") -> None:
+    """Run ``model`` once on two samples of ``data`` before any stage does, so a model that does not fit
+    its data (or whose own ``forward`` fails) is one ``DataError``/``ModelError`` now, not a traceback
+    from deep inside a training loop."""
+    if data is None:
+        return
+    if isinstance(data, ClassificationData):
+        if model.task is not Task.CLASSIFIER:
+            raise DataError(f"{model.ref} is a sentence encoder: it trains on sentences, not on {data.name}")
+        if model.input_shape and tuple(model.input_shape) != tuple(data.input_shape):
+            raise DataError(f"{model.ref} takes inputs of shape {tuple(model.input_shape)} but {data.name} has "
+                            f"{tuple(data.input_shape)}: compress it with the data it was trained for")
+    was_training = model.module.training
+    try:
+        with torch.no_grad():
+            if isinstance(data, ClassificationData):
+                model.module.eval()(data.train_x[:2].to(device))
+            elif hasattr(model.module, "encode"):
+                model.module.encode(list(data.sentences[:2]))
+    except (Exception, SystemExit) as exc:  # the model's own code: anything can happen in it
+        raise ModelError(f"{model.ref} does not run on {data.name}: {type(exc).__name__}: {one_line(exc, 300)}"
+                         ) from None
+    finally:
+        model.module.train(was_training)
 
 
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
@@ -101,6 +128,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
     data = training_data(model, data_ref or recipe.data)
+    check_model_runs_on(model, data, device)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress)
     compress_s = time.perf_counter() - start
