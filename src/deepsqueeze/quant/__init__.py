@@ -51,16 +51,20 @@ __all__ = [
     "PackedIntConv2d",
     "PackedIntEmbedding",
     "PackedIntLinear",
+    "QATOptions",
     "QuantizeConfig",
     "SmoothQuantConfig",
     "WeightOnlyConfig",
+    "convert_qat_",
     "install",
     "int8_kernel",
+    "prepare_qat_",
     "quantize_",
     "register_method",
     "run_batch",
     "select_layers",
     "set_int8_kernel",
+    "train_qat",
     *sorted(_LAZY),
 ]
 
@@ -74,3 +78,5 @@ def __getattr__(name: str) -> Any:
 # Methods registered by sibling modules of this package (GPTQ, mixed; imported last: they build on api/config).
 from deepsqueeze.quant import gptq as _gptq  # noqa: E402, F401
 from deepsqueeze.quant import mixed as _mixed  # noqa: E402, F401
+from deepsqueeze.quant.qat import convert_qat_, prepare_qat_, train_qat  # noqa: E402
+from deepsqueeze.quant.qat_config import QATOptions  # noqa: E402

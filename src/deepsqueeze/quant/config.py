@@ -21,6 +21,7 @@ from pydantic import model_validator
 
 from deepsqueeze.core.config import Bits, ByteSize, Count, Flag, Fraction, MeanBits, Percent, StageConfig
 from deepsqueeze.primitives.quantize import SUPPORTED_BITS
+from deepsqueeze.quant.qat_config import QATOptions
 
 __all__ = [
     "ActScheme",
@@ -43,6 +44,7 @@ class Method(StrEnum):
     MIXED = "mixed"  # per-layer bit widths under a size budget
     BINARY = "binary"  # XNOR-Net weights: sign x per-channel mean |w|
     TERNARY = "ternary"  # TWN weights: {-1, 0, +1} x per-channel scale
+    QAT = "qat"  # quantization-aware training (deepsqueeze.quant.qat; options in ``qat``)
 
 
 class ActScheme(StrEnum):
@@ -69,7 +71,8 @@ class QuantizeConfig(StageConfig):
     drive static calibration. ``alpha`` is SmoothQuant's migration strength. ``embeddings`` also
     quantizes ``nn.Embedding`` tables (int8 rows for int8 methods, ``embedding_bits`` for weight-only).
     ``include``/``exclude`` are fnmatch patterns on module names. ``damp``/``act_order``/``max_bytes``/
-    ``avg_bits`` belong to GPTQ and mixed precision.
+    ``avg_bits`` belong to GPTQ and mixed precision (and to QAT, which then trains per-layer widths).
+    ``qat`` holds the options of ``method: qat`` (:class:`~deepsqueeze.quant.qat_config.QATOptions`).
     """
 
     stage_type: ClassVar[str] = "quantize"
@@ -91,6 +94,7 @@ class QuantizeConfig(StageConfig):
     act_order: Flag = False
     max_bytes: ByteSize | None = None
     avg_bits: MeanBits | None = None
+    qat: QATOptions | None = None
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
@@ -101,13 +105,25 @@ class QuantizeConfig(StageConfig):
                              f"for {self.bits}-bit weights)")
         if self.method in (Method.RTN, Method.GPTQ) and self.bits > 8:
             raise ValueError("weight-only methods pack 2..8-bit codes: choose bits <= 8")
-        if self.group_size is not None and self.method not in WEIGHT_ONLY:
+        if self.qat is not None and self.method is not Method.QAT:
+            raise ValueError("the qat options apply to method qat: remove them or set method: qat")
+        if self.method is Method.QAT:
+            self._check_qat()
+        elif self.group_size is not None and self.method not in WEIGHT_ONLY:
             raise ValueError("group_size applies to weight-only methods (rtn, gptq, mixed): remove it")
         if self.embedding_bits is not None and not 2 <= self.embedding_bits <= 8:
             raise ValueError(f"embedding_bits must be in 2..8, got {self.embedding_bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
         return self
+
+    def _check_qat(self) -> None:
+        qat = self.qat or QATOptions()
+        if self.bits > 8:
+            raise ValueError("method qat trains 2..8-bit weights: choose bits <= 8")
+        if self.group_size is not None and qat.act_bits is not None:
+            raise ValueError("group_size applies to weight-only QAT: set qat.act_bits to null, or remove group_size "
+                             "(int8 execution has one scale per output channel)")
 
 
 class Int8DynamicConfig(QuantizeConfig):

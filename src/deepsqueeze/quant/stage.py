@@ -16,6 +16,11 @@ CALIBRATED = (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.MIXED)
 @register_stage(QuantizeConfig)
 def quantize_stage(model: Model, config: QuantizeConfig, ctx: StageContext) -> None:
     """Quantize ``model.module`` in place; calibrating methods read ``ctx.data`` (never an eval split)."""
+    if config.method is Method.QAT:
+        from deepsqueeze.quant.qat import qat_stage
+
+        qat_stage(model, config, ctx)
+        return
     batches: list[Any] | None = None
     if config.method in CALIBRATED:
         from deepsqueeze.quant.calibrate import calibration_batches

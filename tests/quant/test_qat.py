@@ -1,0 +1,157 @@
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+from deepsqueeze.artifact import load, save
+from deepsqueeze.core import config_from_dict, config_to_dict
+from deepsqueeze.errors import RecipeError
+from deepsqueeze.quant import (
+    Int8Conv2d,
+    Int8Linear,
+    PackedIntConv2d,
+    PackedIntLinear,
+    QuantizeConfig,
+    convert_qat_,
+    prepare_qat_,
+    quantize_,
+    train_qat,
+)
+from deepsqueeze.quant.fake_quant import FakeQuantConv2d, FakeQuantLinear
+from deepsqueeze.testing.quant_models import TinyBNConvNet, tiny_bn_convnet_handle
+
+
+def _qat(bits=4, **options):
+    fields = {"epochs": 1, "lr": 2e-3, "limit": 512, "batch_size": 64, **options}
+    return QuantizeConfig(method="qat", bits=bits, activations="per_tensor", qat=fields)
+
+
+def _calib(digits, n=256):
+    return [x for x, _ in digits.batches("train", 64, limit=n)]
+
+
+def _outputs(module, x):
+    module.eval()
+    with torch.no_grad():
+        return module(x)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """TinyBNConvNet on digits, W4A8 QAT for one short epoch: (fake-quant model, converted model, handle)."""
+    model = tiny_bn_convnet_handle()
+    config = _qat(4, freeze_bn_after=0.5)
+    prepare_qat_(model.module, config, _calib(digits))
+    init = {n: p.detach().clone() for n, p in model.module.named_parameters() if n.endswith("scale")}
+    train_qat(model, config, digits, progress=False)
+    fake = copy.deepcopy(model.module)
+    convert_qat_(model.module, config)
+    return fake, model, init
+
+
+def test_converted_integer_model_agrees_with_its_fake_quant_model(trained, digits):
+    fake, model, _ = trained
+    x = digits.test_x
+    y_fake, y_int = _outputs(fake, x), _outputs(model.module, x)
+    agree = (y_fake.argmax(1) == y_int.argmax(1)).float().mean().item()
+    assert agree >= 0.999
+    # same codes and scales: differences come only from the kernels' own rounding of x / scale at ties
+    diff, top = (y_fake - y_int).abs(), y_fake.abs().max()
+    assert (diff <= 1e-4 * top).float().mean() >= 0.99
+    assert diff.max() < 0.05 * top
+    kinds = {type(m) for m in model.module.modules()}
+    assert Int8Conv2d in kinds and Int8Linear in kinds
+    assert not any(isinstance(m, (FakeQuantConv2d, FakeQuantLinear, nn.BatchNorm2d)) for m in model.module.modules())
+
+
+def test_step_sizes_learn_and_batchnorm_freezes(trained):
+    fake, _, init = trained
+    learned = {n: p for n, p in fake.named_parameters() if n.endswith("scale")}
+    assert learned and any(not torch.equal(learned[n], init[n]) for n in init)
+    convs = [m for m in fake.modules() if isinstance(m, FakeQuantConv2d)]
+    assert all(c.bn_frozen for c in convs)
+    before = convs[0].bn.running_mean.clone()
+    fake.train()
+    fake(torch.randn(8, 1, 8, 8))
+    assert torch.equal(convs[0].bn.running_mean, before)
+
+
+def test_qat_artifact_round_trips_and_stores_narrow_int8_weights_at_their_width(trained, digits, tmp_path):
+    _, model, _ = trained
+    size = save(model, tmp_path / "q.dsq")
+    loaded = load(tmp_path / "q.dsq")
+    x = digits.test_x[:64]
+    assert torch.equal(_outputs(loaded.module, x), _outputs(model.module, x))
+    conv = dict(loaded.module.named_modules())["3"]
+    assert isinstance(conv, Int8Conv2d) and -8 <= int(conv.weight.min()) and int(conv.weight.max()) <= 7  # 4-bit
+    assert save(loaded, tmp_path / "again.dsq") == size
+    assert (tmp_path / "again.dsq").read_bytes() == (tmp_path / "q.dsq").read_bytes()
+
+
+def test_gradients_reach_weights_and_every_quantizer(digits):
+    module = TinyBNConvNet()
+    prepare_qat_(module, _qat(4, act_quantizer="pact"), _calib(digits, 128))
+    module.train()
+    x, y = next(digits.batches("train", 64))
+    nn.functional.cross_entropy(module(x), y).backward()
+    grads = {n: p.grad for n, p in module.named_parameters() if p.requires_grad}
+    for name in ("0.weight", "3.weight", "8.weight", "0.weight_quant.scale", "3.input_quant.alpha",
+                 "8.input_quant.alpha"):
+        assert grads[name] is not None and grads[name].abs().sum() > 0, name
+
+
+@pytest.mark.parametrize("weights, flags", [("binary", {"binary": True}), ("ternary", {"bits": 2})])
+def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits, weights, flags):
+    module = TinyBNConvNet()
+    config = _qat(4, weights=weights, act_bits=None)
+    prepare_qat_(module, config)
+    x = digits.test_x[:128]
+    y_fake = _outputs(module, x)
+    convert_qat_(module, config)
+    assert torch.allclose(_outputs(module, x), y_fake, atol=1e-5)
+    layers = dict(module.named_modules())
+    first, middle, last = layers["0"], layers["3"], layers["8"]
+    assert isinstance(middle, PackedIntConv2d) and all(getattr(middle, k) == v for k, v in flags.items())
+    assert isinstance(first, PackedIntConv2d) and first.bits == 8 and not first.binary  # first/last 8-bit
+    assert isinstance(last, PackedIntLinear) and last.bits == 8
+
+
+def test_mixed_precision_qat_takes_widths_from_the_allocator(digits, tmp_path):
+    from deepsqueeze.recipes import compress, parse_recipe
+
+    stage = {"type": "quantize", "method": "qat", "bits": 8, "avg_bits": 5.0, "activations": "per_tensor",
+             "calibration_samples": 128,
+             "qat": {"act_bits": None, "epochs": 0.1, "limit": 256, "batch_size": 64, "first_last_bits": None}}
+    recipe = parse_recipe({"data": "digits", "stages": [stage]})
+    result = compress("py:deepsqueeze.testing.quant_models:TinyBNConvNet", recipe, tmp_path / "m.dsq",
+                      progress=False)
+    widths = result.stage_reports[0]["bits_per_layer"]
+    assert set(widths) == {"0", "3", "8"} and len(set(widths.values())) > 1
+    layers = dict(load(tmp_path / "m.dsq").module.named_modules())
+    assert {n: layers[n].bits for n in widths} == widths
+
+
+def test_quantize_verb_runs_one_explicit_step(digits):
+    module = TinyBNConvNet()
+    prepare = _qat(8, step="prepare")
+    assert quantize_(module, prepare, _calib(digits, 128)) == ["0", "3", "8"]
+    assert isinstance(module[0], FakeQuantConv2d) and module[0].weight.requires_grad
+    with pytest.raises(RecipeError, match="already prepared"):
+        quantize_(module, prepare, _calib(digits, 64))
+    quantize_(module, _qat(8, step="convert"))
+    assert isinstance(module[0], Int8Conv2d)
+    with pytest.raises(RecipeError, match="one QAT step"):
+        quantize_(TinyBNConvNet(), _qat(8), _calib(digits, 64))
+
+
+def test_qat_configs_round_trip_and_reject_bad_options():
+    config = _qat(2, weights="ternary", act_quantizer="pact", distill=0.5, first_last_bits=None)
+    assert config_from_dict(config_to_dict(config)) == config
+    assert config_to_dict(config)["qat"]["weights"] == "ternary"
+    with pytest.raises(RecipeError, match="act_bits"):
+        QuantizeConfig(method="qat", qat={"act_bits": 4})
+    with pytest.raises(RecipeError, match="weight-only QAT"):
+        QuantizeConfig(method="qat", group_size=32)
+    with pytest.raises(RecipeError, match="method qat"):
+        QuantizeConfig(method="rtn", qat={})
