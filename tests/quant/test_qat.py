@@ -155,3 +155,21 @@ def test_qat_configs_round_trip_and_reject_bad_options():
         QuantizeConfig(method="qat", group_size=32)
     with pytest.raises(RecipeError, match="method qat"):
         QuantizeConfig(method="rtn", qat={})
+
+
+def test_gptq_initialised_qat_starts_exactly_where_gptq_ends():
+    from deepsqueeze.quant.gptq import dequantized_linear, gptq_model_
+    from deepsqueeze.testing.block_models import TinyBlockNet, tiny_block_batches
+
+    batches = tiny_block_batches(2)
+    reference = TinyBlockNet()
+    gptq_model_(reference, batches, bits=4, group_size=16, build=dequantized_linear)
+    module = TinyBlockNet()
+    config = QuantizeConfig(method="qat", bits=4, group_size=16, symmetric=False, embeddings=False,
+                            qat={"act_bits": None, "init": "gptq", "first_last_bits": None})
+    prepare_qat_(module, config, batches)
+    x = batches[0]
+    assert torch.allclose(_outputs(module, x), _outputs(reference, x), atol=1e-5)
+    convert_qat_(module, config)
+    assert isinstance(module.blocks[0].query, PackedIntLinear) and module.blocks[0].query.group_size == 16
+    assert torch.allclose(_outputs(module, x), _outputs(reference, x), atol=1e-5)

@@ -174,6 +174,7 @@ def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
     if bits:
         widths.update({n: b for n, b in bits.items() if n in widths})
     gptq_params = _gptq_init(module, config, qat, names, widths, batches) if qat.init is QATInit.GPTQ else {}
+    layers = [(n, module.get_submodule(n)) for n in names]  # GPTQ replaced the Linear layers
 
     conv_names = {n for n, m in layers if isinstance(m, nn.Conv2d)}
     bns = _following(module, conv_names, nn.BatchNorm2d)
