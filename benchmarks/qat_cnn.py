@@ -37,7 +37,9 @@ SETUP = (
     "where QAT starts. Peers at the same epochs and data: torch.ao FX QAT (x86 qconfig, W8A8 only) and Brevitas "
     "(fake-quant QuantConv2d/QuantLinear with 8-bit QuantIdentity inputs; no integer execution). Accuracy as "
     "mean ± std over the seeds listed in `seeds`. Latency: batch 256, 2 threads, interleaved with fp32, median "
-    "(p10-p90) of 9 on seed 0; the machine was shared, so latencies are noisy, sizes and accuracies are not."
+    "(p10-p90) of 9 on seed 0; the machine was shared, so latencies are noisy, sizes and accuracies are not. "
+    "`train_samples`: training images seen per epoch (a run with QAT_BENCH_LIMIT trains on the first N of a "
+    "seeded shuffle; the shipped recipes train on all 60k)."
 )
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -150,7 +152,7 @@ def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], confi
         row = {"model": name, "config": cname, "method": f"qat (recipe {spec['recipe']})", "accuracy": round(mean, 2),
                "accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                "drop_pp": round(base_acc - mean, 2), "seeds": ",".join(map(str, seeds)), "epochs": ep,
-               "artifact_bytes": qat_bytes, "compress_s": round(statistics.fmean(qat_s), 1),
+               "train_samples": limit or len(data.train_x), "artifact_bytes": qat_bytes, "compress_s": round(statistics.fmean(qat_s), 1),
                "target": f"drop <= {spec['target']} pp and >= ptq",
                "met": "yes" if base_acc - mean <= spec["target"] and mean >= ptq_acc else "no"}
         rows.append(row)
@@ -197,7 +199,7 @@ def _peer_rows(ctx: BenchContext, name: str, cname: str, base: Any, data: Any, s
         out.append({"model": name, "config": cname, "method": label, "accuracy": round(mean, 2),
                     "accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                     "drop_pp": round(base_acc - mean, 2), "seeds": ",".join(map(str, seeds[: len(accs)])),
-                    "epochs": epochs})
+                    "epochs": epochs, "train_samples": limit or len(data.train_x)})
         if ours["met"] == "yes" and ours["accuracy"] < mean:
             ours["met"] = f"no (below {label})"
     return out

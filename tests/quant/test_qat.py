@@ -101,9 +101,11 @@ def test_gradients_reach_weights_and_every_quantizer(digits):
         assert grads[name] is not None and grads[name].abs().sum() > 0, name
 
 
-@pytest.mark.parametrize("weights, flags", [("binary", {"binary": True}), ("ternary", {"bits": 2})])
-def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits, weights, flags):
-    module = TinyBNConvNet()
+@pytest.mark.parametrize("weights, flags", [("binary", {"binary": True}), ("ternary", {"bits": 2}),
+                                            ("ttq", {"bits": 2})])
+def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits, weights, flags, tmp_path):
+    model = tiny_bn_convnet_handle()
+    module = model.module
     config = _qat(4, weights=weights, act_bits=None)
     prepare_qat_(module, config)
     x = digits.test_x[:128]
@@ -115,6 +117,13 @@ def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits
     assert isinstance(middle, PackedIntConv2d) and all(getattr(middle, k) == v for k, v in flags.items())
     assert isinstance(first, PackedIntConv2d) and first.bits == 8 and not first.binary  # first/last 8-bit
     assert isinstance(last, PackedIntLinear) and last.bits == 8
+    if weights == "ttq":
+        from deepsqueeze.quant.ternary_modules import PackedTernaryConv2d
+
+        assert isinstance(middle, PackedTernaryConv2d)
+        assert not torch.equal(middle.scale, middle.neg_scale)  # learned apart: here initialised apart
+    save(model, tmp_path / "t.dsq")
+    assert torch.equal(_outputs(load(tmp_path / "t.dsq").module, x), _outputs(module, x))
 
 
 def test_mixed_precision_qat_takes_widths_from_the_allocator(digits, tmp_path):

@@ -64,6 +64,7 @@ from deepsqueeze.quant.modules import (
     PackedIntLinear,
 )
 from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
+from deepsqueeze.quant.ternary_modules import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["convert_qat_", "prepare_qat_", "qat_options", "train_qat"]
 
@@ -335,8 +336,17 @@ def _packed(layer: FakeQuantLinear | FakeQuantConv2d, w: torch.Tensor, b: torch.
     bits = 2 if wq.levels in ("ternary", "ttq") else wq.bits
     group = None if wq.group_size == wq.cols else wq.group_size
     if wq.levels == "ttq":
-        raise UnsupportedLayerError("ttq weights (separate positive and negative scales) have no packed "
-                                    "representation yet: use weights ternary, or act_bits 8 is not enough either")
+        ttq: PackedTernaryLinear | PackedTernaryConv2d
+        if isinstance(layer, FakeQuantLinear):
+            ttq = PackedTernaryLinear(layer.in_features, layer.out_features, b is not None)
+        else:
+            ttq = PackedTernaryConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                                      layer.stride, layer.padding, layer.dilation, layer.groups,  # type: ignore[arg-type]
+                                      b is not None)
+        ttq.set_levels(wq.codes(w), wq.pos_scale.detach().abs(), wq.neg_scale.detach().abs())
+        if b is not None:
+            ttq.bias.copy_(b.detach().float())
+        return ttq
     if isinstance(layer, FakeQuantLinear):
         new: PackedIntLinear | PackedIntConv2d = PackedIntLinear(layer.in_features, layer.out_features, bits, group,
                                                                  b is not None, binary)

@@ -74,6 +74,8 @@ class QATOptions(BaseModel):
     def _check(self) -> QATOptions:
         if self.act_bits is not None and self.act_bits != 8:
             raise ValueError(f"act_bits must be 8 (integer execution) or null (weight-only), got {self.act_bits}")
+        if self.weights is QATWeights.TTQ and self.act_bits is not None:
+            raise ValueError("weights ttq (separate positive and negative scales) is weight-only: set act_bits to null")
         if self.first_last_bits is not None and not 2 <= self.first_last_bits <= 8:
             raise ValueError(f"first_last_bits must be in 2..8 or null, got {self.first_last_bits}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
