@@ -14,8 +14,22 @@ from deepsqueeze.errors import ModelError
 
 
 class Task(str, Enum):
+    """What a model computes, which decides its data and metrics.
+
+    ``classifier``: images -> class logits (accuracy). ``sentence-encoder``: sentences -> embeddings
+    (fidelity to a reference). ``sequence-classifier``: sentences -> label logits (fidelity and label
+    agreement). ``causal-lm``: token stream -> next-token logits (perplexity).
+    """
+
     CLASSIFIER = "classifier"
     SENTENCE_ENCODER = "sentence-encoder"
+    SEQUENCE_CLASSIFIER = "sequence-classifier"
+    CAUSAL_LM = "causal-lm"
+
+    @property
+    def is_text(self) -> bool:
+        """True for the tasks whose inputs are text (the module has ``tokenize``)."""
+        return self is not Task.CLASSIFIER
 
 
 @dataclass

@@ -11,7 +11,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.eval.latency import measure_latency
-from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs
+from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs, label_agreement, perplexity
 
 # Public contract: these keys are always present (None where a value does not apply).
 EVALUATION_KEYS = (
@@ -27,6 +27,10 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
 
     Classifiers: ``accuracy`` on the full test split. Sentence encoders: ``cosine_mean``,
     ``cosine_min`` and ``neighbor_agreement_at_10`` against ``reference`` (default: the base model).
+    Sequence classifiers: the same fidelity keys on the label logits plus ``label_agreement`` (top
+    label equal to the reference's). Causal LMs: ``perplexity`` on the sentences joined into one token
+    stream (window = the model's context length, stride = half of it; see
+    :func:`deepsqueeze.eval.metrics.perplexity`), ``samples`` = tokens scored; no reference needed.
     """
     module = model.module.to(device).eval()
     result: dict[str, Any] = {"model": model.ref, "task": model.task.value, "data": data.name}
@@ -44,17 +48,24 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             return module(batch)
     else:
         if not isinstance(data, TextData):
-            raise DataError(f"{model.ref} is a sentence encoder: evaluate it on sentences "
+            raise DataError(f"{model.ref} is a {model.task.value}: evaluate it on sentences "
                             f"(pydoc-sentences:eval, text:FILE), not {data.name}")
-        if reference is None:
-            from deepsqueeze.zoo.resolve import resolve_base_model
+        if model.task is Task.CAUSAL_LM:
+            ppl, tokens = perplexity(module, data.sentences, device=device)
+            result.update(perplexity=ppl, tokens=tokens)
+            result["samples"] = tokens
+        else:
+            if reference is None:
+                from deepsqueeze.zoo.resolve import resolve_base_model
 
-            reference = resolve_base_model(model.ref, progress=False)
-        with torch.no_grad():
-            emb = module.encode(data.sentences)  # type: ignore[operator]
-            ref_emb = reference.module.encode(data.sentences)  # type: ignore[operator]
-        result.update(embedding_fidelity(emb, ref_emb))
-        result["samples"] = len(data.sentences)
+                reference = resolve_base_model(model.ref, progress=False)
+            with torch.no_grad():
+                emb = module.encode(data.sentences)  # type: ignore[operator]
+                ref_emb = reference.module.encode(data.sentences)  # type: ignore[operator]
+            result.update(embedding_fidelity(emb, ref_emb))
+            if model.task is Task.SEQUENCE_CLASSIFIER:
+                result["label_agreement"] = label_agreement(emb, ref_emb)
+            result["samples"] = len(data.sentences)
         inputs = encoder_inputs(module, data.sentences[:batch_size], device)
 
         def run() -> object:

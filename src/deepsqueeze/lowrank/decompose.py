@@ -382,9 +382,8 @@ def _replay_cp(root: nn.Module, target: str, params: dict[str, Any]) -> None:
 
 def stage_example_inputs(model: Model, data: Any, n: int = 64) -> Any:
     """A calibration batch for a stage: images from the data's train split, or tokenized sentences."""
-    from deepsqueeze.core.model import Task
 
-    if model.task is Task.SENTENCE_ENCODER:
+    if model.task.is_text:
         sentences = getattr(data, "sentences", None)
         if not sentences:
             return None

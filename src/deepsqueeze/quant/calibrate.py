@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.quant.gptq import HessianAccumulator
@@ -45,9 +45,9 @@ def calibration_batches(model: Model, data: Any, samples: int = 512, batch_size:
     """
     if data is None:
         raise DataError("this stage needs calibration data: pass --data (e.g. pydoc-sentences:calib or fashion-mnist)")
-    if model.task is Task.SENTENCE_ENCODER:
+    if model.task.is_text:
         if not isinstance(data, TextData):
-            raise DataError(f"{model.ref} is a sentence encoder: calibrate it on sentences "
+            raise DataError(f"{model.ref} is a {model.task.value}: calibrate it on sentences "
                             f"(pydoc-sentences:calib or text:FILE), not {data.name}")
         if data.name == "pydoc-sentences:eval":
             raise DataError("pydoc-sentences:eval is reserved for evaluation: calibrate on pydoc-sentences:calib")

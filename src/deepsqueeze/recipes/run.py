@@ -19,7 +19,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import ArtifactError, DataError, ModelError, RecipeError, one_line
+from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, ModelError, RecipeError, one_line
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
 from deepsqueeze.train import distributed
@@ -42,7 +42,7 @@ def training_data(model: Model, data_ref: str | None) -> ClassificationData | Te
     """The data stages train and calibrate on: never the evaluation split of a text corpus."""
     if data_ref is None:
         data_ref = model.base.get("data")
-        if data_ref is None and model.task is Task.SENTENCE_ENCODER:
+        if data_ref is None and model.task.is_text:
             data_ref = "pydoc-sentences:calib"
     if data_ref is None:
         return None
@@ -60,7 +60,7 @@ def check_model_runs_on(model: Model, data: ClassificationData | TextData | None
         return
     if isinstance(data, ClassificationData):
         if model.task is not Task.CLASSIFIER:
-            raise DataError(f"{model.ref} is a sentence encoder: it trains on sentences, not on {data.name}")
+            raise DataError(f"{model.ref} is a {model.task.value}: it trains on sentences, not on {data.name}")
         if model.input_shape and tuple(model.input_shape) != tuple(data.input_shape):
             raise DataError(f"{model.ref} takes inputs of shape {tuple(model.input_shape)} but {data.name} has "
                             f"{tuple(data.input_shape)}: compress it with the data it was trained for")
@@ -69,13 +69,62 @@ def check_model_runs_on(model: Model, data: ClassificationData | TextData | None
         with torch.no_grad():
             if isinstance(data, ClassificationData):
                 model.module.eval()(data.train_x[:2].to(device))
-            elif hasattr(model.module, "encode"):
-                model.module.encode(list(data.sentences[:2]))
+            elif hasattr(model.module, "tokenize"):  # every text task: encoders, classifiers, causal LMs
+                model.module.eval()(**model.module.tokenize(list(data.sentences[:2])))  # type: ignore[operator]
     except (Exception, SystemExit) as exc:  # the model's own code: anything can happen in it
         raise ModelError(f"{model.ref} does not run on {data.name}: {type(exc).__name__}: {one_line(exc, 300)}"
                          ) from None
     finally:
         model.module.train(was_training)
+
+
+SMOKE_SENTENCES = ["A short sentence to check that the compressed model runs.", "And a second, longer one, so "
+                   "that the batch holds padding as every real batch does."]
+
+
+def smoke_batch(model: Model, data: ClassificationData | TextData | None) -> Any | None:
+    """One small batch of real model inputs (None when neither the task nor the data says what they are)."""
+    if model.task.is_text and hasattr(model.module, "tokenize"):
+        return dict(model.module.tokenize(SMOKE_SENTENCES))  # type: ignore[operator]
+    if isinstance(data, ClassificationData) and (model.input_shape is None or
+                                                 tuple(model.input_shape) == data.input_shape):
+        return data.test_x[:2]
+    if model.input_shape is not None:
+        return torch.zeros((2, *model.input_shape))
+    return None
+
+
+def check_runs(model: Model, data: ClassificationData | TextData | None) -> None:
+    """Run the compressed model on one batch; raise ``ModelError`` (nothing written) if it fails.
+
+    ``compress`` calls this before writing, so it never writes an artifact that cannot run: a forward
+    that breaks on a replaced layer, an output that is not finite, a tokenizer that cannot batch.
+    """
+    batch = smoke_batch(model, data)
+    if batch is None:
+        return
+    try:
+        with torch.no_grad():
+            out = model.module(**batch) if isinstance(batch, dict) else model.module(batch)
+    except DeepsqueezeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported in one line
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise ModelError(f"the compressed {model.ref} fails on one batch ({type(exc).__name__}: {first}); nothing "
+                         "was written: exclude the layer the forward reads directly, or choose another recipe") from None
+    tensors = [out] if isinstance(out, torch.Tensor) else [v for v in _flatten(out) if isinstance(v, torch.Tensor)]
+    for t in tensors:
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ModelError(f"the compressed {model.ref} outputs NaN or Inf on one batch; nothing was written: "
+                             "choose a milder recipe (more bits, less pruning) or exclude the failing layers")
+
+
+def _flatten(value: Any) -> list[Any]:
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _flatten(v)]
+    if isinstance(value, (list, tuple)):
+        return [x for v in value for x in _flatten(v)]
+    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
@@ -133,6 +182,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     ctx = run_stages(model, recipe, data, device=device, progress=progress)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
+    check_runs(model, data)
     if distributed.is_main_process():
         save(model, out_path)
     distributed.barrier()

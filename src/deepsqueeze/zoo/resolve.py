@@ -17,7 +17,14 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task, load_state_checked
 from deepsqueeze.errors import ModelError, one_line
 from deepsqueeze.zoo.builders import ZOO, build_zoo_model
-from deepsqueeze.zoo.hf import SentenceEncoder, load_sentence_encoder, minilm_dir
+from deepsqueeze.zoo.hf import (
+    CausalLM,
+    SentenceEncoder,
+    TextClassifier,
+    load_hf_model,
+    load_sentence_encoder,
+    minilm_dir,
+)
 
 MODEL_HELP = "zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), minilm, hf:DIR, py:package.module:factory, FILE.dsq"
 DEFAULT_SHAPE = (1, 28, 28)
@@ -31,7 +38,7 @@ def build_base(base: dict[str, Any]) -> nn.Module:
     if kind == "minilm":
         return load_sentence_encoder(minilm_dir(), pretrained=False)
     if kind == "hf":
-        return load_sentence_encoder(base["path"], pretrained=False)
+        return load_hf_model(base["path"], Task(base.get("task", Task.SENTENCE_ENCODER.value)), pretrained=False)
     if kind == "py":
         return _call_factory(base["factory"])
     raise ModelError(f"unknown base model kind {kind!r}: this artifact needs a newer deepsqueeze")
@@ -58,11 +65,12 @@ def resolve_base_model(ref: str, weights: str | None = None, progress: bool = Tr
         model = Model(module, {"kind": "minilm"}, Task.SENTENCE_ENCODER, ref, count_params(module))
     elif ref.startswith("hf:"):
         folder = Path(ref[3:]).resolve()
-        module = load_sentence_encoder(folder)
-        model = Model(module, {"kind": "hf", "path": str(folder)}, Task.SENTENCE_ENCODER, ref, count_params(module))
+        module = load_hf_model(folder)
+        task = _task_of(module)
+        model = Model(module, {"kind": "hf", "path": str(folder), "task": task.value}, task, ref, count_params(module))
     elif ref.startswith("py:"):
         module = _call_factory(ref[3:])
-        task = Task.SENTENCE_ENCODER if isinstance(module, SentenceEncoder) else Task.CLASSIFIER
+        task = _task_of(module)
         shape = getattr(module, "input_shape", None)
         model = Model(module, {"kind": "py", "factory": ref[3:]}, task, ref, count_params(module),
                       tuple(shape) if shape else None, getattr(module, "num_classes", None))
@@ -73,6 +81,16 @@ def resolve_base_model(ref: str, weights: str | None = None, progress: bool = Tr
     check_finite(model.module, ref)
     model.module.to(device).eval()
     return model
+
+
+def _task_of(module: nn.Module) -> Task:
+    if isinstance(module, CausalLM):
+        return Task.CAUSAL_LM
+    if isinstance(module, TextClassifier):
+        return Task.SEQUENCE_CLASSIFIER
+    if isinstance(module, SentenceEncoder):
+        return Task.SENTENCE_ENCODER
+    return Task.CLASSIFIER
 
 
 def load_weights(module: nn.Module, path: str) -> None:

