@@ -41,6 +41,8 @@ from deepsqueeze.prune.transformer import (
     TransformerBlock,
     drop_layers_,
     find_blocks,
+    mask_pruned_,
+    plan_heads,
     prune_ffn_,
     prune_heads_,
 )
@@ -104,6 +106,8 @@ __all__ = [
     "prune_channels_",
     "prune_ffn_",
     "prune_heads_",
+    "mask_pruned_",
+    "plan_heads",
     "prune_weights_",
     "random_scores",
     "register_surgery",

@@ -134,8 +134,10 @@ class PruneChannelsConfig(_FinetuneFields):
 
 
 class PruneTransformerConfig(_FinetuneFields):
-    """Structured pruning of BERT-style blocks: ``heads`` attention heads and ``ffn_ratio`` of the FFN neurons
-    removed from every block matching ``include``, and whole blocks in ``drop_layers`` removed."""
+    """Structured pruning of transformer blocks (BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama/Mistral/Qwen2
+    with grouped-query attention): ``heads`` attention heads (GQA: evenly per KV group or whole groups) and
+    ``ffn_ratio`` of the FFN neurons removed from every block matching ``include``, and whole blocks in
+    ``drop_layers`` removed."""
 
     stage_type = "prune_transformer"
 

@@ -248,7 +248,7 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
 
 @register_stage(PruneTransformerConfig)
 def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: StageContext) -> None:
-    """Remove heads / FFN neurons / whole blocks of a BERT-style encoder, then fine-tune (embedding matching)."""
+    """Remove heads / FFN neurons / whole blocks of a transformer (encoders and decoders), then fine-tune."""
     import fnmatch
 
     from deepsqueeze.prune.transformer import drop_layers_, find_blocks, prune_ffn_, prune_heads_
@@ -261,8 +261,9 @@ def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: S
     blocks = [b for b in find_blocks(root)
               if config.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in config.include)]
     if not blocks and (config.heads or config.ffn_ratio):
-        raise UnsupportedLayerError(f"{model.ref} has no BERT-style blocks (attention.self.query/key/value, "
-                                    "intermediate.dense, output.dense) matching the include patterns")
+        raise UnsupportedLayerError(f"{model.ref} has no transformer blocks deepsqueeze recognises (BERT, ALBERT, "
+                                    "DistilBERT, GPT-2 or Llama-style attention with an FFN) matching the include "
+                                    "patterns")
     criterion = element_criterion(config.criterion)
     heads: dict[str, int] = {}
     for block in blocks:

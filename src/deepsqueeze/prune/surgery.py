@@ -36,10 +36,17 @@ def register_surgery(layer_type: type[nn.Module], cut_out: Cut, cut_in: Cut) -> 
     _SURGERY[layer_type] = Surgery(cut_out, cut_in)
 
 
+# Rules for classes of optional libraries, keyed by "module.QualName" so the library is never imported here.
+_SURGERY_BY_NAME: dict[str, Surgery] = {}
+
+
 def surgery_for(module: nn.Module, name: str = "") -> Surgery:
     for cls in type(module).__mro__:
         if cls in _SURGERY:
             return _SURGERY[cls]
+        by_name = _SURGERY_BY_NAME.get(f"{cls.__module__}.{cls.__qualname__}")
+        if by_name is not None:
+            return by_name
     raise UnsupportedLayerError(f"layer {name or '?'} ({type(module).__name__}) has no surgery rule: "
                                 "exclude it or register one with deepsqueeze.prune.register_surgery")
 
@@ -105,6 +112,23 @@ register_surgery(nn.Linear, _linear_out, _linear_in)
 register_surgery(nn.Conv2d, _conv_out, _conv_in)
 register_surgery(nn.Conv1d, _conv_out, _conv_in)
 register_surgery(nn.modules.batchnorm._BatchNorm, _norm_cut, _norm_cut)
+
+
+def _conv1d_out(m: nn.Module, keep: torch.Tensor) -> None:
+    """transformers' Conv1D (GPT-2) stores the weight transposed: (in, out)."""
+    _param(m, "weight", m.weight[:, keep])
+    if m.bias is not None:
+        _param(m, "bias", m.bias[keep])
+    m.nf = len(keep)
+
+
+def _conv1d_in(m: nn.Module, keep: torch.Tensor) -> None:
+    _param(m, "weight", m.weight[keep])
+    if hasattr(m, "nx"):
+        m.nx = len(keep)
+
+
+_SURGERY_BY_NAME["transformers.pytorch_utils.Conv1D"] = Surgery(_conv1d_out, _conv1d_in)
 
 
 def cut_(root: nn.Module, name: str, dim: str, keep: torch.Tensor | list[int], record: bool = True) -> None:
