@@ -13,6 +13,7 @@ from typing import Any
 from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
 from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
 from deepsqueeze.quant.config import (
+    AWQConfig,
     ActScheme,
     Int8DynamicConfig,
     Int8StaticConfig,
@@ -39,6 +40,7 @@ _LAZY = {"export_onnx": "deepsqueeze.quant.onnx", "OrtModule": "deepsqueeze.quan
 
 __all__ = [
     "METHODS",
+    "AWQConfig",
     "ActScheme",
     "Int8Conv2d",
     "Int8DynamicConfig",
@@ -76,6 +78,7 @@ def __getattr__(name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 # Methods registered by sibling modules of this package (GPTQ, mixed; imported last: they build on api/config).
+from deepsqueeze.quant import awq as _awq  # noqa: E402, F401
 from deepsqueeze.quant import gptq as _gptq  # noqa: E402, F401
 from deepsqueeze.quant import mixed as _mixed  # noqa: E402, F401
 from deepsqueeze.quant.qat import convert_qat_, prepare_qat_, train_qat  # noqa: E402

@@ -9,6 +9,7 @@ Presets with their own defaults (all are ``QuantizeConfig`` and serialize to the
     Int8DynamicConfig()            # W8A8: int8 weights per channel, per-token dynamic int8 activations
     Int8StaticConfig(observer="percentile")   # calibrated activation ranges (Linear and Conv2d)
     WeightOnlyConfig(bits=4, group_size=64)   # packed 4-bit weights, round-to-nearest (or method="gptq")
+    AWQConfig(bits=4, group_size=128)         # activation-aware scales + clipping, same packed codes
     SmoothQuantConfig(alpha=0.5)   # activation outliers migrated into the weights, then W8A8
 """
 
@@ -24,6 +25,7 @@ from deepsqueeze.primitives.quantize import SUPPORTED_BITS
 from deepsqueeze.quant.qat_config import QATOptions
 
 __all__ = [
+    "AWQConfig",
     "ActScheme",
     "Int8DynamicConfig",
     "Int8StaticConfig",
@@ -41,6 +43,7 @@ class Method(StrEnum):
     STATIC = "static"  # int8 weights, calibrated int8 activations (Linear, Conv2d)
     SMOOTHQUANT = "smoothquant"  # SmoothQuant migration, then dynamic int8
     GPTQ = "gptq"  # weight-only, error-compensating (deepsqueeze.quant.gptq)
+    AWQ = "awq"  # weight-only, activation-aware scales and clipping, then RTN codes (deepsqueeze.quant.awq)
     MIXED = "mixed"  # per-layer bit widths under a size budget
     BINARY = "binary"  # XNOR-Net weights: sign x per-channel mean |w|
     TERNARY = "ternary"  # TWN weights: {-1, 0, +1} x per-channel scale
@@ -60,7 +63,7 @@ class ObserverName(StrEnum):
     ENTROPY = "entropy"
 
 
-WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.MIXED, Method.BINARY, Method.TERNARY)
+WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY, Method.TERNARY)
 
 
 class QuantizeConfig(StageConfig):
@@ -73,6 +76,8 @@ class QuantizeConfig(StageConfig):
     ``include``/``exclude`` are fnmatch patterns on module names. ``damp``/``act_order``/``max_bytes``/
     ``avg_bits`` belong to GPTQ and mixed precision (and to QAT, which then trains per-layer widths).
     ``qat`` holds the options of ``method: qat`` (:class:`~deepsqueeze.quant.qat_config.QATOptions`).
+    ``awq_grid`` is AWQ's number of search points (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios
+    down to 0.5).
     """
 
     stage_type: ClassVar[str] = "quantize"
@@ -95,6 +100,7 @@ class QuantizeConfig(StageConfig):
     max_bytes: ByteSize | None = None
     avg_bits: MeanBits | None = None
     qat: QATOptions | None = None
+    awq_grid: Count = 20
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
@@ -103,7 +109,7 @@ class QuantizeConfig(StageConfig):
         if self.method in (Method.DYNAMIC, Method.STATIC, Method.SMOOTHQUANT) and self.bits != 8:
             raise ValueError(f"method {self.method.value} executes int8: bits must be 8 (use method rtn or gptq "
                              f"for {self.bits}-bit weights)")
-        if self.method in (Method.RTN, Method.GPTQ) and self.bits > 8:
+        if self.method in (Method.RTN, Method.GPTQ, Method.AWQ) and self.bits > 8:
             raise ValueError("weight-only methods pack 2..8-bit codes: choose bits <= 8")
         if self.qat is not None and self.method is not Method.QAT:
             raise ValueError("the qat options apply to method qat: remove them or set method: qat")
@@ -115,6 +121,8 @@ class QuantizeConfig(StageConfig):
             raise ValueError(f"embedding_bits must be in 2..8, got {self.embedding_bits}")
         if not 50.0 < self.percentile <= 100.0:
             raise ValueError(f"percentile must be in (50, 100], got {self.percentile}")
+        if self.awq_grid < 2:
+            raise ValueError(f"awq_grid must be >= 2, got {self.awq_grid}")
         return self
 
     def _check_qat(self) -> None:
@@ -145,6 +153,15 @@ class WeightOnlyConfig(QuantizeConfig):
     bits: Bits = 4
     group_size: Count | None = 64
     symmetric: Flag = False
+
+
+class AWQConfig(QuantizeConfig):
+    """AWQ (Lin et al., 2023): activation-aware scales and clipping, then packed round-to-nearest codes."""
+
+    method: Method = Method.AWQ
+    bits: int = 4
+    group_size: int | None = 128
+    symmetric: bool = False
 
 
 class SmoothQuantConfig(QuantizeConfig):

@@ -10,7 +10,7 @@ from deepsqueeze.core.model import Model
 from deepsqueeze.quant.api import quantize_
 from deepsqueeze.quant.config import Method, QuantizeConfig
 
-CALIBRATED = (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.MIXED)
+CALIBRATED = (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.AWQ, Method.MIXED)
 
 
 @register_stage(QuantizeConfig)

@@ -35,3 +35,32 @@ def tiny_bn_convnet_handle() -> Model:
     return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.quant_models:TinyBNConvNet"},
                  Task.CLASSIFIER, "py:deepsqueeze.testing.quant_models:TinyBNConvNet", count_params(module),
                  (1, 8, 8), 10)
+
+
+class OutlierMLPBlock(nn.Module):
+    """A pre-norm GPT-2-style FFN (``ln_2`` -> ``mlp.c_fc`` -> GELU -> ``mlp.c_proj``) whose LayerNorm
+    affine weight has a few outlier channels, as LLM activations do (the case AWQ is built for)."""
+
+    def __init__(self, width: int = 64, hidden: int = 128, outliers: int = 4, seed: int = 0) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.ln_2 = nn.LayerNorm(width)
+        self.mlp = nn.Module()
+        self.mlp.c_fc = nn.Linear(width, hidden)
+        self.mlp.c_proj = nn.Linear(hidden, width)
+        with torch.no_grad():
+            gain = torch.ones(width)
+            gain[torch.randperm(width, generator=g)[:outliers]] = 25.0
+            self.ln_2.weight.copy_(gain)
+            for lin in (self.mlp.c_fc, self.mlp.c_proj):
+                lin.weight.copy_(torch.randn(lin.weight.shape, generator=g) / lin.in_features ** 0.5)
+                lin.bias.copy_(0.1 * torch.randn(lin.bias.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp.c_proj(torch.nn.functional.gelu(self.mlp.c_fc(self.ln_2(x))))
+
+
+def outlier_batches(n: int = 8, seed: int = 0, width: int = 64) -> list[torch.Tensor]:
+    """``n`` batches of 16 x 8 tokens x ``width`` Gaussian inputs (fixed seed)."""
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(16, 8, width, generator=g) for _ in range(n)]
