@@ -13,8 +13,8 @@ from typing import Any
 from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
 from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
 from deepsqueeze.quant.config import (
-    AWQConfig,
     ActScheme,
+    AWQConfig,
     Int8DynamicConfig,
     Int8StaticConfig,
     Method,
