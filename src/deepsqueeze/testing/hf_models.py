@@ -51,14 +51,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
 }
 
 
-def make_hf_dir(family: str, folder: str | Path, seed: int = 0) -> Path:
-    """Write a tiny random-weight ``family`` model (see :data:`FAMILIES`) with its tokenizer to ``folder``."""
+def make_hf_dir(family: str, folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
+    """Write a tiny random-weight ``family`` model (see :data:`FAMILIES`) with its tokenizer to ``folder``;
+    ``overrides`` replace config values (sizes for benchmarks)."""
     import transformers
     from transformers import AutoTokenizer
 
     from deepsqueeze.zoo.hf import minilm_dir
 
     model_cls, config_cls, kwargs, tokenizer_kind = FAMILIES[family]
+    kwargs = {**kwargs, **overrides}
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_kind == "wordpiece":

@@ -26,7 +26,8 @@ from deepsqueeze.zoo.hf import (
     minilm_dir,
 )
 
-MODEL_HELP = "zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), minilm, hf:DIR, py:package.module:factory, FILE.dsq"
+MODEL_HELP = ("zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), zoo:gpt-tiny@pydoc, minilm, hf:DIR, "
+              "py:package.module:factory, FILE.dsq")
 DEFAULT_SHAPE = (1, 28, 28)
 
 
@@ -35,6 +36,10 @@ def build_base(base: dict[str, Any]) -> nn.Module:
     kind = base.get("kind")
     if kind == "zoo":
         return build_zoo_model(base["name"], tuple(base["input_shape"]), base["num_classes"])
+    if kind == "zoo-lm" and base.get("name") == "gpt-tiny":
+        from deepsqueeze.zoo.gpt import build_gpt_tiny
+
+        return build_gpt_tiny()
     if kind == "minilm":
         return load_sentence_encoder(minilm_dir(), pretrained=False)
     if kind == "hf":
@@ -47,7 +52,16 @@ def build_base(base: dict[str, Any]) -> nn.Module:
 def resolve_base_model(ref: str, weights: str | None = None, progress: bool = True,
                        device: str | torch.device = "cpu") -> Model:
     """Resolve a non-artifact model reference into a ``Model`` with its weights loaded."""
-    if ref.startswith("zoo:"):
+    if ref.startswith("zoo:gpt-tiny"):
+        from deepsqueeze.zoo.gpt import build_gpt_tiny, pretrained_gpt_tiny
+
+        _, _, data_ref = ref[4:].partition("@")
+        if data_ref:
+            model = pretrained_gpt_tiny(data_ref, progress=progress)
+        else:
+            module = build_gpt_tiny()
+            model = Model(module, {"kind": "zoo-lm", "name": "gpt-tiny"}, Task.CAUSAL_LM, ref, count_params(module))
+    elif ref.startswith("zoo:"):
         name, _, data_ref = ref[4:].partition("@")
         if name not in ZOO:
             raise ModelError(f"unknown zoo model {name!r}: choose one of {', '.join(ZOO)}")
