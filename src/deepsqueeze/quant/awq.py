@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.sharing import tied_weight_groups
 from deepsqueeze.errors import DataError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, register_method, run_calibration, select_layers
@@ -256,21 +257,13 @@ def awq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | N
     if not batches:
         raise DataError("quantize method awq calibrates on data: pass calibration batches "
                         "(recipes: --data, e.g. pydoc-sentences:calib)")
-    types: tuple[type[nn.Module], ...] = (nn.Linear,)
-    targets = [name for name, m in select_layers(module, config, types)]
-    targets += [name for name, m in module.named_modules() if _is_conv1d(m) and _selected(module, config, name)]
+    # GPT-2's Conv1D projections are selected as equal nn.Linear layers; a weight tied to an earlier module
+    # (GPT-2's lm_head) is left to RTN with that module, so both keep one set of codes
+    tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
+    targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
     _, unclipped = awq_scale_(module, batches, targets, bits=config.bits, group_size=config.group_size,
                               symmetric=config.symmetric, grid=config.awq_grid)
     done = METHODS[Method.RTN.value](module, config, batches)
     for name in set(unclipped) - set(done):  # left in float by RTN: undo the clipping (scales are exact)
         _set_weight_(module.get_submodule(name), unclipped[name])
     return done
-
-
-def _selected(module: nn.Module, config: QuantizeConfig, name: str) -> bool:
-    """Conv1D layers follow the same include/exclude patterns as Linear layers."""
-    import fnmatch
-
-    if config.include and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-        return False
-    return not any(fnmatch.fnmatchcase(name, p) for p in config.exclude)
