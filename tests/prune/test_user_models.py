@@ -31,3 +31,33 @@ def test_unstructured_pruning_of_tied_weights_uses_one_mask(factory):
     assert sum(1 for p in masks.params().values() if p is tied) <= 1
     assert model.lm_head.weight is tied
     assert masks.overall_sparsity() == pytest.approx(0.5, abs=0.01)
+
+
+def test_unstructured_pruning_covers_every_weight_kind():
+    from deepsqueeze.prune.unstructured import prunable_weights
+    from deepsqueeze.testing.user_models import ConvTransposeDecoder, MHAEncoder, RecurrentTagger
+
+    names = set()
+    for factory in (RecurrentTagger, MHAEncoder, ConvTransposeDecoder):
+        names |= set(prunable_weights(factory()))
+    assert {"conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "gru.weight_hh_l0", "attn.in_proj_weight",
+            "attn.out_proj.weight", "up1.weight", "up2.weight"} <= names
+    gpt2 = prunable_weights(gpt2_lm())
+    assert "transformer.h.0.attn.c_attn.weight" in gpt2 and "lm_head.weight" not in gpt2
+
+
+def test_prune_stage_records_coverage_and_masks_tied_weight_once():
+    from deepsqueeze.core.context import StageContext
+    from deepsqueeze.core.record import get_record
+    from deepsqueeze.prune import PruneConfig
+    from deepsqueeze.prune.stage import prune_stage
+    from deepsqueeze.zoo.resolve import resolve_base_model
+
+    model = resolve_base_model("py:deepsqueeze.testing.user_models:TiedLM", progress=False)
+    prune_stage(model, PruneConfig(sparsity=0.5, epochs=0, include=["embed", "proj", "lm_head"]),
+                StageContext(model=model))
+    m = model.module
+    assert m.lm_head.weight is m.embed.weight
+    assert float((m.embed.weight == 0).float().mean()) == pytest.approx(0.5, abs=0.01)
+    coverage = {e.module: e for e in get_record(m).coverage}
+    assert coverage["proj"].action == "compressed" and coverage["lm_head"].reason.startswith("tied")

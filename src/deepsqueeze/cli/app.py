@@ -15,6 +15,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "train",
     "evaluate",
     "compress",
+    "plan",
     "bench",
     "demo",
     "sensitivity",

@@ -9,7 +9,8 @@ layer kinds the technique claims, without running anything expensive.
 ``on_unsupported`` (a recipe key) decides what happens to weight-bearing modules of kinds a stage
 does not handle: ``warn`` (default: one ``DeepsqueezeWarning`` naming them), ``skip`` (recorded only)
 or ``error`` (``UnsupportedLayerError`` before the stage runs). Modules of kinds a stage claims but
-left alone (not reached by the calibration data, for instance) always warn.
+left alone (not reached by the calibration data, for instance) always warn; modules excluded by the
+recipe, tied to one already handled, or blocked by the dependency graph are recorded without a warning.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 from torch import nn
 
 from deepsqueeze.core.kinds import weight_bearing_modules, weight_elements
-from deepsqueeze.core.record import EXCLUDED, TIED, UNSUPPORTED, CoverageEntry, get_record
+from deepsqueeze.core.record import BLOCKED, EXCLUDED, TIED, UNSUPPORTED, CoverageEntry, get_record
 from deepsqueeze.errors import DeepsqueezeWarning, RecipeError, UnsupportedLayerError
 
 __all__ = [
@@ -38,14 +39,15 @@ __all__ = [
 
 ON_UNSUPPORTED = ("warn", "skip", "error")
 
-Planner = Callable[[nn.Module, Any], list[CoverageEntry]]
+Planner = Callable[[nn.Module, Any, Any], list[CoverageEntry]]
 _PLANNERS: dict[str, Planner] = {}
 
 
 def register_planner(stage_type: str) -> Callable[[Planner], Planner]:
-    """Register ``planner(module, config) -> coverage entries`` for stages of ``stage_type``.
+    """Register ``planner(module, config, example) -> coverage entries`` for stages of ``stage_type``.
 
-    A planner must not calibrate, train or change ``module``; it may trace it once.
+    ``example`` is one input batch or None. A planner must not calibrate, train or change ``module``;
+    it may trace it once with ``example``.
     """
 
     def decorate(fn: Planner) -> Planner:
@@ -147,7 +149,7 @@ def report_coverage(entries: list[CoverageEntry], on_unsupported: str = "warn") 
     """Warn (``DeepsqueezeWarning``, naming the modules) about what a stage left untouched."""
     check_unsupported(entries, on_unsupported)
     left = [e for e in entries if e.action == "skipped" and e.weights > 0
-            and not (e.reason or "").startswith((EXCLUDED, TIED))]
+            and not (e.reason or "").startswith((EXCLUDED, TIED, BLOCKED))]
     if left:
         warnings.warn(f"{left[0].stage_type} left {_names(left)} float ({left[0].reason})", DeepsqueezeWarning,
                       stacklevel=3)

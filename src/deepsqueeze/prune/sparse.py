@@ -22,6 +22,7 @@ from torch import nn
 
 from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
 from deepsqueeze.core.encoding import register_encoding
+from deepsqueeze.core.kinds import weight_bearing_modules
 from deepsqueeze.core.record import record_encoding, record_transform, register_transform
 from deepsqueeze.core.timing import forced_choice, race
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
@@ -159,7 +160,10 @@ def to_sparse_execution(root: nn.Module, min_sparsity: float = CSR_BREAK_EVEN_SP
                         include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` at least ``min_sparsity`` sparse with a ``SparseCSRLinear``; return their names."""
     replaced = []
+    owners = [n + "." for n, _, kind in weight_bearing_modules(root) if kind is not None and kind.owns_children]
     for name, linear in iter_modules(root, types=nn.Linear, include=include, exclude=exclude):
+        if any(name.startswith(o) for o in owners):
+            continue  # run by its owner (nn.MultiheadAttention's out_proj)
         weight = linear.weight.detach()
         if 1.0 - float((weight != 0).sum()) / weight.numel() < min_sparsity:
             continue

@@ -11,8 +11,17 @@ from torch import nn
 from deepsqueeze.core.config import register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.coverage import register_planner, report_coverage, snapshot
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.record import record_encoding
+from deepsqueeze.core.record import (
+    BLOCKED,
+    EXCLUDED,
+    UNSUPPORTED,
+    CoverageEntry,
+    get_record,
+    record_coverage,
+    record_encoding,
+)
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError, ModelError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives.masks import sparsity_of
@@ -29,10 +38,17 @@ from deepsqueeze.prune.config import (
     Storage,
     _FinetuneFields,
 )
+from deepsqueeze.prune.graph import analyze
 from deepsqueeze.prune.importance import Criterion, accumulate_gradients, element_criterion
 from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, to_sparse_execution
 from deepsqueeze.prune.structured import ChannelPlan, prune_channels_
-from deepsqueeze.prune.unstructured import MaskSet, UnstructuredPlan, compute_masks, prunable_weights
+from deepsqueeze.prune.unstructured import (
+    MaskSet,
+    UnstructuredPlan,
+    compute_masks,
+    prunable_weights,
+    prune_coverage,
+)
 
 Hook = Callable[[int, int], None]
 
@@ -116,6 +132,15 @@ class _Pruner:
         self.events += 1
 
 
+@register_planner("prune")
+def plan_prune(module: nn.Module, config: PruneConfig, example: object = None) -> list[CoverageEntry]:
+    """The coverage a ``prune`` stage will record (nothing runs)."""
+    what = f"mask {config.pattern.value}" if config.pattern is not Pattern.UNSTRUCTURED else \
+        f"mask {round(100 * config.sparsity)}%"
+    return prune_coverage(module, prunable_weights(module, config.include, config.exclude), what, config.include,
+                          config.exclude)
+
+
 @register_stage(PruneConfig)
 def prune_stage(model: Model, config: PruneConfig, ctx: StageContext) -> None:
     """Apply a ``prune`` stage: schedule + fine-tuning, then sparse storage / execution."""
@@ -150,7 +175,12 @@ def prune_stage(model: Model, config: PruneConfig, ctx: StageContext) -> None:
     else:
         loss = _lottery(model, config, ctx, pruner)
     seconds = time.perf_counter() - start
+    what = f"mask {config.pattern.value}" if config.pattern is not Pattern.UNSTRUCTURED else \
+        f"mask {round(100 * pruner.masks.overall_sparsity())}%"
+    entries = prune_coverage(model.module, pruner.params, what, config.include, config.exclude)
     _finish(model, config, pruner.masks)
+    record_coverage(model.module, entries)
+    report_coverage(entries, ctx.on_unsupported)
     ctx.report.append({
         "stage": "prune", "schedule": config.schedule.value, "sparsity": round(pruner.masks.overall_sparsity(), 4),
         "layers": {name: round(s, 4) for name, s in pruner.masks.sparsity().items()},
@@ -214,6 +244,46 @@ def example_input(model: Model) -> torch.Tensor:
     return torch.randn((1, *model.input_shape), generator=generator)
 
 
+def _channel_plan(config: PruneChannelsConfig) -> ChannelPlan:
+    return ChannelPlan(config.ratio, dict(config.overrides), config.include, list(config.exclude), config.round_to,
+                       config.min_channels)
+
+
+def channel_coverage(module: nn.Module, example: torch.Tensor, plan: ChannelPlan) -> list[CoverageEntry]:
+    """Per weight-bearing module: whose output channels the plan cuts, which groups the dependency graph
+    blocks (with the reason), and which kinds structured pruning does not know (one traced batch)."""
+    graph = analyze(module, example)
+    stage = len(get_record(module).stages)
+    entries = []
+    for snap in snapshot(module):
+        kind = snap.kind or f"other:{type(snap.module).__name__}"
+        role = graph.layers.get(snap.name)
+        group = graph.groups.get(role.out_group) if role is not None and role.out_group is not None else None
+        if group is None:
+            entries.append(CoverageEntry(stage, "prune_channels", snap.name, kind, snap.weights, "float", None,
+                                         UNSUPPORTED))
+        elif group.blocked:
+            entries.append(CoverageEntry(stage, "prune_channels", snap.name, kind, snap.weights, "skipped", None,
+                                         f"{BLOCKED}: {'; '.join(group.blocked[:2])}"))
+        elif (ratio := plan.ratio_for(group)) is None or ratio <= 0:
+            entries.append(CoverageEntry(stage, "prune_channels", snap.name, kind, snap.weights, "skipped", None,
+                                         EXCLUDED))
+        else:
+            entries.append(CoverageEntry(stage, "prune_channels", snap.name, kind, snap.weights, "compressed",
+                                         f"channels -{round(100 * ratio)}%", None))
+    return entries
+
+
+@register_planner("prune_channels")
+def plan_prune_channels(module: nn.Module, config: PruneChannelsConfig,
+                        example: torch.Tensor | None = None) -> list[CoverageEntry]:
+    """The coverage a ``prune_channels`` stage will record: graph analysis on one example batch."""
+    if example is None:
+        raise ModelError("planning prune_channels traces the model: it needs an example input (a model with an "
+                         "input shape)")
+    return channel_coverage(module, example, _channel_plan(config))
+
+
 @register_stage(PruneChannelsConfig)
 def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageContext) -> None:
     """Remove channels/neurons (one-shot or in rounds), fine-tuning after each cut."""
@@ -226,6 +296,7 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
     ratio = 1.0 - (1.0 - config.ratio) ** (1.0 / rounds)
     overrides = {k: 1.0 - (1.0 - v) ** (1.0 / rounds) for k, v in config.overrides.items()}
     plan = ChannelPlan(ratio, overrides, config.include, list(config.exclude), config.round_to, config.min_channels)
+    entries = channel_coverage(model.module, example, _channel_plan(config))
     params_before = count_params(model.module)
     criterion_seconds, loss = 0.0, float("nan")
     for r in range(rounds):
@@ -239,6 +310,8 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
         prune_channels_(model.module, example, plan, criterion, grads)
         criterion_seconds += time.perf_counter() - t0
         loss = finetune(model, ctx, config, config.epochs / rounds, description=f"channel pruning round {r + 1}")
+    record_coverage(model.module, entries)
+    report_coverage(entries, ctx.on_unsupported)
     ctx.report.append({
         "stage": "prune_channels", "ratio": config.ratio, "rounds": rounds, "params_before": params_before,
         "params_after": count_params(model.module), "train_loss": None if loss != loss else round(loss, 5),

@@ -14,6 +14,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from deepsqueeze.core.coverage import snapshot
+from deepsqueeze.core.kinds import weight_bearing_modules
+from deepsqueeze.core.record import EXCLUDED, TIED, UNSUPPORTED, CoverageEntry, get_record
 from deepsqueeze.core.walker import has_empty_weight
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.primitives.masks import (
@@ -25,28 +28,68 @@ from deepsqueeze.primitives.masks import (
 )
 from deepsqueeze.prune.importance import ElementCriterion
 
-PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv1d)
+PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv2d, nn.Conv1d)  # kept for callers
+# Layer kinds (deepsqueeze.core.kinds) whose every weight tensor unstructured and N:M pruning cover.
+PRUNE_KINDS = frozenset({"linear", "hf-conv1d", "conv1d", "conv2d", "conv3d", "conv-transpose1d",
+                         "conv-transpose2d", "lstm", "gru", "rnn", "multihead-attention"})
+# Embedding tables are pruned only when an include pattern names them (rows are looked up, not multiplied).
+OPT_IN_KINDS = frozenset({"embedding"})
 
 
 def prunable_weights(module: nn.Module, include: Sequence[str] | None = None,
                      exclude: Sequence[str] | None = None) -> dict[str, nn.Parameter]:
-    """``{"layer.weight": parameter}`` for every Linear/Conv layer matching the name patterns.
+    """``{"layer.weight": parameter}`` for every weight of the prunable layer kinds matching the patterns.
 
-    A weight shared by several layers (a tied ``lm_head``) appears once, under the name
-    ``module.named_parameters()`` gives it (the first place it is reached), so it gets one mask.
+    Kinds: Linear, transformers' Conv1D, Conv1d/2d/3d, ConvTranspose, the ``weight_*`` tensors of
+    LSTM/GRU/RNN and the projections of ``nn.MultiheadAttention`` (``attn.in_proj_weight``,
+    ``attn.out_proj.weight``); embedding tables only when ``include`` names them. A weight shared by
+    several layers (a tied ``lm_head``) appears once, under the name ``module.named_parameters()``
+    gives it (the first place it is reached), so it gets one mask.
     """
     canonical = {id(p): name for name, p in module.named_parameters()}
     out: dict[str, nn.Parameter] = {}
-    for name, sub in module.named_modules():
-        if not name or not isinstance(sub, PRUNABLE_TYPES) or has_empty_weight(sub):
+    for name, sub, kind in weight_bearing_modules(module):
+        if kind is None or kind.name not in PRUNE_KINDS | OPT_IN_KINDS or has_empty_weight(sub):
+            continue
+        if kind.name in OPT_IN_KINDS and not include:
             continue
         if include and not any(fnmatch.fnmatchcase(name, p) for p in include):
             continue
         if exclude and any(fnmatch.fnmatchcase(name, p) for p in exclude):
             continue
-        key = canonical.get(id(sub.weight), f"{name}.weight")
-        out.setdefault(key, sub.weight)
+        for wname in kind.weights(sub):
+            path, _, attr = wname.rpartition(".")
+            param = getattr(sub.get_submodule(path) if path else sub, attr, None)
+            if isinstance(param, nn.Parameter) and param.numel() > 0:
+                out.setdefault(canonical.get(id(param), f"{name}.{wname}"), param)
     return out
+
+
+def prune_coverage(module: nn.Module, params: Mapping[str, torch.Tensor], what: str,
+                   include: Sequence[str] | None = None, exclude: Sequence[str] | None = None,
+                   stage_type: str = "prune") -> list[CoverageEntry]:
+    """Coverage of an unstructured/N:M stage: modules whose weights are in ``params`` are masked
+    (``what`` names the pattern, e.g. ``mask 90%``), the others skipped (pattern, embedding) or float."""
+    ids = {id(p) for p in params.values()}
+    stage = len(get_record(module).stages)
+    entries = []
+    for snap in snapshot(module):
+        kind = snap.kind or f"other:{type(snap.module).__name__}"
+        tensors = [t for t in snap.module.parameters() if id(t) in ids]
+        if tensors:
+            reason = f"{TIED}: {snap.tied_to}" if snap.tied_to else None
+            entries.append(CoverageEntry(stage, stage_type, snap.name, kind, snap.weights, "compressed", what, reason))
+        elif (include and not any(fnmatch.fnmatchcase(snap.name, p) for p in include)) or (
+                exclude and any(fnmatch.fnmatchcase(snap.name, p) for p in exclude)):
+            entries.append(CoverageEntry(stage, stage_type, snap.name, kind, snap.weights, "skipped", None,
+                                         f"{EXCLUDED}"))
+        elif snap.kind in OPT_IN_KINDS:
+            entries.append(CoverageEntry(stage, stage_type, snap.name, kind, snap.weights, "skipped", None,
+                                         f"{EXCLUDED}: embedding tables are pruned only when include names them"))
+        else:
+            entries.append(CoverageEntry(stage, stage_type, snap.name, kind, snap.weights, "float", None,
+                                         UNSUPPORTED))
+    return entries
 
 
 @dataclass

@@ -207,7 +207,7 @@ def plan_quantize(module: nn.Module, config: QuantizeConfig) -> list[CoverageEnt
 
 
 @register_planner("quantize")
-def _plan_stage(module: nn.Module, config: Any) -> list[CoverageEntry]:
+def _plan_stage(module: nn.Module, config: Any, example: Any = None) -> list[CoverageEntry]:
     return plan_quantize(module, config)
 
 

@@ -127,6 +127,13 @@ def _flatten(value: Any) -> list[Any]:
     return [value] if isinstance(value, torch.Tensor) else []
 
 
+def _example(model: Model) -> torch.Tensor | None:
+    """One fixed random input batch for planners that trace (None when the input shape is unknown)."""
+    if model.input_shape is None:
+        return None
+    return torch.randn((1, *model.input_shape), generator=torch.Generator().manual_seed(0))
+
+
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
                device: str | torch.device = "cpu", progress: bool = True) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order."""
@@ -141,7 +148,7 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
             if planner is not None:
-                check_unsupported(planner(model.module, config), "error")
+                check_unsupported(planner(model.module, config, _example(model)), "error")
     for index, config in enumerate(recipe.stages):
         _, handler = stage_entry(config.stage_type)
         start, reported = time.perf_counter(), len(ctx.report)
