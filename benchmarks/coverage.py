@@ -24,7 +24,9 @@ SETUP = (
     "models have no data; figures here are about coverage, not quality). `linear_pct`: share of the "
     "weight elements of Linear-like layers (nn.Linear, transformers Conv1D) compressed; `weights_pct`: share "
     "of all weight elements of weight-bearing layers (embeddings, convs, RNNs, attention included; a tied "
-    "weight counted once). `artifact_bytes`: the .dsq file; `ideal_bytes` (labelled ideal): bits x compressed "
+    "weight counted once). `params`: unique parameters of the float model; `params_after`: the logical count "
+    "after the recipe (larger when a tie was not kept: the two uses then hold two tables). `artifact_bytes`: the "
+    ".dsq file; `ideal_bytes` (labelled ideal): bits x compressed "
     "weights + 32 bits x every other parameter, no scales or header. `reload_ok`: the .dsq loads back and "
     "gives the in-memory outputs (max abs difference <= 1e-4 x output scale). `fp32` rows: the unmodified "
     "model written as a .dsq against 4 bytes x unique parameters."
@@ -102,8 +104,9 @@ def _row(family: str, ref: str, make_input: Any, recipe_name: str | None, tmp: P
             reload_ok = _close(out, loaded.module(x))
     except Exception as exc:  # noqa: BLE001 - a failure to reload is the figure
         reload_ok, caught = False, [*caught, f"reload: {type(exc).__name__}: {exc}"]
-    params = count_params(model.module)
-    row: dict[str, Any] = {"family": family, "recipe": recipe_name or "fp32", "params": params}
+    params = model.base_params  # unique parameters of the float model (a tied table once)
+    row: dict[str, Any] = {"family": family, "recipe": recipe_name or "fp32", "params": params,
+                           "params_after": count_params(model.module)}
     if recipe_name is None:
         unique = 4 * params
         row.update(artifact_bytes=size, ideal_bytes=unique, bytes_vs_ideal=round(size / unique, 4),
