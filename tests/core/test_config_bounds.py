@@ -100,3 +100,13 @@ def test_stage_type_and_option_names_must_be_strings():
         config_from_dict({"type": "finetune", 1: 2})
     with pytest.raises(RecipeError, match=r"unknown stage type 'xxxxx.*\.\.\.'"):
         config_from_dict({"type": "x" * 100_000})
+
+
+def test_numpy_scalars_are_numbers_but_numpy_bools_are_not():
+    np = pytest.importorskip("numpy")
+    config = config_from_dict({"type": "prune", "rounds": np.int64(4), "sparsity": np.float32(0.5),
+                               "overrides": {"fc1": np.float64(0.25)}})
+    assert (config.rounds, config.sparsity, config.overrides) == (4, 0.5, {"fc1": 0.25})
+    assert type(config.rounds) is int
+    with pytest.raises(RecipeError, match="rounds"):
+        config_from_dict({"type": "prune", "rounds": np.bool_(True)})

@@ -64,7 +64,7 @@ class StageConfig(BaseModel):
 
     def __init__(self, **data: Any) -> None:
         try:
-            super().__init__(**data)
+            super().__init__(**{key: _python_scalars(value) for key, value in data.items()})
         except ValidationError as exc:
             raise RecipeError(_explain(exc, type(self))) from None
 
@@ -126,6 +126,18 @@ def config_from_dict(data: dict[str, Any], where: str = "stage") -> StageConfig:
         return config_cls(**fields)
     except RecipeError as exc:
         raise RecipeError(f"{where} ({_short(stage_type)}): {exc}") from None
+
+
+def _python_scalars(value: Any) -> Any:
+    """NumPy scalars (from Optuna, array code) as the Python numbers the strict field kinds take;
+    ``numpy.bool_`` becomes ``bool``, so it is still refused where a number is expected."""
+    if type(value).__module__ == "numpy" and getattr(value, "ndim", None) == 0 and hasattr(value, "item"):
+        return value.item()
+    if isinstance(value, list | tuple):
+        return type(value)(_python_scalars(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _python_scalars(v) for k, v in value.items()}
+    return value
 
 
 def _short(text: str, limit: int = 60) -> str:
