@@ -88,3 +88,26 @@ def test_a_loaded_model_saves_again_with_the_same_encodings(tmp_path, lenet300_d
     again = save(load(tmp_path / "a.dsq"), tmp_path / "b.dsq")
     assert again == first
     assert load(tmp_path / "b.dsq").meta["manifest"]["tensors"][0]["params"] == {"scale": 2}
+
+
+def test_loaded_model_is_called_like_the_original(tmp_path, lenet300_digits, digits):
+    """Issue 16, finding 3: ``deepsqueeze.load(path)(x)`` runs the model; metadata stays reachable."""
+    import torch
+
+    import deepsqueeze as ds
+
+    ds.save(lenet300_digits, tmp_path / "m.dsq")
+    model = ds.load(tmp_path / "m.dsq")
+    x = digits.test_x[:5]
+    with torch.no_grad():
+        assert torch.equal(model(x), lenet300_digits.module(x))
+    assert model.ref == lenet300_digits.ref and model.meta["artifact_bytes"] == (tmp_path / "m.dsq").stat().st_size
+    with pytest.raises(ds.ModelError, match="not a sentence encoder"):
+        model.encode(["a sentence"])
+
+
+def test_encoder_handle_encodes_like_its_module(minilm):
+    import torch
+
+    sentences = ["a loaded model is called like the original", "second sentence"]
+    assert torch.equal(minilm.encode(sentences), minilm.module.encode(sentences))

@@ -54,3 +54,16 @@ def test_sentence_encoder_export_is_fused_quantized_and_close(tmp_path):
     theirs = ort.module.encode(sentences)
     assert theirs.shape == ours.shape
     assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.995
+
+
+def test_temporary_export_leaves_no_folder_behind(tmp_path, monkeypatch):
+    """Issue 16: ``evaluate --backend ort`` exports to a temporary folder; nothing of it survives."""
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = tiny_model_handle()
+    ort = ort_model(model, threads=1)
+    x = torch.randn(8, 1, 4, 4)
+    with torch.no_grad():
+        assert torch.allclose(ort.module(x), model.module(x), atol=1e-4)
+    assert list(tmp_path.iterdir()) == []

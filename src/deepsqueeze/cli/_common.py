@@ -10,6 +10,7 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperCommand
 
 # Tables piped to a file or CI log get a wide console instead of rich's 80-column default, which truncates.
 stdout = Console() if sys.stdout.isatty() else Console(width=200)
@@ -17,6 +18,16 @@ stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 DeviceOption = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ...")
+
+
+class ListingCommand(TyperCommand):
+    """A command whose ``--help`` ends with the shipped recipes and stage types (computed only when shown)."""
+
+    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
+        from deepsqueeze.cli.recipes import brief_listing
+
+        self.epilog = brief_listing()
+        return super().format_help(ctx, formatter)
 
 
 def emit_json(obj: dict[str, Any]) -> None:

@@ -19,15 +19,67 @@ COMMAND_MODULES: tuple[str, ...] = (
     "bench",
     "demo",
     "sensitivity",
+    "recipes",
 )
 
+from typer.core import TyperGroup  # noqa: E402
+
+
+def _plain_metavars(params: list) -> None:
+    """Help shows ``--out OUT`` / ``--report`` / ``MODEL``, not typer's ``<path>`` / ``<bool>`` / ``<str>`` labels."""
+    for param in params:
+        if param is None or getattr(param, "deepsqueeze_plain", False):
+            continue
+        param.deepsqueeze_plain = True
+        if param.param_type_name == "argument":
+            param.display_type_rich = lambda ctx: None  # the name column already says MODEL
+        if param.metavar is None:
+            param.metavar = "" if getattr(param, "is_flag", False) else (param.name or "value").upper()
+
+
+class _Group(TyperGroup):
+    """The app's group: plain metavars in every command's help; the main help lists recipes and stage types."""
+
+    def get_command(self, ctx, name):  # type: ignore[no-untyped-def]
+        command = super().get_command(ctx, name)
+        if command is not None:
+            _plain_metavars([*command.params, command.get_help_option(ctx)])
+        return command
+
+    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
+        from deepsqueeze.cli.recipes import brief_listing
+
+        _plain_metavars([*self.params, self.get_help_option(ctx)])
+        self.epilog = brief_listing()
+        return super().format_help(ctx, formatter)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from deepsqueeze import __version__
+
+        print(f"deepsqueeze {__version__}")
+        raise typer.Exit()
+
+
 app = typer.Typer(
+    cls=_Group,
     name="deepsqueeze",
     help="Make trained PyTorch models smaller and faster, and prove it with measured size, speed and quality.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                 help="Print the version and exit."),
+) -> None:
+    """Make trained PyTorch models smaller and faster, and prove it with measured size, speed and quality."""
+
 
 for _name in COMMAND_MODULES:
     try:

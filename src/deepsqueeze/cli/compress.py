@@ -6,18 +6,26 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import (
+    DeviceOption,
+    JsonOption,
+    ListingCommand,
+    emit_json,
+    kv_table,
+    rows_table,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
-    @app.command()
+    @app.command(cls=ListingCommand)
     def compress(
-        recipe: Path = typer.Option(..., "--recipe", help="YAML recipe (see recipes/)"),
+        recipe: Path = typer.Option(..., "--recipe", help="a shipped recipe name (see deepsqueeze recipes) or a YAML file"),
         out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model"),
         model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
         data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
-        report: bool = typer.Option(False, "--report", help="Print the per-stage table (bytes, ratio, quality)"),
+        report: bool = typer.Option(False, "--report", help="Measure and print bytes, ratio and quality after every stage"),
         device: str = DeviceOption,
         as_json: bool = JsonOption,
     ) -> None:
@@ -28,7 +36,8 @@ def register(app: typer.Typer) -> None:
         parsed = load_recipe(recipe)
         from deepsqueeze.train.distributed import is_main_process
 
-        result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json)
+        result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
+                              report=report)
         if not is_main_process():
             return
         summary = {

@@ -34,7 +34,11 @@ class Task(str, Enum):
 
 @dataclass
 class Model:
-    """An ``nn.Module`` plus what is needed to rebuild and evaluate it.
+    """An ``nn.Module`` plus what is needed to rebuild and evaluate it; called like the module it holds.
+
+    ``model(x)`` runs ``model.module(x)`` (a classifier: ``(N, C, H, W)`` or ``(N, features)`` float32 in,
+    ``(N, classes)`` logits out) and ``model.encode(sentences)`` runs a sentence encoder's ``encode``
+    (``(N, dim)`` embeddings); the metadata stays reachable as attributes (``ref``, ``task``, ``meta``).
 
     ``base`` is the JSON-serializable description the loader uses to rebuild the
     uncompressed architecture (``{"kind": "zoo", "name": "lenet5", ...}``); ``base_params`` is
@@ -50,6 +54,17 @@ class Model:
     num_classes: int | None = None
     artifact_path: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        """Run the wrapped module: ``model(x)`` is ``model.module(x)``."""
+        return self.module(*args, **kwargs)
+
+    def encode(self, sentences: list[str], **kwargs: Any) -> Any:
+        """Sentence embeddings from a sentence encoder's ``encode`` (``(N, dim)``); ModelError for other models."""
+        encode = getattr(self.module, "encode", None)
+        if not callable(encode):
+            raise ModelError(f"{self.ref} is a {self.task.value}, not a sentence encoder: call model(x) instead")
+        return encode(sentences, **kwargs)
 
 
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:

@@ -28,6 +28,7 @@ from deepsqueeze.core.coverage import (
     snapshot,
 )
 from deepsqueeze.core.kinds import conv1d_to_linear, layer_kind, weight_bearing_modules
+from deepsqueeze.core.progress import track
 from deepsqueeze.core.record import (
     EMPTY,
     EXCLUDED,
@@ -300,9 +301,12 @@ def _replay_identity(root: nn.Module, target: str, params: dict[str, Any]) -> No
 
 def run_calibration(module: nn.Module, batches: Iterable[Any], handles: list[Any]) -> None:
     """Run every calibration batch through ``module``, then remove the observing hooks ``handles``."""
+    batches = list(batches)
     try:
-        for batch in batches:
-            run_batch(module, batch)
+        with track("calibrating activation ranges", len(batches), "batches") as bar:
+            for batch in batches:
+                run_batch(module, batch)
+                bar.advance()
     finally:
         for handle in handles:
             handle.remove()

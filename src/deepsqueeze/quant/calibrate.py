@@ -12,6 +12,7 @@ a block, layers reading the same input (query, key, value) are handled together.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,8 +22,9 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.model import Model
+from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData, TextData
-from deepsqueeze.errors import DataError
+from deepsqueeze.errors import DataError, DeepsqueezeWarning
 from deepsqueeze.quant.gptq import HessianAccumulator
 
 Convert = Callable[[str, nn.Module, torch.Tensor], nn.Module]
@@ -42,7 +44,23 @@ def calibration_batches(model: Model, data: Any, samples: int = 512, batch_size:
 
     Images come from the training split; sentences from the given ``TextData`` (for MiniLM that
     is ``pydoc-sentences:calib``, never the eval split), sorted by length to keep padding small.
+    Warns (``DeepsqueezeWarning``, naming both counts) when the data holds fewer than ``samples`` inputs.
     """
+    batches = _calibration_batches(model, data, samples, batch_size)
+    got = sum(_batch_size(b) for b in batches)
+    if 0 < got < samples:
+        warnings.warn(f"asked for {samples} calibration samples but {data.name} has {got}: calibrating on {got} "
+                      "(pass --data with more samples, or set calibration_samples to silence this)",
+                      DeepsqueezeWarning, stacklevel=2)
+    return batches
+
+
+def _batch_size(batch: CalibBatch) -> int:
+    first = batch.args[0] if batch.args else next(iter(batch.kwargs.values()), None)
+    return int(first.shape[0]) if isinstance(first, torch.Tensor) else 0
+
+
+def _calibration_batches(model: Model, data: Any, samples: int, batch_size: int) -> list[CalibBatch]:
     if data is None:
         raise DataError("this stage needs calibration data: pass --data (e.g. pydoc-sentences:calib or fashion-mnist)")
     if model.task.is_text:
@@ -68,6 +86,17 @@ def layerwise_convert(module: nn.Module, targets: list[str], batches: list[Calib
     if not batches:
         raise DataError("no calibration batches: the calibration data is empty")
     remaining = list(targets)
+    with track("calibrating layer by layer", len(targets), "layers") as bar:
+        def report(name: str) -> None:
+            bar.advance(detail=name)
+            if progress is not None:
+                progress(name)
+
+        _layerwise_convert(module, remaining, batches, convert, sequential, report)
+
+
+def _layerwise_convert(module: nn.Module, remaining: list[str], batches: list[CalibBatch], convert: Convert,
+                       sequential: bool, progress: Callable[[str], None]) -> None:
     with torch.no_grad():
         if sequential:
             blocks = _find_blocks(module, remaining)

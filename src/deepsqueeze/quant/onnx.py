@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import copy
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -231,12 +232,22 @@ class OrtModule(nn.Module):
 
 
 def ort_model(model: Model, path: str | os.PathLike[str] | None = None, threads: int = 2, **export: Any) -> Model:
-    """``model`` exported to ONNX (to ``path``, or a temporary file) and wrapped as a runnable ``Model``."""
+    """``model`` exported to ONNX (to ``path``, or a temporary file) and wrapped as a runnable ``Model``.
+
+    A temporary export folder is removed as soon as the session holds the model (nothing is left behind,
+    even when the export fails).
+    """
+    temporary = None
     if path is None:
-        path = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-")) / "model.onnx"
-    export_onnx(model, path, **export)
-    module = OrtModule(path, model.module, threads)
+        temporary = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-"))
+        path = temporary / "model.onnx"
+    try:
+        export_onnx(model, path, **export)
+        module = OrtModule(path, model.module, threads)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
     if model.task is Task.CLASSIFIER:
         module.tokenizer = None
     return Model(module, model.base, model.task, model.ref, model.base_params, model.input_shape, model.num_classes,
-                 model.artifact_path, dict(model.meta, backend="ort", onnx_path=str(path)))
+                 model.artifact_path, dict(model.meta, backend="ort", onnx_path=None if temporary else str(path)))

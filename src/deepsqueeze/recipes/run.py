@@ -16,6 +16,7 @@ from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.progress import stage as progress_stage
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
@@ -134,9 +135,47 @@ def _example(model: Model) -> torch.Tensor | None:
     return torch.randn((1, *model.input_shape), generator=torch.Generator().manual_seed(0))
 
 
+def stage_measurement(model: Model, data: ClassificationData | TextData | None,
+                      reference: Model | None) -> dict[str, Any]:
+    """What the model is worth right now: ``bytes`` of its artifact (written to a temporary folder),
+    ``ratio`` against fp32, and quality (``accuracy`` on the test split, or ``cosine_mean`` to the
+    reference on up to 64 of the stage data's sentences). Values that cannot be measured are None.
+    """
+    import tempfile
+
+    from deepsqueeze.errors import DeepsqueezeError
+    from deepsqueeze.eval.metrics import accuracy
+
+    out: dict[str, Any] = {"bytes": None, "ratio": None}
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        with tempfile.TemporaryDirectory(prefix="deepsqueeze-report-") as folder:
+            size = save(Model(model.module, model.base, model.task, model.ref, model.base_params, model.input_shape,
+                              model.num_classes), Path(folder) / "stage.dsq")
+        out.update(bytes=size, ratio=4 * model.base_params / size)
+    except DeepsqueezeError:
+        pass
+    device = next((p.device for p in model.module.parameters()), torch.device("cpu"))
+    with torch.no_grad():
+        if isinstance(data, ClassificationData):
+            out["accuracy"] = accuracy(model.module, data, device=device)
+        elif isinstance(data, TextData) and reference is not None and callable(getattr(model.module, "encode", None)):
+            sentences = data.sentences[:64]
+            emb = model.module.encode(sentences)  # type: ignore[operator]
+            ref = reference.module.encode(sentences)  # type: ignore[operator]
+            out["cosine_mean"] = float(torch.nn.functional.cosine_similarity(emb.float(), ref.float(), dim=-1).mean())
+    model.module.train(was_training)
+    return out
+
+
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
-               device: str | torch.device = "cpu", progress: bool = True) -> StageContext:
-    """Apply the recipe's stages to ``model`` in place, in order."""
+               device: str | torch.device = "cpu", progress: bool = True, measure: bool = False) -> StageContext:
+    """Apply the recipe's stages to ``model`` in place, in order.
+
+    ``measure``: after every stage add ``bytes``, ``ratio`` and a quality column to its report row
+    (see :func:`stage_measurement`; costs one artifact encoding and one evaluation per stage).
+    """
     seed_everything(recipe.seed)
     reference = Model(copy.deepcopy(model.module).eval(), model.base, model.task, model.ref, model.base_params,
                       model.input_shape, model.num_classes)
@@ -152,7 +191,9 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     for index, config in enumerate(recipe.stages):
         _, handler = stage_entry(config.stage_type)
         start, reported = time.perf_counter(), len(ctx.report)
-        handler(model, config, ctx)
+        with progress_stage(index, len(recipe.stages), config.stage_type,
+                            enabled=progress and distributed.is_main_process()):
+            handler(model, config, ctx)
         get_record(model.module).stages.append(config_to_dict(config))
         if len(ctx.report) == reported:
             ctx.report.append({"stage": config.stage_type})
@@ -160,16 +201,19 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         totals = [t for t in coverage_totals(get_record(model.module).coverage) if t["stage"] == index]
         if totals:
             ctx.report[-1]["covered_pct"] = totals[0]["covered_pct"]
+        if measure:
+            ctx.report[-1].update(stage_measurement(model, data, reference))
     return ctx
 
 
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
-             evaluate_result: bool = True) -> CompressResult:
+             evaluate_result: bool = True, report: bool = False) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
     batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
+    ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
     """
     model_ref = model_ref or recipe.model
     if model_ref is None:
@@ -186,7 +230,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     data = training_data(model, data_ref or recipe.data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
-    ctx = run_stages(model, recipe, data, device=device, progress=progress)
+    ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     check_runs(model, data)

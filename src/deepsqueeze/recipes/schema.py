@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import re
 import sys
 from collections.abc import Iterator
@@ -140,8 +141,37 @@ def find_recipe(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
+def shipped_recipes() -> dict[str, str]:
+    """Shipped recipe name -> its one-line ``description`` (empty when the file has none or is unreadable)."""
+    out: dict[str, str] = {}
+    for file in sorted(shipped_recipes_dir().glob("*.yaml")):
+        try:
+            data = yaml.safe_load(file.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, yaml.YAMLError):
+            data = None
+        description = data.get("description") if isinstance(data, dict) else None
+        out[file.stem] = " ".join(str(description).split()) if description else ""
+    return out
+
+
+def _missing_recipe(path: str | Path) -> RecipeError:
+    """The error for a recipe that is neither a file nor a shipped name, with the nearest shipped name."""
+    file = Path(path)
+    names = list(shipped_recipes())
+    if file.suffix in ("", ".yaml", ".yml") and file.stem in names:  # e.g. recipes/finetune.yaml from elsewhere
+        return RecipeError(f"recipe file {file} does not exist here; {file.stem!r} is a shipped recipe: "
+                           f"pass --recipe {file.stem} (works from any directory)")
+    hint = difflib.get_close_matches(file.stem, names, n=1, cutoff=0.6)
+    did_you_mean = f"did you mean {hint[0]!r}? " if hint else ""
+    return RecipeError(f"recipe {file} does not exist: {did_you_mean}pass a YAML file or a shipped recipe name "
+                       f"({', '.join(names)}; see deepsqueeze recipes)")
+
+
 def load_recipe(path: str | Path) -> Recipe:
-    """Read and validate a YAML recipe file (a bare name like ``int8-dynamic`` finds a shipped recipe)."""
+    """Read and validate a YAML recipe file (a bare name like ``int8-dynamic`` finds a shipped recipe).
+
+    Raises RecipeError when the file is missing (naming the nearest shipped recipe), unreadable or invalid.
+    """
     file = Path(path)
     if not file.exists() and file.suffix == "" and find_recipe(str(path)) is not None:
         file = find_recipe(str(path))  # type: ignore[assignment]
@@ -149,7 +179,7 @@ def load_recipe(path: str | Path) -> Recipe:
         with file.open("rb") as fh:
             raw = fh.read(MAX_RECIPE_BYTES + 1)  # never more than the limit, whatever the file's size
     except FileNotFoundError:
-        raise RecipeError(f"recipe {file} does not exist: see the recipes/ folder for shipped ones") from None
+        raise _missing_recipe(path) from None
     except OSError as exc:
         raise RecipeError(f"cannot read recipe {file}: {exc.strerror or one_line(exc)}") from None
     if len(raw) > MAX_RECIPE_BYTES:

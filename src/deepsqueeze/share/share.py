@@ -28,6 +28,7 @@ from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.progress import track
 from deepsqueeze.core.record import get_record, record_encoding
 from deepsqueeze.core.walker import has_empty_weight
 from deepsqueeze.data.datasets import ClassificationData
@@ -106,24 +107,32 @@ def share_weights_(module: nn.Module, config: ShareConfig, seed: int = 0) -> dic
     ``{bits, k, centroids, indices, mask}``. Weights cluster their non-zeros (pruned weights stay
     zero); biases (with ``bias_bits``) cluster all their entries."""
     out: dict[str, dict[str, Any]] = {}
-    for name, layer, attr, bits in _shared_tensors(module, config):
-        tensor = getattr(layer, attr)
-        with torch.no_grad():
-            mask = tensor != 0 if attr == "weight" else torch.ones_like(tensor, dtype=torch.bool)
-            values = tensor[mask]
-            if values.numel() == 0:
-                continue
-            centroids = cluster(values.cpu(), 1 << bits, config.method, config.init.value, config.iterations,
-                                seed).to(tensor.dtype)
-            centroids = torch.unique(centroids)  # centroids that coincide after rounding merge
-            idx = assign(values.cpu(), centroids).to(tensor.device)
-            centroids = centroids.to(tensor.device)
-            tensor[mask] = centroids[idx]
-            full_idx = torch.zeros(tensor.shape, dtype=torch.long, device=tensor.device)
-            full_idx[mask] = idx
-        out[f"{name}.{attr}"] = {"bits": bits, "k": int(centroids.numel()), "centroids": centroids,
-                                 "indices": full_idx, "mask": mask.clone()}
+    tensors = _shared_tensors(module, config)
+    with track("k-means weight sharing", len(tensors), "tensors") as bar:
+        for name, layer, attr, bits in tensors:
+            _share_one(out, name, layer, attr, bits, config, seed)
+            bar.advance(detail=f"{name}.{attr}")
     return out
+
+
+def _share_one(out: dict[str, dict[str, Any]], name: str, layer: nn.Module, attr: str, bits: int,
+               config: ShareConfig, seed: int) -> None:
+    tensor = getattr(layer, attr)
+    with torch.no_grad():
+        mask = tensor != 0 if attr == "weight" else torch.ones_like(tensor, dtype=torch.bool)
+        values = tensor[mask]
+        if values.numel() == 0:
+            return
+        centroids = cluster(values.cpu(), 1 << bits, config.method, config.init.value, config.iterations,
+                            seed).to(tensor.dtype)
+        centroids = torch.unique(centroids)  # centroids that coincide after rounding merge
+        idx = assign(values.cpu(), centroids).to(tensor.device)
+        centroids = centroids.to(tensor.device)
+        tensor[mask] = centroids[idx]
+        full_idx = torch.zeros(tensor.shape, dtype=torch.long, device=tensor.device)
+        full_idx[mask] = idx
+    out[f"{name}.{attr}"] = {"bits": bits, "k": int(centroids.numel()), "centroids": centroids,
+                             "indices": full_idx, "mask": mask.clone()}
 
 
 def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,

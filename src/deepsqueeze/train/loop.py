@@ -1,4 +1,4 @@
-"""A small, deterministic training loop with a rich progress bar."""
+"""A small, deterministic training loop reporting progress through :mod:`deepsqueeze.core.progress`."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.train import distributed
 
@@ -61,9 +62,11 @@ def fit(
     module.train()
     rank, world_size = distributed.world()
     step, last_losses = 0, []
-    with _progress(progress and rank == 0, description, total) as advance:
+    epochs_total = -(-total // max(steps_per_epoch, 1))
+    with track(description, total, "steps", enabled=None if progress and rank == 0 else False) as bar:
         epoch = 0
         while step < total:
+            bar.set(f"{description}, epoch {epoch + 1}/{epochs_total}")
             last_losses = []
             for batch in batches(epoch):
                 if step >= total:
@@ -86,7 +89,7 @@ def fit(
                 last_losses.append(float(reported))
                 if after_step is not None:
                     after_step(step, total)
-                advance(loss=last_losses[-1])
+                bar.advance(detail=f"loss {last_losses[-1]:.4f}")
             epoch += 1
     module.eval()
     return {"loss": float(np.mean(last_losses)) if last_losses else float("nan"), "steps": step}
@@ -147,38 +150,3 @@ def _scheduler(name: str, opt: torch.optim.Optimizer, total: int) -> torch.optim
     if name == "onecycle":
         return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=[g["lr"] for g in opt.param_groups], total_steps=total)
     raise ValueError(f"unknown schedule {name!r}: use constant, cosine or onecycle")
-
-
-class _progress:
-    """A rich progress bar, or nothing when disabled or not on a terminal."""
-
-    def __init__(self, enabled: bool, description: str, total: int) -> None:
-        self.enabled, self.description, self.total = enabled, description, total
-        self.bar: Any = None
-
-    def __enter__(self) -> Callable[..., None]:
-        if self.enabled:
-            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
-
-            self.bar = Progress(
-                TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                TextColumn("loss {task.fields[loss]:.4f}"), TimeRemainingColumn(), transient=True,
-                console=_stderr_console(),
-            )
-            self.bar.start()
-            self.task = self.bar.add_task(self.description, total=self.total, loss=float("nan"))
-        return self.advance
-
-    def advance(self, loss: float) -> None:
-        if self.bar is not None:
-            self.bar.update(self.task, advance=1, loss=loss)
-
-    def __exit__(self, *exc: object) -> None:
-        if self.bar is not None:
-            self.bar.stop()
-
-
-def _stderr_console() -> Any:
-    from rich.console import Console
-
-    return Console(stderr=True)

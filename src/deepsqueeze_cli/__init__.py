@@ -1,0 +1,32 @@
+"""The ``deepsqueeze`` console script: checks that ``import deepsqueeze`` finds the package before running the CLI.
+
+A folder named ``deepsqueeze`` without ``__init__.py`` (typically a git clone) in the current directory or on
+``PYTHONPATH`` is imported as a namespace package ahead of an editable install, and the CLI would fail with a raw
+``ModuleNotFoundError``; this launcher says which folder shadows the package and what to do, in one line.
+"""
+
+from __future__ import annotations
+
+import sys
+
+
+def shadowing_folder() -> str | None:
+    """The folder that ``import deepsqueeze`` resolved to when it is not the package (None when all is well)."""
+    import deepsqueeze
+
+    if getattr(deepsqueeze, "__file__", None) is not None:
+        return None
+    return next(iter(getattr(deepsqueeze, "__path__", [])), "?")
+
+
+def main() -> None:
+    """Run ``deepsqueeze.cli.app.main``; exit 2 with one line on stderr when the package is shadowed."""
+    folder = shadowing_folder()
+    if folder is not None:
+        print(f"error: the folder {folder} (named deepsqueeze, without the package in it) shadows the installed "
+              "deepsqueeze package: run from another directory or remove its parent from PYTHONPATH",
+              file=sys.stderr)
+        sys.exit(2)
+    from deepsqueeze.cli.app import main as app_main
+
+    app_main()
