@@ -17,7 +17,7 @@ from benchmarks.runner import ROOT, BenchContext
 NAME = "deep-compression-lenet300"
 TITLE = "Deep Compression of LeNet-300-100: pruning, weight sharing, entropy coding (>= 50x)"
 SETUP = (
-    "zoo:lenet300@fashion-mnist (fp32, trained by the zoo) compressed with recipes/deep-compression.yaml: AGP "
+    "zoo:lenet300@fashion-mnist (fp32, trained by the zoo) compressed with recipes/deep-compression-lenet300.yaml: AGP "
     "pruning to 94/90/70% per layer over 8 epochs of Adam fine-tuning (lr 1e-3, cosine); k-means weight sharing "
     "(linear init, Lloyd) with 4 bits for the first layer, 5 bits elsewhere, biases 5 bits; 3 epochs of centroid "
     "fine-tuning (Adam, lr 1e-4); then entropy coding (per stream the smallest of canonical Huffman, ANS and fixed "
@@ -27,7 +27,7 @@ SETUP = (
     "`compress_s` = clustering + writing the coded file (fine-tuning excluded). Layer rows: the coded file's "
     "streams per tensor (bits per non-zero weight; `shannon` = order-0 bound of the index stream)."
 )
-RECIPE = "deep-compression.yaml"
+RECIPE = "deep-compression-lenet300.yaml"
 MODEL = "zoo:lenet300@fashion-mnist"
 TARGET_RATIO = 50.0
 TARGET_DROP_PP = 0.5

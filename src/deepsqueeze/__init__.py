@@ -4,7 +4,7 @@ The Python API in one screen::
 
     import deepsqueeze as ds
     model = ds.resolve_model("zoo:lenet5@fashion-mnist")
-    ds.run_stages(model, ds.load_recipe("recipes/deep-compression.yaml"), ds.resolve_data("fashion-mnist"))
+    ds.run_stages(model, ds.load_recipe("deep-compression"), ds.resolve_data("fashion-mnist"))
     ds.save(model, "lenet5.dsq")
     print(ds.evaluate(ds.load("lenet5.dsq"), ds.resolve_data("fashion-mnist")))
 

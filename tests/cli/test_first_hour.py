@@ -159,3 +159,45 @@ def test_console_script_runs_through_the_shadowing_check():
     proc = subprocess.run([sys.executable, "-c", "import sys, deepsqueeze_cli; sys.argv=['deepsqueeze','--version'];"
                            " deepsqueeze_cli.main()"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and proc.stdout.startswith("deepsqueeze "), proc.stderr
+
+
+def _demo_row(variant, reliable=True, **extra):
+    row = {"model": "zoo:lenet5@fashion-mnist", "variant": variant, "size_mb": 1.7245, "ratio": 51.23,
+           "accuracy": 0.91234, "latency_ms": 3.14159, "latency_ms_p10": 3.0, "latency_ms_p90": 3.5,
+           "latency_batch": 64, "speedup": 32.5, "speedup_p10": 2.0, "speedup_p90": 60.0,
+           "latency_reliable": reliable, "latency_note": None if reliable else "machine busy (load average 18.0 "
+           "on 2 CPUs)", "compress_s": 923.04, "compress_includes_training": True}
+    return {**row, **extra}
+
+
+def test_demo_table_is_narrow_and_withholds_unreliable_speedups():
+    from rich.console import Console
+
+    from deepsqueeze.cli.demo import demo_notes, demo_table
+
+    rows = [_demo_row("fp32", compress_s=None, compress_includes_training=None, speedup=1.0),
+            _demo_row("deep-compression-lenet5"), _demo_row("int8-static", reliable=False, compress_s=0.4,
+                                                             compress_includes_training=False)]
+    console = Console(width=300, record=True)
+    console.print(demo_table(rows))
+    text = console.export_text()
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 100, text
+    assert "1.72" in text and "51.2x" in text and "acc 91.23%" in text and "3.14 ±8%" in text
+    assert "32.50x" in text and "923 +train" in text and "0.4" in text
+    assert text.count("n/a*") == 1
+    notes = demo_notes(rows)
+    assert any("withheld" in n and "load average 18.0" in n for n in notes)
+    assert any("+train: includes fine-tuning" in n for n in notes)
+    assert any("batch of 64" in n for n in notes)
+
+
+def test_default_demo_covers_every_family_and_full_adds_the_long_recipes():
+    from deepsqueeze.cli.demo import DEFAULT_JOBS, FULL_JOBS
+    from deepsqueeze.recipes import load_recipe
+
+    def stage_types(jobs):
+        return {stage.stage_type for _, _, names in jobs for name in names for stage in load_recipe(name).stages}
+
+    assert {"quantize", "prune", "share", "encode", "lowrank", "distill"} <= stage_types(DEFAULT_JOBS)
+    assert stage_types(FULL_JOBS) >= stage_types(DEFAULT_JOBS)
+    assert "w4-gptq" in {n for _, _, names in FULL_JOBS for n in names}

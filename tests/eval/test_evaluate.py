@@ -58,3 +58,38 @@ def test_minilm_fidelity_to_itself(minilm):
     result = evaluate(minilm, data, minilm, latency=False)
     assert result["params"] == 22_713_216
     assert result["cosine_min"] == pytest.approx(1.0, abs=1e-5)
+
+
+def test_latency_summary_flags_wide_spread_and_a_busy_machine():
+    """Issue 16, finding 2: a single median on a noisy machine misleads; the spread and the load decide."""
+    from deepsqueeze.eval.latency import busy_note, percentile, ratio_stats, summarize
+
+    steady = summarize([10.0, 10.2, 9.9, 10.1, 10.0, 10.3, 9.8, 10.0, 10.1, 10.2])
+    assert steady.reliable and steady.note is None and steady.samples == 10
+    assert steady.p10 <= steady.median <= steady.p90 and steady.median == pytest.approx(10.05)
+    assert percentile([1.0, 2.0, 3.0, 4.0, 5.0], 0.1) == pytest.approx(1.4)
+    noisy = summarize([10.0, 10.0, 10.0, 10.0, 40.0, 76.0, 3884.0, 10.0, 10.0, 10.0])
+    assert not noisy.reliable and "wide spread" in noisy.note
+    assert busy_note(load=18.5, cpus=2) == "machine busy (load average 18.5 on 2 CPUs)"
+    assert busy_note(load=1.0, cpus=2) is None
+    busy = summarize([10.0] * 10, busy_note(load=18.5, cpus=2))
+    assert not busy.reliable and "load average 18.5" in busy.note
+    ratio = ratio_stats([20.0, 22.0, 21.0], [10.0, 11.0, 10.5])
+    assert ratio.median == pytest.approx(2.0) and ratio.reliable
+
+
+def test_evaluate_times_against_a_baseline_with_a_spread(lenet300_digits, digits, monkeypatch):
+    import deepsqueeze.eval.latency as latency
+
+    monkeypatch.setattr(latency, "machine_load", lambda: (0.5, 2))
+    result = evaluate(lenet300_digits, digits, baseline=lenet300_digits, repeat=15, min_seconds=0.0)
+    assert set(EVALUATION_KEYS) <= set(result)
+    assert result["latency_repeats"] == 15
+    assert result["latency_ms_p10"] <= result["latency_ms_median"] <= result["latency_ms_p90"]
+    assert result["speedup_p10"] <= result["speedup"] <= result["speedup_p90"]
+    assert result["baseline_latency_ms_median"] > 0 and isinstance(result["latency_reliable"], bool)
+    monkeypatch.setattr(latency, "machine_load", lambda: (40.0, 2))
+    busy = evaluate(lenet300_digits, digits, baseline=lenet300_digits, repeat=5, min_seconds=0.0)
+    assert busy["latency_reliable"] is False and "machine busy (load average 40.0 on 2 CPUs)" in busy["latency_note"]
+    alone = evaluate(lenet300_digits, digits, latency=False)
+    assert alone["latency_ms_median"] is None and alone["latency_reliable"] is None and alone["speedup"] is None

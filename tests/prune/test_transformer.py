@@ -73,3 +73,18 @@ def test_bad_requests_name_the_problem():
         PruneTransformerConfig(criterion="taylor")
     with pytest.raises(UnsupportedLayerError, match="no transformer blocks"):
         prune_(torch.nn.Sequential(torch.nn.Linear(4, 4)), PruneTransformerConfig(heads=1))
+
+
+@pytest.mark.parametrize("heads, kept", [(0.5, 2), (0.25, 3), (1, 3)])
+def test_heads_as_a_count_or_a_fraction_of_each_block(heads, kept):
+    """Issue 16, finding 5: ``heads: 0.5`` means half of each block's heads; a non-integer count is an error."""
+    module = _model()
+    model = Model(module, {"kind": "py", "factory": "deepsqueeze.testing.models:TinyBertEncoder"},
+                  Task.SENTENCE_ENCODER, "py:deepsqueeze.testing.models:TinyBertEncoder", count_params(module))
+    prune_(model, PruneTransformerConfig(heads=heads))
+    assert all(layer.attention.self.num_attention_heads == kept for layer in model.module.transformer.encoder.layer)
+
+
+def test_a_fractional_head_count_above_one_is_a_clear_error():
+    with pytest.raises(RecipeError, match="neither a count of heads .* nor a fraction below 1"):
+        PruneTransformerConfig(heads=2.5)

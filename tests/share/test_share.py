@@ -167,6 +167,6 @@ def test_stage_errors_name_the_fix() -> None:
 
 
 def test_shipped_recipes_parse() -> None:
-    for name in ("deep-compression.yaml", "deep-compression-lenet5.yaml"):
+    for name in ("deep-compression.yaml", "deep-compression-lenet300.yaml", "deep-compression-lenet5.yaml"):
         recipe = load_recipe(RECIPES / name)
         assert [s.stage_type for s in recipe.stages] == ["prune", "share", "encode"]

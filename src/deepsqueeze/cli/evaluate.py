@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, stdout
+from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, stderr, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -18,6 +18,9 @@ def register(app: typer.Typer) -> None:
         batch_size: int = typer.Option(64, "--batch-size", help="Batch size for the latency measurement"),
         threads: int = typer.Option(2, "--threads", help="torch threads during timing"),
         no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement"),
+        baseline: str = typer.Option(None, "--baseline", help="Model timed interleaved with this one for the "
+                                     "speedup (default for FILE.dsq: its base model)"),
+        no_baseline: bool = typer.Option(False, "--no-baseline", help="Time this model alone (no speedup)"),
         backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
         device: str = DeviceOption,
         as_json: bool = JsonOption,
@@ -37,10 +40,24 @@ def register(app: typer.Typer) -> None:
             m = ort_model(m, threads=threads)
         elif backend != "torch":
             raise DeepsqueezeError(f"unknown backend {backend!r}: use torch or ort")
+        base = None
+        if not no_latency and not no_baseline:
+            if baseline:
+                base = resolve_model(baseline, progress=not as_json, device=device)
+            elif m.artifact_path:
+                from deepsqueeze.zoo.resolve import resolve_base_model
+
+                try:
+                    base = ref or resolve_base_model(m.ref, progress=not as_json, device=device)
+                except DeepsqueezeError:
+                    base = None  # e.g. a py: base whose code is not importable here: no speedup
         result = run_evaluation(m, dataset, ref, batch_size=batch_size, threads=threads,
-                                latency=not no_latency, device=device)
+                                latency=not no_latency, device=device, baseline=base)
         result["backend"] = backend
         if as_json:
             emit_json(result)
         else:
             stdout.print(kv_table(f"{model} on {dataset.name}", result))
+            if result["latency_reliable"] is False:
+                stderr.print(f"[yellow]latency figures are unreliable: {result['latency_note']}; "
+                             "rerun on a quiet machine before trusting the speedup[/yellow]")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -10,19 +11,22 @@ from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
-from deepsqueeze.eval.latency import measure_latency
+from deepsqueeze.eval.latency import busy_note, last_times, measure_latency_spread, ratio_stats
 from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs, label_agreement, perplexity
 
 # Public contract: these keys are always present (None where a value does not apply).
 EVALUATION_KEYS = (
     "params", "nonzero_params", "fp32_bytes", "artifact_bytes", "compression_ratio",
     "latency_ms_median", "latency_batch", "threads", "samples",
+    "latency_ms_p10", "latency_ms_p90", "latency_repeats", "latency_reliable", "latency_note",
+    "baseline_latency_ms_median", "speedup", "speedup_p10", "speedup_p90",
 )
 
 
 def evaluate(model: Model, data: ClassificationData | TextData, reference: Model | None = None, *,
              batch_size: int = 64, threads: int = 2, latency: bool = True,
-             device: str | torch.device = "cpu") -> dict[str, Any]:
+             device: str | torch.device = "cpu", baseline: Model | None = None,
+             repeat: int = 15, min_seconds: float = 1.0) -> dict[str, Any]:
     """Quality on ``data`` plus size and latency.
 
     Classifiers: ``accuracy`` on the full test split. Sentence encoders: ``cosine_mean``,
@@ -31,8 +35,13 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     label equal to the reference's). Causal LMs: ``perplexity`` on the sentences joined into one token
     stream (window = the model's context length, stride = half of it; see
     :func:`deepsqueeze.eval.metrics.perplexity`), ``samples`` = tokens scored; no reference needed.
+    Latency (ms per batch of ``batch_size``): median, p10 and p90 of at least ``repeat`` timed calls
+    (more until ``min_seconds``), ``latency_reliable`` False with ``latency_note`` when the spread is wide
+    or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
+    round, and ``speedup`` (median of per-round ratios, with p10/p90) compares them.
     """
     module = model.module.to(device).eval()
+    baseline_module = baseline.module.to(device).eval() if baseline is not None and latency else None
     result: dict[str, Any] = {"model": model.ref, "task": model.task.value, "data": data.name}
     if model.task is Task.CLASSIFIER:
         if not isinstance(data, ClassificationData):
@@ -46,6 +55,9 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
 
         def run() -> object:
             return module(batch)
+
+        def run_baseline() -> object:
+            return baseline_module(batch)  # type: ignore[misc]
     else:
         if not isinstance(data, TextData):
             raise DataError(f"{model.ref} is a {model.task.value}: evaluate it on sentences "
@@ -67,9 +79,14 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
                 result["label_agreement"] = label_agreement(emb, ref_emb)
             result["samples"] = len(data.sentences)
         inputs = encoder_inputs(module, data.sentences[:batch_size], device)
+        if baseline_module is not None:
+            baseline_inputs = encoder_inputs(baseline_module, data.sentences[:batch_size], device)
 
         def run() -> object:
             return module(**inputs)
+
+        def run_baseline() -> object:
+            return baseline_module(**baseline_inputs)  # type: ignore[misc]
 
     params = count_params(module)
     artifact_bytes = model.meta.get("artifact_bytes")
@@ -80,8 +97,32 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
         fp32_bytes=fp32_bytes,
         artifact_bytes=artifact_bytes,
         compression_ratio=fp32_bytes / artifact_bytes if artifact_bytes else None,
-        latency_ms_median=measure_latency(run, threads=threads) if latency else None,
         latency_batch=batch_size,
         threads=threads,
     )
+    result.update(_latency(run, run_baseline if baseline_module is not None else None, latency, threads, repeat,
+                           min_seconds))
     return result
+
+
+def _latency(run: Callable[[], object], run_baseline: Callable[[], object] | None, enabled: bool, threads: int,
+             repeat: int, min_seconds: float) -> dict[str, Any]:
+    keys = ("latency_ms_median", "latency_ms_p10", "latency_ms_p90", "latency_repeats", "latency_reliable",
+            "latency_note", "baseline_latency_ms_median", "speedup", "speedup_p10", "speedup_p90")
+    out: dict[str, Any] = dict.fromkeys(keys)
+    if not enabled:
+        return out
+    fns = {"model": run} if run_baseline is None else {"model": run, "baseline": run_baseline}
+    stats = measure_latency_spread(fns, threads=threads, repeat=repeat, min_seconds=min_seconds)
+    ours = stats["model"]
+    out.update(latency_ms_median=ours.median, latency_ms_p10=ours.p10, latency_ms_p90=ours.p90,
+               latency_repeats=ours.samples, latency_reliable=ours.reliable, latency_note=ours.note)
+    if run_baseline is not None:
+        times = last_times()
+        speed = ratio_stats(times["baseline"], times["model"], busy_note())
+        notes = [part for n in (ours.note, speed.note) if n for part in n.split("; ")]
+        out.update(baseline_latency_ms_median=stats["baseline"].median, speedup=speed.median,
+                   speedup_p10=speed.p10, speedup_p90=speed.p90,
+                   latency_reliable=ours.reliable and stats["baseline"].reliable and speed.reliable,
+                   latency_note="; ".join(dict.fromkeys(notes)) or None)
+    return out

@@ -7,7 +7,16 @@ from typing import Annotated
 
 from pydantic import Field, model_validator
 
-from deepsqueeze.core.config import Count, Epochs, Fraction, Index, LearningRate, StageConfig, Weight
+from deepsqueeze.core.config import (
+    MAX_COUNT,
+    Count,
+    Epochs,
+    Fraction,
+    Index,
+    LearningRate,
+    StageConfig,
+    Weight,
+)
 from deepsqueeze.prune.importance import Criterion
 
 
@@ -137,11 +146,19 @@ class PruneTransformerConfig(_FinetuneFields):
     """Structured pruning of transformer blocks (BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama/Mistral/Qwen2
     with grouped-query attention): ``heads`` attention heads (GQA: evenly per KV group or whole groups) and
     ``ffn_ratio`` of the FFN neurons removed from every block matching ``include``, and whole blocks in
-    ``drop_layers`` removed."""
+    ``drop_layers`` removed.
+
+    ``heads`` is a count (``2``: two heads per block) or a fraction below 1 (``0.25``: a quarter of each
+    block's heads, rounded to the nearest count); ``ffn_ratio`` is a fraction of the FFN neurons.
+    Heads and neurons are ranked by the L1/L2 magnitude of their weights (Michel et al. 2019,
+    "Are Sixteen Heads Really Better than One?", for head removal).
+    """
 
     stage_type = "prune_transformer"
 
-    heads: Index = Field(0, description="attention heads removed from every block")
+    heads: Index | Annotated[float, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)] = Field(
+        0, description="attention heads removed from every block: a count (2) or a fraction of each block's heads "
+        "below 1 (0.25)")
     ffn_ratio: Fraction = Field(0.0, lt=1, description="fraction of FFN neurons removed from every block")
     drop_layers: list[str] = Field(default_factory=list, description="blocks removed, e.g. encoder.layer.5")
     criterion: Criterion = Criterion.L2
@@ -149,6 +166,8 @@ class PruneTransformerConfig(_FinetuneFields):
 
     @model_validator(mode="after")
     def _check_criterion(self) -> PruneTransformerConfig:
+        if self.heads >= 1 and float(self.heads) != int(self.heads):
+            raise ValueError(f"heads: {self.heads} is neither a count of heads (2) nor a fraction below 1 (0.25)")
         if self.criterion not in (Criterion.L1, Criterion.L2):
             raise ValueError("prune_transformer scores heads and neurons by weight magnitude: use l1 or l2")
         return self

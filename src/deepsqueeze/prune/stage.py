@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -319,6 +320,15 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
     })
 
 
+def heads_to_remove(root: nn.Module, block: Any, heads: float) -> int:
+    """``heads`` as a count for ``block``: a count stays, a fraction below 1 scales the block's head count."""
+    if heads >= 1 or heads == 0:
+        return int(heads)
+    attention = root.get_submodule(block.attention) if block.attention else None
+    total = int(getattr(attention, "num_attention_heads", 0))
+    return int(round(heads * total))
+
+
 @register_stage(PruneTransformerConfig)
 def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: StageContext) -> None:
     """Remove heads / FFN neurons / whole blocks of a transformer (encoders and decoders), then fine-tune."""
@@ -341,7 +351,7 @@ def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: S
     heads: dict[str, int] = {}
     for block in blocks:
         if config.heads:
-            heads[block.layer] = len(prune_heads_(root, block, config.heads, criterion))
+            heads[block.layer] = len(prune_heads_(root, block, heads_to_remove(root, block, config.heads), criterion))
         if config.ffn_ratio:
             prune_ffn_(root, block, config.ffn_ratio, criterion)
     prune_s = time.perf_counter() - start
