@@ -201,3 +201,21 @@ def test_default_demo_covers_every_family_and_full_adds_the_long_recipes():
     assert {"quantize", "prune", "share", "encode", "lowrank", "distill"} <= stage_types(DEFAULT_JOBS)
     assert stage_types(FULL_JOBS) >= stage_types(DEFAULT_JOBS)
     assert "w4-gptq" in {n for _, _, names in FULL_JOBS for n in names}
+
+
+def test_py_model_without_input_shape_takes_it_from_data(capsys, workdir):
+    """Issue 16, finding 4: structured pruning and ONNX export of a py: CNN with no input_shape attribute."""
+    from deepsqueeze.artifact import load
+
+    ref = "py:deepsqueeze.testing.models:DepthwiseSeparableCNN"
+    (workdir / "p.yaml").write_text("stages:\n  - type: prune_channels\n    ratio: 0.25\n")
+    code, out, err = run(capsys, "compress", "--model", ref, "--data", "digits", "--recipe", "p.yaml",
+                         "--out", "p.dsq", "--json")
+    assert code == 0, err
+    loaded = load(workdir / "p.dsq")
+    assert loaded.input_shape == (1, 8, 8) and loaded.num_classes == 10
+    assert loaded.module.pw1[0].out_channels == 24  # 32 channels, a quarter removed
+    pytest.importorskip("onnxruntime")
+    code, out, err = run(capsys, "evaluate", ref, "--data", "digits", "--backend", "ort", "--no-latency", "--json")
+    assert code == 0, err
+    assert json.loads(out)["backend"] == "ort"

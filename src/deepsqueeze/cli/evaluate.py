@@ -34,6 +34,9 @@ def register(app: typer.Typer) -> None:
         m = resolve_model(model, weights=weights, progress=not as_json, device=device)
         dataset = resolve_data(data, split="eval")
         ref = resolve_model(reference, progress=not as_json, device=device) if reference else None
+        from deepsqueeze.recipes.run import shape_from_data
+
+        shape_from_data(m, dataset)  # a py: classifier without input_shape takes it from --data
         if backend == "ort":
             from deepsqueeze.quant import ort_model
 

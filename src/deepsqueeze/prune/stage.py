@@ -240,7 +240,8 @@ def example_input(model: Model) -> torch.Tensor:
     """A fixed random batch of one input of ``model`` (structured pruning traces shapes with it)."""
     if model.input_shape is None:
         raise ModelError(f"{model.ref} has no known input shape: structured pruning traces the model with an "
-                         "example input (use a zoo/py model with an input shape, or prune_channels_ directly)")
+                         "example input; pass --data with the images it takes (e.g. fashion-mnist), or give "
+                         "the module an input_shape attribute such as (1, 28, 28)")
     generator = torch.Generator().manual_seed(0)
     return torch.randn((1, *model.input_shape), generator=generator)
 

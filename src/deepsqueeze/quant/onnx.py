@@ -114,7 +114,9 @@ def export_onnx(model: Model | nn.Module, path: str | os.PathLike[str], *, optim
             if example is None:
                 shape = model.input_shape if isinstance(model, Model) else None
                 if shape is None:
-                    raise ModelError("export_onnx needs an example input for this model: pass example=")
+                    raise ModelError("ONNX export needs the model's input shape: pass --data with the images it "
+                                     "takes (e.g. fashion-mnist), give the module an input_shape attribute, or "
+                                     "in Python pass export_onnx(..., example=batch)")
                 example = torch.zeros(2, *shape)
             args, names, output = (example,), ["input"], "logits"
             dyn = {"input": {0: "batch"}, "logits": {0: "batch"}}

@@ -39,6 +39,16 @@ class CompressResult:
     coverage: list[dict[str, Any]] = field(default_factory=list)  # per stage: modules and weights covered
 
 
+def shape_from_data(model: Model, data: ClassificationData | TextData | None) -> None:
+    """A classifier without a known input shape (a ``py:`` module with no ``input_shape`` attribute) takes
+    ``(C, H, W)`` / ``(features,)`` and the class count from its image data, in place; the artifact keeps them."""
+    if model.task is Task.CLASSIFIER and isinstance(data, ClassificationData):
+        if model.input_shape is None:
+            model.input_shape = tuple(data.input_shape)
+        if model.num_classes is None:
+            model.num_classes = data.num_classes
+
+
 def training_data(model: Model, data_ref: str | None) -> ClassificationData | TextData | None:
     """The data stages train and calibrate on: never the evaluation split of a text corpus."""
     if data_ref is None:
@@ -228,6 +238,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
     data = training_data(model, data_ref or recipe.data)
+    shape_from_data(model, data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report)
