@@ -48,3 +48,12 @@ def test_generic_deep_compression_names_no_layer():
     recipe = load_recipe("deep-compression")
     assert not any(_names_layers(stage) for stage in recipe.stages)
     assert recipe.stages[0].scope.value == "global"
+
+
+def test_a_recipes_data_does_not_override_the_data_of_the_model_given(tmp_path, lenet300_digits):
+    """int8-static says data: fashion-mnist; LeNet-300 trained on digits calibrates on digits, not 28x28 images."""
+    from deepsqueeze.recipes import compress
+
+    assert load_recipe("int8-static").data == "fashion-mnist"
+    result = compress("zoo:lenet300@digits", load_recipe("int8-static"), tmp_path / "q.dsq", progress=False)
+    assert result.metrics["accuracy"] > 0.8

@@ -225,6 +225,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
     ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
     """
+    own_model = model_ref is not None
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
@@ -237,7 +238,9 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
-    data = training_data(model, data_ref or recipe.data)
+    # a recipe's data goes with its model: a model given by the caller keeps the data it was trained on
+    recipe_data = recipe.data if not own_model or model.base.get("data") is None else None
+    data = training_data(model, data_ref or recipe_data)
     shape_from_data(model, data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
