@@ -41,9 +41,10 @@ class BenchContext:
     notes: list[str] = field(default_factory=list)
 
     def log(self, message: str) -> None:
-        from rich.console import Console
+        from deepsqueeze.core.progress import current_stage, log
 
-        Console(stderr=True).print(f"[dim]{message}[/dim]")
+        prefix = current_stage()
+        log(f"{prefix}: {message}" if prefix else message)
 
 
 def discover() -> dict[str, ModuleType]:
@@ -71,8 +72,11 @@ def git_commit() -> str:
 def run_benchmark(module: ModuleType, ctx: BenchContext) -> dict[str, Any]:
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
-    start = time.perf_counter()
+    from deepsqueeze.eval.latency import measured_since, measurement_count
+
+    start, mark = time.perf_counter(), measurement_count()
     rows = module.run(ctx)
+    timings = measured_since(mark)  # every latency the benchmark measured: were they trustworthy?
     result = {
         "name": module.NAME,
         "title": getattr(module, "TITLE", module.NAME),
@@ -86,12 +90,23 @@ def run_benchmark(module: ModuleType, ctx: BenchContext) -> dict[str, Any]:
         "date": _dt.date.today().isoformat(),
         "wall_s": round(time.perf_counter() - start, 1),
         "quick": ctx.quick,
+        "latency_reliable": all(t.reliable for t in timings) if timings else None,
+        "latency_notes": _latency_notes(timings),
     }
     if not ctx.quick:
         RESULTS_DIR.mkdir(parents=True, exist_ok=True)
         (RESULTS_DIR / f"{module.NAME}.json").write_text(json.dumps(result, indent=2, default=_plain) + "\n")
         write_markdown()
     return result
+
+
+def _latency_notes(timings: list[Any]) -> list[str]:
+    """Why a benchmark's timings are not trustworthy: the machine's load, and how many were too spread out."""
+    notes = [part for t in timings if t.note for part in t.note.split("; ") if not part.startswith("wide spread")]
+    spread = sum("wide spread" in (t.note or "") for t in timings)
+    if spread:
+        notes.append(f"{spread} of {len(timings)} timed callables had a p10-p90 spread above 25% of the median")
+    return list(dict.fromkeys(notes))
 
 
 def _plain(value: Any) -> Any:
@@ -119,6 +134,9 @@ def write_markdown() -> None:
         lines += _table(res["rows"]) + [""]
         for note in res.get("notes", []):
             lines.append(f"- {note}")
+        if res.get("latency_reliable") is False:
+            lines.append("- Latency caveat: " + "; ".join(dict.fromkeys(res.get("latency_notes", []))) +
+                         ": treat this run's latencies and speedups as unreliable.")
         lines += [
             f"_Run: commit {res['commit']}, torch {res['torch']}, {res['threads']} threads, {res['date']}, "
             f"{res['wall_s']} s wall._",

@@ -93,3 +93,26 @@ def test_evaluate_times_against_a_baseline_with_a_spread(lenet300_digits, digits
     assert busy["latency_reliable"] is False and "machine busy (load average 40.0 on 2 CPUs)" in busy["latency_note"]
     alone = evaluate(lenet300_digits, digits, latency=False)
     assert alone["latency_ms_median"] is None and alone["latency_reliable"] is None and alone["speedup"] is None
+
+
+def test_benchmark_runner_flags_unreliable_timings(monkeypatch):
+    """Issue 16: bench states, per benchmark, whether its latencies can be trusted (here: a busy machine)."""
+    import types
+
+    from benchmarks.runner import BenchContext, run_benchmark
+
+    import deepsqueeze.eval.latency as latency
+
+    x = torch.randn(32, 32)
+
+    def run(ctx):
+        times = measure_latency_interleaved({"a": lambda: x @ x, "b": lambda: x + x}, warmup=1, repeat=5)
+        return [{"a_ms": times["a"], "b_ms": times["b"]}]
+
+    fake = types.SimpleNamespace(NAME="fake", TITLE="fake", SETUP="", run=run)
+    monkeypatch.setattr(latency, "machine_load", lambda: (9.0, 2))
+    result = run_benchmark(fake, BenchContext(threads=1, quick=True))
+    assert result["latency_reliable"] is False
+    assert "machine busy (load average 9.0 on 2 CPUs)" in result["latency_notes"]
+    fake.run = lambda ctx: [{"size": 1}]
+    assert run_benchmark(fake, BenchContext(threads=1, quick=True))["latency_reliable"] is None

@@ -37,8 +37,11 @@ def register(app: typer.Typer) -> None:
         if unknown:
             raise DeepsqueezeError(f"unknown benchmark {unknown[0]!r}: choose from {', '.join(available)}")
         results = []
-        for name in chosen:
-            result = run_benchmark(available[name], BenchContext(threads=threads, device=device, quick=quick))
+        from deepsqueeze.core.progress import stage
+
+        for index, name in enumerate(chosen):
+            with stage(index, len(chosen), name, enabled=not as_json, kind="benchmark"):
+                result = run_benchmark(available[name], BenchContext(threads=threads, device=device, quick=quick))
             results.append(result)
             if not as_json:
                 stdout.print(rows_table(f"{name}: {result['title']}", result["rows"]))

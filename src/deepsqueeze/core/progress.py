@@ -69,9 +69,14 @@ def current_stage() -> str | None:
 
 
 @contextmanager
-def stage(index: int, total: int, name: str, enabled: bool = True) -> Iterator[str]:
-    """Scope for stage ``index`` (0-based) of ``total``: labels every :func:`track` inside; logs start and end."""
-    label = f"stage {index + 1}/{total} {name}"
+def stage(index: int, total: int, name: str, enabled: bool = True, kind: str = "stage") -> Iterator[str]:
+    """Scope for stage ``index`` (0-based) of ``total``: labels every :func:`track` inside; logs start and end.
+
+    ``kind`` names what is counted (``"stage"`` of a recipe, ``"benchmark"`` of a bench run).
+    """
+    outer = _STAGE.get()
+    label = f"{kind} {index + 1}/{total} {name}"
+    label = f"{outer} > {label}" if outer and kind == "stage" and outer.startswith("benchmark") else label
     stage_token, enabled_token = _STAGE.set(label), _ENABLED.set(enabled)
     start = time.perf_counter()
     try:
