@@ -73,7 +73,7 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
                 reference = resolve_base_model(model.ref, progress=False)
             with torch.no_grad():
                 emb = module.encode(data.sentences)  # type: ignore[operator]
-                ref_emb = reference.module.encode(data.sentences)  # type: ignore[operator]
+                ref_emb = emb if reference.module is module else reference.module.encode(data.sentences)  # type: ignore[operator]
             result.update(embedding_fidelity(emb, ref_emb))
             if model.task is Task.SEQUENCE_CLASSIFIER:
                 result["label_agreement"] = label_agreement(emb, ref_emb)
