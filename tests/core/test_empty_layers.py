@@ -84,10 +84,12 @@ def test_every_stage_skips_a_zero_size_layer(stage, tmp_path, monkeypatch):
     try:
         run_stages(model, Recipe(stages=(config_from_dict(stage),)), data, progress=False)
     except DeepsqueezeError as exc:
-        assert "empty" not in str(exc)
+        assert "empty" not in str(exc).replace("ds_empty_layer", "")  # the layer, not the model's name
         return
-    # still a plain Linear with no weights (prune_channels may narrow its inputs with its producer's outputs)
-    assert type(model.module.empty) is nn.Linear and model.module.empty.weight.numel() == 0
+    # still a plain Linear with no weights (prune_channels may narrow its inputs with its producer's outputs);
+    # a zoo: student (distill-lenet300) replaces the whole architecture, so only the round trip is checked
+    if not str(stage.get("student", "self")).startswith("zoo:"):
+        assert type(model.module.empty) is nn.Linear and model.module.empty.weight.numel() == 0
     x = data.test_x[:4]
     expected = model.module.eval()(x)
     save(model, tmp_path / "m.dsq")

@@ -104,7 +104,10 @@ def prepare_student_(model: Model, config: DistillConfig) -> list[int] | None:
         if name not in ZOO:
             raise RecipeError(f"unknown zoo student {name!r}: choose one of {', '.join(ZOO)}")
         model.module = build_zoo_model(name, model.input_shape, model.num_classes)
-        model.base = {**model.base, "name": name}
+        # the artifact rebuilds the student's architecture, whatever the teacher's base was (zoo, py:, hf:)
+        model.base = {"kind": "zoo", "name": name, "input_shape": list(model.input_shape),
+                      "num_classes": model.num_classes,
+                      **({"data": model.base["data"]} if model.base.get("data") else {})}
         return None
     raise RecipeError(f"unknown student {config.student!r}: use self, keep-layers or zoo:NAME")
 
