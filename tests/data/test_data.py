@@ -3,6 +3,7 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from deepsqueeze.data import ClassificationData, TextData, resolve_data
 from deepsqueeze.errors import DataError
@@ -102,3 +103,33 @@ def test_unknown_references():
         resolve_data("pydoc-sentences:test")
     with pytest.raises(DataError, match="text:"):
         resolve_data("text:")
+
+
+def test_validation_view_is_disjoint_from_training_rows_and_fixed(digits):
+    view = resolve_data("digits:val")
+    again = resolve_data("digits:val")
+    assert view.name == "digits:val"
+    assert torch.equal(view.test_x, again.test_x) and torch.equal(view.train_y, again.train_y)
+    assert len(view.train_x) + len(view.test_x) == len(digits.train_x)
+    assert len(view.test_x) == round(len(digits.train_x) / 6)
+    # the two sides partition the original train split exactly (as a multiset of rows with labels)
+    def rows(x, y):
+        return sorted(tuple(r) + (int(c),) for r, c in zip(x.flatten(1).tolist(), y.tolist(), strict=True))
+
+    assert rows(torch.cat([view.train_x, view.test_x]), torch.cat([view.train_y, view.test_y])) == rows(
+        digits.train_x, digits.train_y)
+
+
+def test_validation_view_of_a_fashion_mnist_folder(tmp_path):
+    _fake_fashion_mnist(tmp_path, n_train=30)
+    view = resolve_data(f"fashion-mnist:{tmp_path}:val")
+    assert view.name == "fashion-mnist:val" and len(view.test_x) == 5 and len(view.train_x) == 25
+
+
+def test_pydoc_sentence_splits_val_and_fit_partition_calib():
+    calib = set(resolve_data("pydoc-sentences:calib").sentences)
+    val = set(resolve_data("pydoc-sentences:val").sentences)
+    fit = set(resolve_data("pydoc-sentences:fit").sentences)
+    evals = set(resolve_data("pydoc-sentences:eval").sentences)
+    assert val and fit and not (val & fit) and val | fit == calib and not (calib & evals)
+    assert 0.15 < len(val) / len(calib) < 0.35

@@ -80,3 +80,19 @@ def test_compress_refuses_bad_outputs_and_eval_text(tmp_path):
     with pytest.raises(DataError, match="evaluation only"):
         compress("zoo:lenet300@digits", recipe, tmp_path / "out.dsq", "pydoc-sentences:eval", progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("later", [
+    {"type": "quantize", "method": "rtn", "bits": 4, "group_size": None},
+    {"type": "lowrank", "rule": "fixed", "rank": 8, "conv": "none"},
+])
+def test_a_stage_replacing_a_pruned_layer_drops_its_stale_sparse_encoding(tmp_path, digits, later):
+    """Prune (sparse storage) then a stage that replaces the layers: the artifact saves and reloads exactly."""
+    import torch
+
+    recipe = parse_recipe({"stages": [{"type": "prune", "sparsity": 0.8, "storage": "sparse"}, later]})
+    result = compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False)
+    loaded = load(tmp_path / "m.dsq")
+    x = digits.test_x[:32]
+    with torch.no_grad():
+        assert torch.equal(loaded.module(x), result.model.module(x))

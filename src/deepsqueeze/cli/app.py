@@ -20,6 +20,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "demo",
     "sensitivity",
     "recipes",
+    "search",
 )
 
 from typer.core import TyperGroup  # noqa: E402

@@ -119,6 +119,22 @@ def record_coverage(model: nn.Module, entries: list[CoverageEntry]) -> None:
     get_record(model).coverage.extend(entries)
 
 
+def forget_replaced_encodings(root: nn.Module, name: str, new: nn.Module) -> None:
+    """Drop the encodings recorded for tensors under ``name`` that the module now at ``name`` lacks.
+
+    A later stage that replaces a layer (quantization, factorization) makes the encodings earlier stages
+    recorded for the old layer's tensors (e.g. pruning's sparse weight) stale: they would name tensors the
+    model no longer has.
+    """
+    record = root.__dict__.get(_RECORD_ATTR)
+    if record is None or not record.encodings:
+        return
+    prefix = f"{name}." if name else ""
+    kept = set(new.state_dict())
+    for key in [k for k in record.encodings if k.startswith(prefix) and k[len(prefix):] not in kept]:
+        del record.encodings[key]
+
+
 def replay_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
     """Re-apply recorded transforms (from a manifest) to a freshly built base model."""
     from deepsqueeze.core.plugins import load_plugins

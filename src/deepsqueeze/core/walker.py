@@ -66,7 +66,11 @@ def get_submodule(root: nn.Module, name: str) -> nn.Module:
 
 
 def set_submodule(root: nn.Module, name: str, module: nn.Module) -> None:
-    """Replace the submodule at dotted ``name`` with ``module``."""
+    """Replace the submodule at dotted ``name`` with ``module`` (encodings recorded for the old one's tensors
+    that ``module`` does not have are dropped)."""
+    from deepsqueeze.core.record import forget_replaced_encodings
+
     parent_name, _, child = name.rpartition(".")
     parent = get_submodule(root, parent_name)
     setattr(parent, child, module)
+    forget_replaced_encodings(root, name, module)

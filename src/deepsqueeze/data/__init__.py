@@ -1,4 +1,4 @@
-"""Data references: ``fashion-mnist[:DIR]``, ``digits``, ``text:FILE``, ``pydoc-sentences[:calib|eval]``."""
+"""Data references: ``fashion-mnist[:DIR][:val]``, ``digits[:val]``, ``text:FILE``, ``pydoc-sentences[:calib|eval|val|fit]``."""
 
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import DATA_HELP, resolve_data

@@ -7,6 +7,10 @@ from dataclasses import dataclass
 
 import torch
 
+# The validation split search scores on: a fixed sixth of the train split (never the test split).
+VAL_FRACTION = 1 / 6
+VAL_SEED = 1234
+
 
 @dataclass
 class ClassificationData:
@@ -35,6 +39,23 @@ class ClassificationData:
         for i in range(0, n, batch_size):
             idx = order[i : i + batch_size]
             yield x[idx], y[idx]
+
+    def validation_view(self, fraction: float = VAL_FRACTION, seed: int = VAL_SEED) -> ClassificationData:
+        """The same data with a fixed ``fraction`` of the train split held out as the evaluation split.
+
+        The returned data's ``train_*`` tensors are the train split minus the held-out rows (what stages
+        train and calibrate on) and its ``test_*`` tensors are the held-out rows (the validation split
+        that search scores trials on); the original test split is not part of it. The held-out rows
+        depend only on ``seed`` and the train size, so every process cuts the same split.
+        """
+        n = len(self.train_x)
+        n_val = max(1, int(round(n * fraction)))
+        if n_val >= n:
+            raise ValueError(f"{self.name}: {n} training samples are too few to hold out a validation split")
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+        val, fit = order[:n_val].sort().values, order[n_val:].sort().values
+        return ClassificationData(f"{self.name}:val", self.train_x[fit], self.train_y[fit], self.train_x[val],
+                                  self.train_y[val], self.num_classes)
 
 
 @dataclass

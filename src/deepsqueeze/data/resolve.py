@@ -6,21 +6,34 @@ from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 
 DATA_HELP = (
-    "fashion-mnist, fashion-mnist:DIR, digits, text:FILE, pydoc-sentences:calib, pydoc-sentences:eval"
+    "fashion-mnist, fashion-mnist:DIR, fashion-mnist:val, digits, digits:val, text:FILE, pydoc-sentences:calib, "
+    "pydoc-sentences:eval, pydoc-sentences:val, pydoc-sentences:fit"
 )
 
 
 def resolve_data(ref: str, split: str | None = None) -> ClassificationData | TextData:
-    """Load the data named by ``ref``; ``split`` picks a default pydoc-sentences split."""
+    """Load the data named by ``ref``; ``split`` picks a default pydoc-sentences split.
+
+    Image data with a ``:val`` suffix (``digits:val``, ``fashion-mnist:val``, ``fashion-mnist:DIR:val``) is
+    the validation view (:meth:`ClassificationData.validation_view`): training rows minus a fixed held-out
+    sixth, which stands as its evaluation split.
+    """
     name, _, arg = ref.partition(":")
+    view = arg == "val" or arg.endswith(":val")
+    if view:
+        arg = arg.removesuffix("val").removesuffix(":")
     if name == "fashion-mnist":
         from deepsqueeze.data.fashion_mnist import load_fashion_mnist
 
-        return load_fashion_mnist(arg or None)
+        data = load_fashion_mnist(arg or None)
+        return data.validation_view() if view else data
     if name == "digits":
         from deepsqueeze.data.digits import load_digits
 
-        return load_digits()
+        if arg:
+            raise DataError(f"digits takes no argument but ':val', got {ref!r}")
+        data = load_digits()
+        return data.validation_view() if view else data
     if name == "text":
         from deepsqueeze.data.text import load_text_file
 
@@ -30,5 +43,5 @@ def resolve_data(ref: str, split: str | None = None) -> ClassificationData | Tex
     if name == "pydoc-sentences":
         from deepsqueeze.data.text import load_pydoc_sentences
 
-        return load_pydoc_sentences(arg or split)
+        return load_pydoc_sentences("val" if view else (arg or split))
     raise DataError(f"unknown data reference {ref!r}: use one of {DATA_HELP}")

@@ -57,15 +57,20 @@ def load_pydoc_sentences(split: str | None) -> TextData:
     """Fixed disjoint splits: a sentence's split depends only on a hash of its text.
 
     ``eval`` (about a third) is for fidelity measurement only and is never used for
-    calibration, fine-tuning or distillation; ``calib`` is the rest; ``all`` is both.
+    calibration, fine-tuning or distillation; ``calib`` is the rest; ``all`` is both. Inside ``calib``,
+    ``val`` (about a quarter of it) is the validation split search scores trials on and ``fit`` the
+    rest, which search calibrates and trains on (``calib`` = ``fit`` + ``val``).
     """
     split = split or "eval"
-    if split not in ("calib", "eval", "all"):
-        raise DataError(f"unknown pydoc-sentences split {split!r}: use pydoc-sentences:calib or pydoc-sentences:eval")
-    chosen = [s for s in pydoc_sentences() if split == "all" or _split_of(s) == split]
+    if split not in ("calib", "eval", "all", "val", "fit"):
+        raise DataError(f"unknown pydoc-sentences split {split!r}: use pydoc-sentences:calib, :eval, :val or :fit")
+    chosen = [s for s in pydoc_sentences() if split == "all" or split in _split_of(s)]
     return TextData(f"pydoc-sentences:{split}", chosen)
 
 
-def _split_of(sentence: str) -> str:
+def _split_of(sentence: str) -> tuple[str, ...]:
+    """The splits ``sentence`` belongs to: ``("eval",)``, ``("calib", "val")`` or ``("calib", "fit")``."""
     digest = hashlib.sha256(sentence.encode()).digest()
-    return "eval" if digest[0] % 3 == 0 else "calib"
+    if digest[0] % 3 == 0:
+        return ("eval",)
+    return ("calib", "val") if digest[1] % 4 == 0 else ("calib", "fit")

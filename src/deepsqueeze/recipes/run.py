@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -179,9 +180,16 @@ def stage_measurement(model: Model, data: ClassificationData | TextData | None,
     return out
 
 
+StageCallback = Callable[[int, Model], None]
+
+
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
-               device: str | torch.device = "cpu", progress: bool = True, measure: bool = False) -> StageContext:
+               device: str | torch.device = "cpu", progress: bool = True, measure: bool = False,
+               on_stage_end: StageCallback | None = None) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order.
+
+    ``on_stage_end(index, model)`` runs after each stage (search scores intermediate models with it and
+    may raise to stop the run); it must leave the model as it found it.
 
     ``measure``: after every stage add ``bytes``, ``ratio`` and a quality column to its report row
     (see :func:`stage_measurement`; costs one artifact encoding and one evaluation per stage).
@@ -213,12 +221,15 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
             ctx.report[-1]["covered_pct"] = totals[0]["covered_pct"]
         if measure:
             ctx.report[-1].update(stage_measurement(model, data, reference))
+        if on_stage_end is not None:
+            on_stage_end(index, model)
     return ctx
 
 
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
-             evaluate_result: bool = True, report: bool = False) -> CompressResult:
+             evaluate_result: bool = True, report: bool = False,
+             on_stage_end: StageCallback | None = None) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
@@ -244,7 +255,8 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     shape_from_data(model, data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
-    ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report)
+    ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
+                     on_stage_end=on_stage_end)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     check_runs(model, data)

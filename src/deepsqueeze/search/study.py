@@ -1,0 +1,641 @@
+"""The search driver: an Optuna study whose trials are recipes run through ``compress`` and scored.
+
+Each trial samples a point of the space (an ordinary recipe), compresses the model with it through the
+same :func:`deepsqueeze.recipes.compress` a user calls (training and calibration on the data minus the
+validation split), loads the written .dsq the way a user would, and measures:
+
+* ``quality``: accuracy (classifiers) or mean cosine to the uncompressed model (sentence encoders) on the
+  validation split, which is neither the calibration/training split nor the final test split;
+* ``bytes``: the size of the written .dsq file on disk;
+* ``latency``: median ms per batch (batch and threads fixed by the space), timed interleaved with the
+  uncompressed model; the figure is the measured ratio times the study's baseline latency (measured once),
+  so machine drift between trials cancels.
+
+Constraints (``max_bytes``, ``max_latency_ms``, ``max_drop`` in percentage points of quality) go to the
+samplers that use them (TPE, NSGA-II, GP) as Optuna constraint values. The study lives in SQLite under
+``out`` by default (Ctrl-C, then the same command resumes it) or in any Optuna storage URL
+(``postgresql://...``) that several workers share.
+
+Samplers: grid, random, TPE (Bergstra et al. 2011), CMA-ES (Hansen 2016; one objective), GP
+(Gaussian-process Bayesian optimization), NSGA-II (Deb et al. 2002; several objectives). Pruners (median,
+successive halving: Jamieson & Talwalkar 2016) stop single-objective trials whose validation score after a
+stage falls behind; Optuna does not prune multi-objective studies.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.data.resolve import resolve_data
+from deepsqueeze.errors import DataError, DeepsqueezeError, RecipeError
+from deepsqueeze.recipes.schema import Recipe, load_recipe
+from deepsqueeze.search.space import SearchSpace, parse_space, read_space_file
+
+SAMPLERS = ("grid", "random", "tpe", "cmaes", "gp", "nsga2")
+PRUNERS = ("median", "halving", "none")
+DIRECTIONS = {"quality": "maximize", "bytes": "minimize", "latency": "minimize"}
+UNITS = {"max_bytes": "B", "max_latency_ms": "ms", "max_drop": "pp"}
+
+
+@dataclass
+class SearchContext:
+    """What every trial of one process shares (resolved once): model, data splits, baseline inputs."""
+
+    space: SearchSpace
+    model_ref: str
+    fit_ref: str | None
+    val: ClassificationData | TextData
+    base: Model
+    out: Path
+    quality_key: str
+
+    @property
+    def fp32_bytes(self) -> int:
+        return 4 * self.base.base_params
+
+
+@dataclass
+class SearchResult:
+    """The answer: the Pareto front so far, the best point (or the closest), and where they were written."""
+
+    study_name: str
+    storage: str
+    trials: int
+    complete: int
+    pruned: int
+    failed: int
+    front: list[dict[str, Any]] = field(default_factory=list)
+    best: dict[str, Any] | None = None
+    feasible: bool = False
+    message: str = ""
+    baseline: dict[str, Any] = field(default_factory=dict)
+    references: list[dict[str, Any]] = field(default_factory=list)
+
+
+def validation_refs(model: Model, data_ref: str | None) -> tuple[str | None, str]:
+    """``(fit_ref, val_ref)``: the data recipes train/calibrate on and the validation split search scores on.
+
+    Images: ``D:val`` for both (its train rows exclude the held-out validation rows, which are its test
+    split). Sentences: ``pydoc-sentences:fit`` and ``pydoc-sentences:val``.
+    """
+    if data_ref is None:
+        data_ref = model.base.get("data")
+        if data_ref is None and model.task is Task.SENTENCE_ENCODER:
+            data_ref = "pydoc-sentences"
+    if data_ref is None:
+        raise DataError(f"search needs data to validate {model.ref} on: pass --data (e.g. digits, fashion-mnist)")
+    if model.task is Task.SENTENCE_ENCODER:
+        if not data_ref.startswith("pydoc-sentences"):
+            raise DataError(f"search validates sentence encoders on pydoc-sentences:val, not {data_ref}: "
+                            "pass --data pydoc-sentences")
+        return "pydoc-sentences:fit", "pydoc-sentences:val"
+    view = data_ref if data_ref.endswith(":val") else f"{data_ref}:val"
+    return view, view
+
+
+def layer_lister(model: Model) -> Callable[[str, list[str] | None], list[str]]:
+    """Names of the layers a per-layer hole opens on, for each stage type."""
+    from torch import nn
+
+    from deepsqueeze.core.walker import iter_modules
+
+    def layers(stage_type: str, patterns: list[str] | None) -> list[str]:
+        if stage_type == "prune_channels":
+            import torch
+
+            from deepsqueeze.prune import analyze
+
+            if model.input_shape is None:
+                raise RecipeError("per-layer channel ratios need an image model with a known input shape")
+            graph = analyze(model.module, torch.zeros(1, *model.input_shape))
+            names = [g.producers[0] for g in graph.prunable_groups()]
+            if patterns:
+                from fnmatch import fnmatchcase
+
+                names = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+            return names
+        return [name for name, _ in iter_modules(model.module, types=(nn.Linear, nn.Conv2d), include=patterns)]
+
+    return layers
+
+
+def load_space(path: str | Path, model_ref: str | None = None) -> tuple[SearchSpace, Model]:
+    """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``)."""
+    from deepsqueeze.resolve import resolve_model
+
+    data = read_space_file(path)
+    ref = model_ref or (data.get("model") if isinstance(data, dict) else None)
+    if not ref:
+        raise RecipeError("no model given: pass --model REF or set 'model:' in the space file")
+    model = resolve_model(ref, progress=False)
+    space = parse_space(data, layer_lister(model), source=str(path))
+    space.model = ref
+    return space, model
+
+
+def _quality(model: Model, ctx: SearchContext) -> float:
+    from deepsqueeze.eval import evaluate
+
+    training = model.module.training
+    try:
+        result = evaluate(model, ctx.val, ctx.base, latency=False)
+    finally:
+        model.module.train(training)
+    return float(result[ctx.quality_key])
+
+
+def _latency_runner(model: Model, ctx: SearchContext) -> Callable[[], object]:
+    batch = ctx.space.latency_batch
+    if isinstance(ctx.val, ClassificationData):
+        x = ctx.val.test_x[:batch]
+        return lambda: model.module(x)
+    from deepsqueeze.eval.metrics import encoder_inputs
+
+    sentences = (ctx.val.sentences * (batch // max(len(ctx.val.sentences), 1) + 1))[:batch]
+    inputs = encoder_inputs(model.module, sentences)
+    return lambda: model.module(**inputs)
+
+
+def _baseline(study: Any, ctx: SearchContext) -> dict[str, Any]:
+    """The uncompressed model's quality and latency on this study's split and batch (computed once, cached)."""
+    cached = study.user_attrs.get("baseline")
+    if cached:
+        return cached
+    from deepsqueeze.eval.latency import measure_latency
+
+    baseline = {
+        "quality": _quality(ctx.base, ctx),
+        "quality_key": ctx.quality_key,
+        "bytes": ctx.fp32_bytes,
+        "latency_ms": measure_latency(_latency_runner(ctx.base, ctx), repeat=9, threads=ctx.space.latency_threads),
+        "latency_batch": ctx.space.latency_batch,
+        "threads": ctx.space.latency_threads,
+        "validation": ctx.val.name,
+        "validation_samples": len(ctx.val.test_y) if isinstance(ctx.val, ClassificationData)
+        else len(ctx.val.sentences),
+    }
+    study.set_user_attr("baseline", baseline)
+    return baseline
+
+
+def measure_point(recipe: Recipe, path: Path, ctx: SearchContext, baseline: dict[str, Any],
+                  on_stage_end: Callable[[int, Model], None] | None = None) -> dict[str, Any]:
+    """Compress with ``recipe`` into ``path`` and measure quality, bytes and latency of the written file."""
+    from deepsqueeze.eval.latency import measure_latency_interleaved
+    from deepsqueeze.recipes import compress
+    from deepsqueeze.resolve import resolve_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+    compress(ctx.model_ref, recipe, path, ctx.fit_ref, progress=False, evaluate_result=False,
+             on_stage_end=on_stage_end)
+    compress_s = time.perf_counter() - start
+    raw = path.read_bytes()
+    loaded = resolve_model(str(path), progress=False)
+    quality = _quality(loaded, ctx)
+    times = measure_latency_interleaved({"baseline": _latency_runner(ctx.base, ctx),
+                                         "trial": _latency_runner(loaded, ctx)},
+                                        repeat=7, threads=ctx.space.latency_threads)
+    speedup = times["baseline"] / times["trial"]
+    return {
+        "quality": quality,
+        "bytes": len(raw),
+        "latency_ms": baseline["latency_ms"] / speedup,
+        "speedup": speedup,
+        "latency_ms_measured": times["trial"],
+        "baseline_ms_measured": times["baseline"],
+        "drop_pp": (baseline["quality"] - quality) * 100,
+        "artifact": str(path),
+        "artifact_sha256": hashlib.sha256(raw).hexdigest(),
+        "compress_s": round(compress_s, 3),
+    }
+
+
+def violations(measured: dict[str, Any], constraints: dict[str, float]) -> dict[str, float]:
+    """Constraint -> amount over the limit (<= 0: met), in the constraint's own unit."""
+    value = {"max_bytes": measured["bytes"], "max_latency_ms": measured["latency_ms"],
+             "max_drop": measured["drop_pp"]}
+    return {name: float(value[name] - limit) for name, limit in constraints.items()}
+
+
+def objective_values(measured: dict[str, Any], objectives: tuple[str, ...]) -> list[float]:
+    key = {"quality": "quality", "bytes": "bytes", "latency": "latency_ms"}
+    return [float(measured[key[o]]) for o in objectives]
+
+
+def make_sampler(name: str, space: SearchSpace, trials: int, seed: int) -> Any:
+    """The Optuna sampler named ``name``, with this project's defaults for small budgets."""
+    import optuna
+
+    n_constraints = len(space.constraints)
+    constraints_func = None
+    if n_constraints:
+        def constraints_func(trial: Any) -> list[float]:
+            return list(trial.user_attrs.get("constraint_values", [1.0] * n_constraints))
+
+    multi = len(space.objectives) > 1
+    startup = max(3, min(10, trials // 3))
+    if name == "grid":
+        return optuna.samplers.GridSampler(space.grid(), seed=seed)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    if name == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                          constraints_func=constraints_func)
+    if name == "cmaes":
+        if multi:
+            raise RecipeError("cmaes optimizes one objective: use objectives: [quality] with constraints, "
+                              "or --sampler tpe / nsga2")
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=startup,
+                                            warn_independent_sampling=False)
+    if name == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=startup, constraints_func=constraints_func,
+                                         warn_independent_sampling=False)
+    if name == "nsga2":
+        population = max(4, min(50, trials // 4))
+        return optuna.samplers.NSGAIISampler(seed=seed, population_size=population,
+                                             constraints_func=constraints_func)
+    raise RecipeError(f"unknown sampler {name!r}: use one of {', '.join(SAMPLERS)}")
+
+
+def make_pruner(name: str) -> Any:
+    import optuna
+
+    if name == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=0)
+    if name == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=1, reduction_factor=2)
+    if name == "none":
+        return optuna.pruners.NopPruner()
+    raise RecipeError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
+
+
+def default_storage(out: Path) -> str:
+    return f"sqlite:///{(out / 'study.db').resolve()}"
+
+
+def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str | None = None, *,
+               sampler: str = "tpe", trials: int = 20, storage: str | None = None, study_name: str = "search",
+               pruner: str = "median", progress: bool = True, log: Callable[[str], None] | None = None
+               ) -> SearchResult:
+    """Run (or resume, or join) the study until it holds ``trials`` finished trials; return the answer.
+
+    ``out`` receives ``study.db`` (default storage), ``trials/trial-NNNN.dsq``, ``front/trial-NNNN.yaml``
+    (one recipe per Pareto point), ``best.yaml`` and ``summary.json``. Raises ``RecipeError``/``DataError``
+    for a bad space or data; Ctrl-C (``KeyboardInterrupt``) writes the answer so far, then propagates.
+    """
+    import optuna
+
+    if trials < 1:
+        raise RecipeError(f"--trials must be >= 1, got {trials}")
+    if sampler not in SAMPLERS:
+        raise RecipeError(f"unknown sampler {sampler!r}: use one of {', '.join(SAMPLERS)}")
+    if storage is not None and not storage.startswith(("sqlite:///", "postgresql://", "postgresql+psycopg://")):
+        raise RecipeError(f"--storage takes sqlite:///FILE or postgresql://USER@HOST:PORT/DB, got {storage!r}")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    fit_ref, val_ref = validation_refs(model, data_ref or space.data)
+    val = resolve_data(val_ref, split="val")
+    quality_key = "accuracy" if model.task is Task.CLASSIFIER else "cosine_mean"
+    ctx = SearchContext(space, space.model or model.ref, fit_ref, val, model, out_dir, quality_key)
+    url = storage or default_storage(out_dir)
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    directions = [DIRECTIONS[o] for o in space.objectives]
+    try:
+        study = optuna.create_study(storage=url, study_name=study_name, directions=directions, load_if_exists=True)
+    except ImportError as exc:
+        raise RecipeError(f"storage {storage} needs a driver: pip install 'psycopg[binary]' ({exc})") from None
+    except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, ...
+        if isinstance(exc, DeepsqueezeError):
+            raise
+        raise RecipeError(f"cannot open the study storage {storage or url}: {type(exc).__name__}: "
+                          f"{str(exc).splitlines()[0][:200]}") from None
+    if [d.name.lower() for d in study.directions] != directions:
+        raise RecipeError(f"study {study_name!r} in {url} optimizes other objectives: use another --out or --study")
+    fingerprint = space.fingerprint()
+    stored = study.user_attrs.get("space_fingerprint")
+    if stored is None:
+        study.set_user_attr("space_fingerprint", fingerprint)
+        study.set_user_attr("space", _plain(space.source))
+        study.set_user_attr("model", ctx.model_ref)
+        study.set_user_attr("objectives", list(space.objectives))
+        study.set_user_attr("constraints", space.constraints)
+    elif stored != fingerprint:
+        raise RecipeError(f"study {study_name!r} in {url} was started from another space: use another --out or "
+                          "--study to start a new one")
+    baseline = _baseline(study, ctx)
+    if space.priors == "sensitivity" and not study.user_attrs.get("priors_enqueued"):
+        _enqueue_sensitivity_priors(study, ctx)
+    if space.compare and "references" not in study.user_attrs:
+        study.set_user_attr("references", _measure_references(ctx, baseline))
+
+    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    done = len(study.get_trials(deepcopy=False, states=finished))
+    seed = space.seed + len(study.trials) + (os.getpid() if storage else 0)
+    study.sampler = make_sampler(sampler, space, trials, seed)
+    study.pruner = make_pruner(pruner) if len(space.objectives) == 1 else optuna.pruners.NopPruner()
+    objective = _objective(ctx, baseline)
+    say = log or (lambda _msg: None)
+    try:
+        if done < trials:
+            say(f"study {study_name}: {done} of {trials} trials done, running {trials - done} more ({sampler})")
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+                study.optimize(objective, n_trials=trials - done, catch=(DeepsqueezeError,),
+                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
+                                          _progress_callback(say, trials)])
+    finally:
+        result = write_answer(study, space, out_dir, url, study_name)
+    return result
+
+
+def _progress_callback(say: Callable[[str], None], trials: int) -> Callable[[Any, Any], None]:
+    def callback(study: Any, trial: Any) -> None:
+        attrs = trial.user_attrs
+        if trial.state.name == "COMPLETE":
+            say(f"trial {trial.number}: quality {attrs.get('quality', float('nan')):.4f}, "
+                f"{attrs.get('bytes', 0):,} B, {attrs.get('latency_ms', float('nan')):.3f} ms")
+        else:
+            say(f"trial {trial.number}: {trial.state.name.lower()} {attrs.get('error', '')}".rstrip())
+
+    return callback
+
+
+def _objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[Any], Any]:
+    import optuna
+
+    def objective(trial: Any) -> Any:
+        recipe = ctx.space.point(trial, ctx.model_ref, ctx.fit_ref)
+        trial.set_user_attr("recipe", recipe.to_dict())
+        path = ctx.out / "trials" / f"trial-{trial.number:04d}.dsq"
+        last = len(recipe.stages) - 1
+        single = len(ctx.space.objectives) == 1
+
+        def on_stage_end(index: int, model: Model) -> None:
+            if not single or index == last:
+                return
+            trial.report(_quality(model, ctx), step=index)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"validation {ctx.quality_key} after stage {index + 1} fell behind")
+
+        try:
+            measured = measure_point(recipe, path, ctx, baseline, on_stage_end)
+        except DeepsqueezeError as exc:
+            trial.set_user_attr("error", str(exc)[:500])
+            path.unlink(missing_ok=True)
+            raise
+        over = violations(measured, ctx.space.constraints)
+        for key, value in measured.items():
+            trial.set_user_attr(key, value)
+        trial.set_user_attr("violations", over)
+        trial.set_user_attr("constraint_values", [over[k] for k in ctx.space.constraints])
+        values = objective_values(measured, ctx.space.objectives)
+        return values[0] if single else values
+
+    return objective
+
+
+def _enqueue_sensitivity_priors(study: Any, ctx: SearchContext) -> None:
+    """Seed the study with per-layer sparsities from a pruning sensitivity scan (on validation data)."""
+    from deepsqueeze.prune.sensitivity import allocate_sparsity, sensitivity_scan
+    from deepsqueeze.prune.unstructured import prunable_weights
+
+    study.set_user_attr("priors_enqueued", True)
+    templates = [t for t in ctx.space.stages if t.type == "prune" and "sparsity" in t.per_layer]
+    if not templates:
+        return
+    module = copy.deepcopy(ctx.base.module)
+    if isinstance(ctx.val, ClassificationData):
+        from deepsqueeze.eval.metrics import accuracy
+
+        subset = ClassificationData(ctx.val.name, ctx.val.train_x[:1], ctx.val.train_y[:1], ctx.val.test_x[:1000],
+                                    ctx.val.test_y[:1000], ctx.val.num_classes)
+
+        def metric(m: Any) -> float:
+            return accuracy(m, subset)
+    else:
+        return  # a scan per layer of a sentence encoder is not cheap: no prior
+    curves = sensitivity_scan(module, metric)
+    study.set_user_attr("sensitivity", {k: [list(p) for p in v] for k, v in curves.items()})
+    sizes = {name.removesuffix(".weight"): p.numel() for name, p in prunable_weights(module).items()}
+    for template in templates:
+        layers, hole = template.per_layer["sparsity"]
+        for target in (float(hole.low if hole.low is not None else 0.5), 0.5 * (float(hole.low or 0.5) +
+                                                                               float(hole.high or 0.9))):
+            plan = allocate_sparsity({k: v for k, v in curves.items() if k in layers},
+                                     {k: v for k, v in sizes.items() if k in layers}, target)
+            params = {template.layer_hole("sparsity", layer).name: template.layer_hole("sparsity", layer).snap(s)
+                      for layer, s in plan.items()}
+            if template.run is not None:
+                params[template.run.name] = True
+            study.enqueue_trial(params, user_attrs={"prior": f"sensitivity, target sparsity {target:.2f}"})
+
+
+def _measure_references(ctx: SearchContext, baseline: dict[str, Any]) -> list[dict[str, Any]]:
+    """The ``compare`` recipes measured once per study the same way as trials (reference points)."""
+    rows = []
+    for name in ctx.space.compare:
+        recipe = load_recipe(name)
+        recipe = recipe.model_copy(update={"model": ctx.model_ref, "data": ctx.fit_ref})
+        path = ctx.out / "references" / f"{Path(name).stem}.dsq"
+        try:
+            measured = measure_point(recipe, path, ctx, baseline)
+        except DeepsqueezeError as exc:
+            rows.append({"recipe": name, "error": str(exc)[:300]})
+            continue
+        rows.append({"recipe": name, **measured, "violations": violations(measured, ctx.space.constraints)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------- answer
+
+
+def _dominates(a: list[float], b: list[float], directions: list[str]) -> bool:
+    better = False
+    for x, y, d in zip(a, b, directions, strict=True):
+        if d == "maximize":
+            x, y = -x, -y
+        if x > y:
+            return False
+        better |= x < y
+    return better
+
+
+def pareto_front(points: list[tuple[int, list[float]]], directions: list[str]) -> list[int]:
+    """Indices (first item of each point) that no other point dominates; ties of equal values all kept."""
+    return [i for i, v in points if not any(_dominates(w, v, directions) for _, w in points)]
+
+
+def hypervolume(values: list[list[float]], reference: list[float], directions: list[str]) -> float:
+    """Volume dominated by ``values`` and bounded by ``reference`` (objectives as given, any count).
+
+    Exact, by summing the cells of the grid the points' coordinates span (fine for the few hundred
+    points a study holds in 2-3 objectives).
+    """
+    sign = [-1.0 if d == "maximize" else 1.0 for d in directions]
+    pts = [[s * x for s, x in zip(sign, v, strict=True)] for v in values]
+    ref = [s * r for s, r in zip(sign, reference, strict=True)]
+    pts = [p for p in pts if all(x < r for x, r in zip(p, ref, strict=True))]
+    if not pts:
+        return 0.0
+    dims = len(ref)
+    axes = [sorted({p[d] for p in pts} | {ref[d]}) for d in range(dims)]
+    import itertools
+
+    import numpy as np
+
+    arr = np.array(pts)
+    total = 0.0
+    for cell in itertools.product(*(range(len(a) - 1) for a in axes)):
+        lower = [axes[d][c] for d, c in enumerate(cell)]
+        if (arr <= np.array(lower)).all(axis=1).any():
+            total += math.prod(axes[d][c + 1] - axes[d][c] for d, c in enumerate(cell))
+    return total
+
+
+def _describe(over: dict[str, float], constraints: dict[str, float]) -> str:
+    parts = []
+    for name, amount in over.items():
+        if amount > 0:
+            limit = constraints[name]
+            unit = UNITS[name]
+            rel = f", {amount / limit:.1%}" if limit else ""
+            shown = f"{amount:,.0f}" if name == "max_bytes" else f"{amount:.3g}"
+            parts.append(f"{name} {limit:,g} {unit} missed by {shown} {unit}{rel}")
+    return "; ".join(parts)
+
+
+def _row(trial: Any) -> dict[str, Any]:
+    a = trial.user_attrs
+    return {"trial": trial.number, "quality": a.get("quality"), "bytes": a.get("bytes"),
+            "latency_ms": a.get("latency_ms"), "speedup": a.get("speedup"), "drop_pp": a.get("drop_pp"),
+            "violations": a.get("violations", {}), "artifact": a.get("artifact"),
+            "artifact_sha256": a.get("artifact_sha256"), "recipe": a.get("recipe")}
+
+
+def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_name: str) -> SearchResult:
+    """Write the Pareto front (one recipe YAML per point), ``best.yaml`` and ``summary.json`` under ``out``."""
+    import optuna
+
+    states = optuna.trial.TrialState
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == states.COMPLETE and "recipe" in t.user_attrs
+                and "quality" in t.user_attrs]
+    result = SearchResult(study_name, storage, len(trials), len(complete),
+                          sum(t.state == states.PRUNED for t in trials), sum(t.state == states.FAIL for t in trials),
+                          baseline=study.user_attrs.get("baseline", {}),
+                          references=study.user_attrs.get("references", []))
+    directions = [DIRECTIONS[o] for o in space.objectives]
+    by_number = {t.number: t for t in complete}
+    values = [(t.number, objective_values(t.user_attrs, space.objectives)) for t in complete]
+    front = sorted(pareto_front(values, directions), key=lambda n: -by_number[n].user_attrs["quality"])
+    front_dir = out / "front"
+    if front_dir.exists():
+        for stale in front_dir.glob("trial-*.yaml"):
+            stale.unlink()
+    front_dir.mkdir(parents=True, exist_ok=True)
+    for number in front:
+        row = _row(by_number[number])
+        row["recipe_file"] = str(front_dir / f"trial-{number:04d}.yaml")
+        _write_recipe(Path(row["recipe_file"]), row, space)
+        result.front.append(row)
+    if not complete:
+        result.message = "no trial has completed yet: run the same command again to continue the study"
+    else:
+        over = {t.number: violations(t.user_attrs, space.constraints) for t in complete}
+        feasible = [t for t in complete if all(v <= 0 for v in over[t.number].values())]
+        if feasible:
+            best = max(feasible, key=lambda t: (t.user_attrs["quality"], -t.user_attrs["bytes"],
+                                                -t.user_attrs["latency_ms"]))
+            result.feasible = True
+            what = "meets every constraint" if space.constraints else "has the highest validation quality"
+            result.message = f"trial {best.number} {what} with the highest validation quality"
+        else:
+            def badness(t: Any) -> float:
+                return sum(max(v, 0.0) / max(space.constraints[k], 1e-12)
+                           for k, v in over[t.number].items())
+
+            best = min(complete, key=badness)
+            result.message = (f"no trial meets the constraints; the closest is trial {best.number}: "
+                              f"{_describe(over[best.number], space.constraints)}")
+        result.best = _row(best)
+        result.best["violations"] = over[best.number]
+        result.best["recipe_file"] = str(out / "best.yaml")
+        _write_recipe(out / "best.yaml", result.best, space)
+    summary = {
+        "study": study_name, "storage": _redact(storage), "objectives": list(space.objectives),
+        "constraints": space.constraints, "trials": result.trials, "complete": result.complete,
+        "pruned": result.pruned, "failed": result.failed, "baseline": result.baseline,
+        "front": [{k: v for k, v in r.items() if k != "recipe"} for r in result.front],
+        "best": {k: v for k, v in result.best.items() if k != "recipe"} if result.best else None,
+        "feasible": result.feasible, "message": result.message, "references": result.references,
+    }
+    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    return result
+
+
+def compact_recipe(recipe: dict[str, Any]) -> dict[str, Any]:
+    """The recipe form without the stage fields that equal their defaults (the same recipe, easier to read)."""
+    from deepsqueeze.core.config import registered_stages
+
+    stages = registered_stages()
+    out = dict(recipe)
+    compact = []
+    for stage in recipe["stages"]:
+        cls = stages[stage["type"]]
+        kept = {"type": stage["type"]}
+        for key, value in stage.items():
+            if key == "type":
+                continue
+            info = cls.model_fields.get(key)
+            if info is None or info.is_required():
+                kept[key] = value
+                continue
+            default = info.get_default(call_default_factory=True)
+            default = json.loads(json.dumps(default, default=lambda v: getattr(v, "value", str(v))))
+            if default != value:
+                kept[key] = value
+        compact.append(kept)
+    out["stages"] = compact
+    return out
+
+
+def _write_recipe(path: Path, row: dict[str, Any], space: SearchSpace) -> None:
+    header = (f"# search trial {row['trial']}: validation quality {row['quality']:.4f}, {row['bytes']:,} bytes, "
+              f"{row['latency_ms']:.3f} ms (batch {space.latency_batch}, {space.latency_threads} threads)\n"
+              f"# replay: deepsqueeze compress --recipe {path.name} --out OUT.dsq\n")
+    _atomic_write(path, header + yaml.safe_dump(compact_recipe(row["recipe"]), sort_keys=False))
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def _redact(url: str) -> str:
+    if "@" in url and "://" in url:
+        scheme, rest = url.split("://", 1)
+        creds, host = rest.rsplit("@", 1)
+        return f"{scheme}://{creds.split(':')[0]}@{host}"
+    return url
+
+
+def _plain(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))

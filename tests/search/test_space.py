@@ -1,0 +1,80 @@
+"""Spaces: holes, per-layer expansion, optional stages and the grid, checked on exact recipes."""
+
+import optuna
+import pytest
+
+from deepsqueeze.errors import RecipeError
+from deepsqueeze.search import parse_space
+from deepsqueeze.search.study import compact_recipe
+
+LAYERS = ["1", "3", "5"]
+
+
+def lister(stage_type, patterns):
+    return [n for n in LAYERS if not patterns or n in patterns]
+
+
+SPACE = {
+    "stages": [
+        {"type": "prune", "optional": True, "sparsity": {"per_layer": {"low": 0.5, "high": 0.9, "step": 0.2}}},
+        {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [4, 8, None]}, "layers": ["1", "5"]}},
+        {"type": "finetune", "epochs": {"choice": [0.5, 2]}, "lr": 0.001},
+    ]
+}
+
+
+def test_a_point_is_an_ordinary_recipe_with_per_layer_values():
+    space = parse_space(SPACE, lister)
+    trial = optuna.trial.FixedTrial({
+        "0.prune.run": True, "0.prune.sparsity[1]": 0.7, "0.prune.sparsity[3]": 0.9, "0.prune.sparsity[5]": 0.5,
+        "1.quantize.bits[1]": 4, "1.quantize.bits[5]": None, "2.finetune.epochs": 2,
+    })
+    recipe = space.point(trial, "zoo:lenet300@digits", "digits:val")
+    stages = compact_recipe(recipe.to_dict())["stages"]
+    # prune takes per-layer values through its own overrides; quantize is split into one stage per layer,
+    # and a null leaves the layer in float
+    assert stages == [
+        {"type": "prune", "overrides": {"1": 0.7, "3": 0.9, "5": 0.5}},
+        {"type": "quantize", "method": "rtn", "bits": 4, "include": ["1"]},
+        {"type": "finetune", "epochs": 2.0, "lr": 0.001},
+    ]
+    assert recipe.model == "zoo:lenet300@digits" and recipe.data == "digits:val"
+
+
+def test_an_optional_stage_left_out_and_the_grid():
+    space = parse_space(SPACE, lister)
+    grid = space.grid()
+    assert grid["0.prune.run"] == [True, False]
+    assert grid["0.prune.sparsity[3]"] == [0.5, 0.7, 0.9]
+    assert grid["1.quantize.bits[5]"] == [4, 8, None]
+    assert "1.quantize.bits[3]" not in grid
+    params = {name: values[0] for name, values in grid.items()}
+    params["0.prune.run"] = False
+    recipe = space.point(optuna.trial.FixedTrial(params), "zoo:lenet300", None)
+    assert [s.stage_type for s in recipe.stages] == ["quantize", "quantize", "finetune"]
+
+
+@pytest.mark.parametrize("stages, match", [
+    ([{"type": "prune", "sparsity": {"low": 0.9, "high": 0.1}}], "low <= high"),
+    ([{"type": "prune", "sparsity": {"lo": 0.1}}], "sparsity"),
+    ([{"type": "prune", "sparsity": {"choice": []}}], "non-empty"),
+    ([{"type": "prune", "sparstiy": 0.5}], "did you mean 'sparsity'"),
+    ([{"type": "prunee"}], "did you mean 'prune'"),
+    ([{"type": "finetune", "epochs": {"per_layer": {"choice": [1, 2]}}}], "cannot be set per layer"),
+])
+def test_bad_spaces_are_recipe_errors(stages, match):
+    with pytest.raises(RecipeError, match=match):
+        parse_space({"stages": stages}, lister)
+
+
+def test_objectives_and_constraints_are_checked():
+    with pytest.raises(RecipeError, match="objectives"):
+        parse_space({**SPACE, "objectives": ["bytes"]}, lister)
+    with pytest.raises(RecipeError, match="unknown constraint 'max_size'"):
+        parse_space({**SPACE, "constraints": {"max_size": 3}}, lister)
+
+
+def test_a_continuous_hole_cannot_be_gridded():
+    space = parse_space({"stages": [{"type": "prune", "sparsity": {"low": 0.1, "high": 0.9}}]}, lister)
+    with pytest.raises(RecipeError, match="grid sampler needs a finite hole"):
+        space.grid()

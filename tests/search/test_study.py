@@ -1,0 +1,148 @@
+"""End to end on a tiny model: trials run through compress, the front's recipes replay to the same bytes,
+the answer names the failed constraint, and Ctrl-C then the same command resumes the study."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from deepsqueeze.cli.app import main
+from deepsqueeze.data import resolve_data
+from deepsqueeze.search import hypervolume, load_space, pareto_front, run_search, write_answer
+from deepsqueeze.search.study import default_storage
+
+SPACE = {
+    "model": "zoo:lenet300@digits",
+    "data": "digits",
+    "objectives": ["quality", "bytes"],
+    "latency": {"batch": 32, "threads": 1},
+    "stages": [
+        {"type": "prune", "optional": True, "storage": "dense", "sparsity": {"choice": [0.5, 0.8]}},
+        {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 4, 8]}}},
+    ],
+}
+
+
+def write_space(folder: Path, **changes) -> Path:
+    path = folder / "space.yaml"
+    path.write_text(yaml.safe_dump({**SPACE, **changes}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def searched(tmp_path_factory, lenet300_digits):
+    folder = tmp_path_factory.mktemp("search")
+    space, model = load_space(write_space(folder))
+    result = run_search(space, model, folder / "out", sampler="random", trials=3)
+    return folder, space, result
+
+
+def test_trials_are_measured_on_the_validation_split(searched):
+    folder, _, result = searched
+    assert result.complete == 3 and result.failed == 0
+    assert result.baseline["validation"] == "digits:val"
+    assert result.baseline["validation_samples"] == len(resolve_data("digits:val").test_y)
+    study = optuna.load_study(study_name="search", storage=default_storage(folder / "out"))
+    for trial in study.trials:
+        attrs = trial.user_attrs
+        artifact = Path(attrs["artifact"])
+        assert attrs["bytes"] == artifact.stat().st_size  # the written file's bytes, not an estimate
+        assert attrs["recipe"]["data"] == "digits:val"  # trained/calibrated without the validation rows
+        assert trial.values == [attrs["quality"], attrs["bytes"]]
+
+
+def test_front_recipes_replay_to_the_same_artifact_bytes(searched, tmp_path, capsys):
+    folder, _, result = searched
+    assert result.front
+    for row in result.front:
+        out = tmp_path / f"replay-{row['trial']}.dsq"
+        with pytest.raises(SystemExit) as info:
+            main(["compress", "--recipe", row["recipe_file"], "--out", str(out), "--json"])
+            sys.exit(0)
+        assert (info.value.code or 0) == 0, capsys.readouterr().err
+        assert hashlib.sha256(out.read_bytes()).hexdigest() == row["artifact_sha256"]
+
+
+def test_front_is_the_non_dominated_set_and_best_is_written(searched):
+    folder, space, result = searched
+    summary = json.loads((folder / "out" / "summary.json").read_text())
+    assert [r["trial"] for r in summary["front"]] == [r["trial"] for r in result.front]
+    assert sorted(p.name for p in (folder / "out" / "front").glob("*.yaml")) == sorted(
+        f"trial-{r['trial']:04d}.yaml" for r in result.front)
+    assert result.feasible and (folder / "out" / "best.yaml").exists()
+    assert result.best["quality"] == max(r["quality"] for r in result.front)
+
+
+def test_no_feasible_point_names_the_constraint_and_the_shortfall(searched):
+    folder, space, result = searched
+    study = optuna.load_study(study_name="search", storage=default_storage(folder / "out"))
+    smallest = min(r["bytes"] for r in result.front)
+    space.constraints = {"max_bytes": smallest - 1000}
+    answer = write_answer(study, space, folder / "out", "sqlite", "search")
+    assert not answer.feasible and answer.best["bytes"] == smallest
+    assert answer.message.startswith(f"no trial meets the constraints; the closest is trial {answer.best['trial']}")
+    assert f"max_bytes {smallest - 1000:,} B missed by 1,000 B" in answer.message
+    space.constraints = {}
+
+
+def test_pareto_front_and_hypervolume_by_hand():
+    points = [(0, [0.9, 100.0]), (1, [0.8, 50.0]), (2, [0.7, 80.0]), (3, [0.9, 100.0])]
+    assert pareto_front(points, ["maximize", "minimize"]) == [0, 1, 3]
+    # reference (quality 0.5, 200 B): boxes 0.4 x 100 and (0.8 - 0.5) x (100 - 50) = 40 + 15
+    assert hypervolume([[0.9, 100.0], [0.8, 50.0]], [0.5, 200.0], ["maximize", "minimize"]) == pytest.approx(55.0)
+    assert hypervolume([[0.4, 10.0]], [0.5, 200.0], ["maximize", "minimize"]) == 0.0
+
+
+def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
+    space = write_space(tmp_path)
+    out = tmp_path / "out"
+    argv = ["search", "--space", str(space), "--out", str(out), "--trials", "4", "--sampler", "random"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    proc = subprocess.Popen([sys.executable, "-m", "deepsqueeze", *argv], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in proc.stderr:  # progress lines: interrupt as soon as the first trial is reported
+        lines.append(line)
+        if line.startswith("trial 0:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    _, err = proc.communicate(timeout=180)
+    err = "".join(lines) + err
+    assert any(line.startswith("trial 0: quality") for line in lines), err
+    study = optuna.load_study(study_name="search", storage=default_storage(out))
+    first = {t.number: t.user_attrs["artifact_sha256"] for t in study.trials
+             if t.state == optuna.trial.TrialState.COMPLETE}
+    if proc.returncode == 0:
+        pytest.skip("the study finished before the interrupt arrived")
+    assert proc.returncode == 130 and "Traceback" not in err, err
+    assert json.loads((out / "summary.json").read_text())["complete"] >= 1  # the answer so far is written
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code in (0, None)
+    study = optuna.load_study(study_name="search", storage=default_storage(out))
+    complete = {t.number: t.user_attrs["artifact_sha256"] for t in study.trials
+                if t.state == optuna.trial.TrialState.COMPLETE}
+    assert len(complete) == 4 and len(first) < 4
+    assert all(complete[n] == sha for n, sha in first.items())  # trials done before Ctrl-C were kept
+
+
+@pytest.mark.parametrize("extra, needle", [
+    (["--space", "missing.yaml"], "does not exist"),
+    (["--sampler", "bayes"], "unknown sampler 'bayes'"),
+    (["--storage", "mysql://x"], "--storage takes"),
+])
+def test_bad_search_input_is_one_line_exit_2(tmp_path, capsys, lenet300_digits, extra, needle):
+    space = write_space(tmp_path)
+    argv = ["search", "--space", str(space), "--out", str(tmp_path / "out"), "--trials", "1", *extra]
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert info.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
