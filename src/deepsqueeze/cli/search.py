@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import typer
@@ -44,9 +45,15 @@ def register(app: typer.Typer) -> None:
                 if value < 0:
                     raise RecipeError(f"--{key.replace('_', '-')} must be >= 0, got {value}")
                 parsed.constraints[key] = value
-        result = run_search(parsed, resolved, out, data, sampler=sampler or parsed.sampler or "tpe",
-                            trials=trials or parsed.trials or 20, storage=storage, study_name=study, pruner=pruner,
-                            progress=not as_json, log=None if as_json else lambda msg: stderr.print(msg))
+        try:
+            result = run_search(parsed, resolved, out, data, sampler=sampler or parsed.sampler or "tpe",
+                                trials=trials or parsed.trials or 20, storage=storage, study_name=study,
+                                pruner=pruner, progress=not as_json,
+                                log=None if as_json else lambda msg: stderr.print(msg))
+        except KeyboardInterrupt:
+            print(f"interrupted: the answer so far is in {out}; run the same command to resume the study",
+                  file=sys.stderr)
+            raise SystemExit(130) from None
         if as_json:
             emit_json({"study": result.study_name, "trials": result.trials, "complete": result.complete,
                        "pruned": result.pruned, "failed": result.failed, "baseline": result.baseline,
