@@ -29,6 +29,7 @@ import hashlib
 import json
 import math
 import os
+import socket
 import time
 import warnings
 from collections.abc import Callable
@@ -318,7 +319,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     directions = [DIRECTIONS[o] for o in space.objectives]
     try:
-        study = optuna.create_study(storage=url, study_name=study_name, directions=directions, load_if_exists=True)
+        study = _open_study(url, study_name, directions)
     except ImportError as exc:
         raise RecipeError(f"storage {storage} needs a driver: pip install 'psycopg[binary]' ({exc})") from None
     except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, ...
@@ -365,6 +366,24 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     return result
 
 
+def _open_study(url: str, study_name: str, directions: list[str], attempts: int = 6) -> Any:
+    """Create or load the study; workers starting together race to create the storage's tables, so a
+    failure to open is retried a few times (the loser finds the tables and the study made by the winner)."""
+    import optuna
+
+    for attempt in range(attempts):
+        try:
+            return optuna.create_study(storage=url, study_name=study_name, directions=directions,
+                                       load_if_exists=True)
+        except ImportError:
+            raise
+        except Exception:
+            if attempt == attempts - 1:
+                raise
+            time.sleep(0.5 * (attempt + 1))
+    raise AssertionError("unreachable")
+
+
 def _progress_callback(say: Callable[[str], None], trials: int) -> Callable[[Any, Any], None]:
     def callback(study: Any, trial: Any) -> None:
         attrs = trial.user_attrs
@@ -383,6 +402,7 @@ def _objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[Any], 
     def objective(trial: Any) -> Any:
         recipe = ctx.space.point(trial, ctx.model_ref, ctx.fit_ref)
         trial.set_user_attr("recipe", recipe.to_dict())
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         path = ctx.out / "trials" / f"trial-{trial.number:04d}.dsq"
         last = len(recipe.stages) - 1
         single = len(ctx.space.objectives) == 1
