@@ -68,7 +68,7 @@ def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url, lenet300
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
                for i in range(2)]
     outputs = [w.communicate(timeout=600) for w in workers]
-    for worker, (out, err) in zip(workers, outputs, strict=True):
+    for worker, (_out, err) in zip(workers, outputs, strict=True):
         assert worker.returncode == 0, err
     study = optuna.load_study(study_name="shared", storage=postgres_url.replace("postgresql://",
                                                                                  "postgresql+psycopg://"))

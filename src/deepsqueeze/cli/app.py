@@ -21,6 +21,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "sensitivity",
     "recipes",
     "search",
+    "report",
 )
 
 from typer.core import TyperGroup  # noqa: E402

@@ -529,6 +529,32 @@ def hypervolume(values: list[list[float]], reference: list[float], directions: l
     return total
 
 
+def normalized_values(attrs: dict[str, Any], objectives: list[str] | tuple[str, ...],
+                      baseline: dict[str, Any]) -> list[float]:
+    """A trial's objectives scaled for hypervolume: quality as is, bytes / fp32 bytes, latency / baseline."""
+    scale = {"quality": 1.0, "bytes": float(baseline["bytes"]), "latency": float(baseline["latency_ms"])}
+    key = {"quality": "quality", "bytes": "bytes", "latency": "latency_ms"}
+    return [float(attrs[key[o]]) / scale[o] for o in objectives]
+
+
+# Reference point of the normalized objectives: quality 0, the fp32 size, twice the baseline latency.
+HV_REFERENCE = {"quality": 0.0, "bytes": 1.0, "latency": 2.0}
+
+
+def hypervolume_history(trials: list[dict[str, Any]], objectives: list[str] | tuple[str, ...],
+                        baseline: dict[str, Any]) -> list[float]:
+    """Hypervolume of the front after each trial (``trials`` = user attrs in trial order, complete only)."""
+    directions = [DIRECTIONS[o] for o in objectives]
+    reference = [HV_REFERENCE[o] for o in objectives]
+    points: list[list[float]] = []
+    history = []
+    for attrs in trials:
+        points.append(normalized_values(attrs, objectives, baseline))
+        front = pareto_front(list(enumerate(points)), directions)
+        history.append(hypervolume([points[i] for i in front], reference, directions))
+    return history
+
+
 def _describe(over: dict[str, float], constraints: dict[str, float]) -> str:
     parts = []
     for name, amount in over.items():
@@ -584,8 +610,10 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
             best = max(feasible, key=lambda t: (t.user_attrs["quality"], -t.user_attrs["bytes"],
                                                 -t.user_attrs["latency_ms"]))
             result.feasible = True
-            what = "meets every constraint" if space.constraints else "has the highest validation quality"
-            result.message = f"trial {best.number} {what} with the highest validation quality"
+            if space.constraints:
+                result.message = f"trial {best.number} meets every constraint with the highest validation quality"
+            else:
+                result.message = f"trial {best.number} has the highest validation quality (no constraints given)"
         else:
             def badness(t: Any) -> float:
                 return sum(max(v, 0.0) / max(space.constraints[k], 1e-12)

@@ -1,0 +1,45 @@
+"""``deepsqueeze report SOURCE --out REPORT.html``: one self-contained HTML page for a study or an artifact."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from deepsqueeze.cli._common import stdout
+
+
+def register(app: typer.Typer) -> None:
+    @app.command()
+    def report(
+        source: Path = typer.Argument(..., help="A deepsqueeze search --out folder, or an artifact FILE.dsq"),
+        out: Path = typer.Option(..., "--out", help="HTML file to write (plots embedded, opens offline)"),
+        storage: str = typer.Option(None, "--storage", help="Study storage when it is not the folder's SQLite"),
+        study: str = typer.Option("search", "--study", help="Study name inside the storage"),
+        data: str = typer.Option(None, "--data", help="Artifacts: inputs for the per-layer output error "
+                                 "(default: the model's data)"),
+    ) -> None:
+        """Write a report: Pareto front, hypervolume and parameter importance of a study, or per-layer bytes,
+        representation, output error, stages and coverage of an artifact."""
+        from deepsqueeze.codec.format import atomic_write
+        from deepsqueeze.errors import ArtifactError, RecipeError
+
+        if out.suffix.lower() != ".html":
+            raise RecipeError(f"--out must name an .html file, got {out.name}")
+        if out.exists() and out.resolve() == source.resolve():
+            raise ArtifactError(f"refusing to overwrite the input {source}: choose another --out path")
+        if not out.parent.exists():
+            raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
+        if source.is_dir() or storage:
+            from deepsqueeze.report import study_report
+
+            text = study_report(source, storage, study)
+        elif source.suffix == ".dsq" or source.is_file():
+            from deepsqueeze.report import artifact_report
+
+            text = artifact_report(source, data)
+        else:
+            raise RecipeError(f"{source} does not exist: pass a search --out folder or a .dsq artifact")
+        payload = text.encode("utf-8")
+        atomic_write(out, lambda fh: fh.write(payload))
+        stdout.print(f"wrote {out} ({len(payload):,} bytes)")

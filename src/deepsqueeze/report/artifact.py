@@ -1,0 +1,149 @@
+"""The report of one .dsq artifact: per-layer bytes and representation, per-layer output error against the
+uncompressed model, the stage table and the coverage table (when the manifest has one)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.report.html import Page
+
+
+def layer_bytes(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """Module name -> {bytes, tensors, encodings} from the manifest's tensor segments (payload bytes)."""
+    layers: dict[str, dict[str, Any]] = defaultdict(lambda: {"bytes": 0, "tensors": [], "encodings": set()})
+    for entry in manifest["tensors"]:
+        module, _, tensor = entry["name"].rpartition(".")
+        row = layers[module or "(root)"]
+        row["bytes"] += sum(int(length) for _, length, _ in entry["segments"])
+        row["tensors"].append(tensor)
+        row["encodings"].add(entry["encoding"])
+    return dict(layers)
+
+
+@torch.no_grad()
+def layer_output_errors(compressed: nn.Module, reference: nn.Module, inputs: Any) -> dict[str, float | None]:
+    """Relative L2 error ``||y - y_ref|| / ||y_ref||`` of every leaf module's output on ``inputs``.
+
+    Modules are matched by name; None where the shapes differ (structured pruning changed the layer).
+    """
+    outputs: dict[str, dict[str, torch.Tensor]] = {"c": {}, "r": {}}
+
+    def hook(tag: str, name: str):  # type: ignore[no-untyped-def]
+        def fn(_module: nn.Module, _args: Any, out: Any) -> None:
+            if isinstance(out, torch.Tensor):
+                outputs[tag][name] = out.detach().float()
+
+        return fn
+
+    handles = []
+    for tag, module in (("c", compressed), ("r", reference)):
+        for name, sub in module.named_modules():
+            if name and not any(True for _ in sub.children()):
+                handles.append(sub.register_forward_hook(hook(tag, name)))
+    try:
+        for module in (compressed, reference):
+            module.eval()
+            if isinstance(inputs, dict):
+                module(**inputs)
+            else:
+                module(inputs)
+    finally:
+        for h in handles:
+            h.remove()
+    errors: dict[str, float | None] = {}
+    for name, ref in outputs["r"].items():
+        out = outputs["c"].get(name)
+        if out is None or out.shape != ref.shape:
+            errors[name] = None
+            continue
+        errors[name] = float((out - ref).norm() / ref.norm().clamp_min(1e-12))
+    return errors
+
+
+def artifact_report(path: str | Path, data_ref: str | None = None, samples: int = 256) -> str:
+    """The HTML page for one artifact (output errors on ``samples`` inputs of ``data_ref`` or the model's data)."""
+    import plotly.graph_objects as go
+
+    from deepsqueeze.artifact import load
+    from deepsqueeze.codec.format import read_manifest
+    from deepsqueeze.core.model import Task
+    from deepsqueeze.data import resolve_data
+    from deepsqueeze.zoo.resolve import resolve_base_model
+
+    manifest, _, size = read_manifest(path)
+    model = load(path)
+    fp32 = 4 * int(manifest["base_params"])
+    page = Page(f"deepsqueeze artifact: {Path(path).name}",
+                f"{manifest.get('ref')} · {size:,} bytes on disk · fp32 {fp32:,} bytes · "
+                f"{fp32 / size:.2f}x smaller · {manifest.get('creator', '')}")
+    per_layer = layer_bytes(manifest)
+    modules = dict(model.module.named_modules())
+    rows = []
+    for name, row in sorted(per_layer.items(), key=lambda kv: -kv[1]["bytes"]):
+        rows.append({"layer": name, "representation": type(modules[name]).__name__ if name in modules else "-",
+                     "bytes": row["bytes"], "share": row["bytes"] / max(size, 1),
+                     "tensors": ", ".join(row["tensors"]), "encodings": ", ".join(sorted(row["encodings"]))})
+
+    page.heading("Bytes per layer")
+    top = rows[:30][::-1]
+    fig = go.Figure(go.Bar(x=[r["bytes"] for r in top], y=[f"{r['layer']} ({r['representation']})" for r in top],
+                           orientation="h", marker={"color": "#2f6fd0"}))
+    fig.update_layout(title="payload bytes per layer (largest 30)", xaxis_title="bytes", height=140 + 24 * len(top))
+    page.figure(fig, "layer-bytes")
+    page.table(rows, left=("layer", "representation", "tensors", "encodings"))
+
+    page.heading("Output error per layer")
+    reference = None
+    try:
+        reference = resolve_base_model(str(manifest.get("ref")), progress=False)
+    except Exception as exc:  # a py: model whose code is not importable here, a missing checkpoint, ...
+        page.note(f"the uncompressed model {manifest.get('ref')} could not be rebuilt here ({exc}): no output error",
+                  warn=True)
+    if reference is not None:
+        data_name = data_ref or manifest.get("base", {}).get("data")
+        if model.task is Task.SENTENCE_ENCODER:
+            data = resolve_data(data_ref or "pydoc-sentences:eval")
+            sentences = list(data.sentences[:samples])  # type: ignore[union-attr]
+            inputs: Any = {k: v for k, v in model.module.tokenize(sentences).items()}  # type: ignore[operator]
+            data_name = data.name
+        elif data_name:
+            data = resolve_data(data_name)
+            inputs = data.test_x[:samples]  # type: ignore[union-attr]
+        else:
+            inputs = torch.randn(samples, *(manifest.get("input_shape") or [1, 28, 28]),
+                                 generator=torch.Generator().manual_seed(0))
+            data_name = "seeded random inputs"
+        errors = layer_output_errors(model.module, reference.module, inputs)
+        shown = [(n, e) for n, e in errors.items() if e is not None]
+        fig = go.Figure(go.Bar(x=[n for n, _ in shown], y=[e for _, e in shown], marker={"color": "#d0804a"}))
+        fig.update_layout(title=f"relative L2 error of each layer's output vs the uncompressed model "
+                          f"({len(inputs) if not isinstance(inputs, dict) else len(sentences)} inputs of "
+                          f"{data_name})", yaxis_title="||y - y_fp32|| / ||y_fp32||", xaxis_title="layer",
+                          height=420)
+        fig.update_xaxes(type="category")
+        page.figure(fig, "layer-error")
+        page.table([{"layer": n, "relative_error": e, "note": "" if e is not None else "shape differs"}
+                    for n, e in errors.items()], left=("layer", "note"))
+
+    page.heading("Stages")
+    page.table([{"#": i + 1, **_compact(stage)} for i, stage in enumerate(manifest.get("stages", []))],
+               left=("type",))
+    coverage = manifest.get("coverage")
+    if coverage:
+        page.heading("Coverage")
+        page.table(coverage, left=("stage_type", "module", "kind", "action", "into", "reason"))
+    return page.render()
+
+
+def _compact(stage: dict[str, Any]) -> dict[str, Any]:
+    from deepsqueeze.search.study import compact_recipe
+
+    try:
+        return compact_recipe({"stages": [stage]})["stages"][0]
+    except Exception:  # an unknown stage type from a newer deepsqueeze: show it as stored
+        return stage

@@ -1,0 +1,157 @@
+"""The report of a search study: Pareto front (shipped recipes marked), hypervolume per trial, parameter
+importance (fANOVA, Hutter et al. 2014, as Optuna computes it), the answer and the front's recipes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from deepsqueeze.errors import RecipeError
+from deepsqueeze.report.html import Page
+
+
+def load_study(folder: str | Path, storage: str | None = None, study_name: str = "search") -> tuple[Any, dict]:
+    """The Optuna study of a ``deepsqueeze search --out`` folder (or of ``storage``) and its summary.json."""
+    import optuna
+
+    from deepsqueeze.search.study import default_storage
+
+    root = Path(folder)
+    summary_path = root / "summary.json"
+    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
+    url = storage or default_storage(root)
+    if storage is None and not (root / "study.db").exists():
+        raise RecipeError(f"{root} holds no study.db: pass the --out folder of deepsqueeze search (or --storage)")
+    if url.startswith("postgresql://"):
+        url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    try:
+        study = optuna.load_study(study_name=study_name, storage=url)
+    except KeyError:
+        raise RecipeError(f"no study named {study_name!r} in {url}: pass --study NAME") from None
+    except Exception as exc:
+        raise RecipeError(f"cannot open the study storage: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
+                          ) from None
+    return study, summary
+
+
+def study_report(folder: str | Path, storage: str | None = None, study_name: str = "search") -> str:
+    """The HTML page for one study."""
+    import optuna
+    import plotly.graph_objects as go
+
+    from deepsqueeze.search.study import DIRECTIONS, hypervolume_history, pareto_front
+
+    study, summary = load_study(folder, storage, study_name)
+    attrs = study.user_attrs
+    objectives = list(attrs.get("objectives") or summary.get("objectives") or ["quality", "bytes"])
+    baseline = attrs.get("baseline") or summary.get("baseline") or {}
+    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+                if "quality" in t.user_attrs]
+    page = Page(f"deepsqueeze search: {attrs.get('model', '?')}",
+                f"study {study_name}: {len(study.trials)} trials ({len(complete)} complete); objectives "
+                f"{', '.join(objectives)}; constraints {attrs.get('constraints') or 'none'}; validation on "
+                f"{baseline.get('validation', '?')} ({baseline.get('validation_samples', '?')} samples); latency "
+                f"batch {baseline.get('latency_batch', '?')}, {baseline.get('threads', '?')} threads")
+    if summary.get("message"):
+        page.note(summary["message"], warn=not summary.get("feasible", False))
+    if not complete:
+        page.note("no trial has completed yet", warn=True)
+        return page.render()
+    quality_key = baseline.get("quality_key", "quality")
+    directions = [DIRECTIONS[o] for o in objectives]
+    values = [(t.number, [t.user_attrs[{"quality": "quality", "bytes": "bytes", "latency": "latency_ms"}[o]]
+                          for o in objectives]) for t in complete]
+    front = set(pareto_front(values, directions))
+    shipped = {row["trial"]: row.get("recipe_file") for row in summary.get("front", [])}
+    best = (summary.get("best") or {}).get("trial")
+    references = [r for r in attrs.get("references", []) if "quality" in r]
+
+    page.heading("Pareto front")
+    axes = [("bytes", "artifact bytes (.dsq file)")]
+    if "latency" in objectives:
+        axes.append(("latency_ms", f"latency ms (batch {baseline.get('latency_batch')})"))
+    for key, label in axes:
+        fig = go.Figure()
+        others = [t for t in complete if t.number not in front]
+        fig.add_trace(go.Scatter(x=[t.user_attrs[key] for t in others], y=[t.user_attrs["quality"] for t in others],
+                                 mode="markers", name="dominated trials", marker={"color": "#b8c0cc", "size": 7},
+                                 text=[f"trial {t.number}" for t in others]))
+        on_front = sorted((t for t in complete if t.number in front), key=lambda t: t.user_attrs[key])
+        fig.add_trace(go.Scatter(x=[t.user_attrs[key] for t in on_front],
+                                 y=[t.user_attrs["quality"] for t in on_front], mode="lines+markers" if len(objectives) == 2 else "markers",
+                                 name="Pareto front" if len(objectives) == 2 else "Pareto front (3 objectives)", marker={"color": "#2f6fd0", "size": 9},
+                                 line={"shape": "hv", "width": 1},
+                                 text=[f"trial {t.number}" for t in on_front]))
+        marked = [t for t in complete if t.number in shipped]
+        fig.add_trace(go.Scatter(x=[t.user_attrs[key] for t in marked], y=[t.user_attrs["quality"] for t in marked],
+                                 mode="markers", name="shipped recipes (front/*.yaml)",
+                                 marker={"symbol": "circle-open", "size": 16, "color": "#2f6fd0",
+                                         "line": {"width": 2}},
+                                 text=[Path(shipped[t.number] or "").name for t in marked]))
+        if best is not None:
+            b = next((t for t in complete if t.number == best), None)
+            if b is not None:
+                fig.add_trace(go.Scatter(x=[b.user_attrs[key]], y=[b.user_attrs["quality"]], mode="markers",
+                                         name="best.yaml", marker={"symbol": "star", "size": 18,
+                                                                   "color": "#e0a020"}))
+        if references:
+            fig.add_trace(go.Scatter(x=[r[key] for r in references], y=[r["quality"] for r in references],
+                                     mode="markers+text", name="shipped recipes (compare)",
+                                     text=[r["recipe"] for r in references], textposition="top center",
+                                     marker={"symbol": "diamond", "size": 12, "color": "#d0504a"}))
+        if baseline:
+            base_x = baseline["bytes"] if key == "bytes" else baseline["latency_ms"]
+            fig.add_trace(go.Scatter(x=[base_x], y=[baseline["quality"]], mode="markers", name="uncompressed",
+                                     marker={"symbol": "x", "size": 12, "color": "#333"}))
+        fig.update_layout(title=f"validation {quality_key} vs {label}", xaxis_title=label,
+                          yaxis_title=f"validation {quality_key}", height=460)
+        if key == "bytes":
+            fig.update_xaxes(type="log")
+        page.figure(fig, f"pareto-{key}")
+
+    page.heading("Hypervolume per trial")
+    ordered = sorted(complete, key=lambda t: t.number)
+    history = hypervolume_history([t.user_attrs for t in ordered], objectives, baseline)
+    fig = go.Figure(go.Scatter(x=[t.number for t in ordered], y=history, mode="lines+markers", name="hypervolume"))
+    fig.update_layout(title="hypervolume of the front after each trial (quality, bytes / fp32 bytes, latency / "
+                      "baseline; reference 0, 1, 2)", xaxis_title="trial", yaxis_title="hypervolume", height=380)
+    page.figure(fig, "hypervolume")
+
+    page.heading("Parameter importance")
+    importance = _importance(study, complete)
+    if importance:
+        names = list(importance)[:20][::-1]
+        fig = go.Figure(go.Bar(x=[importance[n] for n in names], y=names, orientation="h"))
+        fig.update_layout(title=f"importance for validation {quality_key} (fANOVA)", height=120 + 24 * len(names),
+                          xaxis_title="importance")
+        page.figure(fig, "importance")
+    else:
+        page.text("needs at least two complete trials whose parameters differ")
+
+    page.heading("Front (each point is a recipe under front/)")
+    page.table([{"trial": r["trial"], quality_key: r.get("quality"), "drop_pp": r.get("drop_pp"),
+                 "bytes": r.get("bytes"), "latency_ms": r.get("latency_ms"), "speedup": r.get("speedup"),
+                 "recipe": Path(r.get("recipe_file") or "").name} for r in summary.get("front", [])],
+               left=("recipe",))
+    if references:
+        page.heading("Shipped recipes measured the same way")
+        page.table([{"recipe": r["recipe"], quality_key: r["quality"], "drop_pp": r["drop_pp"], "bytes": r["bytes"],
+                     "latency_ms": r["latency_ms"]} for r in references], left=("recipe",))
+    page.heading("Baseline (uncompressed)")
+    page.table([baseline])
+    return page.render()
+
+
+def _importance(study: Any, complete: list[Any]) -> dict[str, float]:
+    import optuna
+
+    if len(complete) < 2:
+        return {}
+    try:
+        evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
+        return optuna.importance.get_param_importances(study, evaluator=evaluator,
+                                                       target=lambda t: t.user_attrs["quality"])
+    except (RuntimeError, ValueError, ZeroDivisionError):
+        return {}
