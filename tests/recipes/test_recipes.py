@@ -96,3 +96,12 @@ def test_a_stage_replacing_a_pruned_layer_drops_its_stale_sparse_encoding(tmp_pa
     x = digits.test_x[:32]
     with torch.no_grad():
         assert torch.equal(loaded.module(x), result.model.module(x))
+
+
+def test_finetune_after_full_quantization_is_a_recipe_error(tmp_path):
+    """Nothing left to train is a one-line user error naming the fix, not a ValueError traceback."""
+    recipe = parse_recipe({"stages": [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": None},
+                                      {"type": "finetune", "epochs": 0.5}]})
+    with pytest.raises(RecipeError, match="put the training stage before it"):
+        compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False)
+    assert not (tmp_path / "m.dsq").exists()

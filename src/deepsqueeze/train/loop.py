@@ -12,6 +12,7 @@ from torch import nn
 
 from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData
+from deepsqueeze.errors import RecipeError
 from deepsqueeze.train import distributed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -54,7 +55,8 @@ def fit(
     seed_everything(seed)
     trainable = [p for p in (params if params is not None else module.parameters()) if p.requires_grad]
     if not trainable:
-        raise ValueError("nothing to train: the model has no trainable parameters")
+        raise RecipeError("nothing to train: every weight is frozen or stored as integer codes (e.g. after a "
+                          "quantize stage); put the training stage before it, or use lora to train adapters")
     opt = _optimizer(optimizer, trainable, lr, weight_decay)
     total = max(1, int(round(epochs * steps_per_epoch)))
     sched = _scheduler(schedule, opt, total)
