@@ -147,3 +147,41 @@ def test_bad_search_input_is_one_line_exit_2(tmp_path, capsys, lenet300_digits, 
         main(argv)
     out, err = capsys.readouterr()
     assert info.value.code == 2 and out == "" and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_single_objective_trials_report_a_validation_score_after_each_stage(tmp_path, lenet300_digits):
+    """What the pruners (median, successive halving) decide on: the validation score after every stage but the
+    last, reported through Optuna's trial.report."""
+    space, model = load_space(write_space(tmp_path, objectives=["quality"], constraints={"max_bytes": 40000}))
+    result = run_search(space, model, tmp_path / "out", sampler="tpe", trials=2, pruner="halving")
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    for trial in study.trials:
+        stages = trial.user_attrs["recipe"]["stages"]
+        steps = sorted(trial.intermediate_values)
+        if trial.state == optuna.trial.TrialState.COMPLETE:
+            assert steps == list(range(len(stages) - 1)) and trial.value == trial.user_attrs["quality"]
+        else:  # pruned after the stage whose score fell behind
+            assert trial.state == optuna.trial.TrialState.PRUNED and steps == list(range(len(steps)))
+    assert result.complete + result.pruned == 2
+
+
+@pytest.mark.parametrize("name", ["grid", "random", "tpe", "gp", "nsga2"])
+def test_every_sampler_is_built_for_the_space(name):
+    from deepsqueeze.search import parse_space
+    from deepsqueeze.search.study import make_sampler
+
+    space = parse_space({"stages": [{"type": "prune", "sparsity": {"choice": [0.5, 0.8]}}],
+                         "constraints": {"max_bytes": 1000}})
+    assert make_sampler(name, space, trials=8, seed=0) is not None
+
+
+def test_cmaes_refuses_several_objectives():
+    from deepsqueeze.errors import RecipeError
+    from deepsqueeze.search import parse_space
+    from deepsqueeze.search.study import make_sampler
+
+    space = parse_space({"stages": [{"type": "prune", "sparsity": {"low": 0.1, "high": 0.9}}]})
+    with pytest.raises(RecipeError, match="cmaes optimizes one objective"):
+        make_sampler("cmaes", space, trials=8, seed=0)
+    space.objectives = ("quality",)
+    assert make_sampler("cmaes", space, trials=8, seed=0) is not None

@@ -244,7 +244,8 @@ def make_sampler(name: str, space: SearchSpace, trials: int, seed: int) -> Any:
 
     n_constraints = len(space.constraints)
     constraints_func = None
-    if n_constraints:
+    # Optuna >= 5 reads the constraints each trial sets (Trial.set_constraint); older ones ask a function.
+    if n_constraints and not hasattr(optuna.trial.Trial, "set_constraint"):
         def constraints_func(trial: Any) -> list[float]:
             return list(trial.user_attrs.get("constraint_values", [1.0] * n_constraints))
 
@@ -425,6 +426,9 @@ def _objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[Any], 
             trial.set_user_attr(key, value)
         trial.set_user_attr("violations", over)
         trial.set_user_attr("constraint_values", [over[k] for k in ctx.space.constraints])
+        if hasattr(trial, "set_constraint"):
+            for key, value in over.items():
+                trial.set_constraint(key, value)
         values = objective_values(measured, ctx.space.objectives)
         return values[0] if single else values
 
