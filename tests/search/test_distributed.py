@@ -4,14 +4,10 @@ The test starts its own cluster (Debian's postgresql: initdb + pg_ctl) in a temp
 127.0.0.1 only, as the ``postgres`` user when run as root (the server refuses to run as root).
 """
 
-import glob
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 
 import optuna
@@ -21,39 +17,16 @@ import yaml
 from tests.search.test_study import SPACE
 
 
-def _bin(name: str) -> str | None:
-    found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found[-1] if found else shutil.which(name)
-
-
-def _as_server_user(cmd: list[str]) -> list[str]:
-    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
-
-
 @pytest.fixture(scope="module")
 def postgres_url():
-    initdb, pg_ctl = _bin("initdb"), _bin("pg_ctl")
-    if not initdb or not pg_ctl or (os.geteuid() == 0 and shutil.which("runuser") is None):
+    from deepsqueeze.testing.postgres import postgres_available, temporary_cluster
+
+    if not postgres_available():
         if os.environ.get("DEEPSQUEEZE_REQUIRE_DATA") == "1":
             pytest.fail("PostgreSQL is missing but DEEPSQUEEZE_REQUIRE_DATA=1 (CI): apt-get install postgresql")
         pytest.skip("PostgreSQL (Debian package postgresql) is not installed")
-    root = Path(tempfile.mkdtemp(prefix="deepsqueeze-pg-"))
-    if os.geteuid() == 0:
-        shutil.chown(root, "postgres", "postgres")
-    data = root / "data"
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    subprocess.run(_as_server_user([initdb, "-D", str(data), "-U", "postgres", "--auth=trust", "-E", "UTF8"]),
-                   check=True, capture_output=True)
-    options = f"-c listen_addresses=127.0.0.1 -c port={port} -c unix_socket_directories={root} -c fsync=off"
-    subprocess.run(_as_server_user([pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "log"), "-w",
-                                    "start"]), check=True, capture_output=True)
-    try:
-        yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    finally:
-        subprocess.run(_as_server_user([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True)
-        shutil.rmtree(root, ignore_errors=True)
+    with temporary_cluster() as url:
+        yield url
 
 
 def test_two_workers_share_one_postgresql_study(tmp_path, postgres_url, lenet300_digits):
