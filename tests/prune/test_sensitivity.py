@@ -66,3 +66,10 @@ def test_cli_json_and_table(capsys):
     assert code == 0 and "accuracy" in out and "50%" in out and "│ 3 " in out
     code, out, err = run("sensitivity", "zoo:lenet300@digits", "--data", "digits", "--sparsities", "a,b")
     assert code == 2 and "--sparsities" in err and out == ""
+
+
+def test_allocation_when_pruning_improves_the_metric():
+    """A layer whose pruned points score above its unpruned one (noise on a small split) is allocated, not a crash."""
+    curves = {"a": [(0.0, 0.90), (0.5, 0.91), (0.9, 0.80)], "b": [(0.0, 0.90), (0.5, 0.89), (0.9, 0.70)]}
+    plan = allocate_sparsity(curves, {"a": 100, "b": 100}, 0.25)
+    assert plan["a"] >= plan["b"] and 0.2 <= (plan["a"] + plan["b"]) / 2 <= 0.5

@@ -185,3 +185,18 @@ def test_cmaes_refuses_several_objectives():
         make_sampler("cmaes", space, trials=8, seed=0)
     space.objectives = ("quality",)
     assert make_sampler("cmaes", space, trials=8, seed=0) is not None
+
+
+def test_sensitivity_priors_seed_the_first_trials(tmp_path, lenet300_digits):
+    """priors: sensitivity scans each layer once per study and enqueues per-layer sparsities allocated from it."""
+    space, model = load_space(write_space(tmp_path, priors="sensitivity", stages=[
+        {"type": "prune", "storage": "dense", "sparsity": {"per_layer": {"low": 0.3, "high": 0.9, "step": 0.1}}}]))
+    run_search(space, model, tmp_path / "out", sampler="random", trials=1)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    curves = study.user_attrs["sensitivity"]
+    assert set(curves) == {"1", "3", "5"} and all(c[0][0] == 0.0 for c in curves.values())
+    first = study.trials[0]
+    assert first.user_attrs["prior"].startswith("sensitivity")
+    assert set(first.params) == {"0.prune.sparsity[1]", "0.prune.sparsity[3]", "0.prune.sparsity[5]"}
+    assert all(0.3 <= v <= 0.9 for v in first.params.values())
+    assert len(study.trials) == 2 and study.trials[1].state == optuna.trial.TrialState.WAITING  # second prior

@@ -51,7 +51,9 @@ def allocate_sparsity(curves: Curves, sizes: dict[str, int], target: float) -> d
     if not 0 <= target < 1:
         raise RecipeError(f"target sparsity must be in [0, 1), got {target}")
     total = sum(sizes[n] for n in curves)
-    drops = sorted({round(curve[0][1] - m, 12) for curve in curves.values() for _, m in curve})
+    # A pruned point may score above the unpruned one (a negative drop): tolerances start at 0, which every
+    # layer meets at sparsity 0.
+    drops = sorted({max(0.0, round(curve[0][1] - m, 12)) for curve in curves.values() for _, m in curve})
     choice: dict[str, float] = {}
     for tolerance in drops:
         choice = {name: max(s for s, m in curve if curve[0][1] - m <= tolerance + 1e-12)
