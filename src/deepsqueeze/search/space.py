@@ -40,11 +40,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-import yaml
-
 from deepsqueeze.core.config import config_from_dict, registered_stages
 from deepsqueeze.errors import RecipeError
-from deepsqueeze.recipes.schema import Recipe, parse_recipe
+from deepsqueeze.recipes.schema import Recipe, load_yaml_bounded, parse_recipe
 
 SPACE_KEYS = ("model", "data", "seed", "description", "objectives", "constraints", "latency", "priors",
               "compare", "stages", "trials", "sampler")
@@ -349,10 +347,4 @@ def read_space_file(path: str | Path) -> dict[str, Any]:
                           ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read search space {file}: {exc}") from None
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise RecipeError(f"search space {file} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
-    return data
+    return load_yaml_bounded(text, source=f"search space {file}")
