@@ -6,6 +6,8 @@ import os
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
 from deepsqueeze.core.model import Model, Task
@@ -29,14 +31,31 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
     unknown = set(record.encodings) - set(state)
     if unknown:
         raise ArtifactError(f"encodings were recorded for tensors the model does not have: {sorted(unknown)[:3]}")
+    entries, ties = tensor_entries(state, record.encodings)
+    manifest = manifest_of(model)
+    if ties:
+        manifest["ties"] = ties
+    return write_artifact(out, manifest, entries)
+
+
+def tensor_entries(state: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]]
+                   ) -> tuple[list[TensorEntry], dict[str, str]]:
+    """What to store for a state dict: one entry per distinct tensor (with its recorded encoding) and the
+    ``{alias: source}`` ties that re-create the shared ones at load."""
     ties = shared_tensors(state)
     entries = []
     for name, tensor in state.items():
         if name in ties:
             continue  # stored once, under the name it was first seen by; re-tied at load
-        hint = dict(record.encodings.get(name, {"encoding": "raw"}))
+        hint = dict(encodings.get(name, {"encoding": "raw"}))
         entries.append(TensorEntry(name, tensor, hint.pop("encoding"), hint))
-    manifest: dict[str, Any] = {
+    return entries, ties
+
+
+def manifest_of(model: Model) -> dict[str, Any]:
+    """The manifest fields describing ``model``: how to rebuild its base and replay what the stages did."""
+    record = get_record(model.module)
+    return {
         "creator": f"deepsqueeze {__version__}",
         "base": model.base,
         "ref": model.ref,
@@ -48,9 +67,6 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
         "stages": record.stages,
         "coverage": [entry.to_dict() for entry in record.coverage],
     }
-    if ties:
-        manifest["ties"] = ties
-    return write_artifact(out, manifest, entries)
 
 
 def load(path: str | os.PathLike[str]) -> Model:
