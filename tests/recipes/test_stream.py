@@ -81,3 +81,14 @@ def test_peak_memory_grows_with_the_layer_not_the_depth(tmp_path: Path) -> None:
     growth = peaks[6][0] - peaks[2][0]
     # four more layers held in memory would add 4 x layer_fp32 (and more in a fp32 model); streamed: under one
     assert growth < layer_fp32, (growth / 2**20, layer_fp32 / 2**20)
+
+
+def test_cli_stream_refuses_non_hf_models_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from deepsqueeze.cli.app import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["compress", "--stream", "--model", "zoo:lenet5", "--recipe", "w4-rtn", "--out", str(tmp_path / "x.dsq")])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "hf:DIR" in err
+    assert not list(tmp_path.iterdir())

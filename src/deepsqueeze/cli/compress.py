@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
         report: bool = typer.Option(False, "--report", help="Measure and print bytes, ratio and quality after every stage"),
+        stream: bool = typer.Option(False, "--stream", help="Quantize an hf:DIR model block by block from its "
+                                    "safetensors shards (weight-only recipes; for models larger than memory)"),
         device: str = DeviceOption,
         as_json: bool = JsonOption,
     ) -> None:
@@ -36,8 +38,13 @@ def register(app: typer.Typer) -> None:
         parsed = load_recipe(recipe)
         from deepsqueeze.train.distributed import is_main_process
 
-        result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
-                              report=report)
+        if stream:
+            from deepsqueeze.recipes.stream import compress_streaming
+
+            result = compress_streaming(model, parsed, out, data, progress=not as_json)
+        else:
+            result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
+                                  report=report)
         if not is_main_process():
             return
         summary = {

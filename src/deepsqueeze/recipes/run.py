@@ -226,6 +226,18 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     return ctx
 
 
+def check_out_path(out: str | Path, model_ref: str) -> Path:
+    """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
+    (ArtifactError otherwise), checked before any work."""
+    out_path = Path(out)
+    check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
+    if out_path.suffix != ".dsq":
+        raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
+    if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
+        raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
+    return out_path
+
+
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
              evaluate_result: bool = True, report: bool = False,
@@ -240,12 +252,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
-    out_path = Path(out)
-    check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
-    if out_path.suffix != ".dsq":
-        raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
-    if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
-        raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
+    out_path = check_out_path(out, model_ref)
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
     model = resolve_model(model_ref, weights=weights, progress=progress, device=device)

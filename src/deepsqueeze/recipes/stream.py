@@ -26,6 +26,7 @@ from deepsqueeze.artifact import manifest_of, tensor_entries
 from deepsqueeze.codec.format import ArtifactWriter
 from deepsqueeze.core.config import config_to_dict
 from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.coverage import coverage_totals
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import get_record
 from deepsqueeze.core.skeleton import bounded_heap, empty_weights, release_
@@ -33,7 +34,7 @@ from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.quant import QuantizeConfig, quantize_
 from deepsqueeze.quant.calibrate import calibration_batches
 from deepsqueeze.quant.stream import WEIGHT_ONLY_METHODS, block_stack, quantize_blockwise_
-from deepsqueeze.recipes.run import CompressResult, training_data
+from deepsqueeze.recipes.run import CompressResult, check_out_path, training_data
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.zoo.checkpoint import ShardedCheckpoint
 from deepsqueeze.zoo.hf import detect_hf_task
@@ -72,6 +73,7 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model hf:DIR or set 'model:' in the recipe")
+    out = check_out_path(out, model_ref)
     seed_everything(recipe.seed)
     bounded_heap()
     start = time.perf_counter()
@@ -121,7 +123,7 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     report_row: dict[str, Any] = {"stage": "quantize", "stage_index": stage_index, "streamed": True,
                                   "seconds": round(time.perf_counter() - start, 2)}
     return CompressResult(model, str(out), size, 4 * model.base_params / size, [report_row], {},
-                          time.perf_counter() - start)
+                          time.perf_counter() - start, coverage_totals(record.coverage))
 
 
 def _checkpoint_names(root: nn.Module, checkpoint: ShardedCheckpoint) -> dict[str, str]:
