@@ -12,7 +12,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import CoverageEntry, get_record, record_encoding, replay_transforms
 from deepsqueeze.core.sharing import shared_tensors, tie_tensor
 from deepsqueeze.errors import ArtifactError, DeepsqueezeError, ModelError
-from deepsqueeze.zoo.resolve import build_base, check_finite
+from deepsqueeze.zoo.resolve import ModelCode, build_base, check_finite, validate_base
 
 
 def save(model: Model, path: str | os.PathLike[str]) -> int:
@@ -23,6 +23,7 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
     out = Path(path)
     if model.artifact_path and out.exists() and out.resolve() == Path(model.artifact_path).resolve():
         raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
+    validate_base(model.base)  # the writer stores data only: never a reference to code
     check_finite(model.module, model.ref)
     record = get_record(model.module)
     state = model.module.state_dict()
@@ -53,12 +54,26 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
     return write_artifact(out, manifest, entries)
 
 
-def load(path: str | os.PathLike[str]) -> Model:
-    """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors."""
+def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
+    """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors.
+
+    A .dsq is data: it never names code to run. Artifacts of models built by your own code
+    (``py:`` references) need that code from you: ``model="py:package.module:factory"`` (or a
+    zero-argument callable returning the ``nn.Module``), which must build the architecture whose
+    fingerprint (submodule names, tensor shapes) the artifact recorded. Zoo, MiniLM and Hugging Face
+    bases are rebuilt from the manifest's fields alone; ``model`` is ignored for them.
+
+    Raises:
+        ArtifactError: the file is missing, corrupted, malformed or from a newer format.
+        ModelError: a ``py`` base and no ``model``, or ``model`` builds a different architecture.
+    """
     contents = read_artifact(path)
     manifest = contents.manifest
+    base = manifest.get("base")
+    if manifest.get("version") == 1 and isinstance(base, dict) and base.get("kind") == "py":
+        base = {k: v for k, v in base.items() if k != "factory"}  # format 1 named the code; it is never run
     try:
-        module = build_base(manifest["base"])
+        module = build_base(base, model)
         replay_transforms(module, manifest["transforms"])
         task = Task(manifest["task"])
     except ArtifactError:
@@ -86,7 +101,7 @@ def load(path: str | os.PathLike[str]) -> Model:
             record_encoding(module, entry["name"], entry["encoding"], **entry.get("params", {}))
     shape = manifest.get("input_shape")
     return Model(
-        module.eval(), manifest["base"], task, manifest.get("ref", str(path)), int(manifest["base_params"]),
+        module.eval(), base, task, manifest.get("ref", str(path)), int(manifest["base_params"]),
         tuple(shape) if shape else None, manifest.get("num_classes"), artifact_path=str(path),
         meta={"artifact_bytes": contents.file_bytes, "manifest": manifest},
     )

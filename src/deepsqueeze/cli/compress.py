@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import (
+    DeviceOption,
+    JsonOption,
+    ModelCodeOption,
+    emit_json,
+    kv_table,
+    rows_table,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +27,7 @@ def register(app: typer.Typer) -> None:
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
         report: bool = typer.Option(False, "--report", help="Print the per-stage table (bytes, ratio, quality)"),
         device: str = DeviceOption,
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Compress a model with a recipe and write a .dsq artifact."""
@@ -28,7 +37,8 @@ def register(app: typer.Typer) -> None:
         parsed = load_recipe(recipe)
         from deepsqueeze.train.distributed import is_main_process
 
-        result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json)
+        result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
+                              model_code=model_code)
         if not is_main_process():
             return
         summary = {

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, stdout
+from deepsqueeze.cli._common import DeviceOption, JsonOption, ModelCodeOption, emit_json, kv_table, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -20,6 +20,7 @@ def register(app: typer.Typer) -> None:
         no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement"),
         backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
         device: str = DeviceOption,
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Score a model: accuracy or embedding fidelity, parameters, bytes, compression ratio, latency."""
@@ -28,9 +29,10 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.eval import evaluate as run_evaluation
         from deepsqueeze.resolve import resolve_model
 
-        m = resolve_model(model, weights=weights, progress=not as_json, device=device)
+        m = resolve_model(model, weights=weights, progress=not as_json, device=device, model_code=model_code)
         dataset = resolve_data(data, split="eval")
-        ref = resolve_model(reference, progress=not as_json, device=device) if reference else None
+        ref = (resolve_model(reference, progress=not as_json, device=device, model_code=model_code)
+               if reference else None)
         if backend == "ort":
             from deepsqueeze.quant import ort_model
 

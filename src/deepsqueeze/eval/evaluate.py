@@ -47,9 +47,9 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             raise DataError(f"{model.ref} is a sentence encoder: evaluate it on sentences "
                             f"(pydoc-sentences:eval, text:FILE), not {data.name}")
         if reference is None:
-            from deepsqueeze.zoo.resolve import resolve_base_model
+            from deepsqueeze.zoo.resolve import base_reference
 
-            reference = resolve_base_model(model.ref, progress=False)
+            reference = base_reference(model)
         with torch.no_grad():
             emb = module.encode(data.sentences)  # type: ignore[operator]
             ref_emb = reference.module.encode(data.sentences)  # type: ignore[operator]

@@ -79,7 +79,8 @@ def check_model_runs_on(model: Model, data: ClassificationData | TextData | None
 
 
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
-               device: str | torch.device = "cpu", progress: bool = True) -> StageContext:
+               device: str | torch.device = "cpu", progress: bool = True,
+               model_code: str | None = None) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order."""
     seed_everything(recipe.seed)
     reference = Model(copy.deepcopy(model.module).eval(), model.base, model.task, model.ref, model.base_params,
@@ -87,7 +88,8 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     for p in reference.module.parameters():
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
-                       seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported)
+                       seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported,
+                       model_code=model_code)
     if recipe.on_unsupported == "error":  # refuse before any stage does work
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
@@ -109,11 +111,12 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
 
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
-             evaluate_result: bool = True) -> CompressResult:
+             evaluate_result: bool = True, model_code: str | None = None) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
     batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
+    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model.
     """
     model_ref = model_ref or recipe.model
     if model_ref is None:
@@ -126,11 +129,11 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
         raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
-    model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
+    model = resolve_model(model_ref, weights=weights, progress=progress, device=device, model_code=model_code)
     data = training_data(model, data_ref or recipe.data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
-    ctx = run_stages(model, recipe, data, device=device, progress=progress)
+    ctx = run_stages(model, recipe, data, device=device, progress=progress, model_code=model_code)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     if distributed.is_main_process():
