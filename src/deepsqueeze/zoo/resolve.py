@@ -160,6 +160,25 @@ def build_base(base: dict[str, Any], model_code: ModelCode = None) -> nn.Module:
     return module
 
 
+#: A zoo base may claim at most this many fp32 bytes per byte of artifact (or MIN_BASE_BYTES), so a few
+#: hundred bytes of manifest cannot make the loader build gigabytes (real ratios stay under ~100x).
+MAX_RATIO = 1024
+MIN_BASE_BYTES = 64 << 20
+
+
+def check_base_size(spec: Any, file_bytes: int, where: str) -> None:
+    """Refuse a zoo base whose parameters (counted on the meta device, nothing allocated) are out of
+    proportion to the artifact's size; other bases are bounded by code or files on this machine."""
+    if not isinstance(spec, ZooBase):
+        return
+    with torch.device("meta"):
+        module = build_zoo_model(spec.name, tuple(spec.input_shape), spec.num_classes)
+    fp32 = 4 * sum(t.numel() for t in module.state_dict().values())
+    if fp32 > max(MAX_RATIO * file_bytes, MIN_BASE_BYTES):
+        raise ArtifactError(f"{where} claims a {spec.name} base of {fp32:,} fp32 bytes from a {file_bytes:,}-byte "
+                            "file: field base.input_shape is out of proportion; the file is forged or corrupted")
+
+
 def check_fingerprint(module: nn.Module, expected: dict[str, Any], label: str) -> None:
     """Refuse model code whose architecture differs from the one an artifact recorded."""
     got = architecture_fingerprint(module)
