@@ -115,3 +115,26 @@ def test_a_raw_dtype_change_never_reinterprets_bytes(artifact, tmp_path):
 def test_reseal_recomputes_checksums(artifact):
     assert reseal(artifact.read_bytes()) == artifact.read_bytes()
     assert FORMAT_VERSION == 2
+
+
+@pytest.mark.parametrize("encoding", ["codebook", "codebook-entropy", "sparse-codebook",
+                                      "sparse-codebook-entropy", "sparse", "raw"])
+def test_a_huge_claimed_shape_fails_before_allocating(tmp_path, encoding):
+    import resource
+
+    import deepsqueeze.prune  # noqa: F401  (registers the sparse encoding)
+
+    g = torch.Generator().manual_seed(0)
+    w = (torch.randn(8, 16, generator=g) * 4).round() / 4
+    w[w.abs() < 0.5] = 0
+    write_artifact(tmp_path / "s.dsq", {}, [TensorEntry("w", w, encoding)])
+    assert torch.equal(read_artifact(tmp_path / "s.dsq").tensors["w"], w)
+
+    def edit(manifest):
+        manifest["tensors"][0]["shape"] = [10**9, 2]  # 6.5 GB and growing in the codebook decoder today
+
+    forged = forge_manifest(tmp_path / "s.dsq", tmp_path / "big.dsq", edit)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(ArtifactError, match="shape|elements"):
+        read_artifact(forged)
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing of 2e9 elements
