@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test lint bench clean
+.PHONY: install demo test lint bench clean fuzz
 
 # torch is pinned to the CPU wheel before the package, whose own requirement is a range (torch>=2.4).
 $(STAMP): pyproject.toml
@@ -22,6 +22,12 @@ demo: install
 
 test: install
 	$(BIN)/python -m pytest --durations=5
+
+# A long decoder-fuzzing campaign (make test runs 1500 cases); FUZZ_CASES / FUZZ_SEED pick size and stream.
+FUZZ_CASES ?= 20000
+FUZZ_SEED  ?= 1
+fuzz: install
+	DEEPSQUEEZE_FUZZ_CASES=$(FUZZ_CASES) DEEPSQUEEZE_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python tests/codec/test_fuzz.py
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

@@ -47,7 +47,7 @@ def lenet5_quarter_digits() -> nn.Sequential:
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.core.counting import count_params
-    from deepsqueeze.core.model import Model, Task
+    from deepsqueeze.core.model import Model, Task, py_base
     from deepsqueeze.data import resolve_data
     from deepsqueeze.distill import DistillConfig, distill_
     from deepsqueeze.eval import accuracy
@@ -71,7 +71,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             torch.manual_seed(1000 + seed)
             module = globals()[factory]()
             student_params = count_params(module)
-            model = Model(module, {"kind": "py", "factory": f"benchmarks.kd_fashion:{factory}"}, Task.CLASSIFIER,
+            model = Model(module, py_base(module), Task.CLASSIFIER,
                           f"py:benchmarks.kd_fashion:{factory}", student_params, data.input_shape, 10)
             start = time.perf_counter()
             if method == "plain":
@@ -88,7 +88,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             if method == "kd" and roundtrip is None:
                 with tempfile.TemporaryDirectory() as tmp:
                     save(model, Path(tmp) / "s.dsq")
-                    roundtrip = accuracy(load(Path(tmp) / "s.dsq").module, data) == acc
+                    roundtrip = accuracy(load(Path(tmp) / "s.dsq", model=globals()[factory]).module, data) == acc
     mean = {m: statistics.mean(v) for m, v in results.items()}
     std = {m: statistics.stdev(v) if len(v) > 1 else 0.0 for m, v in results.items()}
     rows: list[dict[str, Any]] = [{

@@ -9,12 +9,19 @@ from typing import Any
 import torch
 
 from deepsqueeze import __version__
-from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
-from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.record import CoverageEntry, get_record, record_encoding, replay_transforms
+from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
+from deepsqueeze.core.model import Model
+from deepsqueeze.core.record import (
+    CoverageEntry,
+    check_loaded_model,
+    get_record,
+    record_encoding,
+    replay_transforms,
+)
 from deepsqueeze.core.sharing import shared_tensors, tie_tensor
 from deepsqueeze.errors import ArtifactError, DeepsqueezeError, ModelError
-from deepsqueeze.zoo.resolve import build_base, check_finite
+from deepsqueeze.manifest import validate_manifest
+from deepsqueeze.zoo.resolve import ModelCode, build_base, check_base_size, check_finite, validate_base
 
 
 def save(model: Model, path: str | os.PathLike[str]) -> int:
@@ -25,6 +32,7 @@ def save(model: Model, path: str | os.PathLike[str]) -> int:
     out = Path(path)
     if model.artifact_path and out.exists() and out.resolve() == Path(model.artifact_path).resolve():
         raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
+    validate_base(model.base)  # the writer stores data only: never a reference to code
     check_finite(model.module, model.ref)
     record = get_record(model.module)
     state = model.module.state_dict()
@@ -69,40 +77,68 @@ def manifest_of(model: Model) -> dict[str, Any]:
     }
 
 
-def load(path: str | os.PathLike[str]) -> Model:
-    """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors."""
-    contents = read_artifact(path)
-    manifest = contents.manifest
+def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
+    """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors.
+
+    A .dsq is data: it never names code to run. Artifacts of models built by your own code
+    (``py:`` references) need that code from you: ``model="py:package.module:factory"`` (or a
+    zero-argument callable returning the ``nn.Module``), which must build the architecture whose
+    fingerprint (submodule names, tensor shapes) the artifact recorded. Zoo, MiniLM and Hugging Face
+    bases are rebuilt from the manifest's fields alone; ``model`` is ignored for them.
+
+    The whole manifest is validated first (``deepsqueeze.manifest``); every stored tensor must have the
+    name, shape and dtype of the rebuilt model's tensor before any is decoded.
+
+    Raises:
+        ArtifactError: the file is missing, corrupted, malformed or from a newer format.
+        ModelError: a ``py`` base and no ``model``, or ``model`` builds a different architecture.
+    """
+    container = read_container(path)
+    spec = validate_manifest(container.manifest, container.version, str(path))
+    base = spec.base.model_dump(exclude_none=True)
+    check_base_size(spec.base, container.file_bytes, str(path))
     try:
-        module = build_base(manifest["base"])
-        replay_transforms(module, manifest["transforms"])
-        task = Task(manifest["task"])
+        module = build_base(base, model)
     except ArtifactError:
         raise
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path} has a malformed manifest ({type(exc).__name__}: {exc})") from None
     except DeepsqueezeError as exc:
         raise ModelError(f"cannot rebuild the base model of {path}: {exc}") from None
-    ties = manifest.get("ties") or {}
-    if not isinstance(ties, dict) or any(not isinstance(k, str) or v not in contents.tensors for k, v in ties.items()):
-        raise ArtifactError(f"{path} has a malformed manifest: 'ties' must map tensor names to stored tensors")
-    result = module.load_state_dict(contents.tensors, strict=False)
-    missing = [k for k in result.missing_keys if k not in ties]
-    if missing or result.unexpected_keys:
-        raise ArtifactError(
-            f"{path} does not fit its base model: missing {missing[:3]}, "
-            f"unexpected {result.unexpected_keys[:3]}"
-        )
+    replay_transforms(module, [t.model_dump() for t in spec.transforms], where=str(path))
+    stored = {entry.name: entry for entry in spec.tensors}
+    ties = dict(spec.ties)
+    skeleton = module.state_dict()
+    for alias, source in ties.items():
+        if alias in stored or alias not in skeleton or source not in stored:
+            raise ArtifactError(f"{path} has a malformed manifest: field ties.{alias[:80]}: a tie must map a "
+                                "tensor of the model that is not stored to one that is")
+    missing = [k for k in skeleton if k not in stored and k not in ties]
+    unexpected = [k for k in stored if k not in skeleton]
+    if missing or unexpected:
+        raise ArtifactError(f"{path} does not fit its base model: missing {missing[:3]}, "
+                            f"unexpected {[k[:80] for k in unexpected[:3]]}")
+    for name, entry in stored.items():
+        want = skeleton[name]
+        if list(want.shape) != entry.shape or want.dtype != entry.torch_dtype:
+            raise ArtifactError(f"{path} does not fit its base model: tensor {name!r} is stored as "
+                                f"{entry.shape} {entry.dtype}, the model has {list(want.shape)} "
+                                f"{str(want.dtype).removeprefix('torch.')}")
+    del skeleton
+    tensors = {name: decode_entry(container, entry) for name, entry in stored.items()}
+    try:
+        module.load_state_dict(tensors, strict=False)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not fit its base model: {str(exc).splitlines()[-1].strip()[:200]}") from None
     for alias, source in ties.items():
         tie_tensor(module, alias, source)
+    check_loaded_model(module, str(path))
+    manifest = container.manifest
     get_record(module).stages = list(manifest.get("stages", []))
     get_record(module).coverage = [CoverageEntry.from_dict(e) for e in manifest.get("coverage", [])]
-    for entry in manifest["tensors"]:
-        if entry["encoding"] != "raw":
-            record_encoding(module, entry["name"], entry["encoding"], **entry.get("params", {}))
-    shape = manifest.get("input_shape")
+    for entry in spec.tensors:
+        if entry.encoding != "raw":
+            record_encoding(module, entry.name, entry.encoding, **(entry.params or {}))
     return Model(
-        module.eval(), manifest["base"], task, manifest.get("ref", str(path)), int(manifest["base_params"]),
-        tuple(shape) if shape else None, manifest.get("num_classes"), artifact_path=str(path),
-        meta={"artifact_bytes": contents.file_bytes, "manifest": manifest},
+        module.eval(), base, spec.task_enum, spec.ref or str(path), spec.base_params,
+        tuple(spec.input_shape) if spec.input_shape else None, spec.num_classes, artifact_path=str(path),
+        meta={"artifact_bytes": container.file_bytes, "manifest": manifest},
     )

@@ -1,3 +1,4 @@
+import hashlib
 import json
 import struct
 import zlib
@@ -55,10 +56,11 @@ def test_same_inputs_give_the_same_bytes(tmp_path):
 def test_header_layout(tmp_path):
     write_artifact(tmp_path / "a.dsq", {}, _tensors())
     data = (tmp_path / "a.dsq").read_bytes()
-    magic, version, length, crc = struct.unpack_from("<8sIQI", data)
-    assert magic == MAGIC and version == FORMAT_VERSION
-    manifest = data[24 : 24 + length]
+    magic, version, length, crc, digest = struct.unpack_from("<8sIQI32s", data)
+    assert magic == MAGIC and version == FORMAT_VERSION == 2
+    manifest = data[56 : 56 + length]
     assert zlib.crc32(manifest) == crc and json.loads(manifest)["format"] == "deepsqueeze"
+    assert hashlib.sha256(data[56:]).digest() == digest
 
 
 @pytest.fixture

@@ -19,7 +19,7 @@ from torch import nn
 from deepsqueeze.artifact import load, save
 from deepsqueeze.core.config import config_from_dict, registered_stages
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.core.walker import has_empty_weight, iter_modules
 from deepsqueeze.errors import DeepsqueezeError
 from deepsqueeze.recipes.run import run_stages
@@ -78,7 +78,7 @@ def test_walker_leaves_empty_layers_out():
 def test_every_stage_skips_a_zero_size_layer(stage, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "ds_empty_layer", sys.modules[__name__])
     module = make()
-    model = Model(module, {"kind": "py", "factory": "ds_empty_layer:make"}, Task.CLASSIFIER,
+    model = Model(module, py_base(module), Task.CLASSIFIER,
                   "py:ds_empty_layer:make", count_params(module), module.input_shape, 4)
     data = tiny_classification_data(n_train=128, n_test=32)
     try:
@@ -93,7 +93,7 @@ def test_every_stage_skips_a_zero_size_layer(stage, tmp_path, monkeypatch):
     x = data.test_x[:4]
     expected = model.module.eval()(x)
     save(model, tmp_path / "m.dsq")
-    loaded = load(tmp_path / "m.dsq").module.eval()
+    loaded = load(tmp_path / "m.dsq", model=make).module.eval()
     assert torch.allclose(loaded(x), expected, atol=1e-5)
 
 

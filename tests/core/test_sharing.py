@@ -38,7 +38,7 @@ def test_tied_table_stored_once_and_retied_at_load(tmp_path):
     size = save(model, tmp_path / "g.dsq")
     assert size <= unique_bytes * 1.01 + 20_000  # header and manifest
     assert size < unique_bytes + 64_000 * 4  # not a second copy of the 1000 x 64 table
-    loaded = load(tmp_path / "g.dsq")
+    loaded = load(tmp_path / "g.dsq", model=GPT2)
     lm = loaded.module
     assert lm.lm_head.weight is lm.transformer.wte.weight
     ids = torch.randint(0, 1000, (2, 12), generator=torch.Generator().manual_seed(0))
@@ -56,6 +56,6 @@ def test_shared_tensors_finds_aliases_only():
 def test_torch_tied_model_round_trips(tmp_path):
     model = resolve_base_model(TIED, progress=False)
     save(model, tmp_path / "t.dsq")
-    loaded = load(tmp_path / "t.dsq")
+    loaded = load(tmp_path / "t.dsq", model=TIED)
     assert loaded.module.lm_head.weight is loaded.module.embed.weight
     assert count_params(loaded.module) == model.base_params == 200 * 32 + 32 * 32 + 32

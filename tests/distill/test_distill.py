@@ -11,7 +11,7 @@ from deepsqueeze.artifact import load, save
 from deepsqueeze.core.config import config_from_dict, config_to_dict
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.data.datasets import TextData
 from deepsqueeze.distill import DistillConfig, alternate_layers, distill_, find_layer_stack, keep_layers_
 from deepsqueeze.distill.distill import distill_stage
@@ -23,6 +23,8 @@ SENTENCES = [f"The {w} function returns a {v} value for every {u} argument." for
              ("open", "close", "read", "write", "seek", "flush") for v in ("new", "cached", "copied", "default")
              for u in ("string", "integer")]
 
+TINY_BERT = "py:deepsqueeze.testing.factor_models:tiny_bert_encoder"
+
 
 def _tiny_bert_model() -> Model:
     pytest.importorskip("transformers")
@@ -32,7 +34,7 @@ def _tiny_bert_model() -> Model:
         module = tiny_bert_encoder()
     except Exception as exc:  # the tokenizer ships with the MiniLM package
         pytest.skip(f"MiniLM tokenizer unavailable: {exc}")
-    return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.factor_models:tiny_bert_encoder"},
+    return Model(module, py_base(module),
                  Task.SENTENCE_ENCODER, "py:deepsqueeze.testing.factor_models:tiny_bert_encoder",
                  count_params(module))
 
@@ -58,7 +60,7 @@ def test_keep_layers_is_a_real_smaller_model_that_round_trips(tmp_path):
     batch = model.module.tokenize(SENTENCES[:5])
     expected = model.module(**batch)
     save(model, tmp_path / "student.dsq")
-    loaded = load(tmp_path / "student.dsq")
+    loaded = load(tmp_path / "student.dsq", model=TINY_BERT)
     assert len(loaded.module.transformer.encoder.layer) == 2
     assert torch.equal(loaded.module(**batch), expected)
     with pytest.raises(RecipeError, match="increasing"):
@@ -90,7 +92,7 @@ def test_encoder_distillation_with_hidden_and_attention_losses_moves_toward_the_
     batch = model.module.tokenize(held_out)
     expected = model.module(**batch)
     save(model, tmp_path / "d.dsq")
-    assert torch.equal(load(tmp_path / "d.dsq").module(**batch), expected)
+    assert torch.equal(load(tmp_path / "d.dsq", model=TINY_BERT).module(**batch), expected)
 
 
 def test_keep_layers_student_from_the_config():

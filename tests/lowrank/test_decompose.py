@@ -12,7 +12,7 @@ from deepsqueeze.artifact import load, save
 from deepsqueeze.core.config import config_from_dict, config_to_dict
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.lowrank import CPConv2d, LowRankConfig, LowRankLinear, Tucker2Conv2d, decompose_
 from deepsqueeze.lowrank.decompose import lowrank_stage
@@ -20,10 +20,12 @@ from deepsqueeze.primitives.factorize import cp_reconstruct, svd_factors, tucker
 from deepsqueeze.testing.factor_models import small_convnet
 from deepsqueeze.testing.models import tiny_classification_data, tiny_model_handle
 
+CONVNET = "py:deepsqueeze.testing.factor_models:small_convnet"
+
 
 def _conv_model() -> Model:
     module = small_convnet()
-    return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.factor_models:small_convnet"},
+    return Model(module, py_base(module),
                  Task.CLASSIFIER, "py:deepsqueeze.testing.factor_models:small_convnet", count_params(module),
                  (3, 8, 8), 10)
 
@@ -70,7 +72,7 @@ def test_energy_rule_picks_per_layer_ranks_and_round_trips(tmp_path):
         assert info["weight_rel_error"] ** 2 <= 0.4 + 1e-9
     expected = model.module(x)
     save(model, tmp_path / "lr.dsq")
-    loaded = load(tmp_path / "lr.dsq")
+    loaded = load(tmp_path / "lr.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     for name in summary:
         assert isinstance(loaded.module.get_submodule(name), LowRankLinear)
     assert torch.equal(loaded.module(x), expected)
@@ -108,7 +110,7 @@ def test_sensitivity_allocation_and_cp_round_trip(tmp_path):
     assert any(isinstance(m, CPConv2d) for m in model.module.modules())
     expected = model.module(x)
     save(model, tmp_path / "cp.dsq")
-    loaded = load(tmp_path / "cp.dsq")
+    loaded = load(tmp_path / "cp.dsq", model=CONVNET)
     assert torch.equal(loaded.module(x), expected)
 
 
@@ -123,7 +125,7 @@ def test_tucker_round_trip_and_stage_report(tmp_path):
     x = torch.randn(2, 3, 8, 8)
     expected = model.module(x)
     save(model, tmp_path / "t.dsq")
-    assert torch.equal(load(tmp_path / "t.dsq").module(x), expected)
+    assert torch.equal(load(tmp_path / "t.dsq", model=CONVNET).module(x), expected)
 
 
 def test_config_validation_and_recipe_round_trip():

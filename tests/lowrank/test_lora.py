@@ -102,7 +102,7 @@ def test_merge_into_low_rank_linear_is_an_exact_higher_rank_product(tmp_path):
     torch.testing.assert_close(model.module(x), unmerged, atol=1e-5, rtol=1e-5)
     expected = model.module(x)
     save(model, tmp_path / "m.dsq")
-    loaded = load(tmp_path / "m.dsq")
+    loaded = load(tmp_path / "m.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     assert loaded.module.fc1.rank == 5
     assert torch.equal(loaded.module(x), expected)
 
@@ -135,7 +135,7 @@ def test_buffer_only_base_keeps_a_side_branch_that_round_trips(tmp_path):
     assert isinstance(model.module.fc2, LoRALinear)
     assert torch.equal(model.module(x), unmerged)
     save(model, tmp_path / "side.dsq")
-    loaded = load(tmp_path / "side.dsq")
+    loaded = load(tmp_path / "side.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     assert isinstance(loaded.module.fc2, LoRALinear) and isinstance(loaded.module.fc2.base, FrozenInt8Linear)
     assert torch.equal(loaded.module(x), unmerged)
 

@@ -44,6 +44,6 @@ def test_lora_on_packed_3bit_layers_recovers_and_round_trips(tmp_path):
     assert set(merge_lora_(model).values()) == {"side-branch"}
     expected = model.module(data.test_x)
     save(model, tmp_path / "qlora.dsq")
-    loaded = load(tmp_path / "qlora.dsq")
+    loaded = load(tmp_path / "qlora.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     assert isinstance(loaded.module.fc1, LoRALinear) and isinstance(loaded.module.fc1.base, quant.PackedIntLinear)
     assert torch.equal(loaded.module(data.test_x), expected)

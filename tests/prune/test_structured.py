@@ -7,7 +7,7 @@ from torch import nn
 from deepsqueeze.artifact import load, save
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.eval import accuracy
 from deepsqueeze.prune import ChannelPlan, PruneChannelsConfig, analyze, prune_, prune_channels_
@@ -156,7 +156,7 @@ def test_bn_scale_keeps_the_channels_with_the_largest_gamma():
 def test_stage_round_trips_through_the_artifact(tmp_path, digits):
     torch.manual_seed(0)
     module = TinyResNet()
-    model = Model(module, {"kind": "py", "factory": "deepsqueeze.testing.models:TinyResNet"}, Task.CLASSIFIER,
+    model = Model(module, py_base(module), Task.CLASSIFIER,
                   "py:deepsqueeze.testing.models:TinyResNet", count_params(module), (1, 8, 8), 10)
     ctx = StageContext(model, data=digits, progress=False)
     prune_(model, PruneChannelsConfig(ratio=0.5, epochs=1, lr=3e-3, schedule="iterative", rounds=2,
@@ -165,7 +165,7 @@ def test_stage_round_trips_through_the_artifact(tmp_path, digits):
     assert report["params_after"] == count_params(model.module) < report["params_before"] / 2
     reported = accuracy(model.module, digits)
     save(model, tmp_path / "s.dsq")
-    loaded = load(tmp_path / "s.dsq")
+    loaded = load(tmp_path / "s.dsq", model="py:deepsqueeze.testing.models:TinyResNet")
     assert count_params(loaded.module) == count_params(model.module)
     assert loaded.module.layer2[1].conv1.out_channels == model.module.layer2[1].conv1.out_channels < 32
     for (k, a), (k2, b) in zip(model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True):

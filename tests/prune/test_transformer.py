@@ -5,7 +5,7 @@ import torch
 
 from deepsqueeze.artifact import load, save
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.errors import RecipeError, UnsupportedLayerError
 from deepsqueeze.prune import (
     PruneTransformerConfig,
@@ -51,12 +51,12 @@ def test_removing_heads_and_neurons_equals_zeroing_their_output_weights():
 
 def test_stage_with_layer_dropping_round_trips(tmp_path):
     module = _model()
-    model = Model(module, {"kind": "py", "factory": "deepsqueeze.testing.models:TinyBertEncoder"},
+    model = Model(module, py_base(module),
                   Task.SENTENCE_ENCODER, "py:deepsqueeze.testing.models:TinyBertEncoder", count_params(module))
     prune_(model, PruneTransformerConfig(heads=2, ffn_ratio=0.25, drop_layers=["transformer.encoder.layer.1"]))
     assert len(model.module.transformer.encoder.layer) == 2
     save(model, tmp_path / "t.dsq")
-    loaded = load(tmp_path / "t.dsq")
+    loaded = load(tmp_path / "t.dsq", model=_model)
     assert count_params(loaded.module) == count_params(model.module)
     assert loaded.module.transformer.encoder.layer[1].attention.self.num_attention_heads == 2
     assert torch.equal(loaded.module(IDS), model.module(IDS))

@@ -63,7 +63,7 @@ def test_every_weight_is_quantized_close_to_float_and_reloads(tmp_path, name, me
         out = primary_output(model.module(x))
     assert sqnr_db(ref, out) > min_sqnr
     save(model, tmp_path / "m.dsq")
-    loaded = load(tmp_path / "m.dsq")
+    loaded = load(tmp_path / "m.dsq", model=f"py:deepsqueeze.testing.user_models:{name}")
     with torch.no_grad():
         again = primary_output(loaded.module(x))
     assert torch.allclose(again, out, atol=1e-5, rtol=1e-4)
@@ -86,7 +86,7 @@ def test_tied_head_shares_one_quantized_table(tmp_path):
     entry = next(e for e in get_record(m).coverage if e.module == "lm_head")
     assert entry.action == "compressed" and entry.weights == 0 and "transformer.wte" in entry.reason
     size = save(model, tmp_path / "g.dsq")
-    loaded = load(tmp_path / "g.dsq").module
+    loaded = load(tmp_path / "g.dsq", model="py:deepsqueeze.testing.user_models:gpt2_lm").module
     assert loaded.lm_head.codes is loaded.transformer.wte.codes
     assert size < 4 * model.base_params / 4  # the 4-bit table is stored once
 

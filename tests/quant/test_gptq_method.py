@@ -35,7 +35,7 @@ def test_gptq_artifact_round_trip_evaluates_identically(bits, tmp_path):
     assert isinstance(model.module.embed, PackedIntEmbedding)
     path = tmp_path / "m.dsq"
     written = save(model, path)
-    loaded = load(path)
+    loaded = load(path, model="py:deepsqueeze.testing.block_models:TinyBlockNet")
     probe = tiny_block_batches(2, seed=9)
     with torch.no_grad():
         for b in probe:

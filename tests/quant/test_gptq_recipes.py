@@ -30,7 +30,7 @@ def test_recipe_quantizes_and_round_trips(recipe, tmp_path):
         sizes = [layer.in_features * layer.out_features for layer in layers]
         assert sum(w * n for w, n in zip(widths, sizes, strict=True)) <= 4.0 * sum(sizes)
     save(model, tmp_path / "m.dsq")
-    loaded = load(tmp_path / "m.dsq")
+    loaded = load(tmp_path / "m.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     x = data.test_x[:64]
     with torch.no_grad():
         assert torch.equal(loaded.module(x), model.module(x))
@@ -45,4 +45,4 @@ def test_smoothquant_recipe_calibrates_smooths_and_round_trips(tmp_path):
     save(model, tmp_path / "m.dsq")
     x = data.test_x[:64]
     with torch.no_grad():
-        assert torch.equal(load(tmp_path / "m.dsq").module(x), model.module(x))
+        assert torch.equal(load(tmp_path / "m.dsq", model="py:deepsqueeze.testing.models:TinyMLP").module(x), model.module(x))

@@ -102,7 +102,7 @@ def test_mixed_stage_method_round_trips(tmp_path):
     assert sum(widths[n] * weights[n] for n in done) <= 3.5 * sum(weights.values())
     assert all(elements[n] >= weights[n] for n in done)
     save(model, tmp_path / "m.dsq")
-    loaded = load(tmp_path / "m.dsq")
+    loaded = load(tmp_path / "m.dsq", model="py:deepsqueeze.testing.block_models:TinyBlockNet")
     with torch.no_grad():
         for b in tiny_block_batches(2, seed=3):
             assert torch.equal(loaded.module(b), model.module(b))

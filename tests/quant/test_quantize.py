@@ -57,7 +57,7 @@ def test_quantize_then_artifact_round_trip(config, tmp_path):
     assert sqnr_db(ref, out) > floor
     path = tmp_path / "m.dsq"
     size = artifact.save(model, path)
-    loaded = artifact.load(path)
+    loaded = artifact.load(path, model="py:deepsqueeze.testing.models:TinyMLP")
     assert torch.equal(loaded.module(x), out)
     assert path.stat().st_size == size
     artifact.save(model, tmp_path / "again.dsq")
@@ -80,7 +80,7 @@ def test_static_cnn_folds_batchnorm_fuses_relu_and_round_trips(tmp_path):
     out = model.module(x)
     assert sqnr_db(ref, out) > 25
     artifact.save(model, tmp_path / "cnn.dsq")
-    loaded = artifact.load(tmp_path / "cnn.dsq")
+    loaded = artifact.load(tmp_path / "cnn.dsq", model="py:deepsqueeze.testing.quant_models:TinyBNConvNet")
     assert isinstance(loaded.module[3], Int8Conv2d)
     assert torch.equal(loaded.module(x), out)
 

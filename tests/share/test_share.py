@@ -105,7 +105,7 @@ def test_pipeline_fine_tunes_centroids_and_round_trips_exactly(tmp_path: Path) -
     manifest = read_manifest(tmp_path / "dc.dsq")[0]
     kinds = {t["name"]: t["encoding"] for t in manifest["tensors"]}
     assert kinds["fc1.weight"] == "sparse-codebook-entropy" and kinds["fc1.bias"] == "codebook-entropy"
-    loaded = load(tmp_path / "dc.dsq")
+    loaded = load(tmp_path / "dc.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     for (k, a), (k2, b) in zip(m.state_dict().items(), loaded.module.state_dict().items(), strict=True):
         assert k == k2 and torch.equal(a, b)
     x = data.test_x
@@ -140,7 +140,7 @@ def test_flipped_byte_in_any_coded_segment_fails_to_load(tmp_path: Path) -> None
                 bad[start + offset + where] ^= 0x5A
                 (tmp_path / "bad.dsq").write_bytes(bytes(bad))
                 with pytest.raises(ArtifactError):
-                    load(tmp_path / "bad.dsq")
+                    load(tmp_path / "bad.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
 
 
 def test_configs_round_trip_and_reject_bad_values() -> None:

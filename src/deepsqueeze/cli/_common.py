@@ -18,6 +18,8 @@ stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 DeviceOption = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ...")
+ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:factory building the architecture of "
+                               "an artifact compressed from your own code (a .dsq never names code to run)")
 
 
 class ListingCommand(TyperCommand):

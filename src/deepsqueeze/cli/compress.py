@@ -10,6 +10,7 @@ from deepsqueeze.cli._common import (
     DeviceOption,
     JsonOption,
     ListingCommand,
+    ModelCodeOption,
     emit_json,
     kv_table,
     rows_table,
@@ -29,6 +30,7 @@ def register(app: typer.Typer) -> None:
         stream: bool = typer.Option(False, "--stream", help="Quantize an hf:DIR model block by block from its "
                                     "safetensors shards (weight-only recipes; for models larger than memory)"),
         device: str = DeviceOption,
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Compress a model with a recipe and write a .dsq artifact."""
@@ -44,7 +46,7 @@ def register(app: typer.Typer) -> None:
             result = compress_streaming(model, parsed, out, data, progress=not as_json)
         else:
             result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
-                                  report=report)
+                                  report=report, model_code=model_code)
         if not is_main_process():
             return
         summary = {

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import typer
 
-from deepsqueeze.cli._common import DeviceOption, JsonOption, emit_json, kv_table, stderr, stdout
+from deepsqueeze.cli._common import (
+    DeviceOption,
+    JsonOption,
+    ModelCodeOption,
+    emit_json,
+    kv_table,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -23,6 +31,7 @@ def register(app: typer.Typer) -> None:
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Time this model alone (no speedup)"),
         backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
         device: str = DeviceOption,
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Score a model: accuracy or embedding fidelity, parameters, bytes, compression ratio, latency."""
@@ -31,9 +40,10 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.eval import evaluate as run_evaluation
         from deepsqueeze.resolve import resolve_model
 
-        m = resolve_model(model, weights=weights, progress=not as_json, device=device)
+        m = resolve_model(model, weights=weights, progress=not as_json, device=device, model_code=model_code)
         dataset = resolve_data(data, split="eval")
-        ref = resolve_model(reference, progress=not as_json, device=device) if reference else None
+        ref = (resolve_model(reference, progress=not as_json, device=device, model_code=model_code)
+               if reference else None)
         from deepsqueeze.recipes.run import shape_from_data
 
         shape_from_data(m, dataset)  # a py: classifier without input_shape takes it from --data
@@ -46,7 +56,7 @@ def register(app: typer.Typer) -> None:
         base = None
         if not no_latency and not no_baseline:
             if baseline:
-                base = resolve_model(baseline, progress=not as_json, device=device)
+                base = resolve_model(baseline, progress=not as_json, device=device, model_code=model_code)
             elif m.artifact_path:
                 from deepsqueeze.zoo.resolve import resolve_base_model
 

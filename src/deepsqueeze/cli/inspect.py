@@ -7,7 +7,7 @@ from typing import Any
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import JsonOption, ModelCodeOption, emit_json, kv_table, rows_table, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -15,13 +15,14 @@ def register(app: typer.Typer) -> None:
     def inspect(
         model: str = typer.Argument(..., help="Model reference: zoo:NAME[@DATA], minilm, hf:DIR, py:mod:fn, FILE.dsq"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Show a model's parameters, size and layers, or an artifact's manifest."""
         from deepsqueeze.core.counting import count_nonzero_params, count_params
         from deepsqueeze.resolve import resolve_model
 
-        m = resolve_model(model, weights=weights, progress=not as_json)
+        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code)
         layers = Counter(type(mod).__name__ for name, mod in m.module.named_modules() if name and not list(mod.children()))
         info: dict[str, Any] = {
             "model": model,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, emit_json, stdout
+from deepsqueeze.cli._common import JsonOption, ModelCodeOption, emit_json, stdout
 
 
 def register(app: typer.Typer) -> None:
@@ -19,6 +19,7 @@ def register(app: typer.Typer) -> None:
         include: list[str] = typer.Option(None, "--include", help="Only layers matching these patterns"),
         exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching these patterns"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Prune each Linear/Conv layer alone to each sparsity and report the metric curve per layer."""
@@ -31,7 +32,7 @@ def register(app: typer.Typer) -> None:
             grid = [float(s) for s in sparsities.split(",") if s.strip()]
         except ValueError:
             raise RecipeError(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
-        m = resolve_model(model, weights=weights, progress=not as_json)
+        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code)
         metric, metric_name = _metric(m, data, limit)
         curves = sensitivity_scan(m.module, metric, grid, include=include or None, exclude=exclude or None)
         result: dict = {"model": model, "data": data, "metric": metric_name,

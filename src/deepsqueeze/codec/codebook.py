@@ -114,12 +114,14 @@ def _decode(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...],
     except ValueError as exc:
         raise ArtifactError(f"codebook tensor is corrupted ({exc})") from None
     numel = math.prod(shape)
-    if sparse:
-        mask = decode_positions(segments[1], numel, _shape2d(shape))
-    else:
-        mask = np.ones(numel, dtype=bool)
-    count = int(mask.sum())
-    if meta.get("idx") == FIXED:
+    idx = meta.get("idx")
+    if not sparse and idx == FIXED and k > 1 and len(segments[-1]) != -(-numel * _width(k) // 8):
+        # checked before anything of the declared size is allocated
+        raise ArtifactError(f"codebook tensor is corrupted ({len(segments[-1])} index bytes cannot hold {numel} "
+                            f"indices of {_width(k)} bits)")
+    mask = decode_positions(segments[1], numel, _shape2d(shape)) if sparse else None
+    count = int(mask.sum()) if mask is not None else numel
+    if idx == FIXED:
         indices = unpack_fixed(segments[-1], _width(k), count, "codebook index stream")
     else:
         indices = decode_stream(segments[-1], max_count=numel)
@@ -127,6 +129,8 @@ def _decode(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...],
             raise ArtifactError("codebook tensor is corrupted (index count does not match the positions)")
     if count and (k == 0 or int(indices.max()) >= k):
         raise ArtifactError("codebook tensor is corrupted (index past the end of the codebook)")
+    if mask is None:
+        return codebook[torch.from_numpy(indices)].reshape(shape) if count else torch.zeros(shape, dtype=dtype)
     out = torch.zeros(numel, dtype=dtype)
     if count:
         out[torch.from_numpy(np.flatnonzero(mask))] = codebook[torch.from_numpy(indices)]

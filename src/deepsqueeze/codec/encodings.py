@@ -7,6 +7,7 @@ from typing import Any
 import torch
 
 from deepsqueeze.core.encoding import register_encoding
+from deepsqueeze.errors import ArtifactError
 
 
 def tensor_to_bytes(tensor: torch.Tensor) -> bytes:
@@ -33,8 +34,12 @@ def _encode_raw(tensor: torch.Tensor, **_: Any) -> tuple[dict[str, Any], list[by
 
 
 def _decode_raw(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
-    (data,) = segments
-    return bytes_to_tensor(data, shape, dtype)
+    if meta or len(segments) != 1:
+        raise ArtifactError("raw tensor is malformed (expects one segment and no meta)")
+    try:
+        return bytes_to_tensor(segments[0], shape, dtype)  # checks the length before allocating
+    except ValueError as exc:
+        raise ArtifactError(f"raw tensor is corrupted ({exc})") from None
 
 
 register_encoding("raw", _encode_raw, _decode_raw)

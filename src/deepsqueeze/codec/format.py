@@ -1,20 +1,29 @@
-"""The .dsq container: ``magic | version | manifest length | manifest crc | JSON manifest | segments``.
+"""The .dsq container: ``magic | version | manifest length | manifest crc | digest | JSON manifest | segments``.
 
-Layout (little-endian)::
+Layout (little-endian), format version 2::
 
     8 bytes   magic  b"\\x89DSQ\\r\\n\\x1a\\n"  (PNG-style: catches text-mode and 7-bit mangling)
     u32       format version
     u64       manifest length in bytes
     u32       CRC-32 of the manifest
+    32 bytes  SHA-256 of everything after the header (manifest and segments)
     ...       manifest: UTF-8 JSON, keys sorted (same inputs -> same bytes)
     ...       segments, concatenated; each tensor entry lists (offset, length, crc32) of its own
 
-No pickle anywhere: tensors are encoded by registered encodings into plain bytes.
+Format 1 (no digest field) still loads: its per-segment CRCs still verify it. Version 0 and versions
+newer than this reader are refused.
+
+The manifest is untrusted input: it is parsed with bounded depth and integer size, and every tensor
+entry is checked by :class:`TensorSpec` (names, dtype, bounded shape, segments inside the payload and
+not overlapping) before any decoder runs; decoders check the declared output against their payload
+before allocating. No pickle anywhere: tensors are encoded by registered encodings into plain bytes.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import os
 import struct
 import tempfile
@@ -22,16 +31,35 @@ import zlib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 import torch
 
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.errors import ArtifactError
 
 MAGIC = b"\x89DSQ\r\n\x1a\n"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<8sIQI")
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+_PREFIX = struct.Struct("<8sI")
+_HEADER_V1 = struct.Struct("<8sIQI")
+_HEADER = struct.Struct("<8sIQI32s")
+
+# Bounds on what a manifest may declare (far above any real model, far below what would exhaust memory).
+MAX_MANIFEST_BYTES = 256 << 20
+MAX_DEPTH = 32
+MAX_INT_DIGITS = 24
+MAX_TENSORS = 1_000_000
+MAX_RANK = 8
+MAX_DIM = 1 << 40
+MAX_NUMEL = 1 << 36
+MAX_SEGMENTS = 16
+MAX_NAME = 1024
+# A tensor may declare at most MAX_EXPANSION elements per stored byte (or MIN_DECLARED): a constant or
+# 99.99%-sparse tensor stays loadable, a [10**9, 2] claim in a few hundred bytes fails before decoding.
+MAX_EXPANSION = 1 << 16
+MIN_DECLARED = 1 << 20
 
 _DTYPES: dict[str, torch.dtype] = {
     str(dt).removeprefix("torch."): dt
@@ -40,6 +68,44 @@ _DTYPES: dict[str, torch.dtype] = {
         torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool,
     )
 }
+
+StrictInt = Annotated[int, pydantic.Strict()]
+Name = Annotated[str, pydantic.Strict(), pydantic.Field(max_length=MAX_NAME)]
+Offset = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=1 << 62)]
+Crc = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=0xFFFFFFFF)]
+Dim = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=MAX_DIM)]
+DtypeName = Annotated[str, pydantic.Strict(), pydantic.Field(pattern="^(" + "|".join(_DTYPES) + ")$")]
+
+
+class TensorSpec(pydantic.BaseModel):
+    """One manifest tensor entry: what the container promises before any byte is decoded."""
+
+    model_config = pydantic.ConfigDict(extra="forbid", frozen=True)
+    name: Name
+    dtype: DtypeName
+    shape: Annotated[list[Dim], pydantic.Field(max_length=MAX_RANK)]
+    encoding: Annotated[str, pydantic.Strict(), pydantic.Field(max_length=64)]
+    meta: dict[Name, Any]
+    segments: Annotated[list[tuple[Offset, Offset, Crc]], pydantic.Field(max_length=MAX_SEGMENTS)]
+    params: dict[Name, Any] | None = None
+
+    @pydantic.field_validator("shape")
+    @classmethod
+    def _bounded(cls, shape: list[int]) -> list[int]:
+        if math.prod(shape) > MAX_NUMEL:
+            raise ValueError(f"{math.prod(shape)} elements exceed {MAX_NUMEL}")
+        return shape
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return _DTYPES[self.dtype]
+
+
+_TENSORS = pydantic.TypeAdapter(Annotated[list[TensorSpec], pydantic.Field(max_length=MAX_TENSORS)])
 
 
 @dataclass
@@ -59,11 +125,30 @@ class ArtifactContents:
     file_bytes: int
 
 
+@dataclass
+class Container:
+    """A verified container: header checked, digest and manifest CRC matched, tensor entries validated."""
+
+    path: str
+    version: int
+    manifest: dict[str, Any]
+    entries: list[TensorSpec]
+    payload: bytes
+    file_bytes: int
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
         raise ArtifactError(f"cannot store tensors of dtype {name}: supported dtypes are {', '.join(_DTYPES)}")
     return name
+
+
+def describe_error(exc: pydantic.ValidationError, prefix: str) -> str:
+    """``field tensors.3.shape.0: Input should be ...`` for the first error, on one line."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    return f"field {where}: {' '.join(str(err['msg']).split())[:200]}"
 
 
 class ArtifactWriter:
@@ -113,16 +198,20 @@ class ArtifactWriter:
         """Write the container (``manifest`` plus the tensor entries) atomically; return its size in bytes."""
         full_manifest = {**manifest, "format": "deepsqueeze", "version": FORMAT_VERSION, "tensors": self._entries}
         manifest_bytes = json.dumps(full_manifest, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
-        header = _HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), zlib.crc32(manifest_bytes))
+        crc = zlib.crc32(manifest_bytes)
 
         def write(fh: Any) -> None:
-            fh.write(header + manifest_bytes)
+            digest = hashlib.sha256(manifest_bytes)
+            fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), crc, bytes(32)) + manifest_bytes)
             self._spool.seek(0)
             while chunk := self._spool.read(1 << 22):
+                digest.update(chunk)
                 fh.write(chunk)
+            fh.seek(0)  # the digest of what follows the header goes into the header
+            fh.write(_HEADER.pack(MAGIC, FORMAT_VERSION, len(manifest_bytes), crc, digest.digest()))
 
         atomic_write(self.path, write)
-        return len(header) + len(manifest_bytes) + self._offset
+        return _HEADER.size + len(manifest_bytes) + self._offset
 
 
 def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tensors: list[TensorEntry]) -> int:
@@ -154,11 +243,15 @@ def check_writable(path: str | os.PathLike[str]) -> None:
 
 
 def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it to ``path``."""
+    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it to ``path``.
+
+    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
+    """
     path = Path(path)
     check_writable(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
@@ -172,8 +265,58 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
         raise
 
 
-def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, int]:
-    """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
+def _umask() -> int:
+    mask = os.umask(0o22)
+    os.umask(mask)
+    return mask
+
+
+def _parse_int(text: str) -> int:
+    if len(text.lstrip("-")) > MAX_INT_DIGITS:
+        raise ValueError(f"an integer of {len(text)} digits")
+    return int(text)
+
+
+def _parse_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"a non-finite number {text[:30]}")
+    return value
+
+
+def _reject_constant(text: str) -> Any:
+    raise ValueError(f"{text} is not allowed")
+
+
+def _check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if depth > limit:
+            raise ValueError(f"nesting deeper than {limit}")
+        if isinstance(item, dict):
+            stack.extend((v, depth + 1) for v in item.values())
+        elif isinstance(item, list):
+            stack.extend((v, depth + 1) for v in item)
+
+
+def parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
+    """JSON with bounded depth, bounded integers and finite numbers; ``ValueError`` otherwise."""
+    try:
+        manifest = json.loads(manifest_bytes, parse_int=_parse_int, parse_float=_parse_float,
+                              parse_constant=_reject_constant)
+    except RecursionError:
+        raise ValueError(f"nesting deeper than {MAX_DEPTH}") from None
+    except UnicodeDecodeError:
+        raise ValueError("not UTF-8") from None
+    if not isinstance(manifest, dict):
+        raise ValueError("not a JSON object")
+    _check_depth(manifest)
+    return manifest
+
+
+def read_container(path: str | os.PathLike[str]) -> Container:
+    """Read and verify header, digest and manifest, and validate every tensor entry against the payload."""
     path = Path(path)
     try:
         data = path.read_bytes()
@@ -183,57 +326,99 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, 
         raise ArtifactError(f"{path} is a folder, not a .dsq artifact") from None
     except OSError as exc:
         raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from None
-    if len(data) < _HEADER.size or not data.startswith(MAGIC):
+    if len(data) < _PREFIX.size or not data.startswith(MAGIC):
         if len(data) < len(MAGIC) and MAGIC.startswith(data):
             raise ArtifactError(f"{path} is truncated ({len(data)} bytes): re-create it with deepsqueeze compress")
         raise ArtifactError(f"{path} is not a deepsqueeze artifact (bad magic bytes)")
-    _, version, manifest_len, manifest_crc = _HEADER.unpack_from(data)
+    _, version = _PREFIX.unpack_from(data)
     if version > FORMAT_VERSION:
         raise ArtifactError(
             f"{path} uses .dsq format version {version}, newer than this deepsqueeze reads ({FORMAT_VERSION}): "
             "upgrade deepsqueeze"
         )
-    start = _HEADER.size
-    if start + manifest_len > len(data):
+    if version not in READABLE_VERSIONS:
+        raise ArtifactError(f"{path} has an invalid .dsq format version {version}: the header is corrupted")
+    header = _HEADER if version >= 2 else _HEADER_V1
+    if len(data) < header.size:
+        raise ArtifactError(f"{path} is truncated ({len(data)} bytes): re-create it with deepsqueeze compress")
+    fields = header.unpack_from(data)
+    manifest_len, manifest_crc = fields[2], fields[3]
+    start = header.size
+    if manifest_len > len(data) - start:
         raise ArtifactError(f"{path} is truncated: the manifest runs past the end of the file; re-create it")
+    if manifest_len > MAX_MANIFEST_BYTES:
+        raise ArtifactError(f"{path} has a {manifest_len}-byte manifest (at most {MAX_MANIFEST_BYTES}): not loaded")
+    if version >= 2 and hashlib.sha256(memoryview(data)[start:]).digest() != fields[4]:
+        raise ArtifactError(f"{path} is corrupted: SHA-256 digest mismatch; re-create it")
     manifest_bytes = data[start : start + manifest_len]
     if zlib.crc32(manifest_bytes) != manifest_crc:
         raise ArtifactError(f"{path} is corrupted: manifest checksum mismatch; re-create it")
     try:
-        manifest = json.loads(manifest_bytes)
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        raise ArtifactError(f"{path} is corrupted: its manifest is not valid JSON") from None
-    return manifest, data[start + manifest_len :], len(data)
+        manifest = parse_manifest(manifest_bytes)
+    except (ValueError, json.JSONDecodeError) as exc:
+        raise ArtifactError(f"{path} has a malformed manifest: {' '.join(str(exc).split())[:200]}") from None
+    payload = data[start + manifest_len :]
+    try:
+        entries = _TENSORS.validate_python(manifest.get("tensors"))
+    except pydantic.ValidationError as exc:
+        raise ArtifactError(f"{path} has a malformed manifest: {describe_error(exc, 'tensors')}") from None
+    _check_layout(path, entries, len(payload))
+    return Container(str(path), version, manifest, entries, payload, len(data))
+
+
+def _check_layout(path: Path, entries: list[TensorSpec], payload_len: int) -> None:
+    """Unique names; every segment inside the payload; no two segments overlapping."""
+    seen: set[str] = set()
+    spans: list[tuple[int, int, str]] = []
+    for entry in entries:
+        if entry.name in seen:
+            raise ArtifactError(f"{path} has a malformed manifest: tensor {entry.name[:80]!r} appears twice")
+        seen.add(entry.name)
+        for offset, length, _ in entry.segments:
+            if offset + length > payload_len:
+                raise ArtifactError(f"{path} is truncated: tensor {entry.name[:80]!r} runs past the end of the file")
+            if length:
+                spans.append((offset, offset + length, entry.name))
+    spans.sort()
+    for (_, end, first), (start, _, second) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            raise ArtifactError(f"{path} has a malformed manifest: segments of tensors {first[:80]!r} and "
+                                f"{second[:80]!r} overlap")
+
+
+def decode_entry(container: Container, entry: TensorSpec) -> torch.Tensor:
+    """Verify the CRCs of ``entry``'s segments and decode it; every failure is an ``ArtifactError``."""
+    segments = []
+    for offset, length, crc in entry.segments:
+        seg = container.payload[offset : offset + length]
+        if zlib.crc32(seg) != crc:
+            raise ArtifactError(f"{container.path} is corrupted: checksum mismatch in tensor {entry.name[:80]!r}")
+        segments.append(seg)
+    encoding = get_encoding(entry.encoding)
+    shape = tuple(entry.shape)
+    stored = sum(length for _, length, _ in entry.segments)
+    if entry.numel > max(MIN_DECLARED, MAX_EXPANSION * stored):
+        raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} declares {entry.numel:,} elements from "
+                            f"{stored:,} bytes: field tensors.shape is out of proportion (forged or corrupted)")
+    try:
+        tensor = encoding.decode(entry.meta, segments, shape, entry.torch_dtype)
+    except ArtifactError as exc:
+        raise ArtifactError(f"{container.path}: cannot decode tensor {entry.name[:80]!r} ({entry.encoding}): "
+                            f"{exc}") from None
+    if tuple(tensor.shape) != shape or tensor.dtype != entry.torch_dtype:
+        raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} decoded to {tuple(tensor.shape)} "
+                            f"{tensor.dtype}, expected {shape} {entry.dtype}")
+    return tensor
+
+
+def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, int]:
+    """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
+    container = read_container(path)
+    return container.manifest, container.payload, container.file_bytes
 
 
 def read_artifact(path: str | os.PathLike[str]) -> ArtifactContents:
     """Read, verify and decode every tensor of a .dsq file."""
-    manifest, payload, size = read_manifest(path)
-    tensors: dict[str, torch.Tensor] = {}
-    try:
-        for entry in manifest["tensors"]:
-            name = entry["name"]
-            segments = []
-            for offset, length, crc in entry["segments"]:
-                seg = payload[offset : offset + length]
-                if len(seg) != length:
-                    raise ArtifactError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
-                if zlib.crc32(seg) != crc:
-                    raise ArtifactError(f"{path} is corrupted: checksum mismatch in tensor {name!r}")
-                segments.append(seg)
-            if entry["dtype"] not in _DTYPES:
-                raise ArtifactError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
-            shape = tuple(int(s) for s in entry["shape"])
-            encoding = get_encoding(entry["encoding"])
-            try:
-                tensor = encoding.decode(entry["meta"], segments, shape, _DTYPES[entry["dtype"]])
-            except ArtifactError:
-                raise
-            except Exception as exc:  # a decoder meeting inconsistent data must not crash the caller
-                raise ArtifactError(f"{path}: cannot decode tensor {name!r} ({entry['encoding']}): {exc}") from None
-            if tuple(tensor.shape) != shape:
-                raise ArtifactError(f"{path}: tensor {name!r} decoded to shape {tuple(tensor.shape)}, expected {shape}")
-            tensors[name] = tensor
-    except (KeyError, TypeError, ValueError) as exc:
-        raise ArtifactError(f"{path} has a malformed manifest ({type(exc).__name__}: {exc}); re-create it") from None
-    return ArtifactContents(manifest, tensors, size)
+    container = read_container(path)
+    tensors = {entry.name: decode_entry(container, entry) for entry in container.entries}
+    return ArtifactContents(container.manifest, tensors, container.file_bytes)

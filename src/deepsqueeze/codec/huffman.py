@@ -116,6 +116,8 @@ def decode(data: bytes, count: int, alphabet: int) -> np.ndarray:
         if payload.size:
             raise ArtifactError("huffman stream is corrupted (payload for an empty stream)")
         return np.zeros(0, dtype=np.int64)
+    if count > 8 * payload.size:  # every symbol takes at least one bit: refuse before allocating
+        raise ArtifactError(f"huffman stream is corrupted ({count} symbols declared in {payload.size} bytes)")
     present = np.flatnonzero(lengths)
     if present.size == 0 or lengths.max() > MAX_CODE_LENGTH:
         raise ArtifactError("huffman stream is corrupted (invalid code lengths)")

@@ -142,14 +142,12 @@ def decode_positions(data: bytes, numel: int, shape2d: tuple[int, int] | None = 
     """Inverse of ``encode_positions``: a flat boolean mask of ``numel`` entries."""
     reader = Reader(data, "sparse index stream")
     kind = reader.byte()
-    mask = np.zeros(numel, dtype=bool)
     if kind == _ALL:
         reader.finish()
-        mask[:] = True
-        return mask
+        return np.ones(numel, dtype=bool)
     if kind == _NONE:
         reader.finish()
-        return mask
+        return np.zeros(numel, dtype=bool)
     if kind in (_GAPS, _GAPS_FIXED):
         width = reader.byte()
         if not 1 <= width <= 16:
@@ -159,6 +157,7 @@ def decode_positions(data: bytes, numel: int, shape2d: tuple[int, int] | None = 
         else:
             count = reader.varint(limit=2 * numel + 1)
             symbols = unpack_fixed(reader.rest(), width, count, "sparse index stream")
+        mask = np.zeros(numel, dtype=bool)  # after the stream was checked against its payload
         mask[positions_from_gaps(symbols, width, numel)] = True
         return mask
     if kind == _BITMAP:

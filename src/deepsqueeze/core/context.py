@@ -28,4 +28,5 @@ class StageContext:
     progress: bool = True
     report: list[dict[str, Any]] = field(default_factory=list)
     on_unsupported: str = "warn"  # the recipe's choice for layer kinds a stage does not handle (warn|skip|error)
+    model_code: str | None = None  # --model-code: architecture for artifacts of py: models (teachers too)
     extras: dict[str, Any] = field(default_factory=dict)

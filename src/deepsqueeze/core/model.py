@@ -86,3 +86,20 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], sou
                 f"the model expects {list(expected[name].shape)}"
             )
     module.load_state_dict(state, strict=True)
+
+
+def architecture_fingerprint(module: nn.Module) -> dict[str, Any]:
+    """What a ``py:`` base looks like, as data: submodule names and every state-dict tensor's shape.
+
+    Artifacts of user-code models store this instead of a reference to the code; on load the
+    caller supplies the code (``--model-code``) and the fingerprint of what it builds must match.
+    """
+    return {
+        "modules": [name for name, _ in module.named_modules() if name],
+        "tensors": [[name, list(t.shape)] for name, t in module.state_dict().items()],
+    }
+
+
+def py_base(module: nn.Module) -> dict[str, Any]:
+    """The manifest ``base`` of a model built by user code: a fingerprint, never a reference to the code."""
+    return {"kind": "py", "fingerprint": architecture_fingerprint(module)}

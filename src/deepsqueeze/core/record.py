@@ -9,15 +9,38 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Annotated, Any
 
+import pydantic
 from torch import nn
 
 from deepsqueeze.errors import ArtifactError
 
 ReplayFn = Callable[[nn.Module, str, dict[str, Any]], None]
 
+def _increasing(values: list[int]) -> list[int]:
+    if any(b <= a for a, b in zip(values, values[1:], strict=False)):
+        raise ValueError("indices must be strictly increasing")
+    return values
+
+
+class TransformParams(pydantic.BaseModel):
+    """Base of the params models transforms register: unknown keys are errors."""
+
+    model_config = pydantic.ConfigDict(extra="forbid")
+
+
+#: One index into a module's channels, heads or blocks (replays check the upper bound against the module).
+Index = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=1 << 31)]
+#: Kept indices of a pruning transform: non-empty, strictly increasing (no negatives, no repeats).
+KeptIndices = Annotated[list[Index], pydantic.Field(min_length=1, max_length=1 << 24),
+                        pydantic.AfterValidator(_increasing)]
+#: A positive size (rank, head count) below 2**31.
+Size = Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=1 << 31)]
+
 _REPLAYS: dict[str, ReplayFn] = {}
+_PARAMS: dict[str, type[Any]] = {}
+_CHECKS: list[Callable[[nn.Module], str | None]] = []
 _RECORD_ATTR = "_deepsqueeze_record"
 
 
@@ -92,14 +115,36 @@ def get_record(model: nn.Module) -> CompressionRecord:
     return record
 
 
-def register_transform(kind: str) -> Callable[[ReplayFn], ReplayFn]:
-    """Register ``replay(root, target, params)`` for transforms of ``kind``."""
+def register_transform(kind: str, params: type[Any] | None = None) -> Callable[[ReplayFn], ReplayFn]:
+    """Register ``replay(root, target, params)`` for transforms of ``kind``.
+
+    ``params`` is the pydantic model a manifest's params for this kind must satisfy (types, bounds)
+    before the replay runs; the replay itself checks them against the module it replaces.
+    """
 
     def decorate(fn: ReplayFn) -> ReplayFn:
         _REPLAYS[kind] = fn
+        if params is not None:
+            _PARAMS[kind] = params
         return fn
 
     return decorate
+
+
+def register_model_check(check: Callable[[nn.Module], str | None]) -> Callable[[nn.Module], str | None]:
+    """Register ``check(loaded_root) -> problem or None``, run on every model loaded from an artifact
+    (after its tensors are in place): what a forged but well-typed manifest could make inconsistent,
+    such as quantization parameters out of range or head counts that no longer fit the weights."""
+    _CHECKS.append(check)
+    return check
+
+
+def check_loaded_model(model: nn.Module, where: str = "artifact") -> None:
+    """Run every registered model check; ``ArtifactError`` on the first problem."""
+    for check in _CHECKS:
+        problem = check(model)
+        if problem:
+            raise ArtifactError(f"{where} holds an inconsistent model: {' '.join(problem.split())[:240]}")
 
 
 def record_transform(model: nn.Module, kind: str, target: str, **params: Any) -> None:
@@ -135,17 +180,41 @@ def forget_replaced_encodings(root: nn.Module, name: str, new: nn.Module) -> Non
         del record.encodings[key]
 
 
-def replay_transforms(model: nn.Module, transforms: list[dict[str, Any]]) -> None:
-    """Re-apply recorded transforms (from a manifest) to a freshly built base model."""
+def replay_transforms(model: nn.Module, transforms: list[dict[str, Any]], where: str = "artifact") -> None:
+    """Re-apply recorded transforms (from a manifest) to a freshly built base model.
+
+    Each transform's params are checked by the model its kind registered (bounds, types, consistency
+    with the module it replaces) before its replay runs; then the checks registered with
+    :func:`register_replay_check` run on the result. Every failure is an ``ArtifactError`` naming the
+    transform, never a crash or a model whose forward pass would fail.
+    """
     from deepsqueeze.core.plugins import load_plugins
+    from deepsqueeze.errors import DeepsqueezeError
 
     load_plugins()
-    for entry in transforms:
+    for index, entry in enumerate(transforms):
         kind = entry.get("kind")
         replay = _REPLAYS.get(kind)  # type: ignore[arg-type]
         if replay is None:
             raise ArtifactError(
-                f"artifact uses transform {kind!r}, which this deepsqueeze does not know: upgrade deepsqueeze"
+                f"{where} uses transform {str(kind)[:40]!r}, which this deepsqueeze does not know: upgrade deepsqueeze"
             )
-        replay(model, entry["target"], dict(entry.get("params", {})))
-        get_record(model).transforms.append(Transform(kind, entry["target"], dict(entry.get("params", {}))))
+        target, params = entry["target"], dict(entry.get("params", {}))
+        schema = _PARAMS.get(kind)  # type: ignore[arg-type]
+        if schema is not None:
+            try:
+                schema.model_validate(params)
+            except pydantic.ValidationError as exc:
+                err = exc.errors(include_url=False)[0]
+                loc = ".".join(str(p) for p in err["loc"])
+                raise ArtifactError(f"{where} has a malformed manifest: field transforms.{index}.params.{loc} "
+                                    f"({kind}): {' '.join(str(err['msg']).split())[:160]}") from None
+        try:
+            replay(model, target, params)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{where}: transform {index} ({kind} on {target[:80]!r}): {exc}") from None
+        except (AttributeError, KeyError, IndexError, TypeError, ValueError, RuntimeError, DeepsqueezeError) as exc:
+            msg = " ".join(str(exc).split())[:200]
+            raise ArtifactError(f"{where}: cannot replay transform {index} ({kind} on {target[:80]!r}): "
+                                f"{type(exc).__name__}: {msg}") from None
+        get_record(model).transforms.append(Transform(kind, target, params))

@@ -253,7 +253,7 @@ def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> Non
     if config.teacher is not None:
         from deepsqueeze.resolve import resolve_model
 
-        teacher = resolve_model(config.teacher, progress=ctx.progress).module
+        teacher = resolve_model(config.teacher, progress=ctx.progress, model_code=ctx.model_code).module
     elif ctx.reference is not None:
         teacher = ctx.reference.module
     else:

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from deepsqueeze.core.record import record_transform, register_transform
+from deepsqueeze.core.record import KeptIndices, TransformParams, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, set_submodule
 from deepsqueeze.errors import RecipeError, UnsupportedLayerError
 
@@ -74,6 +74,10 @@ def _hf_config(root: nn.Module) -> Any:
     return None
 
 
-@register_transform("distill.keep_layers")
+class KeepLayersParams(TransformParams):
+    keep: KeptIndices
+
+
+@register_transform("distill.keep_layers", params=KeepLayersParams)
 def _replay_keep_layers(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     _apply_keep(root, target, [int(i) for i in params["keep"]])

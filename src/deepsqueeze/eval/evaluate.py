@@ -68,9 +68,9 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             result["samples"] = tokens
         else:
             if reference is None:
-                from deepsqueeze.zoo.resolve import resolve_base_model
+                from deepsqueeze.zoo.resolve import base_reference
 
-                reference = resolve_base_model(model.ref, progress=False)
+                reference = base_reference(model)
             with torch.no_grad():
                 emb = module.encode(data.sentences)  # type: ignore[operator]
                 ref_emb = emb if reference.module is module else reference.module.encode(data.sentences)  # type: ignore[operator]

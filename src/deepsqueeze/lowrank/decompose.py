@@ -14,8 +14,9 @@ import math
 import warnings
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+import pydantic
 import torch
 from pydantic import Field, model_validator
 from torch import nn
@@ -23,9 +24,9 @@ from torch import nn
 from deepsqueeze.core.config import Count, Flag, Fraction, StageConfig, register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model
-from deepsqueeze.core.record import record_transform, register_transform
+from deepsqueeze.core.record import Size, TransformParams, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
-from deepsqueeze.errors import DeepsqueezeWarning, RecipeError, UnsupportedLayerError
+from deepsqueeze.errors import ArtifactError, DeepsqueezeWarning, RecipeError, UnsupportedLayerError
 from deepsqueeze.lowrank.modules import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
 from deepsqueeze.primitives.factorize import (
     cp_params,
@@ -352,28 +353,45 @@ def _replay_params(layer: _Layer, spec: Any) -> dict[str, Any]:
     return {"rank": int(spec)}
 
 
-@register_transform("lowrank.linear")
+class RankParams(TransformParams):
+    rank: Size
+
+
+class Tucker2Params(TransformParams):
+    ranks: Annotated[list[Size], pydantic.Field(min_length=2, max_length=2)]
+
+
+def _check_rank(rank: int, limit: int, target: str) -> None:
+    if rank > limit:
+        raise ArtifactError(f"rank {rank} of {target!r} exceeds {limit}, more than the layer can use")
+
+
+@register_transform("lowrank.linear", params=RankParams)
 def _replay_linear(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     base = get_submodule(root, target)
     if not isinstance(base, nn.Linear):
         raise UnsupportedLayerError(f"lowrank.linear replay expects a Linear at {target}, found {type(base).__name__}")
+    _check_rank(int(params["rank"]), max(base.in_features, base.out_features), target)
     set_submodule(root, target, LowRankLinear(base.in_features, base.out_features, int(params["rank"]),
                                               bias=base.bias is not None))
 
 
-@register_transform("lowrank.tucker2")
+@register_transform("lowrank.tucker2", params=Tucker2Params)
 def _replay_tucker2(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     base = get_submodule(root, target)
     if not isinstance(base, nn.Conv2d):
         raise UnsupportedLayerError(f"lowrank.tucker2 replay expects a Conv2d at {target}, found {type(base).__name__}")
+    _check_rank(int(params["ranks"][0]), base.out_channels, target)
+    _check_rank(int(params["ranks"][1]), base.in_channels, target)
     set_submodule(root, target, Tucker2Conv2d(**conv_geometry(base), ranks=tuple(params["ranks"])))
 
 
-@register_transform("lowrank.cp")
+@register_transform("lowrank.cp", params=RankParams)
 def _replay_cp(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     base = get_submodule(root, target)
     if not isinstance(base, nn.Conv2d):
         raise UnsupportedLayerError(f"lowrank.cp replay expects a Conv2d at {target}, found {type(base).__name__}")
+    _check_rank(int(params["rank"]), base.weight.numel(), target)
     set_submodule(root, target, CPConv2d(**conv_geometry(base), rank=int(params["rank"])))
 
 

@@ -20,8 +20,9 @@ from __future__ import annotations
 
 import math
 from enum import StrEnum
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
+import pydantic
 import torch
 from pydantic import Field
 from torch import nn
@@ -38,9 +39,9 @@ from deepsqueeze.core.config import (
 )
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.record import get_record, record_transform, register_transform
+from deepsqueeze.core.record import Size, TransformParams, get_record, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
-from deepsqueeze.errors import DataError, RecipeError, UnsupportedLayerError
+from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.lowrank.modules import LowRankLinear
 
 
@@ -172,20 +173,41 @@ def _rename_encodings(root: nn.Module, old_prefix: str, new_prefix: str) -> None
         record.encodings[new_prefix + key[len(old_prefix):]] = record.encodings.pop(key)
 
 
-@register_transform("lowrank.lora")
+class LoRAParams(TransformParams):
+    rank: Size
+    alpha: Annotated[float, pydantic.Field(allow_inf_nan=False)]
+    in_features: Size
+    out_features: Size
+
+
+@register_transform("lowrank.lora", params=LoRAParams)
 def _replay_lora(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     base = get_submodule(root, target)
+    for key in ("in_features", "out_features"):
+        have = getattr(base, key, None)
+        if have is not None and have != params[key]:
+            raise ArtifactError(f"LoRA {key}={params[key]} does not fit {target!r} ({key}={have})")
+    if params["rank"] > max(params["in_features"], params["out_features"]):
+        raise ArtifactError(f"LoRA rank {params['rank']} of {target!r} exceeds the layer's width")
+    if not any(p.numel() for p in base.parameters()) and not any(b.numel() for b in base.buffers()):
+        raise ArtifactError(f"LoRA target {target!r} holds no weights")
     set_submodule(root, target, LoRALinear(base, int(params["rank"]), float(params["alpha"]),
                                            in_features=int(params["in_features"]),
                                            out_features=int(params["out_features"])))
 
 
-@register_transform("lowrank.lora_merge_rank")
+class MergeRankParams(TransformParams):
+    rank: Size
+
+
+@register_transform("lowrank.lora_merge_rank", params=MergeRankParams)
 def _replay_merge_rank(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     base = get_submodule(root, target)
     if not isinstance(base, LowRankLinear):
         raise UnsupportedLayerError(f"lowrank.lora_merge_rank expects a LowRankLinear at {target}, "
                                     f"found {type(base).__name__}")
+    if int(params["rank"]) > base.in_features + base.out_features:
+        raise ArtifactError(f"rank {params['rank']} of {target!r} exceeds the layer's width")
     set_submodule(root, target, LowRankLinear(base.in_features, base.out_features, int(params["rank"]),
                                               bias=base.second.bias is not None))
 

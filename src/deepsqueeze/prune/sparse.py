@@ -221,17 +221,28 @@ def _encode_sparse(tensor: torch.Tensor, **_: Any) -> tuple[dict[str, Any], list
     return meta, [tensor_to_bytes(values), tensor_to_bytes(col_idx), tensor_to_bytes(counts)]
 
 
+_INDEX_DTYPES = {"uint8": torch.uint8, "uint16": torch.uint16, "int32": torch.int32}
+
+
 def _decode_sparse(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...],
                    dtype: torch.dtype) -> torch.Tensor:
+    """Every length is checked against the declared shape before anything of that size is allocated."""
     import numpy as np
 
     rows = shape[0] if shape else 1
     numel = math.prod(shape)
     cols = math.prod(shape[1:]) if shape else 1
-    nnz = int(meta["nnz"])
+    nnz, layout = meta.get("nnz"), meta.get("layout")
+    if not isinstance(nnz, int) or isinstance(nnz, bool) or not 0 <= nnz <= numel:
+        raise ArtifactError(f"corrupt sparse tensor: nnz {str(nnz)[:30]} does not fit {numel} entries")
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if not segments or len(segments[0]) != nnz * itemsize:
+        raise ArtifactError("corrupt sparse tensor: the value segment does not hold nnz values")
     try:
         values = bytes_to_tensor(segments[0], (nnz,), dtype)
-        if meta["layout"] == "bitmap":
+        if layout == "bitmap":
+            if len(segments) != 2 or len(segments[1]) != -(-numel // 8):
+                raise ValueError("bitmap length does not match the shape")
             bits = np.unpackbits(np.frombuffer(segments[1], dtype=np.uint8), bitorder="little")[:numel]
             mask = torch.from_numpy(bits.astype(bool))
             if int(mask.sum()) != nnz:
@@ -239,18 +250,24 @@ def _decode_sparse(meta: dict[str, Any], segments: list[bytes], shape: tuple[int
             out = torch.zeros(numel, dtype=dtype)
             out[mask] = values
             return out.reshape(shape)
-        if meta["layout"] == "csr":
-            col = bytes_to_tensor(segments[1], (nnz,), getattr(torch, meta["col_dtype"])).long()
-            counts = bytes_to_tensor(segments[2], (rows,), getattr(torch, meta["count_dtype"])).long()
+        if layout == "csr":
+            col_dtype = _INDEX_DTYPES.get(meta.get("col_dtype"))  # type: ignore[arg-type]
+            count_dtype = _INDEX_DTYPES.get(meta.get("count_dtype"))  # type: ignore[arg-type]
+            if col_dtype is None or count_dtype is None or len(segments) != 3:
+                raise ValueError("unknown index dtype or wrong segment count")
+            col = bytes_to_tensor(segments[1], (nnz,), col_dtype).long()
+            counts = bytes_to_tensor(segments[2], (rows,), count_dtype).long()
+            if bool((counts < 0).any()) or int(counts.sum()) != nnz:
+                raise ValueError("row counts do not add up to nnz")
             row = torch.repeat_interleave(torch.arange(rows), counts)
-            if row.numel() != nnz or (nnz and int(col.max()) >= cols):
-                raise ValueError("row counts or column indices out of range")
+            if nnz and (int(col.max()) >= cols or int(col.min()) < 0):
+                raise ValueError("column indices out of range")
             out = torch.zeros(rows, cols, dtype=dtype)
             out[row, col] = values
             return out.reshape(shape)
-    except (ValueError, IndexError, KeyError, AttributeError) as exc:
+    except (ValueError, IndexError, RuntimeError) as exc:
         raise ArtifactError(f"corrupt sparse tensor payload: {exc}") from None
-    raise ArtifactError(f"unknown sparse layout {meta.get('layout')!r}: upgrade deepsqueeze")
+    raise ArtifactError(f"unknown sparse layout {str(layout)[:40]!r}: upgrade deepsqueeze")
 
 
 register_encoding("sparse", _encode_sparse, _decode_sparse)

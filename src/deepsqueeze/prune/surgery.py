@@ -10,12 +10,12 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
 
-from deepsqueeze.core.record import record_transform, register_transform
+from deepsqueeze.core.record import KeptIndices, TransformParams, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule
 from deepsqueeze.errors import ArtifactError, UnsupportedLayerError
 
@@ -146,9 +146,27 @@ def cut_(root: nn.Module, name: str, dim: str, keep: torch.Tensor | list[int], r
         record_transform(root, "prune_channels", name, dim=dim, keep=[int(i) for i in keep_t])
 
 
-@register_transform("prune_channels")
+class CutParams(TransformParams):
+    dim: Literal["out", "in"]
+    keep: KeptIndices
+
+
+@register_transform("prune_channels", params=CutParams)
 def _replay_cut(root: nn.Module, target: str, params: dict[str, Any]) -> None:
+    module = get_submodule(root, target)
+    size = _channel_count(module, params["dim"])
+    if size is not None and params["keep"][-1] >= size:
+        raise ArtifactError(f"keeps channel {params['keep'][-1]} of {target!r}, which has {size}")
     try:
         cut_(root, target, params["dim"], params["keep"], record=False)
     except (AttributeError, IndexError, KeyError) as exc:
         raise ArtifactError(f"cannot replay channel pruning of {target!r}: {exc}") from None
+
+
+def _channel_count(module: nn.Module, dim: str) -> int | None:
+    """Output (``dim="out"``) or input channels of ``module`` where its kind says (None: unknown kind)."""
+    for out_attr, in_attr in (("out_features", "in_features"), ("out_channels", "in_channels"),
+                              ("num_features", "num_features"), ("embedding_dim", "embedding_dim")):
+        if hasattr(module, out_attr):
+            return int(getattr(module, out_attr if dim == "out" else in_attr))
+    return None

@@ -33,7 +33,14 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.record import record_transform, register_transform
+from deepsqueeze.core.record import (
+    KeptIndices,
+    Size,
+    TransformParams,
+    record_transform,
+    register_model_check,
+    register_transform,
+)
 from deepsqueeze.core.walker import get_submodule
 from deepsqueeze.errors import ArtifactError, RecipeError, UnsupportedLayerError
 from deepsqueeze.prune.importance import ElementCriterion, channel_scores, magnitude_l2
@@ -282,7 +289,11 @@ def _set_heads(attn: nn.Module, heads: int, kv_heads: int | None = None, head_di
         attn.num_key_value_heads = kv_heads
 
 
-@register_transform("attention_heads")
+class HeadsParams(TransformParams):
+    heads: Size
+
+
+@register_transform("attention_heads", params=HeadsParams)
 def _replay_heads(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     try:
         kv = params.get("kv_heads")
@@ -369,9 +380,28 @@ def _keep_entries(root: nn.Module, parent: str, keep: list[int]) -> None:
         owner_config.num_hidden_layers = len(kept)
 
 
-@register_transform("drop_layers")
+class KeepParams(TransformParams):
+    keep: KeptIndices
+
+
+@register_transform("drop_layers", params=KeepParams)
 def _replay_drop(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     try:
         _keep_entries(root, target, [int(i) for i in params["keep"]])
     except (AttributeError, KeyError, IndexError) as exc:
         raise ArtifactError(f"cannot replay layer dropping of {target!r}: {exc}") from None
+
+
+@register_model_check
+def _heads_fit_the_projections(root: nn.Module) -> str | None:
+    """A replayed head count must match the query/key/value widths, or attention's reshape fails."""
+    for name, module in root.named_modules():
+        heads, size = getattr(module, "num_attention_heads", None), getattr(module, "attention_head_size", None)
+        if not isinstance(heads, int) or not isinstance(size, int):
+            continue
+        for proj in ("query", "key", "value"):
+            width = getattr(getattr(module, proj, None), "out_features", None)
+            if width is not None and width != heads * size:
+                return (f"{name} has {heads} heads of {size} but its {proj} projection is {width} wide "
+                        "(transform attention_heads does not fit the weights)")
+    return None

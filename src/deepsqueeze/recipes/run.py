@@ -185,7 +185,7 @@ StageCallback = Callable[[int, Model], None]
 
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
                device: str | torch.device = "cpu", progress: bool = True, measure: bool = False,
-               on_stage_end: StageCallback | None = None) -> StageContext:
+               on_stage_end: StageCallback | None = None, model_code: str | None = None) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order.
 
     ``on_stage_end(index, model)`` runs after each stage (search scores intermediate models with it and
@@ -200,7 +200,8 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     for p in reference.module.parameters():
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
-                       seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported)
+                       seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported,
+                       model_code=model_code)
     if recipe.on_unsupported == "error":  # refuse before any stage does work
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
@@ -241,12 +242,13 @@ def check_out_path(out: str | Path, model_ref: str) -> Path:
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
              evaluate_result: bool = True, report: bool = False,
-             on_stage_end: StageCallback | None = None) -> CompressResult:
+             on_stage_end: StageCallback | None = None, model_code: str | None = None) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
     batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
     ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
+    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model.
     """
     own_model = model_ref is not None
     model_ref = model_ref or recipe.model
@@ -255,7 +257,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     out_path = check_out_path(out, model_ref)
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
-    model = resolve_model(model_ref, weights=weights, progress=progress, device=device)
+    model = resolve_model(model_ref, weights=weights, progress=progress, device=device, model_code=model_code)
     # a recipe's data goes with its model: a model given by the caller keeps the data it was trained on
     recipe_data = recipe.data if not own_model or model.base.get("data") is None else None
     data = training_data(model, data_ref or recipe_data)
@@ -263,7 +265,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
-                     on_stage_end=on_stage_end)
+                     on_stage_end=on_stage_end, model_code=model_code)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     check_runs(model, data)

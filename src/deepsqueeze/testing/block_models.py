@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 
 VOCAB, DIM, TOKENS = 64, 32, 12
 
@@ -61,5 +61,5 @@ def tiny_block_batches(n_batches: int = 4, batch: int = 16, seed: int = 0) -> li
 def tiny_block_handle() -> Model:
     """A ``Model`` around :class:`TinyBlockNet` (rebuildable as ``py:deepsqueeze.testing.block_models:TinyBlockNet``)."""
     module = TinyBlockNet()
-    return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.block_models:TinyBlockNet"},
+    return Model(module, py_base(module),
                  Task.CLASSIFIER, "py:deepsqueeze.testing.block_models:TinyBlockNet", count_params(module))

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 from deepsqueeze.data.datasets import ClassificationData
 
 TINY_SHAPE = (1, 4, 4)
@@ -51,7 +51,7 @@ def tiny_model_handle() -> Model:
     """A ``Model`` around a fresh, seeded ``TinyMLP`` (rebuildable as ``py:deepsqueeze.testing.models:TinyMLP``)."""
     torch.manual_seed(0)
     module = TinyMLP()
-    return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.models:TinyMLP"}, Task.CLASSIFIER,
+    return Model(module, py_base(module), Task.CLASSIFIER,
                  "py:deepsqueeze.testing.models:TinyMLP", count_params(module), TINY_SHAPE, TINY_CLASSES)
 
 

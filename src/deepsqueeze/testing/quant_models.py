@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model, Task, py_base
 
 
 class TinyBNConvNet(nn.Sequential):
@@ -32,7 +32,7 @@ class TinyBNConvNet(nn.Sequential):
 def tiny_bn_convnet_handle() -> Model:
     """A ``Model`` around :class:`TinyBNConvNet` (rebuildable as ``py:deepsqueeze.testing.quant_models:TinyBNConvNet``)."""
     module = TinyBNConvNet()
-    return Model(module, {"kind": "py", "factory": "deepsqueeze.testing.quant_models:TinyBNConvNet"},
+    return Model(module, py_base(module),
                  Task.CLASSIFIER, "py:deepsqueeze.testing.quant_models:TinyBNConvNet", count_params(module),
                  (1, 8, 8), 10)
 

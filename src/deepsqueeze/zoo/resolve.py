@@ -7,15 +7,17 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
 
+import pydantic
 import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
-from deepsqueeze.core.model import Model, Task, load_state_checked
-from deepsqueeze.errors import ModelError, one_line
+from deepsqueeze.core.model import Model, Task, architecture_fingerprint, load_state_checked, py_base
+from deepsqueeze.errors import ArtifactError, ModelError, one_line
 from deepsqueeze.zoo.builders import ZOO, build_zoo_model
 from deepsqueeze.zoo.hf import (
     CausalLM,
@@ -30,23 +32,194 @@ MODEL_HELP = ("zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), zoo:gpt-tiny@pydo
               "py:package.module:factory, FILE.dsq")
 DEFAULT_SHAPE = (1, 28, 28)
 
+#: What ``load(path, model=...)`` / ``--model-code`` accept for artifacts of ``py:`` models.
+ModelCode = str | Callable[[], nn.Module] | None
 
-def build_base(base: dict[str, Any]) -> nn.Module:
-    """Rebuild the uncompressed architecture described by a manifest's ``base`` (weights not loaded)."""
-    kind = base.get("kind")
-    if kind == "zoo":
-        return build_zoo_model(base["name"], tuple(base["input_shape"]), base["num_classes"])
-    if kind == "zoo-lm" and base.get("name") == "gpt-tiny":
+# Bounds on what a manifest's base may claim (the zoo builders allocate from these numbers).
+MAX_NAME = 1024
+MAX_PATH = 4096
+MAX_DIM = 4096
+MAX_INPUT_ELEMENTS = 1 << 20
+MAX_CLASSES = 100_000
+MAX_FINGERPRINT = 100_000
+MAX_RANK = 8
+
+_Strict = pydantic.ConfigDict(extra="forbid", frozen=True)
+Dim = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=1 << 40)]
+Name = Annotated[str, pydantic.Strict(), pydantic.Field(max_length=MAX_NAME)]
+
+
+class ZooBase(pydantic.BaseModel):
+    """A zoo architecture: ``name`` in ZOO, the dataset's input shape and class count."""
+
+    model_config = _Strict
+    kind: Literal["zoo"]
+    name: Name
+    input_shape: Annotated[list[Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=MAX_DIM)]],
+                           pydantic.Field(min_length=3, max_length=3)]
+    num_classes: Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=MAX_CLASSES)]
+    data: Annotated[str, pydantic.Strict(), pydantic.Field(max_length=MAX_PATH)] | None = None
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _known(cls, value: str) -> str:
+        if value not in ZOO:
+            raise ValueError(f"unknown zoo model (known: {', '.join(ZOO)})")
+        return value
+
+    @pydantic.field_validator("input_shape")
+    @classmethod
+    def _bounded(cls, value: list[int]) -> list[int]:
+        c, h, w = value
+        if c * h * w > MAX_INPUT_ELEMENTS:
+            raise ValueError(f"input of {c * h * w} elements exceeds {MAX_INPUT_ELEMENTS}")
+        return value
+
+
+class MiniLMBase(pydantic.BaseModel):
+    model_config = _Strict
+    kind: Literal["minilm"]
+
+
+class ZooLMBase(pydantic.BaseModel):
+    """The zoo's causal LM (``zoo:gpt-tiny``), built in code from fixed sizes."""
+
+    model_config = _Strict
+    kind: Literal["zoo-lm"]
+    name: Literal["gpt-tiny"]
+    data: Literal["pydoc"] | None = None
+
+
+class HFBase(pydantic.BaseModel):
+    """A Hugging Face directory on this machine (only its config is read: no weights, no remote code)."""
+
+    model_config = _Strict
+    kind: Literal["hf"]
+    path: Annotated[str, pydantic.Strict(), pydantic.Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]*$")]
+    task: Literal["sentence-encoder", "sequence-classifier", "causal-lm"] = "sentence-encoder"
+
+
+class Fingerprint(pydantic.BaseModel):
+    """Submodule names and state-dict shapes of a ``py`` base (see ``architecture_fingerprint``)."""
+
+    model_config = _Strict
+    modules: Annotated[list[Name], pydantic.Field(max_length=MAX_FINGERPRINT)]
+    tensors: Annotated[list[tuple[Name, Annotated[list[Dim], pydantic.Field(max_length=MAX_RANK)]]],
+                       pydantic.Field(max_length=MAX_FINGERPRINT)]
+
+
+class PyBase(pydantic.BaseModel):
+    """User architecture code: the manifest keeps only its fingerprint; the caller supplies the code."""
+
+    model_config = _Strict
+    kind: Literal["py"]
+    fingerprint: Fingerprint | None = None  # absent only in format-1 files
+
+
+BaseSpec = Annotated[ZooBase | ZooLMBase | MiniLMBase | HFBase | PyBase, pydantic.Field(discriminator="kind")]
+_BASE_ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(BaseSpec)
+
+
+def validate_base(base: Any) -> ZooBase | ZooLMBase | MiniLMBase | HFBase | PyBase:
+    """Check a manifest's ``base`` against its schema; raise ``ArtifactError`` naming the bad field."""
+    if isinstance(base, dict) and base.get("kind") not in (None, "zoo", "zoo-lm", "minilm", "hf", "py"):
+        raise ArtifactError(f"unknown base model kind {str(base.get('kind'))[:40]!r}: "
+                            "this artifact needs a newer deepsqueeze")
+    try:
+        return _BASE_ADAPTER.validate_python(base)
+    except pydantic.ValidationError as exc:
+        raise ArtifactError(f"malformed manifest: {describe_validation_error(exc, 'base')}") from None
+
+
+def describe_validation_error(exc: pydantic.ValidationError, prefix: str) -> str:
+    """``base.input_shape.0: Input should be ...`` for the first error, on one line."""
+    err = exc.errors(include_url=False)[0]
+    where = ".".join(str(p) for p in (prefix, *err["loc"]) if p != "")
+    msg = " ".join(str(err["msg"]).split())[:200]
+    return f"field {where}: {msg}"
+
+
+def build_base(base: dict[str, Any], model_code: ModelCode = None) -> nn.Module:
+    """Rebuild the uncompressed architecture a manifest's ``base`` describes (weights not loaded).
+
+    ``base`` is data only (validated by :func:`validate_base`): built-in bases (zoo, minilm, hf) are
+    rebuilt from their fields; a ``py`` base names no code, so the caller supplies it as
+    ``model_code`` (``"py:package.module:factory"`` or a zero-argument callable returning the module),
+    and what it builds must match the recorded fingerprint.
+
+    Raises:
+        ArtifactError: ``base`` is malformed, or names an unknown kind.
+        ModelError: a ``py`` base without ``model_code``, or code that builds a different architecture.
+    """
+    spec = validate_base(base)
+    if isinstance(spec, ZooBase):
+        return build_zoo_model(spec.name, tuple(spec.input_shape), spec.num_classes)
+    if isinstance(spec, ZooLMBase):
         from deepsqueeze.zoo.gpt import build_gpt_tiny
 
         return build_gpt_tiny()
-    if kind == "minilm":
+    if isinstance(spec, MiniLMBase):
         return load_sentence_encoder(minilm_dir(), pretrained=False)
-    if kind == "hf":
-        return load_hf_model(base["path"], Task(base.get("task", Task.SENTENCE_ENCODER.value)), pretrained=False)
-    if kind == "py":
-        return _call_factory(base["factory"])
-    raise ModelError(f"unknown base model kind {kind!r}: this artifact needs a newer deepsqueeze")
+    if isinstance(spec, HFBase):
+        return load_hf_model(spec.path, Task(spec.task), pretrained=False)
+    if model_code is None:
+        raise ModelError(
+            "this artifact was compressed from your own architecture code, which a .dsq never names: "
+            "pass the factory you trust with --model-code py:PACKAGE.MODULE:FACTORY "
+            "(in Python: deepsqueeze.load(path, model=\"py:PACKAGE.MODULE:FACTORY\"))"
+        )
+    if callable(model_code):
+        module = model_code()
+        label = getattr(model_code, "__qualname__", "the model factory")
+        if not isinstance(module, nn.Module):
+            raise ModelError(f"{label} returned {type(module).__name__}, not a torch.nn.Module")
+    else:
+        if not isinstance(model_code, str) or not model_code.startswith("py:"):
+            raise ModelError(f"--model-code must look like py:package.module:factory, got {model_code!r}")
+        module, label = _call_factory(model_code[3:]), model_code
+    if spec.fingerprint is not None:
+        check_fingerprint(module, spec.fingerprint.model_dump(), label)
+    return module
+
+
+#: A zoo base may claim at most this many fp32 bytes per byte of artifact (or MIN_BASE_BYTES), so a few
+#: hundred bytes of manifest cannot make the loader build gigabytes (real ratios stay under ~100x).
+MAX_RATIO = 1024
+MIN_BASE_BYTES = 64 << 20
+
+
+def check_base_size(spec: Any, file_bytes: int, where: str) -> None:
+    """Refuse a zoo base whose parameters (counted on the meta device, nothing allocated) are out of
+    proportion to the artifact's size; other bases are bounded by code or files on this machine."""
+    if not isinstance(spec, ZooBase):
+        return
+    with torch.device("meta"):
+        module = build_zoo_model(spec.name, tuple(spec.input_shape), spec.num_classes)
+    fp32 = 4 * sum(t.numel() for t in module.state_dict().values())
+    if fp32 > max(MAX_RATIO * file_bytes, MIN_BASE_BYTES):
+        raise ArtifactError(f"{where} claims a {spec.name} base of {fp32:,} fp32 bytes from a {file_bytes:,}-byte "
+                            "file: field base.input_shape is out of proportion; the file is forged or corrupted")
+
+
+def check_fingerprint(module: nn.Module, expected: dict[str, Any], label: str) -> None:
+    """Refuse model code whose architecture differs from the one an artifact recorded."""
+    got = architecture_fingerprint(module)
+    want_tensors = {name: list(shape) for name, shape in expected["tensors"]}
+    got_tensors = {name: list(shape) for name, shape in got["tensors"]}
+    hint = "pass the --model-code the artifact was compressed from"
+    for name, shape in want_tensors.items():
+        if name not in got_tensors:
+            raise ModelError(f"{label} builds no tensor {name!r}, which the artifact's base model has: {hint}")
+        if got_tensors[name] != shape:
+            raise ModelError(f"{label} builds {name!r} with shape {got_tensors[name]}, the artifact's base model "
+                             f"has {shape}: {hint}")
+    extra = [name for name in got_tensors if name not in want_tensors]
+    if extra:
+        raise ModelError(f"{label} builds tensor {extra[0]!r}, which the artifact's base model lacks: {hint}")
+    if got["modules"] != list(expected["modules"]):
+        missing = [m for m in expected["modules"] if m not in set(got["modules"])]
+        what = f"has no submodule {missing[0]!r}" if missing else "names its submodules differently"
+        raise ModelError(f"{label} {what} (the artifact's base model differs): {hint}")
 
 
 def resolve_base_model(ref: str, weights: str | None = None, progress: bool = True,
@@ -86,7 +259,7 @@ def resolve_base_model(ref: str, weights: str | None = None, progress: bool = Tr
         module = _call_factory(ref[3:])
         task = _task_of(module)
         shape = getattr(module, "input_shape", None)
-        model = Model(module, {"kind": "py", "factory": ref[3:]}, task, ref, count_params(module),
+        model = Model(module, py_base(module), task, ref, count_params(module),
                       tuple(shape) if shape else None, getattr(module, "num_classes", None))
     else:
         raise ModelError(f"unknown model reference {ref!r}: use {MODEL_HELP}")
@@ -105,6 +278,28 @@ def _task_of(module: nn.Module) -> Task:
     if isinstance(module, SentenceEncoder):
         return Task.SENTENCE_ENCODER
     return Task.CLASSIFIER
+
+
+def base_reference(model: Model) -> Model:
+    """The uncompressed, pretrained model ``model`` came from: the default fidelity reference.
+
+    For a loaded artifact this is rebuilt from the manifest's base (data), never from its ``ref``
+    string, which could name code; a ``py`` base has no pretrained weights to rebuild, so the caller
+    must pass the reference. Raises ``ModelError`` then.
+    """
+    if model.artifact_path is None:
+        return resolve_base_model(model.ref, progress=False)
+    spec = validate_base(model.base)
+    if isinstance(spec, MiniLMBase):
+        return resolve_base_model("minilm", progress=False)
+    if isinstance(spec, HFBase):
+        return resolve_base_model(f"hf:{spec.path}", progress=False)
+    if isinstance(spec, ZooLMBase):
+        return resolve_base_model(f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else ""), progress=False)
+    if isinstance(spec, ZooBase):
+        return resolve_base_model(f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else ""), progress=False)
+    raise ModelError(f"{model.artifact_path} was compressed from your own model code: pass the uncompressed "
+                     "model to compare against with --reference")
 
 
 def load_weights(module: nn.Module, path: str) -> None:
