@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
+from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import CoverageEntry, get_record, record_encoding, replay_transforms
 from deepsqueeze.core.sharing import shared_tensors, tie_tensor
@@ -69,13 +71,31 @@ def manifest_of(model: Model) -> dict[str, Any]:
     }
 
 
+def _skeleton(manifest: dict[str, Any]) -> nn.Module:
+    """The base architecture with the recorded transforms replayed, its weights not allocated (meta).
+
+    Lean loading: the fp32 base is never materialized, so a model whose fp32 form does not fit in
+    memory loads when its artifact does. Where a constructor or a replay cannot run on the meta device
+    (it reads weight values), the skeleton is built the plain way (weights allocated, then replaced).
+    """
+    try:
+        with skeleton():
+            module = build_base(manifest["base"])
+            replay_transforms(module, manifest["transforms"])
+        return module
+    except (NotImplementedError, RuntimeError):
+        pass  # the named fallback: a full-size build
+    module = build_base(manifest["base"])
+    replay_transforms(module, manifest["transforms"])
+    return module
+
+
 def load(path: str | os.PathLike[str]) -> Model:
     """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors."""
     contents = read_artifact(path)
     manifest = contents.manifest
     try:
-        module = build_base(manifest["base"])
-        replay_transforms(module, manifest["transforms"])
+        module = _skeleton(manifest)
         task = Task(manifest["task"])
     except ArtifactError:
         raise
@@ -86,7 +106,7 @@ def load(path: str | os.PathLike[str]) -> Model:
     ties = manifest.get("ties") or {}
     if not isinstance(ties, dict) or any(not isinstance(k, str) or v not in contents.tensors for k, v in ties.items()):
         raise ArtifactError(f"{path} has a malformed manifest: 'ties' must map tensor names to stored tensors")
-    result = module.load_state_dict(contents.tensors, strict=False)
+    result = module.load_state_dict(contents.tensors, strict=False, assign=True)  # no copy: tensors go in place
     missing = [k for k in result.missing_keys if k not in ties]
     if missing or result.unexpected_keys:
         raise ArtifactError(
@@ -95,6 +115,9 @@ def load(path: str | os.PathLike[str]) -> Model:
         )
     for alias, source in ties.items():
         tie_tensor(module, alias, source)
+    unset = meta_tensors(module)
+    if unset:
+        raise ArtifactError(f"{path} does not fit its base model: no stored value for {unset[:3]}")
     get_record(module).stages = list(manifest.get("stages", []))
     get_record(module).coverage = [CoverageEntry.from_dict(e) for e in manifest.get("coverage", [])]
     for entry in manifest["tensors"]:

@@ -15,6 +15,7 @@ No pickle anywhere: tensors are encoded by registered encodings into plain bytes
 from __future__ import annotations
 
 import json
+import mmap
 import os
 import struct
 import tempfile
@@ -172,19 +173,19 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
         raise
 
 
-def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, int]:
-    """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
+def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], memoryview, int]:
+    """Parse and verify header and manifest; return (manifest, payload (a view of the mapped file), file size)."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _map(path)
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist: check the path") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path} is a folder, not a .dsq artifact") from None
     except OSError as exc:
         raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from None
-    if len(data) < _HEADER.size or not data.startswith(MAGIC):
-        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+    if len(data) < _HEADER.size or bytes(data[: len(MAGIC)]) != MAGIC:
+        if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
             raise ArtifactError(f"{path} is truncated ({len(data)} bytes): re-create it with deepsqueeze compress")
         raise ArtifactError(f"{path} is not a deepsqueeze artifact (bad magic bytes)")
     _, version, manifest_len, manifest_crc = _HEADER.unpack_from(data)
@@ -196,7 +197,7 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, 
     start = _HEADER.size
     if start + manifest_len > len(data):
         raise ArtifactError(f"{path} is truncated: the manifest runs past the end of the file; re-create it")
-    manifest_bytes = data[start : start + manifest_len]
+    manifest_bytes = bytes(data[start : start + manifest_len])
     if zlib.crc32(manifest_bytes) != manifest_crc:
         raise ArtifactError(f"{path} is corrupted: manifest checksum mismatch; re-create it")
     try:
@@ -204,6 +205,27 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, 
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise ArtifactError(f"{path} is corrupted: its manifest is not valid JSON") from None
     return manifest, data[start + manifest_len :], len(data)
+
+
+def _map(path: Path) -> memoryview:
+    """The file's bytes, memory-mapped read-only (pages are read as tensors are decoded, never copied whole)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def _release(payload: memoryview, offset: int, length: int) -> None:
+    """Drop the mapped pages of a decoded segment from memory (they are file-backed and clean)."""
+    mm = payload.obj
+    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = len(mm) - len(payload) + offset
+    start = base - base % mmap.PAGESIZE
+    end = min(len(mm), base + length)
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def read_artifact(path: str | os.PathLike[str]) -> ArtifactContents:
@@ -220,7 +242,8 @@ def read_artifact(path: str | os.PathLike[str]) -> ArtifactContents:
                     raise ArtifactError(f"{path} is truncated: tensor {name!r} runs past the end of the file")
                 if zlib.crc32(seg) != crc:
                     raise ArtifactError(f"{path} is corrupted: checksum mismatch in tensor {name!r}")
-                segments.append(seg)
+                segments.append(bytes(seg))
+                _release(payload, offset, length)
             if entry["dtype"] not in _DTYPES:
                 raise ArtifactError(f"{path}: tensor {name!r} has unknown dtype {entry['dtype']!r}")
             shape = tuple(int(s) for s in entry["shape"])
