@@ -87,6 +87,7 @@ def run_benchmark(module: ModuleType, ctx: BenchContext) -> dict[str, Any]:
         "torch": torch.__version__,
         "threads": ctx.threads,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
+        "cpu": _cpu(),
         "date": _dt.date.today().isoformat(),
         "wall_s": round(time.perf_counter() - start, 1),
         "quick": ctx.quick,
@@ -107,6 +108,13 @@ def _latency_notes(timings: list[Any]) -> list[str]:
     if spread:
         notes.append(f"{spread} of {len(timings)} timed callables had a p10-p90 spread above 25% of the median")
     return list(dict.fromkeys(notes))
+
+
+def _cpu() -> str:
+    """CPU model and the flags that decide which kernels are fast (BENCHMARKS.md rule 10)."""
+    from deepsqueeze.core.timing import cpu_fingerprint
+
+    return cpu_fingerprint()
 
 
 def _plain(value: Any) -> Any:
@@ -139,7 +147,7 @@ def write_markdown() -> None:
                          ": treat this run's latencies and speedups as unreliable.")
         lines += [
             f"_Run: commit {res['commit']}, torch {res['torch']}, {res['threads']} threads, {res['date']}, "
-            f"{res['wall_s']} s wall._",
+            f"{res['wall_s']} s wall{'; CPU ' + res['cpu'] if res.get('cpu') else ''}._",
             "",
         ]
     BENCHMARKS_MD.write_text("\n".join(lines))

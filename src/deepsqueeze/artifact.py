@@ -7,9 +7,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
 from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
+from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import (
     CoverageEntry,
@@ -77,6 +79,25 @@ def manifest_of(model: Model) -> dict[str, Any]:
     }
 
 
+def _skeleton(base: dict[str, Any], model_code: ModelCode, transforms: list[dict[str, Any]], where: str) -> nn.Module:
+    """The base architecture with the recorded transforms replayed, its weights not allocated (meta).
+
+    Lean loading: the fp32 base is never materialized, so a model whose fp32 form does not fit in
+    memory loads when its artifact does. Where a constructor or a replay cannot run on the meta device
+    (it reads weight values), the skeleton is built the plain way (weights allocated, then replaced).
+    """
+    try:
+        with skeleton():
+            module = build_base(base, model_code)
+            replay_transforms(module, transforms, where=where)
+        return module
+    except (NotImplementedError, RuntimeError, ArtifactError):
+        pass  # the named fallback: a full-size build (a malformed transform fails again there)
+    module = build_base(base, model_code)
+    replay_transforms(module, transforms, where=where)
+    return module
+
+
 def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors.
 
@@ -98,38 +119,40 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     base = spec.base.model_dump(exclude_none=True)
     check_base_size(spec.base, container.file_bytes, str(path))
     try:
-        module = build_base(base, model)
+        module = _skeleton(base, model, [t.model_dump() for t in spec.transforms], str(path))
     except ArtifactError:
         raise
     except DeepsqueezeError as exc:
         raise ModelError(f"cannot rebuild the base model of {path}: {exc}") from None
-    replay_transforms(module, [t.model_dump() for t in spec.transforms], where=str(path))
     stored = {entry.name: entry for entry in spec.tensors}
     ties = dict(spec.ties)
-    skeleton = module.state_dict()
+    expected = module.state_dict()
     for alias, source in ties.items():
-        if alias in stored or alias not in skeleton or source not in stored:
+        if alias in stored or alias not in expected or source not in stored:
             raise ArtifactError(f"{path} has a malformed manifest: field ties.{alias[:80]}: a tie must map a "
                                 "tensor of the model that is not stored to one that is")
-    missing = [k for k in skeleton if k not in stored and k not in ties]
-    unexpected = [k for k in stored if k not in skeleton]
+    missing = [k for k in expected if k not in stored and k not in ties]
+    unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
         raise ArtifactError(f"{path} does not fit its base model: missing {missing[:3]}, "
                             f"unexpected {[k[:80] for k in unexpected[:3]]}")
     for name, entry in stored.items():
-        want = skeleton[name]
+        want = expected[name]
         if list(want.shape) != entry.shape or want.dtype != entry.torch_dtype:
             raise ArtifactError(f"{path} does not fit its base model: tensor {name!r} is stored as "
                                 f"{entry.shape} {entry.dtype}, the model has {list(want.shape)} "
                                 f"{str(want.dtype).removeprefix('torch.')}")
-    del skeleton
+    del expected
     tensors = {name: decode_entry(container, entry) for name, entry in stored.items()}
     try:
-        module.load_state_dict(tensors, strict=False)
+        module.load_state_dict(tensors, strict=False, assign=True)  # no copy: tensors go in place
     except RuntimeError as exc:
         raise ArtifactError(f"{path} does not fit its base model: {str(exc).splitlines()[-1].strip()[:200]}") from None
     for alias, source in ties.items():
         tie_tensor(module, alias, source)
+    unset = meta_tensors(module)
+    if unset:
+        raise ArtifactError(f"{path} does not fit its base model: no stored value for {unset[:3]}")
     check_loaded_model(module, str(path))
     manifest = container.manifest
     get_record(module).stages = list(manifest.get("stages", []))

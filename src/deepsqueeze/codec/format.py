@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import os
 import struct
 import tempfile
@@ -319,15 +320,15 @@ def read_container(path: str | os.PathLike[str]) -> Container:
     """Read and verify header, digest and manifest, and validate every tensor entry against the payload."""
     path = Path(path)
     try:
-        data = path.read_bytes()
+        data = _map(path)
     except FileNotFoundError:
         raise ArtifactError(f"artifact {path} does not exist: check the path") from None
     except IsADirectoryError:
         raise ArtifactError(f"{path} is a folder, not a .dsq artifact") from None
     except OSError as exc:
         raise ArtifactError(f"cannot read artifact {path}: {exc.strerror}") from None
-    if len(data) < _PREFIX.size or not data.startswith(MAGIC):
-        if len(data) < len(MAGIC) and MAGIC.startswith(data):
+    if len(data) < _PREFIX.size or bytes(data[: len(MAGIC)]) != MAGIC:
+        if len(data) < len(MAGIC) and MAGIC.startswith(bytes(data)):
             raise ArtifactError(f"{path} is truncated ({len(data)} bytes): re-create it with deepsqueeze compress")
         raise ArtifactError(f"{path} is not a deepsqueeze artifact (bad magic bytes)")
     _, version = _PREFIX.unpack_from(data)
@@ -350,7 +351,7 @@ def read_container(path: str | os.PathLike[str]) -> Container:
         raise ArtifactError(f"{path} has a {manifest_len}-byte manifest (at most {MAX_MANIFEST_BYTES}): not loaded")
     if version >= 2 and hashlib.sha256(memoryview(data)[start:]).digest() != fields[4]:
         raise ArtifactError(f"{path} is corrupted: SHA-256 digest mismatch; re-create it")
-    manifest_bytes = data[start : start + manifest_len]
+    manifest_bytes = bytes(data[start : start + manifest_len])
     if zlib.crc32(manifest_bytes) != manifest_crc:
         raise ArtifactError(f"{path} is corrupted: manifest checksum mismatch; re-create it")
     try:
@@ -393,7 +394,8 @@ def decode_entry(container: Container, entry: TensorSpec) -> torch.Tensor:
         seg = container.payload[offset : offset + length]
         if zlib.crc32(seg) != crc:
             raise ArtifactError(f"{container.path} is corrupted: checksum mismatch in tensor {entry.name[:80]!r}")
-        segments.append(seg)
+        segments.append(bytes(seg))
+        _release(container.payload, offset, length)
     encoding = get_encoding(entry.encoding)
     shape = tuple(entry.shape)
     stored = sum(length for _, length, _ in entry.segments)
@@ -415,6 +417,27 @@ def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, 
     """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
     container = read_container(path)
     return container.manifest, container.payload, container.file_bytes
+
+
+def _map(path: Path) -> memoryview:
+    """The file's bytes, memory-mapped read-only (pages are read as tensors are decoded, never copied whole)."""
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size == 0:
+            return memoryview(b"")
+        return memoryview(mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ))
+
+
+def _release(payload: memoryview, offset: int, length: int) -> None:
+    """Drop the mapped pages of a decoded segment from memory (they are file-backed and clean)."""
+    mm = payload.obj
+    if not isinstance(mm, mmap.mmap) or not hasattr(mm, "madvise") or not hasattr(mmap, "MADV_DONTNEED"):
+        return
+    base = len(mm) - len(payload) + offset
+    start = base - base % mmap.PAGESIZE
+    end = min(len(mm), base + length)
+    if end > start:
+        mm.madvise(mmap.MADV_DONTNEED, start, end - start)
 
 
 def read_artifact(path: str | os.PathLike[str]) -> ArtifactContents:

@@ -24,7 +24,7 @@ from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
 from deepsqueeze.core.encoding import register_encoding
 from deepsqueeze.core.kinds import weight_bearing_modules
 from deepsqueeze.core.record import record_encoding, record_transform, register_transform
-from deepsqueeze.core.timing import forced_choice, race
+from deepsqueeze.core.timing import choose, forced_choice
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
 from deepsqueeze.errors import ArtifactError
 
@@ -40,9 +40,10 @@ _measured_sparse_kernel: dict[tuple[int, ...], str] = {}
 def sparse_kernel(layer: SparseCSRLinear, x: torch.Tensor) -> str:
     """``"csr"`` or ``"dense"`` for ``layer`` on the 2-D batch ``x``: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
 
-    The race runs both of the layer's forward paths on ``x`` (interleaved, best of 3, a few ms) and is
-    cached per process by weight shape, non-zero count and batch kind (one row or many), so every
-    layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
+    The race runs both of the layer's forward paths on ``x`` (:func:`deepsqueeze.core.timing.choose`:
+    interleaved repetitions, dense kept unless CSR is 15% faster) and the decision is kept per weight
+    shape, non-zero count and batch kind (one row or many), in the process and in the machine's kernel
+    cache, so every layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
     """
     forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
     if forced is not None:
@@ -51,8 +52,9 @@ def sparse_kernel(layer: SparseCSRLinear, x: torch.Tensor) -> str:
         return "csr"
     key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
     if key not in _measured_sparse_kernel:
-        _measured_sparse_kernel[key] = race({"csr": lambda: layer._csr_product(x),
-                                             "dense": lambda: layer._dense_product(x)})
+        name = f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
+        _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
+                                                     "csr": lambda: layer._csr_product(x)})
     return _measured_sparse_kernel[key]
 
 

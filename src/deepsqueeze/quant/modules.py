@@ -15,6 +15,9 @@
 * :class:`PackedIntLinear` / :class:`PackedIntConv2d` (and :class:`PackedInt4Linear`): weight-only
   codes of 1..8 bits packed into uint8 rows, with one scale and zero point per output channel or per
   group of input elements; binary codes (XNOR-Net) are stored as 1-bit codes ``(2q - 1) * scale``.
+  They never keep a float weight: Linear runs PyTorch's int4/int8 weight-only CPU kernels on layouts
+  built from the codes at first use, or decodes one layer into a transient buffer per call, whichever
+  measured faster for the shape and batch kind (:meth:`PackedIntLinear.kernel`); Conv2d decodes per call.
 * :class:`Int8Embedding` (int8 rows, one scale per row) and :class:`PackedIntEmbedding` (2..8-bit
   rows with group scales): MiniLM's word-embedding table is half of its parameters.
 
@@ -31,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsqueeze.core.timing import forced_choice, race
+from deepsqueeze.core.timing import choose, forced_choice
 from deepsqueeze.errors import ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
@@ -48,6 +51,7 @@ __all__ = [
     "int8_kernel",
     "quantize_activation_per_token",
     "set_int8_kernel",
+    "set_packed_kernel",
 ]
 
 ACT_SCHEMES = ("per_token", "per_tensor", "static")
@@ -120,10 +124,13 @@ def _forced_kernel() -> str | None:
 
 
 def int8_kernel(device: torch.device) -> str:
-    """The kernel for dynamic int8 Linear on ``device``: forced, or measured once per process.
+    """The kernel for dynamic int8 Linear on ``device``: forced, or measured once per machine.
 
-    CUDA uses ``_int_mm``. On a CPU both kernels run a MiniLM-sized product (512 x 384 x 384) and
-    the faster wins (interleaved, best of 3, ~0.5 s once); on AVX2 without VNNI ``_int_mm`` is ~20x slower than fp32 and fbgemm ~2x faster.
+    CUDA uses ``_int_mm``. On a CPU both kernels run a MiniLM-sized product (512 x 384 x 384),
+    interleaved with repetitions (:func:`deepsqueeze.core.timing.choose`); fbgemm is kept unless
+    ``_int_mm`` is 15% faster, and the decision is stored per CPU model and flags in the cache, so
+    a race timed under load cannot pick ``_int_mm`` where it is ~20x slower than fp32 (AVX2 without
+    VNNI; fbgemm is ~2x faster than fp32 there).
     """
     forced = _forced_kernel()
     if forced is not None:
@@ -136,8 +143,9 @@ def int8_kernel(device: torch.device) -> str:
         w = torch.randint(-127, 128, (384, 384), generator=g, dtype=torch.int8)
         xq = torch.randint(-127, 128, (512, 384), generator=g, dtype=torch.int8)
         packed = _fbgemm_pack(w, torch.ones(384))
-        _measured_kernel["cpu"] = race({"fbgemm": lambda: _fbgemm_per_token(x, packed),
-                                         "int_mm": lambda: torch._int_mm(xq, w.t())})
+        _measured_kernel["cpu"] = choose("int8-linear-per-token 512x384x384",
+                                         {"fbgemm": lambda: _fbgemm_per_token(x, packed),
+                                          "int_mm": lambda: torch._int_mm(xq, w.t())})
     return _measured_kernel["cpu"]
 
 
@@ -477,11 +485,13 @@ class _PackedWeight(_Cached):
         return packing.unpack(self.codes, self.bits, self._cols)
 
     def dequantized_rows(self) -> torch.Tensor:
-        q = self.int_codes().float()
-        scale = self.scale.repeat_interleave(self.group_size, dim=1)
+        """The float weight rows (rows, K), computed afresh (nothing is kept): ``(q - z) * s`` per group."""
+        groups = self.scale.shape[1]
+        q = self.int_codes().float().reshape(self._rows, groups, self.group_size)
+        scale = self.scale[:, :, None]
         if self.binary:
-            return (2 * q - 1) * scale
-        return (q - self.zero_point.float().repeat_interleave(self.group_size, dim=1)) * scale
+            return ((2 * q - 1) * scale).reshape(self._rows, self._cols)
+        return ((q - self.zero_point.float()[:, :, None]) * scale).reshape(self._rows, self._cols)
 
     def deepsqueeze_param_count(self) -> int:
         bias = getattr(self, "bias", None)
@@ -498,8 +508,65 @@ class _PackedWeight(_Cached):
             self.zero_point.numel() * 8 if self.zero_point is not None else 0)
 
 
+# ------------------------------------------------------------------------------------------ packed kernels
+
+#: Weight-only Linear kernels, in order of preference: see :class:`PackedIntLinear`.
+PACKED_KERNELS = ("int4pack", "int8pack", "dequant")
+INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
+PACKED_RACE_ROWS = 256  # the "many rows" race runs on at most this many rows of the first batch
+_packed_override: str | None = None
+
+
+def set_packed_kernel(kernel: str | None) -> None:
+    """Force the kernel :class:`PackedIntLinear` uses (``None``: measure, the default); the environment
+    variable ``DEEPSQUEEZE_PACKED_KERNEL`` does the same. A layer the forced kernel cannot run (see
+    :meth:`PackedIntLinear.kernel_support`) falls back to ``"dequant"``."""
+    global _packed_override
+    if kernel is not None and kernel not in PACKED_KERNELS:
+        raise ModelError(f"unknown packed kernel {kernel!r}: choose one of {PACKED_KERNELS} (or None to measure)")
+    _packed_override = kernel
+
+
+def _forced_packed_kernel() -> str | None:
+    return _packed_override or forced_choice("DEEPSQUEEZE_PACKED_KERNEL", PACKED_KERNELS)
+
+
+def _batch_kind(rows: int) -> str:
+    """Rows of one call, as the kernel choice sees them: a sentence or a few (``few``) or a batch (``many``)."""
+    return "few" if rows <= 32 else "many"
+
+
+def _int4pack_group(bits: int, binary: bool, group_size: int, cols: int) -> int | None:
+    if bits > 4 and not binary:
+        return None
+    for g in INT4PACK_GROUPS:
+        if group_size % g == 0 and cols % g == 0:
+            return g
+    return None
+
+
 class PackedIntLinear(_PackedWeight):
-    """Weight-only Linear: packed 1..8-bit codes, dequantized once into a cached float weight."""
+    """Weight-only Linear: packed 1..8-bit codes computed on without a float copy of the weight.
+
+    Each call runs one of three kernels (chosen per weight shape, bits, groups and batch kind, see
+    :meth:`kernel`), whose operands are built from the codes at first use after loading (the file
+    keeps our packing; kernel layouts are never stored):
+
+    * ``int4pack``: PyTorch's ``aten._weight_int4pack_mm_for_cpu`` on a layout made by
+      ``_convert_weight_to_int4pack_for_cpu`` (4 bits per weight; 2/3-bit and binary codes are exact
+      in it: ``w = (q - 8) * s + z`` with ``z = (8 - zero_point) * s``). Needs codes of at most 4 bits
+      and a group of 32/64/128/256 inputs dividing ours (per-channel scales are repeated per group) and a
+      multiple of 16 outputs.
+    * ``int8pack``: ``aten._weight_int8pack_mm`` on int8 codes ``q - zero_point`` (<= 7 bits), or
+      ``q - 128`` plus a rank-one correction ``sum(x) * (128 - zero_point) * s`` (8 bits). Needs one
+      scale per output channel (no groups).
+    * ``dequant``: decodes this layer's codes into a transient float weight on each call and runs
+      ``F.linear`` (memory bounded by the largest layer, not the model; the fast choice for large
+      batches, where the two kernels above run 10-100x slower than fp32 on CPUs).
+
+    On a non-CPU device, or when the input needs gradients (LoRA on a quantized base), ``dequant``
+    runs. ``bias`` (out,) stays float.
+    """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = None,
                  bias: bool = True, binary: bool = False) -> None:
@@ -507,6 +574,7 @@ class PackedIntLinear(_PackedWeight):
         self.in_features, self.out_features = in_features, out_features
         self._init_codes(out_features, in_features, bits, group_size, binary)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
+        self._kernels: dict[str, str] = {}  # batch kind -> kernel chosen in this process
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
@@ -518,10 +586,115 @@ class PackedIntLinear(_PackedWeight):
         return module
 
     def dequantized_weight(self) -> torch.Tensor:
-        return self._cached("weight", self.dequantized_rows)
+        """The float weight (out, in) the kernels compute with; built on each call, never kept."""
+        return self.dequantized_rows()
+
+    # -- kernels
+
+    def kernel_support(self) -> dict[str, str | None]:
+        """Each kernel of :data:`PACKED_KERNELS` -> None where it can run this layer, else why not."""
+        support: dict[str, str | None] = {"int4pack": None, "int8pack": None, "dequant": None}
+        if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+            support["int4pack"] = "this PyTorch has no _weight_int4pack_mm_for_cpu"
+        elif self.bits > 4 and not self.binary:
+            support["int4pack"] = f"{self.bits}-bit codes do not fit the 4-bit kernel"
+        elif _int4pack_group(self.bits, self.binary, self.group_size, self.in_features) is None:
+            support["int4pack"] = (f"group size {self.group_size} over {self.in_features} inputs has no "
+                                   f"divisor among the kernel's groups {INT4PACK_GROUPS}")
+        elif self.out_features % 16:
+            support["int4pack"] = f"the 4-bit kernel packs outputs in blocks of 16, not {self.out_features}"
+        if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+            support["int8pack"] = "this PyTorch has no _weight_int8pack_mm"
+        elif self.group_size != self.in_features:
+            support["int8pack"] = "the int8 kernel takes one scale per output channel, not groups"
+        return support
+
+    def _layout(self, kernel: str) -> Any:
+        return self._cached(kernel, lambda: getattr(self, f"_make_{kernel}")())
+
+    def _make_int4pack(self) -> tuple[torch.Tensor, int, torch.Tensor]:
+        g = _int4pack_group(self.bits, self.binary, self.group_size, self.in_features)
+        assert g is not None  # kernel_support said so
+        codes = self.int_codes().to(torch.int32)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+        del codes
+        scale = self.scale.float()
+        if self.binary:  # (2q - 1) s = (q - 8) 2s + 15s
+            s, z = 2 * scale, 15 * scale
+        else:
+            s, z = scale, (8 - self.zero_point.float()) * scale
+        rep = self.group_size // g
+        s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)
+        return packed, g, torch.stack([s.t(), z.t()], dim=-1).contiguous()
+
+    def _make_int8pack(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        q = self.int_codes().to(torch.int16)
+        scale = self.scale[:, 0].float().contiguous()
+        if self.binary:
+            return (2 * q - 1).to(torch.int8), scale, None
+        zero = self.zero_point[:, :1].to(torch.int16)
+        if self.bits <= 7:
+            return (q - zero).to(torch.int8), scale, None
+        correction = (128 - zero[:, 0]).float() * scale  # (q - z) s = (q - 128) s + (128 - z) s
+        return (q - 128).to(torch.int8), scale, correction if bool(correction.any()) else None
+
+    def _run(self, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+        """``x2 @ W^T + b`` for 2-D float32 ``x2`` with ``kernel``."""
+        bias = self.bias
+        if kernel == "int4pack":
+            packed, g, scale_zeros = self._layout("int4pack")
+            y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, g, scale_zeros)
+        elif kernel == "int8pack":
+            w8, scale, correction = self._layout("int8pack")
+            y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w8, scale)
+            if correction is not None:
+                y = torch.addmm(y, x2.sum(dim=1, keepdim=True), correction[None, :])
+        else:
+            return F.linear(x2, self.dequantized_rows(), bias)
+        return y if bias is None else y.add_(bias)
+
+    def kernel(self, x2: torch.Tensor) -> str:
+        """The kernel for a 2-D float32 batch like ``x2``: forced (:func:`set_packed_kernel`,
+        ``DEEPSQUEEZE_PACKED_KERNEL``; ``dequant`` where the forced one cannot run this layer), else
+        chosen by :func:`deepsqueeze.core.timing.choose` per (out, in, bits, group, batch kind) and kept
+        for the machine; layouts of kernels not chosen are dropped after the choice."""
+        support = self.kernel_support()
+        forced = _forced_packed_kernel()
+        if forced is not None:
+            return forced if support[forced] is None else "dequant"
+        if x2.device.type != "cpu":
+            return "dequant"
+        kind = _batch_kind(x2.shape[0])
+        chosen = self._kernels.get(kind)
+        if chosen is None:
+            sample = x2[:PACKED_RACE_ROWS]
+            usable = [k for k in PACKED_KERNELS if support[k] is None]
+            key = (f"packed-linear {self.out_features}x{self.in_features} bits={self.bits}"
+                   f"{'b' if self.binary else ''} group={self.group_size} rows={kind}")
+            with torch.no_grad():
+                chosen = choose(key, {k: (lambda k=k: self._run(k, sample)) for k in usable})
+            self._kernels[kind] = chosen
+            for k in ("int4pack", "int8pack"):
+                if k not in self._kernels.values():
+                    self._cache.pop(k, None)  # the race built it: keep only the layouts in use
+        return chosen
+
+    def kernels(self) -> dict[str, str]:
+        """Batch kind (``few`` rows <= 32, ``many``) -> kernel chosen so far in this process."""
+        return dict(self._kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.dequantized_weight().to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+        shape = x.shape
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] == 0 or (x2.requires_grad and torch.is_grad_enabled()):
+            kernel = "dequant"
+        else:
+            kernel = self.kernel(x2)
+        return self._run(kernel, x2).reshape(*shape[:-1], self.out_features).to(x.dtype)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._kernels.clear()
+        return super()._apply(fn, recurse)
 
     def replay_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
@@ -569,8 +742,9 @@ class PackedIntConv2d(_PackedWeight):
         return module
 
     def dequantized_weight(self) -> torch.Tensor:
+        """The float weight (out, in/groups, kh, kw), decoded on each call (transient; never kept)."""
         shape = (self.out_channels, self.in_channels // self.groups, *self.kernel_size)
-        return self._cached("weight", lambda: self.dequantized_rows().reshape(shape))
+        return self.dequantized_rows().reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, self.stride, self.padding,
