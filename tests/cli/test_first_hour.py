@@ -212,7 +212,7 @@ def test_py_model_without_input_shape_takes_it_from_data(capsys, workdir):
     code, out, err = run(capsys, "compress", "--model", ref, "--data", "digits", "--recipe", "p.yaml",
                          "--out", "p.dsq", "--json")
     assert code == 0, err
-    loaded = load(workdir / "p.dsq")
+    loaded = load(workdir / "p.dsq", model=ref)
     assert loaded.input_shape == (1, 8, 8) and loaded.num_classes == 10
     assert loaded.module.pw1[0].out_channels == 24  # 32 channels, a quarter removed
     pytest.importorskip("onnxruntime")

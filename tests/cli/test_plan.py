@@ -46,7 +46,7 @@ def test_compress_prints_coverage_and_stores_it(capsys, workdir):
     assert json.loads(out)["coverage"][0]["covered_pct"] == 100.0
     from deepsqueeze.artifact import load
 
-    manifest = load(workdir / "g.dsq").meta["manifest"]
+    manifest = load(workdir / "g.dsq", model=GPT2).meta["manifest"]
     assert {e["module"] for e in manifest["coverage"]} >= {"transformer.h.0.attn.c_attn", "lm_head"}
 
 

@@ -111,4 +111,4 @@ def test_compress_through_the_cli(tmp_path, monkeypatch, capsys):
             sys.exit(0)
         assert (info.value.code or 0) == 0, capsys.readouterr().err
         capsys.readouterr()
-        assert load("o.dsq").module.empty.weight.shape == (0, 32)
+        assert load("o.dsq", model="py:ds_empty_layer:make_digits").module.empty.weight.shape == (0, 32)

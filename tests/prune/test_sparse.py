@@ -107,7 +107,7 @@ def test_pruned_model_round_trips_through_the_artifact(tmp_path, execution):
     dense_copy = tiny_model_handle()
     size = save(model, tmp_path / "p.dsq")
     dense_size = save(dense_copy, tmp_path / "d.dsq")
-    assert size < 0.45 * dense_size  # tiny layers: header + biases dominate, weights are ~1/7 of dense
+    assert size < 0.5 * dense_size  # tiny layers: header, py fingerprint and biases dominate; weights ~1/7 of dense
     loaded = load(tmp_path / "p.dsq", model="py:deepsqueeze.testing.models:TinyMLP")
     assert type(loaded.module.fc1) is type(model.module.fc1)
     for (k, a), (k2, b) in zip(model.module.state_dict().items(), loaded.module.state_dict().items(), strict=True):

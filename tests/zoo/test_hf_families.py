@@ -43,7 +43,10 @@ def run(capsys, *argv: str) -> tuple[int, str, str]:
 
 
 def one_line_error(code: int, out: str, err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
+    """The error is one line (progress log lines of the stages that ran before it may precede it)."""
+    from deepsqueeze.core.progress import LOG_PREFIX
+
+    lines = [line for line in err.splitlines() if line.strip() and not line.startswith(LOG_PREFIX)]
     assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 

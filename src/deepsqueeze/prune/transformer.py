@@ -291,6 +291,8 @@ def _set_heads(attn: nn.Module, heads: int, kv_heads: int | None = None, head_di
 
 class HeadsParams(TransformParams):
     heads: Size
+    kv_heads: Size | None = None
+    head_dim: Size | None = None
 
 
 @register_transform("attention_heads", params=HeadsParams)

@@ -15,7 +15,7 @@ arguments, a dict of keyword arguments, or a ``CalibBatch`` from :mod:`deepsquee
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 import pydantic
 import torch
@@ -289,10 +289,17 @@ class QuantModuleParams(pydantic.BaseModel):
     against the replaced module's geometry by the replay)."""
 
     model_config = pydantic.ConfigDict(extra="allow")
-    cls: Literal[tuple(MODULE_CLASSES)]  # type: ignore[valid-type]
+    cls: Annotated[str, pydantic.Strict(), pydantic.Field(max_length=64)]
     bits: Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=8)] | None = None
     group_size: Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=1 << 31)] | None = None
     bias: Annotated[bool, pydantic.Strict()] | None = None
+
+    @pydantic.field_validator("cls")
+    @classmethod
+    def _registered(cls, value: str) -> str:  # the registry, not a list frozen at import: plug-ins add to it
+        if value not in MODULE_CLASSES:
+            raise ValueError(f"unknown quantized module class (known: {', '.join(sorted(MODULE_CLASSES))})")
+        return value
 
 
 @register_transform("quant.module", params=QuantModuleParams)

@@ -231,7 +231,7 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
         pooling, normalize, max_len = _sentence_transformers_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if pretrained:
-            transformer = auto.from_pretrained(folder, use_safetensors=True)
+            transformer = auto.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)  # bf16/fp16 checkpoints too: every technique starts from fp32
         else:
             transformer = auto.from_config(AutoConfig.from_pretrained(folder))
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
