@@ -16,17 +16,11 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from deepsqueeze.cli.app import main
+from deepsqueeze.testing.cli import run
 
 FINETUNE = "stages:\n  - type: finetune\n    epochs: 1\n    limit: 64\n"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return info.value.code or 0, out, err
 
 
 def assert_one_line(code: int, out: str, err: str, *needles: str) -> str:

@@ -6,15 +6,7 @@ import sys
 
 import pytest
 
-from deepsqueeze.cli.app import main
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return info.value.code or 0, out, err
+from deepsqueeze.testing.cli import run
 
 
 def assert_one_line_error(code: int, out: str, err: str, *needles: str) -> None:

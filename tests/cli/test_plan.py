@@ -1,21 +1,12 @@
 """``deepsqueeze plan`` and the coverage summary of ``compress`` (issue 11, item 1)."""
 
 import json
-import sys
 
-import pytest
-
-from deepsqueeze.cli.app import main
+from deepsqueeze.testing.cli import run
 
 GPT2 = "py:deepsqueeze.testing.user_models:gpt2_lm"
 
 
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        sys.exit(0)
-    out, err = capsys.readouterr()
-    return info.value.code or 0, out, err
 
 
 def test_plan_json_for_every_shipped_quant_recipe_covers_gpt2(capsys):

@@ -9,13 +9,13 @@ import torch
 
 pytest.importorskip("transformers")
 
-from deepsqueeze.cli.app import main  # noqa: E402
 from deepsqueeze.core.model import Task  # noqa: E402
 from deepsqueeze.data.datasets import TextData  # noqa: E402
 from deepsqueeze.errors import ModelError  # noqa: E402
 from deepsqueeze.eval import evaluate  # noqa: E402
 from deepsqueeze.eval.metrics import perplexity  # noqa: E402
 from deepsqueeze.resolve import resolve_model  # noqa: E402
+from deepsqueeze.testing.cli import run  # noqa: E402
 from deepsqueeze.testing.hf_models import make_hf_dir  # noqa: E402
 from deepsqueeze.zoo.hf import detect_hf_task  # noqa: E402
 
@@ -32,14 +32,6 @@ QUALITY = {Task.SENTENCE_ENCODER: "cosine_mean", Task.SEQUENCE_CLASSIFIER: "labe
 def hf_dirs(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     return {family: make_hf_dir(family, root / family) for family in TASKS}
-
-
-def run(capsys, *argv: str) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as info:
-        main(list(argv))
-        raise SystemExit(0)
-    out, err = capsys.readouterr()
-    return info.value.code or 0, out, err
 
 
 def one_line_error(code: int, out: str, err: str) -> str:
