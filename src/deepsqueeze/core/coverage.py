@@ -110,11 +110,16 @@ def diff_coverage(root: nn.Module, before: list[ModuleSnapshot], stage_type: str
     claimed, reasons = set(claimed), dict(reasons or {})
     stage = _stage_index(root)
     entries = []
+    replaced_parents: list[str] = []
     for snap in before:
         try:
             now = root.get_submodule(snap.name)
         except AttributeError:
             now = None  # removed by the stage (e.g. a pruned layer)
+        if now is None and any(snap.name.startswith(p + ".") for p in replaced_parents):
+            continue  # went with its replaced parent (e.g. a fake-quant layer's quantizer at convert)
+        if now is not None and now is not snap.module:
+            replaced_parents.append(snap.name)
         kind = snap.kind or f"other:{type(snap.module).__name__}"
         replaced = now is not snap.module and now is not None and not isinstance(now, nn.Identity)
         if replaced and (representations is None or isinstance(now, representations)):

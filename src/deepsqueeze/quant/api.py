@@ -73,8 +73,21 @@ MODULE_CLASSES: dict[str, type[nn.Module]] = {
     for cls in (Int8Linear, Int8Conv2d, PackedIntLinear, PackedInt4Linear, PackedIntConv2d, Int8Embedding,
                 PackedIntEmbedding)
 }
-# What counts as a quantized representation in coverage.
-REPRESENTATIONS: tuple[type[nn.Module], ...] = (*MODULE_CLASSES.values(), PackedWeights)
+# What else counts as a quantized representation in coverage (besides MODULE_CLASSES): PackedWeights, and
+# what methods register (QAT's fake-quant modules, which stand for their integer form until convert).
+_EXTRA_REPRESENTATIONS: list[type[nn.Module]] = [PackedWeights]
+
+
+def register_representation(cls: type[nn.Module]) -> type[nn.Module]:
+    """Count modules of ``cls`` as quantized in coverage (a class installed outside MODULE_CLASSES)."""
+    if cls not in _EXTRA_REPRESENTATIONS:
+        _EXTRA_REPRESENTATIONS.append(cls)
+    return cls
+
+
+def representations() -> tuple[type[nn.Module], ...]:
+    """The module classes coverage counts as quantized (read at call time: plug-ins register late)."""
+    return (*MODULE_CLASSES.values(), *_EXTRA_REPRESENTATIONS)
 
 
 # Layer kinds (deepsqueeze.core.kinds) each method handles. Linear-like kinds go through the method's own
@@ -142,7 +155,7 @@ def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: It
         module.train(was_training)
     reasons = {**_skip_reasons(module, config), **module.__dict__.pop(_SKIPS, {})}
     entries = diff_coverage(module, before, "quantize", CLAIMED_KINDS[config.method.value], reasons,
-                            REPRESENTATIONS)
+                            representations())
     record_coverage(module, entries)
     report_coverage(entries, on_unsupported)
     return done
@@ -242,11 +255,11 @@ def _retie(root: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
                 mods.append(get_submodule(root, mod_name))
             except AttributeError:
                 continue
-        if len(mods) < 2 or not isinstance(mods[0], REPRESENTATIONS):
+        if len(mods) < 2 or not isinstance(mods[0], representations()):
             continue
         pool = [b for b in mods[0].buffers() if b is not None]
         for other in mods[1:]:
-            if not isinstance(other, REPRESENTATIONS) or other is mods[0]:
+            if not isinstance(other, representations()) or other is mods[0]:
                 continue
             for sub in other.modules():
                 for attr, buf in list(sub._buffers.items()):
@@ -665,7 +678,7 @@ def _quantization_parameters_in_range(root: nn.Module) -> str | None:
     """Stored scales finite and non-negative (activation scales positive), zero points within uint8:
     what a forged artifact could otherwise hand to the quantized kernels, whose forward would fail."""
     for name, module in root.named_modules():
-        if not isinstance(module, REPRESENTATIONS):
+        if not isinstance(module, representations()):
             continue
         for bname, buf in module.named_buffers():
             if buf is None or not buf.numel():

@@ -45,7 +45,7 @@ from deepsqueeze.core.walker import set_submodule
 from deepsqueeze.errors import DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives.observers import make_observer
 from deepsqueeze.quant import int_grid as _int_grid  # noqa: F401  (registers the int-grid encoding)
-from deepsqueeze.quant.api import install, register_method, run_batch, select_layers
+from deepsqueeze.quant.api import install, register_method, register_representation, run_batch, select_layers
 from deepsqueeze.quant.config import ActScheme, Method, QuantizeConfig
 from deepsqueeze.quant.fake_quant import (
     ActFakeQuant,
@@ -525,6 +525,11 @@ def qat_stage(model: Model, config: QuantizeConfig, ctx: Any) -> None:
     batches = calibration_batches(model, ctx.data, samples=config.calibration_samples) if needs_data else None
     ctx.report.append(qat_model_(model, config, ctx.data, batches, reference=ctx.reference, device=ctx.device,
                                  seed=ctx.seed, progress=ctx.progress))
+
+
+# Between prepare and convert a fake-quant layer stands for the integer layer it becomes.
+register_representation(FakeQuantLinear)
+register_representation(FakeQuantConv2d)
 
 
 @register_method(Method.QAT)
