@@ -17,6 +17,7 @@ from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.outputs import output_tensors
 from deepsqueeze.core.progress import stage as progress_stage
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
@@ -121,22 +122,12 @@ def check_runs(model: Model, data: ClassificationData | TextData | None) -> None
     except DeepsqueezeError:
         raise
     except Exception as exc:  # noqa: BLE001 - any failure of the user's forward is reported in one line
-        first = (str(exc).strip().splitlines() or [""])[0][:200]
-        raise ModelError(f"the compressed {model.ref} fails on one batch ({type(exc).__name__}: {first}); nothing "
+        raise ModelError(f"the compressed {model.ref} fails on one batch ({type(exc).__name__}: {one_line(exc, 200)}); nothing "
                          "was written: exclude the layer the forward reads directly, or choose another recipe") from None
-    tensors = [out] if isinstance(out, torch.Tensor) else [v for v in _flatten(out) if isinstance(v, torch.Tensor)]
-    for t in tensors:
+    for t in output_tensors(out):
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise ModelError(f"the compressed {model.ref} outputs NaN or Inf on one batch; nothing was written: "
                              "choose a milder recipe (more bits, less pruning) or exclude the failing layers")
-
-
-def _flatten(value: Any) -> list[Any]:
-    if isinstance(value, dict):
-        return [x for v in value.values() for x in _flatten(v)]
-    if isinstance(value, (list, tuple)):
-        return [x for v in value for x in _flatten(v)]
-    return [value] if isinstance(value, torch.Tensor) else []
 
 
 def _example(model: Model) -> torch.Tensor | None:
