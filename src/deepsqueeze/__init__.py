@@ -31,6 +31,8 @@ _EXPORTS: dict[str, str] = {
     "resolve_model": "deepsqueeze.resolve",
     "resolve_data": "deepsqueeze.data",
     "evaluate": "deepsqueeze.eval",
+    "export": "deepsqueeze.export",
+    "ExportResult": "deepsqueeze.export",
     "Recipe": "deepsqueeze.recipes",
     "load_recipe": "deepsqueeze.recipes",
     "parse_recipe": "deepsqueeze.recipes",
@@ -53,6 +55,7 @@ __all__ = [
     "DataError",
     "DeepsqueezeError",
     "DeepsqueezeWarning",
+    "ExportResult",
     "Model",
     "ModelError",
     "Recipe",
@@ -63,6 +66,7 @@ __all__ = [
     "UnsupportedLayerError",
     "compress",
     "evaluate",
+    "export",
     "fit",
     "load",
     "load_recipe",
@@ -82,6 +86,7 @@ if TYPE_CHECKING:
     from deepsqueeze.core.context import StageContext
     from deepsqueeze.core.model import Model, Task
     from deepsqueeze.data import resolve_data
+    from deepsqueeze.export import ExportResult, export
     from deepsqueeze.errors import (
         ArtifactError,
         DataError,

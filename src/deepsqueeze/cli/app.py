@@ -22,6 +22,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "recipes",
     "search",
     "report",
+    "export",
 )
 
 from typer.core import TyperGroup  # noqa: E402

@@ -48,9 +48,10 @@ def register(app: typer.Typer) -> None:
 
         shape_from_data(m, dataset)  # a py: classifier without input_shape takes it from --data
         if backend == "ort":
-            from deepsqueeze.quant import ort_model
+            from deepsqueeze.export import sample_batch
+            from deepsqueeze.export.onnx import ort_model
 
-            m = ort_model(m, threads=threads)
+            m = ort_model(m, threads=threads, sample=sample_batch(m, dataset))
         elif backend != "torch":
             raise DeepsqueezeError(f"unknown backend {backend!r}: use torch or ort")
         base = None

@@ -1,14 +1,11 @@
 """Quantization: primitives live in ``deepsqueeze.primitives``; this package holds the stage, the verb
-``quantize_``, the integer modules it installs, and the ONNX Runtime export (imported lazily).
+``quantize_`` and the integer modules it installs (each knows its ONNX form: ``quant/onnx_forms.py``).
 
     from deepsqueeze.quant import quantize_, Int8DynamicConfig
     quantize_(model.module, Int8DynamicConfig())
 """
 
 from __future__ import annotations
-
-import importlib
-from typing import Any
 
 from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
 from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
@@ -34,9 +31,6 @@ from deepsqueeze.quant.modules import (
     int8_kernel,
     set_int8_kernel,
 )
-
-_LAZY = {"export_onnx": "deepsqueeze.quant.onnx", "OrtModule": "deepsqueeze.quant.onnx",
-         "ort_model": "deepsqueeze.quant.onnx"}
 
 __all__ = [
     "METHODS",
@@ -67,15 +61,8 @@ __all__ = [
     "select_layers",
     "set_int8_kernel",
     "train_qat",
-    *sorted(_LAZY),
 ]
 
-
-def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'deepsqueeze.quant' has no attribute {name!r}")
-    return getattr(importlib.import_module(module), name)
 
 # Methods registered by sibling modules of this package (GPTQ, mixed; imported last: they build on api/config).
 from deepsqueeze.quant import awq as _awq  # noqa: E402, F401

@@ -321,6 +321,12 @@ class Int8Linear(_Cached):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}"
 
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import int8_linear_form
+
+        return int8_linear_form(self)
+
 
 # ------------------------------------------------------------------------------------------ Int8Conv2d
 
@@ -430,6 +436,12 @@ class Int8Conv2d(_Cached):
     def extra_repr(self) -> str:
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, relu={self.relu}, quantized_output={self.quantized_output}")
+
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import int8_conv_form
+
+        return int8_conv_form(self)
 
 
 # ------------------------------------------------------------------------------------------ packed weight-only
@@ -704,6 +716,12 @@ class PackedIntLinear(_PackedWeight):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}{', binary' if self.binary else ''}")
 
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import packed_linear_form
+
+        return packed_linear_form(self)
+
 
 class PackedInt4Linear(PackedIntLinear):
     """:class:`PackedIntLinear` at 4 bits: two codes per byte."""
@@ -750,6 +768,12 @@ class PackedIntConv2d(_PackedWeight):
         return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import packed_conv_form
+
+        return packed_conv_form(self)
+
     def replay_params(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
@@ -784,6 +808,10 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
+
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """Traced as it is: an int8 ``Gather`` and a per-row scale."""
+        return self, "int8 Gather, per-row scale"
 
     def deepsqueeze_param_count(self) -> int:
         return self.weight.numel()
@@ -821,6 +849,12 @@ class PackedIntEmbedding(_PackedWeight):
         scale = self.scale[flat].repeat_interleave(self.group_size, dim=1)
         zero = self.zero_point[flat].float().repeat_interleave(self.group_size, dim=1)
         return ((q - zero) * scale).reshape(*ids.shape, self.embedding_dim)
+
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import packed_embedding_form
+
+        return packed_embedding_form(self)
 
     def replay_params(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,

@@ -1,0 +1,177 @@
+"""``export``: a loaded model written for a deployment stack, verified before it is reported done.
+
+* ``onnx``: a graph ONNX Runtime runs on CPU with the model's integers (see
+  :mod:`deepsqueeze.export.onnx` and :mod:`deepsqueeze.quant.onnx_forms`).
+* ``hf``: a float transformer (pruned, layer-dropped, distilled) as a Hugging Face directory with an
+  updated config, and for sentence encoders a sentence-transformers directory
+  (:mod:`deepsqueeze.export.hf`).
+
+Every export runs the written model (ONNX Runtime, or transformers' ``from_pretrained``) on a sample
+batch and compares its outputs with the torch model's; above tolerance nothing is left at ``out``.
+The file or folder appears only once verified (written beside ``out``, then renamed).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.errors import ArtifactError, DataError, ModelError
+
+__all__ = ["FORMATS", "ExportResult", "compare_outputs", "export", "sample_batch"]
+
+FORMATS = ("onnx", "hf")
+SAMPLES = 16
+# worst 1 - cosine between exported and torch outputs, per sample row
+TOLERANCE = 1e-4  # float arithmetic on the same weights
+TOLERANCE_QUANTIZED_ACTIVATIONS = 2e-2  # integer activations: rounding ties and kernels may differ by a code
+
+
+@dataclass
+class ExportResult:
+    """What :func:`export` wrote: ``path``, ``format``, ``bytes`` (file, or all files of a folder), the
+    per-module ``layers`` list (ONNX: what each representation became) and the ``check`` against torch."""
+
+    path: str
+    format: str
+    bytes: int
+    layers: list[dict[str, str]] = field(default_factory=list)
+    check: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def sample_batch(model: Model, data: Any = None, samples: int = SAMPLES) -> Any:
+    """A deterministic input batch: ``samples`` rows of ``data`` (evaluation split) when given, else
+    standard-normal images of ``model.input_shape`` (classifiers) or pydoc sentences (text models,
+    short and long, tokenized by the model)."""
+    if model.task.is_text:
+        sentences = getattr(data, "sentences", None)
+        if not sentences:
+            from deepsqueeze.data.text import load_pydoc_sentences
+
+            sentences = load_pydoc_sentences("eval").sentences
+        chosen = sorted(sentences[: samples * 4], key=len)[:: 4][:samples] or ["a"]
+        return model.module.tokenize(chosen)
+    if data is not None and hasattr(data, "batches"):
+        x, _ = next(iter(data.batches("test", batch_size=samples)))
+        return x.float()
+    if model.input_shape is None:
+        raise ModelError("the export check needs the model's input shape: pass --data with the inputs it takes "
+                         "(e.g. --data fashion-mnist)")
+    return torch.randn(samples, *model.input_shape, generator=torch.Generator().manual_seed(0))
+
+
+def compare_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
+    """Worst per-row ``1 - cos``, max absolute error and (2-D outputs) top-1 agreement of two outputs."""
+    ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()
+    if ours.shape != theirs.shape:
+        return {"shape_mismatch": f"{list(theirs.shape)} instead of {list(ours.shape)}"}
+    if not torch.isfinite(theirs).all():
+        return {"non_finite": True}
+    a, b = ours.reshape(-1, ours.shape[-1]), theirs.reshape(-1, theirs.shape[-1])
+    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
+    same = (a == b).all(dim=1)
+    distance = torch.where(same, torch.zeros_like(cos), 1 - cos)
+    out = {"samples": int(ours.shape[0]), "worst_cosine_distance": float(distance.max()) if len(a) else 0.0,
+           "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0}
+    if ours.dim() == 2 and ours.shape[1] > 1:
+        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
+    return out
+
+
+def _run_torch(model: Model, sample: Any) -> torch.Tensor:
+    module = model.module
+    module.eval()
+    with torch.no_grad():
+        if isinstance(sample, dict):
+            return module(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"])
+        return module(sample)
+
+
+def _size(path: Path) -> int:
+    if path.is_dir():
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+    return path.stat().st_size
+
+
+def _check_out(out: Path, fmt: str, model: Model, overwrite: bool) -> None:
+    if model.artifact_path and out.exists() and out.resolve() == Path(model.artifact_path).resolve():
+        raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
+    if out.exists() and not overwrite:
+        raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
+    if not out.parent.is_dir():
+        raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
+    if fmt == "onnx" and out.suffix != ".onnx":
+        raise ArtifactError(f"--out must name a .onnx file for --format onnx, got {out.name}")
+    if not os.access(out.parent, os.W_OK):
+        raise ArtifactError(f"cannot write {out}: folder {out.parent} is not writable; choose another location")
+
+
+def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = None, sample: Any = None,
+           threads: int = 2, overwrite: bool = False) -> ExportResult:
+    """Write ``model`` as ``fmt`` (``onnx`` or ``hf``) to ``out`` and verify it against the torch model.
+
+    ``data``: a resolved dataset to draw the check's sample batch from (see :func:`sample_batch`);
+    ``sample``: the batch itself. Raises :class:`ModelError` when the model has no export in ``fmt``
+    (naming why) or the exported model's outputs are above tolerance (nothing is written),
+    :class:`ArtifactError` for an unusable ``out``.
+    """
+    if fmt not in FORMATS:
+        raise ArtifactError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
+    out = Path(out)
+    _check_out(out, fmt, model, overwrite)
+    if sample is None:
+        sample = sample_batch(model, data)
+    if isinstance(sample, dict) and model.task is Task.CLASSIFIER:
+        raise DataError("an image classifier's export check needs images, not sentences: pass image --data")
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staged = staging / out.name
+        if fmt == "onnx":
+            result = _export_onnx(model, staged, sample, threads)
+        else:
+            from deepsqueeze.export.hf import write_hf
+
+            result = write_hf(model, staged, sample)
+        if out.exists():
+            shutil.rmtree(out) if out.is_dir() else out.unlink()
+        os.replace(staged, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    result.path = str(out)
+    return result
+
+
+def _export_onnx(model: Model, path: Path, sample: Any, threads: int) -> ExportResult:
+    from deepsqueeze.export.onnx import OrtModule, write_onnx
+
+    layers = write_onnx(model, path, sample)
+    expected = _run_torch(model, sample)
+    got = OrtModule(path, model.module, threads)(*(
+        (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
+    check = compare_outputs(expected, got)
+    quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
+    check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
+    verify(check, "ONNX Runtime")
+    return ExportResult(str(path), "onnx", _size(path), layers, check)
+
+
+def verify(check: dict[str, Any], runtime: str) -> None:
+    """Raise :class:`ModelError` (one line) when ``check`` (:func:`compare_outputs` + ``tolerance``) fails."""
+    if "shape_mismatch" in check:
+        raise ModelError(f"the exported model's output has shape {check['shape_mismatch']} in {runtime}: not written")
+    if check.get("non_finite"):
+        raise ModelError(f"the exported model gives NaN or inf in {runtime}: not written")
+    if check["worst_cosine_distance"] > check["tolerance"]:
+        raise ModelError(f"the exported model disagrees with the torch model in {runtime} (worst 1 - cos "
+                         f"{check['worst_cosine_distance']:.2e} > {check['tolerance']:.0e} on {check['samples']} "
+                         "samples): not written")

@@ -1,0 +1,183 @@
+"""ONNX export: the module tree with each representation replaced by its own ONNX form, traced once.
+
+The exporter does not know any technique. It walks the loaded model and asks every module that has an
+``onnx_form()`` method (``Int8Linear``, the packed weight-only layers, ``Int8Conv2d``, ``SparseCSRLinear``,
+...) for the traceable module that emits it (see :mod:`deepsqueeze.quant.onnx_forms` for the integer
+operators). Everything else (float layers, pruned and factored layers, which are already their smaller
+shapes) is traced as it is. The result lists, per replaced module, what it became in the graph, so
+nothing is exported in a different form without saying so.
+
+Constant folding is off while exporting: folding would turn integer codes and their decode arithmetic
+into float initializers and the file would grow back to fp32. ONNX Runtime folds in memory at load.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.core.counting import count_nonzero_params, count_params
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.errors import ModelError
+
+__all__ = ["OrtModule", "onnx_forms", "ort_model", "require_ort", "trace_inputs", "write_onnx"]
+
+OPSET = 17
+
+
+def require_ort() -> Any:
+    try:
+        import onnx  # noqa: F401
+        import onnxruntime
+    except ImportError:
+        raise ModelError("ONNX export needs onnx and onnxruntime: pip install 'deepsqueeze[onnx]'") from None
+    return onnxruntime
+
+
+def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
+    """A copy of ``module`` whose representations are replaced by their ONNX forms, and the list of
+    ``{"module", "kind", "exported_as"}`` for each replaced one (the original is not changed)."""
+    forms: dict[str, tuple[nn.Module, str, str]] = {}
+    for name, layer in module.named_modules():
+        if name and hasattr(layer, "onnx_form") and not any(name.startswith(p + ".") for p in forms):
+            form, described = layer.onnx_form()
+            forms[name] = (form, type(layer).__name__, described)
+    memo = {id(layer): None for name, layer in module.named_modules() if name in forms}  # not deep-copied
+    shadow = copy.deepcopy(module, memo)
+    for name, (form, _, _) in forms.items():
+        parent, _, child = name.rpartition(".")
+        setattr(shadow.get_submodule(parent) if parent else shadow, child, form)
+    report = [{"module": n, "kind": k, "exported_as": d} for n, (_, k, d) in forms.items()]
+    return shadow.eval(), report
+
+
+def trace_inputs(model: Model, sample: Any) -> tuple[tuple[Any, ...], list[str], str, dict[str, dict[int, str]]]:
+    """(positional inputs, input names, output name, dynamic axes) for tracing ``model`` on ``sample``.
+
+    ``sample``: a batch tensor for classifiers, a ``tokenize`` dict for text models.
+    """
+    if model.task.is_text:
+        names = ["input_ids", "attention_mask"]
+        args = tuple(sample[k] for k in names)
+        output = {Task.SENTENCE_ENCODER: "embedding", Task.SEQUENCE_CLASSIFIER: "logits",
+                  Task.CAUSAL_LM: "logits"}[model.task]
+        dyn = {k: {0: "batch", 1: "tokens"} for k in names}
+        dyn[output] = {0: "batch", 1: "tokens"} if model.task is Task.CAUSAL_LM else {0: "batch"}
+        return args, names, output, dyn
+    return (sample,), ["input"], "logits", {"input": {0: "batch"}, "logits": {0: "batch"}}
+
+
+def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any) -> list[dict[str, str]]:
+    """Trace ``model`` (with its representations' ONNX forms) on ``sample`` and write the graph to ``path``.
+
+    Returns the per-module list of :func:`onnx_forms`. Raises :class:`ModelError` when the model cannot
+    be traced (the message names the first failing operation).
+    """
+    require_ort()
+    import onnx
+
+    shadow, report = onnx_forms(model.module)
+    args, names, output, dyn = trace_inputs(model, sample)
+    with tempfile.TemporaryDirectory() as tmp:
+        raw = Path(tmp) / "model.onnx"
+        try:
+            with torch.no_grad(), warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches of transformers
+                torch.onnx.export(shadow, args, str(raw), input_names=names, output_names=[output],
+                                  dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=False,
+                                  custom_opsets={"com.microsoft": 1} if _uses_contrib(report) else None)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ModelError(f"this model cannot be traced to ONNX: {first[:300]}") from None
+        graph = onnx.load(str(raw))
+        del shadow
+        onnx.save(graph, str(path))
+    return report
+
+
+def _uses_contrib(report: list[dict[str, str]]) -> bool:
+    return any("MatMulNBits" in row["exported_as"] for row in report)
+
+
+class OrtModule(nn.Module):
+    """An ONNX Runtime session behind the interface of the module it was exported from.
+
+    Text models: ``tokenize``, ``encode(sentences)`` and ``forward(input_ids, attention_mask)``;
+    classifiers: ``forward(x)``. Outputs are float32 torch tensors.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], like: nn.Module, threads: int = 2) -> None:
+        super().__init__()
+        ort = require_ort()
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+        self.path = str(path)
+        self._inputs = [i.name for i in self.session.get_inputs()]
+        self._params, self._nonzero = count_params(like), count_nonzero_params(like)
+        self.tokenizer = getattr(like, "tokenizer", None)
+        self.max_seq_length = getattr(like, "max_seq_length", None)
+        self._tokenize = getattr(like, "tokenize", None)
+        self.context_length = getattr(like, "context_length", None)
+
+    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        if self._tokenize is None:
+            raise ModelError("this ONNX model takes no sentences: it has no tokenizer")
+        return self._tokenize(sentences)
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        feeds = dict(zip(self._inputs, args, strict=False))
+        feeds.update({k: v for k, v in kwargs.items() if k in self._inputs})
+        result = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})[0]
+        return torch.from_numpy(result)
+
+    @torch.no_grad()
+    def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = [self(**self.tokenize(sentences[i : i + batch_size])) for i in range(0, len(sentences), batch_size)]
+        return torch.cat(out) if out else torch.empty(0)
+
+    def deepsqueeze_param_count(self) -> int:
+        return self._params
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        return self._nonzero
+
+
+def ort_model(model: Model, path: str | os.PathLike[str] | None = None, threads: int = 2,
+              sample: Any = None) -> Model:
+    """``model`` exported (and verified, see :func:`deepsqueeze.export.export`) to ONNX at ``path`` (or a
+    temporary file) and wrapped as a runnable ``Model`` whose ``meta["artifact_bytes"]`` is the ONNX file's
+    size (the .dsq's is ``meta["dsq_bytes"]``).
+
+    A temporary export folder is removed as soon as the session holds the model (nothing is left behind,
+    even when the export fails).
+    """
+    from deepsqueeze.export import export
+
+    temporary = None
+    if path is None:
+        temporary = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-"))
+        path = temporary / "model.onnx"
+    try:
+        result = export(model, "onnx", path, sample=sample, threads=threads)
+        module = OrtModule(path, model.module, threads)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    if model.task is Task.CLASSIFIER:
+        module.tokenizer = None
+    # what runs is the ONNX file: its bytes are the artifact's size (the .dsq's stay as dsq_bytes)
+    meta = dict(model.meta, backend="ort", onnx_path=None if temporary else str(path), artifact_bytes=result.bytes,
+                dsq_bytes=model.meta.get("artifact_bytes"), export_check=result.check)
+    return Model(module, model.base, model.task, model.ref, model.base_params, model.input_shape, model.num_classes,
+                 model.artifact_path, meta)
