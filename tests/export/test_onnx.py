@@ -186,3 +186,25 @@ def test_temporary_export_leaves_no_folder_behind(tmp_path, monkeypatch):
         assert torch.allclose(ort.module(x), model.module(x), atol=1e-4)
     assert list(tmp_path.iterdir()) == []
     assert ort.meta["artifact_bytes"] > 0
+
+
+def test_evaluate_backend_ort_reports_the_onnx_files_bytes(tmp_path, capsys, digits):
+    """Finding 3: ``evaluate --backend ort`` reported the .dsq's bytes and ratio for a larger ONNX file; a
+    ``py:`` model stopped with "pass example=" (a Python-only hint)."""
+    import json
+
+    from deepsqueeze.testing.cli import run
+
+    ref = "py:deepsqueeze.testing.models:PlainMLP"
+    dsq = tmp_path / "m.dsq"
+    code, _, err = run(capsys, "compress", "--model", ref, "--recipe", "int8-dynamic", "--data", "digits",
+                       "--out", str(dsq), "--json")
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", str(dsq), "--model-code", ref, "--data", "digits", "--backend", "ort",
+                         "--no-latency", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backend"] == "ort"
+    onnx_bytes = result["artifact_bytes"]
+    assert onnx_bytes != dsq.stat().st_size
+    assert result["compression_ratio"] == pytest.approx(result["fp32_bytes"] / onnx_bytes)
