@@ -162,7 +162,10 @@ def _pack_lsb(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def _nbits_block(group: int, cols: int) -> int | None:
-    """The largest power-of-two block (>= 16) that divides ``group`` (and so the row)."""
+    """The largest power-of-two block (16..256) that divides ``group`` (and so the row); per-channel scales
+    (``group == cols``) take blocks of 128 whatever the row length (the last block is partial)."""
+    if group == cols:
+        return min(128, max(16, 1 << max(cols - 1, 1).bit_length()))
     block = 1 << (group & -group).bit_length() - 1
     while block > 256:
         block //= 2
@@ -179,9 +182,13 @@ class MatMulNBitsForm(nn.Module):
         scale, zero = layer.scale.float(), layer.zero_point
         if layer.binary:  # (2q - 1) s = (2q - 1) * s: codes 0/2, zero point 1
             q, zero = 2 * q, torch.ones_like(scale, dtype=torch.uint8)
-        rep = layer.group_size // block
-        scale, zero = scale.repeat_interleave(rep, 1), zero.to(torch.int32).repeat_interleave(rep, 1)
-        blocks = k // block
+        blocks = -(-k // block)
+        if layer.group_size == k:  # per channel: one scale for every block; the last block may be partial
+            scale, zero = scale.expand(n, blocks), zero.to(torch.int32).expand(n, blocks)
+            q = torch.cat([q, q.new_zeros(n, blocks * block - k)], 1)
+        else:
+            rep = layer.group_size // block
+            scale, zero = scale.repeat_interleave(rep, 1), zero.to(torch.int32).repeat_interleave(rep, 1)
         self.register_buffer("packed", _pack_lsb(q, bits).reshape(n, blocks, block * bits // 8))
         self.register_buffer("scales", scale.reshape(-1).contiguous())
         pad = (-blocks * bits) % 8 // bits

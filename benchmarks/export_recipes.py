@@ -1,0 +1,112 @@
+"""export: every shipped recipe on its model, exported to ONNX (and Hugging Face where it applies).
+
+``EXPORT_BENCH_RECIPES=a,b`` runs a subset; ``EXPORT_BENCH_SKIP_TRAINING=1`` leaves out the recipes with a
+training stage (the rows say which were left out).
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.runner import BenchContext
+
+NAME = "export"
+TITLE = "Export: each shipped recipe's artifact as ONNX (and Hugging Face), checked against torch"
+SETUP = (
+    "Each shipped recipe is applied through `compress` to the model it is written for (`model:` in the recipe, "
+    "else by name: MiniLM for transformer recipes, LeNet-300-100 for `*-lenet300`, LeNet-5 on Fashion-MNIST "
+    "for the generic CNN recipes), the .dsq is loaded and `deepsqueeze.export(..., 'onnx')` writes and checks "
+    "the ONNX file (16 samples: test images / pydoc eval sentences). `hf` rows: `--format hf` of the float "
+    "transformer recipes. `worst_1-cos`: worst per-sample 1 - cosine of the exported model's outputs against "
+    "the .dsq's torch model; `top1`: agreement of predicted classes on those samples (classifiers). Latency: "
+    "the same .dsq in torch and its ONNX file in ONNX Runtime, batch 64 images / 32 sentences, 2 threads, "
+    "interleaved, median of 7. `exported_as`: what the representations became in the graph."
+)
+
+TEXT_HINTS = ("minilm", "3layer", "transformer", "smoothquant", "lora")
+TRAINING = ("finetune", "qat", "distill", "prune-agp", "prune-structured", "prune-transformer", "lora",
+            "deep-compression")
+
+
+def model_for(name: str, recipe: Any) -> tuple[str, str]:
+    """(model reference, data reference) the recipe is written for."""
+    if recipe.model:
+        return recipe.model, recipe.data or "fashion-mnist"
+    if any(h in name for h in TEXT_HINTS):
+        return "minilm", "pydoc-sentences:calib"
+    if "lenet300" in name:
+        return "zoo:lenet300@fashion-mnist", "fashion-mnist"
+    return "zoo:lenet5@fashion-mnist", "fashion-mnist"
+
+
+def run(ctx: BenchContext) -> list[dict[str, Any]]:
+    import deepsqueeze
+    from deepsqueeze.errors import DeepsqueezeError
+    from deepsqueeze.eval.latency import measure_latency_spread
+    from deepsqueeze.export import export, sample_batch
+    from deepsqueeze.export.onnx import OrtModule
+    from deepsqueeze.recipes import compress, load_recipe
+    from deepsqueeze.recipes.schema import shipped_recipes
+    from deepsqueeze.data import resolve_data
+
+    torch.set_num_threads(ctx.threads)
+    names = sorted(shipped_recipes())
+    chosen = [n.strip() for n in os.environ.get("EXPORT_BENCH_RECIPES", "").split(",") if n.strip()]
+    if chosen:
+        names = [n for n in names if n in chosen]
+    skip_training = os.environ.get("EXPORT_BENCH_SKIP_TRAINING") == "1"
+    rows: list[dict[str, Any]] = []
+    tmp = Path(tempfile.mkdtemp(prefix="bench-export-"))
+    for name in names:
+        recipe = load_recipe(name)
+        model_ref, data_ref = model_for(name, recipe)
+        row: dict[str, Any] = {"recipe": name, "model": model_ref}
+        if skip_training and any(t in name for t in TRAINING):
+            rows.append({**row, "onnx": "not run (training recipe, EXPORT_BENCH_SKIP_TRAINING=1)"})
+            continue
+        ctx.log(f"export: {name} on {model_ref}")
+        dsq = tmp / f"{name}.dsq"
+        try:
+            compress(model_ref, recipe, dsq, data_ref, progress=False, evaluate_result=False)
+        except DeepsqueezeError as exc:
+            rows.append({**row, "onnx": f"compress refused: {exc}"})
+            continue
+        model = deepsqueeze.load(dsq)
+        eval_data = resolve_data(data_ref.split(":")[0] + (":eval" if model.task.is_text else ""), split="eval")
+        sample = sample_batch(model, eval_data)
+        row["dsq_bytes"] = dsq.stat().st_size
+        start = time.perf_counter()
+        try:
+            result = export(model, "onnx", tmp / f"{name}.onnx", sample=sample, threads=ctx.threads)
+        except DeepsqueezeError as exc:
+            rows.append({**row, "onnx": f"refused: {exc}"})
+            continue
+        row.update({"onnx": "ok", "onnx_bytes": result.bytes, "export_s": round(time.perf_counter() - start, 1),
+                    "worst_1-cos": f"{result.check['worst_cosine_distance']:.1e}",
+                    "top1": result.check.get("top1_agreement"),
+                    "exported_as": "; ".join(sorted({r["exported_as"] for r in result.layers})) or "float layers"})
+        ort = OrtModule(result.path, model.module, ctx.threads)
+        if model.task.is_text:
+            tokens = model.module.tokenize(eval_data.sentences[:32])
+            fns = {"torch": lambda: model.module(**tokens), "ort": lambda: ort(**tokens)}
+        else:
+            images = next(iter(eval_data.batches("test", batch_size=64)))[0]
+            fns = {"torch": lambda: model.module(images), "ort": lambda: ort(images)}
+        with torch.inference_mode():
+            spread = measure_latency_spread(fns, warmup=2, repeat=7, threads=ctx.threads)
+        row.update({"torch_ms": round(spread["torch"].median, 2), "ort_ms": round(spread["ort"].median, 2),
+                    "ort_speedup": round(spread["torch"].median / spread["ort"].median, 2)})
+        if model.task.is_text:
+            try:
+                hf = export(model, "hf", tmp / f"{name}-hf", sample=sample)
+                row.update({"hf": "ok", "hf_bytes": hf.bytes})
+            except DeepsqueezeError as exc:
+                row["hf"] = f"refused: {str(exc).split(':')[0]}"
+        rows.append(row)
+    return rows
