@@ -71,6 +71,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     if ctx.quick:
         models, seeds, configs, epochs, limit = ["lenet5"], [0], ["w4a8"], 0.05, 2048
     rows = matrix(ctx, models, seeds, configs, epochs, limit, peers, train_threads)
+    torch.set_num_threads(ctx.threads)  # the run's header records the bench's threads, not the training ones
     if os.environ.get("QAT_BENCH_KEEP", "0") != "0" and not ctx.quick:
         rows = _kept_rows(ctx, models) + rows
     return rows
