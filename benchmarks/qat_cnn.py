@@ -6,7 +6,11 @@ The matrix is configurable (the full issue-13 run is 3 seeds x LeNet-5 and vgg-s
     python -m benchmarks.qat_cnn --models lenet5 --seeds 0 --configs w4a8,ternary --epochs 1   # no file written
 
 ``QAT_BENCH_EPOCHS`` overrides the recipes' epochs (the row then says so); ``QAT_BENCH_CONFIGS`` picks
-among w8a8, w4a8, w2a8, ternary, binary; ``QAT_BENCH_PEERS=0`` skips the peers.
+among w8a8, w4a8, w2a8, ternary, binary; ``QAT_BENCH_PEERS=0`` skips the peers. ``QAT_BENCH_TRAIN_THREADS``
+sets the torch threads of training and evaluation (default: the bench's ``--threads``; latency always runs
+at ``--threads``). ``QAT_BENCH_KEEP=1`` keeps the rows of the models this run does not measure from the
+stored ``benchmarks/results/qat-cnn.json`` (e.g. LeNet-5 with 3 seeds in one run, vgg-small with fewer in
+another); every row names the run (commit, date) it was measured in.
 """
 
 from __future__ import annotations
@@ -34,12 +38,13 @@ SETUP = (
     "Int8Conv2d / Int8Linear on x86 kernels; ternary / binary rows are weight-only packed modules, first and "
     "last layer 8-bit). `ptq` rows: the same stage's prepare + convert without training (MSE-best weight "
     "clipping, percentile-99.99 activation ranges on 512 training images, same bits and representation), i.e. "
-    "where QAT starts. Peers at the same epochs and data: torch.ao FX QAT (x86 qconfig, W8A8 only) and Brevitas "
+    "where QAT starts. Peers at the same epochs, data, learning rate (the recipe's, column `lr`), Adam, cosine "
+    "schedule and batch 128, plain cross-entropy (the recipes add distillation from fp32): torch.ao FX QAT (x86 qconfig, W8A8 only) and Brevitas "
     "(fake-quant QuantConv2d/QuantLinear with 8-bit QuantIdentity inputs; no integer execution). Accuracy as "
     "mean ± std over the seeds listed in `seeds`. Latency: batch 256, 2 threads, interleaved with fp32, median "
     "(p10-p90) of 9 on seed 0; the machine was shared, so latencies are noisy, sizes and accuracies are not. "
     "`train_samples`: training images seen per epoch (a run with QAT_BENCH_LIMIT trains on the first N of a "
-    "seeded shuffle; the shipped recipes train on all 60k)."
+    "seeded shuffle; the shipped recipes train on all 60k); `train_threads`: torch threads of training."
 )
 
 CONFIGS: dict[str, dict[str, Any]] = {
@@ -62,23 +67,61 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     epochs = float(os.environ["QAT_BENCH_EPOCHS"]) if os.environ.get("QAT_BENCH_EPOCHS") else None
     limit = int(os.environ["QAT_BENCH_LIMIT"]) if os.environ.get("QAT_BENCH_LIMIT") else None
     peers = os.environ.get("QAT_BENCH_PEERS", "1") != "0"
+    train_threads = int(os.environ.get("QAT_BENCH_TRAIN_THREADS") or ctx.threads)
     if ctx.quick:
         models, seeds, configs, epochs, limit = ["lenet5"], [0], ["w4a8"], 0.05, 2048
-    return matrix(ctx, models, seeds, configs, epochs, limit, peers)
+    rows = matrix(ctx, models, seeds, configs, epochs, limit, peers, train_threads)
+    torch.set_num_threads(ctx.threads)  # the run's header records the bench's threads, not the training ones
+    if os.environ.get("QAT_BENCH_KEEP", "0") != "0" and not ctx.quick:
+        rows = _kept_rows(ctx, models) + rows
+    return rows
+
+
+def _run_label() -> str:
+    import datetime as dt
+
+    from benchmarks.runner import git_commit
+
+    return f"{git_commit()} {dt.date.today().isoformat()}"
+
+
+def _kept_rows(ctx: BenchContext, models: list[str]) -> list[dict[str, Any]]:
+    """Rows of the other models from the stored result, each still naming the run that measured it."""
+    import json
+
+    from benchmarks.runner import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{NAME}.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    label = f"{old.get('commit', 'unknown')} {old.get('date', '')}".strip()
+    kept = [{**row, "run": row.get("run", label)} for row in old.get("rows", []) if row.get("model") not in models]
+    kept_models = sorted({row["model"] for row in kept})
+    if kept_models:
+        ctx.notes.append(f"rows of {', '.join(kept_models)} kept from an earlier run (see each row's `run`; "
+                         f"that run's wall time {old.get('wall_s')} s, {old.get('threads')} threads)")
+        ctx.notes += [n for n in old.get("notes", []) if any(m in n for m in kept_models) and n not in ctx.notes]
+    return kept
 
 
 def matrix(ctx: BenchContext, models: list[str], seeds: list[int], configs: list[str], epochs: float | None,
-           limit: int | None, peers: bool) -> list[dict[str, Any]]:
+           limit: int | None, peers: bool, train_threads: int | None = None) -> list[dict[str, Any]]:
     from deepsqueeze.data import resolve_data
 
-    torch.set_num_threads(ctx.threads)
+    train_threads = train_threads or ctx.threads
+    torch.set_num_threads(train_threads)
     data = resolve_data("fashion-mnist")
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise ValueError(f"unknown QAT configs {unknown}: choose from {list(CONFIGS)}")
     rows: list[dict[str, Any]] = []
+    label = _run_label()
     for model in models:
-        rows += _model_rows(ctx, model, data, seeds, configs, epochs, limit, peers)
+        rows += _model_rows(ctx, model, data, seeds, configs, epochs, limit, peers, train_threads)
+    for row in rows:
+        row["run"] = label
+        row["train_threads"] = train_threads
     return rows
 
 
@@ -100,7 +143,7 @@ def _recipe(name: str, seed: int, epochs: float | None, limit: int | None) -> An
 
 
 def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], configs: list[str],
-                epochs: float | None, limit: int | None, peers: bool) -> list[dict[str, Any]]:
+                epochs: float | None, limit: int | None, peers: bool, train_threads: int) -> list[dict[str, Any]]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.eval import accuracy
     from deepsqueeze.quant import convert_qat_, prepare_qat_
@@ -145,6 +188,7 @@ def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], confi
             qat_s.append(result.compress_s)
             loaded = load(out)
             accs.append(accuracy(loaded.module, data) * 100)
+            ctx.log(f"qat-cnn: {name} {cname} qat seed {seed}: {accs[-1]:.2f}% (fp32 {base_acc:.2f}%, ptq {ptq_acc:.2f}%)")
             qat_bytes = result.artifact_bytes
             if seed == seeds[0]:
                 runners[f"{cname} qat"] = lambda m=loaded.module: m(batch)
@@ -152,18 +196,19 @@ def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], confi
         row = {"model": name, "config": cname, "method": f"qat (recipe {spec['recipe']})", "accuracy": round(mean, 2),
                "accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                "drop_pp": round(base_acc - mean, 2), "seeds": ",".join(map(str, seeds)), "epochs": ep,
-               "train_samples": limit or len(data.train_x), "artifact_bytes": qat_bytes, "compress_s": round(statistics.fmean(qat_s), 1),
+               "train_samples": limit or len(data.train_x), "lr": stage.qat.lr, "artifact_bytes": qat_bytes, "compress_s": round(statistics.fmean(qat_s), 1),
                "target": f"drop <= {spec['target']} pp and >= ptq",
                "met": "yes" if base_acc - mean <= spec["target"] and mean >= ptq_acc else "no"}
         rows.append(row)
         if peers and spec["peer_bits"] is not None:
             rows += _peer_rows(ctx, name, cname, base, data, seeds, ep, limit, spec["peer_bits"], base_acc, batch,
-                               runners, row)
+                               runners, row, stage.qat.lr)
     _latency(ctx, rows, runners, name)
+    torch.set_num_threads(train_threads)
     return rows
 
 
-def _train(module: nn.Module, data: Any, epochs: float, seed: int, limit: int | None, lr: float = 2e-4) -> None:
+def _train(module: nn.Module, data: Any, epochs: float, seed: int, limit: int | None, lr: float) -> None:
     from deepsqueeze.train import train_classifier
 
     train_classifier(module, data, epochs=epochs, lr=lr, batch_size=128, schedule="cosine", seed=seed,
@@ -172,7 +217,7 @@ def _train(module: nn.Module, data: Any, epochs: float, seed: int, limit: int | 
 
 def _peer_rows(ctx: BenchContext, name: str, cname: str, base: Any, data: Any, seeds: list[int], epochs: float,
                limit: int | None, bits: int, base_acc: float, batch: torch.Tensor, runners: dict[str, Any],
-               ours: dict[str, Any]) -> list[dict[str, Any]]:
+               ours: dict[str, Any], lr: float) -> list[dict[str, Any]]:
     from deepsqueeze.eval import accuracy
 
     out = []
@@ -184,13 +229,14 @@ def _peer_rows(ctx: BenchContext, name: str, cname: str, base: Any, data: Any, s
         for seed in seeds:
             ctx.log(f"qat-cnn: {name} {cname} {label} seed {seed}")
             try:
-                module = fn(copy.deepcopy(base.module), data, epochs, seed, limit, bits, batch)
+                module = fn(copy.deepcopy(base.module), data, epochs, seed, limit, bits, batch, lr)
             except Exception as exc:  # noqa: BLE001  (a peer that cannot run is reported, not fatal)
                 ctx.notes.append(f"{label} on {name} {cname}: did not run ({type(exc).__name__}: {exc})"[:300])
                 module = None
             if module is None:
                 break
             accs.append(accuracy(module, data) * 100)
+            ctx.log(f"qat-cnn: {name} {cname} {label} seed {seed}: {accs[-1]:.2f}%")
             if seed == seeds[0] and label.startswith("torch.ao"):
                 runners[f"{cname} {label}"] = lambda m=module: m(batch)
         if not accs:
@@ -199,14 +245,14 @@ def _peer_rows(ctx: BenchContext, name: str, cname: str, base: Any, data: Any, s
         out.append({"model": name, "config": cname, "method": label, "accuracy": round(mean, 2),
                     "accuracy_std": round(statistics.stdev(accs), 2) if len(accs) > 1 else 0.0,
                     "drop_pp": round(base_acc - mean, 2), "seeds": ",".join(map(str, seeds[: len(accs)])),
-                    "epochs": epochs, "train_samples": limit or len(data.train_x)})
+                    "epochs": epochs, "train_samples": limit or len(data.train_x), "lr": lr})
         if ours["met"] == "yes" and ours["accuracy"] < mean:
             ours["met"] = f"no (below {label})"
     return out
 
 
 def _torch_ao(module: nn.Module, data: Any, epochs: float, seed: int, limit: int | None, bits: int,
-              batch: torch.Tensor) -> nn.Module | None:
+              batch: torch.Tensor, lr: float) -> nn.Module | None:
     import warnings
 
     from torch.ao.quantization import get_default_qat_qconfig_mapping
@@ -215,12 +261,12 @@ def _torch_ao(module: nn.Module, data: Any, epochs: float, seed: int, limit: int
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prepared = prepare_qat_fx(module.train(), get_default_qat_qconfig_mapping("x86"), (batch[:1],))
-        _train(prepared, data, epochs, seed, limit)
+        _train(prepared, data, epochs, seed, limit, lr)
         return convert_fx(prepared.eval())
 
 
 def _brevitas(module: nn.Module, data: Any, epochs: float, seed: int, limit: int | None, bits: int,
-              batch: torch.Tensor) -> nn.Module | None:
+              batch: torch.Tensor, lr: float) -> nn.Module | None:
     import warnings
 
     import brevitas.nn as qnn
@@ -243,7 +289,7 @@ def _brevitas(module: nn.Module, data: Any, epochs: float, seed: int, limit: int
         module.eval()
         with torch.no_grad():
             module(batch)  # initialise the activation statistics
-        _train(module, data, epochs, seed, limit)
+        _train(module, data, epochs, seed, limit, lr)
     return module.eval()
 
 
@@ -284,10 +330,11 @@ def main() -> None:
     parser.add_argument("--epochs", type=float, default=None)
     parser.add_argument("--limit", type=int, default=None)
     parser.add_argument("--no-peers", action="store_true")
+    parser.add_argument("--train-threads", type=int, default=None)
     args = parser.parse_args()
     ctx = BenchContext()
     rows = matrix(ctx, args.models.split(","), [int(s) for s in args.seeds.split(",")], args.configs.split(","),
-                  args.epochs, args.limit, not args.no_peers)
+                  args.epochs, args.limit, not args.no_peers, args.train_threads)
     for row in rows:
         print(row)
     for note in ctx.notes:
