@@ -155,7 +155,7 @@ def test_a_check_above_tolerance_writes_nothing(tmp_path, monkeypatch):
 
     model = tiny_model_handle()
     quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))
-    monkeypatch.setattr(ex, "compare_outputs", lambda a, b: {"samples": 16, "worst_cosine_distance": 0.5,
+    monkeypatch.setattr(ex, "compare_outputs", lambda a, b, classes=False: {"samples": 16, "worst_cosine_distance": 0.5,
                                                              "max_abs_error": 9.0})
     with pytest.raises(ModelError, match="disagrees with the torch model"):
         export(model, "onnx", tmp_path / "bad.onnx")
@@ -208,3 +208,23 @@ def test_evaluate_backend_ort_reports_the_onnx_files_bytes(tmp_path, capsys, dig
     onnx_bytes = result["artifact_bytes"]
     assert onnx_bytes != dsq.stat().st_size
     assert result["compression_ratio"] == pytest.approx(result["fp32_bytes"] / onnx_bytes)
+
+
+@pytest.mark.parametrize("name", ["ConvTransposeDecoder", "RecurrentTagger", "MHAEncoder", "DictDetector",
+                                  "TupleDetector"])
+@pytest.mark.parametrize("config", [WeightOnlyConfig(bits=4, group_size=None), Int8DynamicConfig()],
+                         ids=["w4", "int8"])
+def test_every_layer_kind_the_coverage_issue_added_exports(tmp_path, name, config):
+    """ConvTranspose, Conv1d, LSTM, GRU and attention weights held as codes decode in the graph; models
+    returning dicts or tuples export every output and are checked output by output."""
+    from deepsqueeze.testing import user_models
+
+    module = getattr(user_models, name)().eval()
+    model = Model(module, py_base(module), Task.CLASSIFIER, name, count_params(module), module.input_shape, None)
+    quantize_(model.module, config)
+    result = export(model, "onnx", tmp_path / "m.onnx")
+    assert result.check["worst_cosine_distance"] <= 1e-6
+    float_weights = [i for i in onnx.load(str(tmp_path / "m.onnx")).graph.initializer
+                     if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2 and min(i.dims) > 1
+                     and not i.name.endswith(("scale", "scales"))]
+    assert not float_weights, [i.name for i in float_weights]

@@ -70,9 +70,26 @@ def sample_batch(model: Model, data: Any = None, samples: int = SAMPLES) -> Any:
     return torch.randn(samples, *model.input_shape, generator=torch.Generator().manual_seed(0))
 
 
-def compare_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
-    """Worst per-row ``1 - cos``, max absolute error and (2-D outputs) top-1 agreement of two outputs."""
-    ours, theirs = ours.detach().float().cpu(), theirs.detach().float().cpu()
+def compare_outputs(ours: Any, theirs: Any, classes: bool = False) -> dict[str, Any]:
+    """Worst per-row ``1 - cos``, max absolute error and (``classes``) top-1 agreement of two outputs.
+
+    Outputs may be tensors or containers of them (dicts, tuples, model outputs): their tensors are compared
+    pairwise in order, and the worst figures are kept."""
+    from deepsqueeze.core.outputs import output_tensors
+
+    a_list, b_list = output_tensors(ours), output_tensors(theirs)
+    if len(a_list) != len(b_list):
+        return {"shape_mismatch": f"{len(b_list)} outputs instead of {len(a_list)}"}
+    if len(a_list) != 1:
+        checks = [compare_outputs(a, b, classes and i == 0) for i, (a, b) in enumerate(zip(a_list, b_list))]
+        for check in checks:
+            if "shape_mismatch" in check or "non_finite" in check:
+                return check
+        worst = dict(checks[0])
+        worst["worst_cosine_distance"] = max(c["worst_cosine_distance"] for c in checks)
+        worst["max_abs_error"] = max(c["max_abs_error"] for c in checks)
+        return worst
+    ours, theirs = a_list[0].detach().float().cpu(), b_list[0].detach().float().cpu()
     if ours.shape != theirs.shape:
         return {"shape_mismatch": f"{list(theirs.shape)} instead of {list(ours.shape)}"}
     if not torch.isfinite(theirs).all():
@@ -83,12 +100,12 @@ def compare_outputs(ours: torch.Tensor, theirs: torch.Tensor) -> dict[str, Any]:
     distance = torch.where(same, torch.zeros_like(cos), 1 - cos)
     out = {"samples": int(ours.shape[0]), "worst_cosine_distance": float(distance.max()) if len(a) else 0.0,
            "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0}
-    if ours.dim() == 2 and ours.shape[1] > 1:
+    if classes and ours.dim() == 2 and ours.shape[1] > 1:
         out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
     return out
 
 
-def _run_torch(model: Model, sample: Any) -> torch.Tensor:
+def _run_torch(model: Model, sample: Any) -> Any:
     module = model.module
     module.eval()
     with torch.no_grad():
@@ -156,9 +173,9 @@ def _export_onnx(model: Model, path: Path, sample: Any, threads: int) -> ExportR
 
     layers = write_onnx(model, path, sample)
     expected = _run_torch(model, sample)
-    got = OrtModule(path, model.module, threads)(*(
+    got = OrtModule(path, model.module, threads).run_all(*(
         (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
-    check = compare_outputs(expected, got)
+    check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))
     quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
     check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
     verify(check, "ONNX Runtime")

@@ -13,12 +13,14 @@ into float initializers and the file would grow back to fp32. ONNX Runtime folds
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import os
 import shutil
 import tempfile
 import warnings
 from pathlib import Path
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -86,12 +88,19 @@ def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any) -> list[
 
     shadow, report = onnx_forms(model.module)
     args, names, output, dyn = trace_inputs(model, sample)
+    from deepsqueeze.core.outputs import output_tensors
+
+    with torch.no_grad():
+        count = len(output_tensors(model.module(*args)))
+    outputs = [output] if count == 1 else [f"{output}_{i}" for i in range(count)]
+    if count != 1:
+        dyn = {k: v for k, v in dyn.items() if k != output} | {o: {0: "batch"} for o in outputs}
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "model.onnx"
         try:
-            with torch.no_grad(), warnings.catch_warnings():
+            with torch.no_grad(), warnings.catch_warnings(), _mha_fastpath(False):
                 warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches of transformers
-                torch.onnx.export(shadow, args, str(raw), input_names=names, output_names=[output],
+                torch.onnx.export(shadow, args, str(raw), input_names=names, output_names=outputs,
                                   dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=False,
                                   custom_opsets={"com.microsoft": 1} if _uses_contrib(report) else None)
         except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as exc:
@@ -101,6 +110,17 @@ def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any) -> list[
         del shadow
         onnx.save(graph, str(path))
     return report
+
+
+@contextlib.contextmanager
+def _mha_fastpath(enabled: bool) -> Iterator[None]:
+    """nn.MultiheadAttention's fused inference kernel has no ONNX export: trace its composite form."""
+    previous = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(enabled)
+    try:
+        yield
+    finally:
+        torch.backends.mha.set_fastpath_enabled(previous)
 
 
 def _uses_contrib(report: list[dict[str, str]]) -> bool:
@@ -135,11 +155,15 @@ class OrtModule(nn.Module):
             raise ModelError("this ONNX model takes no sentences: it has no tokenizer")
         return self._tokenize(sentences)
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+    def run_all(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
+        """Every output of the graph, in order (a model returning a dict or tuple has several)."""
         feeds = dict(zip(self._inputs, args, strict=False))
         feeds.update({k: v for k, v in kwargs.items() if k in self._inputs})
-        result = self.session.run(None, {k: v.detach().cpu().numpy() for k, v in feeds.items()})[0]
-        return torch.from_numpy(result)
+        return [torch.from_numpy(r) for r in self.session.run(None, {k: v.detach().cpu().numpy()
+                                                                     for k, v in feeds.items()})]
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        return self.run_all(*args, **kwargs)[0]
 
     @torch.no_grad()
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:

@@ -25,6 +25,7 @@ Each ``*_form`` returns ``(module, description)``; the description is what the e
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -41,7 +42,7 @@ from deepsqueeze.quant.modules import (
 )
 
 __all__ = ["int8_conv_form", "int8_linear_form", "packed_conv_form", "packed_embedding_form",
-           "packed_linear_form"]
+           "packed_linear_form", "packed_weights_form"]
 
 _INT8, _UINT8, _INT32, _FLOAT = 3, 2, 6, 1  # onnx.TensorProto element types
 
@@ -263,6 +264,32 @@ class DecodedConvForm(_CodesRows):
 
 def packed_conv_form(layer: PackedIntConv2d) -> tuple[nn.Module, str]:
     return DecodedConvForm(layer), "uint8 codes decoded in the graph"
+
+
+class PackedWeightsForm(nn.Module):
+    """A :class:`~deepsqueeze.quant.packed_weights.PackedWeights` layer (LSTM, GRU, ConvTranspose, attention
+    ...): its weight tensors decoded from uint8 codes in the graph, then the wrapped module's own forward."""
+
+    def __init__(self, layer: Any) -> None:
+        super().__init__()
+        from deepsqueeze.quant.packed_weights import _key
+
+        self.specs = {name: tuple(spec["shape"]) for name, spec in layer.specs.items()}
+        self.keys = {name: _key(name) for name in layer.specs}
+        self.codes = nn.ModuleDict({self.keys[name]: _CodesRows(layer.packed[self.keys[name]]) for name in self.specs})
+        self.inner = copy.deepcopy(layer.inner)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        from deepsqueeze.quant.packed_weights import _owner
+
+        for name, shape in self.specs.items():
+            owner, attr = _owner(self.inner, name)
+            setattr(owner, attr, self.codes[self.keys[name]].rows_float().reshape(shape))
+        return self.inner(*args, **kwargs)
+
+
+def packed_weights_form(layer: Any) -> tuple[nn.Module, str]:
+    return PackedWeightsForm(layer), f"uint8 codes decoded in the graph, then {type(layer.inner).__name__}"
 
 
 class DecodedEmbeddingForm(nn.Module):

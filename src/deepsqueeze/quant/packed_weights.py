@@ -98,6 +98,12 @@ class PackedWeights(nn.Module):
         self._set_weights()
         return self.inner(*args, **kwargs)
 
+    def onnx_form(self) -> tuple[nn.Module, str]:
+        """The traceable module that emits this layer to ONNX, and what it becomes there."""
+        from deepsqueeze.quant.onnx_forms import packed_weights_form
+
+        return packed_weights_form(self)
+
     def deepsqueeze_param_count(self) -> int:
         return sum(p.numel() for p in self.inner.parameters()) + sum(
             int(torch.Size(s["shape"]).numel()) for s in self.specs.values())
