@@ -3,12 +3,13 @@
 Every form is a traceable module (TorchScript ONNX exporter) holding the representation's integers as
 integer initializers, so the ONNX file is about the size of the .dsq and ONNX Runtime computes with them:
 
-* :class:`Int8Linear` -> ``MatMulInteger`` on its int8 codes. Per-token activations are quantized per
-  row in the graph (``ReduceMax(|x|) / 127``, round, clip, int8): an input row's output never depends on
-  the other rows of the batch, as in torch. Per-tensor activations use ``DynamicQuantizeLinear``
-  (uint8) and static ones ``QuantizeLinear`` with the calibrated scale and zero point; their weights are
-  stored as ``q + 128`` uint8 with zero point 128, which keeps ONNX Runtime's uint8 x uint8 kernel
-  exact (its uint8 x int8 kernel adds pairs of products in int16 and saturates on AVX2).
+* :class:`Int8Linear` -> ``MatMulInteger`` on its int8 codes, stored as ``q + 128`` uint8 with zero point
+  128: ONNX Runtime's uint8 x uint8 kernel is exact (its uint8 x int8 kernel adds pairs of products in
+  int16 and saturates on AVX2) and, measured on MiniLM, about 3x faster than its int8 x int8 one.
+  Per-token activations are quantized per row in the graph (``QuantizeLinear`` with per-row scales
+  ``max|row| / 127`` and zero point 128): an input row's output never depends on the other rows of
+  the batch, as in torch. Per-tensor activations use ``DynamicQuantizeLinear`` and static ones
+  ``QuantizeLinear`` with the calibrated scale and zero point.
 * :class:`Int8Conv2d` -> QDQ: ``QuantizeLinear``/``DequantizeLinear`` around the input (7-bit range, as
   the torch kernel), int8 weights and int32 bias behind ``DequantizeLinear`` (per channel), the
   convolution, the fused ReLU, and the output's calibrated ``QuantizeLinear``/``DequantizeLinear``:
@@ -52,23 +53,30 @@ def _const(g: Any, value: Any, dtype: torch.dtype = torch.float32) -> Any:
 
 
 class _PerTokenMatMul(torch.autograd.Function):
-    """``x (.., K) @ W^T`` with per-row symmetric int8 activations; ``w_t`` int8 (K, N), ``scale`` (N,)."""
+    """``x (R, K) @ W^T`` with per-row symmetric 8-bit activations; ``w_u8`` (K, N) is ``q + 128``.
+
+    In the graph each row's codes are ``QuantizeLinear(x, max|row| / 127, 128)`` (per-axis scales,
+    round half to even as torch), i.e. the symmetric int8 codes shifted by 128: ONNX Runtime's
+    uint8 x uint8 ``MatMulInteger`` with zero points 128 computes exactly the int8 x int8 sums.
+    """
 
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, w_t: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
+    def forward(ctx: Any, x: torch.Tensor, w_u8: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:  # noqa: ARG004
         amax = x.abs().amax(dim=-1, keepdim=True)
         xs = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
         q = torch.round(x / xs).clamp(-127, 127)
-        return (q @ w_t.float()) * xs * scale
+        return (q @ (w_u8.float() - 128)) * xs * scale
 
     @staticmethod
-    def symbolic(g: Any, x: Any, w_t: Any, scale: Any) -> Any:
-        amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[-1], keepdims_i=1)
+    def symbolic(g: Any, x: Any, w_u8: Any, scale: Any) -> Any:
+        amax = g.op("ReduceMax", g.op("Abs", x), axes_i=[1], keepdims_i=0)
         positive = g.op("Greater", amax, _const(g, 0.0))
         xs = g.op("Where", positive, g.op("Div", amax, _const(g, 127.0)), _const(g, 1.0))
-        q = g.op("Clip", g.op("Round", g.op("Div", x, xs)), _const(g, -127.0), _const(g, 127.0))
-        acc = g.op("MatMulInteger", g.op("Cast", q, to_i=_INT8), w_t)
-        return g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), xs), scale)
+        zero = g.op("ConstantOfShape", g.op("Shape", xs), value_t=torch.tensor([128], dtype=torch.uint8))
+        q = g.op("QuantizeLinear", x, xs, zero, axis_i=0)
+        acc = g.op("MatMulInteger", q, w_u8, _const(g, 128, torch.uint8), _const(g, 128, torch.uint8))
+        row_scale = g.op("Unsqueeze", xs, _const(g, [1], torch.int64))
+        return g.op("Mul", g.op("Mul", g.op("Cast", acc, to_i=_FLOAT), row_scale), scale)
 
 
 class _Uint8MatMul(torch.autograd.Function):
@@ -104,11 +112,7 @@ class Int8LinearForm(nn.Module):
     def __init__(self, layer: Int8Linear) -> None:
         super().__init__()
         self.act, self.out_features = layer.act, layer.out_features
-        w_t = layer.weight.t().contiguous()
-        if layer.act == "per_token":
-            self.register_buffer("w", w_t)
-        else:
-            self.register_buffer("w", (w_t.to(torch.int16) + 128).to(torch.uint8))
+        self.register_buffer("w", (layer.weight.t().to(torch.int16) + 128).to(torch.uint8).contiguous())
         self.register_buffer("scale", layer.weight_scale.float().clone())
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
         self.register_buffer("inv_smooth", None if layer.smooth is None else (1.0 / layer.smooth.float()))
@@ -123,7 +127,8 @@ class Int8LinearForm(nn.Module):
         if self.inv_smooth is not None:
             x = x * self.inv_smooth
         if self.act == "per_token":
-            y = _PerTokenMatMul.apply(x, self.w, self.scale)
+            rows = _PerTokenMatMul.apply(x.reshape(-1, x.shape[-1]), self.w, self.scale)
+            y = rows.reshape(*x.shape[:-1], self.out_features)
         else:
             if self.clip is not None:
                 x = x.clamp(*self.clip)
