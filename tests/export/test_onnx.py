@@ -228,3 +228,19 @@ def test_every_layer_kind_the_coverage_issue_added_exports(tmp_path, name, confi
                      if i.data_type == onnx.TensorProto.FLOAT and len(i.dims) >= 2 and min(i.dims) > 1
                      and not i.name.endswith(("scale", "scales"))]
     assert not float_weights, [i.name for i in float_weights]
+
+
+def test_shared_weights_export_as_uint8_codebook_indices(tmp_path):
+    """Weight sharing (Deep Compression) leaves float layers with few distinct values: the ONNX file holds
+    uint8 indices and the codebook, not the float weights."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10)).eval()
+    codebook = torch.linspace(-0.2, 0.2, 16)
+    with torch.no_grad():
+        module[0].weight.copy_(codebook[torch.randint(0, 16, (64, 128))])
+    model = Model(module, py_base(module), Task.CLASSIFIER, "mlp", count_params(module), (128,), 10)
+    result = export(model, "onnx", tmp_path / "s.onnx")
+    described = {row["module"]: row["exported_as"] for row in result.layers}
+    assert described == {"0": "uint8 codebook indices (16 values), Gather"}  # layer 2 is too small to bother
+    assert result.check["worst_cosine_distance"] <= 1e-6
+    assert result.bytes < 64 * 128 * 4 // 2

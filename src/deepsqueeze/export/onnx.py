@@ -3,8 +3,9 @@
 The exporter does not know any technique. It walks the loaded model and asks every module that has an
 ``onnx_form()`` method (``Int8Linear``, the packed weight-only layers, ``Int8Conv2d``, ``SparseCSRLinear``,
 ...) for the traceable module that emits it (see :mod:`deepsqueeze.quant.onnx_forms` for the integer
-operators). Everything else (float layers, pruned and factored layers, which are already their smaller
-shapes) is traced as it is. The result lists, per replaced module, what it became in the graph, so
+operators). A float Linear / Conv / Embedding whose weight takes at most 256 distinct values (weight
+sharing) is stored as uint8 indices into its codebook. Everything else (float layers, pruned and factored
+layers, which are already their smaller shapes) is traced as it is. The result lists, per replaced module, what it became in the graph, so
 nothing is exported in a different form without saying so.
 
 Constant folding is off while exporting: folding would turn integer codes and their decode arithmetic
@@ -52,6 +53,11 @@ def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         if name and hasattr(layer, "onnx_form") and not any(name.startswith(p + ".") for p in forms):
             form, described = layer.onnx_form()
             forms[name] = (form, type(layer).__name__, described)
+    for name, layer in module.named_modules():
+        if name and name not in forms and not any(name.startswith(p + ".") for p in forms):
+            shared = _codebook_form(layer)
+            if shared is not None:
+                forms[name] = (shared[0], type(layer).__name__, shared[1])
     memo = {id(layer): None for name, layer in module.named_modules() if name in forms}  # not deep-copied
     shadow = copy.deepcopy(module, memo)
     for name, (form, _, _) in forms.items():
@@ -59,6 +65,39 @@ def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         setattr(shadow.get_submodule(parent) if parent else shadow, child, form)
     report = [{"module": n, "kind": k, "exported_as": d} for n, (_, k, d) in forms.items()]
     return shadow.eval(), report
+
+
+class _CodebookWeight(nn.Module):
+    """A float layer whose weight takes at most 256 distinct values (weight sharing, Deep Compression):
+    uint8 indices into a float codebook, looked up (``Gather``) when the graph runs."""
+
+    def __init__(self, layer: nn.Module, values: torch.Tensor, index: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(layer)
+        self.shape = tuple(layer.weight.shape)
+        del self.layer.weight
+        self.register_buffer("codebook", values.float())
+        self.register_buffer("index", index.to(torch.uint8).reshape(self.shape))
+
+    def forward(self, *args: Any) -> Any:
+        self.layer.weight = self.codebook[self.index.long()]
+        return self.layer(*args)
+
+
+CODEBOOK_MIN_WEIGHTS = 4096
+
+
+def _codebook_form(layer: nn.Module) -> tuple[nn.Module, str] | None:
+    """The codebook form of a float Linear / Conv / Embedding whose weight has at most 256 distinct values."""
+    if type(layer) not in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding):
+        return None
+    weight = layer.weight.detach()
+    if weight.numel() < CODEBOOK_MIN_WEIGHTS or not weight.is_floating_point():
+        return None
+    values, index = torch.unique(weight, return_inverse=True)
+    if len(values) > 256:
+        return None
+    return _CodebookWeight(layer, values, index), f"uint8 codebook indices ({len(values)} values), Gather"
 
 
 def trace_inputs(model: Model, sample: Any) -> tuple[tuple[Any, ...], list[str], str, dict[str, dict[int, str]]]:
