@@ -53,6 +53,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.export.onnx import OrtModule
     from deepsqueeze.recipes import compress, load_recipe
     from deepsqueeze.recipes.schema import shipped_recipes
+    from deepsqueeze.zoo.pretrained import checkpoint_path
     from deepsqueeze.data import resolve_data
 
     torch.set_num_threads(ctx.threads)
@@ -69,6 +70,9 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"recipe": name, "model": model_ref}
         if skip_training and any(t in name for t in TRAINING):
             rows.append({**row, "onnx": "not run (training recipe, EXPORT_BENCH_SKIP_TRAINING=1)"})
+            continue
+        if model_ref.startswith("zoo:") and not checkpoint_path(*model_ref[4:].split("@")).exists():
+            rows.append({**row, "onnx": "not run (the fp32 zoo model is not trained on this machine)"})
             continue
         ctx.log(f"export: {name} on {model_ref}")
         dsq = tmp / f"{name}.dsq"

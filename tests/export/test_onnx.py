@@ -244,3 +244,14 @@ def test_shared_weights_export_as_uint8_codebook_indices(tmp_path):
     assert described == {"0": "uint8 codebook indices (16 values), Gather"}  # layer 2 is too small to bother
     assert result.check["worst_cosine_distance"] <= 1e-6
     assert result.bytes < 64 * 128 * 4 // 2
+
+
+def test_force_replaces_an_earlier_export_but_never_another_folder(tmp_path):
+    model = tiny_model_handle()
+    export(model, "onnx", tmp_path / "m.onnx")
+    export(model, "onnx", tmp_path / "m.onnx", overwrite=True)
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "keep.txt").write_text("mine")
+    with pytest.raises(ArtifactError, match="not one"):
+        export(model, "hf", tmp_path / "notes", overwrite=True)
+    assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"

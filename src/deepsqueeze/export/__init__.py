@@ -125,6 +125,8 @@ def _check_out(out: Path, fmt: str, model: Model, overwrite: bool) -> None:
         raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
+    if out.exists() and not (out.is_file() if fmt == "onnx" else (out / "config.json").is_file()):
+        raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
     if not out.parent.is_dir():
         raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
     if fmt == "onnx" and out.suffix != ".onnx":
