@@ -255,3 +255,21 @@ def test_force_replaces_an_earlier_export_but_never_another_folder(tmp_path):
     with pytest.raises(ArtifactError, match="not one"):
         export(model, "hf", tmp_path / "notes", overwrite=True)
     assert (tmp_path / "notes" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("family", ["bert", "roberta", "distilbert", "albert", "bert-classifier", "gpt2", "llama",
+                                    "qwen2"])
+def test_every_hugging_face_family_exports_to_onnx(tmp_path, family):
+    pytest.importorskip("transformers")
+    from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.testing.hf_models import make_hf_dir
+
+    model = resolve_model(f"hf:{make_hf_dir(family, tmp_path / family)}", progress=False)
+    quantize_(model.module, Int8DynamicConfig(activations="per_token"))
+    result = export(model, "onnx", tmp_path / "m.onnx")
+    assert result.check["worst_cosine_distance"] <= result.check["tolerance"]
+    assert "MatMulInteger" in _ops(tmp_path / "m.onnx")
+    if model.task is Task.CAUSAL_LM:  # next-token logits for every position, any batch and length
+        ids = torch.randint(0, 200, (3, 11))
+        logits = OrtModule(tmp_path / "m.onnx", model.module, 1)(ids, torch.ones_like(ids))
+        assert logits.shape[:2] == (3, 11)
