@@ -26,14 +26,15 @@ def register(app: typer.Typer) -> None:
         """Export a model to ONNX or a Hugging Face directory; the written model is run and compared with the
         torch model before it is reported (above tolerance: nothing is written, exit 2)."""
         from deepsqueeze.data import resolve_data
-        from deepsqueeze.export import FORMATS, export as run_export
-        from deepsqueeze.export import sample_batch
         from deepsqueeze.errors import ArtifactError
+        from deepsqueeze.export import FORMATS, check_out, sample_batch
+        from deepsqueeze.export import export as run_export
         from deepsqueeze.recipes.run import shape_from_data
         from deepsqueeze.resolve import resolve_model
 
         if fmt not in FORMATS:
             raise ArtifactError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
+        check_out(out, fmt, model, force)  # before the model is loaded
         m = resolve_model(model, progress=not as_json, model_code=model_code)
         dataset = resolve_data(data, split="eval") if data else None
         if dataset is not None:

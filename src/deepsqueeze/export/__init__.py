@@ -25,7 +25,7 @@ import torch
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
 
-__all__ = ["FORMATS", "ExportResult", "compare_outputs", "export", "sample_batch"]
+__all__ = ["FORMATS", "ExportResult", "check_out", "compare_outputs", "export", "sample_batch"]
 
 FORMATS = ("onnx", "hf")
 SAMPLES = 16
@@ -120,8 +120,10 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def _check_out(out: Path, fmt: str, model: Model, overwrite: bool) -> None:
-    if model.artifact_path and out.exists() and out.resolve() == Path(model.artifact_path).resolve():
+def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> None:
+    """Raise :class:`ArtifactError` unless ``out`` can take a ``fmt`` export of the model read from ``source``
+    (checked before any work: never the input, an existing path only with ``overwrite``)."""
+    if source and out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
         raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
@@ -147,7 +149,7 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
     if fmt not in FORMATS:
         raise ArtifactError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
     out = Path(out)
-    _check_out(out, fmt, model, overwrite)
+    check_out(out, fmt, model.artifact_path, overwrite)
     if sample is None:
         sample = sample_batch(model, data)
     if isinstance(sample, dict) and model.task is Task.CLASSIFIER:
