@@ -188,3 +188,17 @@ def test_model_that_does_not_fit_the_data_is_found_before_any_stage(capsys, work
                          "--recipe", "ft.yaml", "--out", "x.dsq"), "does not run on digits",
                     "RuntimeError: forward is broken line two")
     assert not (workdir / "x.dsq").exists()
+
+
+@pytest.mark.parametrize("argv", [
+    ["export", "m.dsq", "--format", "onnx", "--out", "m.onnx", "--threads", "100000"],
+    ["evaluate", "zoo:lenet300@digits", "--data", "digits", "--threads", "0"],
+    ["evaluate", "zoo:lenet300@digits", "--data", "digits", "--batch-size", "1000000000"],
+    ["bench", "export", "--threads", "-1"],
+])
+def test_thread_and_batch_counts_are_bounded_before_any_work(capsys, workdir, argv):
+    """--threads 100000 on export started 100,000 ONNX Runtime threads (16 GB resident, load 900)."""
+    from deepsqueeze.testing.cli import run
+
+    code, _, err = run(capsys, *argv)
+    assert code == 2 and "Invalid value" in err and "Traceback" not in err

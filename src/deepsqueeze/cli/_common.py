@@ -18,6 +18,15 @@ stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 DeviceOption = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ...")
+MAX_THREADS = 256  # a bound, not a recommendation: a thread pool of 10**5 threads exhausts the machine
+MAX_BATCH = 4096
+
+
+def threads_option(help: str) -> Any:
+    """``--threads`` (1..MAX_THREADS; out of range: a usage error, exit 2, before any work)."""
+    return typer.Option(2, "--threads", min=1, max=MAX_THREADS, help=help)
+
+
 ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:factory building the architecture of "
                                "an artifact compressed from your own code (a .dsq never names code to run)")
 

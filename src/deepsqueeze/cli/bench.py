@@ -9,7 +9,7 @@ from types import ModuleType
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, emit_json, rows_table, stdout
+from deepsqueeze.cli._common import JsonOption, emit_json, rows_table, stdout, threads_option
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +18,7 @@ def register(app: typer.Typer) -> None:
         names: list[str] = typer.Argument(None, help="Benchmarks to run (default: all); see --list"),
         list_only: bool = typer.Option(False, "--list", help="List the benchmarks and exit"),
         quick: bool = typer.Option(False, "--quick", help="Tiny smoke run; writes nothing"),
-        threads: int = typer.Option(2, "--threads", help="torch threads (stated in every row)"),
+        threads: int = threads_option("torch threads (stated in every row)"),
         device: str = typer.Option("cpu", "--device"),
         as_json: bool = JsonOption,
     ) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from deepsqueeze.cli._common import (
+    MAX_BATCH,
     DeviceOption,
     JsonOption,
     ModelCodeOption,
@@ -12,6 +13,7 @@ from deepsqueeze.cli._common import (
     kv_table,
     stderr,
     stdout,
+    threads_option,
 )
 
 
@@ -23,8 +25,8 @@ def register(app: typer.Typer) -> None:
         reference: str = typer.Option(None, "--reference", help="Reference model for sentence encoders "
                                       "(default: the artifact's base model)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
-        batch_size: int = typer.Option(64, "--batch-size", help="Batch size for the latency measurement"),
-        threads: int = typer.Option(2, "--threads", help="torch threads during timing"),
+        batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH, help="Batch size for the latency measurement"),
+        threads: int = threads_option("torch threads during timing"),
         no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement"),
         baseline: str = typer.Option(None, "--baseline", help="Model timed interleaved with this one for the "
                                      "speedup (default for FILE.dsq: its base model)"),

@@ -6,7 +6,15 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, ModelCodeOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import (
+    JsonOption,
+    ModelCodeOption,
+    emit_json,
+    kv_table,
+    rows_table,
+    stdout,
+    threads_option,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -18,7 +26,7 @@ def register(app: typer.Typer) -> None:
         out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, a new folder for hf"),
         data: str = typer.Option(None, "--data", help="inputs for the check against torch (images: default "
                                  "random of the model's shape; text: pydoc sentences)"),
-        threads: int = typer.Option(2, "--threads", help="ONNX Runtime threads for the check"),
+        threads: int = threads_option("ONNX Runtime threads for the check"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out"),
         model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
