@@ -34,6 +34,7 @@ from deepsqueeze.errors import ModelError
 __all__ = ["OrtModule", "onnx_forms", "ort_model", "require_ort", "trace_inputs", "write_onnx"]
 
 OPSET = 17
+MAX_THREADS = 256
 
 
 def require_ort() -> Any:
@@ -175,6 +176,8 @@ class OrtModule(nn.Module):
 
     def __init__(self, path: str | os.PathLike[str], like: nn.Module, threads: int = 2) -> None:
         super().__init__()
+        if not 1 <= int(threads) <= MAX_THREADS:
+            raise ModelError(f"ONNX Runtime threads must be 1..{MAX_THREADS}, got {threads}")
         ort = require_ort()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
