@@ -117,3 +117,41 @@ def test_cli_exports_onnx_and_hf_and_prints_one_json_object(tmp_path, capsys):
         assert code == 0, err
         payload = json.loads(stdout)
         assert payload["format"] == fmt and payload["bytes"] > 0 and out.exists()
+
+
+def test_force_never_replaces_the_input_or_a_folder_that_is_not_an_export(tmp_path, capsys, monkeypatch):
+    """Found by trying to break export: --force replaced the input hf:DIR, a folder holding the input .dsq,
+    and any folder with a config.json."""
+    src = make_hf_dir("bert", tmp_path / "bert")
+    before = sorted(p.name for p in src.iterdir())
+    capsys.readouterr()
+    code, _, err = run(capsys, "export", f"hf:{src}", "--format", "hf", "--out", str(src), "--force")
+    assert code == 2 and "input" in err and sorted(p.name for p in src.iterdir()) == before
+    holder = tmp_path / "holder"
+    holder.mkdir()
+    (holder / "config.json").write_text("{}")
+    (holder / "important.txt").write_text("precious")
+    code, _, err = run(capsys, "export", f"hf:{src}", "--format", "hf", "--out", str(holder), "--force")
+    assert code == 2 and "not one" in err and (holder / "important.txt").read_text() == "precious"
+    code, _, err = run(capsys, "export", f"hf:{src}", "--format", "hf", "--out", str(tmp_path / "a"))
+    assert code == 0, err
+    code, _, err = run(capsys, "export", f"hf:{src}", "--format", "hf", "--out", str(tmp_path / "a"), "--force")
+    assert code == 0, err  # an earlier export is replaced
+    monkeypatch.chdir(tmp_path / "a")
+    code, _, err = run(capsys, "export", f"hf:{src}", "--format", "hf", "--out", ".", "--force")
+    assert code == 2 and "current folder" in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("model,data", [("zoo:lenet300@digits", "pydoc-sentences:calib"), ("text", "digits")])
+def test_data_that_does_not_fit_the_model_is_one_line(tmp_path, capsys, model, data, lenet300_digits):
+    if model == "text":
+        model = f"hf:{make_hf_dir('bert', tmp_path / 'bert')}"
+    capsys.readouterr()
+    code, _, err = run(capsys, "export", model, "--format", "onnx", "--out", str(tmp_path / "m.onnx"), "--data", data)
+    assert code == 2 and "does not fit" in err and "Traceback" not in err
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_an_out_folder_the_system_refuses_is_one_line(tmp_path, capsys, lenet300_digits):
+    code, _, err = run(capsys, "export", "zoo:lenet300@digits", "--format", "onnx", "--out", "/proc/a.onnx")
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1

@@ -48,11 +48,11 @@ def register(app: typer.Typer) -> None:
         if dataset is not None:
             shape_from_data(m, dataset)
         result = run_export(m, fmt, out, sample=sample_batch(m, dataset), threads=threads, overwrite=force)
+        summary = {"path": result.path, "format": result.format, "bytes": result.bytes,
+                   "source_bytes": m.meta.get("artifact_bytes"), "check": result.check, "layers": result.layers}
         if as_json:
-            emit_json(result.as_dict())
+            emit_json(summary)
             return
-        summary = {"out": result.path, "format": result.format, "bytes": result.bytes,
-                   "artifact_bytes": m.meta.get("artifact_bytes"), **result.check}
-        stdout.print(kv_table(f"exported {model} -> {result.path}", summary))
+        stdout.print(kv_table(f"exported {model} -> {result.path}", {**summary, **result.check}))
         if result.layers:
             stdout.print(rows_table("layers (what each representation became)", result.layers))

@@ -53,6 +53,9 @@ def sample_batch(model: Model, data: Any = None, samples: int = SAMPLES) -> Any:
     """A deterministic input batch: ``samples`` rows of ``data`` (evaluation split) when given, else
     standard-normal images of ``model.input_shape`` (classifiers) or pydoc sentences (text models,
     short and long, tokenized by the model)."""
+    if data is not None and model.task.is_text != hasattr(data, "sentences"):
+        wanted = "sentences (e.g. --data pydoc-sentences:eval)" if model.task.is_text else "images"
+        raise DataError(f"{getattr(data, 'name', data)} does not fit this {model.task.value} model: pass {wanted}")
     if model.task.is_text:
         sentences = getattr(data, "sentences", None)
         if not sentences:
@@ -120,14 +123,32 @@ def _size(path: Path) -> int:
     return path.stat().st_size
 
 
-def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> None:
-    """Raise :class:`ArtifactError` unless ``out`` can take a ``fmt`` export of the model read from ``source``
-    (checked before any work: never the input, an existing path only with ``overwrite``)."""
-    if source and out.exists() and Path(source).exists() and out.resolve() == Path(source).resolve():
-        raise ArtifactError(f"refusing to overwrite the input artifact {out}: choose another --out path")
+MARKER = "deepsqueeze-export.json"  # written into every hf export: what --force may replace
+
+
+def _source_path(source: str | None) -> Path | None:
+    if not source:
+        return None
+    for prefix in ("hf:",):
+        source = source.removeprefix(prefix)
+    path = Path(source)
+    return path.resolve() if path.exists() else None
+
+
+def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
+    """``out`` resolved, once it can take a ``fmt`` export of the model read from ``source`` (a path or an
+    ``hf:DIR`` reference); raises :class:`ArtifactError` otherwise, before any work. ``out`` is never the
+    input, a folder holding it or the current folder; an existing ``out`` is replaced only with
+    ``overwrite`` and only if it is an earlier export (a ``.onnx`` file, a folder with the export marker)."""
+    out = Path(out).resolve()
+    src = _source_path(source)
+    if src is not None and (out == src or out in src.parents):
+        raise ArtifactError(f"refusing to replace {out}: it is or holds the input model; choose another --out path")
+    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
+        raise ArtifactError(f"refusing to replace {out}, the current folder or one above it: name a new path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
-    if out.exists() and not (out.is_file() if fmt == "onnx" else (out / "config.json").is_file()):
+    if out.exists() and not (out.is_file() if fmt == "onnx" else (out / MARKER).is_file()):
         raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
     if not out.parent.is_dir():
         raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -135,6 +156,7 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> None:
         raise ArtifactError(f"--out must name a .onnx file for --format onnx, got {out.name}")
     if not os.access(out.parent, os.W_OK):
         raise ArtifactError(f"cannot write {out}: folder {out.parent} is not writable; choose another location")
+    return out
 
 
 def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = None, sample: Any = None,
@@ -148,13 +170,13 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
     """
     if fmt not in FORMATS:
         raise ArtifactError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    out = Path(out)
-    check_out(out, fmt, model.artifact_path, overwrite)
+    out = check_out(Path(out), fmt, model.artifact_path or model.ref, overwrite)
     if sample is None:
         sample = sample_batch(model, data)
-    if isinstance(sample, dict) and model.task is Task.CLASSIFIER:
-        raise DataError("an image classifier's export check needs images, not sentences: pass image --data")
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ArtifactError(f"cannot write in {out.parent}: {exc.strerror or exc}; choose another location") from None
     try:
         staged = staging / out.name
         if fmt == "onnx":

@@ -189,8 +189,12 @@ def _sentence_transformers_files(folder: Path, module: Any, hidden: int) -> None
         modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
         (folder / "2_Normalize").mkdir()
     (folder / "modules.json").write_text(json.dumps(modules, indent=2))
-    (folder / "sentence_bert_config.json").write_text(json.dumps(
-        {"max_seq_length": int(getattr(module, "max_seq_length", 256)), "do_lower_case": False}, indent=2))
+    limit = int(getattr(module, "max_seq_length", 256))
+    positions = getattr(module.transformer.config, "max_position_embeddings", None)
+    if positions:
+        limit = min(limit, int(positions))
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": limit, "do_lower_case": False},
+                                                                 indent=2))
     (folder / "1_Pooling").mkdir()
     (folder / "1_Pooling" / "config.json").write_text(json.dumps(
         {"word_embedding_dimension": hidden, "pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean,
@@ -215,6 +219,9 @@ def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any
     fresh.config.architectures = [type(transformer).__name__]
     folder.mkdir()
     fresh.save_pretrained(str(folder), safe_serialization=True)
+    from deepsqueeze.export import MARKER
+
+    (folder / MARKER).write_text(json.dumps({"format": "hf", "source": model.artifact_path or model.ref}))
     del fresh
     tokenizer = getattr(model.module, "tokenizer", None)
     if tokenizer is not None:

@@ -155,8 +155,12 @@ class _MatMulNBits(torch.autograd.Function):
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, packed: Any, scales: Any, zeros: Any, k: int, n: int,  # noqa: ARG004
                  bits: int, block: int) -> Any:
-        return g.op("com.microsoft::MatMulNBits", x, packed, scales, zeros, K_i=k, N_i=n, bits_i=bits,
-                    block_size_i=block, accuracy_level_i=0)
+        y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zeros, K_i=k, N_i=n, bits_i=bits,
+                 block_size_i=block, accuracy_level_i=0)
+        sizes = x.type().varyingSizes() if x.isCompleteTensor() or hasattr(x.type(), "varyingSizes") else None
+        if sizes:  # the contrib op has no shape inference in the exporter: state the output's (.., N)
+            y.setType(x.type().with_sizes(list(sizes[:-1]) + [n]))
+        return y
 
 
 def _pack_lsb(codes: torch.Tensor, bits: int) -> torch.Tensor:
