@@ -24,7 +24,10 @@ TRIALS = 24
 SAMPLERS = ("random", "tpe", "nsga2")
 SPACE: dict[str, Any] = {
     "description": "search-cnn: a CNN, channel ratios, sparsity and bits per layer",
-    "objectives": ["quality", "bytes", "latency"],
+    # Latency is measured on every trial (and reported) but is not an objective the samplers chase: on this
+    # shared machine its trial-to-trial noise (40 to 320 ms for models of equal speed in the first run) made
+    # noise-fast points non-dominated and steered TPE and NSGA-II after them (see the notes).
+    "objectives": ["quality", "bytes"],
     "latency": {"batch": 64, "threads": 2},
     "stages": [
         {"type": "prune_channels", "optional": True,
@@ -46,9 +49,9 @@ SETUP = (
     "optional prune_channels stage (ratio 0-0.375 step 0.125 per dependency group), an optional unstructured prune "
     "stage (0.3-0.9 step 0.1 per layer, sparse storage), then weight sharing (k-means codebook) with 2, 3, 4, 5, 6 "
     "or 8 bits per layer and entropy coding (encode); no training stage (no fine-tuning epochs). Objectives: "
-    "validation accuracy (fashion-mnist:val, "
-    "10k images held out of train; calibration on the other 50k), measured .dsq bytes, latency at batch 64 with 2 "
-    "threads interleaved with fp32. `hv_quality_bytes`: hypervolume on (validation accuracy, bytes / fp32 bytes) "
+    "validation accuracy (fashion-mnist:val, 10k images held out of train; calibration on the other 50k) and "
+    "measured .dsq bytes; latency (batch 64, 2 threads, interleaved with fp32) is measured on every trial but is "
+    "not an objective (too noisy on the shared machine, see the notes). `hv_quality_bytes`: hypervolume on (validation accuracy, bytes / fp32 bytes) "
     "with reference (0, 1). Shipped single-stage post-training recipes (int8-dynamic, int8-static, w4-rtn, w4-gptq, "
     "mixed-precision) run through the same compress; `refs_dominated` counts those matched or dominated on TEST "
     "accuracy (10k test split) and file bytes by a front point of that sampler (front artifacts re-scored on test)."
@@ -99,7 +102,8 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             study = optuna.load_study(study_name=sampler, storage=f"sqlite:///{root / sampler / 'study.db'}")
             complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                               key=lambda t: t.number)
-            history = hypervolume_history([t.user_attrs for t in complete], space.objectives, res.baseline)
+            history = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes", "latency"),
+                                          res.baseline)
             history_2d = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes"), res.baseline)
             front_test = [(r["bytes"], accuracy(load(r["artifact"]).module, test)) for r in res.front]
             covered = [ref["recipe"] for ref in refs
@@ -138,6 +142,16 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                      "not a mean over seeds. Latency is measured on a 2-core machine shared with other engineers' "
                      "jobs: latency figures (and `hv_3obj`, which uses latency / fp32 latency with reference 2) are "
                      "noisy; sizes and accuracies are not. The target is decided on `hv_quality_bytes`.")
+    ctx.notes.append("What was tried: the first run (commit c02ad88, result committed in 610b63e; same space and 24 trials, objectives "
+                     "validation accuracy, bytes AND latency) gave hv_quality_bytes random 0.9254, TPE 0.9177, NSGA-II "
+                     "0.9103 (hv_3obj 1.5922 / 1.4286 / 1.3905) and dominated 2/5, 0/5, 0/5 shipped recipes on test: "
+                     "latency measured 40-320 ms for equally fast models under load 6-8 on 2 cores, so noise-fast "
+                     "low-accuracy points were non-dominated and TPE spent its 16 model-based trials near them "
+                     "(validation accuracy 0.80-0.90); NSGA-II (population 6) re-evaluated 5 duplicate points. This "
+                     "run searches accuracy vs bytes and keeps latency as a measured column (`hv_3obj`).")
+    ctx.notes.append("Caveat on the validation split: the zoo's fp32 models are trained on all 60k training images, so "
+                     "the 10k validation rows (held out from calibration, never the test split) were seen by the base "
+                     "model: validation accuracy reads about 4 pp above test accuracy; the front is re-scored on test.")
     ctx.notes.append("Shipped-recipe rows: `smallest_front_bytes` is the recipe's own .dsq bytes, "
                      "`best_front_test_acc` its test accuracy and `search_s` its compress wall time. Recipes that "
                      "train (qat-*, deep-compression*, prune-structured, lowrank-*, distill-*) are not compared: the "
