@@ -1,7 +1,10 @@
 """search-cnn: random vs TPE vs NSGA-II at an equal number of trials, and the front against shipped recipes.
 
-The issue's benchmark is vgg-small on Fashion-MNIST for about 20 minutes on 2 cores; on a machine shared by
-several engineers this run uses a reduced budget on LeNet-300-100 (see SETUP and the notes).
+A space over structured channel ratios per dependency group, unstructured sparsity per layer and bits per
+layer (2 to 8, weight sharing + entropy coding), objectives validation accuracy, measured .dsq bytes and
+measured latency; the same number of trials for each sampler. The issue's model is vgg-small on Fashion-MNIST (set MODEL = VGG); the stored run
+used LeNet-5 (a CNN too) because vgg-small's fp32 zoo model was still training on the shared machine (its
+training and per-trial evaluation cost about 10x LeNet-5's there).
 """
 
 from __future__ import annotations
@@ -15,112 +18,142 @@ from benchmarks.runner import BenchContext
 
 NAME = "search-cnn"
 TITLE = "Policy search: random vs TPE vs NSGA-II hypervolume at equal trials; the front vs shipped recipes"
-MODEL = "zoo:lenet300@fashion-mnist"
-TRIALS = 12
+VGG = "zoo:vgg-small@fashion-mnist"
+MODEL = "zoo:lenet5@fashion-mnist"
+TRIALS = 24
+SAMPLERS = ("random", "tpe", "nsga2")
 SPACE: dict[str, Any] = {
-    "description": "search-cnn reduced: LeNet-300-100, channel ratios, sparsity, bits per layer",
-    "objectives": ["quality", "bytes", "latency"],
+    "description": "search-cnn: a CNN, channel ratios, sparsity and bits per layer",
+    # Latency is measured on every trial (and reported) but is not an objective the samplers chase: on this
+    # shared machine its trial-to-trial noise (40 to 320 ms for models of equal speed in the first run) made
+    # noise-fast points non-dominated and steered TPE and NSGA-II after them (see the notes).
+    "objectives": ["quality", "bytes"],
     "latency": {"batch": 64, "threads": 2},
     "stages": [
         {"type": "prune_channels", "optional": True,
-         "ratio": {"per_layer": {"low": 0.0, "high": 0.75, "step": 0.25}}},
+         "ratio": {"per_layer": {"low": 0.0, "high": 0.375, "step": 0.125}}},
         {"type": "prune", "optional": True, "storage": "sparse",
-         "sparsity": {"per_layer": {"low": 0.5, "high": 0.9, "step": 0.1}}},
-        {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 3, 4, 8, None]}}},
+         "sparsity": {"per_layer": {"low": 0.3, "high": 0.9, "step": 0.1}}},
+        {"type": "share", "bits": {"per_layer": {"choice": [2, 3, 4, 5, 6, 8]}}},
+        {"type": "encode"},
     ],
 }
-COMPARE = ("int8-dynamic", "w4-rtn", "mixed-precision")
+# Every shipped recipe that is one post-training stage and applies to a CNN classifier (the recipes that
+# train -- QAT, deep compression, prune-structured, low-rank + fine-tuning -- are outside a space without
+# a training stage, see the notes).
+COMPARE = ("int8-dynamic", "int8-static", "w4-rtn", "w4-gptq", "mixed-precision")
 SETUP = (
-    f"REDUCED BUDGET (shared machine): {MODEL} instead of vgg-small, {TRIALS} trials per sampler. Space: an optional "
-    "prune_channels stage (ratio 0-0.75 per dependency group), optional unstructured pruning (0.5-0.9 per layer, "
-    "sparse storage), then RTN bits per layer among 2, 3, 4, 8 or float; no training stage (a fine-tuning stage was cut to fit the shared machine). "
-    "Objectives: validation accuracy (fashion-mnist:val, 10k images held out of train; training/calibration on "
-    "the other 50k), measured .dsq bytes, latency at batch 64 with 2 threads interleaved with fp32. Hypervolume "
-    "on (accuracy, bytes / fp32 bytes, latency / fp32 latency) with reference (0, 1, 2), same seed for every "
-    "sampler. Shipped recipes (int8-dynamic, w4-rtn, mixed-precision) are run through the same compress; "
-    "`refs_dominated` counts those matched or dominated on TEST accuracy and bytes by a front point of that "
-    "sampler (front artifacts re-scored on the 10k test split)."
+    ("" if MODEL == VGG else f"REDUCED: {MODEL} instead of the issue's {VGG} (vgg-small's fp32 zoo model was "
+     "still being trained on the shared 2-core machine when this ran). ") +
+    f"{MODEL}, {TRIALS} trials per sampler (random, TPE multivariate, NSGA-II), same space and seed. Space: an "
+    "optional prune_channels stage (ratio 0-0.375 step 0.125 per dependency group), an optional unstructured prune "
+    "stage (0.3-0.9 step 0.1 per layer, sparse storage), then weight sharing (k-means codebook) with 2, 3, 4, 5, 6 "
+    "or 8 bits per layer and entropy coding (encode); no training stage (no fine-tuning epochs). Objectives: "
+    "validation accuracy (fashion-mnist:val, 10k images held out of train; calibration on the other 50k) and "
+    "measured .dsq bytes; latency (batch 64, 2 threads, interleaved with fp32) is measured on every trial but is "
+    "not an objective (too noisy on the shared machine, see the notes). `hv_quality_bytes`: hypervolume on (validation accuracy, bytes / fp32 bytes) "
+    "with reference (0, 1). Shipped single-stage post-training recipes (int8-dynamic, int8-static, w4-rtn, w4-gptq, "
+    "mixed-precision) run through the same compress; `refs_dominated` counts those matched or dominated on TEST "
+    "accuracy (10k test split) and file bytes by a front point of that sampler (front artifacts re-scored on test)."
 )
 
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
+    import optuna
     import yaml
 
     from deepsqueeze.artifact import load
     from deepsqueeze.data import resolve_data
     from deepsqueeze.eval import accuracy
     from deepsqueeze.recipes import compress, load_recipe
+    from deepsqueeze.resolve import resolve_model
     from deepsqueeze.search import load_space, run_search
     from deepsqueeze.search.study import hypervolume_history
 
     trials = 6 if ctx.quick else TRIALS
-    model_ref = "zoo:lenet300@digits" if ctx.quick else MODEL
+    model_ref = "zoo:vgg-small@digits" if ctx.quick else MODEL
     data_ref = model_ref.split("@")[1]
     test = resolve_data(data_ref)
+    fp32 = resolve_model(model_ref, progress=False)
+    fp32_acc = accuracy(fp32.module, test)
+    fp32_bytes = 4 * fp32.base_params
+    ctx.log(f"fp32 {model_ref}: test accuracy {fp32_acc:.4f}, {fp32_bytes:,} B")
     rows: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         space_file = root / "space.yaml"
         space_file.write_text(yaml.safe_dump({**SPACE, "model": model_ref, "data": data_ref}))
-        base = None
         refs = []
-        fp32_acc = None
         for recipe_name in COMPARE:
             out = root / f"{recipe_name}.dsq"
-            result = compress(model_ref, load_recipe(recipe_name), out, f"{data_ref}:val", progress=False,
-                              evaluate_result=False)
+            start = time.perf_counter()
+            compress(model_ref, load_recipe(recipe_name), out, f"{data_ref}:val", progress=False,
+                     evaluate_result=False)
             refs.append({"recipe": recipe_name, "bytes": out.stat().st_size,
-                         "test_accuracy": accuracy(load(out).module, test)})
-            if fp32_acc is None:
-                from deepsqueeze.resolve import resolve_model
-
-                fp32_acc = accuracy(resolve_model(model_ref, progress=False).module, test)
+                         "test_accuracy": accuracy(load(out).module, test),
+                         "compress_s": round(time.perf_counter() - start, 1)})
             ctx.log(f"{recipe_name}: {refs[-1]}")
-            del result
-        for sampler in ("random", "tpe", "nsga2"):
+        for sampler in SAMPLERS:
             space, base = load_space(space_file)
             start = time.perf_counter()
-            res = run_search(space, base, root / sampler, sampler=sampler, trials=trials, study_name=sampler)
+            res = run_search(space, base, root / sampler, sampler=sampler, trials=trials, study_name=sampler,
+                             log=ctx.log)
             wall = time.perf_counter() - start
-            import optuna
-
             study = optuna.load_study(study_name=sampler, storage=f"sqlite:///{root / sampler / 'study.db'}")
             complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                               key=lambda t: t.number)
-            history = hypervolume_history([t.user_attrs for t in complete], space.objectives, res.baseline)
+            history = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes", "latency"),
+                                          res.baseline)
             history_2d = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes"), res.baseline)
             front_test = [(r["bytes"], accuracy(load(r["artifact"]).module, test)) for r in res.front]
-            dominated = sum(any(b <= ref["bytes"] and a >= ref["test_accuracy"] for b, a in front_test)
-                            for ref in refs)
+            covered = [ref["recipe"] for ref in refs
+                       if any(b <= ref["bytes"] and a >= ref["test_accuracy"] for b, a in front_test)]
             best_test = max((a for _, a in front_test), default=None)
+            half = len(history_2d) // 2
             rows.append({
                 "sampler": sampler, "model": model_ref, "trials": len(complete), "failed": res.failed,
                 "hv_quality_bytes": round(history_2d[-1], 4) if history_2d else None,
-                "hv_qb_at_half": round(history_2d[len(history_2d) // 2 - 1], 4) if len(history_2d) >= 2 else None,
+                f"hv_qb_at_{half}": round(history_2d[half - 1], 4) if half >= 1 else None,
                 "hv_3obj": round(history[-1], 4) if history else None,
                 "front_points": len(res.front),
                 "smallest_front_bytes": min((b for b, _ in front_test), default=None),
                 "best_front_test_acc": round(best_test, 4) if best_test is not None else None,
                 "fp32_test_acc": round(fp32_acc, 4),
-                "refs_dominated": f"{dominated}/{len(refs)}",
+                "refs_dominated": f"{len(covered)}/{len(refs)}",
+                "refs_not_dominated": " ".join(r["recipe"] for r in refs if r["recipe"] not in covered) or "-",
                 "search_s": round(wall, 1),
+                "mean_compress_s": round(sum(t.user_attrs.get("compress_s", 0.0) for t in complete)
+                                         / max(len(complete), 1), 2),
             })
             ctx.log(f"{sampler}: {rows[-1]}")
+            ctx.log("front (bytes, test acc): " + ", ".join(f"({b}, {a:.4f})" for b, a in sorted(front_test)))
     random_hv = rows[0]["hv_quality_bytes"] or 0.0
     for row in rows:
         if row["sampler"] != "random":
-            row["target"] = "hv_quality_bytes > random's at equal trials; every shipped recipe dominated or matched"
+            row["target"] = ("hv_quality_bytes > random's at equal trials; every shipped recipe dominated or "
+                             "matched on test accuracy and bytes")
             row["met"] = "yes" if (row["hv_quality_bytes"] or 0) > random_hv and row["refs_dominated"].startswith(
                 f"{len(refs)}/") else "no"
     for ref in refs:
         rows.append({"sampler": f"shipped: {ref['recipe']}", "model": model_ref,
                      "smallest_front_bytes": ref["bytes"], "best_front_test_acc": round(ref["test_accuracy"], 4),
-                     "fp32_test_acc": round(fp32_acc, 4)})
-    ctx.notes.append(f"Reduced budget on a shared machine: {model_ref}, {trials} trials per sampler (the issue's "
-                     "run is vgg-small for about 20 minutes); latency figures measured today are noisy, sizes and "
-                     "accuracies are not.")
-    ctx.notes.append("`hv_quality_bytes` (validation accuracy x (1 - bytes / fp32 bytes) area, noise-free) decides the "
-                     "target; `hv_3obj` adds latency / fp32 latency (reference 2), which today's load makes noisy.")
-    ctx.notes.append("Shipped-recipe rows: `smallest_front_bytes` is the recipe's own .dsq bytes and "
-                     "`best_front_test_acc` its test accuracy.")
+                     "fp32_test_acc": round(fp32_acc, 4), "search_s": ref["compress_s"]})
+    ctx.notes.append(f"One run per sampler ({trials} trials, seed 0): the hypervolume comparison is a single draw, "
+                     "not a mean over seeds. Latency is measured on a 2-core machine shared with other engineers' "
+                     "jobs: latency figures (and `hv_3obj`, which uses latency / fp32 latency with reference 2) are "
+                     "noisy; sizes and accuracies are not. The target is decided on `hv_quality_bytes`.")
+    ctx.notes.append("What was tried: the first run (commit c02ad88, result committed in 610b63e; same space and 24 trials, objectives "
+                     "validation accuracy, bytes AND latency) gave hv_quality_bytes random 0.9254, TPE 0.9177, NSGA-II "
+                     "0.9103 (hv_3obj 1.5922 / 1.4286 / 1.3905) and dominated 2/5, 0/5, 0/5 shipped recipes on test: "
+                     "latency measured 40-320 ms for equally fast models under load 6-8 on 2 cores, so noise-fast "
+                     "low-accuracy points were non-dominated and TPE spent its 16 model-based trials near them "
+                     "(validation accuracy 0.80-0.90); NSGA-II (population 6) re-evaluated 5 duplicate points. This "
+                     "run searches accuracy vs bytes and keeps latency as a measured column (`hv_3obj`).")
+    ctx.notes.append("Caveat on the validation split: the zoo's fp32 models are trained on all 60k training images, so "
+                     "the 10k validation rows (held out from calibration, never the test split) were seen by the base "
+                     "model: validation accuracy reads about 4 pp above test accuracy; the front is re-scored on test.")
+    ctx.notes.append("Shipped-recipe rows: `smallest_front_bytes` is the recipe's own .dsq bytes, "
+                     "`best_front_test_acc` its test accuracy and `search_s` its compress wall time. Recipes that "
+                     "train (qat-*, deep-compression*, prune-structured, lowrank-*, distill-*) are not compared: the "
+                     "space has no training stage (one vgg-small epoch is about 68 s here, beyond the budget).")
     return rows
