@@ -87,11 +87,15 @@ def test_compress_refuses_bad_outputs_and_eval_text(tmp_path):
     {"type": "lowrank", "rule": "fixed", "rank": 8, "conv": "none"},
 ])
 def test_a_stage_replacing_a_pruned_layer_drops_its_stale_sparse_encoding(tmp_path, digits, later):
-    """Prune (sparse storage) then a stage that replaces the layers: the artifact saves and reloads exactly."""
+    """Prune (sparse storage) then a stage that replaces the layers: the artifact saves and reloads exactly,
+    and the user is told the sparse storage no longer applies (it used to vanish without a word)."""
     import torch
 
+    from deepsqueeze.errors import DeepsqueezeWarning
+
     recipe = parse_recipe({"stages": [{"type": "prune", "sparsity": 0.8, "storage": "sparse"}, later]})
-    result = compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False)
+    with pytest.warns(DeepsqueezeWarning, match="lose the sparse storage"):
+        result = compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False)
     loaded = load(tmp_path / "m.dsq")
     x = digits.test_x[:32]
     with torch.no_grad():

@@ -7,6 +7,7 @@ replay function registered by the technique that made it, which rebuilds the mod
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Annotated, Any
@@ -14,7 +15,7 @@ from typing import Annotated, Any
 import pydantic
 from torch import nn
 
-from deepsqueeze.errors import ArtifactError
+from deepsqueeze.errors import ArtifactError, DeepsqueezeWarning
 
 ReplayFn = Callable[[nn.Module, str, dict[str, Any]], None]
 
@@ -176,7 +177,14 @@ def forget_replaced_encodings(root: nn.Module, name: str, new: nn.Module) -> Non
         return
     prefix = f"{name}." if name else ""
     kept = set(new.state_dict())
-    for key in [k for k in record.encodings if k.startswith(prefix) and k[len(prefix):] not in kept]:
+    stale = [k for k in record.encodings if k.startswith(prefix) and k[len(prefix):] not in kept]
+    if stale:
+        kinds = sorted({str(record.encodings[k].get("encoding")) for k in stale})
+        warnings.warn(f"layers replaced by {type(new).__name__} lose the {', '.join(kinds)} storage an earlier "
+                      "stage chose for their weights: the new representation is stored as it is (put the "
+                      "storage-choosing stage after it, or expect no saving from it)", DeepsqueezeWarning,
+                      stacklevel=3)
+    for key in stale:
         del record.encodings[key]
 
 
