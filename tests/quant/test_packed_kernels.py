@@ -67,10 +67,10 @@ def test_measured_choice_keeps_no_float_weight_and_matches_reference():
     """The default path (kernels raced per batch kind) never holds a float (out, in) weight."""
     torch.manual_seed(0)
     q = PackedIntLinear.from_float(nn.Linear(384, 192), 4, 64)
-    for rows in (1, 7, 300):
+    for rows in (1, 7, 300, 700):
         x = torch.randn(rows, 384)
         torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantized_rows(), q.bias), rtol=1e-5, atol=1e-5)
-    assert set(q.kernels()) == {"few", "many"} and set(q.kernels().values()) <= set(PACKED_KERNELS)
+    assert set(q.kernels()) == {"few", "many", "large"} and set(q.kernels().values()) <= set(PACKED_KERNELS)
     assert not [t for t in _float_tensors(q) if t.numel() >= 384 * 192]
     layouts = {k for k in ("int4pack", "int8pack") if k in q._cache}
     assert layouts == set(q.kernels().values()) - {"dequant"}  # layouts of kernels not chosen are dropped

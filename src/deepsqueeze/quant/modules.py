@@ -525,7 +525,7 @@ class _PackedWeight(_Cached):
 #: Weight-only Linear kernels, in order of preference: see :class:`PackedIntLinear`.
 PACKED_KERNELS = ("int4pack", "int8pack", "dequant")
 INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
-PACKED_RACE_ROWS = 256  # the "many rows" race runs on at most this many rows of the first batch
+PACKED_RACE_ROWS = {"few": 32, "many": 256, "large": 2048}  # rows of the first batch each kind's race runs on
 _packed_override: str | None = None
 
 
@@ -544,8 +544,10 @@ def _forced_packed_kernel() -> str | None:
 
 
 def _batch_kind(rows: int) -> str:
-    """Rows of one call, as the kernel choice sees them: a sentence or a few (``few``) or a batch (``many``)."""
-    return "few" if rows <= 32 else "many"
+    """Rows of one call, as the kernel choice sees them: a sentence or a few (``few``, <= 32), a batch
+    (``many``, <= 512) or a large batch (``large``: the weight-only kernels' cost grows with the rows far
+    faster than decoding once, so a race on a few hundred rows does not speak for thousands)."""
+    return "few" if rows <= 32 else ("many" if rows <= 512 else "large")
 
 
 def _int4pack_group(bits: int, binary: bool, group_size: int, cols: int) -> int | None:
@@ -679,8 +681,9 @@ class PackedIntLinear(_PackedWeight):
         kind = _batch_kind(x2.shape[0])
         chosen = self._kernels.get(kind)
         if chosen is None:
-            sample = x2[:PACKED_RACE_ROWS]
-            usable = [k for k in PACKED_KERNELS if support[k] is None]
+            sample = x2[:PACKED_RACE_ROWS[kind]]
+            order = PACKED_KERNELS if kind == "few" else ("dequant", *PACKED_KERNELS[:2])  # first: kept unless beaten
+            usable = [k for k in order if support[k] is None]
             key = (f"packed-linear {self.out_features}x{self.in_features} bits={self.bits}"
                    f"{'b' if self.binary else ''} group={self.group_size} rows={kind}")
             with torch.no_grad():
@@ -692,7 +695,7 @@ class PackedIntLinear(_PackedWeight):
         return chosen
 
     def kernels(self) -> dict[str, str]:
-        """Batch kind (``few`` rows <= 32, ``many``) -> kernel chosen so far in this process."""
+        """Batch kind (``few`` rows <= 32, ``many`` <= 512, ``large``) -> kernel chosen so far in this process."""
         return dict(self._kernels)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
