@@ -47,6 +47,7 @@ def model_for(name: str, recipe: Any) -> tuple[str, str]:
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
     import deepsqueeze
+    from deepsqueeze.data import resolve_data
     from deepsqueeze.errors import DeepsqueezeError
     from deepsqueeze.eval.latency import measure_latency_spread
     from deepsqueeze.export import export, sample_batch
@@ -54,7 +55,6 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.recipes import compress, load_recipe
     from deepsqueeze.recipes.schema import shipped_recipes
     from deepsqueeze.zoo.pretrained import checkpoint_path
-    from deepsqueeze.data import resolve_data
 
     torch.set_num_threads(ctx.threads)
     names = sorted(shipped_recipes())
@@ -98,10 +98,10 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         ort = OrtModule(result.path, model.module, ctx.threads)
         if model.task.is_text:
             tokens = model.module.tokenize(eval_data.sentences[:32])
-            fns = {"torch": lambda: model.module(**tokens), "ort": lambda: ort(**tokens)}
+            fns = {"torch": lambda m=model.module, t=tokens: m(**t), "ort": lambda o=ort, t=tokens: o(**t)}
         else:
             images = next(iter(eval_data.batches("test", batch_size=64)))[0]
-            fns = {"torch": lambda: model.module(images), "ort": lambda: ort(images)}
+            fns = {"torch": lambda m=model.module, x=images: m(x), "ort": lambda o=ort, x=images: o(x)}
         with torch.inference_mode():
             spread = measure_latency_spread(fns, warmup=2, repeat=7, threads=ctx.threads)
         row.update({"torch_ms": round(spread["torch"].median, 2), "ort_ms": round(spread["ort"].median, 2),

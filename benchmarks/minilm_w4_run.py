@@ -77,9 +77,9 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.core.timing import cpu_fingerprint
     from deepsqueeze.data import resolve_data
-    from deepsqueeze.quant.modules import PackedIntLinear, set_packed_kernel
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule
+    from deepsqueeze.quant.modules import PackedIntLinear, set_packed_kernel
     from deepsqueeze.recipes import compress, load_recipe
     from deepsqueeze.resolve import resolve_model
 

@@ -86,7 +86,6 @@ if TYPE_CHECKING:
     from deepsqueeze.core.context import StageContext
     from deepsqueeze.core.model import Model, Task
     from deepsqueeze.data import resolve_data
-    from deepsqueeze.export import ExportResult, export
     from deepsqueeze.errors import (
         ArtifactError,
         DataError,
@@ -97,6 +96,7 @@ if TYPE_CHECKING:
         UnsupportedLayerError,
     )
     from deepsqueeze.eval import evaluate
+    from deepsqueeze.export import ExportResult, export
     from deepsqueeze.recipes import CompressResult, Recipe, compress, load_recipe, parse_recipe, run_stages
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.train import fit

@@ -84,7 +84,7 @@ def compare_outputs(ours: Any, theirs: Any, classes: bool = False) -> dict[str, 
     if len(a_list) != len(b_list):
         return {"shape_mismatch": f"{len(b_list)} outputs instead of {len(a_list)}"}
     if len(a_list) != 1:
-        checks = [compare_outputs(a, b, classes and i == 0) for i, (a, b) in enumerate(zip(a_list, b_list))]
+        checks = [compare_outputs(a, b, classes and i == 0) for i, (a, b) in enumerate(zip(a_list, b_list, strict=True))]
         for check in checks:
             if "shape_mismatch" in check or "non_finite" in check:
                 return check

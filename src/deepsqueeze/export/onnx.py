@@ -20,8 +20,8 @@ import os
 import shutil
 import tempfile
 import warnings
-from pathlib import Path
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
