@@ -50,15 +50,12 @@ def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
     """A copy of ``module`` whose representations are replaced by their ONNX forms, and the list of
     ``{"module", "kind", "exported_as"}`` for each replaced one (the original is not changed)."""
     forms: dict[str, tuple[nn.Module, str, str]] = {}
-    for name, layer in module.named_modules():
-        if name and hasattr(layer, "onnx_form") and not any(name.startswith(p + ".") for p in forms):
-            form, described = layer.onnx_form()
-            forms[name] = (form, type(layer).__name__, described)
-    for name, layer in module.named_modules():
-        if name and name not in forms and not any(name.startswith(p + ".") for p in forms):
-            shared = _codebook_form(layer)
-            if shared is not None:
-                forms[name] = (shared[0], type(layer).__name__, shared[1])
+    for name, layer in module.named_modules():  # parents before children: a replaced parent takes its subtree
+        if not name or any(name.startswith(p + ".") for p in forms):
+            continue
+        found = layer.onnx_form() if hasattr(layer, "onnx_form") else _codebook_form(layer)
+        if found is not None:
+            forms[name] = (found[0], type(layer).__name__, found[1])
     memo = {id(layer): None for name, layer in module.named_modules() if name in forms}  # not deep-copied
     shadow = copy.deepcopy(module, memo)
     for name, (form, _, _) in forms.items():
