@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -30,28 +29,6 @@ SETUP = (
 TARGET_RSS, TARGET_LAT = 0.25, 0.8
 
 
-def _spread(samples: list[float]) -> tuple[float, float, float]:
-    s = sorted(samples)
-    q = statistics.quantiles(s, n=10) if len(s) >= 2 else [s[0]] * 9
-    return statistics.median(s), q[0], q[-1]
-
-
-def _interleaved(fns: dict[str, Any], warmup: int = 3, repeat: int = 7) -> dict[str, tuple[float, float, float]]:
-    times: dict[str, list[float]] = {n: [] for n in fns}
-    items = list(fns.items())
-    with torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for r in range(repeat):
-            shift = r % len(items)
-            for name, fn in items[shift:] + items[:shift]:
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1000)
-    return {n: _spread(t) for n, t in times.items()}
-
-
 def _ort_4bit(fp32_model: Any, path: Path) -> Path | None:
     try:
         import onnx
@@ -77,6 +54,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.core.timing import cpu_fingerprint
     from deepsqueeze.data import resolve_data
+    from deepsqueeze.eval.latency import measure_latency_spread
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule
     from deepsqueeze.quant.modules import PackedIntLinear, set_packed_kernel
@@ -129,8 +107,9 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         lat = {}
         for batch in (1, 64):
             tokens = fp32.tokenize(sentences[:batch])
-            lat[batch] = _interleaved({n: (lambda m=m, t=tokens: m(**t)) for n, m in runners.items()},
-                                      repeat=5 if ctx.quick else 7)
+            spread = measure_latency_spread({n: (lambda m=m, t=tokens: m(**t)) for n, m in runners.items()},
+                                            warmup=3, repeat=5 if ctx.quick else 7, threads=ctx.threads)
+            lat[batch] = {n: (v.median, v.p10, v.p90) for n, v in spread.items()}
         fp32_rss = mem["fp32"]["resident_mb"]
         for name in runners:
             cos_mean, cos_min = _cos(emb[name], ref)

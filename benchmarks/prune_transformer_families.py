@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -39,31 +38,10 @@ SIZES = {
 TARGET_ERROR = 1e-5
 
 
-def _timed(fns: dict[str, Any], warmup: int, repeat: int, threads: int) -> dict[str, tuple[float, float, float]]:
-    """(median, p10, p90) ms per callable, order rotated every round."""
-    from deepsqueeze.eval.latency import pinned_threads
-
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    items = list(fns.items())
-    with pinned_threads(threads), torch.inference_mode():
-        for _ in range(warmup):
-            for fn in fns.values():
-                fn()
-        for r in range(repeat):
-            for name, fn in items[r % len(items):] + items[: r % len(items)]:
-                start = time.perf_counter()
-                fn()
-                times[name].append((time.perf_counter() - start) * 1000)
-    out = {}
-    for name, t in times.items():
-        q = statistics.quantiles(t, n=10)
-        out[name] = (statistics.median(t), q[0], q[-1])
-    return out
-
-
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.core.counting import count_params
     from deepsqueeze.data import resolve_data
+    from deepsqueeze.eval.latency import measure_latency_spread
     from deepsqueeze.prune import find_blocks, mask_pruned_, prune_ffn_, prune_heads_
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.testing.hf_models import make_hf_dir
@@ -88,8 +66,8 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             out, ref = model.module(**batch), reference(**batch)
         error = float((out - ref).abs().max() / ref.abs().max())
         pruned_m = model.module.eval()
-        t = _timed({"fp32": lambda m=base, b=batch: m(**b), "pruned": lambda m=pruned_m, b=batch: m(**b)},
-                   warmup=2 if ctx.quick else 3, repeat=5 if ctx.quick else 15, threads=ctx.threads)
+        t = measure_latency_spread({"fp32": lambda m=base, b=batch: m(**b), "pruned": lambda m=pruned_m, b=batch: m(**b)},
+                                   warmup=2 if ctx.quick else 3, repeat=5 if ctx.quick else 15, threads=ctx.threads)
         after = [(b.heads, b.kv_heads) for b in find_blocks(model.module)]
         rows.append({
             "family": family, "task": model.task.value,
@@ -97,10 +75,10 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             "params_before": count_params(base), "params_after": count_params(pruned_m),
             "params_ratio": round(count_params(pruned_m) / count_params(base), 3),
             "max_rel_error_vs_masked": f"{error:.1e}",
-            "latency_ms_b8": round(t["pruned"][0], 2), "latency_p10_p90": f"{t['pruned'][1]:.2f}-{t['pruned'][2]:.2f}",
-            "fp32_latency_ms_b8": round(t["fp32"][0], 2), "fp32_p10_p90": f"{t['fp32'][1]:.2f}-{t['fp32'][2]:.2f}",
-            "speedup": round(t["fp32"][0] / t["pruned"][0], 3),
-            "spreads_overlap": "yes" if t["pruned"][2] >= t["fp32"][1] else "no",
+            "latency_ms_b8": round(t["pruned"].median, 2), "latency_p10_p90": f"{t['pruned'].p10:.2f}-{t['pruned'].p90:.2f}",
+            "fp32_latency_ms_b8": round(t["fp32"].median, 2), "fp32_p10_p90": f"{t['fp32'].p10:.2f}-{t['fp32'].p90:.2f}",
+            "speedup": round(t["fp32"].median / t["pruned"].median, 3),
+            "spreads_overlap": "yes" if t["pruned"].p90 >= t["fp32"].p10 else "no",
             "prune_s": round(prune_s, 3),
             "target": f"runs; error vs masked reference <= {TARGET_ERROR:g}",
             "met": "yes" if error <= TARGET_ERROR else "no",

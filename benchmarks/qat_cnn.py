@@ -294,29 +294,15 @@ def _brevitas(module: nn.Module, data: Any, epochs: float, seed: int, limit: int
 
 
 def _latency(ctx: BenchContext, rows: list[dict[str, Any]], runners: dict[str, Any], model: str) -> None:
-    times: dict[str, list[float]] = {k: [] for k in runners}
-    items = list(runners.items())
-    with torch.inference_mode():
-        torch.set_num_threads(ctx.threads)
-        for _ in range(3):
-            for fn in runners.values():
-                fn()
-        for r in range(9):
-            shift = r % len(items)
-            for key, fn in items[shift:] + items[:shift]:
-                start = time.perf_counter()
-                fn()
-                times[key].append((time.perf_counter() - start) * 1000)
-    stats = {}
-    for key, t in times.items():
-        q = statistics.quantiles(t, n=10)
-        stats[key] = (statistics.median(t), q[0], q[-1])
-    fp32 = stats["fp32"][0]
+    from deepsqueeze.eval.latency import measure_latency_spread
+
+    stats = measure_latency_spread(runners, warmup=3, repeat=9, threads=ctx.threads)
+    fp32 = stats["fp32"].median
     for row in rows:
         key = "fp32" if row["method"] == "fp32" else (
             f"{row['config']} qat" if row["method"].startswith("qat") else f"{row['config']} {row['method']}")
         if key in stats:
-            med, p10, p90 = stats[key]
+            med, p10, p90 = stats[key].median, stats[key].p10, stats[key].p90
             row["latency_ms"] = round(med, 2)
             row["latency_p10_p90"] = f"{p10:.2f}-{p90:.2f}"
             row["speedup_vs_fp32"] = round(fp32 / med, 2)

@@ -197,8 +197,8 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
 def _export_onnx(model: Model, path: Path, sample: Any, threads: int) -> ExportResult:
     from deepsqueeze.export.onnx import OrtModule, write_onnx
 
-    layers = write_onnx(model, path, sample)
     expected = _run_torch(model, sample)
+    layers = write_onnx(model, path, sample, expected)
     got = OrtModule(path, model.module, threads).run_all(*(
         (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
     check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))

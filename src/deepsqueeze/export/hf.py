@@ -30,6 +30,7 @@ import torch
 
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
+from deepsqueeze.zoo.hf import auto_class
 
 __all__ = ["FAMILIES", "write_hf"]
 
@@ -173,14 +174,6 @@ def _rewrite(transformer: Any) -> tuple[Any, dict[str, torch.Tensor], list[str]]
     return config, state, notes
 
 
-def _auto_class(task: Task) -> Any:
-    import transformers
-
-    return {Task.SENTENCE_ENCODER: transformers.AutoModel,
-            Task.SEQUENCE_CLASSIFIER: transformers.AutoModelForSequenceClassification,
-            Task.CAUSAL_LM: transformers.AutoModelForCausalLM}[task]
-
-
 def _sentence_transformers_files(folder: Path, module: Any, hidden: int) -> None:
     mean = getattr(module, "pooling", "mean") != "cls"
     modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
@@ -229,7 +222,7 @@ def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any
     if model.task is Task.SENTENCE_ENCODER:
         _sentence_transformers_files(folder, model.module, int(config.to_dict().get("hidden_size")
                                                                 or config.to_dict().get("dim")))
-    reloaded = _auto_class(model.task).from_pretrained(str(folder)).eval()
+    reloaded = auto_class(model.task).from_pretrained(str(folder), use_safetensors=True).eval()
     inputs = {"input_ids": sample["input_ids"], "attention_mask": sample["attention_mask"]}
     with torch.no_grad():
         ours_out = transformer(**inputs)

