@@ -133,3 +133,29 @@ def test_pydoc_sentence_splits_val_and_fit_partition_calib():
     evals = set(resolve_data("pydoc-sentences:eval").sentences)
     assert val and fit and not (val & fit) and val | fit == calib and not (calib & evals)
     assert 0.15 < len(val) / len(calib) < 0.35
+
+
+def test_license_sentences_are_a_second_domain_disjoint_from_pydoc(tmp_path):
+    from deepsqueeze.data.text import license_sentences
+
+    (tmp_path / "A").write_text("Permission is hereby granted to use this software for any purpose at all.\n\n"
+                                "x = 1\n")
+    (tmp_path / "B").symlink_to(tmp_path / "A")  # read once, like GPL -> GPL-3
+    (tmp_path / "C").write_text("THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND WHATSOEVER.\n")
+    data = license_sentences(tmp_path)
+    assert data.sentences == ["Permission is hereby granted to use this software for any purpose at all.",
+                              "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND WHATSOEVER."]
+    with pytest.raises(DataError, match="does not exist"):
+        license_sentences(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no licence sentences"):
+        license_sentences(tmp_path / "empty")
+    with pytest.raises(DataError, match="no argument"):
+        resolve_data("license-sentences:x")
+
+
+@pytest.mark.skipif(not __import__("pathlib").Path("/usr/share/common-licenses").is_dir(), reason="not Debian")
+def test_system_license_sentences():
+    data = resolve_data("license-sentences")
+    assert len(data.sentences) > 300
+    assert not set(data.sentences) & set(resolve_data("pydoc-sentences:calib").sentences)

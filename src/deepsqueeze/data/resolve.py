@@ -7,7 +7,7 @@ from deepsqueeze.errors import DataError
 
 DATA_HELP = (
     "fashion-mnist, fashion-mnist:DIR, fashion-mnist:val, digits, digits:val, text:FILE, pydoc-sentences:calib, "
-    "pydoc-sentences:eval, pydoc-sentences:val, pydoc-sentences:fit"
+    "pydoc-sentences:eval, pydoc-sentences:val, pydoc-sentences:fit, license-sentences"
 )
 
 
@@ -44,4 +44,10 @@ def resolve_data(ref: str, split: str | None = None) -> ClassificationData | Tex
         from deepsqueeze.data.text import load_pydoc_sentences
 
         return load_pydoc_sentences("val" if view else (arg or split))
+    if name == "license-sentences":
+        from deepsqueeze.data.text import license_sentences
+
+        if arg:
+            raise DataError(f"license-sentences takes no argument, got {ref!r}")
+        return license_sentences()
     raise DataError(f"unknown data reference {ref!r}: use one of {DATA_HELP}")

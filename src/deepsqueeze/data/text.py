@@ -1,9 +1,11 @@
-"""Sentences: a user's file (one per line) or English sentences cut from Python's own docs."""
+"""Sentences: a user's file (one per line), English sentences cut from Python's own docs, or from the
+licence texts every Debian system ships (a second domain: legal prose, never used for calibration)."""
 
 from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Iterable
 from pathlib import Path
 
 from deepsqueeze.data.datasets import TextData
@@ -33,10 +35,42 @@ def pydoc_sentences() -> list[str]:
     """Every distinct prose sentence of 40-300 characters in ``pydoc_data.topics``, in a fixed order."""
     from pydoc_data.topics import topics
 
+    return prose_sentences(topics[key] for key in sorted(topics))
+
+
+LICENSES_DIR = Path("/usr/share/common-licenses")
+
+
+def license_sentences(folder: Path = LICENSES_DIR) -> TextData:
+    """Every distinct prose sentence of 40-300 characters in the licence texts of ``folder`` (Debian's
+    ``base-files`` installs them: GPL, LGPL, Apache-2.0, MPL, GFDL, Artistic, BSD, CC0), files in name
+    order, each file read once (``GPL`` links to ``GPL-3``).
+
+    Raises:
+        DataError: ``folder`` is missing or holds no licence text.
+    """
+    if not folder.is_dir():
+        raise DataError(f"{folder} does not exist (Debian's base-files installs it): use pydoc-sentences or text:FILE")
+    seen: set[Path] = set()
+    texts = []
+    for file in sorted(folder.iterdir()):
+        real = file.resolve()
+        if real in seen or not real.is_file():
+            continue
+        seen.add(real)
+        texts.append(real.read_text(encoding="utf-8", errors="replace"))
+    sentences = prose_sentences(texts)
+    if not sentences:
+        raise DataError(f"{folder} holds no licence sentences: use pydoc-sentences or text:FILE")
+    return TextData("license-sentences", sentences)
+
+
+def prose_sentences(texts: Iterable[str]) -> list[str]:
+    """Distinct sentences of 40-300 characters from the prose paragraphs of ``texts``, in order."""
     seen: set[str] = set()
     sentences = []
-    for key in sorted(topics):
-        for paragraph in re.split(r"\n\s*\n", topics[key]):
+    for text in texts:
+        for paragraph in re.split(r"\n\s*\n", text):
             lines = [ln.strip() for ln in paragraph.splitlines()]
             # Code samples and tables are indented or full of symbols: keep prose paragraphs only.
             if not lines or any(ln.startswith((">>>", "...", "|", "+-", "*")) for ln in lines):
