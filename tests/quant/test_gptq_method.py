@@ -70,3 +70,28 @@ def test_gptq_needs_calibration_data():
     model = tiny_block_handle()
     with pytest.raises(DataError, match="calibrat"):
         quantize_(model.module, WeightOnlyConfig(method="gptq"), None)
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_per_layer_bits_in_one_stage_round_trip(method, tmp_path):
+    from deepsqueeze.errors import RecipeError
+
+    model = tiny_block_handle()
+    names = [n for n, m in model.module.named_modules() if isinstance(m, nn.Linear)]
+    overrides = {names[0]: 8, names[1]: 2, "*": 3}  # the first matching pattern wins
+    config = WeightOnlyConfig(method=method, bits=4, group_size=16, overrides=overrides)
+    quantize_(model.module, config, tiny_block_batches())
+    widths = {n: model.module.get_submodule(n).bits for n in names}
+    assert widths[names[0]] == 8 and widths[names[1]] == 2 and set(widths[n] for n in names[2:]) == {3}
+    assert model.module.embed.bits == 3
+    path = tmp_path / "m.dsq"
+    save(model, path)
+    loaded = load(path, model="py:deepsqueeze.testing.block_models:TinyBlockNet")
+    probe = tiny_block_batches(2, seed=9)
+    with torch.no_grad():
+        for b in probe:
+            assert torch.equal(loaded.module(b), model.module(b))
+    for bad, match in [({"method": "dynamic"}, "per-layer bits"), ({"method": "rtn", "bits": 4},
+                                                                   "2..8")]:
+        with pytest.raises(RecipeError, match=match):
+            WeightOnlyConfig(**bad, overrides={"x": 8} if bad["method"] == "dynamic" else {"x": 1})

@@ -31,11 +31,11 @@ def test_a_point_is_an_ordinary_recipe_with_per_layer_values():
     })
     recipe = space.point(trial, "zoo:lenet300@digits", "digits:val")
     stages = compact_recipe(recipe.to_dict())["stages"]
-    # prune takes per-layer values through its own overrides; quantize is split into one stage per layer,
-    # and a null leaves the layer in float
+    # prune and quantize take per-layer values through their own overrides (one GPTQ pass for all widths);
+    # a null leaves the layer in float
     assert stages == [
         {"type": "prune", "overrides": {"1": 0.7, "3": 0.9, "5": 0.5}},
-        {"type": "quantize", "method": "rtn", "bits": 4, "include": ["1"]},
+        {"type": "quantize", "method": "rtn", "include": ["1"], "overrides": {"1": 4}},
         {"type": "finetune", "epochs": 2.0, "lr": 0.001},
     ]
     assert recipe.model == "zoo:lenet300@digits" and recipe.data == "digits:val"
@@ -51,7 +51,8 @@ def test_an_optional_stage_left_out_and_the_grid():
     params = {name: values[0] for name, values in grid.items()}
     params["0.prune.run"] = False
     recipe = space.point(optuna.trial.FixedTrial(params), "zoo:lenet300", None)
-    assert [s.stage_type for s in recipe.stages] == ["quantize", "quantize", "finetune"]
+    assert [s.stage_type for s in recipe.stages] == ["quantize", "finetune"]
+    assert recipe.stages[0].overrides == {"1": 4, "5": 4}
 
 
 @pytest.mark.parametrize("stages, match", [

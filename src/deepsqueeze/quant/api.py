@@ -239,7 +239,7 @@ def _pack_generic(module: nn.Module, config: QuantizeConfig) -> list[str]:
     for name, layer, kind in list(weight_bearing_modules(module)):
         if kind is None or kind.name not in kinds or name in reasons:
             continue
-        new = PackedWeights.from_float(layer, bits, group, symmetric)
+        new = PackedWeights.from_float(layer, bits if int8 else config.bits_for(name), group, symmetric)
         set_submodule(module, name, new)
         record_transform(module, "quant.packed_weights", name, **new.replay_params())
         done.append(name)
@@ -616,12 +616,12 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
             group = None
         try:
             if isinstance(layer, nn.Linear):
-                new = PackedIntLinear.from_float(layer, config.bits, group, config.symmetric)
+                new = PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
             elif isinstance(layer, nn.Conv2d):
-                new = PackedIntConv2d.from_float(layer, config.bits, _conv_group(layer, config.group_size),
+                new = PackedIntConv2d.from_float(layer, config.bits_for(name), _conv_group(layer, config.group_size),
                                                  config.symmetric)
             else:
-                new = PackedIntEmbedding.from_float(layer, config.embedding_bits or config.bits, group,
+                new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits), group,
                                                     config.symmetric)
         except ValueError as exc:
             note_skip(module, name, f"{NOT_DIVISIBLE}: {exc}")

@@ -15,10 +15,11 @@ Presets with their own defaults (all are ``QuantizeConfig`` and serialize to the
 
 from __future__ import annotations
 
+import fnmatch
 from enum import StrEnum
 from typing import ClassVar
 
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from deepsqueeze.core.config import Bits, ByteSize, Count, Flag, Fraction, MeanBits, Percent, StageConfig
 from deepsqueeze.primitives.quantize import SUPPORTED_BITS
@@ -63,6 +64,7 @@ class ObserverName(StrEnum):
     ENTROPY = "entropy"
 
 
+PER_LAYER_BITS = (Method.RTN, Method.GPTQ, Method.QAT)
 WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY, Method.TERNARY)
 
 
@@ -77,7 +79,9 @@ class QuantizeConfig(StageConfig):
     ``avg_bits`` belong to GPTQ and mixed precision (and to QAT, which then trains per-layer widths).
     ``qat`` holds the options of ``method: qat`` (:class:`~deepsqueeze.quant.qat_config.QATOptions`).
     ``awq_grid`` is AWQ's number of search points (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios
-    down to 0.5).
+    down to 0.5). ``overrides`` maps fnmatch patterns on layer names to their own weight bits (2..8) for
+    ``rtn``, ``gptq`` and ``qat``: explicit mixed precision in one stage (one GPTQ pass calibrates every
+    width); the first matching pattern wins, the others take ``bits``.
     """
 
     stage_type: ClassVar[str] = "quantize"
@@ -101,9 +105,25 @@ class QuantizeConfig(StageConfig):
     avg_bits: MeanBits | None = None
     qat: QATOptions | None = None
     awq_grid: Count = 20
+    overrides: dict[str, Bits] = Field(default_factory=dict, max_length=100_000)
+
+    def override(self, name: str) -> int | None:
+        """The bits of the first ``overrides`` pattern matching layer ``name``, or None."""
+        return next((b for p, b in self.overrides.items() if fnmatch.fnmatchcase(name, p)), None)
+
+    def bits_for(self, name: str, default: int | None = None) -> int:
+        """The weight bits of layer ``name``: its override, else ``default``, else ``bits``."""
+        return self.override(name) or default or self.bits
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
+        if self.overrides:
+            if self.method not in PER_LAYER_BITS:
+                raise ValueError(f"overrides (per-layer bits) apply to methods {', '.join(PER_LAYER_BITS)}; "
+                                 f"method {self.method.value} takes one width")
+            bad = {p: b for p, b in self.overrides.items() if not 2 <= b <= 8}
+            if bad:
+                raise ValueError(f"overrides pack 2..8-bit weights, got {bad}")
         if self.bits not in SUPPORTED_BITS:
             raise ValueError(f"bits must be one of {SUPPORTED_BITS}, got {self.bits}")
         if self.method in (Method.DYNAMIC, Method.STATIC, Method.SMOOTHQUANT) and self.bits != 8:

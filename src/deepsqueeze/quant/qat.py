@@ -172,6 +172,7 @@ def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
     if qat.first_last_bits is not None and len(names) > 1:
         for n in _first_last(names):
             widths[n] = qat.first_last_bits
+    widths.update({n: b for n in names if (b := config.override(n)) is not None})
     if bits:
         widths.update({n: b for n, b in bits.items() if n in widths})
     gptq_params = _gptq_init(module, config, qat, names, widths, batches) if qat.init is QATInit.GPTQ else {}
@@ -455,7 +456,7 @@ def _embeddings(module: nn.Module, config: QuantizeConfig) -> list[str]:
         if qat.act_bits is not None:
             new: nn.Module = Int8Embedding.from_float(layer)
         else:
-            new = PackedIntEmbedding.from_float(layer, config.embedding_bits or config.bits, config.group_size,
+            new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits), config.group_size,
                                                 config.symmetric)
         install(module, name, new)
         done.append(name)

@@ -22,7 +22,7 @@ The space file is YAML::
 A *hole* is a mapping ``{choice: [...]}`` or ``{low: A, high: B[, step: S][, log: true]}``; every other
 value is passed to the stage as is. ``{per_layer: HOLE[, layers: [patterns]]}`` opens one hole per layer:
 for the fields a stage already takes per layer (prune ``sparsity``, prune_channels ``ratio``, share
-``bits``) it fills the stage's ``overrides``; for any other field the stage is split into one stage per
+``bits``, quantize ``bits`` with method rtn, gptq or qat) it fills the stage's ``overrides``; for any other field the stage is split into one stage per
 layer (``include: [layer]``), e.g. bits per layer or rank per layer. Layers are the model's Linear and
 Conv2d modules (prune_channels: the producing layer of each prunable dependency group), or those
 matching ``layers``.
@@ -50,6 +50,8 @@ OBJECTIVES = ("quality", "bytes", "latency")
 CONSTRAINTS = ("max_bytes", "max_latency_ms", "max_drop")
 # Stage fields that the stage itself already sets per layer through its ``overrides`` mapping.
 OVERRIDE_FIELDS = {"prune": "sparsity", "prune_channels": "ratio", "share": "bits"}
+# Quantize methods that take per-layer bits in one stage (``overrides``); others split into one stage per layer.
+PER_LAYER_BITS_METHODS = ("rtn", "gptq", "qat")
 HOLE_KEYS = ({"choice"}, {"low", "high"}, {"low", "high", "step"}, {"low", "high", "log"})
 
 
@@ -197,6 +199,12 @@ def _expand(template: StageTemplate, values: dict[str, Any],
     for fname, per_layer in layer_values.items():
         if OVERRIDE_FIELDS.get(template.type) == fname:
             base["overrides"] = {**base.get("overrides", {}), **per_layer}
+        elif template.type == "quantize" and fname == "bits" and base.get("method") in PER_LAYER_BITS_METHODS:
+            # one stage, so one GPTQ pass calibrates every width; a null leaves the layer in float
+            chosen = {layer: bits for layer, bits in per_layer.items() if bits is not None}
+            if not chosen:
+                return []
+            base.update(overrides={**base.get("overrides", {}), **chosen}, include=list(chosen))
         else:
             split.append((fname, per_layer))
     if not split:
