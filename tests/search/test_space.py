@@ -32,10 +32,10 @@ def test_a_point_is_an_ordinary_recipe_with_per_layer_values():
     recipe = space.point(trial, "zoo:lenet300@digits", "digits:val")
     stages = compact_recipe(recipe.to_dict())["stages"]
     # prune and quantize take per-layer values through their own overrides (one GPTQ pass for all widths);
-    # a null leaves the layer in float
+    # a null leaves the layer in float, a layer without a hole follows the stage's fields
     assert stages == [
         {"type": "prune", "overrides": {"1": 0.7, "3": 0.9, "5": 0.5}},
-        {"type": "quantize", "method": "rtn", "include": ["1"], "overrides": {"1": 4}},
+        {"type": "quantize", "method": "rtn", "exclude": ["5"], "overrides": {"1": 4}},
         {"type": "finetune", "epochs": 2.0, "lr": 0.001},
     ]
     assert recipe.model == "zoo:lenet300@digits" and recipe.data == "digits:val"

@@ -8,7 +8,8 @@ The space file is YAML::
     objectives: [quality, bytes]        # quality (maximised), bytes, latency (minimised)
     constraints: {max_bytes: 60000, max_drop: 1.0, max_latency_ms: null}
     latency: {batch: 64, threads: 2}
-    priors: sensitivity                 # optional: seed the study with sensitivity-allocated points
+    priors: sensitivity                 # optional: seed the study with points allocated from sensitivity
+                                        # scans (per-layer sparsity, per-layer quantize bits)
     compare: [w4-rtn]                   # optional: shipped recipes measured once, as reference points
     stages:
       - type: prune
@@ -200,11 +201,13 @@ def _expand(template: StageTemplate, values: dict[str, Any],
         if OVERRIDE_FIELDS.get(template.type) == fname:
             base["overrides"] = {**base.get("overrides", {}), **per_layer}
         elif template.type == "quantize" and fname == "bits" and base.get("method") in PER_LAYER_BITS_METHODS:
-            # one stage, so one GPTQ pass calibrates every width; a null leaves the layer in float
+            # one stage, so one GPTQ pass calibrates every width; a null leaves the layer in float and the
+            # layers without a hole (embedding tables, ...) follow the stage's own fields
             chosen = {layer: bits for layer, bits in per_layer.items() if bits is not None}
-            if not chosen:
-                return []
-            base.update(overrides={**base.get("overrides", {}), **chosen}, include=list(chosen))
+            floats = [layer for layer, bits in per_layer.items() if bits is None]
+            base["overrides"] = {**base.get("overrides", {}), **chosen}
+            if floats:
+                base["exclude"] = [*base.get("exclude", ()), *floats]
         else:
             split.append((fname, per_layer))
     if not split:

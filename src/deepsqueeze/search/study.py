@@ -436,11 +436,49 @@ def _objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[Any], 
 
 
 def _enqueue_sensitivity_priors(study: Any, ctx: SearchContext) -> None:
-    """Seed the study with per-layer sparsities from a pruning sensitivity scan (on validation data)."""
+    """Seed the study with points allocated from sensitivity scans: per-layer sparsities (pruning scan on
+    validation data) and per-layer quantization bits (mixed-precision scan on calibration data)."""
+    study.set_user_attr("priors_enqueued", True)
+    _enqueue_bit_priors(study, ctx)
+    _enqueue_sparsity_priors(study, ctx)
+
+
+def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
+    """Per-layer bits of ``quantize`` holes allocated by the mixed-precision sensitivity scan (relative
+    output error of each layer alone at each width, on 32 calibration inputs of the fit split), at three
+    mean widths spread over the hole's choices; the other optional stages are left out of those points."""
+    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.quant.mixed import allocate_bits, layer_costs, layer_sensitivity
+
+    templates = [t for t in ctx.space.stages if t.type == "quantize" and "bits" in t.per_layer]
+    for template in templates:
+        layers, hole = template.per_layer["bits"]
+        widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
+        if len(widths) < 2 or ctx.fit_ref is None:
+            continue
+        group = template.fixed.get("group_size")
+        symmetric = bool(template.fixed.get("symmetric", True))
+        module = copy.deepcopy(ctx.base.module)
+        batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
+        sensitivity = layer_sensitivity(module, batches, layers, widths, group, symmetric)
+        study.set_user_attr(f"bit_sensitivity[{template.prefix}]", sensitivity)
+        costs = layer_costs(module, layers, widths, group)
+        low, high = widths[0], widths[-1]
+        for avg in (low + (high - low) * f for f in (0.25, 0.5, 0.75)):
+            plan = allocate_bits(costs, sensitivity, avg_bits=avg)
+            params = {template.layer_hole("bits", layer).name: plan[layer] for layer in layers}
+            if template.run is not None:
+                params[template.run.name] = True
+            for other in ctx.space.stages:
+                if other is not template and other.run is not None:
+                    params[other.run.name] = False
+            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, mean {avg:.2f} bits"})
+
+
+def _enqueue_sparsity_priors(study: Any, ctx: SearchContext) -> None:
     from deepsqueeze.prune.sensitivity import allocate_sparsity, sensitivity_scan
     from deepsqueeze.prune.unstructured import prunable_weights
 
-    study.set_user_attr("priors_enqueued", True)
     templates = [t for t in ctx.space.stages if t.type == "prune" and "sparsity" in t.per_layer]
     if not templates:
         return
