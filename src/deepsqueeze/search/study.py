@@ -129,7 +129,8 @@ def layer_lister(model: Model) -> Callable[[str, list[str] | None], list[str]]:
 
                 names = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
             return names
-        return [name for name, _ in iter_modules(model.module, types=(nn.Linear, nn.Conv2d), include=patterns)]
+        types = (nn.Linear, nn.Conv2d, nn.Embedding) if stage_type == "quantize" else (nn.Linear, nn.Conv2d)
+        return [name for name, _ in iter_modules(model.module, types=types, include=patterns)]
 
     return layers
 
@@ -456,7 +457,8 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
         widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
         if len(widths) < 2 or ctx.fit_ref is None:
             continue
-        group = template.fixed.get("group_size")
+        group = template.fixed.get("group_size", template.holes["group_size"].grid()[0]
+                                   if "group_size" in template.holes else None)
         symmetric = bool(template.fixed.get("symmetric", True))
         module = copy.deepcopy(ctx.base.module)
         batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
