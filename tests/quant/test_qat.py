@@ -182,3 +182,21 @@ def test_gptq_initialised_qat_starts_exactly_where_gptq_ends():
     convert_qat_(module, config)
     assert isinstance(module.blocks[0].query, PackedIntLinear) and module.blocks[0].query.group_size == 16
     assert torch.allclose(_outputs(module, x), _outputs(reference, x), atol=1e-5)
+
+
+def test_embedding_tables_take_their_codes_at_prepare_so_training_sees_them():
+    """The word-embedding table is rounded once, before training: the fake-quant model trains against the
+    rounding error it will ship with, and convert gives exactly the model training saw."""
+    from deepsqueeze.quant import PackedIntEmbedding
+    from deepsqueeze.testing.block_models import TinyBlockNet, tiny_block_batches
+
+    batches = tiny_block_batches(2)
+    module = TinyBlockNet()
+    config = QuantizeConfig(method="qat", bits=4, group_size=16, symmetric=False,
+                            qat={"act_bits": None, "init": "gptq", "first_last_bits": None})
+    names = prepare_qat_(module, config, batches)
+    assert isinstance(module.embed, PackedIntEmbedding) and module.embed.bits == 4 and "embed" in names
+    x = batches[0]
+    before = _outputs(module, x)
+    convert_qat_(module, config)
+    assert torch.allclose(_outputs(module, x), before, atol=1e-5)

@@ -151,7 +151,8 @@ def _weight_quant(layer: nn.Module, bits: int, config: QuantizeConfig, qat: QATO
 
 def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None = None, *,
                  bits: dict[str, int] | None = None) -> list[str]:
-    """Install fake-quant modules in place of the selected Linear/Conv2d layers; returns their names.
+    """Install fake-quant modules in place of the selected Linear/Conv2d layers and quantize the embedding
+    tables (``embeddings``) to their final int8 or packed rows, so training sees their error; returns the names.
 
     ``batches`` (calibration inputs, never the evaluation split) initialise the activation ranges (needed
     with ``act_bits``) and GPTQ (``init: gptq``). ``bits`` overrides the weight width per layer (mixed
@@ -175,6 +176,9 @@ def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
     widths.update({n: b for n in names if (b := config.override(n)) is not None})
     if bits:
         widths.update({n: b for n, b in bits.items() if n in widths})
+    # Embedding tables take their final codes now, so training (and GPTQ's calibration) sees their rounding
+    # error and the other layers learn around it; convert then finds nothing left to round.
+    embedded = _embeddings(module, config) if config.embeddings else []
     gptq_params = _gptq_init(module, config, qat, names, widths, batches) if qat.init is QATInit.GPTQ else {}
     layers = [(n, module.get_submodule(n)) for n in names]  # GPTQ replaced the Linear layers
 
@@ -224,7 +228,7 @@ def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
         prepared.append(name)
     if static:
         _calibrate_activations(module, config, batches or [])
-    return prepared
+    return prepared + embedded
 
 
 def _gptq_init(module: nn.Module, config: QuantizeConfig, qat: QATOptions, names: list[str],
@@ -276,7 +280,7 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
 
     Classifiers: cross-entropy on ``data``'s training split, mixed with soft targets from ``reference``
     (the fp32 model) when ``qat.distill > 0``. Sentence encoders: cosine matching of ``reference``'s
-    embeddings. BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
+    embeddings, with dropout off (it would hide the quantization error in noise). BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
     """
     from deepsqueeze.data.datasets import ClassificationData, TextData
     from deepsqueeze.train import finetune_model, train_classifier
@@ -297,7 +301,8 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
 
         ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device), seed=seed,
                            progress=progress)
-        return finetune_model(model, ctx, batch_size=qat.batch_size, limit=qat.limit, what="QAT", **fit_args)
+        return finetune_model(model, ctx, batch_size=qat.batch_size, limit=qat.limit, what="QAT", dropout=False,
+                              **fit_args)
     if not isinstance(data, ClassificationData):
         raise DataError(f"QAT of a classifier trains on image data, not {data.name}")
     n = len(data.train_x) if qat.limit is None else min(qat.limit, len(data.train_x))
@@ -419,8 +424,8 @@ def convert_qat_(module: nn.Module, config: QuantizeConfig | None = None) -> lis
 
     The new modules hold exactly the codes and scales the fake-quant forward pass used; one replayable
     transform is recorded per module (plus ``quant.identity`` for folded BatchNorms and fused ReLUs), and
-    int8 weights narrower than 8 bits are marked for the ``int-grid`` encoding. With ``config``,
-    embedding tables are then quantized as PTQ does (int8 rows, or packed ``embedding_bits``).
+    int8 weights narrower than 8 bits are marked for the ``int-grid`` encoding. With ``config``, embedding
+    tables still in float (a model prepared without ``embeddings``) are then quantized as PTQ does.
     """
     layers = fake_quant_modules(module)
     if not layers:

@@ -25,6 +25,17 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+_DROPOUT = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.FeatureAlphaDropout)
+
+
+def dropout_off(module: nn.Module) -> None:
+    """Put dropout layers, and the modules owning one (whose forward reads ``self.training`` for their
+    functional dropout, as Hugging Face attention does), in eval mode; everything else keeps its mode."""
+    for m in module.modules():
+        if isinstance(m, _DROPOUT) or any(isinstance(c, _DROPOUT) for c in m.children()):
+            m.training = False  # this module only: eval() would recurse into its other children
+
+
 def fit(
     module: nn.Module,
     batches: Callable[[int], Iterable[Any]],
@@ -42,8 +53,12 @@ def fit(
     description: str = "training",
     before_step: StepCallback | None = None,
     after_step: StepCallback | None = None,
+    dropout: bool = True,
 ) -> dict[str, float]:
     """Train ``module`` on ``batches(epoch)`` for ``epochs`` (fractions allowed) minimising ``loss_fn``.
+
+    ``dropout=False`` trains with dropout off (:func:`dropout_off`): for matching a fixed teacher's outputs
+    (quantization-aware training), where dropout noise would otherwise dominate the loss.
 
     ``before_step``/``after_step`` run around every optimiser step with (step, total steps): pruning
     schedules hook in there. Any submodule with a ``deepsqueeze_after_step()`` method (a mask, a
@@ -62,6 +77,8 @@ def fit(
     sched = _scheduler(schedule, opt, total)
     constrained = [m for m in module.modules() if callable(getattr(m, "deepsqueeze_after_step", None))]
     module.train()
+    if not dropout:
+        dropout_off(module)
     rank, world_size = distributed.world()
     step, last_losses = 0, []
     epochs_total = -(-total // max(steps_per_epoch, 1))
