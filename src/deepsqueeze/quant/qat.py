@@ -280,7 +280,8 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
 
     Classifiers: cross-entropy on ``data``'s training split, mixed with soft targets from ``reference``
     (the fp32 model) when ``qat.distill > 0``. Sentence encoders: cosine matching of ``reference``'s
-    embeddings, with dropout off (it would hide the quantization error in noise). BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
+    embeddings, with dropout off (it would hide the quantization error in noise); ``qat.distill > 0`` adds
+    the token-level hidden-state loss of every layer at that weight (TinyBERT, through ``distill_``). BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
     """
     from deepsqueeze.data.datasets import ClassificationData, TextData
     from deepsqueeze.train import finetune_model, train_classifier
@@ -299,6 +300,13 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
             raise DataError("QAT of a sentence encoder needs the fp32 model as its reference")
         from deepsqueeze.core.context import StageContext
 
+        if qat.distill > 0:  # the distill stage's losses: embedding cosine + hidden states of every layer
+            from deepsqueeze.distill import DistillConfig, distill_
+
+            distill = DistillConfig(epochs=qat.epochs, lr=qat.lr, batch_size=qat.batch_size, optimizer=qat.optimizer,
+                                    schedule=qat.schedule, weight_decay=qat.weight_decay, limit=qat.limit,
+                                    hidden_weight=qat.distill)
+            return distill_(model, reference.module, distill, data, seed=seed, progress=progress, device=device)
         ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device), seed=seed,
                            progress=progress)
         return finetune_model(model, ctx, batch_size=qat.batch_size, limit=qat.limit, what="QAT", dropout=False,

@@ -47,7 +47,8 @@ class QATOptions(BaseModel):
     (8 by default, as is standard for low-bit networks; null: like the others). ``freeze_bn_after``: epochs
     after which BatchNorm statistics freeze (null: never). ``distill``: weight of the soft-target loss from
     the fp32 model (``deepsqueeze.distill.soft_target_loss``, at ``temperature``); sentence encoders always
-    match the fp32 embeddings. ``lr``, ``epochs``, ``batch_size``, ``optimizer``, ``schedule``,
+    match the fp32 embeddings (cosine), and with ``distill > 0`` also every layer's token hidden states at
+    that weight (``deepsqueeze.distill.hidden_state_loss``, TinyBERT). ``lr``, ``epochs``, ``batch_size``, ``optimizer``, ``schedule``,
     ``weight_decay``, ``limit``: the training loop's settings.
     """
 
