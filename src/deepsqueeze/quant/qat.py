@@ -305,7 +305,7 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
 
             distill = DistillConfig(epochs=qat.epochs, lr=qat.lr, batch_size=qat.batch_size, optimizer=qat.optimizer,
                                     schedule=qat.schedule, weight_decay=qat.weight_decay, limit=qat.limit,
-                                    hidden_weight=qat.distill)
+                                    hidden_weight=qat.distill, augment=qat.augment)
             return distill_(model, reference.module, distill, data, seed=seed, progress=progress, device=device)
         ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device), seed=seed,
                            progress=progress)

@@ -48,7 +48,8 @@ class QATOptions(BaseModel):
     after which BatchNorm statistics freeze (null: never). ``distill``: weight of the soft-target loss from
     the fp32 model (``deepsqueeze.distill.soft_target_loss``, at ``temperature``); sentence encoders always
     match the fp32 embeddings (cosine), and with ``distill > 0`` also every layer's token hidden states at
-    that weight (``deepsqueeze.distill.hidden_state_loss``, TinyBERT). ``lr``, ``epochs``, ``batch_size``, ``optimizer``, ``schedule``,
+    that weight (``deepsqueeze.distill.hidden_state_loss``, TinyBERT), on the training sentences plus
+    ``augment`` variants of each (``deepsqueeze.distill.text.augment_sentences``). ``lr``, ``epochs``, ``batch_size``, ``optimizer``, ``schedule``,
     ``weight_decay``, ``limit``: the training loop's settings.
     """
 
@@ -70,6 +71,7 @@ class QATOptions(BaseModel):
     freeze_bn_after: float | None = Field(1.0, ge=0)
     distill: float = Field(0.0, ge=0, le=1)
     temperature: float = Field(4.0, gt=0)
+    augment: int = Field(0, ge=0, le=100)
 
     @model_validator(mode="after")
     def _check(self) -> QATOptions:
@@ -81,6 +83,8 @@ class QATOptions(BaseModel):
             raise ValueError(f"first_last_bits must be in 2..8 or null, got {self.first_last_bits}")
         if self.optimizer not in ("adam", "adamw", "sgd"):
             raise ValueError(f"optimizer must be adam, adamw or sgd, got {self.optimizer!r}")
+        if self.augment and self.distill == 0:
+            raise ValueError("augment adds sentence variants to the distillation data: set distill > 0 too")
         if self.schedule not in ("constant", "cosine", "onecycle"):
             raise ValueError(f"schedule must be constant, cosine or onecycle, got {self.schedule!r}")
         return self
