@@ -164,6 +164,10 @@ def test_qat_configs_round_trip_and_reject_bad_options():
         QuantizeConfig(method="qat", group_size=32)
     with pytest.raises(RecipeError, match="method qat"):
         QuantizeConfig(method="rtn", qat={})
+    with pytest.raises(RecipeError, match="distill > 0"):
+        QuantizeConfig(method="qat", qat={"augment": 2})
+    per_layer = QuantizeConfig(method="qat", bits=4, overrides={"conv*": 8}, qat={"augment": 2, "distill": 1.0})
+    assert config_from_dict(config_to_dict(per_layer)) == per_layer
 
 
 def test_gptq_initialised_qat_starts_exactly_where_gptq_ends():
