@@ -24,18 +24,20 @@ NAME = "qat-minilm"
 TITLE = "MiniLM weight-only QAT (4 and 3 bits, group 64) vs GPTQ, on pydoc sentences and on licence text"
 SETUP = (
     "all-MiniLM-L6-v2. `qat` rows run the shipped recipe `qat-w4-minilm` (its `bits` set to 3 for the 3-bit "
-    "rows) through `compress`: GPTQ codes and group parameters (asymmetric, one scale and zero point per 64 "
-    "inputs, 256 `pydoc-sentences:calib` sentences) as the starting point, learned step sizes (LSQ) with the "
-    "straight-through estimator, trained to match the fp32 model's sentence embeddings (cosine loss) on the "
-    "1,209 `pydoc-sentences:calib` sentences, then converted to the same packed modules as `w4-gptq`; the "
-    "word-embedding table takes packed rows by round-to-nearest. Every figure is measured on the model loaded "
-    "back from its .dsq. `gptq` rows: the same stage's prepare + convert without training (where QAT starts). "
-    "Fidelity against fp32 embeddings on two domains, neither trained on: the 579 `pydoc-sentences:eval` "
-    "sentences (Python's documentation) and the 748 `license-sentences` (legal prose from Debian's "
-    "/usr/share/common-licenses). Brevitas peer: the same Linear layers as QuantLinear with `bits`-bit "
-    "per-output-channel weights (Brevitas' integer weight quantizers have no group-of-64 form), the same "
-    "loss, data, epochs, learning rate and seed through the same training loop; fake-quant only (no file). "
-    "Mean ± std over the seeds in `seeds`; `cosine_min` is the worst sentence over all seeds."
+    "rows) through `compress`: the word-embedding table rounded to packed rows first (so training sees its "
+    "error), then GPTQ codes and group parameters (asymmetric, one scale and zero point per 64 inputs, 256 "
+    "`pydoc-sentences:calib` sentences) as the starting point, learned step sizes (LSQ) with the straight-through "
+    "estimator, trained with dropout off to match the fp32 model (sentence-embedding cosine plus, at weight "
+    "`distill`, every layer's token hidden states: the distill stage's TinyBERT loss) on the 1,209 "
+    "`pydoc-sentences:calib` sentences plus `augment` variants of each, then converted to the same packed modules "
+    "as `w4-gptq`. Every figure is measured on the model loaded back from its .dsq. `gptq` rows: the same "
+    "stage's prepare + convert without training (where QAT starts). Fidelity against fp32 embeddings on two "
+    "domains, neither trained on: the 579 `pydoc-sentences:eval` sentences (Python's documentation) and the 748 "
+    "`license-sentences` (legal prose from Debian's /usr/share/common-licenses). Brevitas peer: the same Linear "
+    "layers as QuantLinear with `bits`-bit per-output-channel weights (Brevitas' integer weight quantizers have no "
+    "group-of-64 form), trained with the same loss, data, epochs, learning rate and seed through the same loop; "
+    "fake-quant only, embedding table float (no file). Mean ± std over the seeds in `seeds`; `cosine_min` is the worst sentence over all "
+    "seeds."
 )
 TARGETS = {4: 0.995, 3: 0.985}
 DOMAINS = ("pydoc-sentences:eval", "license-sentences")
@@ -86,7 +88,8 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             modules.append(_load(out))
             ctx.log(f"qat-minilm: {bits}-bit qat seed {seed}: {_fidelity(modules[-1:], domains, reference)}")
         row = {"method": "qat (recipe qat-w4-minilm)", "bits": bits, "seeds": ",".join(map(str, seeds)),
-               "epochs": qat.epochs, "lr": qat.lr, **_fidelity(modules, domains, reference),
+               "epochs": qat.epochs, "lr": qat.lr, "distill": qat.distill, "augment": qat.augment,
+               **_fidelity(modules, domains, reference),
                "artifact_mb": _mb(out.stat().st_size), "compress_s": round(statistics.fmean(times), 1)}
         key = "pydoc_cosine_mean"
         row["target"] = f"{key} >= {TARGETS.get(bits, 0)} and >= gptq on both domains"
@@ -170,6 +173,7 @@ def _brevitas(ctx: BenchContext, bits: int, seeds: list[int], qat: Any, domains:
 
     from deepsqueeze.core.context import StageContext
     from deepsqueeze.data import resolve_data
+    from deepsqueeze.distill import DistillConfig, distill_
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.train import finetune_model
 
@@ -188,8 +192,15 @@ def _brevitas(ctx: BenchContext, bits: int, seeds: list[int], qat: Any, domains:
                                  progress=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            finetune_model(model, stage_ctx, batch_size=qat.batch_size, limit=qat.limit, what="Brevitas QAT",
-                           epochs=qat.epochs, lr=qat.lr, optimizer=qat.optimizer, schedule=qat.schedule)
+            if qat.distill > 0:  # the loss and data our recipe trains with
+                config = DistillConfig(epochs=qat.epochs, lr=qat.lr, batch_size=qat.batch_size,
+                                       optimizer=qat.optimizer, schedule=qat.schedule, limit=qat.limit,
+                                       hidden_weight=qat.distill, augment=qat.augment)
+                distill_(model, teacher.module, config, data, seed=seed, progress=False)
+            else:
+                finetune_model(model, stage_ctx, batch_size=qat.batch_size, limit=qat.limit, what="Brevitas QAT",
+                               epochs=qat.epochs, lr=qat.lr, optimizer=qat.optimizer, schedule=qat.schedule,
+                               dropout=False)
         modules.append(model.module.eval())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

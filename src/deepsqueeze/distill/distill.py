@@ -121,19 +121,10 @@ def distill_(model: Model, teacher: nn.Module, config: DistillConfig, data: Any,
     for p in module.parameters():  # the student trains as a whole (a copy of a frozen model included)
         if p.is_floating_point():
             p.requires_grad_(True)
-    saved_p = {}
-    if not config.dropout:  # fidelity to a fixed teacher: no noise in the student while it learns
-        saved_p = {m: m.p for m in module.modules() if isinstance(m, nn.Dropout)}
-        for m in saved_p:
-            m.p = 0.0
-    try:
-        if model.task is Task.CLASSIFIER:
-            stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
-        else:
-            stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
-    finally:
-        for m, p in saved_p.items():
-            m.p = p
+    if model.task is Task.CLASSIFIER:
+        stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
+    else:
+        stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
     module.eval()
     return {**stats, "params": count_params(module), "kept_layers": keep}
 
@@ -182,7 +173,7 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
         return train_classifier(module, data, epochs=config.epochs, lr=config.lr, batch_size=config.batch_size,
                                 optimizer=config.optimizer, schedule=config.schedule,
                                 weight_decay=config.weight_decay, loss_fn=loss_fn, device=device, seed=seed,
-                                progress=progress, limit=config.limit)
+                                progress=progress, limit=config.limit, dropout=config.dropout)
     finally:
         for handle in handles:
             handle.remove()
@@ -238,7 +229,7 @@ def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfi
     try:
         return fit(module, batches, loss_fn, epochs=config.epochs, steps_per_epoch=steps, lr=config.lr,
                    optimizer=config.optimizer, schedule=config.schedule, weight_decay=config.weight_decay,
-                   seed=seed, progress=progress, description="distilling")
+                   seed=seed, progress=progress, description="distilling", dropout=config.dropout)
     finally:
         if use_attn:
             for m in (module, teacher):
