@@ -3,7 +3,7 @@
     deepsqueeze bench qat-minilm                                            # 4 and 3 bits, seeds 0,1,2
     QAT_MINILM_BITS=4 QAT_MINILM_SEEDS=0 QAT_MINILM_EPOCHS=1 deepsqueeze bench qat-minilm   # a reduced run
 
-``QAT_MINILM_PEERS=0`` skips the Brevitas peer.
+``QAT_MINILM_PEERS=0`` skips the Brevitas peer; ``QAT_MINILM_PEER_SEEDS`` gives it its own seeds (default: the same).
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     seeds = [int(s) for s in _env_list("QAT_MINILM_SEEDS", "0,1,2")]
     epochs = float(os.environ["QAT_MINILM_EPOCHS"]) if os.environ.get("QAT_MINILM_EPOCHS") else None
     peers = os.environ.get("QAT_MINILM_PEERS", "1") != "0"
+    peer_seeds = [int(s) for s in _env_list("QAT_MINILM_PEER_SEEDS", ",".join(map(str, seeds)))]
     limit = None
     if ctx.quick:
         bits_list, seeds, epochs, limit, peers = [4], [0], 0.1, 64, False
@@ -97,7 +98,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             row[f"{d}_cosine_mean"] >= gptq[f"{d}_cosine_mean"] for d in ("pydoc", "license")) else "no"
         rows.append(row)
         if peers:
-            rows.append(_brevitas(ctx, bits, seeds, qat, domains, reference, row))
+            rows.append(_brevitas(ctx, bits, peer_seeds, qat, domains, reference, row))
     return rows
 
 
