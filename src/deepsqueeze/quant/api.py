@@ -618,8 +618,8 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
             if isinstance(layer, nn.Linear):
                 new = PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
             elif isinstance(layer, nn.Conv2d):
-                new = PackedIntConv2d.from_float(layer, config.bits_for(name), _conv_group(layer, config.group_size),
-                                                 config.symmetric)
+                new = PackedIntConv2d.from_float(layer, config.bits_for(name),
+                                                 _conv_group(layer, config.group_size), config.symmetric)
             else:
                 new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits), group,
                                                     config.symmetric)

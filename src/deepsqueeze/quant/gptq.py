@@ -284,8 +284,8 @@ def gptq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | 
     # a weight tied to an earlier module (GPT-2's lm_head) is rounded by RTN below, as that module is,
     # so both share one set of codes
     targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
-    gptq_model_(module, batches, bits={n: config.bits_for(n) for n in targets}, group_size=config.group_size, symmetric=config.symmetric,
-                act_order=config.act_order, damp=config.damp, targets=targets)
+    gptq_model_(module, batches, bits={n: config.bits_for(n) for n in targets}, group_size=config.group_size,
+                symmetric=config.symmetric, act_order=config.act_order, damp=config.damp, targets=targets)
     for name in targets:
         install(module, name, module.get_submodule(name))
     return targets + METHODS[Method.RTN.value](module, config, batches)

@@ -152,7 +152,8 @@ def _weight_quant(layer: nn.Module, bits: int, config: QuantizeConfig, qat: QATO
 def prepare_qat_(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None = None, *,
                  bits: dict[str, int] | None = None) -> list[str]:
     """Install fake-quant modules in place of the selected Linear/Conv2d layers and quantize the embedding
-    tables (``embeddings``) to their final int8 or packed rows, so training sees their error; returns the names.
+    tables (``embeddings``) to their final int8 or packed rows, so training sees their error; returns the
+    names.
 
     ``batches`` (calibration inputs, never the evaluation split) initialise the activation ranges (needed
     with ``act_bits``) and GPTQ (``init: gptq``). ``bits`` overrides the weight width per layer (mixed
@@ -281,7 +282,8 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
     Classifiers: cross-entropy on ``data``'s training split, mixed with soft targets from ``reference``
     (the fp32 model) when ``qat.distill > 0``. Sentence encoders: cosine matching of ``reference``'s
     embeddings, with dropout off (it would hide the quantization error in noise); ``qat.distill > 0`` adds
-    the token-level hidden-state loss of every layer at that weight (TinyBERT, through ``distill_``). BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
+    the token-level hidden-state loss of every layer at that weight (TinyBERT, through ``distill_``).
+    BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
     """
     from deepsqueeze.data.datasets import ClassificationData, TextData
     from deepsqueeze.train import finetune_model, train_classifier
@@ -469,8 +471,8 @@ def _embeddings(module: nn.Module, config: QuantizeConfig) -> list[str]:
         if qat.act_bits is not None:
             new: nn.Module = Int8Embedding.from_float(layer)
         else:
-            new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits), config.group_size,
-                                                config.symmetric)
+            new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits),
+                                                config.group_size, config.symmetric)
         install(module, name, new)
         done.append(name)
     return done

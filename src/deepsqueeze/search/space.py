@@ -23,8 +23,8 @@ The space file is YAML::
 A *hole* is a mapping ``{choice: [...]}`` or ``{low: A, high: B[, step: S][, log: true]}``; every other
 value is passed to the stage as is. ``{per_layer: HOLE[, layers: [patterns]]}`` opens one hole per layer:
 for the fields a stage already takes per layer (prune ``sparsity``, prune_channels ``ratio``, share
-``bits``, quantize ``bits`` with method rtn, gptq or qat) it fills the stage's ``overrides``; for any other field the stage is split into one stage per
-layer (``include: [layer]``), e.g. rank per layer. Layers are the model's Linear and Conv2d modules
+``bits``, quantize ``bits`` with method rtn, gptq or qat) it fills the stage's ``overrides``; for any
+other field the stage is split into one stage per layer (``include: [layer]``), e.g. rank per layer. Layers are the model's Linear and Conv2d modules
 (quantize: also its embedding tables; prune_channels: the producing layer of each prunable dependency
 group), or those matching ``layers``.
 
@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 from deepsqueeze.core.config import config_from_dict, registered_stages
 from deepsqueeze.errors import RecipeError
+from deepsqueeze.quant.config import PER_LAYER_BITS
 from deepsqueeze.recipes.schema import Recipe, load_yaml_bounded, parse_recipe
 
 SPACE_KEYS = ("model", "data", "seed", "description", "objectives", "constraints", "latency", "priors",
@@ -52,7 +53,7 @@ CONSTRAINTS = ("max_bytes", "max_latency_ms", "max_drop")
 # Stage fields that the stage itself already sets per layer through its ``overrides`` mapping.
 OVERRIDE_FIELDS = {"prune": "sparsity", "prune_channels": "ratio", "share": "bits"}
 # Quantize methods that take per-layer bits in one stage (``overrides``); others split into one stage per layer.
-PER_LAYER_BITS_METHODS = ("rtn", "gptq", "qat")
+PER_LAYER_BITS_METHODS = tuple(m.value for m in PER_LAYER_BITS)
 HOLE_KEYS = ({"choice"}, {"low", "high"}, {"low", "high", "step"}, {"low", "high", "log"})
 
 
