@@ -36,8 +36,8 @@ SETUP = (
     "`license-sentences` (legal prose from Debian's /usr/share/common-licenses). Brevitas peer: the same Linear "
     "layers as QuantLinear with `bits`-bit per-output-channel weights (Brevitas' integer weight quantizers have no "
     "group-of-64 form), trained with the same loss, data, epochs, learning rate and seed through the same loop; "
-    "fake-quant only, embedding table float (no file). Mean ± std over the seeds in `seeds`; `cosine_min` is the worst sentence over all "
-    "seeds."
+    "fake-quant only, embedding table float (no file). Mean ± std over the seeds in `seeds`; `cosine_min` is "
+    "the worst sentence over all seeds."
 )
 TARGETS = {4: 0.995, 3: 0.985}
 DOMAINS = ("pydoc-sentences:eval", "license-sentences")

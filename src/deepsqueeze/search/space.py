@@ -24,9 +24,9 @@ A *hole* is a mapping ``{choice: [...]}`` or ``{low: A, high: B[, step: S][, log
 value is passed to the stage as is. ``{per_layer: HOLE[, layers: [patterns]]}`` opens one hole per layer:
 for the fields a stage already takes per layer (prune ``sparsity``, prune_channels ``ratio``, share
 ``bits``, quantize ``bits`` with method rtn, gptq or qat) it fills the stage's ``overrides``; for any
-other field the stage is split into one stage per layer (``include: [layer]``), e.g. rank per layer. Layers are the model's Linear and Conv2d modules
-(quantize: also its embedding tables; prune_channels: the producing layer of each prunable dependency
-group), or those matching ``layers``.
+other field the stage is split into one stage per layer (``include: [layer]``), e.g. rank per layer.
+Layers are the model's Linear and Conv2d modules (quantize: also its embedding tables; prune_channels:
+the producing layer of each prunable dependency group), or those matching ``layers``.
 
 Every hole is sampled in every trial, whether or not its stage runs, so the space seen by the sampler is
 the same in every trial (grid and CMA-ES need that).
