@@ -202,15 +202,16 @@ def test_sensitivity_priors_seed_the_first_trials(tmp_path, lenet300_digits):
     assert len(study.trials) == 2 and study.trials[1].state == optuna.trial.TrialState.WAITING  # second prior
 
 
-def test_bit_sensitivity_priors_allocate_per_layer_widths(tmp_path, lenet300_digits):
-    """priors: sensitivity also scans each quantized layer at each width and enqueues mixed-precision points
-    (one quantize stage with per-layer bits) at mean widths spread over the hole's choices."""
+@pytest.mark.parametrize("stage", [{"type": "quantize", "method": "rtn"}, {"type": "share"}])
+def test_bit_sensitivity_priors_allocate_per_layer_widths(stage, tmp_path, lenet300_digits):
+    """priors: sensitivity also scans each quantized (or shared) layer at each width and enqueues mixed-precision
+    points (one stage with per-layer bits) at mean widths spread over the hole's choices."""
     space, model = load_space(write_space(tmp_path, priors="sensitivity", stages=[
         {"type": "prune", "optional": True, "storage": "dense", "sparsity": {"choice": [0.5, 0.8]}},
-        {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 4, 8]}}}]))
+        {**stage, "bits": {"per_layer": {"choice": [2, 4, 8]}}}]))
     run_search(space, model, tmp_path / "out", sampler="random", trials=1)
     study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
-    sensitivity = study.user_attrs["bit_sensitivity[1.quantize]"]
+    sensitivity = study.user_attrs[f"bit_sensitivity[1.{stage['type']}]"]
     assert set(sensitivity) == {"1", "3", "5"}
     assert all(s["2"] >= s["4"] >= s["8"] >= 0 for s in sensitivity.values())  # narrower moves the output more
     priors = [t for t in study.trials if t.user_attrs.get("prior", "").startswith("bit sensitivity")]
@@ -218,4 +219,4 @@ def test_bit_sensitivity_priors_allocate_per_layer_widths(tmp_path, lenet300_dig
     first = study.trials[0]
     assert first.state == optuna.trial.TrialState.COMPLETE
     assert first.user_attrs["recipe"]["stages"][0]["overrides"] == {
-        n: first.params[f"1.quantize.bits[{n}]"] for n in ("1", "3", "5")}
+        n: first.params[f"1.{stage['type']}.bits[{n}]"] for n in ("1", "3", "5")}

@@ -445,13 +445,14 @@ def _enqueue_sensitivity_priors(study: Any, ctx: SearchContext) -> None:
 
 
 def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
-    """Per-layer bits of ``quantize`` holes allocated by the mixed-precision sensitivity scan (relative
-    output error of each layer alone at each width, on 32 calibration inputs of the fit split), at three
-    mean widths spread over the hole's choices; the other optional stages are left out of those points."""
+    """Per-layer bits of ``quantize`` and ``share`` holes allocated by the mixed-precision sensitivity scan
+    (relative output error of each layer alone rounded to each width, on 32 calibration inputs of the fit
+    split; for a shared codebook, uniform rounding is the conservative stand-in), at three mean widths spread
+    over the hole's choices; the other optional stages are left out of those points."""
     from deepsqueeze.quant.calibrate import calibration_batches
     from deepsqueeze.quant.mixed import allocate_bits, layer_costs, layer_sensitivity
 
-    templates = [t for t in ctx.space.stages if t.type == "quantize" and "bits" in t.per_layer]
+    templates = [t for t in ctx.space.stages if t.type in ("quantize", "share") and "bits" in t.per_layer]
     for template in templates:
         layers, hole = template.per_layer["bits"]
         widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
@@ -459,7 +460,7 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
             continue
         group = template.fixed.get("group_size", template.holes["group_size"].grid()[0]
                                    if "group_size" in template.holes else None)
-        symmetric = bool(template.fixed.get("symmetric", True))
+        symmetric = bool(template.fixed.get("symmetric", template.type == "quantize"))
         module = copy.deepcopy(ctx.base.module)
         batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
         sensitivity = layer_sensitivity(module, batches, layers, widths, group, symmetric)
