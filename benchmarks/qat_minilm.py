@@ -4,6 +4,8 @@
     QAT_MINILM_BITS=4 QAT_MINILM_SEEDS=0 QAT_MINILM_EPOCHS=1 deepsqueeze bench qat-minilm   # a reduced run
 
 ``QAT_MINILM_PEERS=0`` skips the Brevitas peer; ``QAT_MINILM_PEER_SEEDS`` gives it its own seeds (default: the same).
+``QAT_MINILM_KEEP=1`` keeps the stored rows of the widths this run does not measure (4 bits in one run, 3 in
+another); every row names the run (commit, date) that measured it.
 """
 
 from __future__ import annotations
@@ -67,6 +69,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         reference = {ref: fp32.encode(s) for ref, s in domains.items()}
     tmp = Path(tempfile.mkdtemp(prefix="qat-minilm-"))
     rows: list[dict[str, Any]] = [{"method": "fp32", "bits": 32, **_fidelity([fp32], domains, reference)}]
+    label = _run_label()
     for bits in bits_list:
         recipe0 = _recipe(bits, 0, epochs, limit)
         qat = recipe0.stages[0].qat
@@ -99,7 +102,38 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         rows.append(row)
         if peers:
             rows.append(_brevitas(ctx, bits, peer_seeds, qat, domains, reference, row))
+    for row in rows:
+        row["run"] = label
+    if os.environ.get("QAT_MINILM_KEEP", "0") != "0" and not ctx.quick:
+        rows = [rows[0], *_kept_rows(ctx, bits_list), *rows[1:]]
     return rows
+
+
+def _run_label() -> str:
+    import datetime as dt
+
+    from benchmarks.runner import git_commit
+
+    return f"{git_commit()} {dt.date.today().isoformat()}"
+
+
+def _kept_rows(ctx: BenchContext, bits_list: list[int]) -> list[dict[str, Any]]:
+    """Rows of the other widths from the stored result, each still naming the run that measured it."""
+    import json
+
+    from benchmarks.runner import RESULTS_DIR
+
+    path = RESULTS_DIR / f"{NAME}.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    label = f"{old.get('commit', 'unknown')} {old.get('date', '')}".strip()
+    kept = [{**row, "run": row.get("run", label)} for row in old.get("rows", [])
+            if row.get("bits") not in (32, *bits_list)]
+    if kept:
+        ctx.notes.append(f"rows of {sorted({r['bits'] for r in kept})} bits kept from an earlier run (see each row's "
+                         f"`run`; that run's wall time {old.get('wall_s')} s, {old.get('threads')} threads)")
+    return kept
 
 
 def _recipe(bits: int, seed: int, epochs: float | None, limit: int | None) -> Any:
