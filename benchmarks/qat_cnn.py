@@ -77,32 +77,12 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_label() -> str:
-    import datetime as dt
-
-    from benchmarks.runner import git_commit
-
-    return f"{git_commit()} {dt.date.today().isoformat()}"
-
-
 def _kept_rows(ctx: BenchContext, models: list[str]) -> list[dict[str, Any]]:
     """Rows of the other models from the stored result, each still naming the run that measured it."""
-    import json
+    from benchmarks.runner import kept_rows
 
-    from benchmarks.runner import RESULTS_DIR
-
-    path = RESULTS_DIR / f"{NAME}.json"
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    label = f"{old.get('commit', 'unknown')} {old.get('date', '')}".strip()
-    kept = [{**row, "run": row.get("run", label)} for row in old.get("rows", []) if row.get("model") not in models]
-    kept_models = sorted({row["model"] for row in kept})
-    if kept_models:
-        ctx.notes.append(f"rows of {', '.join(kept_models)} kept from an earlier run (see each row's `run`; "
-                         f"that run's wall time {old.get('wall_s')} s, {old.get('threads')} threads)")
-        ctx.notes += [n for n in old.get("notes", []) if any(m in n for m in kept_models) and n not in ctx.notes]
-    return kept
+    return kept_rows(ctx, NAME, lambda row: row.get("model") not in models,
+                     lambda kept: sorted({row["model"] for row in kept}))
 
 
 def matrix(ctx: BenchContext, models: list[str], seeds: list[int], configs: list[str], epochs: float | None,
@@ -116,7 +96,9 @@ def matrix(ctx: BenchContext, models: list[str], seeds: list[int], configs: list
     if unknown:
         raise ValueError(f"unknown QAT configs {unknown}: choose from {list(CONFIGS)}")
     rows: list[dict[str, Any]] = []
-    label = _run_label()
+    from benchmarks.runner import run_label
+
+    label = run_label()
     for model in models:
         rows += _model_rows(ctx, model, data, seeds, configs, epochs, limit, peers, train_threads)
     for row in rows:

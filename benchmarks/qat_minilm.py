@@ -69,7 +69,9 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         reference = {ref: fp32.encode(s) for ref, s in domains.items()}
     tmp = Path(tempfile.mkdtemp(prefix="qat-minilm-"))
     rows: list[dict[str, Any]] = [{"method": "fp32", "bits": 32, **_fidelity([fp32], domains, reference)}]
-    label = _run_label()
+    from benchmarks.runner import run_label
+
+    label = run_label()
     for bits in bits_list:
         recipe0 = _recipe(bits, 0, epochs, limit)
         qat = recipe0.stages[0].qat
@@ -109,31 +111,12 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     return rows
 
 
-def _run_label() -> str:
-    import datetime as dt
-
-    from benchmarks.runner import git_commit
-
-    return f"{git_commit()} {dt.date.today().isoformat()}"
-
-
 def _kept_rows(ctx: BenchContext, bits_list: list[int]) -> list[dict[str, Any]]:
     """Rows of the other widths from the stored result, each still naming the run that measured it."""
-    import json
+    from benchmarks.runner import kept_rows
 
-    from benchmarks.runner import RESULTS_DIR
-
-    path = RESULTS_DIR / f"{NAME}.json"
-    if not path.is_file():
-        return []
-    old = json.loads(path.read_text())
-    label = f"{old.get('commit', 'unknown')} {old.get('date', '')}".strip()
-    kept = [{**row, "run": row.get("run", label)} for row in old.get("rows", [])
-            if row.get("bits") not in (32, *bits_list)]
-    if kept:
-        ctx.notes.append(f"rows of {sorted({r['bits'] for r in kept})} bits kept from an earlier run (see each row's "
-                         f"`run`; that run's wall time {old.get('wall_s')} s, {old.get('threads')} threads)")
-    return kept
+    return kept_rows(ctx, NAME, lambda row: row.get("bits") not in (32, *bits_list),
+                     lambda kept: [f"{b} bits" for b in sorted({row["bits"] for row in kept})])
 
 
 def _recipe(bits: int, seed: int, epochs: float | None, limit: int | None) -> Any:

@@ -69,6 +69,29 @@ def git_commit() -> str:
         return "unknown"
 
 
+def run_label() -> str:
+    """``COMMIT DATE`` of this run, for rows that may later be kept beside another run's."""
+    return f"{git_commit()} {_dt.date.today().isoformat()}"
+
+
+def kept_rows(ctx: BenchContext, name: str, keep: Any, terms: Any) -> list[dict[str, Any]]:
+    """Rows of benchmark ``name``'s stored result for which ``keep(row)`` holds, each naming the run that
+    measured it. ``terms(kept)`` names what was kept (e.g. the models): a note says so, and the stored notes
+    mentioning one of those terms come along."""
+    path = RESULTS_DIR / f"{name}.json"
+    if not path.is_file():
+        return []
+    old = json.loads(path.read_text())
+    label = f"{old.get('commit', 'unknown')} {old.get('date', '')}".strip()
+    kept = [{**row, "run": row.get("run", label)} for row in old.get("rows", []) if keep(row)]
+    if kept:
+        names = terms(kept)
+        ctx.notes.append(f"rows of {', '.join(names)} kept from an earlier run (see each row's `run`; that run's "
+                         f"wall time {old.get('wall_s')} s, {old.get('threads')} threads)")
+        ctx.notes += [n for n in old.get("notes", []) if any(t in n for t in names) and n not in ctx.notes]
+    return kept
+
+
 def run_benchmark(module: ModuleType, ctx: BenchContext) -> dict[str, Any]:
     torch.set_num_threads(ctx.threads)
     torch.manual_seed(ctx.seed)
