@@ -129,7 +129,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                 "mb": round(point["bytes"] / 1e6, 2), "val_cosine": round(point["val_cosine"], 4),
                 "test_cosine": round(point["test_cosine"], 4),
                 "speedup_vs_fp32": round(attrs.get("speedup", 0.0), 2),
-                "policy": (f"mean {sum(widths) / len(widths):.2f} bits over {len(widths)} layers, "
+                "policy": (f"unweighted mean of the {len(widths)} layers' widths {sum(widths) / len(widths):.2f} bits, "
                            f"g{quant.get('group_size', '-')}" if widths else "-")
                 + (f"; minus {pruned.get('heads')} heads, {pruned.get('ffn_ratio')} FFN" if pruned else ""),
             })

@@ -475,7 +475,7 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
             for other in ctx.space.stages:
                 if other is not template and other.run is not None:
                     params[other.run.name] = False
-            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, mean {avg:.2f} bits"})
+            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, {avg:.2f} bits per weight"})
 
 
 def _enqueue_sparsity_priors(study: Any, ctx: SearchContext) -> None:
