@@ -12,13 +12,14 @@ from rich.console import Console
 from rich.table import Table
 from typer.core import TyperCommand
 
+from deepsqueeze.core.config import MAX_THREADS
+
 # Tables piped to a file or CI log get a wide console instead of rich's 80-column default, which truncates.
 stdout = Console() if sys.stdout.isatty() else Console(width=200)
 stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
 DeviceOption = typer.Option("cpu", "--device", help="Torch device: cpu, cuda, cuda:1, mps ...")
-MAX_THREADS = 256  # a bound, not a recommendation: a thread pool of 10**5 threads exhausts the machine
 MAX_BATCH = 4096
 
 

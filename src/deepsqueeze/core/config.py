@@ -24,6 +24,7 @@ StageHandler = Callable[..., None]
 # read, not discovered as a hang. Fields narrow a kind further with ``Field(...)`` (e.g. ``gt=0``).
 
 MAX_EPOCHS = 10_000
+MAX_THREADS = 256  # a bound, not a recommendation: a pool of 10**5 threads exhausts the machine
 MAX_COUNT = 1 << 31  # samples, steps, rounds, ranks, layer indices ...
 
 Epochs = Annotated[float, Strict(), Field(ge=0, le=MAX_EPOCHS, allow_inf_nan=False)]

@@ -129,9 +129,7 @@ MARKER = "deepsqueeze-export.json"  # written into every hf export: what --force
 def _source_path(source: str | None) -> Path | None:
     if not source:
         return None
-    for prefix in ("hf:",):
-        source = source.removeprefix(prefix)
-    path = Path(source)
+    path = Path(source.removeprefix("hf:"))
     return path.resolve() if path.exists() else None
 
 

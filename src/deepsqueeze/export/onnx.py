@@ -27,6 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.config import MAX_THREADS
 from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
@@ -34,7 +35,6 @@ from deepsqueeze.errors import ModelError
 __all__ = ["OrtModule", "onnx_forms", "ort_model", "require_ort", "trace_inputs", "write_onnx"]
 
 OPSET = 17
-MAX_THREADS = 256
 
 
 def require_ort() -> Any:

@@ -453,16 +453,18 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
     from deepsqueeze.quant.mixed import allocate_bits, layer_costs, layer_sensitivity
 
     templates = [t for t in ctx.space.stages if t.type in ("quantize", "share") and "bits" in t.per_layer]
+    if not templates or ctx.fit_ref is None:
+        return
+    batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
     for template in templates:
         layers, hole = template.per_layer["bits"]
         widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
-        if len(widths) < 2 or ctx.fit_ref is None:
+        if len(widths) < 2:
             continue
         group = template.fixed.get("group_size", template.holes["group_size"].grid()[0]
                                    if "group_size" in template.holes else None)
         symmetric = bool(template.fixed.get("symmetric", template.type == "quantize"))
         module = copy.deepcopy(ctx.base.module)
-        batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
         sensitivity = layer_sensitivity(module, batches, layers, widths, group, symmetric)
         study.set_user_attr(f"bit_sensitivity[{template.prefix}]", sensitivity)
         costs = layer_costs(module, layers, widths, group)
