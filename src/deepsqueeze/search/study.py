@@ -448,7 +448,8 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
     """Per-layer bits of ``quantize`` and ``share`` holes allocated by the mixed-precision sensitivity scan
     (relative output error of each layer alone rounded to each width, on 32 calibration inputs of the fit
     split; for a shared codebook, uniform rounding is the conservative stand-in), at three mean widths spread
-    over the hole's choices; the other optional stages are left out of those points."""
+    over the hole's choices and at the weight bytes of each ``compare`` recipe (so the front has a point where
+    each reference sits); the other optional stages are left out of those points."""
     from deepsqueeze.quant.calibrate import calibration_batches
     from deepsqueeze.quant.mixed import allocate_bits, layer_costs, layer_sensitivity
 
@@ -461,23 +462,58 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
         widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
         if len(widths) < 2:
             continue
-        group = template.fixed.get("group_size", template.holes["group_size"].grid()[0]
-                                   if "group_size" in template.holes else None)
+        group_hole = template.holes.get("group_size")
+        group = template.fixed.get("group_size", group_hole.grid()[0] if group_hole is not None else None)
         symmetric = bool(template.fixed.get("symmetric", template.type == "quantize"))
         module = copy.deepcopy(ctx.base.module)
         sensitivity = layer_sensitivity(module, batches, layers, widths, group, symmetric)
         study.set_user_attr(f"bit_sensitivity[{template.prefix}]", sensitivity)
-        costs = layer_costs(module, layers, widths, group)
+        costs = {group: layer_costs(module, layers, widths, group)}
         low, high = widths[0], widths[-1]
+        budgets: dict[tuple[Any, int | None], list[str]] = {}
         for avg in (low + (high - low) * f for f in (0.25, 0.5, 0.75)):
-            plan = allocate_bits(costs, sensitivity, avg_bits=avg)
+            budgets.setdefault((("avg_bits", avg), group), []).append(f"{avg:.2f} bits per weight")
+        for name, width, ref_group in _reference_widths(ctx.space.compare):
+            if not low <= width <= high:
+                continue
+            at = ref_group if group_hole is not None and ref_group in group_hole.grid() else group
+            ref_bytes = sum(c.bytes_by_bits[width] for c in layer_costs(module, layers, [width], ref_group))
+            budgets.setdefault((("budget_bytes", ref_bytes), at), []).append(f"the weight bytes of {name}")
+        for ((kind, amount), at), labels in budgets.items():
+            if at not in costs:
+                costs[at] = layer_costs(module, layers, widths, at)
+            try:
+                plan = allocate_bits(costs[at], sensitivity, **{kind: amount})
+            except RecipeError:
+                continue  # a reference smaller than the narrowest widths allow
             params = {template.layer_hole("bits", layer).name: plan[layer] for layer in layers}
+            if group_hole is not None:
+                params[group_hole.name] = at
             if template.run is not None:
                 params[template.run.name] = True
             for other in ctx.space.stages:
                 if other is not template and other.run is not None:
                     params[other.run.name] = False
-            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, {avg:.2f} bits per weight"})
+            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, {', '.join(labels)}"})
+
+
+def _reference_widths(names: list[str]) -> list[tuple[str, int, int | None]]:
+    """(recipe, code width, group size) of each ``compare`` recipe that quantizes or shares weights at one
+    integer width (its ``bits``, or the ``avg_bits`` of a mixed-precision budget)."""
+    out = []
+    for name in names:
+        try:
+            recipe = load_recipe(name)
+        except DeepsqueezeError:
+            continue  # reported when the references are measured
+        for stage in recipe.to_dict()["stages"]:
+            if stage["type"] not in ("quantize", "share"):
+                continue
+            width = stage.get("avg_bits") or stage.get("bits")
+            if isinstance(width, int | float) and float(width) == int(width):
+                out.append((Path(name).stem, int(width), stage.get("group_size")))
+            break
+    return out
 
 
 def _enqueue_sparsity_priors(study: Any, ctx: SearchContext) -> None:
