@@ -9,7 +9,8 @@ The space file is YAML::
     constraints: {max_bytes: 60000, max_drop: 1.0, max_latency_ms: null}
     latency: {batch: 64, threads: 2}
     priors: sensitivity                 # optional: seed the study with points allocated from sensitivity
-                                        # scans (per-layer sparsity, per-layer quantize bits)
+                                        # scans (per-layer sparsity, per-layer quantize bits;
+                                        # one bits point at each compare recipe's weight bytes)
     compare: [w4-rtn]                   # optional: shipped recipes measured once, as reference points
     stages:
       - type: prune
