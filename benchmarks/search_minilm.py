@@ -32,15 +32,17 @@ SPACE: dict[str, Any] = {
          "ffn_ratio": {"choice": [0.1, 0.2, 0.3]}},
         {"type": "quantize", "method": "gptq", "symmetric": False, "calibration_samples": 128,
          "group_size": {"choice": [64, 128]},
-         "bits": {"per_layer": {"choice": WIDTHS},
-                  "layers": ["transformer.encoder.*", "transformer.embeddings.word_embeddings"]}},
+         # every Linear and embedding table (pooler and position embeddings too): a prior at a reference's
+         # weight bytes is then no larger than the reference's file
+         "bits": {"per_layer": {"choice": WIDTHS}}},
     ],
 }
 SETUP = (
     "all-MiniLM-L6-v2 (`minilm`). Space: an optional `prune_transformer` stage (1 or 2 heads per block, 10/20/30% "
     "of the FFN neurons, no recovery training), then one GPTQ `quantize` stage (asymmetric, group 64 or 128, 128 "
-    "calibration sentences) with one hole per layer for the bits, 2/3/4/5/6/8, over the 36 encoder Linear layers "
-    "and the word-embedding table (37 holes; position / type embeddings follow the stage: 8 bits). `priors: "
+    "calibration sentences) with one hole per layer for the bits, 2/3/4/5/6/8, over every Linear layer and "
+    "embedding table (36 encoder Linear layers, the pooler, the word, position and token-type embeddings: 40 "
+    "holes). `priors: "
     "sensitivity` enqueues points allocated from the mixed-precision sensitivity scan (group 64) at mean widths "
     "3.5, 5 and 6.5 bits and at the weight bytes of the shipped recipes (4 bits group 64 for w4-gptq and "
     "mixed-precision, 8 bits per channel for int8-dynamic). Constraint `max_drop: 3` (validation cosine >= "
