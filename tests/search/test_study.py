@@ -100,6 +100,18 @@ def test_pareto_front_and_hypervolume_by_hand():
     assert hypervolume([[0.4, 10.0]], [0.5, 200.0], ["maximize", "minimize"]) == 0.0
 
 
+def test_hypervolume_history_above_a_quality_floor():
+    """A reference at a max_drop floor counts only the points above it: a tiny, useless model adds nothing."""
+    from deepsqueeze.search.study import hypervolume_history
+
+    trials = [{"quality": 0.2, "bytes": 10}, {"quality": 0.95, "bytes": 50}]
+    baseline = {"bytes": 100, "latency_ms": 1.0}
+    # reference (0, 1): 0.2 x (1 - 0.1) + (0.95 - 0.2) x (1 - 0.5) = 0.18 + 0.375
+    assert hypervolume_history(trials, ("quality", "bytes"), baseline)[-1] == pytest.approx(0.555)
+    floor = hypervolume_history(trials, ("quality", "bytes"), baseline, reference={"quality": 0.9})
+    assert floor == pytest.approx([0.0, 0.05 * 0.5])
+
+
 def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
     space = write_space(tmp_path)
     out = tmp_path / "out"

@@ -625,10 +625,13 @@ HV_REFERENCE = {"quality": 0.0, "bytes": 1.0, "latency": 2.0}
 
 
 def hypervolume_history(trials: list[dict[str, Any]], objectives: list[str] | tuple[str, ...],
-                        baseline: dict[str, Any]) -> list[float]:
-    """Hypervolume of the front after each trial (``trials`` = user attrs in trial order, complete only)."""
+                        baseline: dict[str, Any], reference: dict[str, float] | None = None) -> list[float]:
+    """Hypervolume of the front after each trial (``trials`` = user attrs in trial order, complete only).
+
+    ``reference`` overrides :data:`HV_REFERENCE` per objective (normalized units), e.g. the quality floor a
+    ``max_drop`` constraint sets, so that only points above it count."""
     directions = [DIRECTIONS[o] for o in objectives]
-    reference = [HV_REFERENCE[o] for o in objectives]
+    reference = [{**HV_REFERENCE, **(reference or {})}[o] for o in objectives]
     points: list[list[float]] = []
     history = []
     for attrs in trials:
