@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from deepsqueeze.testing.cli import foreground_sigint
+
 # The model's forward pass creates STARTED on its first call, so the signal lands while the stage is training.
 MODEL_CODE = textwrap.dedent('''
     import os
@@ -49,6 +51,7 @@ def test_ctrl_c_during_compress_exits_130_and_leaves_no_file(tmp_path: Path, con
         [*console_script, "compress", "--model", "py:ds_interrupt_model:make", "--data", "digits",
          "--recipe", "long.yaml", "--out", "out.dsq"],
         cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=foreground_sigint,
     )
     try:
         deadline = time.monotonic() + 120

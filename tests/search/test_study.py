@@ -17,6 +17,7 @@ from deepsqueeze.cli.app import main
 from deepsqueeze.data import resolve_data
 from deepsqueeze.search import hypervolume, load_space, pareto_front, run_search, write_answer
 from deepsqueeze.search.study import default_storage
+from deepsqueeze.testing.cli import foreground_sigint
 
 SPACE = {
     "model": "zoo:lenet300@digits",
@@ -119,7 +120,7 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[2] / "src"),
                                                         os.environ.get("PYTHONPATH", "")])}
     proc = subprocess.Popen([sys.executable, "-m", "deepsqueeze", *argv], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True, preexec_fn=foreground_sigint)
     lines = []
     for line in proc.stderr:  # progress lines: interrupt as soon as the first trial is reported
         lines.append(line)

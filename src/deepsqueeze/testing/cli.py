@@ -17,3 +17,12 @@ def run(capsys: Any, *argv: str) -> tuple[int, str, str]:
         sys.exit(0)
     out, err = capsys.readouterr()
     return info.value.code or 0, out, err
+
+
+def foreground_sigint() -> None:
+    """``preexec_fn`` for a child that a test interrupts with SIGINT: the default disposition a foreground
+    terminal process has. A shell starting the test run in the background (``cmd &``) ignores SIGINT, the
+    child inherits that, and Python then installs no KeyboardInterrupt handler."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
