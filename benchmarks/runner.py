@@ -20,6 +20,7 @@ import pkgutil
 import platform
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import ModuleType
@@ -74,7 +75,8 @@ def run_label() -> str:
     return f"{git_commit()} {_dt.date.today().isoformat()}"
 
 
-def kept_rows(ctx: BenchContext, name: str, keep: Any, terms: Any) -> list[dict[str, Any]]:
+def kept_rows(ctx: BenchContext, name: str, keep: Callable[[dict[str, Any]], bool],
+              terms: Callable[[list[dict[str, Any]]], list[str]]) -> list[dict[str, Any]]:
     """Rows of benchmark ``name``'s stored result for which ``keep(row)`` holds, each naming the run that
     measured it. ``terms(kept)`` names what was kept (e.g. the models): a note says so, and the stored notes
     mentioning one of those terms come along."""

@@ -107,12 +107,11 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                     ctx.log(f"{ref['recipe']}: {refs[-1]}")
             complete = sorted((t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE),
                               key=lambda t: t.number)
-            history = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes", "latency"),
-                                          res.baseline)
-            history_2d = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes"), res.baseline)
+            attrs = [t.user_attrs for t in complete]
+            history = hypervolume_history(attrs, ("quality", "bytes", "latency"), res.baseline)
+            history_2d = hypervolume_history(attrs, ("quality", "bytes"), res.baseline)
             floor = res.baseline["quality"] - SPACE["constraints"]["max_drop"] / 100
-            hv_floor = hypervolume_history([t.user_attrs for t in complete], ("quality", "bytes"), res.baseline,
-                                           reference={"quality": floor})
+            hv_floor = hypervolume_history(attrs, ("quality", "bytes"), res.baseline, reference={"quality": floor})
             front_test = [(r["bytes"], accuracy(load(r["artifact"]).module, test)) for r in res.front]
             covered = [ref["recipe"] for ref in refs
                        if any(b <= ref["bytes"] and a >= ref["test_accuracy"] for b, a in front_test)]
@@ -123,7 +122,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                 "hv_quality_bytes": round(history_2d[-1], 4) if history_2d else None,
                 f"hv_qb_at_{half}": round(history_2d[half - 1], 4) if half >= 1 else None,
                 "hv_above_floor": round(hv_floor[-1], 5) if hv_floor else None,
-                "feasible_trials": sum(t.user_attrs["quality"] >= floor for t in complete),
+                "feasible_trials": sum(a["quality"] >= floor for a in attrs),
                 "hv_3obj": round(history[-1], 4) if history else None,
                 "front_points": len(res.front),
                 "smallest_front_bytes": min((b for b, _ in front_test), default=None),
@@ -132,7 +131,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                 "refs_dominated": f"{len(covered)}/{len(refs)}",
                 "refs_not_dominated": " ".join(r["recipe"] for r in refs if r["recipe"] not in covered) or "-",
                 "search_s": round(wall, 1),
-                "mean_compress_s": round(sum(t.user_attrs.get("compress_s", 0.0) for t in complete)
+                "mean_compress_s": round(sum(a.get("compress_s", 0.0) for a in attrs)
                                          / max(len(complete), 1), 2),
             })
             ctx.log(f"{sampler}: {rows[-1]}")

@@ -631,13 +631,13 @@ def hypervolume_history(trials: list[dict[str, Any]], objectives: list[str] | tu
     ``reference`` overrides :data:`HV_REFERENCE` per objective (normalized units), e.g. the quality floor a
     ``max_drop`` constraint sets, so that only points above it count."""
     directions = [DIRECTIONS[o] for o in objectives]
-    reference = [{**HV_REFERENCE, **(reference or {})}[o] for o in objectives]
+    corner = [{**HV_REFERENCE, **(reference or {})}[o] for o in objectives]
     points: list[list[float]] = []
     history = []
     for attrs in trials:
         points.append(normalized_values(attrs, objectives, baseline))
         front = pareto_front(list(enumerate(points)), directions)
-        history.append(hypervolume([points[i] for i in front], reference, directions))
+        history.append(hypervolume([points[i] for i in front], corner, directions))
     return history
 
 
