@@ -254,3 +254,21 @@ def test_bit_priors_sit_at_the_weight_bytes_of_each_compare_recipe(tmp_path, len
     spent = sum(packed_weight_bytes(r, c, widths[n], 64) for n, (r, c) in shapes.items())
     assert spent <= sum(packed_weight_bytes(r, c, 4, 64) for r, c in shapes.values())
     assert study.user_attrs["references"][0]["recipe"] == "w4-rtn"
+
+
+def test_a_reference_prior_is_no_larger_than_the_reference_file(tmp_path, lenet300_digits):
+    """mixed-precision spends fewer weight bytes than uniform 4 bits (its widths leave slack) and its
+    manifest is smaller than a point's with one width per layer: the prior placed at its size is allocated
+    under the weight bytes its measured file spends, then corrected by the measured excess, so a point of
+    the study is no larger than the reference's file."""
+    space, model = load_space(write_space(tmp_path, priors="sensitivity", compare=["mixed-precision"], stages=[
+        {"type": "quantize", "method": "rtn", "symmetric": False, "group_size": {"choice": [64, 128]},
+         "bits": {"per_layer": {"choice": [2, 3, 4, 5, 6, 8]}}}]))
+    run_search(space, model, tmp_path / "out", sampler="random", trials=6)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    reference = study.user_attrs["references"][0]
+    placed = [t for t in study.trials if "weight bytes of mixed-precision" in t.user_attrs.get("prior", "")
+              and t.state == optuna.trial.TrialState.COMPLETE]
+    assert placed
+    assert min(t.user_attrs["bytes"] for t in placed) <= reference["bytes"]
+    assert all(t.user_attrs["prior_target_bytes"] == reference["bytes"] for t in placed)

@@ -343,10 +343,10 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
         raise RecipeError(f"study {study_name!r} in {url} was started from another space: use another --out or "
                           "--study to start a new one")
     baseline = _baseline(study, ctx)
-    if space.priors == "sensitivity" and not study.user_attrs.get("priors_enqueued"):
-        _enqueue_sensitivity_priors(study, ctx)
     if space.compare and "references" not in study.user_attrs:
         study.set_user_attr("references", _measure_references(ctx, baseline))
+    if space.priors == "sensitivity" and not study.user_attrs.get("priors_enqueued"):
+        _enqueue_sensitivity_priors(study, ctx)
 
     finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
     done = len(study.get_trials(deepcopy=False, states=finished))
@@ -361,7 +361,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 study.optimize(objective, n_trials=trials - done, catch=(DeepsqueezeError,),
-                               callbacks=[optuna.study.MaxTrialsCallback(trials, states=finished),
+                               callbacks=[_correct_prior(ctx), optuna.study.MaxTrialsCallback(trials, states=finished),
                                           _progress_callback(say, trials)])
     finally:
         result = write_answer(study, space, out_dir, url, study_name)
@@ -444,22 +444,30 @@ def _enqueue_sensitivity_priors(study: Any, ctx: SearchContext) -> None:
     _enqueue_sparsity_priors(study, ctx)
 
 
+def _bit_templates(space: SearchSpace) -> list[Any]:
+    return [t for t in space.stages if t.type in ("quantize", "share") and "bits" in t.per_layer]
+
+
 def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
     """Per-layer bits of ``quantize`` and ``share`` holes allocated by the mixed-precision sensitivity scan
     (relative output error of each layer alone rounded to each width, on 32 calibration inputs of the fit
     split; for a shared codebook, uniform rounding is the conservative stand-in), at three mean widths spread
-    over the hole's choices and at the weight bytes of each ``compare`` recipe (so the front has a point where
-    each reference sits); the other optional stages are left out of those points."""
+    over the hole's choices and at the size of each ``compare`` recipe, so the front has a point where each
+    reference sits: under the weight bytes its measured file spends on the hole layers (its nominal width's
+    bytes when it was not measured), then, once such a prior is measured larger than the reference's file,
+    again under a budget smaller by the excess (:func:`_correct_prior`). The other optional stages are left
+    out of those points."""
     from deepsqueeze.quant.calibrate import calibration_batches
-    from deepsqueeze.quant.mixed import allocate_bits, layer_costs, layer_sensitivity
+    from deepsqueeze.quant.mixed import layer_costs, layer_sensitivity
 
-    templates = [t for t in ctx.space.stages if t.type in ("quantize", "share") and "bits" in t.per_layer]
+    templates = _bit_templates(ctx.space)
     if not templates or ctx.fit_ref is None:
         return
+    measured = {Path(r["recipe"]).stem: r for r in study.user_attrs.get("references", []) if "error" not in r}
     batches = calibration_batches(ctx.base, resolve_data(ctx.fit_ref, split="fit"), samples=32)
     for template in templates:
         layers, hole = template.per_layer["bits"]
-        widths = sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
+        widths = _prior_widths(template)
         if len(widths) < 2:
             continue
         group_hole = template.holes.get("group_size")
@@ -468,33 +476,116 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
         module = copy.deepcopy(ctx.base.module)
         sensitivity = layer_sensitivity(module, batches, layers, widths, group, symmetric)
         study.set_user_attr(f"bit_sensitivity[{template.prefix}]", sensitivity)
-        costs = {group: layer_costs(module, layers, widths, group)}
         low, high = widths[0], widths[-1]
-        budgets: dict[tuple[Any, int | None], list[str]] = {}
+        budgets: dict[tuple[str, float, int | None], tuple[list[str], int | None]] = {}
         for avg in (low + (high - low) * f for f in (0.25, 0.5, 0.75)):
-            budgets.setdefault((("avg_bits", avg), group), []).append(f"{avg:.2f} bits per weight")
+            budgets.setdefault(("avg_bits", avg, group), ([], None))[0].append(f"{avg:.2f} bits per weight")
         for name, width, ref_group in _reference_widths(ctx.space.compare):
             if not low <= width <= high:
                 continue
             at = ref_group if group_hole is not None and ref_group in group_hole.grid() else group
-            ref_bytes = sum(c.bytes_by_bits[width] for c in layer_costs(module, layers, [width], ref_group))
-            budgets.setdefault((("budget_bytes", ref_bytes), at), []).append(f"the weight bytes of {name}")
-        for ((kind, amount), at), labels in budgets.items():
-            if at not in costs:
-                costs[at] = layer_costs(module, layers, widths, at)
-            try:
-                plan = allocate_bits(costs[at], sensitivity, **{kind: amount})
-            except RecipeError:
+            ref = measured.get(name)
+            spent = _hole_weight_bytes(ref["artifact"], layers) if ref else None
+            if spent is None:
+                spent = sum(c.bytes_by_bits[width] for c in layer_costs(module, layers, [width], ref_group))
+            labels, target = budgets.setdefault(("budget_bytes", spent, at), ([], None))
+            labels.append(f"the weight bytes of {name}")
+            if ref:
+                budgets[("budget_bytes", spent, at)] = (labels, min(target or ref["bytes"], ref["bytes"]))
+        points: list[tuple[dict[str, Any], list[str], dict[str, Any]]] = []
+        for (kind, amount, at), (labels, target) in budgets.items():
+            params = _bit_prior_params(template, ctx, sensitivity, kind, amount, at)
+            if params is None:
                 continue  # a reference smaller than the narrowest widths allow
-            params = {template.layer_hole("bits", layer).name: plan[layer] for layer in layers}
-            if group_hole is not None:
-                params[group_hole.name] = at
-            if template.run is not None:
-                params[template.run.name] = True
-            for other in ctx.space.stages:
-                if other is not template and other.run is not None:
-                    params[other.run.name] = False
-            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, {', '.join(labels)}"})
+            same = next((p for p in points if p[0] == params), None)  # two budgets, one allocation
+            if same is None:
+                same = (params, [], {})
+                points.append(same)
+            same[1].extend(labels)
+            if target is not None and target < same[2].get("prior_target_bytes", math.inf):
+                same[2].update(prior_template=template.prefix, prior_budget_bytes=amount, prior_group=at,
+                               prior_target_bytes=target, prior_round=0)
+        for params, labels, attrs in points:
+            study.enqueue_trial(params, user_attrs={"prior": f"bit sensitivity, {', '.join(labels)}", **attrs})
+
+
+def _prior_widths(template: Any) -> list[int]:
+    _layers, hole = template.per_layer["bits"]
+    return sorted({int(b) for b in hole.grid() if isinstance(b, int) and 2 <= b <= 8})
+
+
+def _bit_prior_params(template: Any, ctx: SearchContext, sensitivity: dict[str, dict[int, float]], kind: str,
+                      amount: float, group: int | None) -> dict[str, Any] | None:
+    """The trial parameters of one bit allocation (``kind``: avg_bits or budget_bytes); None when it does
+    not fit."""
+    from deepsqueeze.quant.mixed import allocate_bits, layer_costs
+
+    layers, _hole = template.per_layer["bits"]
+    costs = layer_costs(ctx.base.module, layers, _prior_widths(template), group)
+    try:
+        plan = allocate_bits(costs, sensitivity, **{kind: amount})
+    except RecipeError:
+        return None
+    params: dict[str, Any] = {template.layer_hole("bits", layer).name: plan[layer] for layer in layers}
+    group_hole = template.holes.get("group_size")
+    if group_hole is not None:
+        params[group_hole.name] = group
+    if template.run is not None:
+        params[template.run.name] = True
+    for other in ctx.space.stages:
+        if other is not template and other.run is not None:
+            params[other.run.name] = False
+    return params
+
+
+def _hole_weight_bytes(artifact: str, layers: list[str]) -> int | None:
+    """Payload bytes the .dsq at ``artifact`` spends on the weights of ``layers`` (every tensor of those
+    modules but the bias: codes, scales, zero-points, codebooks); None when a layer is missing from it."""
+    from deepsqueeze.codec.format import read_manifest
+
+    try:
+        manifest, _raw, _size = read_manifest(artifact)
+    except (OSError, DeepsqueezeError):
+        return None
+    spent = dict.fromkeys(layers, 0)
+    for entry in manifest["tensors"]:
+        module, _, tensor = entry["name"].rpartition(".")
+        if module in spent and tensor != "bias":
+            spent[module] += sum(int(length) for _offset, length, _crc in entry["segments"])
+    return sum(spent.values()) if all(spent.values()) else None
+
+
+PRIOR_CORRECTIONS = 2
+
+
+def _correct_prior(ctx: SearchContext) -> Callable[[Any, Any], None]:
+    """A study callback: a reference prior whose file came out larger than the reference's is enqueued again
+    under a weight budget smaller by the measured excess (the manifest and the layers outside the holes are
+    not in the allocation's byte model), at most :data:`PRIOR_CORRECTIONS` times per prior."""
+    def callback(study: Any, trial: Any) -> None:
+        attrs = trial.user_attrs
+        target = attrs.get("prior_target_bytes")
+        if trial.state.name != "COMPLETE" or target is None or attrs.get("bytes", 0) <= target:
+            return
+        if attrs["prior_round"] >= PRIOR_CORRECTIONS:
+            return
+        template = next((t for t in _bit_templates(ctx.space) if t.prefix == attrs["prior_template"]), None)
+        stored = study.user_attrs.get(f"bit_sensitivity[{attrs['prior_template']}]")
+        if template is None or stored is None:
+            return
+        sensitivity = {layer: {int(b): float(e) for b, e in row.items()} for layer, row in stored.items()}
+        excess = int(attrs["bytes"]) - int(target)
+        budget = float(attrs["prior_budget_bytes"]) - excess
+        params = _bit_prior_params(template, ctx, sensitivity, "budget_bytes", budget, attrs["prior_group"])
+        if params is None:
+            return
+        label = attrs["prior"].split("; ")[0]
+        study.enqueue_trial(params, user_attrs={
+            **{k: v for k, v in attrs.items() if k.startswith("prior_")},
+            "prior": f"{label}; trial {trial.number} was {excess:,} B over its file, budget lowered by that",
+            "prior_budget_bytes": budget, "prior_round": attrs["prior_round"] + 1})
+
+    return callback
 
 
 def _reference_widths(names: list[str]) -> list[tuple[str, int, int | None]]:
