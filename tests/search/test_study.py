@@ -272,3 +272,22 @@ def test_a_reference_prior_is_no_larger_than_the_reference_file(tmp_path, lenet3
     assert placed
     assert min(t.user_attrs["bytes"] for t in placed) <= reference["bytes"]
     assert all(t.user_attrs["prior_target_bytes"] == reference["bytes"] for t in placed)
+
+
+def test_a_repeated_recipe_is_not_measured_again_nor_counted(tmp_path, lenet300_digits):
+    """A proposal equal to a measured recipe (NSGA-II's crossover of a small population repeats its parents)
+    yields the same artifact: it is pruned as a repeat, writes nothing and does not use up a trial."""
+    space, model = load_space(write_space(tmp_path, stages=[
+        {"type": "quantize", "method": "rtn", "bits": {"choice": [2, 3, 4, 8]}}]))
+    run_search(space, model, tmp_path / "out", sampler="random", trials=1)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    study.enqueue_trial(study.trials[0].params)
+    result = run_search(space, model, tmp_path / "out", sampler="random", trials=2)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    repeat = study.trials[1]
+    assert repeat.state == optuna.trial.TrialState.PRUNED and repeat.user_attrs["repeat_of"] == 0
+    assert "bytes" not in repeat.user_attrs and not (tmp_path / "out" / "trials" / "trial-0001.dsq").exists()
+    assert result.repeats >= 1 and result.pruned == 0
+    assert result.complete + result.repeats == len(study.trials)
+    measured = [t.user_attrs["recipe"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    assert len(measured) == result.complete and all(measured.count(r) == 1 for r in measured)

@@ -56,7 +56,8 @@ def register(app: typer.Typer) -> None:
             raise SystemExit(130) from None
         if as_json:
             emit_json({"study": result.study_name, "trials": result.trials, "complete": result.complete,
-                       "pruned": result.pruned, "failed": result.failed, "baseline": result.baseline,
+                       "pruned": result.pruned, "failed": result.failed, "repeats": result.repeats,
+                       "baseline": result.baseline,
                        "front": result.front, "best": result.best, "feasible": result.feasible,
                        "message": result.message, "references": result.references})
             return
@@ -64,8 +65,9 @@ def register(app: typer.Typer) -> None:
         rows = [{"trial": r["trial"], "quality": r["quality"], "drop_pp": r["drop_pp"], "bytes": r["bytes"],
                  "latency_ms": r["latency_ms"], "speedup": r["speedup"], "recipe": r["recipe_file"]}
                 for r in result.front]
+        repeats = f", {result.repeats} repeats of a measured recipe" if result.repeats else ""
         stdout.print(rows_table(f"Pareto front ({result.complete} complete, {result.pruned} pruned, "
-                                f"{result.failed} failed trials)", rows))
+                                f"{result.failed} failed trials{repeats})", rows))
         if result.best:
             stdout.print(f"best: {result.best['recipe_file']} (quality {fmt(result.best['quality'])}, "
                          f"{fmt(result.best['bytes'])} B)")

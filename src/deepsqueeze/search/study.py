@@ -79,6 +79,7 @@ class SearchResult:
     complete: int
     pruned: int
     failed: int
+    repeats: int = 0
     front: list[dict[str, Any]] = field(default_factory=list)
     best: dict[str, Any] | None = None
     feasible: bool = False
@@ -348,8 +349,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     if space.priors == "sensitivity" and not study.user_attrs.get("priors_enqueued"):
         _enqueue_sensitivity_priors(study, ctx)
 
-    finished = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
-    done = len(study.get_trials(deepcopy=False, states=finished))
+    done = _finished(study)
     seed = space.seed + len(study.trials) + (os.getpid() if storage else 0)
     study.sampler = make_sampler(sampler, space, trials, seed)
     study.pruner = make_pruner(pruner) if len(space.objectives) == 1 else optuna.pruners.NopPruner()
@@ -360,8 +360,9 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
             say(f"study {study_name}: {done} of {trials} trials done, running {trials - done} more ({sampler})")
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-                study.optimize(objective, n_trials=trials - done, catch=(DeepsqueezeError,),
-                               callbacks=[_correct_prior(ctx), optuna.study.MaxTrialsCallback(trials, states=finished),
+                # twice the trials left: room for the repeats a sampler proposes, which are not measured
+                study.optimize(objective, n_trials=2 * (trials - done), catch=(DeepsqueezeError,),
+                               callbacks=[_correct_prior(ctx), _stop_after(trials, trials - done),
                                           _progress_callback(say, trials)])
     finally:
         result = write_answer(study, space, out_dir, url, study_name)
@@ -386,10 +387,39 @@ def _open_study(url: str, study_name: str, directions: list[str], attempts: int 
     raise AssertionError("unreachable")
 
 
+def _is_repeat(trial: Any) -> bool:
+    return "repeat_of" in trial.user_attrs
+
+
+def _finished(study: Any) -> int:
+    """Trials that count toward the budget: complete, or pruned after measuring (not repeats of a measured
+    recipe)."""
+    import optuna
+
+    states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+    return sum(not _is_repeat(t) for t in study.get_trials(deepcopy=False, states=states))
+
+
+def _stop_after(total: int, here: int) -> Callable[[Any, Any], None]:
+    """Stop when the study holds ``total`` counted trials (any worker's) or this call has run ``here``
+    trials that were not repeats."""
+    ran = 0
+
+    def callback(study: Any, trial: Any) -> None:
+        nonlocal ran
+        ran += not _is_repeat(trial)
+        if ran >= here or _finished(study) >= total:
+            study.stop()
+
+    return callback
+
+
 def _progress_callback(say: Callable[[str], None], trials: int) -> Callable[[Any, Any], None]:
     def callback(study: Any, trial: Any) -> None:
         attrs = trial.user_attrs
-        if trial.state.name == "COMPLETE":
+        if _is_repeat(trial):
+            say(f"trial {trial.number}: the recipe of trial {attrs['repeat_of']}, not measured again")
+        elif trial.state.name == "COMPLETE":
             say(f"trial {trial.number}: quality {attrs.get('quality', float('nan')):.4f}, "
                 f"{attrs.get('bytes', 0):,} B, {attrs.get('latency_ms', float('nan')):.3f} ms")
         else:
@@ -403,7 +433,15 @@ def _objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[Any], 
 
     def objective(trial: Any) -> Any:
         recipe = ctx.space.point(trial, ctx.model_ref, ctx.fit_ref)
-        trial.set_user_attr("recipe", recipe.to_dict())
+        form = _plain(recipe.to_dict())
+        trial.set_user_attr("recipe", form)
+        # Same recipe, same artifact: a point already measured is not a new trial (NSGA-II's crossover of a
+        # small population repeats parents); pruned and not counted, so the sampler proposes another.
+        twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(
+            optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("recipe") == form), None)
+        if twin is not None:
+            trial.set_user_attr("repeat_of", twin)
+            raise optuna.TrialPruned(f"the recipe of trial {twin}")
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         path = ctx.out / "trials" / f"trial-{trial.number:04d}.dsq"
         last = len(recipe.stages) - 1
@@ -761,7 +799,8 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
     complete = [t for t in trials if t.state == states.COMPLETE and "recipe" in t.user_attrs
                 and "quality" in t.user_attrs]
     result = SearchResult(study_name, storage, len(trials), len(complete),
-                          sum(t.state == states.PRUNED for t in trials), sum(t.state == states.FAIL for t in trials),
+                          sum(t.state == states.PRUNED and not _is_repeat(t) for t in trials),
+                          sum(t.state == states.FAIL for t in trials), sum(_is_repeat(t) for t in trials),
                           baseline=study.user_attrs.get("baseline", {}),
                           references=study.user_attrs.get("references", []))
     directions = [DIRECTIONS[o] for o in space.objectives]
@@ -806,7 +845,7 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
     summary = {
         "study": study_name, "storage": _redact(storage), "objectives": list(space.objectives),
         "constraints": space.constraints, "trials": result.trials, "complete": result.complete,
-        "pruned": result.pruned, "failed": result.failed, "baseline": result.baseline,
+        "pruned": result.pruned, "failed": result.failed, "repeats": result.repeats, "baseline": result.baseline,
         "front": [{k: v for k, v in r.items() if k != "recipe"} for r in result.front],
         "best": {k: v for k, v in result.best.items() if k != "recipe"} if result.best else None,
         "feasible": result.feasible, "message": result.message, "references": result.references,
