@@ -18,7 +18,7 @@ from deepsqueeze.core.record import get_record
 from deepsqueeze.errors import ArtifactError, RecipeError
 from deepsqueeze.eval.metrics import accuracy
 from deepsqueeze.prune import PruneConfig, prune_
-from deepsqueeze.recipes.run import run_stages
+from deepsqueeze.recipes.run import compress, run_stages
 from deepsqueeze.recipes.schema import load_recipe, parse_recipe
 from deepsqueeze.share import CodebookWeight, EncodeConfig, ShareConfig, encode_, layer_bits, share_
 from deepsqueeze.testing.models import TinyMLP, tiny_classification_data, tiny_model_handle
@@ -115,6 +115,25 @@ def test_pipeline_fine_tunes_centroids_and_round_trips_exactly(tmp_path: Path) -
     again, _ = _pipeline(data)  # deterministic: same seed, same bytes
     save(again, tmp_path / "again.dsq")
     assert (tmp_path / "again.dsq").read_bytes() == (tmp_path / "dc.dsq").read_bytes()
+
+
+def test_a_run_that_does_not_evaluate_leaves_quality_out_of_the_stage_rows(monkeypatch, tmp_path: Path) -> None:
+    """``compress(evaluate_result=False)`` (search scores the file itself): the share and encode rows keep
+    their bytes and ratio but no stage scores the model (three full passes over the data before)."""
+    import deepsqueeze.share.share as share_module
+
+    scored = []
+    monkeypatch.setattr(share_module, "_accuracy", lambda module, data: scored.append(1) or 0.5)
+    data = tiny_classification_data()
+    recipe = parse_recipe({"stages": [{"type": "share", "bits": 3, "epochs": 0}, {"type": "encode"}]})
+    ctx = run_stages(tiny_model_handle(), recipe, data, progress=False, evaluate=False)
+    assert not scored and all("bytes" in row and "accuracy" not in row for row in ctx.report)
+    ctx = run_stages(tiny_model_handle(), recipe, data, progress=False)
+    assert scored and all(row["accuracy"] == 0.5 for row in ctx.report)
+    scored.clear()
+    result = compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False,
+                      evaluate_result=False)
+    assert not scored and "accuracy" not in result.stage_reports[0] and not result.metrics
 
 
 def test_flipped_byte_in_any_coded_segment_fails_to_load(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ class StageContext:
     seed: int = 0
     progress: bool = True
     report: list[dict[str, Any]] = field(default_factory=list)
+    evaluate: bool = True  # stages may score the model for their report rows (off: the caller scores it)
     on_unsupported: str = "warn"  # the recipe's choice for layer kinds a stage does not handle (warn|skip|error)
     model_code: str | None = None  # --model-code: architecture for artifacts of py: models (teachers too)
     extras: dict[str, Any] = field(default_factory=dict)

@@ -176,7 +176,8 @@ StageCallback = Callable[[int, Model], None]
 
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
                device: str | torch.device = "cpu", progress: bool = True, measure: bool = False,
-               on_stage_end: StageCallback | None = None, model_code: str | None = None) -> StageContext:
+               evaluate: bool = True, on_stage_end: StageCallback | None = None,
+               model_code: str | None = None) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order.
 
     ``on_stage_end(index, model)`` runs after each stage (search scores intermediate models with it and
@@ -184,6 +185,7 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
 
     ``measure``: after every stage add ``bytes``, ``ratio`` and a quality column to its report row
     (see :func:`stage_measurement`; costs one artifact encoding and one evaluation per stage).
+    ``evaluate=False``: stages leave quality out of their own report rows (the caller scores the result).
     """
     seed_everything(recipe.seed)
     reference = Model(copy.deepcopy(model.module).eval(), model.base, model.task, model.ref, model.base_params,
@@ -192,7 +194,7 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
                        seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported,
-                       model_code=model_code)
+                       model_code=model_code, evaluate=evaluate)
     if recipe.on_unsupported == "error":  # refuse before any stage does work
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
@@ -239,6 +241,8 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
     batch across the processes (``deepsqueeze.train.distributed``), and only rank 0 writes ``out``.
     ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
+    ``evaluate_result=False``: no quality is measured, neither of the result nor in the stages' report rows
+    (search scores the written file on its own validation split).
     ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model.
     """
     own_model = model_ref is not None
@@ -256,7 +260,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
-                     on_stage_end=on_stage_end, model_code=model_code)
+                     evaluate=evaluate_result or report, on_stage_end=on_stage_end, model_code=model_code)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     check_runs(model, data)

@@ -199,10 +199,11 @@ def payload_bytes(module: nn.Module) -> int:
 
 
 def measure(model: Model, ctx: StageContext) -> dict[str, Any]:
-    """``bytes`` (tensor payload under the recorded encodings), ``ratio`` against fp32 and ``accuracy``."""
+    """``bytes`` (tensor payload under the recorded encodings), ``ratio`` against fp32 and ``accuracy``
+    (unless the run does not evaluate: ``ctx.evaluate``)."""
     size = payload_bytes(model.module)
     out: dict[str, Any] = {"bytes": size, "ratio": round(4 * model.base_params / max(size, 1), 2)}
-    acc = _accuracy(model.module, ctx.data)
+    acc = _accuracy(model.module, ctx.data) if ctx.evaluate else None
     if acc is not None:
         out["accuracy"] = round(acc, 4)
     return out
