@@ -413,6 +413,12 @@ def decode_entry(container: Container, entry: TensorSpec) -> torch.Tensor:
     return tensor
 
 
+def tensor_payload_bytes(manifest: dict[str, Any]) -> dict[str, int]:
+    """Tensor name -> bytes of its segments in the payload, from a verified manifest."""
+    return {entry["name"]: sum(int(length) for _offset, length, _crc in entry["segments"])
+            for entry in manifest["tensors"]}
+
+
 def read_manifest(path: str | os.PathLike[str]) -> tuple[dict[str, Any], bytes, int]:
     """Parse and verify header and manifest; return (manifest, payload bytes, file size)."""
     container = read_container(path)

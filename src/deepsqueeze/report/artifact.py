@@ -10,16 +10,18 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.codec.format import tensor_payload_bytes
 from deepsqueeze.report.html import Page
 
 
 def layer_bytes(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     """Module name -> {bytes, tensors, encodings} from the manifest's tensor segments (payload bytes)."""
     layers: dict[str, dict[str, Any]] = defaultdict(lambda: {"bytes": 0, "tensors": [], "encodings": set()})
+    sizes = tensor_payload_bytes(manifest)
     for entry in manifest["tensors"]:
         module, _, tensor = entry["name"].rpartition(".")
         row = layers[module or "(root)"]
-        row["bytes"] += sum(int(length) for _, length, _ in entry["segments"])
+        row["bytes"] += sizes[entry["name"]]
         row["tensors"].append(tensor)
         row["encodings"].add(entry["encoding"])
     return dict(layers)

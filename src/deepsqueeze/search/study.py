@@ -526,10 +526,10 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
             spent = _hole_weight_bytes(ref["artifact"], layers) if ref else None
             if spent is None:
                 spent = sum(c.bytes_by_bits[width] for c in layer_costs(module, layers, [width], ref_group))
-            labels, target = budgets.setdefault(("budget_bytes", spent, at), ([], None))
-            labels.append(f"the weight bytes of {name}")
+            labels, target = budgets.get(("budget_bytes", spent, at), ([], None))
             if ref:
-                budgets[("budget_bytes", spent, at)] = (labels, min(target or ref["bytes"], ref["bytes"]))
+                target = ref["bytes"] if target is None else min(target, ref["bytes"])
+            budgets[("budget_bytes", spent, at)] = ([*labels, f"the weight bytes of {name}"], target)
         points: list[tuple[dict[str, Any], list[str], dict[str, Any]]] = []
         for (kind, amount, at), (labels, target) in budgets.items():
             params = _bit_prior_params(template, ctx, sensitivity, kind, amount, at)
@@ -579,17 +579,17 @@ def _bit_prior_params(template: Any, ctx: SearchContext, sensitivity: dict[str, 
 def _hole_weight_bytes(artifact: str, layers: list[str]) -> int | None:
     """Payload bytes the .dsq at ``artifact`` spends on the weights of ``layers`` (every tensor of those
     modules but the bias: codes, scales, zero-points, codebooks); None when a layer is missing from it."""
-    from deepsqueeze.codec.format import read_manifest
+    from deepsqueeze.codec.format import read_manifest, tensor_payload_bytes
 
     try:
         manifest, _raw, _size = read_manifest(artifact)
     except (OSError, DeepsqueezeError):
         return None
     spent = dict.fromkeys(layers, 0)
-    for entry in manifest["tensors"]:
-        module, _, tensor = entry["name"].rpartition(".")
+    for name, size in tensor_payload_bytes(manifest).items():
+        module, _, tensor = name.rpartition(".")
         if module in spent and tensor != "bias":
-            spent[module] += sum(int(length) for _offset, length, _crc in entry["segments"])
+            spent[module] += size
     return sum(spent.values()) if all(spent.values()) else None
 
 
