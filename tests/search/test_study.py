@@ -291,3 +291,14 @@ def test_a_repeated_recipe_is_not_measured_again_nor_counted(tmp_path, lenet300_
     assert result.complete + result.repeats == len(study.trials)
     measured = [t.user_attrs["recipe"] for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
     assert len(measured) == result.complete and all(measured.count(r) == 1 for r in measured)
+
+
+def test_a_space_smaller_than_the_trials_stops_and_says_so(tmp_path, lenet300_digits):
+    """Three recipes in the space, five trials asked: the sampler's repeats are not measured, the study
+    stops instead of looping, and the answer says why it holds fewer trials."""
+    space, model = load_space(write_space(tmp_path, stages=[
+        {"type": "quantize", "method": "rtn", "bits": {"choice": [2, 4, 8]}}]))
+    result = run_search(space, model, tmp_path / "out", sampler="random", trials=5)
+    assert result.complete == 3 and result.repeats >= 1
+    assert "stopped at 3 of 5 trials" in result.message
+    assert "stopped at 3 of 5" in json.loads((tmp_path / "out" / "summary.json").read_text())["message"]

@@ -355,6 +355,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     study.pruner = make_pruner(pruner) if len(space.objectives) == 1 else optuna.pruners.NopPruner()
     objective = _objective(ctx, baseline)
     say = log or (lambda _msg: None)
+    note = ""
     try:
         if done < trials:
             say(f"study {study_name}: {done} of {trials} trials done, running {trials - done} more ({sampler})")
@@ -364,8 +365,12 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
                 study.optimize(objective, n_trials=2 * (trials - done), catch=(DeepsqueezeError,),
                                callbacks=[_correct_prior(ctx), _stop_after(trials, trials - done),
                                           _progress_callback(say, trials)])
+            counted = _finished(study)
+            if counted < trials:
+                note = (f" The study stopped at {counted} of {trials} trials: the sampler kept proposing recipes "
+                        "already measured (the space may hold fewer distinct points).")
     finally:
-        result = write_answer(study, space, out_dir, url, study_name)
+        result = write_answer(study, space, out_dir, url, study_name, note)
     return result
 
 
@@ -790,8 +795,10 @@ def _row(trial: Any) -> dict[str, Any]:
             "artifact_sha256": a.get("artifact_sha256"), "recipe": a.get("recipe")}
 
 
-def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_name: str) -> SearchResult:
-    """Write the Pareto front (one recipe YAML per point), ``best.yaml`` and ``summary.json`` under ``out``."""
+def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_name: str,
+                 note: str = "") -> SearchResult:
+    """Write the Pareto front (one recipe YAML per point), ``best.yaml`` and ``summary.json`` under ``out``
+    (``note`` is appended to the answer's message)."""
     import optuna
 
     states = optuna.trial.TrialState
@@ -842,6 +849,7 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
         result.best["violations"] = over[best.number]
         result.best["recipe_file"] = str(out / "best.yaml")
         _write_recipe(out / "best.yaml", result.best, space)
+    result.message += note
     summary = {
         "study": study_name, "storage": _redact(storage), "objectives": list(space.objectives),
         "constraints": space.constraints, "trials": result.trials, "complete": result.complete,
