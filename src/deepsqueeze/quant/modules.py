@@ -502,8 +502,8 @@ class _PackedWeight(_Cached):
         q = self.int_codes().float().reshape(self._rows, groups, self.group_size)
         scale = self.scale[:, :, None]
         if self.binary:
-            return ((2 * q - 1) * scale).reshape(self._rows, self._cols)
-        return ((q - self.zero_point.float()[:, :, None]) * scale).reshape(self._rows, self._cols)
+            return q.mul_(2).sub_(1).mul_(scale).reshape(self._rows, self._cols)
+        return q.sub_(self.zero_point.float()[:, :, None]).mul_(scale).reshape(self._rows, self._cols)
 
     def deepsqueeze_param_count(self) -> int:
         bias = getattr(self, "bias", None)
