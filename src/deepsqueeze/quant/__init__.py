@@ -28,6 +28,7 @@ from deepsqueeze.quant.modules import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
+    forced_int8_kernel,
     int8_kernel,
     set_int8_kernel,
 )
@@ -52,6 +53,7 @@ __all__ = [
     "SmoothQuantConfig",
     "WeightOnlyConfig",
     "convert_qat_",
+    "forced_int8_kernel",
     "install",
     "int8_kernel",
     "prepare_qat_",

@@ -27,7 +27,9 @@ Every class has an ``empty`` constructor used by the artifact loader's replay (s
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -48,6 +50,7 @@ __all__ = [
     "PackedIntConv2d",
     "PackedIntEmbedding",
     "PackedIntLinear",
+    "forced_int8_kernel",
     "int8_kernel",
     "quantize_activation_per_token",
     "set_int8_kernel",
@@ -113,6 +116,21 @@ def set_int8_kernel(kernel: str | None) -> None:
     if kernel is not None and kernel not in INT8_KERNELS:
         raise ModelError(f"unknown int8 kernel {kernel!r}: choose one of {INT8_KERNELS} (or None to measure)")
     _kernel_override = kernel
+
+
+@contextlib.contextmanager
+def forced_int8_kernel(kernel: str) -> Iterator[None]:
+    """:func:`set_int8_kernel` for the ``with`` block only (the previous setting is restored).
+
+    ``forced_int8_kernel("int_mm")`` runs the reference arithmetic of per-token layers (8-bit codes), which
+    the ONNX export encodes whatever kernel this machine measured to be faster."""
+    global _kernel_override
+    previous = _kernel_override
+    set_int8_kernel(kernel)
+    try:
+        yield
+    finally:
+        _kernel_override = previous
 
 
 def _fbgemm_available() -> bool:
