@@ -196,5 +196,7 @@ def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value != 0 and (abs(value) >= 1e5 or abs(value) < 1e-3):
             return f"{value:.3g}"
+        if abs(value) < 0.1:  # four significant digits (a hypervolume of 0.01834 against 0.01831)
+            return f"{value:.4g}"
         return f"{value:.4f}".rstrip("0").rstrip(".") if abs(value) < 10 else f"{value:.2f}"
     return str(value).replace("|", "\\|")
