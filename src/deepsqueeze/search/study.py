@@ -366,9 +366,11 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
                                callbacks=[_correct_prior(ctx), _stop_after(trials, trials - done),
                                           _progress_callback(say, trials)])
             counted = _finished(study)
-            if counted < trials:
-                note = (f" The study stopped at {counted} of {trials} trials: the sampler kept proposing recipes "
-                        "already measured (the space may hold fewer distinct points).")
+            if counted < trials:  # the proposals ran out: say what they were spent on
+                repeats = sum(_is_repeat(t) for t in study.trials)
+                failed = sum(t.state == optuna.trial.TrialState.FAIL for t in study.trials)
+                note = (f" The study stopped at {counted} of {trials} trials: {repeats} proposals repeated a "
+                        f"measured recipe (the space may hold fewer distinct points) and {failed} trials failed.")
     finally:
         result = write_answer(study, space, out_dir, url, study_name, note)
     return result
