@@ -21,6 +21,7 @@ TITLE = "Policy search: random vs TPE vs NSGA-II hypervolume at equal trials; th
 MODEL = "zoo:vgg-small@fashion-mnist"
 TRIALS = 24
 SAMPLERS = ("random", "tpe", "nsga2")
+FLOOR_PP = 2.0  # the quality floor a user deploying this classifier would state (hv_above_floor)
 SEEDS = (0, 1, 2)  # SEARCH_CNN_SEEDS=0 for one study per sampler
 SPACE: dict[str, Any] = {
     "description": "search-cnn: a CNN, channel ratios, sparsity and bits per layer",
@@ -28,9 +29,8 @@ SPACE: dict[str, Any] = {
     # shared machine its trial-to-trial noise (40 to 320 ms for models of equal speed in the first run) made
     # noise-fast points non-dominated and steered TPE and NSGA-II after them (see the notes).
     "objectives": ["quality", "bytes"],
-    # The quality floor a user deploying this classifier would state: TPE and NSGA-II rank trials that break
-    # it below those that keep it (the random sampler ignores it); the hypervolume counts every trial.
-    "constraints": {"max_drop": 2.0},
+    # No constraint: the target is the hypervolume over the whole front, which credits the smallest models
+    # too; a max_drop floor (session 9) steered TPE and NSGA-II away from that end (see the notes).
     "latency": {"batch": 64, "threads": 2},
     "priors": "sensitivity",
     "stages": [
@@ -56,13 +56,12 @@ SETUP = (
     "sensitivity` enqueues the same first points for every sampler: per-layer bits from the mixed-precision "
     "sensitivity scan at mean widths 3.5, 5 and 6.5 and under the weight bytes each shipped recipe's measured "
     "file spends on the layers (re-enqueued under a budget lowered by the excess when the prior's file is the "
-    "larger, at most twice), and per-layer sparsities from the pruning sensitivity scan. Constraint `max_drop: 2` (validation "
-    "accuracy within 2 pp of fp32), which TPE and NSGA-II use and random ignores. Objectives: "
+    "larger, at most twice), and per-layer sparsities from the pruning sensitivity scan. No constraint (the run of commit 9abaf86 had `max_drop: 2`, see the notes). Objectives: "
     "validation accuracy (fashion-mnist:val, 10k images held out of train; calibration on the other 50k) and "
     "measured .dsq bytes; latency (batch 64, 2 threads, interleaved with fp32) is measured on every trial but is "
     "not an objective (too noisy on the shared machine, see the notes). `hv_quality_bytes`: hypervolume on (validation accuracy, bytes / fp32 bytes) "
     "with reference (0, 1); `hv_above_floor`: the same with reference (fp32 validation accuracy - 2 pp, 1), "
-    "counting only points that meet the constraint; the `mean` rows average them over the seeds and count the seeds "
+    "counting only points within 2 pp of fp32; the `mean` rows average them over the seeds and count the seeds "
     "where the sampler beat random. Shipped single-stage post-training recipes (int8-dynamic, int8-static, w4-rtn, w4-gptq, "
     "mixed-precision) are the space's `compare` list: each study measures them like its trials (same compress, "
     "calibration on the fit split; `search_s` includes that); `refs_dominated` counts those matched or dominated "
@@ -129,7 +128,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             attrs = [t.user_attrs for t in complete]
             history = hypervolume_history(attrs, ("quality", "bytes", "latency"), res.baseline)
             history_2d = hypervolume_history(attrs, ("quality", "bytes"), res.baseline)
-            floor = res.baseline["quality"] - SPACE["constraints"]["max_drop"] / 100
+            floor = res.baseline["quality"] - FLOOR_PP / 100
             hv_floor = hypervolume_history(attrs, ("quality", "bytes"), res.baseline, reference={"quality": floor})
             front_test = [(r["bytes"], accuracy(load(r["artifact"]).module, test)) for r in res.front]
             covered = [ref["recipe"] for ref in refs
@@ -164,6 +163,11 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     ctx.notes.append(f"{len(seeds)} studies per sampler ({trials} trials each, seeds {seeds}). Latency is measured on a 2-core machine shared with other engineers' "
                      "jobs: latency figures (and `hv_3obj`, which uses latency / fp32 latency with reference 2) are "
                      "noisy; sizes and accuracies are not. The target is decided on `hv_quality_bytes`.")
+    ctx.notes.append("Session 9's run (commit 9abaf86, same space and seeds, with the constraint `max_drop: 2` that TPE "
+                     "and NSGA-II used): mean hv_quality_bytes random 0.9183, TPE 0.9081, NSGA-II 0.8974; hv above "
+                     "the floor 0.01827 / 0.01819 / 0.01831. The guided samplers put 18 and 21 of 24 trials within "
+                     "the floor (random 10) and never reached the smallest models random found (112-116 KB), which "
+                     "the (0, 1) reference credits: the constraint was dropped from the space.")
     ctx.notes.append("Session 7's run (commit 2c6b222, one seed, reference priors at nominal bytes, repeats "
                      "measured, shipped recipes' stage rows scoring the model three times per trial): "
                      "hv_quality_bytes random 0.9188, TPE 0.9128, NSGA-II 0.8931; hv above the floor 0.01786 / "
