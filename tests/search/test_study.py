@@ -306,10 +306,13 @@ def test_a_space_smaller_than_the_trials_stops_and_says_so(tmp_path, lenet300_di
 
 def test_nsga2_first_generation_holds_sampled_individuals_beside_the_priors(tmp_path, lenet300_digits):
     """Priors alone would fill NSGA-II's first generation and every child would descend from them: the first
-    generation is the priors plus trials // 4 (at least 4) sampled individuals."""
+    generation is the priors plus trials // 4 (at least 4) sampled individuals (TPE's random start-up, too,
+    comes on top of the priors)."""
     space, model = load_space(write_space(tmp_path, priors="sensitivity", stages=[
         {"type": "prune", "optional": True, "storage": "dense", "sparsity": {"choice": [0.5, 0.8]}},
         {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 4, 8]}}}]))
+    from deepsqueeze.search.study import make_sampler
+
     run_search(space, model, tmp_path / "out", sampler="nsga2", trials=8)
     study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
     priors = study.user_attrs["seeded_points"]
@@ -318,3 +321,4 @@ def test_nsga2_first_generation_holds_sampled_individuals_beside_the_priors(tmp_
              if t.system_attrs.get("NSGAIISampler:generation") == 0]
     assert sum("prior" in t.user_attrs for t in first) == priors
     assert sum("prior" not in t.user_attrs for t in first) == min(4, 8 - priors)
+    assert make_sampler("tpe", space, trials=24, seed=0, seeded=priors)._n_startup_trials == 6 + priors

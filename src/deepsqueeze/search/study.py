@@ -243,10 +243,12 @@ def objective_values(measured: dict[str, Any], objectives: tuple[str, ...]) -> l
 def make_sampler(name: str, space: SearchSpace, trials: int, seed: int, seeded: int = 0) -> Any:
     """The Optuna sampler named ``name``, with this project's defaults for small budgets.
 
-    ``seeded``: points already enqueued (priors). NSGA-II's first generation holds them *and* ``trials // 4``
-    (at least 4) sampled individuals. Seeded points alone would make the whole first generation, and the
-    children of such near-identical parents never left the priors' neighbourhood (search-cnn: no point under
-    212 KB in 24 trials, where random reached 112 KB)."""
+    ``seeded``: points already enqueued (priors). They come on top of the sampled exploration, not instead
+    of it: NSGA-II's first generation holds them and ``trials // 4`` (at least 4) sampled individuals, and
+    the model-based samplers' random start-up counts them on top of their own. Seeded points alone would make
+    the whole first generation, or the whole history the first model is fitted on, and the proposals never
+    left the priors' neighbourhood (search-cnn: no point under 212 KB in 24 NSGA-II trials, where random
+    reached 112 KB)."""
     import optuna
 
     n_constraints = len(space.constraints)
@@ -257,7 +259,7 @@ def make_sampler(name: str, space: SearchSpace, trials: int, seed: int, seeded: 
             return list(trial.user_attrs.get("constraint_values", [1.0] * n_constraints))
 
     multi = len(space.objectives) > 1
-    startup = max(3, min(10, trials // 3))
+    startup = max(3, min(10, trials // 4)) + seeded
     if name == "grid":
         return optuna.samplers.GridSampler(space.grid(), seed=seed)
     if name == "random":
