@@ -23,7 +23,6 @@ from deepsqueeze.quant import (  # noqa: E402
     WeightOnlyConfig,
     forced_int8_kernel,
     quantize_,
-    set_int8_kernel,
 )
 from deepsqueeze.testing.models import tiny_model_handle  # noqa: E402
 
@@ -59,9 +58,8 @@ SENTENCES = [f"sentence number {i} about {'quantized ' * (i % 7)}models and thei
 @pytest.fixture(params=["int_mm", "fbgemm"])
 def measured_int8_kernel(request):
     """The int8 kernel this machine's race picked (fbgemm's 7-bit activations on CPUs without VNNI)."""
-    set_int8_kernel(request.param)
-    yield request.param
-    set_int8_kernel(None)
+    with forced_int8_kernel(request.param):
+        yield request.param
 
 
 @pytest.mark.parametrize("act", ["per_tensor", "per_token"])

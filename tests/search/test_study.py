@@ -16,7 +16,7 @@ import yaml
 from deepsqueeze.cli.app import main
 from deepsqueeze.data import resolve_data
 from deepsqueeze.search import hypervolume, load_space, pareto_front, run_search, write_answer
-from deepsqueeze.search.study import default_storage
+from deepsqueeze.search.study import default_storage, make_sampler
 from deepsqueeze.testing.cli import foreground_sigint
 
 SPACE = {
@@ -181,7 +181,6 @@ def test_single_objective_trials_report_a_validation_score_after_each_stage(tmp_
 @pytest.mark.parametrize("name", ["grid", "random", "tpe", "gp", "nsga2"])
 def test_every_sampler_is_built_for_the_space(name):
     from deepsqueeze.search import parse_space
-    from deepsqueeze.search.study import make_sampler
 
     space = parse_space({"stages": [{"type": "prune", "sparsity": {"choice": [0.5, 0.8]}}],
                          "constraints": {"max_bytes": 1000}})
@@ -191,7 +190,6 @@ def test_every_sampler_is_built_for_the_space(name):
 def test_cmaes_refuses_several_objectives():
     from deepsqueeze.errors import RecipeError
     from deepsqueeze.search import parse_space
-    from deepsqueeze.search.study import make_sampler
 
     space = parse_space({"stages": [{"type": "prune", "sparsity": {"low": 0.1, "high": 0.9}}]})
     with pytest.raises(RecipeError, match="cmaes optimizes one objective"):
@@ -311,8 +309,6 @@ def test_nsga2_first_generation_holds_sampled_individuals_beside_the_priors(tmp_
     space, model = load_space(write_space(tmp_path, priors="sensitivity", stages=[
         {"type": "prune", "optional": True, "storage": "dense", "sparsity": {"choice": [0.5, 0.8]}},
         {"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 4, 8]}}}]))
-    from deepsqueeze.search.study import make_sampler
-
     run_search(space, model, tmp_path / "out", sampler="nsga2", trials=8)
     study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
     priors = study.user_attrs["seeded_points"]

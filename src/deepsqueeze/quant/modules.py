@@ -124,13 +124,12 @@ def forced_int8_kernel(kernel: str) -> Iterator[None]:
 
     ``forced_int8_kernel("int_mm")`` runs the reference arithmetic of per-token layers (8-bit codes), which
     the ONNX export encodes whatever kernel this machine measured to be faster."""
-    global _kernel_override
     previous = _kernel_override
     set_int8_kernel(kernel)
     try:
         yield
     finally:
-        _kernel_override = previous
+        set_int8_kernel(previous)
 
 
 def _fbgemm_available() -> bool:
