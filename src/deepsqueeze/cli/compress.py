@@ -26,6 +26,8 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
         data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        teacher: str = typer.Option(None, "--teacher", help="Teacher of the recipe's distill stages (a reference "
+                                    "the recipe file names runs only when you name it here too)"),
         report: bool = typer.Option(False, "--report", help="Measure and print bytes, ratio and quality after every stage"),
         stream: bool = typer.Option(False, "--stream", help="Quantize an hf:DIR model block by block from its "
                                     "safetensors shards (weight-only recipes; for models larger than memory)"),
@@ -46,7 +48,7 @@ def register(app: typer.Typer) -> None:
             result = compress_streaming(model, parsed, out, data, progress=not as_json)
         else:
             result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
-                                  report=report, model_code=model_code)
+                                  report=report, model_code=model_code, teacher=teacher)
         if not is_main_process():
             return
         summary = {

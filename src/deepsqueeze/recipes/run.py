@@ -177,7 +177,7 @@ StageCallback = Callable[[int, Model], None]
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
                device: str | torch.device = "cpu", progress: bool = True, measure: bool = False,
                evaluate: bool = True, on_stage_end: StageCallback | None = None,
-               model_code: str | None = None) -> StageContext:
+               model_code: str | None = None, named_refs: tuple[str | None, ...] = ()) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order.
 
     ``on_stage_end(index, model)`` runs after each stage (search scores intermediate models with it and
@@ -194,7 +194,7 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
                        seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported,
-                       model_code=model_code, evaluate=evaluate)
+                       model_code=model_code, evaluate=evaluate, named_refs=named_refs)
     if recipe.on_unsupported == "error":  # refuse before any stage does work
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
@@ -220,6 +220,28 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     return ctx
 
 
+def with_teacher(recipe: Recipe, teacher: str | None) -> Recipe:
+    """``recipe`` with ``teacher`` (the user's ``--teacher``) in every distill stage."""
+    if teacher is None:
+        return recipe
+    stages = tuple(s.model_copy(update={"teacher": teacher}) if s.stage_type == "distill" else s
+                   for s in recipe.stages)
+    return recipe.model_copy(update={"stages": stages})
+
+
+def check_recipe_references(recipe: Recipe, named: tuple[str | None, ...], own_model: bool) -> None:
+    """Refuse, before any work, a model or teacher the recipe file names that the user did not (see
+    :func:`deepsqueeze.resolve.check_file_reference`)."""
+    from deepsqueeze.resolve import check_file_reference
+
+    if not own_model and recipe.model is not None:
+        check_file_reference(recipe.model, "the recipe's model", named)
+    for index, stage in enumerate(recipe.stages):
+        teacher = getattr(stage, "teacher", None)
+        if isinstance(teacher, str):
+            check_file_reference(teacher, f"the recipe's stage {index + 1} teacher", named, option="--teacher")
+
+
 def check_out_path(out: str | Path, model_ref: str) -> Path:
     """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
     (ArtifactError otherwise), checked before any work."""
@@ -235,7 +257,8 @@ def check_out_path(out: str | Path, model_ref: str) -> Path:
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
              evaluate_result: bool = True, report: bool = False,
-             on_stage_end: StageCallback | None = None, model_code: str | None = None) -> CompressResult:
+             on_stage_end: StageCallback | None = None, model_code: str | None = None,
+             teacher: str | None = None) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
@@ -243,12 +266,16 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
     ``evaluate_result=False``: no quality is measured, neither of the result nor in the stages' report rows
     (search scores the written file on its own validation split).
-    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model.
+    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model; ``teacher``
+    replaces the teacher of every distill stage. The recipe's own model and teachers are data read from a
+    file: they pass :func:`deepsqueeze.resolve.check_file_reference` before any work.
     """
     own_model = model_ref is not None
+    recipe, named = with_teacher(recipe, teacher), (model_ref, model_code, teacher)
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
+    check_recipe_references(recipe, named, own_model)
     out_path = check_out_path(out, model_ref)
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
@@ -260,7 +287,8 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
     ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
-                     evaluate=evaluate_result or report, on_stage_end=on_stage_end, model_code=model_code)
+                     evaluate=evaluate_result or report, on_stage_end=on_stage_end, model_code=model_code,
+                     named_refs=named)
     compress_s = time.perf_counter() - start
     model.module.cpu().eval()
     check_runs(model, data)

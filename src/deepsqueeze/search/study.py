@@ -138,13 +138,16 @@ def layer_lister(model: Model) -> Callable[[str, list[str] | None], list[str]]:
 
 def load_space(path: str | Path, model_ref: str | None = None) -> tuple[SearchSpace, Model]:
     """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``)."""
-    from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
     data = read_space_file(path)
     ref = model_ref or (data.get("model") if isinstance(data, dict) else None)
-    if not ref:
+    if not ref or not isinstance(ref, str):
         raise RecipeError("no model given: pass --model REF or set 'model:' in the space file")
-    model = resolve_model(ref, progress=False)
+    if model_ref:
+        model = resolve_model(ref, progress=False)
+    else:
+        model = resolve_file_reference(ref, f"the search space's model ({path})", progress=False)
     space = parse_space(data, layer_lister(model), source=str(path))
     space.model = ref
     return space, model
