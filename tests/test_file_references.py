@@ -222,7 +222,7 @@ def _calls() -> list[tuple[str, str | None, str, int]]:
         module = ".".join(file.relative_to(SRC).with_suffix("").parts)
         tree = ast.parse(file.read_text())
 
-        def visit(node: ast.AST, function: str | None) -> None:
+        def visit(node: ast.AST, function: str | None, module: str = module) -> None:
             for child in ast.iter_child_nodes(node):
                 name = function
                 if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef)) and function is None:

@@ -40,11 +40,10 @@ def resolve_model(ref: str, weights: str | None = None, progress: bool = True,
 def _same_reference(ref: str, named: str) -> bool:
     if ref == named:
         return True
-    strip = (lambda r: r[3:] if r.startswith("hf:") else r)
     if ref.startswith("hf:") != named.startswith("hf:") or ref.startswith(("py:", "zoo:")):
         return False
     try:
-        return Path(strip(ref)).resolve() == Path(strip(named)).resolve()
+        return Path(ref.removeprefix("hf:")).resolve() == Path(named.removeprefix("hf:")).resolve()
     except (OSError, ValueError):
         return False
 

@@ -95,21 +95,25 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits 130.
+    """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits
+    130, SIGTERM ``terminated`` and 143 (both after the same cleanup, see ``core.signals``).
 
     The click command is invoked directly rather than through typer's ``main``: with ``standalone_mode=False``
     that turns ``KeyboardInterrupt`` and ``typer.Exit`` into a *returned* exit code, which is easy to drop.
     """
+    from deepsqueeze.core import signals
     from deepsqueeze.errors import DeepsqueezeError, one_line
 
     args = sys.argv[1:] if argv is None else list(argv)
+    signals.install()
     try:
         command = typer.main.get_command(app)
         with command.make_context("deepsqueeze", args) as ctx:
             command.invoke(ctx)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        code = signals.exit_code(exc)
+        print("terminated" if code == 143 else "interrupted", file=sys.stderr)
+        sys.exit(code)
     except DeepsqueezeError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)

@@ -16,13 +16,15 @@ from deepsqueeze.cli._common import (
     rows_table,
     stdout,
 )
+from deepsqueeze.core.files import OUT_RULE
 
 
 def register(app: typer.Typer) -> None:
     @app.command(cls=ListingCommand)
     def compress(
         recipe: Path = typer.Option(..., "--recipe", help="a shipped recipe name (see deepsqueeze recipes) or a YAML file"),
-        out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model"),
+        out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model; "
+                         + OUT_RULE),
         model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
         data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),

@@ -12,10 +12,11 @@ from typing import Any
 import torch
 
 from deepsqueeze.artifact import save
-from deepsqueeze.codec.format import check_writable
+from deepsqueeze.codec.format import check_writable, is_artifact
 from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
+from deepsqueeze.core.files import check_output
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.outputs import output_tensors
 from deepsqueeze.core.progress import stage as progress_stage
@@ -246,11 +247,13 @@ def check_out_path(out: str | Path, model_ref: str) -> Path:
     """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
     (ArtifactError otherwise), checked before any work."""
     out_path = Path(out)
-    check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
+    if not out_path.is_symlink():
+        check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
     if out_path.suffix != ".dsq":
         raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
     if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
         raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
+    check_output(out_path, is_artifact, "deepsqueeze artifact")
     return out_path
 
 
