@@ -50,6 +50,10 @@ _HEADER = struct.Struct("<8sIQI32s")
 
 # Bounds on what a manifest may declare (far above any real model, far below what would exhaust memory).
 MAX_MANIFEST_BYTES = 256 << 20
+#: A manifest may be at most this many times its payload (or MIN_MANIFEST_BOUND): real ones stay under 1x,
+#: so a small file cannot make the loader parse and validate hundreds of MB of JSON.
+MANIFEST_RATIO = 64
+MIN_MANIFEST_BOUND = 4 << 20
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 24
 MAX_TENSORS = 1_000_000
@@ -274,6 +278,10 @@ def read_container(path: str | os.PathLike[str]) -> Container:
         raise ArtifactError(f"{path} is truncated: the manifest runs past the end of the file; re-create it")
     if manifest_len > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{path} has a {manifest_len}-byte manifest (at most {MAX_MANIFEST_BYTES}): not loaded")
+    payload_len = len(data) - start - manifest_len
+    if manifest_len > max(MIN_MANIFEST_BOUND, MANIFEST_RATIO * payload_len):
+        raise ArtifactError(f"{path} has a {manifest_len:,}-byte manifest for {payload_len:,} bytes of tensors: "
+                            "out of proportion, the file is forged or corrupted; not loaded")
     if version >= 2 and hashlib.sha256(memoryview(data)[start:]).digest() != fields[4]:
         raise ArtifactError(f"{path} is corrupted: SHA-256 digest mismatch; re-create it")
     manifest_bytes = bytes(data[start : start + manifest_len])
@@ -327,11 +335,19 @@ def decode_entry(container: Container, entry: TensorSpec) -> torch.Tensor:
     if entry.numel > max(MIN_DECLARED, MAX_EXPANSION * stored):
         raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} declares {entry.numel:,} elements from "
                             f"{stored:,} bytes: field tensors.shape is out of proportion (forged or corrupted)")
+    problem = encoding.check_params(entry.params or {})
+    if problem:
+        raise ArtifactError(f"{container.path} has a malformed manifest: tensor {entry.name[:80]!r} "
+                            f"({entry.encoding}): {problem}")
     try:
         tensor = encoding.decode(entry.meta, segments, shape, entry.torch_dtype)
     except ArtifactError as exc:
         raise ArtifactError(f"{container.path}: cannot decode tensor {entry.name[:80]!r} ({entry.encoding}): "
                             f"{exc}") from None
+    except (TypeError, KeyError, ValueError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
+        # a decoder meeting a meta field of the wrong JSON type: still the file's fault, never a traceback
+        raise ArtifactError(f"{container.path}: cannot decode tensor {entry.name[:80]!r} ({entry.encoding}): "
+                            f"malformed meta ({type(exc).__name__}: {str(exc)[:120]})") from None
     if tuple(tensor.shape) != shape or tensor.dtype != entry.torch_dtype:
         raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} decoded to {tuple(tensor.shape)} "
                             f"{tensor.dtype}, expected {shape} {entry.dtype}")
