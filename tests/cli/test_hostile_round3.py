@@ -198,3 +198,38 @@ def test_summary_parsers_are_bounded():
         with pytest.raises(ValueError):
             loads_bounded(text)
     assert sys.getrecursionlimit() > 0
+
+
+# --- finding 7: untrusted text parsers end in one line -----------------------------------------------------------
+
+def test_a_path_component_over_255_characters_is_one_line(tmp_path, capsys):
+    long = tmp_path / ("x" * 300)
+    code, _, err = run(capsys, "inspect", f"hf:{long}")
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+
+
+def test_a_native_parser_panic_is_one_line(tmp_path, capsys, monkeypatch):
+    """pyo3's PanicException derives from BaseException: it passes every ``except Exception``."""
+    import deepsqueeze.resolve
+
+    class PanicException(BaseException):
+        pass
+
+    def panic(*args, **kwargs):
+        raise PanicException("regex size limit exceeded")
+
+    monkeypatch.setattr(deepsqueeze.resolve, "resolve_base_model", panic)
+    code, _, err = run(capsys, "inspect", "hf:whatever")
+    _one_line_exit_2(code, err, "native parser")
+
+
+def test_a_forged_base_path_component_over_255_characters_is_an_artifact_error(tmp_path):
+    from deepsqueeze.artifact import load
+    from deepsqueeze.errors import ArtifactError
+    from deepsqueeze.testing.forge import forge_manifest
+
+    save(tiny_model_handle(), tmp_path / "t.dsq")
+    forged = forge_manifest(tmp_path / "t.dsq", tmp_path / "f.dsq",
+                            lambda m: m.update(base={"kind": "hf", "path": "/" + "y" * 300}))
+    with pytest.raises(ArtifactError, match="255"):
+        load(forged)

@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
     except DeepsqueezeError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:  # a path the system refuses (too long, no permission, a device full): the input's fault
+        where = f" ({one_line(exc.filename, 160)})" if exc.filename else ""
+        print(f"error: {exc.strerror or one_line(exc)}{where}: check the path and its folder", file=sys.stderr)
+        sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
@@ -128,3 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
+    except BaseException as exc:
+        # a native parser's panic (pyo3's PanicException, from tokenizers or safetensors on a hostile file) is a
+        # BaseException that passes every ``except Exception``: it is the input's fault, one line
+        if type(exc).__name__ != "PanicException":
+            raise
+        print(f"error: a native parser failed on the input ({one_line(exc, 200)}): the file is malformed or hostile",
+              file=sys.stderr)
+        sys.exit(2)

@@ -98,6 +98,13 @@ class HFBase(pydantic.BaseModel):
     path: Annotated[str, pydantic.Strict(), pydantic.Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]*$")]
     task: Literal["sentence-encoder", "sequence-classifier", "causal-lm"] = "sentence-encoder"
 
+    @pydantic.field_validator("path")
+    @classmethod
+    def _components(cls, value: str) -> str:
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):
+            raise ValueError("a path component is longer than 255 bytes")
+        return value
+
 
 class Fingerprint(pydantic.BaseModel):
     """Submodule names and state-dict shapes of a ``py`` base (see ``architecture_fingerprint``)."""
