@@ -15,6 +15,7 @@ import yaml
 
 from deepsqueeze.cli.app import main
 from deepsqueeze.data import resolve_data
+from deepsqueeze.recipes.budget import EXIT_OVER_BUDGET
 from deepsqueeze.search import hypervolume, load_space, pareto_front, run_search, write_answer
 from deepsqueeze.search.study import default_storage, make_sampler
 from deepsqueeze.testing.cli import foreground_sigint
@@ -67,7 +68,8 @@ def test_front_recipes_replay_to_the_same_artifact_bytes(searched, tmp_path, cap
         with pytest.raises(SystemExit) as info:
             main(["compress", "--recipe", row["recipe_file"], "--out", str(out), "--json"])
             sys.exit(0)
-        assert (info.value.code or 0) == 0, capsys.readouterr().err
+        # a front point may be over the default quality budget: written all the same, with exit code 3
+        assert (info.value.code or 0) in (0, EXIT_OVER_BUDGET), capsys.readouterr().err
         assert hashlib.sha256(out.read_bytes()).hexdigest() == row["artifact_sha256"]
 
 

@@ -14,6 +14,7 @@ from deepsqueeze.cli._common import (
     emit_json,
     kv_table,
     rows_table,
+    stderr,
     stdout,
 )
 from deepsqueeze.core.files import OUT_RULE
@@ -70,7 +71,9 @@ def register(app: typer.Typer) -> None:
         }
         budget = result.budget.to_dict() if result.budget is not None else None
         if as_json:
-            emit_json({**summary, "budget": budget, "adapted": result.adapted, "stages": result.stage_reports,
+            emit_json({**summary, "budget": budget, "adapted": result.adapted, "budget_note": result.budget_note,
+                       "attempts": result.attempts,
+                       "stages": result.stage_reports,
                        "coverage": result.coverage})
             _over_budget(result, out)
             return
@@ -79,6 +82,8 @@ def register(app: typer.Typer) -> None:
             stdout.print(rows_table("coverage (weight-bearing modules per stage)", result.coverage))
         if report:
             stdout.print(rows_table("stages", result.stage_reports))
+        if result.budget_note:
+            stderr.print(f"warning: {result.budget_note}", markup=False, highlight=False)
         if result.budget is not None and result.budget.within:
             stdout.print(f"quality budget met: {result.budget.message()}"
                          + (f" (adapted: {result.adapted})" if result.adapted else ""))

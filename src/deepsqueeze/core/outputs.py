@@ -15,7 +15,7 @@ import torch
 
 from deepsqueeze.errors import ModelError
 
-__all__ = ["output_shapes", "output_tensors", "primary_output"]
+__all__ = ["class_logits", "output_shapes", "output_tensors", "primary_output"]
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:
@@ -53,3 +53,18 @@ def primary_output(output: Any) -> torch.Tensor:
 def output_shapes(output: Any) -> list[tuple[int, ...]]:
     """The shape of every tensor of ``output`` (a signature to compare before and after a rewrite)."""
     return [tuple(t.shape) for t in output_tensors(output)]
+
+
+def class_logits(output: Any, num_classes: int | None = None) -> torch.Tensor | None:
+    """The class logits in ``output``: the output itself when it is a ``(N, C)`` tensor, else its ``logits``
+    entry (a dict or ``ModelOutput``); None when it holds none (a detector's boxes and scores, a decoder's
+    image). ``num_classes``, when known, must be the last dimension."""
+    if isinstance(output, Mapping):
+        output = output.get("logits")
+    elif not isinstance(output, torch.Tensor):
+        output = getattr(output, "logits", None)
+    if not isinstance(output, torch.Tensor) or output.dim() != 2:
+        return None
+    if num_classes is not None and output.shape[-1] != num_classes:
+        return None
+    return output

@@ -71,3 +71,36 @@ def _trim(choice: dict[str, float], sizes: dict[str, int], target: float) -> dic
         return choice
     factor = target / reached
     return {n: round(s * factor, 4) for n, s in choice.items()}
+
+
+def allocate_sparsity_greedy(curves: Curves, sizes: dict[str, int], target: float) -> dict[str, float]:
+    """Per-layer sparsities reaching ``target`` of all weights with the smallest summed metric drop.
+
+    Greedy on the scanned points: every step moves the layer whose next scanned sparsity costs the least
+    metric per weight removed, until the size-weighted sparsity reaches ``target`` (then the last step is
+    scaled back to land on it). Drops are taken as additive across layers, as in a sensitivity scan.
+    """
+    if not 0 <= target < 1:
+        raise RecipeError(f"target sparsity must be in [0, 1), got {target}")
+    total = sum(sizes[n] for n in curves)
+    level = {name: 0 for name in curves}  # index into the curve
+    removed = 0.0
+    while removed < target * total:
+        best, best_cost = None, float("inf")
+        for name, curve in curves.items():
+            i = level[name]
+            if i + 1 >= len(curve):
+                continue
+            (s0, m0), (s1, m1) = curve[i], curve[i + 1]
+            gained = (s1 - s0) * sizes[name]
+            cost = max(0.0, m0 - m1) / max(gained, 1e-12)
+            if cost < best_cost:
+                best, best_cost = name, cost
+        if best is None:
+            break
+        i = level[best]
+        gained = (curves[best][i + 1][0] - curves[best][i][0]) * sizes[best]
+        level[best] = i + 1
+        removed += gained
+    choice = {name: curves[name][level[name]][0] for name in curves}
+    return _trim(choice, sizes, target) if removed > target * total else choice

@@ -202,7 +202,7 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
     """Per-layer sparsities (exact layer names) reaching ``config.sparsity`` over the layers it applies to, from
     a scan of each layer pruned alone (``prune.sensitivity``); the metric is accuracy on the last
     ``SCAN_SAMPLES`` training samples, or cosine to the reference on up to 64 calibration sentences."""
-    from deepsqueeze.prune.sensitivity import allocate_sparsity, sensitivity_scan
+    from deepsqueeze.prune.sensitivity import allocate_sparsity_greedy, sensitivity_scan
 
     free = [name.removesuffix(".weight") for name in params if name.endswith(".weight") and plan.layer_target(name) is None]
     if not free:
@@ -231,7 +231,7 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
     finally:
         model.module.train(was_training)
     sizes = {name: params[f"{name}.weight"].numel() for name in curves}
-    return {glob.escape(name): s for name, s in allocate_sparsity(curves, sizes, config.sparsity).items()}
+    return {glob.escape(name): s for name, s in allocate_sparsity_greedy(curves, sizes, config.sparsity).items()}
 
 
 def self_criterion(config: PruneConfig, ctx: StageContext) -> Any:

@@ -26,16 +26,12 @@ from typing import Any
 import torch
 
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.outputs import class_logits, output_tensors
 from deepsqueeze.data.datasets import ClassificationData, TextData
 
 EXIT_OVER_BUDGET = 3
-DEFAULT_MAX_DROP = {Task.CLASSIFIER: 1.0, Task.SEQUENCE_CLASSIFIER: 2.0, Task.SENTENCE_ENCODER: 0.03,
-                    Task.CAUSAL_LM: 10.0}
-UNITS = {Task.CLASSIFIER: "pp accuracy", Task.SEQUENCE_CLASSIFIER: "pp label agreement",
-         Task.SENTENCE_ENCODER: "cosine", Task.CAUSAL_LM: "% perplexity"}
-METRICS = {Task.CLASSIFIER: "accuracy", Task.SEQUENCE_CLASSIFIER: "label_agreement",
-           Task.SENTENCE_ENCODER: "cosine_mean", Task.CAUSAL_LM: "perplexity"}
 TEXT_SAMPLES = 256
+OUTPUT_SAMPLES = 256
 HELD_OUT_TEXT = "pydoc-sentences:eval"
 
 
@@ -66,10 +62,6 @@ class BudgetCheck:
                 f"{self.max_drop:g} {self.unit}")
 
 
-def default_max_drop(task: Task) -> float:
-    return DEFAULT_MAX_DROP[task]
-
-
 def held_out(model: Model, data: ClassificationData | TextData | None) -> ClassificationData | TextData | None:
     """The data a budget is measured on: a classifier's own test split, held-out sentences for text."""
     if model.task is Task.CLASSIFIER:
@@ -80,41 +72,60 @@ def held_out(model: Model, data: ClassificationData | TextData | None) -> Classi
 
 
 @torch.no_grad()
-def _score(model: Model, reference: Model, data: ClassificationData | TextData) -> tuple[float, float, int]:
-    """(reference's figure, model's figure, samples) of the task's metric."""
+def _score(model: Model, reference: Model, data: ClassificationData | TextData) -> tuple[str, float, float, int]:
+    """(metric, reference's figure, model's figure, samples) of the task's metric on ``data``."""
     from deepsqueeze.eval import metrics
 
     task = model.task
     if task is Task.CLASSIFIER:
         assert isinstance(data, ClassificationData)
-        return metrics.accuracy(reference.module, data), metrics.accuracy(model.module, data), len(data.test_y)
+        if class_logits(model.module.eval()(data.test_x[:2]), data.num_classes) is None:
+            return "output_cosine", 1.0, _output_cosine(model, reference, data), min(len(data.test_x), OUTPUT_SAMPLES)
+        return "accuracy", metrics.accuracy(reference.module, data), metrics.accuracy(model.module, data), \
+            len(data.test_y)
     sentences = list(data.sentences[:TEXT_SAMPLES])  # type: ignore[union-attr]
     if task is Task.CAUSAL_LM:
         base, _ = metrics.perplexity(reference.module, sentences, window=256, stride=128)
         value, tokens = metrics.perplexity(model.module, sentences, window=256, stride=128)
-        return base, value, tokens
+        return "perplexity", base, value, tokens
     inputs = metrics.encoder_inputs(model.module, sentences)
     out = model.module.eval()(**inputs)
     ref = reference.module.eval()(**inputs)
     if task is Task.SEQUENCE_CLASSIFIER:
-        return 1.0, metrics.label_agreement(out, ref), len(sentences)
+        return "label_agreement", 1.0, metrics.label_agreement(out, ref), len(sentences)
     cosine = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1)
-    return 1.0, float(cosine.mean()), len(sentences)
+    return "cosine_mean", 1.0, float(cosine.mean()), len(sentences)
+
+
+@torch.no_grad()
+def _output_cosine(model: Model, reference: Model, data: ClassificationData) -> float:
+    """Mean cosine between the model's and the reference's outputs (all output tensors of a sample,
+    flattened) on the first ``OUTPUT_SAMPLES`` test images: the fidelity of a model without class logits."""
+    x = data.test_x[:OUTPUT_SAMPLES]
+    ours = torch.cat([t.flatten(1).float() for t in output_tensors(model.module.eval()(x))], dim=1)
+    theirs = torch.cat([t.flatten(1).float() for t in output_tensors(reference.module.eval()(x))], dim=1)
+    return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).mean())
+
+
+#: metric -> (unit, default budget, drop from (base, value))
+_DROPS = {
+    "accuracy": ("pp accuracy", 1.0, lambda base, value: 100 * (base - value)),
+    "label_agreement": ("pp label agreement", 2.0, lambda base, value: 100 * (base - value)),
+    "cosine_mean": ("cosine", 0.03, lambda base, value: base - value),
+    "output_cosine": ("cosine", 0.03, lambda base, value: base - value),
+    "perplexity": ("% perplexity", 10.0, lambda base, value: 100 * (value / base - 1)),
+}
 
 
 def check_budget(model: Model, reference: Model, data: ClassificationData | TextData | None,
                  max_drop: float | None) -> BudgetCheck | None:
     """Measure ``model`` against ``reference`` on held-out data; None when the task has no held-out data
-    here (a classifier compressed without image data)."""
+    here (a classifier compressed without image data). A classifier whose output holds no class logits (a
+    detector, a decoder) is measured by the cosine of its outputs to the reference's."""
     evaluation = held_out(model, data)
     if evaluation is None:
         return None
-    base, value, samples = _score(model, reference, evaluation)
-    if model.task is Task.CAUSAL_LM:
-        drop = 100 * (value / base - 1)
-    elif model.task is Task.SENTENCE_ENCODER:
-        drop = base - value
-    else:
-        drop = 100 * (base - value)  # percentage points
-    limit = default_max_drop(model.task) if max_drop is None else max_drop
-    return BudgetCheck(METRICS[model.task], base, value, drop, limit, UNITS[model.task], evaluation.name, samples)
+    metric, base, value, samples = _score(model, reference, evaluation)
+    unit, default, drop = _DROPS[metric]
+    limit = default if max_drop is None else max_drop
+    return BudgetCheck(metric, base, value, drop(base, value), limit, unit, evaluation.name, samples)

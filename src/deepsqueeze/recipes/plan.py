@@ -17,7 +17,7 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals, planner_for
 from deepsqueeze.core.record import CoverageEntry
 from deepsqueeze.errors import RecipeError
-from deepsqueeze.recipes.run import _example
+from deepsqueeze.recipes.run import _example, check_trainable
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
@@ -59,6 +59,7 @@ def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None) -
     else:
         model = resolve_model(model_ref, weights=weights, progress=False)
     example = _example(model)
+    check_trainable(model, recipe, example)
     params = count_params(model.module)
     result = Plan(model.ref, params, 4 * params)
     for index, config in enumerate(recipe.stages):

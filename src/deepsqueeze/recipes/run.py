@@ -24,7 +24,15 @@ from deepsqueeze.core.progress import stage as progress_stage
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, ModelError, RecipeError, one_line
+from deepsqueeze.errors import (
+    ArtifactError,
+    DataError,
+    DeepsqueezeError,
+    ModelError,
+    RecipeError,
+    UnsupportedLayerError,
+    one_line,
+)
 from deepsqueeze.recipes.budget import BudgetCheck, check_budget
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
@@ -44,6 +52,8 @@ class CompressResult:
     coverage: list[dict[str, Any]] = field(default_factory=list)  # per stage: modules and weights covered
     budget: BudgetCheck | None = None  # the quality budget, measured on held-out data (None: not measured)
     adapted: str | None = None  # what compress changed in the recipe to meet the budget, if it did
+    budget_note: str | None = None  # why the budget was not measured, when it was not
+    attempts: list[dict[str, Any]] = field(default_factory=list)  # each run of the recipe and its measured drop
 
     @property
     def within_budget(self) -> bool:
@@ -251,6 +261,39 @@ def check_recipe_references(recipe: Recipe, named: tuple[str | None, ...], own_m
             check_file_reference(teacher, f"the recipe's stage {index + 1} teacher", named, option="--teacher")
 
 
+def _trains_on_logits(config: Any) -> bool:
+    """Stages whose training loss reads class logits (QAT, distillation, LoRA recovery)."""
+    if config.stage_type in ("distill", "lora"):
+        return getattr(config, "epochs", 1) > 0
+    return config.stage_type == "quantize" and getattr(config.method, "value", config.method) == "qat"
+
+
+def check_trainable(model: Model, recipe: Recipe, example: torch.Tensor | None) -> None:
+    """Refuse, before any work, a recipe whose training stages need class logits for a classifier whose output
+    holds none (a detector's boxes and scores, a decoder's image): one ``UnsupportedLayerError`` naming the
+    stage. Fine-tuning (``finetune``, pruning with ``epochs``) matches the uncompressed model's outputs instead."""
+    from deepsqueeze.core.outputs import class_logits
+
+    needs = [(i, c) for i, c in enumerate(recipe.stages) if _trains_on_logits(c)]
+    if model.task is not Task.CLASSIFIER or example is None or not needs:
+        return
+    was_training = model.module.training
+    try:
+        with torch.no_grad():
+            out = model.module.eval()(example)
+    except Exception:  # noqa: BLE001 - a model that does not run is reported by check_model_runs_on
+        return
+    finally:
+        model.module.train(was_training)
+    if class_logits(out, model.num_classes) is None:
+        index, config = needs[0]
+        shape = ", ".join(str(tuple(t.shape)) for t in output_tensors(out)) or "no tensor"
+        raise UnsupportedLayerError(
+            f"stage {index + 1} ({config.stage_type}) trains on class logits, but {model.ref} returns "
+            f"{type(out).__name__} ({shape}): use finetune or pruning with epochs (they match the uncompressed "
+            "model's outputs), or a model that returns (N, classes) logits")
+
+
 def check_out_path(out: str | Path, model_ref: str) -> Path:
     """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
     (ArtifactError otherwise), checked before any work."""
@@ -302,6 +345,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     data = training_data(model, data_ref or recipe_data)
     shape_from_data(model, data)
     check_model_runs_on(model, data, device)
+    check_trainable(model, recipe, data.test_x[:2] if isinstance(data, ClassificationData) else _example(model))
     start = time.perf_counter()
     adapted = adapt_recipe(recipe) if evaluate_result else None
     spare = copy.deepcopy(model) if adapted is not None else None
@@ -313,15 +357,25 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
         model.module.cpu().eval()
         check_runs(model, data)
         limit = recipe.max_drop if max_drop is None else max_drop
-        return ctx, (check_budget(model, ctx.reference, data, limit) if evaluate_result else None)
+        if not evaluate_result or ctx.reference is None:
+            return ctx, None
+        try:
+            return ctx, check_budget(model, ctx.reference, data, limit)
+        except Exception as exc:  # noqa: BLE001 - a model the held-out data does not fit: said, never hidden
+            notes.append(f"the quality budget could not be measured ({type(exc).__name__}: {one_line(exc, 200)})")
+            return ctx, None
+
+    notes: list[str] = []
 
     ctx, budget = attempt(model, recipe)
+    attempts = [{"recipe": "as written", "drop": budget.drop}] if budget is not None else []
     adaptation = None
     if budget is not None and not budget.within and adapted is not None and spare is not None:
         if progress:
             log(f"over the quality budget ({budget.message()}): running the recipe again with per-layer "
                 "sparsities from a sensitivity scan")
         ctx2, budget2 = attempt(spare, adapted)
+        attempts.append({"recipe": "pruning scope: sensitivity", "drop": budget2.drop if budget2 else None})
         if budget2 is not None and budget2.drop < budget.drop:
             model, ctx, budget, adaptation = spare, ctx2, budget2, "pruning scope: sensitivity"
     compress_s = time.perf_counter() - start
@@ -331,7 +385,8 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     size = out_path.stat().st_size
     metrics: dict[str, Any] = {budget.metric: budget.value} if budget is not None else {}
     return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s,
-                          coverage_totals(get_record(model.module).coverage), budget, adaptation)
+                          coverage_totals(get_record(model.module).coverage), budget, adaptation,
+                          notes[-1] if notes and budget is None else None, attempts)
 
 
 def adapt_recipe(recipe: Recipe) -> Recipe | None:
@@ -341,6 +396,6 @@ def adapt_recipe(recipe: Recipe) -> Recipe | None:
     for stage in recipe.stages:
         if (stage.stage_type == "prune" and getattr(stage, "scope", None) in ("layer", "global")
                 and getattr(stage, "threshold", 1) is None and getattr(stage, "pattern", None) == "unstructured"):
-            stage, changed = stage.model_copy(update={"scope": "sensitivity"}), True
+            stage, changed = type(stage).model_validate({**stage.model_dump(), "scope": "sensitivity"}), True
         stages.append(stage)
     return recipe.model_copy(update={"stages": tuple(stages)}) if changed else None

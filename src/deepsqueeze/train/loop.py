@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsqueeze.core.outputs import class_logits
 from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData
-from deepsqueeze.errors import RecipeError
+from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.train import distributed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -141,7 +142,12 @@ def train_classifier(
 
     def cross_entropy(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         x, y = batch
-        return nn.functional.cross_entropy(model(x), y)
+        out = model(x)
+        logits = out if isinstance(out, torch.Tensor) else class_logits(out)
+        if logits is None:
+            raise ModelError(f"training on {data.name}'s labels needs class logits, but the model returns "
+                             f"{type(out).__name__}: match the uncompressed model's outputs instead")
+        return nn.functional.cross_entropy(logits, y)
 
     n = len(data.train_x) if limit is None else min(limit, len(data.train_x))
     return fit(

@@ -12,6 +12,7 @@ from pydantic import Field
 from deepsqueeze.core.config import Count, Epochs, LearningRate, StageConfig, Weight, register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.outputs import class_logits, output_tensors
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.train.loop import fit, train_classifier
@@ -61,6 +62,8 @@ def finetune_model(model: Model, ctx: StageContext, *, batch_size: int, limit: i
     if model.task is Task.CLASSIFIER:
         if not isinstance(ctx.data, ClassificationData):
             raise DataError(f"fine-tuning a classifier needs image data, not {ctx.data.name}")
+        if not gives_class_logits(model, ctx.data):
+            return match_outputs(model, ctx, batch_size, limit, **fit_args)
         return train_classifier(model.module, ctx.data, batch_size=batch_size, device=ctx.device, limit=limit,
                                 **fit_args)
     if not isinstance(ctx.data, TextData):
@@ -68,6 +71,43 @@ def finetune_model(model: Model, ctx: StageContext, *, batch_size: int, limit: i
     if ctx.reference is None:
         raise DataError("fine-tuning a sentence encoder needs the uncompressed model as its reference")
     return match_embeddings(model, ctx, batch_size, limit, **fit_args)
+
+
+def gives_class_logits(model: Model, data: ClassificationData) -> bool:
+    """Whether ``model``'s output on two training images holds class logits to train on with labels."""
+    was_training = model.module.training
+    device = next((p.device for p in model.module.parameters()), torch.device("cpu"))
+    try:
+        with torch.no_grad():
+            out = model.module.eval()(data.train_x[:2].to(device))
+    finally:
+        model.module.train(was_training)
+    return class_logits(out, data.num_classes) is not None
+
+
+def match_outputs(model: Model, ctx: StageContext, batch_size: int, limit: int | None,
+                  **fit_args: Any) -> dict[str, float]:
+    """Train a model whose output is not class logits (a detector's boxes and scores, a decoder's image)
+    so every output tensor matches the uncompressed reference's on the training images (mean squared error)."""
+    if ctx.reference is None:
+        raise DataError("fine-tuning a model without class logits matches the uncompressed model's outputs: "
+                        "it needs that model as its reference")
+    teacher = ctx.reference.module.to(ctx.device).eval()
+    data = ctx.data
+
+    def batches(epoch: int):
+        for x, _ in data.batches("train", batch_size, shuffle=True, seed=ctx.seed * 1000 + epoch, limit=limit):
+            yield x.to(ctx.device)
+
+    def loss(m: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            target = output_tensors(teacher(x))
+        got = output_tensors(m(x))
+        return sum(torch.nn.functional.mse_loss(g.float(), t.float()) for g, t in zip(got, target, strict=True))
+
+    n = len(data.train_x) if limit is None else min(limit, len(data.train_x))
+    return fit(model.module.to(ctx.device), batches, loss, steps_per_epoch=-(-n // batch_size),
+               description="matching the uncompressed model's outputs", **fit_args)
 
 
 def match_embeddings(model: Model, ctx: StageContext, batch_size: int, limit: int | None,
