@@ -27,7 +27,7 @@ from deepsqueeze.codec.format import ArtifactWriter
 from deepsqueeze.core.config import config_to_dict
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals
-from deepsqueeze.core.model import Model
+from deepsqueeze.core.model import Model, tied_aliases
 from deepsqueeze.core.record import get_record
 from deepsqueeze.core.skeleton import bounded_heap, empty_weights, release_
 from deepsqueeze.errors import ModelError, RecipeError
@@ -38,6 +38,7 @@ from deepsqueeze.recipes.run import CompressResult, check_out_path, training_dat
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.zoo.checkpoint import ShardedCheckpoint
 from deepsqueeze.zoo.hf import detect_hf_task
+from deepsqueeze.zoo.st_modules import head_state, read_pipeline
 from deepsqueeze.zoo.resolve import build_base, check_finite
 
 
@@ -85,6 +86,9 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     root = model.module
     prefix, _ = block_stack(root)
     names = _checkpoint_names(root, checkpoint)
+    head = _head_state(root, Path(model.base["path"]))
+    _check_complete(root, names, head, checkpoint, model_ref)
+    root.load_state_dict(head, strict=False, assign=True)
     _materialize(root, names, lambda key: not key.startswith(prefix + "."), checkpoint)
     data = training_data(model, data_ref or recipe.data)
     batches = calibration_batches(model, data, samples=config.calibration_samples)
@@ -150,6 +154,44 @@ def _checkpoint_names(root: nn.Module, checkpoint: ShardedCheckpoint) -> dict[st
                 mapping[key] = candidate
                 break
     return mapping
+
+
+def _head_state(root: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
+    """A sentence encoder's head weights (Dense, LayerNorm), read from its sentence-transformers module folders."""
+    head = getattr(root, "head", None)
+    pipeline = read_pipeline(folder)
+    if head is None or pipeline is None:
+        return {}
+    return head_state(pipeline, list(head), prefix="head.")
+
+
+def _check_complete(root: nn.Module, names: dict[str, str], head: dict[str, torch.Tensor],
+                    checkpoint: ShardedCheckpoint, ref: str) -> None:
+    """Strict loading before any work: every model tensor has a checkpoint tensor (or is tied to one that
+    has) and every checkpoint tensor is used, except those transformers itself ignores on load."""
+    import re
+
+    aliases = tied_aliases(root)
+    missing = [k for k in root.state_dict(keep_vars=True)
+               if k not in names and k not in head and not (k in aliases and aliases[k] in names)]
+    if missing:
+        raise ModelError(f"{ref} has no weight for {missing[0]}" + (f" (and {len(missing) - 1} more)" if
+                         len(missing) > 1 else "") + " (transformers would initialise it at random): save the "
+                         "complete model with save_pretrained")
+    shapes = checkpoint.shapes()
+    for key, tensor in root.state_dict(keep_vars=True).items():
+        if key in names and shapes.get(names[key]) != list(tensor.shape):
+            raise ModelError(f"{ref} holds {names[key]} of shape {shapes.get(names[key])}, the model its config.json "
+                             f"describes needs {list(tensor.shape)}: the config does not fit the weights; save "
+                             "config and weights together with save_pretrained")
+    transformer = getattr(root, "transformer", None)
+    ignored = getattr(transformer, "_keys_to_ignore_on_load_unexpected", None) or []
+    used = set(names.values())
+    unexpected = [n for n in checkpoint.names() if n not in used and not any(re.search(p, n) for p in ignored)]
+    if unexpected:
+        raise ModelError(f"{ref} holds tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if
+                         len(unexpected) > 1 else "") + f", which the {type(transformer).__name__} it loads as "
+                         "does not use: save the model without it")
 
 
 def _materialize(root: nn.Module, names: dict[str, str], wanted: Any, checkpoint: ShardedCheckpoint) -> None:
