@@ -164,3 +164,16 @@ def test_module_configs_are_checked_before_any_weight_is_read(tmp_path, dense_di
         {"idx": 3, "name": "3", "path": "3_CNN", "type": "sentence_transformers.models.CNN"}))
     with pytest.raises(ModelError, match="CNN"):
         detect_hf_task(folder)
+
+
+def test_compress_stream_reads_the_head_from_its_module_folders(tmp_path, dense_dir):
+    from deepsqueeze.recipes.stream import compress_streaming
+
+    recipe = parse_recipe({"description": "s", "stages": [
+        {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16, "calibration_samples": 8}]})
+    compress(f"hf:{dense_dir}", recipe, tmp_path / "memory.dsq", "pydoc-sentences:calib", progress=False,
+             evaluate_result=False)
+    compress_streaming(f"hf:{dense_dir}", recipe, tmp_path / "stream.dsq", "pydoc-sentences:calib", progress=False)
+    memory, streamed = deepsqueeze.load(tmp_path / "memory.dsq").module, deepsqueeze.load(tmp_path / "stream.dsq").module
+    assert "head.0.linear.codes" in streamed.state_dict()  # the Dense layer was quantized with the rest
+    assert torch.equal(memory.encode(SENTENCES), streamed.encode(SENTENCES))

@@ -185,3 +185,30 @@ def test_a_cached_gpt_tiny_checkpoint_is_loaded_strictly(tmp_path, monkeypatch):
     save_file(state, str(checkpoint_path()))
     with pytest.raises(ModelError, match="h.0.ln_1.weight.*delete it to retrain"):
         pretrained_gpt_tiny(progress=False)
+
+
+@pytest.mark.parametrize("change, needle", [
+    (lambda shard, index: shard.pop("model.layers.1.mlp.up_proj.weight"), "no weight for transformer.model.layers.1"),
+    (lambda shard, index: shard.update({"model.extra.weight": torch.zeros(2)}), "holds tensor model.extra.weight"),
+    (lambda shard, index: shard.update({"model.layers.1.mlp.up_proj.weight": torch.zeros(3, 64)}), "of shape [3, 64]"),
+])
+def test_compress_stream_loads_shards_strictly_before_any_work(tmp_path, change, needle):
+    from deepsqueeze.recipes import parse_recipe
+    from deepsqueeze.recipes.stream import compress_streaming
+    from deepsqueeze.testing.big_models import llama_config, write_random_llama
+
+    folder = tmp_path / "llama"
+    write_random_llama(folder, llama_config(hidden=64, layers=2, intermediate=128), shard_bytes=60_000)
+    index = json.loads((folder / "model.safetensors.index.json").read_text())
+    file = folder / index["weight_map"]["model.layers.1.mlp.up_proj.weight"]
+    shard = load_file(str(file))
+    change(shard, index)
+    save_file(shard, str(file), metadata={"format": "pt"})
+    index["weight_map"] = {name: file.name for name in shard} | {
+        k: v for k, v in index["weight_map"].items() if v != file.name}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index))
+    recipe = parse_recipe({"description": "s", "stages": [{"type": "quantize", "method": "rtn", "bits": 4}]})
+    with pytest.raises(ModelError) as info:
+        compress_streaming(f"hf:{folder}", recipe, tmp_path / "x.dsq", "pydoc-sentences:calib", progress=False)
+    assert needle in str(info.value)
+    assert not (tmp_path / "x.dsq").exists()
