@@ -212,3 +212,19 @@ def test_compress_stream_loads_shards_strictly_before_any_work(tmp_path, change,
         compress_streaming(f"hf:{folder}", recipe, tmp_path / "x.dsq", "pydoc-sentences:calib", progress=False)
     assert needle in str(info.value)
     assert not (tmp_path / "x.dsq").exists()
+
+
+def test_compress_stream_keeps_an_equal_tied_copy_tied_and_refuses_a_different_one(tmp_path, hf_dirs):
+    from deepsqueeze.recipes import parse_recipe
+    from deepsqueeze.recipes.stream import compress_streaming
+
+    recipe = parse_recipe({"description": "s", "stages": [
+        {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16, "calibration_samples": 4}]})
+    folder = shutil.copytree(hf_dirs["gpt2"], tmp_path / "g")
+    _rewrite(folder, lambda s: s.update({"lm_head.weight": s["transformer.wte.weight"].clone()}))
+    compress_streaming(f"hf:{folder}", recipe, tmp_path / "ok.dsq", "pydoc-sentences:calib", progress=False)
+    _rewrite(folder, lambda s: s.update({"lm_head.weight": torch.randn(257, 32)}))
+    with pytest.raises(ModelError, match="tie_word_embeddings"):
+        compress_streaming(f"hf:{folder}", recipe, tmp_path / "x.dsq", "pydoc-sentences:calib", progress=False)
+    with pytest.raises(ModelError, match="tie_word_embeddings"):
+        resolve_model(f"hf:{folder}", progress=False)

@@ -14,6 +14,7 @@ artifact has run; the recipe must be a single weight-only ``quantize`` stage (rt
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -38,8 +39,9 @@ from deepsqueeze.recipes.run import CompressResult, check_out_path, training_dat
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.zoo.checkpoint import ShardedCheckpoint
 from deepsqueeze.zoo.hf import detect_hf_task
-from deepsqueeze.zoo.st_modules import head_state, read_pipeline
 from deepsqueeze.zoo.resolve import build_base, check_finite
+from deepsqueeze.zoo.st_modules import head_state, read_pipeline
+from deepsqueeze.zoo.strict_load import derived_constants
 
 
 def stream_config(recipe: Recipe) -> QuantizeConfig:
@@ -88,6 +90,7 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     names = _checkpoint_names(root, checkpoint)
     head = _head_state(root, Path(model.base["path"]))
     _check_complete(root, names, head, checkpoint, model_ref)
+    names = _untied_copies(root, names, checkpoint, model_ref)
     root.load_state_dict(head, strict=False, assign=True)
     _materialize(root, names, lambda key: not key.startswith(prefix + "."), checkpoint)
     data = training_data(model, data_ref or recipe.data)
@@ -168,9 +171,7 @@ def _head_state(root: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
 def _check_complete(root: nn.Module, names: dict[str, str], head: dict[str, torch.Tensor],
                     checkpoint: ShardedCheckpoint, ref: str) -> None:
     """Strict loading before any work: every model tensor has a checkpoint tensor (or is tied to one that
-    has) and every checkpoint tensor is used, except those transformers itself ignores on load."""
-    import re
-
+    has) and every checkpoint tensor is used, except the constants transformers recomputes (derived_constants)."""
     aliases = tied_aliases(root)
     missing = [k for k in root.state_dict(keep_vars=True)
                if k not in names and k not in head and not (k in aliases and aliases[k] in names)]
@@ -185,13 +186,28 @@ def _check_complete(root: nn.Module, names: dict[str, str], head: dict[str, torc
                              f"describes needs {list(tensor.shape)}: the config does not fit the weights; save "
                              "config and weights together with save_pretrained")
     transformer = getattr(root, "transformer", None)
-    ignored = getattr(transformer, "_keys_to_ignore_on_load_unexpected", None) or []
+    ignored = derived_constants(transformer) if transformer is not None else []
     used = set(names.values())
     unexpected = [n for n in checkpoint.names() if n not in used and not any(re.search(p, n) for p in ignored)]
     if unexpected:
         raise ModelError(f"{ref} holds tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if
                          len(unexpected) > 1 else "") + f", which the {type(transformer).__name__} it loads as "
                          "does not use: save the model without it")
+
+
+def _untied_copies(root: nn.Module, names: dict[str, str], checkpoint: ShardedCheckpoint, ref: str) -> dict[str, str]:
+    """``names`` without the second name of a tied tensor the checkpoint also holds (an equal copy: the tie
+    stays); a different copy is refused, as the in-memory loader refuses it."""
+    out = dict(names)
+    for alias, target in tied_aliases(root).items():
+        if alias in names and target in names:
+            pair = checkpoint.read([names[alias], names[target]])
+            if not torch.equal(pair[names[alias]], pair[names[target]]):
+                raise ModelError(f"{ref}: config.json ties {names[alias]} to {names[target]} (tie_word_embeddings), "
+                                 "but the files hold a different one: set tie_word_embeddings to false in "
+                                 "config.json to use the files' head, or save the model again with save_pretrained")
+            del out[alias]
+    return out
 
 
 def _materialize(root: nn.Module, names: dict[str, str], wanted: Any, checkpoint: ShardedCheckpoint) -> None:

@@ -33,7 +33,14 @@ from torch import nn
 
 from deepsqueeze.core.model import Task
 from deepsqueeze.errors import ModelError, one_line
-from deepsqueeze.zoo.st_modules import STNormalize, STPipeline, build_head, head_state, pool_tokens, read_pipeline
+from deepsqueeze.zoo.st_modules import (
+    STNormalize,
+    STPipeline,
+    build_head,
+    head_state,
+    pool_tokens,
+    read_pipeline,
+)
 from deepsqueeze.zoo.strict_load import check_load_report, check_ties, transformers_log
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

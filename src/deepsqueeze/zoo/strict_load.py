@@ -3,7 +3,9 @@
 ``from_pretrained(..., output_loading_info=True)`` reports the tensors it found missing (initialised at
 random), unexpected (in the files, used by nothing) and mismatched (reinitialised); any of them, an error
 message, or a tie the config asks for that the files contradict, refuses the load in one line naming the
-tensor and what to do. transformers' log is never silenced: while a model loads, what it logs is held back
+tensor and what to do. Weights a model class tells transformers not to report missing are checked against
+the safetensors headers; the only tensors a file may hold unused are constants transformers recomputes
+(position ids, rotary frequencies, causal masks: :func:`derived_constants`). transformers' log is never silenced: while a model loads, what it logs is held back
 (the refusal says it better) and, when the load is accepted, replayed to its handlers unchanged.
 """
 
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,7 +23,7 @@ from torch import nn
 from deepsqueeze.core.model import Task
 from deepsqueeze.errors import ModelError
 
-__all__ = ["check_load_report", "check_ties", "transformers_log"]
+__all__ = ["check_load_report", "check_ties", "derived_constants", "transformers_log"]
 
 
 class _Hold(logging.Handler):
@@ -73,7 +76,7 @@ def check_load_report(folder: Path, info: dict[str, Any], transformer: nn.Module
         raise ModelError(f"{folder} holds {name} of shape {list(file_shape)}, the {cls} its config.json describes "
                          f"needs {list(model_shape)}{_more(mismatched)}: the config does not fit the weights; "
                          "save config and weights together with save_pretrained")
-    missing = sorted(info.get("missing_keys") or [])
+    missing = sorted({*(info.get("missing_keys") or []), *_silently_missing(folder, transformer)})
     if missing:
         name = missing[0]
         if task is Task.CAUSAL_LM and name == _output_name(transformer):
@@ -96,6 +99,33 @@ def check_load_report(folder: Path, info: dict[str, Any], transformer: nn.Module
     if errors:
         raise ModelError(f"cannot load the weights in {folder}: {' '.join(errors[0].split())[:300]}: "
                          "save the model again with save_pretrained")
+
+
+def derived_constants(transformer: nn.Module) -> list[str]:
+    """Patterns of checkpoint tensors transformers drops on load as not weights: constants it recomputes
+    (position ids, rotary frequencies, GPT-2's causal mask) that older checkpoints stored."""
+    patterns = list(getattr(transformer, "_keys_to_ignore_on_load_unexpected", None) or [])
+    buffers = [name for name, _ in transformer.named_buffers()]
+    if any(name.endswith("rotary_emb.inv_freq") for name in buffers):
+        patterns.append(r"rotary_emb\.inv_freq")
+    if any(name.endswith("position_ids") for name in buffers):
+        patterns.append(r"(^|\.)position_ids$")
+    return patterns
+
+
+def _silently_missing(folder: Path, transformer: nn.Module) -> list[str]:
+    """Weights transformers would initialise at random without reporting them (``_keys_to_ignore_on_load_missing``)
+    that the files do not hold, from the safetensors headers."""
+    patterns = list(getattr(transformer, "_keys_to_ignore_on_load_missing", None) or [])
+    if not patterns:
+        return []
+    from deepsqueeze.zoo.checkpoint import ShardedCheckpoint
+
+    stored = set(ShardedCheckpoint(folder).names())
+    prefix = getattr(transformer, "base_model_prefix", "")
+    return [key for key in transformer.state_dict()
+            if any(re.search(p, key) for p in patterns)
+            and not {key, key.removeprefix(prefix + "."), f"{prefix}.{key}"} & stored]
 
 
 def check_ties(folder: Path, transformer: nn.Module) -> None:
