@@ -228,3 +228,13 @@ def test_compress_stream_keeps_an_equal_tied_copy_tied_and_refuses_a_different_o
         compress_streaming(f"hf:{folder}", recipe, tmp_path / "x.dsq", "pydoc-sentences:calib", progress=False)
     with pytest.raises(ModelError, match="tie_word_embeddings"):
         resolve_model(f"hf:{folder}", progress=False)
+
+
+def test_weights_transformers_would_not_report_missing_are_checked_against_the_files(tmp_path, hf_dirs,
+                                                                                    monkeypatch):
+    """A model class may tell transformers not to report some missing weights; they are still random."""
+    folder = shutil.copytree(hf_dirs["bert"], tmp_path / "b")
+    _rewrite(folder, lambda s: [s.pop(k) for k in ("pooler.dense.weight", "pooler.dense.bias")])
+    monkeypatch.setattr(transformers.BertModel, "_keys_to_ignore_on_load_missing", [r"pooler\."])
+    with pytest.raises(ModelError, match=r"no weight for pooler\.dense\.bias \(and 1 more\)"):
+        resolve_model(f"hf:{folder}", progress=False)
