@@ -25,7 +25,8 @@ from deepsqueeze.testing.hf_models import make_st_dir  # noqa: E402
 from deepsqueeze.zoo.hf import detect_hf_task  # noqa: E402
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "a b c", "Short",
-             "A much longer sentence that goes on and on, with many words, so the others in the batch are padded."]
+             "A much longer sentence that goes on and on, with many words, so the others in the batch are padded.",
+             "truncated " * 200]  # longer than the models' 128 positions: cut where sentence-transformers cuts
 
 
 def _st_encode(folder) -> torch.Tensor:

@@ -84,7 +84,8 @@ def make_st_dir(folder: str | Path, family: str = "bert", pooling: str | tuple[s
                 head: tuple[str, ...] = (), seed: int = 0) -> Path:
     """Write a sentence-transformers model, saved by sentence-transformers itself, to ``folder``.
 
-    The Transformer is ``family``'s tiny model (:func:`make_hf_dir`; decoders get a pad token), then Pooling
+    The Transformer is ``family``'s tiny model (:func:`make_hf_dir`; decoders get a pad token; inputs are cut
+    at 128 tokens, which every family's positions hold), then Pooling
     with ``pooling`` (one mode or several, concatenated), then ``head``: items ``"dense:OUT"`` (Tanh),
     ``"dense:OUT:Activation"`` (a ``torch.nn`` activation name), ``"layernorm"`` or ``"normalize"``.
     Weights are random and seeded (LayerNorm affine parameters too, so none is the identity).
@@ -96,7 +97,7 @@ def make_st_dir(folder: str | Path, family: str = "bert", pooling: str | tuple[s
 
     modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
     with tempfile.TemporaryDirectory() as tmp:
-        transformer = st.Transformer(str(make_hf_dir(family, Path(tmp) / family, seed=seed)))
+        transformer = st.Transformer(str(make_hf_dir(family, Path(tmp) / family, seed=seed)), max_seq_length=128)
         tokenizer = transformer.tokenizer
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
