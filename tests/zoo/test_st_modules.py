@@ -96,8 +96,13 @@ def test_dense_weights_go_through_stages_artifacts_and_exports(tmp_path, dense_d
     assert _max_diff(ours, want) < 1e-4
 
 
-def test_an_export_keeps_layernorm_and_normalize(tmp_path):
-    folder = make_st_dir(tmp_path / "st", "bert", "cls", ("dense:16", "layernorm", "normalize"))
+@pytest.mark.parametrize("family, pooling, head", [
+    ("bert", "cls", ("dense:16", "layernorm", "normalize")),
+    ("bert", ("mean", "cls"), ("dense:8:Identity",)),  # an order the legacy pooling keys cannot express
+    ("qwen2", "lasttoken", ("normalize",)),
+])
+def test_an_export_keeps_every_module(tmp_path, family, pooling, head):
+    folder = make_st_dir(tmp_path / "st", family, pooling, head)
     model = resolve_model(f"hf:{folder}", progress=False)
     export(model, "hf", tmp_path / "hf")
     assert _max_diff(_st_encode(tmp_path / "hf"), _st_encode(folder)) < 1e-5
