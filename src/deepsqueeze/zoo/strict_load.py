@@ -5,8 +5,9 @@ random), unexpected (in the files, used by nothing) and mismatched (reinitialise
 message, or a tie the config asks for that the files contradict, refuses the load in one line naming the
 tensor and what to do. Weights a model class tells transformers not to report missing are checked against
 the safetensors headers; the only tensors a file may hold unused are constants transformers recomputes
-(position ids, rotary frequencies, causal masks: :func:`derived_constants`). transformers' log is never silenced: while a model loads, what it logs is held back
-(the refusal says it better) and, when the load is accepted, replayed to its handlers unchanged.
+(position ids, rotary frequencies, causal masks: :func:`derived_constants`). transformers' log is never
+silenced: while a model loads, what it logs is held back (the refusal says it better) and, when the load
+is accepted, replayed to its handlers unchanged.
 """
 
 from __future__ import annotations
