@@ -38,19 +38,27 @@ class _Hold(logging.Handler):
 
 @contextlib.contextmanager
 def transformers_log() -> Iterator[list[logging.LogRecord]]:
-    """Hold back what transformers logs inside the block; replay it to transformers' handlers when the block
-    ends without an exception (a ``ModelError`` raised inside replaces the report it came from)."""
+    """Hold back what transformers logs inside the block, then replay it to transformers' handlers unchanged,
+    unless the block raises a ``ModelError``: that one-line refusal replaces the report it came from."""
     root = logging.getLogger("transformers")
     hold = _Hold()
     saved = root.handlers[:]
     root.handlers = [hold]
     try:
         yield hold.records
-    except BaseException:
+    except ModelError:
         root.handlers = saved
         raise
+    except BaseException:
+        root.handlers = saved
+        _replay(root, hold.records)
+        raise
     root.handlers = saved
-    for record in hold.records:
+    _replay(root, hold.records)
+
+
+def _replay(root: logging.Logger, records: list[logging.LogRecord]) -> None:
+    for record in records:
         root.handle(record)
 
 
