@@ -67,14 +67,34 @@ class Model:
         return encode(sentences, **kwargs)
 
 
+def tied_aliases(module: nn.Module) -> dict[str, str]:
+    """State-dict key -> the earlier key holding the very same tensor (tied weights, e.g. an LM head tied
+    to the input embeddings): ``{"lm_head.weight": "transformer.wte.weight"}``."""
+    first: dict[int, str] = {}
+    aliases: dict[str, str] = {}
+    for name, tensor in module.state_dict(keep_vars=True).items():
+        if id(tensor) in first:
+            aliases[name] = first[id(tensor)]
+        else:
+            first[id(tensor)] = name
+    return aliases
+
+
 def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], source: str) -> None:
     """Copy ``state`` into ``module`` after checking that names and shapes match exactly.
+
+    A tied weight (one tensor under two names, see :func:`tied_aliases`) may be stored under one name only;
+    stored under both, the two must be equal (else one of them would be silently dropped).
 
     Raises ``ModelError`` naming ``source`` and the first mismatching tensor (missing, unexpected, or
     its shape in the file against the shape the model expects); ``module`` is unchanged then.
     """
     expected = module.state_dict()
-    missing = [k for k in expected if k not in state]
+    groups: dict[str, list[str]] = {}  # first name of a tied tensor -> all its names
+    for alias, target in tied_aliases(module).items():
+        groups.setdefault(target, [target]).append(alias)
+    stored_as = {name: next((n for n in group if n in state), None) for group in groups.values() for name in group}
+    missing = [k for k in expected if k not in state and stored_as.get(k) is None]
     unexpected = [k for k in state if k not in expected]
     if missing or unexpected:
         raise ModelError(f"{source}: its tensors do not fit the model: missing {missing[:3]}, "
@@ -85,7 +105,14 @@ def load_state_checked(module: nn.Module, state: Mapping[str, torch.Tensor], sou
                 f"{source}: its tensors do not fit the model: {name} has shape {list(tensor.shape)} in the file, "
                 f"the model expects {list(expected[name].shape)}"
             )
-    module.load_state_dict(state, strict=True)
+    full = dict(state)
+    for name, stored in stored_as.items():
+        if name not in state:
+            full[name] = state[stored]  # type: ignore[index]  # every tied group has a stored name (checked)
+        elif not torch.equal(state[name], state[stored]):  # type: ignore[index]
+            raise ModelError(f"{source}: {name} and {stored} are one tied tensor in the model, but the file holds "
+                             "two different values: save the model's own state dict")
+    module.load_state_dict(full, strict=True)
 
 
 def architecture_fingerprint(module: nn.Module) -> dict[str, Any]:

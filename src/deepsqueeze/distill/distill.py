@@ -204,11 +204,11 @@ def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfi
 
     def run(m: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         out = m.transformer(**inputs, output_hidden_states=want_inner, output_attentions=use_attn)  # type: ignore[operator]
+        pool = getattr(m, "pool", None)
+        if callable(pool):  # the encoder's own pooling and head (Dense, LayerNorm, Normalize)
+            return pool(out.last_hidden_state, inputs["attention_mask"]), out
         mask = inputs["attention_mask"].unsqueeze(-1).to(out.last_hidden_state.dtype)
-        emb = (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        if getattr(m, "normalize", False):
-            emb = nn.functional.normalize(emb, dim=-1)
-        return emb, out
+        return (out.last_hidden_state * mask).sum(1) / mask.sum(1).clamp(min=1e-9), out
 
     def loss_fn(m: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         inputs = {k: v.to(device) for k, v in inputs.items()}

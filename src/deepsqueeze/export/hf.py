@@ -32,6 +32,8 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
 from deepsqueeze.zoo.hf import auto_class
 
+ST_MODULES = "deepsqueeze.zoo.st_modules"  # the sentence-transformers modules sentence-transformers loads back
+
 __all__ = ["FAMILIES", "write_hf"]
 
 
@@ -88,8 +90,10 @@ def _refuse_non_float(model: Model) -> None:
     if not model.task.is_text or transformer is None or not hasattr(transformer, "save_pretrained"):
         raise ModelError(f"--format hf writes Hugging Face transformers; this is a {model.task.value} model "
                          "without one: use --format onnx")
-    foreign = [(name, type(m).__name__) for name, m in transformer.named_modules()
-               if type(m).__module__.startswith("deepsqueeze.")]
+    head = getattr(model.module, "head", None)
+    layers = [*transformer.named_modules(), *(head.named_modules(prefix="head") if head is not None else [])]
+    foreign = [(name, type(m).__name__) for name, m in layers
+               if type(m).__module__.startswith("deepsqueeze.") and type(m).__module__ != ST_MODULES]
     if foreign:
         kinds = sorted({k for _, k in foreign})
         raise ModelError(f"--format hf writes float transformers layers, and {len(foreign)} layers of this model "
@@ -175,23 +179,15 @@ def _rewrite(transformer: Any) -> tuple[Any, dict[str, torch.Tensor], list[str]]
 
 
 def _sentence_transformers_files(folder: Path, module: Any, hidden: int) -> None:
-    mean = getattr(module, "pooling", "mean") != "cls"
-    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
-    if getattr(module, "normalize", False):
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"})
-        (folder / "2_Normalize").mkdir()
-    (folder / "modules.json").write_text(json.dumps(modules, indent=2))
+    """modules.json and the module folders: pooling and the head (Dense, LayerNorm, Normalize) as they are."""
+    from deepsqueeze.zoo.st_modules import write_pipeline
+
     limit = int(getattr(module, "max_seq_length", 256))
     positions = getattr(module.transformer.config, "max_position_embeddings", None)
     if positions:
         limit = min(limit, int(positions))
-    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": limit, "do_lower_case": False},
-                                                                 indent=2))
-    (folder / "1_Pooling").mkdir()
-    (folder / "1_Pooling" / "config.json").write_text(json.dumps(
-        {"word_embedding_dimension": hidden, "pooling_mode_cls_token": not mean, "pooling_mode_mean_tokens": mean,
-         "pooling_mode_max_tokens": False, "pooling_mode_mean_sqrt_len_tokens": False}, indent=2))
+    head = list(module.head) if getattr(module, "head", None) is not None else []
+    write_pipeline(folder, tuple(module.pooling), hidden, head, limit)
 
 
 def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any:

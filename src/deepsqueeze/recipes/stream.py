@@ -14,6 +14,7 @@ artifact has run; the recipe must be a single weight-only ``quantize`` stage (rt
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
@@ -27,7 +28,7 @@ from deepsqueeze.codec.format import ArtifactWriter
 from deepsqueeze.core.config import config_to_dict
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals
-from deepsqueeze.core.model import Model
+from deepsqueeze.core.model import Model, tied_aliases
 from deepsqueeze.core.record import get_record
 from deepsqueeze.core.skeleton import bounded_heap, empty_weights, release_
 from deepsqueeze.errors import ModelError, RecipeError
@@ -39,6 +40,8 @@ from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.zoo.checkpoint import ShardedCheckpoint
 from deepsqueeze.zoo.hf import detect_hf_task
 from deepsqueeze.zoo.resolve import build_base, check_finite
+from deepsqueeze.zoo.st_modules import head_state, read_pipeline
+from deepsqueeze.zoo.strict_load import derived_constants
 
 
 def stream_config(recipe: Recipe) -> QuantizeConfig:
@@ -85,6 +88,10 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     root = model.module
     prefix, _ = block_stack(root)
     names = _checkpoint_names(root, checkpoint)
+    head = _head_state(root, Path(model.base["path"]))
+    _check_complete(root, names, head, checkpoint, model_ref)
+    names = _untied_copies(root, names, checkpoint, model_ref)
+    root.load_state_dict(head, strict=False, assign=True)
     _materialize(root, names, lambda key: not key.startswith(prefix + "."), checkpoint)
     data = training_data(model, data_ref or recipe.data)
     batches = calibration_batches(model, data, samples=config.calibration_samples)
@@ -150,6 +157,57 @@ def _checkpoint_names(root: nn.Module, checkpoint: ShardedCheckpoint) -> dict[st
                 mapping[key] = candidate
                 break
     return mapping
+
+
+def _head_state(root: nn.Module, folder: Path) -> dict[str, torch.Tensor]:
+    """A sentence encoder's head weights (Dense, LayerNorm), read from its sentence-transformers module folders."""
+    head = getattr(root, "head", None)
+    pipeline = read_pipeline(folder)
+    if head is None or pipeline is None:
+        return {}
+    return head_state(pipeline, list(head), prefix="head.")
+
+
+def _check_complete(root: nn.Module, names: dict[str, str], head: dict[str, torch.Tensor],
+                    checkpoint: ShardedCheckpoint, ref: str) -> None:
+    """Strict loading before any work: every model tensor has a checkpoint tensor (or is tied to one that
+    has) and every checkpoint tensor is used, except the constants transformers recomputes (derived_constants)."""
+    aliases = tied_aliases(root)
+    missing = [k for k in root.state_dict(keep_vars=True)
+               if k not in names and k not in head and not (k in aliases and aliases[k] in names)]
+    if missing:
+        raise ModelError(f"{ref} has no weight for {missing[0]}" + (f" (and {len(missing) - 1} more)" if
+                         len(missing) > 1 else "") + " (transformers would initialise it at random): save the "
+                         "complete model with save_pretrained")
+    shapes = checkpoint.shapes()
+    for key, tensor in root.state_dict(keep_vars=True).items():
+        if key in names and shapes.get(names[key]) != list(tensor.shape):
+            raise ModelError(f"{ref} holds {names[key]} of shape {shapes.get(names[key])}, the model its config.json "
+                             f"describes needs {list(tensor.shape)}: the config does not fit the weights; save "
+                             "config and weights together with save_pretrained")
+    transformer = getattr(root, "transformer", None)
+    ignored = derived_constants(transformer) if transformer is not None else []
+    used = set(names.values())
+    unexpected = [n for n in checkpoint.names() if n not in used and not any(re.search(p, n) for p in ignored)]
+    if unexpected:
+        raise ModelError(f"{ref} holds tensor {unexpected[0]}" + (f" (and {len(unexpected) - 1} more)" if
+                         len(unexpected) > 1 else "") + f", which the {type(transformer).__name__} it loads as "
+                         "does not use: save the model without it")
+
+
+def _untied_copies(root: nn.Module, names: dict[str, str], checkpoint: ShardedCheckpoint, ref: str) -> dict[str, str]:
+    """``names`` without the second name of a tied tensor the checkpoint also holds (an equal copy: the tie
+    stays); a different copy is refused, as the in-memory loader refuses it."""
+    out = dict(names)
+    for alias, target in tied_aliases(root).items():
+        if alias in names and target in names:
+            pair = checkpoint.read([names[alias], names[target]])
+            if not torch.equal(pair[names[alias]], pair[names[target]]):
+                raise ModelError(f"{ref}: config.json ties {names[alias]} to {names[target]} (tie_word_embeddings), "
+                                 "but the files hold a different one: set tie_word_embeddings to false in "
+                                 "config.json to use the files' head, or save the model again with save_pretrained")
+            del out[alias]
+    return out
 
 
 def _materialize(root: nn.Module, names: dict[str, str], wanted: Any, checkpoint: ShardedCheckpoint) -> None:

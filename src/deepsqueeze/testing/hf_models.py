@@ -16,7 +16,7 @@ import torch
 
 from deepsqueeze.zoo.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
 
-__all__ = ["FAMILIES", "TiedAutoencoder", "byte_tokenizer", "make_hf_dir"]
+__all__ = ["FAMILIES", "TiedAutoencoder", "byte_tokenizer", "make_hf_dir", "make_st_dir"]
 
 
 # family -> (model class name in transformers, config class name, config keyword arguments, tokenizer kind)
@@ -78,6 +78,50 @@ def make_hf_dir(family: str, folder: str | Path, seed: int = 0, **overrides: Any
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+def make_st_dir(folder: str | Path, family: str = "bert", pooling: str | tuple[str, ...] = "mean",
+                head: tuple[str, ...] = (), seed: int = 0) -> Path:
+    """Write a sentence-transformers model, saved by sentence-transformers itself, to ``folder``.
+
+    The Transformer is ``family``'s tiny model (:func:`make_hf_dir`; decoders get a pad token; inputs are cut
+    at 128 tokens, which every family's positions hold), then Pooling
+    with ``pooling`` (one mode or several, concatenated), then ``head``: items ``"dense:OUT"`` (Tanh),
+    ``"dense:OUT:Activation"`` (a ``torch.nn`` activation name), ``"layernorm"`` or ``"normalize"``.
+    Weights are random and seeded (LayerNorm affine parameters too, so none is the identity).
+    """
+    import tempfile
+
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer import modules as st
+
+    modes = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+    with tempfile.TemporaryDirectory() as tmp:
+        transformer = st.Transformer(str(make_hf_dir(family, Path(tmp) / family, seed=seed)), max_seq_length=128)
+        tokenizer = transformer.tokenizer
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token
+        hidden = transformer.get_embedding_dimension()
+        modules: list[Any] = [transformer, st.Pooling(hidden, pooling_mode=modes[0] if len(modes) == 1 else modes)]
+        dim = hidden * len(modes)
+        torch.manual_seed(seed + 1)
+        for item in head:
+            kind, *args = item.split(":")
+            if kind == "dense":
+                activation = getattr(torch.nn, args[1])() if len(args) > 1 else torch.nn.Tanh()
+                modules.append(st.Dense(dim, int(args[0]), activation_function=activation))
+                dim = int(args[0])
+            elif kind == "layernorm":
+                modules.append(st.LayerNorm(dim))
+                with torch.no_grad():
+                    modules[-1].norm.weight.add_(0.1 * torch.randn(dim))
+                    modules[-1].norm.bias.add_(0.1 * torch.randn(dim))
+            elif kind == "normalize":
+                modules.append(st.Normalize())
+            else:
+                raise ValueError(f"unknown head module {item!r}: use dense:OUT[:Activation], layernorm, normalize")
+        SentenceTransformer(modules=modules, device="cpu").save(str(folder))
+    return Path(folder)
 
 
 class TiedAutoencoder(torch.nn.Module):

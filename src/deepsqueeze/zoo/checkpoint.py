@@ -46,6 +46,17 @@ class ShardedCheckpoint:
     def names(self) -> list[str]:
         return list(self.shard_of)
 
+    def shapes(self) -> dict[str, list[int]]:
+        """Every tensor's shape, from the shard headers (no tensor data is read)."""
+        from safetensors import safe_open
+
+        out: dict[str, list[int]] = {}
+        for shard in sorted(set(self.shard_of.values())):
+            with safe_open(str(self.folder / shard), framework="pt") as fh:
+                for name in fh.keys():  # noqa: SIM118 (safe_open is not a dict)
+                    out[name] = list(fh.get_slice(name).get_shape())
+        return out
+
     def read(self, names: list[str], dtype: torch.dtype = torch.float32) -> dict[str, torch.Tensor]:
         """The named tensors (floating ones cast to ``dtype``), opening each shard once."""
         from safetensors import safe_open

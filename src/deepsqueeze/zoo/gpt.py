@@ -19,8 +19,8 @@ from torch import nn
 
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.files import atomic_write
-from deepsqueeze.core.model import Model, Task
-from deepsqueeze.errors import DataError, ModelError
+from deepsqueeze.core.model import Model, Task, load_state_checked
+from deepsqueeze.errors import DataError, ModelError, one_line
 
 GPT_TINY_CONFIG: dict[str, Any] = dict(vocab_size=257, n_embd=192, n_layer=4, n_head=4, n_positions=128,
                                        bos_token_id=256, eos_token_id=256, resid_pdrop=0.0, embd_pdrop=0.0,
@@ -35,12 +35,10 @@ LM_DATA = ("pydoc",)
 def build_gpt_tiny() -> nn.Module:
     """The untrained ``gpt-tiny`` CausalLM (fixed seed 0 initialisation)."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    from transformers.utils import logging as hf_logging
 
     from deepsqueeze.zoo.byte_tokenizer import byte_tokenizer
     from deepsqueeze.zoo.hf import CausalLM
 
-    hf_logging.set_verbosity_error()
     torch.manual_seed(GPT_TINY_SEED)
     transformer = GPT2LMHeadModel(GPT2Config(**GPT_TINY_CONFIG)).eval()
     return CausalLM(transformer, byte_tokenizer(pad=True, model_max_length=GPT_TINY_CONFIG["n_positions"])).eval()
@@ -98,10 +96,13 @@ def pretrained_gpt_tiny(data_ref: str = "pydoc", progress: bool = True) -> Model
         module = build_gpt_tiny()
         try:
             state = load_file(str(path))
-            module.load_state_dict(state, strict=False)
-            module.transformer.tie_weights()  # type: ignore[operator]
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry is reported, never trusted
-            raise ModelError(f"cached checkpoint {path} is unreadable ({exc}): delete it to retrain") from None
+            raise ModelError(f"cached checkpoint {path} is unreadable ({one_line(exc, 300)}): delete it to retrain"
+                             ) from None
+        try:
+            load_state_checked(module, state, f"cached checkpoint {path}")  # the tied head is stored once
+        except ModelError as exc:
+            raise ModelError(f"{exc}: delete it to retrain") from None
     else:
         module = train_gpt_tiny(progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)

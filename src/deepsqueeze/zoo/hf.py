@@ -1,18 +1,22 @@
 """Hugging Face models from local directories: sentence encoders, sequence classifiers, causal LMs.
 
-The family is detected from the directory's ``config.json`` (:func:`detect_hf_task`):
+The family is detected from the directory's ``config.json`` and ``modules.json`` (:func:`detect_hf_task`):
 
-- encoders loadable by ``AutoModel`` (BERT, RoBERTa, XLM-R, DistilBERT, ALBERT, ELECTRA) become a
-  :class:`SentenceEncoder` (pooling and normalisation from the sentence-transformers files);
-- the same encoders whose config names a ``*ForSequenceClassification`` head with labels become a
-  :class:`TextClassifier` (sentences in, label logits out);
+- a sentence-transformers directory (``modules.json``) becomes a :class:`SentenceEncoder` that computes what
+  ``SentenceTransformer(dir).encode`` computes (pooling, Dense, LayerNorm, Normalize:
+  :mod:`deepsqueeze.zoo.st_modules`); so does a plain encoder saved as its base model (BERT, RoBERTa,
+  XLM-R, DistilBERT, ALBERT, ELECTRA: mean pooling);
+- the same encoders saved as ``*ForSequenceClassification`` with labels become a :class:`TextClassifier`
+  (sentences in, label logits out);
 - decoder-only LMs (GPT-2, Llama, Mistral, Qwen2; grouped-query attention included) become a
   :class:`CausalLM` (token ids in, next-token logits out).
 
 Anything else is refused with one line before any work. Loading is data-only: weights come from
 ``.safetensors`` files only (never a pickled ``pytorch_model.bin``) and no code from the directory runs
-(a config with ``auto_map`` needs ``trust_remote_code`` and is refused). Every wrapper keeps the
-transformers model as its ``transformer`` child, so techniques address layers as
+(a config with ``auto_map`` needs ``trust_remote_code`` and is refused). Loading is strict: every tensor in
+the files is used and every weight of the model comes from them (transformers' own load report, checked):
+a missing tensor transformers would initialise at random, an unexpected or wrongly shaped one is refused.
+Every wrapper keeps the transformers model as its ``transformer`` child, so techniques address layers as
 ``transformer.encoder.layer.0.attention.self.query`` or ``transformer.model.layers.0.self_attn.q_proj``.
 """
 
@@ -29,6 +33,15 @@ from torch import nn
 
 from deepsqueeze.core.model import Task
 from deepsqueeze.errors import ModelError, one_line
+from deepsqueeze.zoo.st_modules import (
+    STNormalize,
+    STPipeline,
+    build_head,
+    head_state,
+    pool_tokens,
+    read_pipeline,
+)
+from deepsqueeze.zoo.strict_load import check_load_report, check_ties, transformers_log
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -83,22 +96,34 @@ class _TextModule(nn.Module):
 
 
 class SentenceEncoder(_TextModule):
-    """Transformer + mean/CLS pooling (+ L2 normalisation): sentences in, embeddings out."""
+    """Transformer + pooling (+ ``head``: Dense / LayerNorm / Normalize modules): sentences in, embeddings out.
 
-    def __init__(self, transformer: nn.Module, tokenizer: Any, pooling: str = "mean",
-                 normalize: bool = True, max_seq_length: int = 256) -> None:
+    ``pooling``: one sentence-transformers pooling mode or several (concatenated), see
+    :func:`~deepsqueeze.zoo.st_modules.pool_tokens`; ``head``: the modules after pooling, in order
+    (``normalize=True`` appends an L2 normalisation). ``forward(input_ids, attention_mask)`` with
+    (batch x tokens) inputs returns (batch x features) embeddings.
+    """
+
+    def __init__(self, transformer: nn.Module, tokenizer: Any, pooling: str | tuple[str, ...] = "mean",
+                 normalize: bool = True, max_seq_length: int = 256, head: list[nn.Module] | None = None) -> None:
         super().__init__(transformer, tokenizer, max_seq_length)
-        self.pooling = pooling
-        self.normalize = normalize
+        self.pooling = (pooling,) if isinstance(pooling, str) else tuple(pooling)
+        modules = [*(head or []), *([STNormalize()] if normalize else [])]
+        self.head = nn.Sequential(*modules) if modules else None
+
+    @property
+    def normalize(self) -> bool:
+        """True when the embeddings end L2-normalised."""
+        return self.head is not None and isinstance(self.head[-1], STNormalize)
+
+    def pool(self, hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """Token states (batch x tokens x hidden) -> sentence embeddings (batch x features): pooling, then head."""
+        emb = pool_tokens(hidden, attention_mask, self.pooling)
+        return self.head(emb) if self.head is not None else emb
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra: torch.Tensor) -> torch.Tensor:
         hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
-        if self.pooling == "cls":
-            emb = hidden[:, 0]
-        else:
-            mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
-            emb = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-9)
-        return nn.functional.normalize(emb, dim=-1) if self.normalize else emb
+        return self.pool(hidden, attention_mask)
 
     @torch.no_grad()
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
@@ -182,67 +207,127 @@ def read_hf_config(folder: str | Path) -> dict[str, Any]:
     return config
 
 
-def detect_hf_task(folder: str | Path, weights: bool = True) -> Task:
-    """The task of the model in ``folder``, from its config alone (nothing is loaded or run).
-
-    Raises ``ModelError`` (one line) for an architecture deepsqueeze does not handle, for a config that
-    needs custom code (``auto_map``), and (``weights=True``) for a directory without ``.safetensors``.
-    """
-    folder = Path(folder)
-    config = read_hf_config(folder)
+def _check_loadable(folder: Path, config: dict[str, Any]) -> str:
+    """The config's ``model_type``, refused when deepsqueeze has no wrapper for it or it needs custom code."""
     model_type = config.get("model_type")
     if config.get("auto_map"):
         raise ModelError(f"{folder} needs custom code (auto_map in config.json): deepsqueeze never runs code from "
                          "a model directory; use a model transformers implements")
+    if model_type not in ENCODER_TYPES + DECODER_TYPES:
+        architectures = [str(a) for a in config.get("architectures") or []]
+        raise ModelError(f"{folder}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) "
+                         f"is not supported: deepsqueeze handles encoders ({', '.join(ENCODER_TYPES)}) and causal "
+                         f"LMs ({', '.join(DECODER_TYPES)})")
+    return str(model_type)
+
+
+def _architecture_classes(model_type: str) -> tuple[str | None, str | None, str | None]:
+    """(base model, causal LM, sequence classifier) class names transformers has for ``model_type``."""
+    try:
+        from transformers.models.auto import modeling_auto as auto
+    except ImportError:
+        raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
+    return tuple(auto.__dict__[table].get(model_type) for table in (  # type: ignore[return-value]
+        "MODEL_MAPPING_NAMES", "MODEL_FOR_CAUSAL_LM_MAPPING_NAMES", "MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES"))
+
+
+def detect_hf_task(folder: str | Path, weights: bool = True) -> Task:
+    """The task of the model in ``folder``, from its config files alone (no weights are read, nothing runs).
+
+    ``config.json``'s ``architectures`` decides: the base model class (``BertModel``, ``LlamaModel``) is a
+    sentence encoder for encoders and a causal LM for decoders, ``*ForCausalLM`` a causal LM,
+    ``*ForSequenceClassification`` with two or more labels a sequence classifier; a ``modules.json``
+    (sentence-transformers) makes any supported base model a sentence encoder and is checked in full
+    (:func:`~deepsqueeze.zoo.st_modules.read_pipeline`).
+
+    Raises ``ModelError`` (one line) for a model type or architecture deepsqueeze does not load, a config
+    that needs custom code (``auto_map``), sentence-transformers files it does not run exactly, and
+    (``weights=True``) a directory without ``.safetensors``.
+    """
+    folder = Path(folder)
+    config = read_hf_config(folder)
+    model_type = _check_loadable(folder, config)
     if weights:
         _require_safetensors(folder)
     architectures = [str(a) for a in config.get("architectures") or []]
-    if model_type in DECODER_TYPES:
-        return Task.CAUSAL_LM
-    if model_type in ENCODER_TYPES:
-        labels = config.get("id2label") or {}
-        if any(a.endswith("ForSequenceClassification") for a in architectures) and len(labels) >= 2:
-            return Task.SEQUENCE_CLASSIFIER
+    if len(architectures) > 1:
+        raise ModelError(f"{folder}/config.json names {len(architectures)} architectures ({', '.join(architectures)}): "
+                         "keep the one class the weights were saved from")
+    arch = architectures[0] if architectures else None
+    base, causal, classifier = _architecture_classes(model_type)
+    encoder = model_type in ENCODER_TYPES
+    if read_pipeline(folder) is not None:
+        if arch not in (None, base):
+            raise ModelError(f"{folder} is a sentence-transformers model (modules.json) whose config.json names "
+                             f"{arch}, not the base model {base} sentence-transformers loads: save the transformer "
+                             "as its base model, or remove modules.json if it is not an embedding model")
         return Task.SENTENCE_ENCODER
-    raise ModelError(f"{folder}: model_type {model_type!r} ({', '.join(architectures) or 'no architectures'}) is "
-                     f"not supported: deepsqueeze handles encoders ({', '.join(ENCODER_TYPES)}) and causal LMs "
-                     f"({', '.join(DECODER_TYPES)})")
+    if arch in (None, base):
+        return Task.SENTENCE_ENCODER if encoder else Task.CAUSAL_LM
+    if not encoder and arch == causal:
+        return Task.CAUSAL_LM
+    if encoder and arch == classifier:
+        labels = config.get("id2label") or {}
+        if len(labels) >= 2:
+            return Task.SEQUENCE_CLASSIFIER
+        raise ModelError(f"{folder} is a {arch} with {len(labels)} label (a regression or cross-encoder head): "
+                         "deepsqueeze compresses classifiers with two or more labels (id2label in config.json)")
+    accepted = f"{base} (sentence encoder) or {classifier} with labels" if encoder else f"{causal} or {base}"
+    raise ModelError(f"{folder}/config.json names architecture {arch}, which deepsqueeze does not load: it loads "
+                     f"{model_type} models saved as {accepted}; save the model as one of these, or use a tool "
+                     "for this architecture")
 
 
 def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool = True) -> nn.Module:
     """Load the model in directory ``path`` as the wrapper for ``task`` (default: detected from the config).
 
-    ``pretrained=False`` builds the architecture only (random weights), for the artifact loader.
-    Raises ``ModelError`` for anything :func:`detect_hf_task` refuses or transformers cannot load.
+    ``pretrained=False`` builds the architecture only (random weights), for the artifact loader; ``task``
+    is then the one the artifact recorded. Loading is strict (see the module docstring).
+
+    Raises ``ModelError`` for anything :func:`detect_hf_task` refuses, a missing, unexpected or wrongly
+    shaped tensor, and for a directory transformers cannot load.
     """
     folder = Path(path)
-    detected = detect_hf_task(folder, weights=pretrained)
-    task = task or detected
+    if task is None or pretrained:
+        detected = detect_hf_task(folder, weights=pretrained)
+        task = task or detected
+    else:
+        _check_loadable(folder, read_hf_config(folder))
     try:
         from transformers import AutoConfig, AutoTokenizer
         from transformers.utils import logging as hf_logging
     except ImportError:
         raise ModelError("Hugging Face models need transformers: pip install 'deepsqueeze[hf]'") from None
     hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
-    hf_logging.set_verbosity_error()
-    if pretrained:
-        _require_safetensors(folder)
+    pipeline = read_pipeline(folder) if task is Task.SENTENCE_ENCODER else None
     auto = auto_class(task)
-    try:
-        pooling, normalize, max_len = _sentence_transformers_settings(folder)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-        if pretrained:
-            transformer = auto.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)  # bf16/fp16 checkpoints too: every technique starts from fp32
-        else:
-            transformer = auto.from_config(AutoConfig.from_pretrained(folder))
-    except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
-        raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
+    with transformers_log():
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(folder)
+            if pretrained:
+                transformer, info = auto.from_pretrained(  # bf16/fp16 checkpoints too: every technique starts from fp32
+                    folder, use_safetensors=True, dtype=torch.float32, output_loading_info=True,
+                    ignore_mismatched_sizes=True)  # mismatches come back in the report, refused below
+            else:
+                transformer, info = auto.from_config(AutoConfig.from_pretrained(folder)), None
+        except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
+            raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
+        if info is not None:
+            check_load_report(folder, info, transformer, task)
+            check_ties(folder, transformer)
     transformer.eval()
     if task is Task.CAUSAL_LM:
         return CausalLM(transformer, tokenizer).eval()
     if task is Task.SEQUENCE_CLASSIFIER:
-        return TextClassifier(transformer, tokenizer, max_len).eval()
-    return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
+        return TextClassifier(transformer, tokenizer, _plain_max_length(folder)).eval()
+    if pipeline is None:
+        return SentenceEncoder(transformer, tokenizer, "mean", False, _plain_max_length(folder)).eval()
+    head = build_head(pipeline, int(transformer.config.hidden_size))
+    if pretrained:
+        state = head_state(pipeline, head, prefix="")
+        nn.Sequential(*head).load_state_dict(state, strict=True)
+    return SentenceEncoder(transformer, tokenizer, pipeline.pooling, False, _st_max_length(pipeline, transformer,
+                                                                                          tokenizer), head).eval()
 
 
 def _require_safetensors(folder: Path) -> None:
@@ -263,17 +348,26 @@ def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> Sentence
     return module  # type: ignore[return-value]  # SENTENCE_ENCODER always builds a SentenceEncoder
 
 
-def _sentence_transformers_settings(folder: Path) -> tuple[str, bool, int]:
-    pooling, normalize, max_len = "mean", False, 256
-    modules_file = folder / "modules.json"
-    if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
-        normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
-        for m in modules:
-            if m.get("type", "").endswith("Pooling"):
-                cfg = json.loads((folder / m["path"] / "config.json").read_text())
-                pooling = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-    st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        max_len = int(json.loads(st_cfg.read_text()).get("max_seq_length", max_len))
-    return pooling, normalize, max_len
+def _plain_max_length(folder: Path) -> int:
+    """Token limit of a directory without sentence-transformers modules (its sentence_bert_config.json, or 256)."""
+    file = folder / "sentence_bert_config.json"
+    if file.is_file():
+        try:
+            limit = json.loads(file.read_text(encoding="utf-8")).get("max_seq_length")
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            limit = None
+        if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+            return limit
+    return 256
+
+
+def _st_max_length(pipeline: STPipeline, transformer: nn.Module, tokenizer: Any) -> int:
+    """sentence-transformers' token limit: ``max_seq_length`` when the config sets it, else the tokenizer's
+    ``model_max_length`` capped at the model's position count."""
+    if pipeline.max_seq_length is not None:
+        return pipeline.max_seq_length
+    limit = int(getattr(tokenizer, "model_max_length", None) or 1 << 30)
+    positions = getattr(transformer.config, "max_position_embeddings", None)
+    if isinstance(positions, int) and positions > 0:
+        limit = min(limit, positions)
+    return limit
