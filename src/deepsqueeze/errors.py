@@ -30,6 +30,10 @@ class ModelError(DeepsqueezeError):
     """A model reference cannot be resolved, or its weights are missing, malformed or non-finite."""
 
 
+class NonFiniteLossError(ModelError, FloatingPointError):
+    """Training met a NaN or Inf loss; the message names the first layer whose output is not finite."""
+
+
 class UnsupportedLayerError(ModelError):
     """A technique met a layer or pattern it cannot handle; the message names the layer and why."""
 

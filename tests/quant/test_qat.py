@@ -240,3 +240,38 @@ def test_sentence_encoder_qat_closes_part_of_the_gap_ptq_leaves(distill, tmp_pat
     batch = model.module.tokenize(held_out)
     save(model, tmp_path / "q.dsq")
     assert torch.equal(load(tmp_path / "q.dsq", model=TINY_BERT).module(**batch), model.module(**batch))
+
+
+@pytest.mark.parametrize("gamma, var", [(0.0, 1.0), (1.0, 0.0), (0.0, 0.0)])
+def test_batchnorm_folding_with_zero_scale_or_variance_stays_finite(digits, gamma, var):
+    """Issue 24 finding 9: a BatchNorm channel with gamma 0 made the training-time fold divide by zero."""
+    module = TinyBNConvNet()
+    bn = module[1]
+    with torch.no_grad():
+        bn.weight[0] = gamma
+        bn.running_var[0] = var
+    reference = copy.deepcopy(module).eval()
+    prepare_qat_(module, _qat(8), _calib(digits, 128))
+    x, y = next(digits.batches("train", 64))
+    conv = module[0]
+    w, b = conv.folded()
+    with torch.no_grad():
+        unfused = reference[1](reference[0](x))
+        fused = nn.functional.conv2d(x, w, b, conv.stride, conv.padding)
+    torch.testing.assert_close(fused, unfused, atol=1e-4, rtol=1e-4)
+    module.train()
+    loss = nn.functional.cross_entropy(module(x), y)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert all(torch.isfinite(p.grad).all() for p in module.parameters() if p.grad is not None)
+
+
+def test_a_non_finite_loss_names_the_layer_it_comes_from():
+    from deepsqueeze.train.loop import fit
+
+    module = nn.Sequential(nn.Linear(4, 4), nn.Linear(4, 2))
+    with torch.no_grad():
+        module[1].weight[0, 0] = float("nan")
+    batches = lambda epoch: [torch.ones(2, 4)]  # noqa: E731
+    with pytest.raises(FloatingPointError, match=r"comes out of 1 \(Linear\)"):
+        fit(module, batches, lambda m, x: m(x).sum(), epochs=1, steps_per_epoch=1, progress=False)

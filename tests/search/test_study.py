@@ -322,3 +322,34 @@ def test_nsga2_first_generation_holds_sampled_individuals_beside_the_priors(tmp_
     assert sum("prior" in t.user_attrs for t in first) == priors
     assert sum("prior" not in t.user_attrs for t in first) == min(4, 8 - priors)
     assert make_sampler("tpe", space, trials=24, seed=0, seeded=priors)._n_startup_trials == 6 + priors
+
+
+def test_search_takes_the_users_own_model_weights_and_code(tmp_path, capsys):
+    """Issue 24 finding 7: no --weights (the untrained py: model was searched), no --model-code (every trial
+    failed asking for it) and exit 0 with 'run the same command again'."""
+    from safetensors.torch import save_file
+
+    from deepsqueeze.testing.models import PlainMLP
+    from deepsqueeze.train.loop import seed_everything, train_classifier
+
+    seed_everything(0)
+    module = PlainMLP()
+    digits = resolve_data("digits")
+    train_classifier(module, digits, epochs=3, lr=3e-3, batch_size=64, progress=False)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp_path / "w.safetensors"))
+    space = tmp_path / "space.yaml"
+    space.write_text("stages:\n  - type: quantize\n    method: rtn\n    bits: {choice: [4, 8]}\n")
+    ref = "py:deepsqueeze.testing.models:PlainMLP"
+    argv = ["search", "--space", str(space), "--model", ref, "--data", "digits", "--trials", "2", "--sampler",
+            "grid", "--json"]
+    with pytest.raises(SystemExit) as info:  # the py: factory named by --model also rebuilds the trials
+        main([*argv, "--out", str(tmp_path / "s"), "--weights", str(tmp_path / "w.safetensors")])
+    out = capsys.readouterr().out
+    assert (info.value.code or 0) == 0
+    result = json.loads(out)
+    assert result["complete"] == 2 and result["baseline"]["quality"] > 0.8  # the trained weights, not a random net
+    with pytest.raises(SystemExit) as info:  # every trial fails (code of another architecture): said, exit 2
+        main([*argv, "--out", str(tmp_path / "t"), "--weights", str(tmp_path / "w.safetensors"),
+              "--model-code", "py:deepsqueeze.testing.models:TinyMLP"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "all 2 trials failed" in err and len(err.strip().splitlines()) == 1, err

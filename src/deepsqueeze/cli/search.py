@@ -7,7 +7,16 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, emit_json, fmt, kv_table, rows_table, stderr, stdout
+from deepsqueeze.cli._common import (
+    JsonOption,
+    ModelCodeOption,
+    emit_json,
+    fmt,
+    kv_table,
+    rows_table,
+    stderr,
+    stdout,
+)
 
 
 def register(app: typer.Typer) -> None:
@@ -29,6 +38,9 @@ def register(app: typer.Typer) -> None:
         pruner: str = typer.Option("median", "--pruner", help="median, halving or none (single-objective studies)"),
         max_bytes: int = typer.Option(None, "--max-bytes", help="Constraint: artifact bytes (overrides the space)"),
         max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Constraint: ms per batch"),
+        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models (every trial "
+                                    "compresses the model with them)"),
+        model_code: str = ModelCodeOption,
         max_drop: float = typer.Option(None, "--max-drop", help="Constraint: validation quality drop, in "
                                        "percentage points"),
         as_json: bool = JsonOption,
@@ -39,7 +51,7 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.search.study import prepare_out
 
         prepare_out(out)
-        parsed, resolved = load_space(space, model)
+        parsed, resolved = load_space(space, model, weights=weights, model_code=model_code)
         for key, value in (("max_bytes", max_bytes), ("max_latency_ms", max_latency_ms), ("max_drop", max_drop)):
             if value is not None:
                 if value < 0:
@@ -49,7 +61,8 @@ def register(app: typer.Typer) -> None:
             result = run_search(parsed, resolved, out, data, sampler=sampler or parsed.sampler or "tpe",
                                 trials=trials or parsed.trials or 20, storage=storage, study_name=study,
                                 pruner=pruner, progress=not as_json,
-                                log=None if as_json else lambda msg: stderr.print(msg))
+                                log=None if as_json else lambda msg: stderr.print(msg), weights=weights,
+                                model_code=model_code)
         except KeyboardInterrupt as exc:
             from deepsqueeze.core.signals import exit_code
 
@@ -57,6 +70,10 @@ def register(app: typer.Typer) -> None:
             print(f"{'terminated' if code == 143 else 'interrupted'}: the answer so far is in {out}; run the same "
                   "command to resume the study", file=sys.stderr)
             raise SystemExit(code) from None
+        if result.all_failed:
+            from deepsqueeze.errors import DeepsqueezeError
+
+            raise DeepsqueezeError(f"{result.message}; fix it and run the same command again (the study is in {out})")
         if as_json:
             emit_json({"study": result.study_name, "trials": result.trials, "complete": result.complete,
                        "pruned": result.pruned, "failed": result.failed, "repeats": result.repeats,

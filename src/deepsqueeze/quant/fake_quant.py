@@ -274,7 +274,10 @@ class FakeQuantConv2d(nn.Module):
         if self.input_quant is not None:
             x = self.input_quant(x)
         if self.bn is not None and self.training and not self.bn_frozen:
-            factor = self._bn_factor().reshape(1, -1, 1, 1)
+            # a channel whose BatchNorm scale is 0 outputs its shift whatever the conv: fold 1 there, not 0,
+            # so the division that recovers the conv output for the batch statistics stays finite
+            factor = self._bn_factor()
+            factor = torch.where(factor.abs() < 1e-12, torch.ones_like(factor), factor).reshape(1, -1, 1, 1)
             y = self._conv(x, self.weight_quant(self.weight * factor.reshape(-1, 1, 1, 1)), None) / factor
             if self.bias is not None:
                 y = y + self.bias.reshape(1, -1, 1, 1)

@@ -43,7 +43,7 @@ from deepsqueeze.core.files import check_writable, write_text_atomic
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, RecipeError, redact
+from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, RecipeError, one_line, redact
 from deepsqueeze.recipes.schema import Recipe, load_recipe
 from deepsqueeze.search.space import SearchSpace, parse_space, read_space_file
 
@@ -64,6 +64,8 @@ class SearchContext:
     base: Model
     out: Path
     quality_key: str
+    weights: str | None = None  # --weights of a py: model, given to every trial's compress
+    model_code: str | None = None  # --model-code: the architecture of a py: model's artifacts
 
     @property
     def fp32_bytes(self) -> int:
@@ -87,6 +89,7 @@ class SearchResult:
     message: str = ""
     baseline: dict[str, Any] = field(default_factory=dict)
     references: list[dict[str, Any]] = field(default_factory=list)
+    all_failed: bool = False  # trials ran and every one failed: a problem to fix, not a study to continue
 
 
 def validation_refs(model: Model, data_ref: str | None) -> tuple[str | None, str]:
@@ -137,8 +140,10 @@ def layer_lister(model: Model) -> Callable[[str, list[str] | None], list[str]]:
     return layers
 
 
-def load_space(path: str | Path, model_ref: str | None = None) -> tuple[SearchSpace, Model]:
-    """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``)."""
+def load_space(path: str | Path, model_ref: str | None = None, *, weights: str | None = None,
+               model_code: str | None = None) -> tuple[SearchSpace, Model]:
+    """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``; ``weights`` and
+    ``model_code`` as for ``compress``: the user's own weights, the architecture of a py: model's artifact)."""
     from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
     data = read_space_file(path)
@@ -146,9 +151,10 @@ def load_space(path: str | Path, model_ref: str | None = None) -> tuple[SearchSp
     if not ref or not isinstance(ref, str):
         raise RecipeError("no model given: pass --model REF or set 'model:' in the space file")
     if model_ref:
-        model = resolve_model(ref, progress=False)
+        model = resolve_model(ref, weights=weights, progress=False, model_code=model_code)
     else:
-        model = resolve_file_reference(ref, f"the search space's model ({path})", progress=False)
+        model = resolve_file_reference(ref, f"the search space's model ({path})", (model_code,), weights=weights,
+                                       progress=False, model_code=model_code)
     space = parse_space(data, layer_lister(model), source=str(path))
     space.model = ref
     return space, model
@@ -209,10 +215,10 @@ def measure_point(recipe: Recipe, path: Path, ctx: SearchContext, baseline: dict
     path.parent.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     compress(ctx.model_ref, recipe, path, ctx.fit_ref, progress=False, evaluate_result=False,
-             on_stage_end=on_stage_end)
+             on_stage_end=on_stage_end, weights=ctx.weights, model_code=ctx.model_code)
     compress_s = time.perf_counter() - start
     raw = path.read_bytes()
-    loaded = resolve_model(str(path), progress=False)
+    loaded = resolve_model(str(path), progress=False, model_code=ctx.model_code)
     quality = _quality(loaded, ctx)
     times = measure_latency_interleaved({"baseline": _latency_runner(ctx.base, ctx),
                                          "trial": _latency_runner(loaded, ctx)},
@@ -325,8 +331,8 @@ def default_storage(out: Path) -> str:
 
 def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str | None = None, *,
                sampler: str = "tpe", trials: int = 20, storage: str | None = None, study_name: str = "search",
-               pruner: str = "median", progress: bool = True, log: Callable[[str], None] | None = None
-               ) -> SearchResult:
+               pruner: str = "median", progress: bool = True, log: Callable[[str], None] | None = None,
+               weights: str | None = None, model_code: str | None = None) -> SearchResult:
     """Run (or resume, or join) the study until it holds ``trials`` finished trials; return the answer.
 
     ``out`` receives ``study.db`` (default storage), ``trials/trial-NNNN.dsq``, ``front/trial-NNNN.yaml``
@@ -346,7 +352,10 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     fit_ref, val_ref = validation_refs(model, data_ref or space.data)
     val = resolve_data(val_ref, split="val")
     quality_key = "accuracy" if model.task is Task.CLASSIFIER else "cosine_mean"
-    ctx = SearchContext(space, space.model or model.ref, fit_ref, val, model, out_dir, quality_key)
+    model_ref = space.model or model.ref
+    if model_code is None and model_ref.startswith("py:"):  # the factory the user named rebuilds the trials
+        model_code = model_ref
+    ctx = SearchContext(space, model_ref, fit_ref, val, model, out_dir, quality_key, weights, model_code)
     url = storage or default_storage(out_dir)
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
@@ -862,7 +871,12 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
         row["recipe_file"] = str(front_dir / f"trial-{number:04d}.yaml")
         _write_recipe(Path(row["recipe_file"]), row, space)
         result.front.append(row)
-    if not complete:
+    failures = [str(t.system_attrs.get("fail_reason", "")) for t in trials if t.state == states.FAIL]
+    if not complete and failures:
+        result.all_failed = True
+        result.message = (f"all {len(failures)} trials failed, none measured; the first: "
+                          f"{one_line(failures[0], 300) or 'no reason recorded'}")
+    elif not complete:
         result.message = "no trial has completed yet: run the same command again to continue the study"
     else:
         over = {t.number: violations(t.user_attrs, space.constraints) for t in complete}

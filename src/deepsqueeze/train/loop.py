@@ -13,7 +13,7 @@ from torch import nn
 from deepsqueeze.core.outputs import class_logits
 from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData
-from deepsqueeze.errors import ModelError, RecipeError
+from deepsqueeze.errors import ModelError, NonFiniteLossError, RecipeError
 from deepsqueeze.train import distributed
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
@@ -98,7 +98,8 @@ def fit(
                 loss = loss_fn(module, local) * weight
                 reported = distributed.mean_over_processes(loss.detach())
                 if not torch.isfinite(reported):
-                    raise FloatingPointError(f"loss became {reported.item()} at step {step}: lower the learning rate")
+                    raise NonFiniteLossError(f"loss became {reported.item()} at step {step}: "
+                                             f"{first_non_finite(module, loss_fn, local)}")
                 loss.backward()
                 distributed.average_gradients(trainable)
                 opt.step()
@@ -113,6 +114,38 @@ def fit(
             epoch += 1
     module.eval()
     return {"loss": float(np.mean(last_losses)) if last_losses else float("nan"), "steps": step}
+
+
+def first_non_finite(module: nn.Module, loss_fn: LossFn, batch: Any) -> str:
+    """Why a loss is not finite, for the error message: the first layer (in execution order) whose output
+    holds NaN or Inf on ``batch``, or, when every output is finite, a step too large (the learning rate)."""
+    from deepsqueeze.core.outputs import output_tensors
+
+    found: list[str] = []
+
+    def hook(name: str) -> Callable[..., None]:
+        def check(mod: nn.Module, args: Any, out: Any) -> None:
+            if not found and any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+                                 for t in output_tensors(out)):
+                inputs_finite = all(bool(torch.isfinite(t).all()) for t in output_tensors(args) if t.is_floating_point())
+                found.append(f"{name or 'the model'} ({type(mod).__name__})" + ("" if inputs_finite else
+                                                                                 " from non-finite inputs"))
+        return check
+
+    leaves = [(n, m) for n, m in module.named_modules() if not list(m.children()) or n == ""]
+    handles = [m.register_forward_hook(hook(n)) for n, m in leaves]
+    try:
+        with torch.no_grad():
+            loss_fn(module, batch)
+    except Exception:  # noqa: BLE001 - only a diagnosis: the FloatingPointError is what is raised
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    if found:
+        return (f"the first NaN or Inf comes out of {found[0]}: check that layer's weights and statistics "
+                "(e.g. a BatchNorm with zero scale or variance)")
+    return "every layer's output is finite, so the step was too large: lower the learning rate"
 
 
 def train_classifier(
