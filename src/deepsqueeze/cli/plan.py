@@ -14,7 +14,8 @@ def register(app: typer.Typer) -> None:
     def plan(
         recipe: Path = typer.Option(..., "--recipe", help="YAML recipe (or a shipped recipe's name)"),
         model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
-        data: str = typer.Option(None, "--data", help="Accepted as for compress; planning reads no data"),
+        data: str = typer.Option(None, "--data", help="Data the model takes (as for compress): a py: model "
+                                 "without an input_shape attribute takes its input shape from it"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
         modules: bool = typer.Option(True, "--modules/--totals", help="Print the per-module table too"),
         as_json: bool = JsonOption,
@@ -23,7 +24,7 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.recipes import load_recipe
         from deepsqueeze.recipes.plan import plan as make_plan
 
-        result = make_plan(model, load_recipe(recipe), weights=weights)
+        result = make_plan(model, load_recipe(recipe), weights=weights, data_ref=data)
         if as_json:
             emit_json(result.to_dict())
             return

@@ -56,7 +56,18 @@ class Model:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        """Run the wrapped module: ``model(x)`` is ``model.module(x)``."""
+        """Run the wrapped module: ``model(x)`` is ``model.module(x)``; a text model also takes sentences,
+        ``model(["a sentence", ...])``, tokenized by its own tokenizer (a sequence classifier then gives
+        ``(N, labels)`` logits, a causal LM ``(N, tokens, vocab)``)."""
+        if (len(args) == 1 and not kwargs and self.task.is_text and isinstance(args[0], (list, tuple, str))
+                and callable(getattr(self.module, "tokenize", None))):
+            sentences = [args[0]] if isinstance(args[0], str) else list(args[0])
+            if not all(isinstance(s, str) for s in sentences):
+                raise ModelError(f"{self.ref} takes a list of sentences (str) or token ids")
+            device = next((p.device for p in self.module.parameters()), None)
+            inputs = {k: v.to(device) if device is not None else v
+                      for k, v in self.module.tokenize(sentences).items()}  # type: ignore[operator]
+            return self.module(**inputs)
         return self.module(*args, **kwargs)
 
     def encode(self, sentences: list[str], **kwargs: Any) -> Any:

@@ -31,10 +31,11 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
 
     Classifiers: ``accuracy`` on the full test split. Sentence encoders: ``cosine_mean``,
     ``cosine_min`` and ``neighbor_agreement_at_10`` against ``reference`` (default: the base model).
-    Sequence classifiers: the same fidelity keys on the label logits plus ``label_agreement`` (top
-    label equal to the reference's). Causal LMs: ``perplexity`` on the sentences joined into one token
+    Sequence classifiers: ``cosine_mean`` and ``cosine_min`` on the label logits plus ``label_agreement``
+    (top label equal to the reference's). Causal LMs: ``perplexity`` on the sentences joined into one token
     stream (window = the model's context length, stride = half of it; see
-    :func:`deepsqueeze.eval.metrics.perplexity`), ``samples`` = tokens scored; no reference needed.
+    :func:`deepsqueeze.eval.metrics.perplexity`), ``samples`` = tokens scored; with ``reference`` (default
+    for an artifact: its base model) also ``base_perplexity`` and ``perplexity_delta_pct``.
     Latency (ms per batch of ``batch_size``): median, p10 and p90 of at least ``repeat`` timed calls
     (more until ``min_seconds``), ``latency_reliable`` False with ``latency_note`` when the spread is wide
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
@@ -66,6 +67,17 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             ppl, tokens = perplexity(module, data.sentences, device=device)
             result.update(perplexity=ppl, tokens=tokens)
             result["samples"] = tokens
+            if reference is None and model.artifact_path:
+                from deepsqueeze.errors import DeepsqueezeError
+                from deepsqueeze.zoo.resolve import base_reference
+
+                try:
+                    reference = base_reference(model)
+                except DeepsqueezeError:
+                    reference = None  # a py: base without --reference: the artifact's figure alone
+            if reference is not None and reference.module is not module:
+                base_ppl, _ = perplexity(reference.module.to(device), data.sentences, device=device)
+                result.update(base_perplexity=base_ppl, perplexity_delta_pct=100 * (ppl / base_ppl - 1))
         else:
             if reference is None:
                 from deepsqueeze.zoo.resolve import base_reference
@@ -74,9 +86,11 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             with torch.no_grad():
                 emb = module.encode(data.sentences)  # type: ignore[operator]
                 ref_emb = emb if reference.module is module else reference.module.encode(data.sentences)  # type: ignore[operator]
-            result.update(embedding_fidelity(emb, ref_emb))
-            if model.task is Task.SEQUENCE_CLASSIFIER:
-                result["label_agreement"] = label_agreement(emb, ref_emb)
+            fidelity = embedding_fidelity(emb, ref_emb)
+            if model.task is Task.SEQUENCE_CLASSIFIER:  # neighbours among a few label logits mean nothing
+                fidelity.pop("neighbor_agreement_at_10")
+                fidelity["label_agreement"] = label_agreement(emb, ref_emb)
+            result.update(fidelity)
             result["samples"] = len(data.sentences)
         inputs = encoder_inputs(module, data.sentences[:batch_size], device)
         if baseline_module is not None:

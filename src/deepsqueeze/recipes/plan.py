@@ -15,9 +15,10 @@ from typing import Any
 
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals, planner_for
+from deepsqueeze.core.model import Task
 from deepsqueeze.core.record import CoverageEntry
 from deepsqueeze.errors import RecipeError
-from deepsqueeze.recipes.run import _example, check_trainable
+from deepsqueeze.recipes.run import _example, check_trainable, shape_from_data, training_data
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
@@ -50,14 +51,17 @@ def _bits(config: Any) -> int | None:
     return 8 if method in _INT8_METHODS else int(config.bits)
 
 
-def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None) -> Plan:
-    """Resolve ``model_ref`` (or the recipe's model) and plan every stage of ``recipe`` on it."""
+def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None, data_ref: str | None = None) -> Plan:
+    """Resolve ``model_ref`` (or the recipe's model) and plan every stage of ``recipe`` on it; ``data_ref``
+    (or the recipe's data) gives a classifier without a known input shape its shape, as compress does."""
     if model_ref is None and recipe.model is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
     if model_ref is None:
         model = resolve_file_reference(recipe.model, "the recipe's model", weights=weights, progress=False)
     else:
         model = resolve_model(model_ref, weights=weights, progress=False)
+    if model.task is Task.CLASSIFIER and model.input_shape is None and (data_ref or recipe.data):
+        shape_from_data(model, training_data(model, data_ref or recipe.data))
     example = _example(model)
     check_trainable(model, recipe, example)
     params = count_params(model.module)
