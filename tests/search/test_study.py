@@ -353,3 +353,15 @@ def test_search_takes_the_users_own_model_weights_and_code(tmp_path, capsys):
               "--model-code", "py:deepsqueeze.testing.models:TinyMLP"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and "all 2 trials failed" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_search_under_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
+    """Issue 24 finding 8: under torchrun every rank trained a different recipe in one process group."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    space = tmp_path / "space.yaml"
+    space.write_text("model: zoo:lenet300\nstages:\n  - type: quantize\n    method: dynamic\n")
+    with pytest.raises(SystemExit) as info:
+        main(["search", "--space", str(space), "--out", str(tmp_path / "s"), "--data", "digits"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "torchrun" in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "s").exists()

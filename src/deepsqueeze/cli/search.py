@@ -50,6 +50,12 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.search import load_space, run_search
         from deepsqueeze.search.study import prepare_out
 
+        import os
+
+        if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise RecipeError("search does not run under torchrun: each process would train a different trial in "
+                              "one process group; start the workers as separate commands sharing --storage "
+                              "(or --out), and use torchrun for compress")
         prepare_out(out)
         parsed, resolved = load_space(space, model, weights=weights, model_code=model_code)
         for key, value in (("max_bytes", max_bytes), ("max_latency_ms", max_latency_ms), ("max_drop", max_drop)):
