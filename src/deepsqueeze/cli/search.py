@@ -46,11 +46,11 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JsonOption,
     ) -> None:
         """Search a space of recipes for the Pareto front of quality, bytes and latency (resumable)."""
+        import os
+
         from deepsqueeze.errors import RecipeError
         from deepsqueeze.search import load_space, run_search
         from deepsqueeze.search.study import prepare_out
-
-        import os
 
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise RecipeError("search does not run under torchrun: each process would train a different trial in "
