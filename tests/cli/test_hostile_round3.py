@@ -233,3 +233,12 @@ def test_a_forged_base_path_component_over_255_characters_is_an_artifact_error(t
                             lambda m: m.update(base={"kind": "hf", "path": "/" + "y" * 300}))
     with pytest.raises(ArtifactError, match="255"):
         load(forged)
+
+
+def test_warnings_are_one_line_without_a_source_path(tmp_path):
+    """Issue 29 finding 4: a raw DeepsqueezeWarning line with the source file path leaked into the output."""
+    code = ("import warnings, sys\nfrom deepsqueeze.cli.app import _show_warning\nwarnings.showwarning = _show_warning\n"
+            "from deepsqueeze.errors import DeepsqueezeWarning\n"
+            "warnings.warn('a thing\\nover two lines', DeepsqueezeWarning)\n")
+    proc = subprocess.run([sys.executable, "-W", "default", "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.stderr.strip() == "warning: a thing over two lines", proc.stderr

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import importlib
 import sys
+import warnings
+from typing import Any
 
 import typer
 
@@ -94,6 +96,14 @@ for _name in COMMAND_MODULES:
     _module.register(app)
 
 
+def _show_warning(message: Warning | str, category: type[Warning], filename: str, lineno: int,
+                  file: Any = None, line: str | None = None) -> None:
+    """Warnings on stderr as ``warning: message``, one line: no source path, no code line."""
+    from deepsqueeze.errors import one_line
+
+    print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits
     130, SIGTERM ``terminated`` and 143 (both after the same cleanup, see ``core.signals``).
@@ -106,6 +116,7 @@ def main(argv: list[str] | None = None) -> None:
 
     args = sys.argv[1:] if argv is None else list(argv)
     signals.install()
+    warnings.showwarning = _show_warning
     try:
         command = typer.main.get_command(app)
         with command.make_context("deepsqueeze", args) as ctx:
