@@ -181,3 +181,33 @@ def test_static_chains_codes_through_average_pooling():
     quantize_(module, Int8StaticConfig(), calib)
     assert module[0].quantized_output and module[2].quantized_output and module[2].relu
     assert sqnr_db(ref, module(x)) > 25
+
+
+@pytest.mark.parametrize("factory", ["TinyResNet", "DepthwiseSeparableCNN"])
+def test_static_int8_folds_batchnorm_wherever_the_forward_applies_it(tmp_path, factory):
+    """Issue 24 finding 10: a BatchNorm inside a residual block stayed float (stored fp32, exported as
+    BatchNormalization) because folding only looked at positions in a Sequential."""
+    from deepsqueeze.core.model import Model, Task
+    from deepsqueeze.testing import models
+
+    torch.manual_seed(0)
+    module = getattr(models, factory)().eval()
+    g = torch.Generator().manual_seed(1)
+    for m in module.modules():  # statistics a trained net would have
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.copy_(torch.randn(m.num_features, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+    x = torch.randn(16, 1, 8, 8, generator=g)
+    ref = module(x)
+    calib = [torch.randn(32, 1, 8, 8, generator=g) for _ in range(4)]
+    quantize_(module, Int8StaticConfig(), calib)
+    assert not [n for n, m in module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert sqnr_db(ref, module(x)) > 20
+    handle = Model(module, {"kind": "py"}, Task.CLASSIFIER, f"py:deepsqueeze.testing.models:{factory}", 0)
+    from deepsqueeze.core.model import py_base
+
+    handle.base = py_base(getattr(models, factory)())
+    artifact.save(handle, tmp_path / "m.dsq")
+    loaded = artifact.load(tmp_path / "m.dsq", model=f"py:deepsqueeze.testing.models:{factory}")
+    assert not [n for n, m in loaded.module.named_modules() if isinstance(m, nn.BatchNorm2d)]
+    assert torch.equal(loaded.module(x), module(x))
