@@ -57,7 +57,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.eval.latency import measure_latency_spread
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule
-    from deepsqueeze.quant.modules import PackedIntLinear, set_packed_kernel
+    from deepsqueeze.runtime.int8 import PackedIntLinear, set_packed_kernel
     from deepsqueeze.recipes import compress, load_recipe
     from deepsqueeze.resolve import resolve_model
 

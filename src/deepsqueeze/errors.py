@@ -35,6 +35,11 @@ class DeepsqueezeWarning(UserWarning):
     """Warnings deepsqueeze emits (the test suite turns them into errors)."""
 
 
+class DeepsqueezeDeprecationWarning(DeprecationWarning):
+    """An old import path that still works for one release; the message names the new one (the test suite
+    turns it into an error: deepsqueeze's own code and tests use the new paths)."""
+
+
 def one_line(message: object, limit: int = 600) -> str:
     """``message`` (an exception or text) as one line of at most ``limit`` characters, for error messages.
 

@@ -17,7 +17,7 @@ from deepsqueeze.quant import (
     PackedIntEmbedding,
     PackedIntLinear,
 )
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime.int8 import (
     FBGEMM_ACT_BITS,
     int8_kernel,
     quantize_activation_per_token,

@@ -1,7 +1,7 @@
 """``export``: a loaded model written for a deployment stack, verified before it is reported done.
 
 * ``onnx``: a graph ONNX Runtime runs on CPU with the model's integers (see
-  :mod:`deepsqueeze.export.onnx` and :mod:`deepsqueeze.quant.onnx_forms`).
+  :mod:`deepsqueeze.export.onnx` and :mod:`deepsqueeze.runtime.onnx_forms`).
 * ``hf``: a float transformer (pruned, layer-dropped, distilled) as a Hugging Face directory with an
   updated config, and for sentence encoders a sentence-transformers directory
   (:mod:`deepsqueeze.export.hf`).

@@ -2,7 +2,7 @@
 
 The exporter does not know any technique. It walks the loaded model and asks every module that has an
 ``onnx_form()`` method (``Int8Linear``, the packed weight-only layers, ``Int8Conv2d``, ``SparseCSRLinear``,
-...) for the traceable module that emits it (see :mod:`deepsqueeze.quant.onnx_forms` for the integer
+...) for the traceable module that emits it (see :mod:`deepsqueeze.runtime.onnx_forms` for the integer
 operators). A float Linear / Conv / Embedding whose weight takes at most 256 distinct values (weight
 sharing) is stored as uint8 indices into its codebook. Everything else (float layers, pruned and factored
 layers, which are already their smaller shapes) is traced as it is. The result lists, per replaced module, what it became in the graph, so

@@ -1,7 +1,7 @@
 """``quantize_``: the in-place verb, the method registry, and the built-in methods.
 
 ``quantize_(module, config, calibration_batches)`` replaces the selected layers of ``module`` by integer
-modules (:mod:`deepsqueeze.quant.modules`) and records one replayable ``quant.module`` transform per
+modules (:mod:`deepsqueeze.runtime.int8`) and records one replayable ``quant.module`` transform per
 replaced layer on ``module`` (the model root), so ``deepsqueeze.load`` rebuilds the same structure.
 
 Methods are functions ``fn(module, config, batches) -> list[str]`` (the names of the replaced layers)
@@ -49,7 +49,7 @@ from deepsqueeze.errors import ArtifactError, DataError, RecipeError, Unsupporte
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.primitives.observers import Observer, make_observer
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime.int8 import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Embedding,
@@ -59,7 +59,8 @@ from deepsqueeze.quant.modules import (
     PackedIntEmbedding,
     PackedIntLinear,
 )
-from deepsqueeze.quant.packed_weights import PackedWeights
+from deepsqueeze.runtime.packed import PackedWeights
+from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["CLAIMED_KINDS", "METHODS", "MethodFn", "install", "note_skip", "plan_quantize", "quantize_", "register_method",
            "run_batch", "select_layers"]
@@ -71,7 +72,7 @@ METHODS: dict[str, MethodFn] = {}
 MODULE_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
     for cls in (Int8Linear, Int8Conv2d, PackedIntLinear, PackedInt4Linear, PackedIntConv2d, Int8Embedding,
-                PackedIntEmbedding)
+                PackedIntEmbedding, PackedTernaryLinear, PackedTernaryConv2d)
 }
 # What else counts as a quantized representation in coverage (besides MODULE_CLASSES): PackedWeights, and
 # what methods register (QAT's fake-quant modules, which stand for their integer form until convert).
@@ -274,7 +275,7 @@ def _retie(root: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
 
 
 def install(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` (a module from :mod:`deepsqueeze.quant.modules`) at ``name`` and record its replay."""
+    """Put ``new`` (a module from :mod:`deepsqueeze.runtime.int8`) at ``name`` and record its replay."""
     cls = type(new).__name__
     if cls not in MODULE_CLASSES:
         raise TypeError(f"{cls} is not a replayable quantized module")

@@ -54,7 +54,7 @@ from deepsqueeze.quant.fake_quant import (
     WeightFakeQuant,
     fake_quant_modules,
 )
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime.int8 import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Embedding,
@@ -64,7 +64,7 @@ from deepsqueeze.quant.modules import (
     PackedIntLinear,
 )
 from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
-from deepsqueeze.quant.ternary_modules import PackedTernaryConv2d, PackedTernaryLinear
+from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["convert_qat_", "prepare_qat_", "qat_options", "train_qat"]
 

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.kinds import layer_kind
-from deepsqueeze.quant.modules import _PackedWeight
+from deepsqueeze.runtime.int8 import _PackedWeight
 
 __all__ = ["PackedTensor", "PackedWeights"]
 
@@ -100,7 +100,7 @@ class PackedWeights(nn.Module):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import packed_weights_form
+        from deepsqueeze.runtime.onnx_forms import packed_weights_form
 
         return packed_weights_form(self)
 

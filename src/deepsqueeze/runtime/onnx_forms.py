@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime.int8 import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Linear,
@@ -276,12 +276,12 @@ def packed_conv_form(layer: PackedIntConv2d) -> tuple[nn.Module, str]:
 
 
 class PackedWeightsForm(nn.Module):
-    """A :class:`~deepsqueeze.quant.packed_weights.PackedWeights` layer (LSTM, GRU, ConvTranspose, attention
+    """A :class:`~deepsqueeze.runtime.packed.PackedWeights` layer (LSTM, GRU, ConvTranspose, attention
     ...): its weight tensors decoded from uint8 codes in the graph, then the wrapped module's own forward."""
 
     def __init__(self, layer: Any) -> None:
         super().__init__()
-        from deepsqueeze.quant.packed_weights import _key
+        from deepsqueeze.runtime.packed import _key
 
         self.specs = {name: tuple(spec["shape"]) for name, spec in layer.specs.items()}
         self.keys = {name: _key(name) for name in layer.specs}
@@ -289,7 +289,7 @@ class PackedWeightsForm(nn.Module):
         self.inner = copy.deepcopy(layer.inner)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from deepsqueeze.quant.packed_weights import _owner
+        from deepsqueeze.runtime.packed import _owner
 
         for name, shape in self.specs.items():
             owner, attr = _owner(self.inner, name)

@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from deepsqueeze.quant.api import MODULE_CLASSES
-from deepsqueeze.quant.modules import PackedIntConv2d, PackedIntLinear
+from deepsqueeze.runtime.int8 import PackedIntConv2d, PackedIntLinear
 
 __all__ = ["PackedTernaryConv2d", "PackedTernaryLinear"]
 
@@ -69,7 +68,3 @@ class PackedTernaryConv2d(PackedIntConv2d):
         for key in ("bits", "group_size", "binary"):
             params.pop(key)
         return params
-
-
-for _cls in (PackedTernaryLinear, PackedTernaryConv2d):
-    MODULE_CLASSES[_cls.__name__] = _cls

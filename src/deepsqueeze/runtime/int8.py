@@ -340,7 +340,7 @@ class Int8Linear(_Cached):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import int8_linear_form
+        from deepsqueeze.runtime.onnx_forms import int8_linear_form
 
         return int8_linear_form(self)
 
@@ -456,7 +456,7 @@ class Int8Conv2d(_Cached):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import int8_conv_form
+        from deepsqueeze.runtime.onnx_forms import int8_conv_form
 
         return int8_conv_form(self)
 
@@ -738,7 +738,7 @@ class PackedIntLinear(_PackedWeight):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import packed_linear_form
+        from deepsqueeze.runtime.onnx_forms import packed_linear_form
 
         return packed_linear_form(self)
 
@@ -790,7 +790,7 @@ class PackedIntConv2d(_PackedWeight):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import packed_conv_form
+        from deepsqueeze.runtime.onnx_forms import packed_conv_form
 
         return packed_conv_form(self)
 
@@ -872,7 +872,7 @@ class PackedIntEmbedding(_PackedWeight):
 
     def onnx_form(self) -> tuple[nn.Module, str]:
         """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.quant.onnx_forms import packed_embedding_form
+        from deepsqueeze.runtime.onnx_forms import packed_embedding_form
 
         return packed_embedding_form(self)
 

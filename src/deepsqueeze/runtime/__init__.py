@@ -1,0 +1,1 @@
+"""Runtime representations: how a compressed layer is stored, executed and exported."""
