@@ -112,7 +112,7 @@ def _run_torch(model: Model, sample: Any) -> Any:
     """The output the exported file must reproduce: the model's reference arithmetic (per-token int8 layers
     on 8-bit codes through ``_int_mm``, as the graph's MatMulInteger computes them), not the 7-bit
     activations of fbgemm's kernel that the int8 race picks on CPUs without VNNI."""
-    from deepsqueeze.quant import forced_int8_kernel
+    from deepsqueeze.runtime import forced_int8_kernel
 
     module = model.module
     module.eval()

@@ -42,7 +42,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import Size, TransformParams, get_record, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
 from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
-from deepsqueeze.runtime.factored import LowRankLinear
+from deepsqueeze.runtime import LowRankLinear
 
 
 class LoRALinear(nn.Module):

@@ -1,5 +1,6 @@
 """Quantization: primitives live in ``deepsqueeze.primitives``; this package holds the stage, the verb
-``quantize_`` and the integer modules it installs (each knows its ONNX form: ``runtime/onnx_forms.py``).
+``quantize_``; the integer modules it installs are representations of :mod:`deepsqueeze.runtime`
+(re-exported here).
 
     from deepsqueeze.quant import quantize_, Int8DynamicConfig
     quantize_(model.module, Int8DynamicConfig())
@@ -20,7 +21,7 @@ from deepsqueeze.quant.config import (
     SmoothQuantConfig,
     WeightOnlyConfig,
 )
-from deepsqueeze.runtime.int8 import (
+from deepsqueeze.runtime import (
     Int8Conv2d,
     Int8Embedding,
     Int8Linear,

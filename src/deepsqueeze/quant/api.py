@@ -1,7 +1,7 @@
 """``quantize_``: the in-place verb, the method registry, and the built-in methods.
 
 ``quantize_(module, config, calibration_batches)`` replaces the selected layers of ``module`` by integer
-modules (:mod:`deepsqueeze.runtime.int8`) and records one replayable ``quant.module`` transform per
+representations (:mod:`deepsqueeze.runtime`) and records one replayable ``quant.module`` transform per
 replaced layer on ``module`` (the model root), so ``deepsqueeze.load`` rebuilds the same structure.
 
 Methods are functions ``fn(module, config, batches) -> list[str]`` (the names of the replaced layers)
@@ -49,7 +49,7 @@ from deepsqueeze.errors import ArtifactError, DataError, RecipeError, Unsupporte
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.primitives.observers import Observer, make_observer
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.runtime.int8 import (
+from deepsqueeze.runtime import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Embedding,
@@ -58,9 +58,10 @@ from deepsqueeze.runtime.int8 import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
+    PackedTernaryConv2d,
+    PackedTernaryLinear,
+    PackedWeights,
 )
-from deepsqueeze.runtime.packed import PackedWeights
-from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["CLAIMED_KINDS", "METHODS", "MethodFn", "install", "note_skip", "plan_quantize", "quantize_", "register_method",
            "run_batch", "select_layers"]
@@ -275,7 +276,7 @@ def _retie(root: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
 
 
 def install(root: nn.Module, name: str, new: nn.Module) -> None:
-    """Put ``new`` (a module from :mod:`deepsqueeze.runtime.int8`) at ``name`` and record its replay."""
+    """Put ``new`` (a representation from :mod:`deepsqueeze.runtime`) at ``name`` and record its replay."""
     cls = type(new).__name__
     if cls not in MODULE_CLASSES:
         raise TypeError(f"{cls} is not a replayable quantized module")

@@ -29,7 +29,7 @@ from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.runtime.int8 import PackedIntLinear
+from deepsqueeze.runtime import PackedIntLinear
 
 # (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
 ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]

@@ -54,7 +54,8 @@ from deepsqueeze.quant.fake_quant import (
     WeightFakeQuant,
     fake_quant_modules,
 )
-from deepsqueeze.runtime.int8 import (
+from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
+from deepsqueeze.runtime import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Embedding,
@@ -62,9 +63,9 @@ from deepsqueeze.runtime.int8 import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
+    PackedTernaryConv2d,
+    PackedTernaryLinear,
 )
-from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
-from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["convert_qat_", "prepare_qat_", "qat_options", "train_qat"]
 

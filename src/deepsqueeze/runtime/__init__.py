@@ -1,1 +1,77 @@
-"""Runtime representations: how a compressed layer is stored, executed and exported."""
+"""Runtime representations: how a compressed layer is stored, executed and exported.
+
+A representation is named by what it holds, not by the algorithm that produced it (GPTQ, RTN, AWQ and QAT
+all produce the same packed layer). One module per representation:
+
+* ``int8``: :class:`Int8Linear`, :class:`Int8Conv2d`, :class:`Int8Embedding` (int8 codes, int8 activations);
+* ``packed``: :class:`PackedIntLinear`, :class:`PackedIntConv2d`, :class:`PackedIntEmbedding` (1..8-bit
+  weight-only codes, binary included) and :class:`PackedWeights` (packed weights of any layer kind);
+* ``ternary``: :class:`PackedTernaryLinear`, :class:`PackedTernaryConv2d` (two-level ternary scales);
+* ``factored``: :class:`LowRankLinear`, :class:`Tucker2Conv2d`, :class:`CPConv2d` (products of plain layers).
+
+``kernels`` holds the kernels they run on and the per-CPU race that picks one; ``<format>_forms`` holds
+what each representation becomes in one export format (``onnx_forms`` now; a new format adds one file).
+
+Import rules: runtime imports only ``core``, ``primitives``, ``codec`` and ``errors`` (never a technique or
+an exporter). Techniques (quant, prune, share, lowrank) produce representations and exporters read them
+through this package's public names (``from deepsqueeze.runtime import Int8Linear``), never its modules;
+inside runtime, modules import their siblings directly.
+"""
+
+from deepsqueeze.runtime.factored import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
+from deepsqueeze.runtime.int8 import (
+    ACT_SCHEMES,
+    CONV_INPUT_BITS,
+    ActScheme,
+    Int8Conv2d,
+    Int8Embedding,
+    Int8Linear,
+    quantize_activation_per_token,
+)
+from deepsqueeze.runtime.kernels import (
+    FBGEMM_ACT_BITS,
+    INT8_KERNELS,
+    PACKED_KERNELS,
+    forced_int8_kernel,
+    int8_kernel,
+    set_int8_kernel,
+    set_packed_kernel,
+)
+from deepsqueeze.runtime.packed import (
+    PackedInt4Linear,
+    PackedIntConv2d,
+    PackedIntEmbedding,
+    PackedIntLinear,
+    PackedTensor,
+    PackedWeights,
+)
+from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
+
+__all__ = [
+    "ACT_SCHEMES",
+    "CONV_INPUT_BITS",
+    "FBGEMM_ACT_BITS",
+    "INT8_KERNELS",
+    "PACKED_KERNELS",
+    "ActScheme",
+    "CPConv2d",
+    "Int8Conv2d",
+    "Int8Embedding",
+    "Int8Linear",
+    "LowRankLinear",
+    "PackedInt4Linear",
+    "PackedIntConv2d",
+    "PackedIntEmbedding",
+    "PackedIntLinear",
+    "PackedTensor",
+    "PackedTernaryConv2d",
+    "PackedTernaryLinear",
+    "PackedWeights",
+    "Tucker2Conv2d",
+    "conv_geometry",
+    "forced_int8_kernel",
+    "int8_kernel",
+    "quantize_activation_per_token",
+    "set_int8_kernel",
+    "set_packed_kernel",
+]

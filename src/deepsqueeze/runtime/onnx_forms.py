@@ -33,14 +33,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsqueeze.runtime.int8 import (
-    CONV_INPUT_BITS,
-    Int8Conv2d,
-    Int8Linear,
-    PackedIntConv2d,
-    PackedIntEmbedding,
-    PackedIntLinear,
-)
+from deepsqueeze.runtime.int8 import CONV_INPUT_BITS, Int8Conv2d, Int8Linear
+from deepsqueeze.runtime.packed import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
 
 __all__ = ["int8_conv_form", "int8_linear_form", "packed_conv_form", "packed_embedding_form",
            "packed_linear_form", "packed_weights_form"]

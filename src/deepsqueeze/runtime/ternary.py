@@ -13,7 +13,7 @@ from typing import Any
 
 import torch
 
-from deepsqueeze.runtime.int8 import PackedIntConv2d, PackedIntLinear
+from deepsqueeze.runtime.packed import PackedIntConv2d, PackedIntLinear
 
 __all__ = ["PackedTernaryConv2d", "PackedTernaryLinear"]
 
