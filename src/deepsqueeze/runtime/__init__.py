@@ -7,6 +7,7 @@ all produce the same packed layer). One module per representation:
 * ``packed``: :class:`PackedIntLinear`, :class:`PackedIntConv2d`, :class:`PackedIntEmbedding` (1..8-bit
   weight-only codes, binary included) and :class:`PackedWeights` (packed weights of any layer kind);
 * ``ternary``: :class:`PackedTernaryLinear`, :class:`PackedTernaryConv2d` (two-level ternary scales);
+* ``sparse``: :class:`SparseCSRLinear` (a pruned Linear's weight as a CSR matrix);
 * ``factored``: :class:`LowRankLinear`, :class:`Tucker2Conv2d`, :class:`CPConv2d` (products of plain layers).
 
 ``kernels`` holds the kernels they run on and the per-CPU race that picks one; ``<format>_forms`` holds
@@ -32,10 +33,12 @@ from deepsqueeze.runtime.kernels import (
     FBGEMM_ACT_BITS,
     INT8_KERNELS,
     PACKED_KERNELS,
+    SPARSE_KERNELS,
     forced_int8_kernel,
     int8_kernel,
     set_int8_kernel,
     set_packed_kernel,
+    sparse_kernel,
 )
 from deepsqueeze.runtime.packed import (
     PackedInt4Linear,
@@ -45,14 +48,17 @@ from deepsqueeze.runtime.packed import (
     PackedTensor,
     PackedWeights,
 )
+from deepsqueeze.runtime.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear
 from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = [
     "ACT_SCHEMES",
     "CONV_INPUT_BITS",
+    "CSR_BREAK_EVEN_SPARSITY",
     "FBGEMM_ACT_BITS",
     "INT8_KERNELS",
     "PACKED_KERNELS",
+    "SPARSE_KERNELS",
     "ActScheme",
     "CPConv2d",
     "Int8Conv2d",
@@ -67,6 +73,7 @@ __all__ = [
     "PackedTernaryConv2d",
     "PackedTernaryLinear",
     "PackedWeights",
+    "SparseCSRLinear",
     "Tucker2Conv2d",
     "conv_geometry",
     "forced_int8_kernel",
@@ -74,4 +81,5 @@ __all__ = [
     "quantize_activation_per_token",
     "set_int8_kernel",
     "set_packed_kernel",
+    "sparse_kernel",
 ]

@@ -31,7 +31,7 @@ from deepsqueeze.errors import ModelError, UnsupportedLayerError
 
 __all__ = ["FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
            "forced_int8_kernel", "int8_kernel", "packed_kernel_support", "packed_linear_kernel", "run_packed_linear",
-           "set_int8_kernel", "set_packed_kernel"]
+           "SPARSE_KERNELS", "set_int8_kernel", "set_packed_kernel", "sparse_kernel"]
 
 
 class Cached(nn.Module):
@@ -306,3 +306,30 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
             if k not in layer._kernels.values():
                 layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
     return chosen
+
+
+# ------------------------------------------------------------------------------------------ sparse kernels
+
+SPARSE_KERNELS = ("csr", "dense")
+_measured_sparse_kernel: dict[tuple[int, ...], str] = {}
+
+
+def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
+    """``"csr"`` or ``"dense"`` for ``layer`` on the 2-D batch ``x``: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
+
+    The race runs both of the layer's forward paths on ``x`` (:func:`deepsqueeze.core.timing.choose`:
+    interleaved repetitions, dense kept unless CSR is 15% faster) and the decision is kept per weight
+    shape, non-zero count and batch kind (one row or many), in the process and in the machine's kernel
+    cache, so every layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
+    """
+    forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
+    if forced is not None:
+        return forced
+    if layer.weight_csr.device.type != "cpu":
+        return "csr"
+    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
+    if key not in _measured_sparse_kernel:
+        name = f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
+        _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
+                                                     "csr": lambda: layer._csr_product(x)})
+    return _measured_sparse_kernel[key]
