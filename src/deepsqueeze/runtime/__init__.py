@@ -8,6 +8,7 @@ all produce the same packed layer). One module per representation:
   weight-only codes, binary included) and :class:`PackedWeights` (packed weights of any layer kind);
 * ``ternary``: :class:`PackedTernaryLinear`, :class:`PackedTernaryConv2d` (two-level ternary scales);
 * ``sparse``: :class:`SparseCSRLinear` (a pruned Linear's weight as a CSR matrix);
+* ``codebook``: :class:`CodebookWeight` (shared weights as centroids and indices) and :func:`shared_values`;
 * ``factored``: :class:`LowRankLinear`, :class:`Tucker2Conv2d`, :class:`CPConv2d` (products of plain layers).
 
 ``kernels`` holds the kernels they run on and the per-CPU race that picks one; ``<format>_forms`` holds
@@ -19,6 +20,7 @@ through this package's public names (``from deepsqueeze.runtime import Int8Linea
 inside runtime, modules import their siblings directly.
 """
 
+from deepsqueeze.runtime.codebook import CodebookWeight, shared_values
 from deepsqueeze.runtime.factored import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
 from deepsqueeze.runtime.int8 import (
     ACT_SCHEMES,
@@ -40,6 +42,7 @@ from deepsqueeze.runtime.kernels import (
     set_packed_kernel,
     sparse_kernel,
 )
+from deepsqueeze.runtime.onnx_forms import onnx_form
 from deepsqueeze.runtime.packed import (
     PackedInt4Linear,
     PackedIntConv2d,
@@ -61,6 +64,7 @@ __all__ = [
     "SPARSE_KERNELS",
     "ActScheme",
     "CPConv2d",
+    "CodebookWeight",
     "Int8Conv2d",
     "Int8Embedding",
     "Int8Linear",
@@ -78,8 +82,10 @@ __all__ = [
     "conv_geometry",
     "forced_int8_kernel",
     "int8_kernel",
+    "onnx_form",
     "quantize_activation_per_token",
     "set_int8_kernel",
     "set_packed_kernel",
+    "shared_values",
     "sparse_kernel",
 ]

@@ -198,12 +198,6 @@ class Int8Linear(Cached):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, act={self.act}"
 
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import int8_linear_form
-
-        return int8_linear_form(self)
-
 
 # ------------------------------------------------------------------------------------------ Int8Conv2d
 
@@ -306,12 +300,6 @@ class Int8Conv2d(Cached):
         return (f"{self.in_channels}, {self.out_channels}, kernel_size={self.kernel_size}, stride={self.stride}, "
                 f"padding={self.padding}, relu={self.relu}, quantized_output={self.quantized_output}")
 
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import int8_conv_form
-
-        return int8_conv_form(self)
-
 
 # ------------------------------------------------------------------------------------------ Int8Embedding
 
@@ -340,10 +328,6 @@ class Int8Embedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.weight[ids].float() * self.scale[ids].unsqueeze(-1)
-
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """Traced as it is: an int8 ``Gather`` and a per-row scale."""
-        return self, "int8 Gather, per-row scale"
 
     def deepsqueeze_param_count(self) -> int:
         return self.weight.numel()

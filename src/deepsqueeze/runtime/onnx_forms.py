@@ -1,4 +1,8 @@
-"""How each quantized representation emits itself to ONNX (the exporter asks, see ``deepsqueeze.export``).
+"""What each runtime representation becomes in an ONNX graph: :func:`onnx_form` (the exporter,
+:mod:`deepsqueeze.export.onnx`, asks it for every module and knows no representation itself).
+
+One file per export format: a new representation adds its entry to :data:`ONNX_FORMS` here (and to the
+other formats' files), a new format adds one ``<format>_forms.py`` beside this one.
 
 Every form is a traceable module (TorchScript ONNX exporter) holding the representation's integers as
 integer initializers, so the ONNX file is about the size of the .dsq and ONNX Runtime computes with them:
@@ -20,6 +24,10 @@ integer initializers, so the ONNX file is about the size of the .dsq and ONNX Ru
   hold unpacked uint8 codes and decode them in the graph (``(q - z) * s`` per group); packed embeddings
   keep their bits and unpack only the rows looked up.
 * :class:`Int8Embedding` is traceable as it is (int8 ``Gather`` then a per-row scale).
+* :class:`SparseCSRLinear` -> a dense float ``MatMul`` (ONNX Runtime has no sparse CPU kernel).
+* A float Linear / Conv / Embedding whose weight is shared (:func:`~deepsqueeze.runtime.codebook.shared_values`)
+  -> uint8 indices into its codebook, looked up (``Gather``) when the graph runs.
+* A module of another package with an ``onnx_form()`` method -> what that method returns.
 
 Each ``*_form`` returns ``(module, description)``; the description is what the export report lists.
 """
@@ -27,17 +35,29 @@ Each ``*_form`` returns ``(module, description)``; the description is what the e
 from __future__ import annotations
 
 import copy
+from collections.abc import Callable
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from deepsqueeze.runtime.int8 import CONV_INPUT_BITS, Int8Conv2d, Int8Linear
-from deepsqueeze.runtime.packed import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
+from deepsqueeze.primitives.packing import _layout
+from deepsqueeze.runtime.codebook import shared_values
+from deepsqueeze.runtime.int8 import CONV_INPUT_BITS, Int8Conv2d, Int8Embedding, Int8Linear
+from deepsqueeze.runtime.packed import (
+    PackedIntConv2d,
+    PackedIntEmbedding,
+    PackedIntLinear,
+    PackedWeights,
+    _key,
+    _owner,
+)
+from deepsqueeze.runtime.sparse import SparseCSRLinear
 
-__all__ = ["int8_conv_form", "int8_linear_form", "packed_conv_form", "packed_embedding_form",
-           "packed_linear_form", "packed_weights_form"]
+__all__ = ["ONNX_FORMS", "codebook_form", "int8_conv_form", "int8_embedding_form", "int8_linear_form", "onnx_form",
+           "packed_conv_form", "packed_embedding_form", "packed_linear_form", "packed_weights_form",
+           "sparse_linear_form"]
 
 _INT8, _UINT8, _INT32, _FLOAT = 3, 2, 6, 1  # onnx.TensorProto element types
 
@@ -270,28 +290,24 @@ def packed_conv_form(layer: PackedIntConv2d) -> tuple[nn.Module, str]:
 
 
 class PackedWeightsForm(nn.Module):
-    """A :class:`~deepsqueeze.runtime.packed.PackedWeights` layer (LSTM, GRU, ConvTranspose, attention
+    """A :class:`PackedWeights` layer (LSTM, GRU, ConvTranspose, attention
     ...): its weight tensors decoded from uint8 codes in the graph, then the wrapped module's own forward."""
 
-    def __init__(self, layer: Any) -> None:
+    def __init__(self, layer: PackedWeights) -> None:
         super().__init__()
-        from deepsqueeze.runtime.packed import _key
-
         self.specs = {name: tuple(spec["shape"]) for name, spec in layer.specs.items()}
         self.keys = {name: _key(name) for name in layer.specs}
         self.codes = nn.ModuleDict({self.keys[name]: _CodesRows(layer.packed[self.keys[name]]) for name in self.specs})
         self.inner = copy.deepcopy(layer.inner)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        from deepsqueeze.runtime.packed import _owner
-
         for name, shape in self.specs.items():
             owner, attr = _owner(self.inner, name)
             setattr(owner, attr, self.codes[self.keys[name]].rows_float().reshape(shape))
         return self.inner(*args, **kwargs)
 
 
-def packed_weights_form(layer: Any) -> tuple[nn.Module, str]:
+def packed_weights_form(layer: PackedWeights) -> tuple[nn.Module, str]:
     return PackedWeightsForm(layer), f"uint8 codes decoded in the graph, then {type(layer.inner).__name__}"
 
 
@@ -304,8 +320,6 @@ class DecodedEmbeddingForm(nn.Module):
 
     def __init__(self, layer: PackedIntEmbedding) -> None:
         super().__init__()
-        from deepsqueeze.primitives.packing import _layout
-
         per_block, block_bytes, _ = _layout(layer.bits)
         self.register_buffer("codes", layer.codes.clone())
         self.register_buffer("scale", layer.scale.float().clone())
@@ -388,3 +402,82 @@ class QDQConvForm(nn.Module):
 
 def int8_conv_form(layer: Int8Conv2d) -> tuple[nn.Module, str]:
     return QDQConvForm(layer), "QDQ int8 (QLinearConv in ONNX Runtime)"
+
+
+# ------------------------------------------------------------------------------------------ int8 embedding, sparse
+
+
+def int8_embedding_form(layer: Int8Embedding) -> tuple[nn.Module, str]:
+    """Traced as it is: an int8 ``Gather`` and a per-row scale."""
+    return layer, "int8 Gather, per-row scale"
+
+
+def sparse_linear_form(layer: SparseCSRLinear) -> tuple[nn.Module, str]:
+    """A dense Linear: ONNX Runtime has no sparse matrix kernel on CPU (the zeros are stored)."""
+    dense = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
+    dense.weight.data = layer.dense_weight()
+    if layer.bias is not None:
+        dense.bias.data = layer.bias.detach().clone()
+    return dense, "dense float MatMul (ONNX Runtime has no sparse CPU kernel)"
+
+
+# ------------------------------------------------------------------------------------------ codebook
+
+
+class CodebookGatherForm(nn.Module):
+    """A float layer whose weight takes at most 256 distinct values (weight sharing, Deep Compression):
+    uint8 indices into a float codebook, looked up (``Gather``) when the graph runs."""
+
+    def __init__(self, layer: nn.Module, values: torch.Tensor, index: torch.Tensor) -> None:
+        super().__init__()
+        self.layer = copy.deepcopy(layer)
+        self.shape = tuple(layer.weight.shape)
+        del self.layer.weight
+        self.register_buffer("codebook", values.float())
+        self.register_buffer("index", index.to(torch.uint8).reshape(self.shape))
+
+    def forward(self, *args: Any) -> Any:
+        self.layer.weight = self.codebook[self.index.long()]
+        return self.layer(*args)
+
+
+def codebook_form(layer: nn.Module) -> tuple[nn.Module, str] | None:
+    """The codebook form of a float Linear / Conv / Embedding whose weight has at most 256 distinct values."""
+    shared = shared_values(layer)
+    if shared is None:
+        return None
+    values, index = shared
+    return CodebookGatherForm(layer, values, index), f"uint8 codebook indices ({len(values)} values), Gather"
+
+
+# ------------------------------------------------------------------------------------------ the table
+
+FormFn = Callable[[Any], tuple[nn.Module, str]]
+
+#: Representation class -> its ONNX form (subclasses take their closest base's, e.g. the ternary layers).
+ONNX_FORMS: dict[type[nn.Module], FormFn] = {
+    Int8Linear: int8_linear_form,
+    Int8Conv2d: int8_conv_form,
+    Int8Embedding: int8_embedding_form,
+    PackedIntLinear: packed_linear_form,
+    PackedIntConv2d: packed_conv_form,
+    PackedIntEmbedding: packed_embedding_form,
+    PackedWeights: packed_weights_form,
+    SparseCSRLinear: sparse_linear_form,
+}
+
+
+def onnx_form(layer: nn.Module) -> tuple[nn.Module, str] | None:
+    """``(traceable module, description)`` that emits ``layer`` to ONNX, or None when it is traced as it is.
+
+    A module's own ``onnx_form()`` method comes first (representations of other packages), then
+    :data:`ONNX_FORMS` along the class's bases, then the codebook form of shared float weights.
+    """
+    own = getattr(layer, "onnx_form", None)
+    if own is not None:
+        return own()
+    for cls in type(layer).__mro__:
+        form = ONNX_FORMS.get(cls)
+        if form is not None:
+            return form(layer)
+    return codebook_form(layer)

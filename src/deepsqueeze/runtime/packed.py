@@ -114,7 +114,6 @@ class _PackedWeight(Cached):
             self.zero_point.numel() * 8 if self.zero_point is not None else 0)
 
 
-
 class PackedIntLinear(_PackedWeight):
     """Weight-only Linear: packed 1..8-bit codes computed on without a float copy of the weight.
 
@@ -200,12 +199,6 @@ class PackedIntLinear(_PackedWeight):
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}{', binary' if self.binary else ''}")
 
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import packed_linear_form
-
-        return packed_linear_form(self)
-
 
 class PackedInt4Linear(PackedIntLinear):
     """:class:`PackedIntLinear` at 4 bits: two codes per byte."""
@@ -252,18 +245,11 @@ class PackedIntConv2d(_PackedWeight):
         return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, self.stride, self.padding,
                         self.dilation, self.groups)
 
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import packed_conv_form
-
-        return packed_conv_form(self)
-
     def replay_params(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,
                 "kernel_size": list(self.kernel_size), "stride": list(self.stride), "padding": list(self.padding),
                 "dilation": list(self.dilation), "groups": self.groups, "bias": self.bias is not None,
                 "bits": self.bits, "group_size": self.group_size, "binary": self.binary}
-
 
 
 class PackedIntEmbedding(_PackedWeight):
@@ -291,12 +277,6 @@ class PackedIntEmbedding(_PackedWeight):
         scale = self.scale[flat].repeat_interleave(self.group_size, dim=1)
         zero = self.zero_point[flat].float().repeat_interleave(self.group_size, dim=1)
         return ((q - zero) * scale).reshape(*ids.shape, self.embedding_dim)
-
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import packed_embedding_form
-
-        return packed_embedding_form(self)
 
     def replay_params(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
@@ -380,12 +360,6 @@ class PackedWeights(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         self._set_weights()
         return self.inner(*args, **kwargs)
-
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """The traceable module that emits this layer to ONNX, and what it becomes there."""
-        from deepsqueeze.runtime.onnx_forms import packed_weights_form
-
-        return packed_weights_form(self)
 
     def deepsqueeze_param_count(self) -> int:
         return sum(p.numel() for p in self.inner.parameters()) + sum(

@@ -86,14 +86,6 @@ class SparseCSRLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.weight_csr.to_dense()
 
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """A dense Linear: ONNX Runtime has no sparse matrix kernel on CPU (the zeros are stored)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        dense.weight.data = self.dense_weight()
-        if self.bias is not None:
-            dense.bias.data = self.bias.detach().clone()
-        return dense, "dense float MatMul (ONNX Runtime has no sparse CPU kernel)"
-
     def deepsqueeze_param_count(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
