@@ -1,0 +1,7 @@
+"""Deprecated: ``PackedTensor`` and ``PackedWeights`` moved to :mod:`deepsqueeze.runtime` (this path works,
+with a DeprecationWarning, for one release)."""
+
+from deepsqueeze import runtime
+from deepsqueeze.core.deprecation import moved_to
+
+__getattr__ = moved_to(__name__, runtime, ["PackedTensor", "PackedWeights"])
