@@ -10,7 +10,6 @@ from typing import Any
 import typer
 from rich.console import Console
 from rich.table import Table
-from typer.core import TyperCommand
 
 from deepsqueeze.core.config import MAX_THREADS
 
@@ -30,16 +29,6 @@ def threads_option(help: str) -> Any:
 
 ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:factory building the architecture of "
                                "an artifact compressed from your own code (a .dsq never names code to run)")
-
-
-class ListingCommand(TyperCommand):
-    """A command whose ``--help`` ends with the shipped recipes and stage types (computed only when shown)."""
-
-    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
-        from deepsqueeze.cli.recipes import brief_listing
-
-        self.epilog = brief_listing()
-        return super().format_help(ctx, formatter)
 
 
 def emit_json(obj: dict[str, Any]) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import typer
+from typer.core import TyperCommand
 
 from deepsqueeze.cli._common import JsonOption, emit_json
 
@@ -48,6 +49,14 @@ def brief_listing() -> str:
 
     return (f"Shipped recipes: {', '.join(shipped_recipes())}. Stage types: {', '.join(registered_stages())}. "
             "Run 'deepsqueeze recipes' for one line per recipe and every stage's keys.")
+
+
+class ListingCommand(TyperCommand):
+    """A command whose ``--help`` ends with the shipped recipes and stage types (computed only when shown)."""
+
+    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
+        self.epilog = brief_listing()
+        return super().format_help(ctx, formatter)
 
 
 def _plain(value: Any) -> str:
