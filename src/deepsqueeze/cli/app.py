@@ -59,7 +59,7 @@ class _Group(TyperGroup):
 
 def _version(value: bool) -> None:
     if value:
-        from deepsqueeze import __version__
+        from deepsqueeze._version import __version__
 
         print(f"deepsqueeze {__version__}")
         raise typer.Exit()
