@@ -167,7 +167,7 @@ def test_static_int8_cnn_exports_integer_convolutions_that_agree_with_torch(tmp_
 
 
 def test_a_check_above_tolerance_writes_nothing(tmp_path, monkeypatch):
-    import deepsqueeze.export as ex
+    import deepsqueeze.export.onnx as ex
 
     model = tiny_model_handle()
     quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))

@@ -31,9 +31,19 @@ from deepsqueeze.core.config import MAX_THREADS
 from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
-from deepsqueeze.runtime import onnx_form
+from deepsqueeze.export.check import (
+    TOLERANCE,
+    TOLERANCE_QUANTIZED_ACTIVATIONS,
+    ExportResult,
+    compare_outputs,
+    size_of,
+    verify,
+    write_verified,
+)
+from deepsqueeze.runtime import forced_int8_kernel, onnx_form
 
-__all__ = ["OrtModule", "onnx_forms", "ort_model", "require_ort", "trace_inputs", "write_onnx"]
+__all__ = ["OrtModule", "export_onnx", "onnx_forms", "ort_model", "reference_outputs", "require_ort", "trace_inputs",
+           "write_onnx"]
 
 OPSET = 17
 
@@ -128,6 +138,32 @@ def _uses_contrib(report: list[dict[str, str]]) -> bool:
     return any("MatMulNBits" in row["exported_as"] for row in report)
 
 
+def reference_outputs(model: Model, sample: Any) -> Any:
+    """The output the exported file must reproduce: the model's reference arithmetic (per-token int8 layers
+    on 8-bit codes through ``_int_mm``, as the graph's MatMulInteger computes them), not the 7-bit
+    activations of fbgemm's kernel that the int8 race picks on CPUs without VNNI."""
+    module = model.module
+    module.eval()
+    with torch.no_grad(), forced_int8_kernel("int_mm"):
+        if isinstance(sample, dict):
+            return module(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"])
+        return module(sample)
+
+
+def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> ExportResult:
+    """Write ``model`` to ``path`` as ONNX and check ONNX Runtime's outputs on ``sample`` against the torch model's
+    (:class:`ModelError` above tolerance); :func:`deepsqueeze.export.export` calls it on a staged path."""
+    expected = reference_outputs(model, sample)
+    layers = write_onnx(model, path, sample, expected)
+    got = OrtModule(path, model.module, threads).run_all(*(
+        (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
+    check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))
+    quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
+    check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
+    verify(check, "ONNX Runtime")
+    return ExportResult(str(path), "onnx", size_of(path), layers, check)
+
+
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the interface of the module it was exported from.
 
@@ -189,14 +225,13 @@ def ort_model(model: Model, path: str | os.PathLike[str] | None = None, threads:
     A temporary export folder is removed as soon as the session holds the model (nothing is left behind,
     even when the export fails).
     """
-    from deepsqueeze.export import export
-
     temporary = None
     if path is None:
         temporary = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-"))
         path = temporary / "model.onnx"
     try:
-        result = export(model, "onnx", path, sample=sample, threads=threads)
+        result = write_verified(model, "onnx", path, lambda staged, batch: export_onnx(model, staged, batch, threads),
+                                sample=sample)
         module = OrtModule(path, model.module, threads)
     finally:
         if temporary is not None:
