@@ -1,5 +1,8 @@
 """Distillation losses: soft targets (Hinton), hints with an adapter (FitNets), transformer
-hidden states and attention maps (TinyBERT / MiniLM), and sentence-embedding matching."""
+hidden states and attention maps (TinyBERT / MiniLM), and sentence-embedding matching.
+
+They live beside the training loop because every stage that learns from a teacher uses them: the
+distill stage, QAT's and LoRA's recovery; ``deepsqueeze.distill`` re-exports them."""
 
 from __future__ import annotations
 
