@@ -1,4 +1,5 @@
-"""Old import paths of the runtime representations work for one release, with a DeprecationWarning."""
+"""Old import paths of moved code (the runtime representations, the distillation losses and sentence
+batching) work for one release, with a DeprecationWarning."""
 
 import importlib
 import warnings
@@ -8,6 +9,7 @@ import pytest
 from deepsqueeze import runtime
 from deepsqueeze.errors import DeepsqueezeDeprecationWarning
 from deepsqueeze.runtime import onnx_forms
+from deepsqueeze.train import losses, text
 
 MOVED = [
     ("deepsqueeze.quant.modules", name, runtime)
@@ -28,6 +30,10 @@ MOVED = [
     ("deepsqueeze.lowrank.modules", "Tucker2Conv2d", runtime),
     ("deepsqueeze.lowrank.modules", "CPConv2d", runtime),
     ("deepsqueeze.share.share", "CodebookWeight", runtime),
+    ("deepsqueeze.distill.losses", "soft_target_loss", losses),
+    ("deepsqueeze.distill.losses", "HintAdapter", losses),
+    ("deepsqueeze.distill.text", "sentence_batches", text),
+    ("deepsqueeze.distill.text", "augment_sentences", text),
 ]
 
 
