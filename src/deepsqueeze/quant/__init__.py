@@ -8,6 +8,8 @@
 
 from __future__ import annotations
 
+from deepsqueeze.quant import methods as _methods  # noqa: F401  (registers the built-in methods)
+from deepsqueeze.quant import replay as _replay  # noqa: F401  (registers the quant.* replays and model check)
 from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
 from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
 from deepsqueeze.quant.config import (
