@@ -179,6 +179,13 @@ def test_exporters_and_the_runtime_import_no_technique():
         "\n".join(wrong)
 
 
+def test_runtime_stands_on_core_primitives_and_errors_only():
+    allowed = {"core", "primitives", "errors", "runtime"}
+    wrong = [f"{m} -> {t}" for m, targets in sorted(import_graph().items()) for t in sorted(targets)
+             if _folder(m) == "runtime" and _folder(t) not in allowed]
+    assert not wrong, "\n".join(wrong)
+
+
 def test_outside_runtime_representations_come_from_the_package():
     """``from deepsqueeze.runtime import Int8Linear``, never ``deepsqueeze.runtime.int8`` (the runtime's modules
     may move between themselves without touching a technique or an exporter)."""

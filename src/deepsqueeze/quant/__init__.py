@@ -1,9 +1,14 @@
-"""Quantization: primitives live in ``deepsqueeze.primitives``; this package holds the stage, the verb
-``quantize_``; the integer modules it installs are representations of :mod:`deepsqueeze.runtime`
-(re-exported here).
+"""Quantization algorithms: the ``quantize`` stage, the verb ``quantize_`` and its methods. What they install
+(Int8Linear, the packed and ternary layers, PackedWeights) are representations of :mod:`deepsqueeze.runtime`,
+re-exported here; the tensor math is in :mod:`deepsqueeze.primitives`.
 
     from deepsqueeze.quant import quantize_, Int8DynamicConfig
     quantize_(model.module, Int8DynamicConfig())
+
+``api`` (the verb, the method registry, coverage), ``methods`` (dynamic, smoothquant, static, rtn, binary,
+ternary), ``replay`` (what the loader rebuilds from the ``quant.*`` transforms), ``calibrate`` (calibration
+data and statistics), ``gptq``, ``awq``, ``mixed``, ``qat`` / ``fake_quant``, ``stream`` (layer by layer from
+shards). quant imports ``core``, ``primitives``, ``runtime``, ``data`` and ``train``, never another technique.
 """
 
 from __future__ import annotations

@@ -11,13 +11,18 @@ all produce the same packed layer). One module per representation:
 * ``codebook``: :class:`CodebookWeight` (shared weights as centroids and indices) and :func:`shared_values`;
 * ``factored``: :class:`LowRankLinear`, :class:`Tucker2Conv2d`, :class:`CPConv2d` (products of plain layers).
 
-``kernels`` holds the kernels they run on and the per-CPU race that picks one; ``<format>_forms`` holds
-what each representation becomes in one export format (``onnx_forms`` now; a new format adds one file).
+``kernels`` holds the kernels they run on and the per-CPU race that picks one (int8, packed, sparse).
+Export forms follow one rule, one file per export format: ``onnx_forms`` maps every representation to what
+it becomes in an ONNX graph (:func:`onnx_form`); a new format adds one ``<format>_forms.py`` beside it
+(``gguf_forms.py``, ``pte_forms.py``), a new representation adds one module here and one entry in each
+forms file. A representation keeps its integers in buffers, so the artifact's ``raw`` encoding stores them
+as they are; what the file does beyond that (the ``sparse``, codebook and ``int-grid`` encodings) and how the
+loader rebuilds a layer (the replayed transforms) are registered by the technique that chooses them.
 
-Import rules: runtime imports only ``core``, ``primitives``, ``codec`` and ``errors`` (never a technique or
-an exporter). Techniques (quant, prune, share, lowrank) produce representations and exporters read them
-through this package's public names (``from deepsqueeze.runtime import Int8Linear``), never its modules;
-inside runtime, modules import their siblings directly.
+Import rules: runtime imports only ``core``, ``primitives`` and ``errors``, never a technique or an exporter
+(tests/test_architecture.py). Techniques (quant, prune, share, lowrank) produce representations and
+exporters read them through this package's public names (``from deepsqueeze.runtime import Int8Linear``),
+never its modules; inside runtime, modules import their siblings directly.
 """
 
 from deepsqueeze.runtime.codebook import CodebookWeight, shared_values
