@@ -9,13 +9,13 @@ import typer
 from deepsqueeze.cli._common import (
     DeviceOption,
     JsonOption,
+    ListingCommand,
     ModelCodeOption,
     emit_json,
     kv_table,
     rows_table,
     stdout,
 )
-from deepsqueeze.cli.recipes import ListingCommand
 
 
 def register(app: typer.Typer) -> None:

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any
 
 import typer
-from typer.core import TyperCommand
 
 from deepsqueeze.cli._common import JsonOption, emit_json
 
@@ -40,23 +39,6 @@ def listing_text() -> str:
     for stage_type, keys in stage_keys().items():
         lines.append(f"  {stage_type}: " + ", ".join(f"{k}={_plain(v)}" for k, v in keys.items()))
     return "\n".join(lines)
-
-
-def brief_listing() -> str:
-    """One paragraph for ``--help``: the recipe names and stage types, pointing at ``deepsqueeze recipes``."""
-    from deepsqueeze.core.config import registered_stages
-    from deepsqueeze.recipes.schema import shipped_recipes
-
-    return (f"Shipped recipes: {', '.join(shipped_recipes())}. Stage types: {', '.join(registered_stages())}. "
-            "Run 'deepsqueeze recipes' for one line per recipe and every stage's keys.")
-
-
-class ListingCommand(TyperCommand):
-    """A command whose ``--help`` ends with the shipped recipes and stage types (computed only when shown)."""
-
-    def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
-        self.epilog = brief_listing()
-        return super().format_help(ctx, formatter)
 
 
 def _plain(value: Any) -> str:
