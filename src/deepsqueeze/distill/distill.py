@@ -39,7 +39,6 @@ from deepsqueeze.train.losses import (
     embedding_loss,
     hidden_state_loss,
     hint_loss,
-    soft_target_loss,
 )
 
 
@@ -134,6 +133,7 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
                         progress: bool, device: Any) -> dict[str, float]:
     from deepsqueeze.data.datasets import ClassificationData
     from deepsqueeze.train.loop import train_classifier
+    from deepsqueeze.train.losses import soft_target_loss
 
     if not isinstance(data, ClassificationData):
         raise DataError(f"distilling a classifier needs image data, not {getattr(data, 'name', data)}")

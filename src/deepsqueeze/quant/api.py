@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze import runtime
 from deepsqueeze.core.coverage import (
     check_unsupported,
     diff_coverage,
@@ -45,18 +46,6 @@ from deepsqueeze.core.sharing import tied_weight_groups
 from deepsqueeze.core.walker import get_submodule, has_empty_weight, name_matches, set_submodule
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.runtime import (
-    Int8Conv2d,
-    Int8Embedding,
-    Int8Linear,
-    PackedInt4Linear,
-    PackedIntConv2d,
-    PackedIntEmbedding,
-    PackedIntLinear,
-    PackedTernaryConv2d,
-    PackedTernaryLinear,
-    PackedWeights,
-)
 
 __all__ = ["CLAIMED_KINDS", "METHODS", "MethodFn", "install", "note_skip", "plan_quantize", "quantize_", "register_method",
            "run_batch", "select_layers"]
@@ -67,12 +56,13 @@ METHODS: dict[str, MethodFn] = {}
 # Classes the loader may rebuild (by name: nothing is imported from the artifact).
 MODULE_CLASSES: dict[str, type[nn.Module]] = {
     cls.__name__: cls
-    for cls in (Int8Linear, Int8Conv2d, PackedIntLinear, PackedInt4Linear, PackedIntConv2d, Int8Embedding,
-                PackedIntEmbedding, PackedTernaryLinear, PackedTernaryConv2d)
+    for cls in (runtime.Int8Linear, runtime.Int8Conv2d, runtime.PackedIntLinear, runtime.PackedInt4Linear,
+                runtime.PackedIntConv2d, runtime.Int8Embedding, runtime.PackedIntEmbedding, runtime.PackedTernaryLinear,
+                runtime.PackedTernaryConv2d)
 }
 # What else counts as a quantized representation in coverage (besides MODULE_CLASSES): PackedWeights, and
 # what methods register (QAT's fake-quant modules, which stand for their integer form until convert).
-_EXTRA_REPRESENTATIONS: list[type[nn.Module]] = [PackedWeights]
+_EXTRA_REPRESENTATIONS: list[type[nn.Module]] = [runtime.PackedWeights]
 
 
 def register_representation(cls: type[nn.Module]) -> type[nn.Module]:
@@ -236,7 +226,7 @@ def _pack_generic(module: nn.Module, config: QuantizeConfig) -> list[str]:
     for name, layer, kind in list(weight_bearing_modules(module)):
         if kind is None or kind.name not in kinds or name in reasons:
             continue
-        new = PackedWeights.from_float(layer, bits if int8 else config.bits_for(name), group, symmetric)
+        new = runtime.PackedWeights.from_float(layer, bits if int8 else config.bits_for(name), group, symmetric)
         set_submodule(module, name, new)
         record_transform(module, "quant.packed_weights", name, **new.replay_params())
         done.append(name)

@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze import runtime
 from deepsqueeze.core.record import NOT_DIVISIBLE, record_transform
 from deepsqueeze.core.walker import set_submodule
 from deepsqueeze.errors import DataError, UnsupportedLayerError
@@ -18,15 +19,6 @@ from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.primitives.observers import Observer, make_observer
 from deepsqueeze.quant.api import install, note_skip, register_method, run_calibration, select_layers
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.runtime import (
-    CONV_INPUT_BITS,
-    Int8Conv2d,
-    Int8Embedding,
-    Int8Linear,
-    PackedIntConv2d,
-    PackedIntEmbedding,
-    PackedIntLinear,
-)
 
 
 def _install_identity(root: nn.Module, name: str) -> None:
@@ -55,9 +47,9 @@ def _dynamic(module: nn.Module, config: QuantizeConfig, batches: list[Any] | Non
     done = []
     for name, layer in select_layers(module, config, (nn.Linear, nn.Embedding)):
         if isinstance(layer, nn.Linear):
-            install(module, name, Int8Linear.from_float(layer, config.activations.value))
+            install(module, name, runtime.Int8Linear.from_float(layer, config.activations.value))
         else:
-            install(module, name, Int8Embedding.from_float(layer))
+            install(module, name, runtime.Int8Embedding.from_float(layer))
         done.append(name)
     return done
 
@@ -84,10 +76,10 @@ def _smoothquant(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
         w_max = layer.weight.detach().abs().amax(0).float()
         s = x_max.clamp_min(1e-5).pow(config.alpha) / w_max.clamp_min(1e-5).pow(1 - config.alpha)
         s = torch.where((x_max > 0) & (w_max > 0), s, torch.ones_like(s))
-        install(module, name, Int8Linear.from_float(layer, config.activations.value, smooth=s))
+        install(module, name, runtime.Int8Linear.from_float(layer, config.activations.value, smooth=s))
         done.append(name)
     for name, layer in select_layers(module, config, (nn.Embedding,)):
-        install(module, name, Int8Embedding.from_float(layer))
+        install(module, name, runtime.Int8Embedding.from_float(layer))
         done.append(name)
     return done
 
@@ -193,17 +185,18 @@ def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None
     for name, layer in layers:
         if name not in integer:
             continue
-        qin = _activation_qparams(observers_in[name], CONV_INPUT_BITS)
+        qin = _activation_qparams(observers_in[name], runtime.CONV_INPUT_BITS)
         if isinstance(layer, nn.Conv2d):
-            out_bits = CONV_INPUT_BITS if name in chained else 8
-            new: nn.Module = Int8Conv2d.from_float(layer, qin, _activation_qparams(observers_out[name], out_bits),
-                                                   relu=name in relus, quantized_output=name in chained)
+            out_bits = runtime.CONV_INPUT_BITS if name in chained else 8
+            qout = _activation_qparams(observers_out[name], out_bits)
+            new: nn.Module = runtime.Int8Conv2d.from_float(layer, qin, qout, relu=name in relus,
+                                                           quantized_output=name in chained)
             install(module, name, new)
         else:
-            install(module, name, Int8Linear.from_float(layer, "static", input_qparams=qin))
+            install(module, name, runtime.Int8Linear.from_float(layer, "static", input_qparams=qin))
         done.append(name)
     for name, layer in select_layers(module, config, (nn.Embedding,)):
-        install(module, name, Int8Embedding.from_float(layer))
+        install(module, name, runtime.Int8Embedding.from_float(layer))
         done.append(name)
     return done
 
@@ -221,13 +214,13 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
             group = None
         try:
             if isinstance(layer, nn.Linear):
-                new = PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
+                new = runtime.PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
             elif isinstance(layer, nn.Conv2d):
-                new = PackedIntConv2d.from_float(layer, config.bits_for(name),
-                                                 _conv_group(layer, config.group_size), config.symmetric)
+                new = runtime.PackedIntConv2d.from_float(layer, config.bits_for(name),
+                                                         _conv_group(layer, config.group_size), config.symmetric)
             else:
-                new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits), group,
-                                                    config.symmetric)
+                new = runtime.PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits),
+                                                            group, config.symmetric)
         except ValueError as exc:
             note_skip(module, name, f"{NOT_DIVISIBLE}: {exc}")
             continue
@@ -246,14 +239,14 @@ def _levels(module: nn.Module, config: QuantizeConfig, ternary: bool) -> list[st
     done = []
     for name, layer in select_layers(module, config, (nn.Linear, nn.Conv2d)):
         if isinstance(layer, nn.Linear):
-            new: PackedIntLinear | PackedIntConv2d = PackedIntLinear(
+            new: runtime.PackedIntLinear | runtime.PackedIntConv2d = runtime.PackedIntLinear(
                 layer.in_features, layer.out_features, 2, None, layer.bias is not None, binary=not ternary)
         else:
             if not isinstance(layer.padding, tuple):
                 raise UnsupportedLayerError(f"{name}: string padding is not supported; exclude it")
-            new = PackedIntConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
-                                  layer.stride, layer.padding, layer.dilation, layer.groups,  # type: ignore[arg-type]
-                                  layer.bias is not None, 2, None, binary=not ternary)
+            new = runtime.PackedIntConv2d(layer.in_channels, layer.out_channels, layer.kernel_size,  # type: ignore[arg-type]
+                                          layer.stride, layer.padding, layer.dilation, layer.groups,  # type: ignore[arg-type]
+                                          layer.bias is not None, 2, None, binary=not ternary)
         w = layer.weight.detach().reshape(layer.weight.shape[0], -1)
         if ternary:
             codes, scale = Q.ternarize(w, axis=0)
