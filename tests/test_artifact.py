@@ -81,7 +81,7 @@ def test_a_loaded_model_saves_again_with_the_same_encodings(tmp_path, lenet300_d
     def decode(meta, segments, shape, dtype):
         return bytes_to_tensor(segments[0], shape, torch.float16).to(dtype) / meta["scale"]
 
-    register_encoding("test-half", encode, decode)
+    register_encoding("test-half", encode, decode, {"scale": (int,)})
     model = copy.deepcopy(lenet300_digits)
     record_encoding(model.module, "1.weight", "test-half", scale=2)
     first = save(model, tmp_path / "a.dsq")

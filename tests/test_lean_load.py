@@ -41,11 +41,16 @@ def w4_lenet(tmp_path):
     return model, path
 
 
-def test_load_writes_no_full_size_float_weight(w4_lenet):
+def test_load_writes_no_full_size_float_weight(w4_lenet, monkeypatch):
+    import deepsqueeze.artifact as artifact
+
     model, path = w4_lenet
+    probes = []  # the probe forward pass dequantizes per call, like any forward: counted apart
+    monkeypatch.setattr(artifact, "probe_forward", lambda *args: probes.append(args))
     with _FloatWrites(numel=20_000) as spy:  # fc1 alone is 300 x 784 = 235,200 floats
         loaded = load(path)
     assert spy.writes == []  # today: uniform_ (init) and copy_ (load) on every fp32 Linear weight
+    assert len(probes) == 1
     assert meta_tensors(loaded.module) == []
     x = torch.randn(4, 1, 28, 28)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """``python -m deepsqueeze ...``: the CLI (also what ``torchrun -m deepsqueeze compress ...`` starts)."""
 
-from deepsqueeze.cli.app import main
+from deepsqueeze_cli import main
 
 main()

@@ -12,7 +12,7 @@ from torch import nn
 from deepsqueeze._version import __version__
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
 from deepsqueeze.core.materialize import meta_tensors, skeleton
-from deepsqueeze.core.model import Model
+from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import (
     CoverageEntry,
     check_loaded_model,
@@ -98,6 +98,41 @@ def _skeleton(base: dict[str, Any], model_code: ModelCode, transforms: list[dict
     return module
 
 
+def probe_forward(module: nn.Module, task: Task, input_shape: list[int] | None, num_classes: int | None,
+                  where: str) -> None:
+    """Run the loaded model once on a fixed random probe and require finite outputs (of ``num_classes``
+    logits for a classifier): a manifest whose fields are each well-formed but do not fit together (an
+    ``input_shape`` the model does not take, a tie or geometry that breaks the forward pass, a finite but
+    overflowing scale) is an ``ArtifactError`` at load, never a model that fails or computes NaN later."""
+    from deepsqueeze.core.outputs import output_tensors
+
+    generator = torch.Generator().manual_seed(0)
+    if task is Task.CLASSIFIER:
+        if not input_shape:
+            return
+        args: tuple[Any, ...] = (torch.randn(2, *input_shape, generator=generator),)
+        kwargs: dict[str, Any] = {}
+    else:
+        config = getattr(getattr(module, "transformer", None), "config", None)
+        vocab = getattr(config, "vocab_size", None)
+        if not isinstance(vocab, int) or vocab < 1:
+            return
+        ids = torch.randint(0, min(vocab, 1000), (1, 8), generator=generator)
+        args, kwargs = (), {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    try:
+        with torch.no_grad():
+            raw = module.eval()(*args, **kwargs)
+            outputs = output_tensors(raw)
+    except Exception as exc:  # noqa: BLE001 - whatever the forged model raises, it is the file's fault
+        raise ArtifactError(f"{where} does not run ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}): "
+                            "its manifest does not fit its model; the file is corrupted or forged") from None
+    if not all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point()):
+        raise ArtifactError(f"{where} computes NaN or Inf on a probe input: the file is corrupted or forged")
+    if task is Task.CLASSIFIER and num_classes and isinstance(raw, torch.Tensor) and raw.shape[-1] != num_classes:
+        raise ArtifactError(f"{where} gives {raw.shape[-1]} outputs, its manifest says {num_classes} classes: "
+                            "the file is corrupted or forged")
+
+
 def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     """Read a .dsq file: rebuild the base architecture, replay the transforms, decode the tensors.
 
@@ -131,6 +166,10 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
         if alias in stored or alias not in expected or source not in stored:
             raise ArtifactError(f"{path} has a malformed manifest: field ties.{alias[:80]}: a tie must map a "
                                 "tensor of the model that is not stored to one that is")
+        if list(expected[alias].shape) != stored[source].shape or expected[alias].dtype != stored[source].torch_dtype:
+            raise ArtifactError(f"{path} has a malformed manifest: field ties.{alias[:80]}: the model's tensor has "
+                                f"shape {list(expected[alias].shape)}, the stored {source[:80]!r} "
+                                f"{stored[source].shape} {stored[source].dtype}")
     missing = [k for k in expected if k not in stored and k not in ties]
     unexpected = [k for k in stored if k not in expected]
     if missing or unexpected:
@@ -144,6 +183,9 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
                                 f"{str(want.dtype).removeprefix('torch.')}")
     del expected
     tensors = {name: decode_entry(container, entry) for name, entry in stored.items()}
+    for name, tensor in tensors.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ArtifactError(f"{path} holds NaN or Inf values in {name[:80]!r}: the file is corrupted or forged")
     try:
         module.load_state_dict(tensors, strict=False, assign=True)  # no copy: tensors go in place
     except RuntimeError as exc:
@@ -154,6 +196,7 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     if unset:
         raise ArtifactError(f"{path} does not fit its base model: no stored value for {unset[:3]}")
     check_loaded_model(module, str(path))
+    probe_forward(module, spec.task_enum, spec.input_shape, spec.num_classes, str(path))
     manifest = container.manifest
     get_record(module).stages = list(manifest.get("stages", []))
     get_record(module).coverage = [CoverageEntry.from_dict(e) for e in manifest.get("coverage", [])]

@@ -6,6 +6,9 @@ line and exits with code 2.
 
 from __future__ import annotations
 
+import os
+import re
+
 
 class DeepsqueezeError(Exception):
     """Base class: a problem the user can fix (bad input, missing data, unsupported model)."""
@@ -40,13 +43,29 @@ class DeepsqueezeDeprecationWarning(DeprecationWarning):
     turns it into an error: deepsqueeze's own code and tests use the new paths)."""
 
 
+_CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/@]*):(?P<password>[^\s@/]*)@")
+_SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
+
+
+def redact(text: str) -> str:
+    """``text`` with secrets replaced by ``***``: the password of every ``scheme://user:password@host`` URL
+    and the value of every environment variable whose name says it is secret (``*PASSWORD*``, ``*TOKEN*``,
+    ``*KEY*``, ...; values of 4 characters or more)."""
+    text = _CREDENTIALS.sub(lambda m: f"{m['scheme']}{m['user']}:***@", text)
+    for name, value in os.environ.items():
+        if len(value) >= 4 and _SECRET_NAME.search(name) and value in text:
+            text = text.replace(value, "***")
+    return text
+
+
 def one_line(message: object, limit: int = 600) -> str:
-    """``message`` (an exception or text) as one line of at most ``limit`` characters, for error messages.
+    """``message`` (an exception or text) as one line of at most ``limit`` characters, secrets redacted
+    (:func:`redact`), for error messages.
 
     Library code quotes third-party exceptions with it (torch, safetensors and YAML messages span lines);
     the CLI passes every message through it, so ``error: ...`` on stderr is always exactly one line.
     """
-    text = " ".join(str(message).split())
+    text = redact(" ".join(str(message).split()))
     if not text and isinstance(message, BaseException):
         text = type(message).__name__
     return text if len(text) <= limit else text[: limit - 3].rstrip() + "..."

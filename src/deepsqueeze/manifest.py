@@ -19,6 +19,8 @@ from deepsqueeze.zoo.resolve import MAX_CLASSES, MAX_DIM, BaseSpec, HFBase, Mini
 
 MAX_TRANSFORMS = 1_000_000
 MAX_STAGES = 1_000
+#: transforms and coverage entries per stored tensor, at most: a model's own size bounds its record
+LIST_RATIO = 64
 MAX_JSON_INT = 1 << 53
 
 Name = Annotated[str, pydantic.Strict(), pydantic.Field(max_length=MAX_NAME)]
@@ -102,6 +104,13 @@ def validate_manifest(manifest: dict[str, Any], version: int, where: str) -> Man
     """
     if version == 1 and isinstance(manifest.get("base"), dict) and manifest["base"].get("kind") == "py":
         manifest = {**manifest, "base": {k: v for k, v in manifest["base"].items() if k != "factory"}}
+    tensors = manifest.get("tensors")
+    per_tensor_bound = LIST_RATIO * (len(tensors) + 1) if isinstance(tensors, list) else 0
+    for key in ("transforms", "coverage"):
+        value = manifest.get(key)
+        if isinstance(value, list) and len(value) > per_tensor_bound:
+            raise ArtifactError(f"{where} has a malformed manifest: field {key} holds {len(value):,} entries for "
+                                f"{per_tensor_bound // LIST_RATIO - 1:,} tensors (at most {LIST_RATIO} per tensor)")
     base = manifest.get("base")
     if isinstance(base, dict) and base.get("kind") not in (None, "zoo", "zoo-lm", "minilm", "hf", "py"):
         raise ArtifactError(f"{where}: unknown base model kind {str(base.get('kind'))[:40]!r}: "

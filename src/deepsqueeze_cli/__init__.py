@@ -19,14 +19,37 @@ def shadowing_folder() -> str | None:
     return next(iter(getattr(deepsqueeze, "__path__", [])), "?")
 
 
-def main() -> None:
-    """Run ``deepsqueeze.cli.app.main``; exit 2 with one line on stderr when the package is shadowed."""
-    folder = shadowing_folder()
-    if folder is not None:
-        print(f"error: the folder {folder} (named deepsqueeze, without the package in it) shadows the installed "
-              "deepsqueeze package: run from another directory or remove its parent from PYTHONPATH",
-              file=sys.stderr)
-        sys.exit(2)
-    from deepsqueeze.cli.app import main as app_main
+class _Signal(KeyboardInterrupt):
+    """SIGINT / SIGTERM while the CLI is still importing (``deepsqueeze.core.signals`` takes over after)."""
 
-    app_main()
+    def __init__(self, signum: int) -> None:
+        super().__init__()
+        self.exit_code = 128 + signum
+
+
+def _early(signum: int, frame: object) -> None:
+    raise _Signal(signum)
+
+
+def main() -> None:
+    """Run ``deepsqueeze.cli.app.main``; exit 2 with one line on stderr when the package is shadowed, 130 / 143
+    with ``interrupted`` / ``terminated`` on a signal that comes while the CLI is still importing."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _early)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _early)
+    try:
+        folder = shadowing_folder()
+        if folder is not None:
+            print(f"error: the folder {folder} (named deepsqueeze, without the package in it) shadows the installed "
+                  "deepsqueeze package: run from another directory or remove its parent from PYTHONPATH",
+                  file=sys.stderr)
+            sys.exit(2)
+        from deepsqueeze.cli.app import main as app_main
+
+        app_main()
+    except KeyboardInterrupt as exc:
+        code = getattr(exc, "exit_code", 130)
+        print("terminated" if code == 143 else "interrupted", file=sys.stderr)
+        sys.exit(code)

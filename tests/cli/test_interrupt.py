@@ -1,4 +1,5 @@
-"""Ctrl-C through the real console script: ``interrupted`` on stderr, exit 130, no partial file, input untouched."""
+"""Ctrl-C and SIGTERM through the real console script: ``interrupted`` / ``terminated`` on stderr, exit 130 /
+143, no partial file, input untouched (issue 25 finding 2: SIGTERM left the temporary behind)."""
 
 from __future__ import annotations
 
@@ -40,7 +41,9 @@ MODEL_CODE = textwrap.dedent('''
 ''')
 
 
-def test_ctrl_c_during_compress_exits_130_and_leaves_no_file(tmp_path: Path, console_script: list[str]) -> None:
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_during_compress_cleans_up_and_leaves_no_file(tmp_path: Path, console_script: list[str],
+                                                                sig: int, code: int, word: str) -> None:
     (tmp_path / "ds_interrupt_model.py").write_text(MODEL_CODE)
     (tmp_path / "long.yaml").write_text("stages:\n  - type: finetune\n    epochs: 10000\n")
     files_before = sorted(p.name for p in tmp_path.iterdir())
@@ -61,14 +64,14 @@ def test_ctrl_c_during_compress_exits_130_and_leaves_no_file(tmp_path: Path, con
                 pytest.fail(f"compress ended (rc {proc.returncode}) before training started: {err}")
             time.sleep(0.05)
         time.sleep(0.3)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         out, err = proc.communicate(timeout=60)
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.communicate()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted", err
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == word, err
     assert "Traceback" not in err and out == ""
     started.unlink()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == files_before

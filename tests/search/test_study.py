@@ -113,7 +113,8 @@ def test_hypervolume_history_above_a_quality_floor():
     assert floor == pytest.approx([0.0, 0.05 * 0.5])
 
 
-def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_then_the_same_command_resumes(tmp_path, lenet300_digits, sig):
     space = write_space(tmp_path)
     out = tmp_path / "out"
     argv = ["search", "--space", str(space), "--out", str(out), "--trials", "4", "--sampler", "random"]
@@ -125,7 +126,7 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
     for line in proc.stderr:  # progress lines: interrupt as soon as the first trial is reported
         lines.append(line)
         if line.startswith("trial 0:"):
-            proc.send_signal(signal.SIGINT)
+            proc.send_signal(sig)
             break
     _, err = proc.communicate(timeout=180)
     err = "".join(lines) + err
@@ -135,7 +136,8 @@ def test_ctrl_c_then_the_same_command_resumes(tmp_path, lenet300_digits):
              if t.state == optuna.trial.TrialState.COMPLETE}
     if len(first) == 4:
         pytest.skip("the study finished before the interrupt arrived")
-    assert proc.returncode == 130 and "Traceback" not in err and "run the same command to resume" in err, err
+    assert proc.returncode == 128 + sig and "Traceback" not in err and "run the same command to resume" in err, err
+    assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # marked failed
     assert json.loads((out / "summary.json").read_text())["complete"] >= 1  # the answer so far is written
     try:
         main(argv)

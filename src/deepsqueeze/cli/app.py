@@ -95,23 +95,31 @@ for _name in COMMAND_MODULES:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits 130.
+    """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits
+    130, SIGTERM ``terminated`` and 143 (both after the same cleanup, see ``core.signals``).
 
     The click command is invoked directly rather than through typer's ``main``: with ``standalone_mode=False``
     that turns ``KeyboardInterrupt`` and ``typer.Exit`` into a *returned* exit code, which is easy to drop.
     """
+    from deepsqueeze.core import signals
     from deepsqueeze.errors import DeepsqueezeError, one_line
 
     args = sys.argv[1:] if argv is None else list(argv)
+    signals.install()
     try:
         command = typer.main.get_command(app)
         with command.make_context("deepsqueeze", args) as ctx:
             command.invoke(ctx)
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        code = signals.exit_code(exc)
+        print("terminated" if code == 143 else "interrupted", file=sys.stderr)
+        sys.exit(code)
     except DeepsqueezeError as exc:
         print(f"error: {one_line(exc)}", file=sys.stderr)
+        sys.exit(2)
+    except OSError as exc:  # a path the system refuses (too long, no permission, a device full): the input's fault
+        where = f" ({one_line(exc.filename, 160)})" if exc.filename else ""
+        print(f"error: {exc.strerror or one_line(exc)}{where}: check the path and its folder", file=sys.stderr)
         sys.exit(2)
     except (typer.Exit, SystemExit) as exc:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
@@ -124,3 +132,11 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(1)
         raise
+    except BaseException as exc:
+        # a native parser's panic (pyo3's PanicException, from tokenizers or safetensors on a hostile file) is a
+        # BaseException that passes every ``except Exception``: it is the input's fault, one line
+        if type(exc).__name__ != "PanicException":
+            raise
+        print(f"error: a native parser failed on the input ({one_line(exc, 200)}): the file is malformed or hostile",
+              file=sys.stderr)
+        sys.exit(2)

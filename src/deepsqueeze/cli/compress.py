@@ -16,16 +16,24 @@ from deepsqueeze.cli._common import (
     rows_table,
     stdout,
 )
+from deepsqueeze.core.files import OUT_RULE
 
 
 def register(app: typer.Typer) -> None:
     @app.command(cls=ListingCommand)
     def compress(
         recipe: Path = typer.Option(..., "--recipe", help="a shipped recipe name (see deepsqueeze recipes) or a YAML file"),
-        out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model"),
+        out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model; "
+                         + OUT_RULE),
         model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
         data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
         weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        teacher: str = typer.Option(None, "--teacher", help="Teacher of the recipe's distill stages (a reference "
+                                    "the recipe file names runs only when you name it here too)"),
+        max_drop: float = typer.Option(None, "--max-drop", min=0, help="Quality budget, in the task's unit: "
+                                       "accuracy pp (classifiers, default 1), 1 - cosine (encoders, 0.03), "
+                                       "perplexity % (causal LMs, 10); overrides the recipe's max_drop. Over it, "
+                                       "the best artifact is written and the exit code is 3"),
         report: bool = typer.Option(False, "--report", help="Measure and print bytes, ratio and quality after every stage"),
         stream: bool = typer.Option(False, "--stream", help="Quantize an hf:DIR model block by block from its "
                                     "safetensors shards (weight-only recipes; for models larger than memory)"),
@@ -46,7 +54,7 @@ def register(app: typer.Typer) -> None:
             result = compress_streaming(model, parsed, out, data, progress=not as_json)
         else:
             result = run_compress(model, parsed, out, data, weights=weights, device=device, progress=not as_json,
-                                  report=report, model_code=model_code)
+                                  report=report, model_code=model_code, teacher=teacher, max_drop=max_drop)
         if not is_main_process():
             return
         summary = {
@@ -60,11 +68,33 @@ def register(app: typer.Typer) -> None:
             "compress_s": round(result.compress_s, 2),
             **result.metrics,
         }
+        budget = result.budget.to_dict() if result.budget is not None else None
         if as_json:
-            emit_json({**summary, "stages": result.stage_reports, "coverage": result.coverage})
+            emit_json({**summary, "budget": budget, "adapted": result.adapted, "stages": result.stage_reports,
+                       "coverage": result.coverage})
+            _over_budget(result, out)
             return
         stdout.print(kv_table(f"compressed {result.model.ref} -> {out}", summary))
         if result.coverage:
             stdout.print(rows_table("coverage (weight-bearing modules per stage)", result.coverage))
         if report:
             stdout.print(rows_table("stages", result.stage_reports))
+        if result.budget is not None and result.budget.within:
+            stdout.print(f"quality budget met: {result.budget.message()}"
+                         + (f" (adapted: {result.adapted})" if result.adapted else ""))
+        _over_budget(result, out)
+
+
+def _over_budget(result: object, out: Path) -> None:
+    """Exit with ``EXIT_OVER_BUDGET`` and one line when the written artifact misses its quality budget."""
+    import sys
+
+    from deepsqueeze.recipes.budget import EXIT_OVER_BUDGET
+
+    budget = getattr(result, "budget", None)
+    if budget is None or budget.within:
+        return
+    adapted = f" even after {result.adapted}" if getattr(result, "adapted", None) else ""
+    print(f"error: over the quality budget{adapted}: {budget.message()}; the best artifact found is in {out}: "
+          "choose a milder recipe, or pass --max-drop to accept it", file=sys.stderr)
+    raise SystemExit(EXIT_OVER_BUDGET)

@@ -61,12 +61,16 @@ def register(app: typer.Typer) -> None:
             if baseline:
                 base = resolve_model(baseline, progress=not as_json, device=device, model_code=model_code)
             elif m.artifact_path:
-                from deepsqueeze.zoo.resolve import resolve_base_model
+                from deepsqueeze.errors import one_line
+                from deepsqueeze.zoo.resolve import base_reference
 
-                try:
-                    base = ref or resolve_base_model(m.ref, progress=not as_json, device=device)
-                except DeepsqueezeError:
-                    base = None  # e.g. a py: base whose code is not importable here: no speedup
+                try:  # rebuilt from the validated base, never from the manifest's free-text ref
+                    base = ref or base_reference(m)
+                    base.module.to(device)
+                except DeepsqueezeError as exc:
+                    base = None
+                    stderr.print(f"no speedup: {one_line(exc)}; pass --baseline REF to time against it",
+                                 markup=False, highlight=False)
         result = run_evaluation(m, dataset, ref, batch_size=batch_size, threads=threads,
                                 latency=not no_latency, device=device, baseline=base)
         result["backend"] = backend

@@ -15,6 +15,7 @@ from deepsqueeze.cli._common import (
     stdout,
     threads_option,
 )
+from deepsqueeze.core.files import OUT_RULE
 
 
 def register(app: typer.Typer) -> None:
@@ -23,11 +24,13 @@ def register(app: typer.Typer) -> None:
         model: str = typer.Argument(..., help="FILE.dsq (or any model reference)"),
         fmt: str = typer.Option(..., "--format", help="onnx (ONNX Runtime, integer operators) or hf (a Hugging "
                                 "Face directory; sentence encoders also load with SentenceTransformer)"),
-        out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, a new folder for hf"),
+        out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, a new folder for hf; "
+                            + OUT_RULE),
         data: str = typer.Option(None, "--data", help="inputs for the check against torch (images: default "
                                  "random of the model's shape; text: pydoc sentences)"),
         threads: int = threads_option("ONNX Runtime threads for the check"),
-        force: bool = typer.Option(False, "--force", help="replace an existing --out"),
+        force: bool = typer.Option(False, "--force", help="replace an existing --out that deepsqueeze exported "
+                                   "(never a link, never a file or folder it did not write)"),
         model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:

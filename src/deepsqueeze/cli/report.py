@@ -7,13 +7,15 @@ from pathlib import Path
 import typer
 
 from deepsqueeze.cli._common import stdout
+from deepsqueeze.core.files import OUT_RULE
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def report(
         source: Path = typer.Argument(..., help="A deepsqueeze search --out folder, or an artifact FILE.dsq"),
-        out: Path = typer.Option(..., "--out", help="HTML file to write (plots embedded, opens offline)"),
+        out: Path = typer.Option(..., "--out", help="HTML file to write (plots embedded, opens offline); "
+                                 + OUT_RULE),
         storage: str = typer.Option(None, "--storage", help="Study storage when it is not the folder's SQLite"),
         study: str = typer.Option("search", "--study", help="Study name inside the storage"),
         data: str = typer.Option(None, "--data", help="Artifacts: inputs for the per-layer output error "
@@ -30,6 +32,10 @@ def register(app: typer.Typer) -> None:
             raise ArtifactError(f"refusing to overwrite the input {source}: choose another --out path")
         if not out.parent.exists():
             raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
+        from deepsqueeze.core.files import check_output
+        from deepsqueeze.report.html import is_report
+
+        out = check_output(out, is_report, "report")
         if source.is_dir() or storage:
             from deepsqueeze.report import study_report
 

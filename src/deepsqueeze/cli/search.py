@@ -36,9 +36,9 @@ def register(app: typer.Typer) -> None:
         """Search a space of recipes for the Pareto front of quality, bytes and latency (resumable)."""
         from deepsqueeze.errors import RecipeError
         from deepsqueeze.search import load_space, run_search
+        from deepsqueeze.search.study import prepare_out
 
-        if out.exists() and not out.is_dir():
-            raise RecipeError(f"--out {out} is a file: give a folder for the study")
+        prepare_out(out)
         parsed, resolved = load_space(space, model)
         for key, value in (("max_bytes", max_bytes), ("max_latency_ms", max_latency_ms), ("max_drop", max_drop)):
             if value is not None:
@@ -50,10 +50,13 @@ def register(app: typer.Typer) -> None:
                                 trials=trials or parsed.trials or 20, storage=storage, study_name=study,
                                 pruner=pruner, progress=not as_json,
                                 log=None if as_json else lambda msg: stderr.print(msg))
-        except KeyboardInterrupt:
-            print(f"interrupted: the answer so far is in {out}; run the same command to resume the study",
-                  file=sys.stderr)
-            raise SystemExit(130) from None
+        except KeyboardInterrupt as exc:
+            from deepsqueeze.core.signals import exit_code
+
+            code = exit_code(exc)
+            print(f"{'terminated' if code == 143 else 'interrupted'}: the answer so far is in {out}; run the same "
+                  "command to resume the study", file=sys.stderr)
+            raise SystemExit(code) from None
         if as_json:
             emit_json({"study": result.study_name, "trials": result.trials, "complete": result.complete,
                        "pruned": result.pruned, "failed": result.failed, "repeats": result.repeats,

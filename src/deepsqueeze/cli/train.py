@@ -23,11 +23,11 @@ def register(app: typer.Typer) -> None:
 
         A model already in the cache is not retrained (it is reported as cached) unless --force.
         """
-        import os
 
-        from safetensors.torch import save_file
+        from safetensors.torch import save
 
         from deepsqueeze.core.counting import count_params
+        from deepsqueeze.core.files import atomic_write
         from deepsqueeze.data import ClassificationData, resolve_data
         from deepsqueeze.errors import DataError, ModelError
         from deepsqueeze.eval.metrics import accuracy
@@ -68,9 +68,8 @@ def register(app: typer.Typer) -> None:
         if epochs is None:  # only the standard recipe goes into the cache that zoo:NAME@DATA reads
             path = checkpoint_path(name, data)
             path.parent.mkdir(parents=True, exist_ok=True)
-            tmp = path.with_suffix(".tmp")
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, str(tmp))
-            os.replace(tmp, path)
+            payload = save({k: v.contiguous() for k, v in module.state_dict().items()})
+            atomic_write(path, lambda fh: fh.write(payload))
             result["checkpoint"] = str(path)
         if as_json:
             emit_json(result)

@@ -146,7 +146,7 @@ def _register(name: str, *, sparse: bool, positions: str, coder: str) -> None:
                dtype: torch.dtype) -> torch.Tensor:
         return _decode(meta, segments, shape, dtype, sparse=sparse)
 
-    register_encoding(name, encode, decode)
+    register_encoding(name, encode, decode, {"positions": (str,), "coder": (str,), "gap_width": (int, type(None))})
 
 
 _register("codebook", sparse=False, positions="", coder=FIXED)

@@ -29,7 +29,6 @@ import os
 import struct
 import tempfile
 import zlib
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
@@ -38,6 +37,8 @@ import pydantic
 import torch
 
 from deepsqueeze.core.encoding import get_encoding
+from deepsqueeze.core.files import atomic_write, check_writable
+from deepsqueeze.core.jsonfile import loads_bounded
 from deepsqueeze.errors import ArtifactError
 
 MAGIC = b"\x89DSQ\r\n\x1a\n"
@@ -49,6 +50,10 @@ _HEADER = struct.Struct("<8sIQI32s")
 
 # Bounds on what a manifest may declare (far above any real model, far below what would exhaust memory).
 MAX_MANIFEST_BYTES = 256 << 20
+#: A manifest may be at most this many times its payload (or MIN_MANIFEST_BOUND): real ones stay under 1x,
+#: so a small file cannot make the loader parse and validate hundreds of MB of JSON.
+MANIFEST_RATIO = 64
+MIN_MANIFEST_BOUND = 4 << 20
 MAX_DEPTH = 32
 MAX_INT_DIGITS = 24
 MAX_TENSORS = 1_000_000
@@ -215,6 +220,15 @@ class ArtifactWriter:
         return _HEADER.size + len(manifest_bytes) + self._offset
 
 
+def is_artifact(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a regular file that starts like a .dsq (what ``compress --out`` may replace)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
 def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tensors: list[TensorEntry]) -> int:
     """Encode ``tensors``, write the container atomically to ``path``, return its size in bytes."""
     with ArtifactWriter(path) as writer:
@@ -223,96 +237,11 @@ def write_artifact(path: str | os.PathLike[str], manifest: dict[str, Any], tenso
         return writer.finish(manifest)
 
 
-def check_writable(path: str | os.PathLike[str]) -> None:
-    """Fail fast, before any work, if ``path`` cannot be written as a file.
-
-    Raises ``ArtifactError`` when ``path`` is a folder, its folder is missing, or the folder refuses a new
-    file (permissions, read-only filesystem): a probe file is created there and removed at once.
-    """
-    path = Path(path)
-    if path.is_dir():
-        raise ArtifactError(f"{path} is a folder: name a file inside it, e.g. {path / 'model.dsq'}")
-    if not path.parent.is_dir():
-        raise ArtifactError(f"cannot write {path}: folder {path.parent} does not exist")
-    try:
-        fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
-    except OSError as exc:
-        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc} in {path.parent}; choose another location"
-                            ) from None
-    os.close(fd)
-    Path(probe).unlink(missing_ok=True)
-
-
-def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
-    """Call ``write(binary file)`` on a temporary file in ``path``'s folder, fsync, then rename it to ``path``.
-
-    The file gets the usual permissions (0666 less the umask), not mkstemp's private 0600.
-    """
-    path = Path(path)
-    check_writable(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except OSError as exc:  # disk full, a folder appearing at ``path`` meanwhile ...
-        Path(tmp).unlink(missing_ok=True)
-        raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def _umask() -> int:
-    mask = os.umask(0o22)
-    os.umask(mask)
-    return mask
-
-
-def _parse_int(text: str) -> int:
-    if len(text.lstrip("-")) > MAX_INT_DIGITS:
-        raise ValueError(f"an integer of {len(text)} digits")
-    return int(text)
-
-
-def _parse_float(text: str) -> float:
-    value = float(text)
-    if not math.isfinite(value):
-        raise ValueError(f"a non-finite number {text[:30]}")
-    return value
-
-
-def _reject_constant(text: str) -> Any:
-    raise ValueError(f"{text} is not allowed")
-
-
-def _check_depth(value: Any, limit: int = MAX_DEPTH) -> None:
-    stack = [(value, 1)]
-    while stack:
-        item, depth = stack.pop()
-        if depth > limit:
-            raise ValueError(f"nesting deeper than {limit}")
-        if isinstance(item, dict):
-            stack.extend((v, depth + 1) for v in item.values())
-        elif isinstance(item, list):
-            stack.extend((v, depth + 1) for v in item)
-
-
 def parse_manifest(manifest_bytes: bytes) -> dict[str, Any]:
     """JSON with bounded depth, bounded integers and finite numbers; ``ValueError`` otherwise."""
-    try:
-        manifest = json.loads(manifest_bytes, parse_int=_parse_int, parse_float=_parse_float,
-                              parse_constant=_reject_constant)
-    except RecursionError:
-        raise ValueError(f"nesting deeper than {MAX_DEPTH}") from None
-    except UnicodeDecodeError:
-        raise ValueError("not UTF-8") from None
+    manifest = loads_bounded(manifest_bytes, max_depth=MAX_DEPTH, max_int_digits=MAX_INT_DIGITS)
     if not isinstance(manifest, dict):
         raise ValueError("not a JSON object")
-    _check_depth(manifest)
     return manifest
 
 
@@ -349,6 +278,10 @@ def read_container(path: str | os.PathLike[str]) -> Container:
         raise ArtifactError(f"{path} is truncated: the manifest runs past the end of the file; re-create it")
     if manifest_len > MAX_MANIFEST_BYTES:
         raise ArtifactError(f"{path} has a {manifest_len}-byte manifest (at most {MAX_MANIFEST_BYTES}): not loaded")
+    payload_len = len(data) - start - manifest_len
+    if manifest_len > max(MIN_MANIFEST_BOUND, MANIFEST_RATIO * payload_len):
+        raise ArtifactError(f"{path} has a {manifest_len:,}-byte manifest for {payload_len:,} bytes of tensors: "
+                            "out of proportion, the file is forged or corrupted; not loaded")
     if version >= 2 and hashlib.sha256(memoryview(data)[start:]).digest() != fields[4]:
         raise ArtifactError(f"{path} is corrupted: SHA-256 digest mismatch; re-create it")
     manifest_bytes = bytes(data[start : start + manifest_len])
@@ -402,11 +335,19 @@ def decode_entry(container: Container, entry: TensorSpec) -> torch.Tensor:
     if entry.numel > max(MIN_DECLARED, MAX_EXPANSION * stored):
         raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} declares {entry.numel:,} elements from "
                             f"{stored:,} bytes: field tensors.shape is out of proportion (forged or corrupted)")
+    problem = encoding.check_params(entry.params or {})
+    if problem:
+        raise ArtifactError(f"{container.path} has a malformed manifest: tensor {entry.name[:80]!r} "
+                            f"({entry.encoding}): {problem}")
     try:
         tensor = encoding.decode(entry.meta, segments, shape, entry.torch_dtype)
     except ArtifactError as exc:
         raise ArtifactError(f"{container.path}: cannot decode tensor {entry.name[:80]!r} ({entry.encoding}): "
                             f"{exc}") from None
+    except (TypeError, KeyError, ValueError, IndexError, RuntimeError, OverflowError, AttributeError) as exc:
+        # a decoder meeting a meta field of the wrong JSON type: still the file's fault, never a traceback
+        raise ArtifactError(f"{container.path}: cannot decode tensor {entry.name[:80]!r} ({entry.encoding}): "
+                            f"malformed meta ({type(exc).__name__}: {str(exc)[:120]})") from None
     if tuple(tensor.shape) != shape or tensor.dtype != entry.torch_dtype:
         raise ArtifactError(f"{container.path}: tensor {entry.name[:80]!r} decoded to {tuple(tensor.shape)} "
                             f"{tensor.dtype}, expected {shape} {entry.dtype}")

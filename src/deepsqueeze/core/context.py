@@ -30,4 +30,5 @@ class StageContext:
     evaluate: bool = True  # stages may score the model for their report rows (off: the caller scores it)
     on_unsupported: str = "warn"  # the recipe's choice for layer kinds a stage does not handle (warn|skip|error)
     model_code: str | None = None  # --model-code: architecture for artifacts of py: models (teachers too)
+    named_refs: tuple[str | None, ...] = ()  # references the user named (--model, --model-code, --teacher)
     extras: dict[str, Any] = field(default_factory=dict)

@@ -14,13 +14,13 @@ from __future__ import annotations
 import json
 import os
 import platform
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from functools import cache
 from pathlib import Path
 
-from deepsqueeze.errors import ModelError
+from deepsqueeze.core.files import write_text_atomic
+from deepsqueeze.errors import ArtifactError, ModelError
 
 __all__ = ["choose", "cpu_fingerprint", "forced_choice", "kernel_cache_path", "race"]
 
@@ -116,11 +116,8 @@ def _persist(fingerprint: str, key: str, choice: str) -> None:
         entry = data.get(fingerprint)
         data[fingerprint] = entry = entry if isinstance(entry, dict) else {}
         entry[key] = choice
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".kernels-", suffix=".json")
-        with os.fdopen(fd, "w") as fh:
-            json.dump(data, fh, indent=1, sort_keys=True)
-        os.replace(tmp, path)
-    except OSError:
+        write_text_atomic(path, json.dumps(data, indent=1, sort_keys=True))
+    except (OSError, ArtifactError):
         pass  # a read-only cache only costs a re-measurement in the next process
 
 

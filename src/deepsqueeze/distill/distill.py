@@ -244,9 +244,10 @@ def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> dic
     if ctx.data is None:
         raise DataError("the distill stage needs training data: pass --data or set 'data:' in the recipe")
     if config.teacher is not None:
-        from deepsqueeze.resolve import resolve_model
+        from deepsqueeze.resolve import resolve_file_reference
 
-        teacher = resolve_model(config.teacher, progress=ctx.progress, model_code=ctx.model_code).module
+        teacher = resolve_file_reference(config.teacher, "the recipe's distill teacher", ctx.named_refs,
+                                         option="--teacher", progress=ctx.progress, model_code=ctx.model_code).module
     elif ctx.reference is not None:
         teacher = ctx.reference.module
     else:

@@ -26,6 +26,7 @@ from deepsqueeze.core.model import Model
 from deepsqueeze.errors import ArtifactError
 from deepsqueeze.export.check import (
     MARKER,
+    PRODUCER,
     SAMPLES,
     TOLERANCE,
     TOLERANCE_QUANTIZED_ACTIVATIONS,
@@ -37,7 +38,7 @@ from deepsqueeze.export.check import (
     write_verified,
 )
 
-__all__ = ["FORMATS", "MARKER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
+__all__ = ["FORMATS", "MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
            "compare_outputs", "export", "sample_batch", "verify"]
 
 FORMATS = ("onnx", "hf")

@@ -14,9 +14,10 @@ from typing import Any
 import torch
 
 from deepsqueeze.core.model import Model
+from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
 
-__all__ = ["MARKER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
+__all__ = ["MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
            "compare_outputs", "sample_batch", "size_of", "verify", "write_verified"]
 
 SAMPLES = 16
@@ -119,6 +120,7 @@ def size_of(path: Path) -> int:
 
 
 MARKER = "deepsqueeze-export.json"  # written into every hf export: what --force may replace
+PRODUCER = "deepsqueeze"  # the producer name of every ONNX export: what --force may replace
 
 
 def _source_path(source: str | None) -> Path | None:
@@ -128,12 +130,30 @@ def _source_path(source: str | None) -> Path | None:
     return path.resolve() if path.exists() else None
 
 
+def _is_our_onnx(path: Path) -> bool:
+    """A plain file holding an ONNX graph deepsqueeze exported (its producer name says so)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        import onnx
+
+        return onnx.load(str(path), load_external_data=False).producer_name == PRODUCER
+    except Exception:  # noqa: BLE001 - not an ONNX file at all: not ours
+        return False
+
+
+def _is_our_folder(path: Path) -> bool:
+    return not path.is_symlink() and path.is_dir() and (path / MARKER).is_file() and not (path / MARKER).is_symlink()
+
+
 def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
     """``out`` resolved, once it can take a ``fmt`` export of the model read from ``source`` (a path or an
     ``hf:DIR`` reference); raises :class:`ArtifactError` otherwise, before any work. ``out`` is never the
     input, a folder holding it or the current folder; an existing ``out`` is replaced only with
     ``overwrite`` and only if it is an earlier export (a ``.onnx`` file, a folder with the export marker)."""
-    out = Path(out).resolve()
+    if Path(out).is_symlink():
+        raise ArtifactError(f"{out} is a symbolic link: deepsqueeze never writes through one; name a plain path")
+    out = Path(out).parent.resolve() / Path(out).name
     src = _source_path(source)
     if src is not None and (out == src or out in src.parents):
         raise ArtifactError(f"refusing to replace {out}: it is or holds the input model; choose another --out path")
@@ -141,7 +161,7 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
         raise ArtifactError(f"refusing to replace {out}, the current folder or one above it: name a new path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
-    if out.exists() and not (out.is_file() if fmt == "onnx" else (out / MARKER).is_file()):
+    if out.exists() and not (_is_our_onnx(out) if fmt == "onnx" else _is_our_folder(out)):
         raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
     if not out.parent.is_dir():
         raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
@@ -162,17 +182,21 @@ def write_verified(model: Model, fmt: str, out: str | os.PathLike[str], write: C
     out = check_out(Path(out), fmt, model.artifact_path or model.ref, overwrite)
     if sample is None:
         sample = sample_batch(model, data)
+    staging = None
     try:
-        staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise ArtifactError(f"cannot write in {out.parent}: {exc.strerror or exc}; choose another location") from None
-    try:
+        try:
+            with deferred_signals():
+                staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        except OSError as exc:
+            raise ArtifactError(f"cannot write in {out.parent}: {exc.strerror or exc}; choose another location"
+                                ) from None
         staged = staging / out.name
         result = write(staged, sample)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         os.replace(staged, out)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)
     result.path = str(out)
     return result

@@ -32,6 +32,7 @@ from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
 from deepsqueeze.export.check import (
+    PRODUCER,
     TOLERANCE,
     TOLERANCE_QUANTIZED_ACTIVATIONS,
     ExportResult,
@@ -153,8 +154,13 @@ def reference_outputs(model: Model, sample: Any) -> Any:
 def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> ExportResult:
     """Write ``model`` to ``path`` as ONNX and check ONNX Runtime's outputs on ``sample`` against the torch model's
     (:class:`ModelError` above tolerance); :func:`deepsqueeze.export.export` calls it on a staged path."""
+    import onnx
+
     expected = reference_outputs(model, sample)
     layers = write_onnx(model, path, sample, expected)
+    graph = onnx.load(str(path))
+    graph.producer_name = PRODUCER
+    onnx.save(graph, str(path))
     got = OrtModule(path, model.module, threads).run_all(*(
         (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
     check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))

@@ -23,6 +23,7 @@ from deepsqueeze.prune.importance import Criterion
 class Scope(StrEnum):
     LAYER = "layer"    # every layer pruned to the same sparsity
     GLOBAL = "global"  # one ranking across all layers
+    SENSITIVITY = "sensitivity"  # per-layer sparsities from a measured scan, most sensitive pruned least
 
 
 class Pattern(StrEnum):
@@ -76,7 +77,9 @@ class PruneConfig(_FinetuneFields):
     """Weight pruning of Linear/Conv layers: unstructured (ratio or |w| < threshold) or N:M.
 
     ``overrides`` maps fnmatch patterns on layer names to their own sparsity (e.g. ``{"4": 0.7}``);
-    layers not overridden share ``sparsity`` (per layer, or one global ranking with ``scope: global``).
+    layers not overridden share ``sparsity`` (per layer, or one global ranking with ``scope: global``), or, with
+    ``scope: sensitivity``, get per-layer sparsities reaching ``sparsity`` overall from a sensitivity scan on
+    held-out training samples (each layer pruned alone; the layers whose pruning hurts most keep most).
     """
 
     stage_type = "prune"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import glob
 import time
 from collections.abc import Callable
 from typing import Any
@@ -120,6 +121,8 @@ class _Pruner:
             raise RecipeError("no Linear/Conv layers match the include/exclude patterns: nothing to prune")
         self.plan = _plan(config)
         self.criterion = element_criterion(config.criterion, ctx.seed)
+        if config.scope is Scope.SENSITIVITY and config.threshold is None and config.pattern is Pattern.UNSTRUCTURED:
+            self.plan.overrides.update(_sensitivity_allocation(model, config, ctx, self.params, self.plan))
         self.masks = MaskSet(model.module, {})
         self.events = 0
 
@@ -189,6 +192,54 @@ def prune_stage(model: Model, config: PruneConfig, ctx: StageContext) -> None:
         "prune_events": pruner.events, "train_loss": None if loss != loss else round(loss, 5),
         "seconds": round(seconds, 2),
     })
+
+
+SCAN_SAMPLES = 1024
+SCAN_SPARSITIES = (0.3, 0.5, 0.7, 0.8, 0.9, 0.95, 0.98)
+
+
+def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext, params: dict[str, nn.Parameter],
+                            plan: UnstructuredPlan) -> dict[str, float]:
+    """Per-layer sparsities (exact layer names) reaching ``config.sparsity`` over the layers it applies to, from
+    a scan of each layer pruned alone (``prune.sensitivity``); the metric is accuracy on the last
+    ``SCAN_SAMPLES`` training samples, or cosine to the reference on up to 64 calibration sentences."""
+    from deepsqueeze.prune.sensitivity import allocate_sparsity, sensitivity_scan
+
+    free = [name.removesuffix(".weight") for name in params if name.endswith(".weight") and plan.layer_target(name) is None]
+    if not free:
+        return {}
+    data = ctx.data
+    if isinstance(data, ClassificationData):
+        x, y = data.train_x[-SCAN_SAMPLES:].to(ctx.device), data.train_y[-SCAN_SAMPLES:].to(ctx.device)
+
+        def metric(module: nn.Module) -> float:
+            from deepsqueeze.core.outputs import primary_output
+
+            return float((primary_output(module(x)).argmax(-1) == y).float().mean())
+    elif isinstance(data, TextData) and ctx.reference is not None and hasattr(model.module, "encode"):
+        sentences = list(data.sentences[:64])
+        target = ctx.reference.module.encode(sentences).float()  # type: ignore[operator]
+
+        def metric(module: nn.Module) -> float:
+            emb = module.encode(sentences).float()  # type: ignore[operator]
+            return float(torch.nn.functional.cosine_similarity(emb, target, dim=-1).mean())
+    else:
+        raise DataError("scope: sensitivity measures each layer on held-out samples: pass --data")
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        curves = sensitivity_scan(model.module, metric, SCAN_SPARSITIES, self_criterion(config, ctx), include=free)
+    finally:
+        model.module.train(was_training)
+    sizes = {name: params[f"{name}.weight"].numel() for name in curves}
+    return {glob.escape(name): s for name, s in allocate_sparsity(curves, sizes, config.sparsity).items()}
+
+
+def self_criterion(config: PruneConfig, ctx: StageContext) -> Any:
+    """The element criterion the scan ranks with: the stage's own, except gradient-based ones (magnitude)."""
+    if config.criterion is Criterion.TAYLOR:
+        return element_criterion(Criterion.L1, ctx.seed)
+    return element_criterion(config.criterion, ctx.seed)
 
 
 def _fraction(sparsity: float, final: float) -> float:

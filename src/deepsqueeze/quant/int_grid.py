@@ -60,4 +60,5 @@ def _decode(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...],
         raise ArtifactError(f"corrupt int-grid tensor payload: {exc}") from None
 
 
-register_encoding("int-grid", _encode, _decode)
+register_encoding("int-grid", _encode, _decode, {"low": (int,), "high": (int, type(None)), "step": (int,),
+                                                 "bits": (int, type(None))})

@@ -19,7 +19,7 @@ from deepsqueeze.core.record import CoverageEntry
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.recipes.run import _example
 from deepsqueeze.recipes.schema import Recipe
-from deepsqueeze.resolve import resolve_model
+from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
 __all__ = ["Plan", "plan"]
 
@@ -52,10 +52,12 @@ def _bits(config: Any) -> int | None:
 
 def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None) -> Plan:
     """Resolve ``model_ref`` (or the recipe's model) and plan every stage of ``recipe`` on it."""
-    model_ref = model_ref or recipe.model
-    if model_ref is None:
+    if model_ref is None and recipe.model is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
-    model = resolve_model(model_ref, weights=weights, progress=False)
+    if model_ref is None:
+        model = resolve_file_reference(recipe.model, "the recipe's model", weights=weights, progress=False)
+    else:
+        model = resolve_model(model_ref, weights=weights, progress=False)
     example = _example(model)
     params = count_params(model.module)
     result = Plan(model.ref, params, 4 * params)

@@ -12,17 +12,20 @@ from typing import Any
 import torch
 
 from deepsqueeze.artifact import save
-from deepsqueeze.codec.format import check_writable
+from deepsqueeze.codec.format import check_writable, is_artifact
 from deepsqueeze.core.config import config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
+from deepsqueeze.core.files import check_output
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.outputs import output_tensors
+from deepsqueeze.core.progress import log
 from deepsqueeze.core.progress import stage as progress_stage
 from deepsqueeze.core.record import get_record
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
 from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, ModelError, RecipeError, one_line
+from deepsqueeze.recipes.budget import BudgetCheck, check_budget
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
 from deepsqueeze.train import distributed
@@ -39,6 +42,12 @@ class CompressResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     compress_s: float = 0.0
     coverage: list[dict[str, Any]] = field(default_factory=list)  # per stage: modules and weights covered
+    budget: BudgetCheck | None = None  # the quality budget, measured on held-out data (None: not measured)
+    adapted: str | None = None  # what compress changed in the recipe to meet the budget, if it did
+
+    @property
+    def within_budget(self) -> bool:
+        return self.budget is None or self.budget.within
 
 
 def shape_from_data(model: Model, data: ClassificationData | TextData | None) -> None:
@@ -177,7 +186,7 @@ StageCallback = Callable[[int, Model], None]
 def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
                device: str | torch.device = "cpu", progress: bool = True, measure: bool = False,
                evaluate: bool = True, on_stage_end: StageCallback | None = None,
-               model_code: str | None = None) -> StageContext:
+               model_code: str | None = None, named_refs: tuple[str | None, ...] = ()) -> StageContext:
     """Apply the recipe's stages to ``model`` in place, in order.
 
     ``on_stage_end(index, model)`` runs after each stage (search scores intermediate models with it and
@@ -194,7 +203,7 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
         p.requires_grad_(False)
     ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device),
                        seed=recipe.seed, progress=progress, on_unsupported=recipe.on_unsupported,
-                       model_code=model_code, evaluate=evaluate)
+                       model_code=model_code, evaluate=evaluate, named_refs=named_refs)
     if recipe.on_unsupported == "error":  # refuse before any stage does work
         for config in recipe.stages:
             planner = planner_for(config.stage_type)
@@ -220,22 +229,47 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     return ctx
 
 
+def with_teacher(recipe: Recipe, teacher: str | None) -> Recipe:
+    """``recipe`` with ``teacher`` (the user's ``--teacher``) in every distill stage."""
+    if teacher is None:
+        return recipe
+    stages = tuple(s.model_copy(update={"teacher": teacher}) if s.stage_type == "distill" else s
+                   for s in recipe.stages)
+    return recipe.model_copy(update={"stages": stages})
+
+
+def check_recipe_references(recipe: Recipe, named: tuple[str | None, ...], own_model: bool) -> None:
+    """Refuse, before any work, a model or teacher the recipe file names that the user did not (see
+    :func:`deepsqueeze.resolve.check_file_reference`)."""
+    from deepsqueeze.resolve import check_file_reference
+
+    if not own_model and recipe.model is not None:
+        check_file_reference(recipe.model, "the recipe's model", named)
+    for index, stage in enumerate(recipe.stages):
+        teacher = getattr(stage, "teacher", None)
+        if isinstance(teacher, str):
+            check_file_reference(teacher, f"the recipe's stage {index + 1} teacher", named, option="--teacher")
+
+
 def check_out_path(out: str | Path, model_ref: str) -> Path:
     """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
     (ArtifactError otherwise), checked before any work."""
     out_path = Path(out)
-    check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
+    if not out_path.is_symlink():
+        check_writable(out_path)  # before any work: a read-only --out is found now, not after the stages ran
     if out_path.suffix != ".dsq":
         raise ArtifactError(f"--out must name a .dsq file, got {out_path.name}")
     if out_path.exists() and Path(model_ref).exists() and out_path.resolve() == Path(model_ref).resolve():
         raise ArtifactError(f"refusing to overwrite the input model {out_path}: choose another --out path")
+    check_output(out_path, is_artifact, "deepsqueeze artifact")
     return out_path
 
 
 def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
              weights: str | None = None, device: str | torch.device = "cpu", progress: bool = True,
              evaluate_result: bool = True, report: bool = False,
-             on_stage_end: StageCallback | None = None, model_code: str | None = None) -> CompressResult:
+             on_stage_end: StageCallback | None = None, model_code: str | None = None,
+             teacher: str | None = None, max_drop: float | None = None) -> CompressResult:
     """Resolve ``model_ref`` (or the recipe's model), run the recipe, write ``out``; return what happened.
 
     Started by ``torchrun --nproc-per-node N``, every process runs the recipe, training stages split each
@@ -243,12 +277,22 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     ``report``: measure bytes, ratio and quality after every stage (``CompressResult.stage_reports``).
     ``evaluate_result=False``: no quality is measured, neither of the result nor in the stages' report rows
     (search scores the written file on its own validation split).
-    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model.
+    ``model_code`` supplies the architecture when ``model_ref`` is the .dsq of a ``py:`` model; ``teacher``
+    replaces the teacher of every distill stage. The recipe's own model and teachers are data read from a
+    file: they pass :func:`deepsqueeze.resolve.check_file_reference` before any work.
+
+    Quality budget (``evaluate_result``): the result is measured against the uncompressed model on held-out
+    data (``deepsqueeze.recipes.budget``; ``max_drop`` overrides the recipe's). Over budget, a recipe whose
+    pruning stages rank weights by one rule is run again with per-layer sparsities from a sensitivity scan
+    (:func:`adapt_recipe`), and the better of the two is written; ``CompressResult.budget`` says whether it
+    meets the budget (the CLI then exits with ``EXIT_OVER_BUDGET``).
     """
     own_model = model_ref is not None
+    recipe, named = with_teacher(recipe, teacher), (model_ref, model_code, teacher)
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
+    check_recipe_references(recipe, named, own_model)
     out_path = check_out_path(out, model_ref)
     distributed.init_from_env(device)
     progress = progress and distributed.is_main_process()
@@ -259,19 +303,44 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     shape_from_data(model, data)
     check_model_runs_on(model, data, device)
     start = time.perf_counter()
-    ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
-                     evaluate=evaluate_result or report, on_stage_end=on_stage_end, model_code=model_code)
+    adapted = adapt_recipe(recipe) if evaluate_result else None
+    spare = copy.deepcopy(model) if adapted is not None else None
+
+    def attempt(model: Model, recipe: Recipe) -> tuple[StageContext, BudgetCheck | None]:
+        ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
+                         evaluate=evaluate_result or report, on_stage_end=on_stage_end, model_code=model_code,
+                         named_refs=named)
+        model.module.cpu().eval()
+        check_runs(model, data)
+        limit = recipe.max_drop if max_drop is None else max_drop
+        return ctx, (check_budget(model, ctx.reference, data, limit) if evaluate_result else None)
+
+    ctx, budget = attempt(model, recipe)
+    adaptation = None
+    if budget is not None and not budget.within and adapted is not None and spare is not None:
+        if progress:
+            log(f"over the quality budget ({budget.message()}): running the recipe again with per-layer "
+                "sparsities from a sensitivity scan")
+        ctx2, budget2 = attempt(spare, adapted)
+        if budget2 is not None and budget2.drop < budget.drop:
+            model, ctx, budget, adaptation = spare, ctx2, budget2, "pruning scope: sensitivity"
     compress_s = time.perf_counter() - start
-    model.module.cpu().eval()
-    check_runs(model, data)
     if distributed.is_main_process():
         save(model, out_path)
     distributed.barrier()
     size = out_path.stat().st_size
-    metrics: dict[str, Any] = {}
-    if evaluate_result and isinstance(data, ClassificationData):
-        from deepsqueeze.eval.metrics import accuracy
-
-        metrics["accuracy"] = accuracy(model.module, data)
+    metrics: dict[str, Any] = {budget.metric: budget.value} if budget is not None else {}
     return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s,
-                          coverage_totals(get_record(model.module).coverage))
+                          coverage_totals(get_record(model.module).coverage), budget, adaptation)
+
+
+def adapt_recipe(recipe: Recipe) -> Recipe | None:
+    """``recipe`` with every unstructured ``prune`` stage that ranks by one rule (``scope: layer | global``)
+    allocating per-layer sparsities from a sensitivity scan instead; None when no stage can adapt."""
+    stages, changed = [], False
+    for stage in recipe.stages:
+        if (stage.stage_type == "prune" and getattr(stage, "scope", None) in ("layer", "global")
+                and getattr(stage, "threshold", 1) is None and getattr(stage, "pattern", None) == "unstructured"):
+            stage, changed = stage.model_copy(update={"scope": "sensitivity"}), True
+        stages.append(stage)
+    return recipe.model_copy(update={"stages": tuple(stages)}) if changed else None

@@ -70,6 +70,10 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
     from deepsqueeze.train.loop import seed_everything
 
     config = stream_config(recipe)
+    if model_ref is None and recipe.model is not None:
+        from deepsqueeze.resolve import check_file_reference
+
+        check_file_reference(recipe.model, "the recipe's model")
     model_ref = model_ref or recipe.model
     if model_ref is None:
         raise RecipeError("no model given: pass --model hf:DIR or set 'model:' in the recipe")

@@ -75,7 +75,8 @@ def artifact_report(path: str | Path, data_ref: str | None = None, samples: int 
     from deepsqueeze.codec.format import read_manifest
     from deepsqueeze.core.model import Task
     from deepsqueeze.data import resolve_data
-    from deepsqueeze.zoo.resolve import resolve_base_model
+    from deepsqueeze.errors import DeepsqueezeError, one_line
+    from deepsqueeze.zoo.resolve import base_reference
 
     manifest, _, size = read_manifest(path)
     model = load(path)
@@ -102,10 +103,9 @@ def artifact_report(path: str | Path, data_ref: str | None = None, samples: int 
     page.heading("Output error per layer")
     reference = None
     try:
-        reference = resolve_base_model(str(manifest.get("ref")), progress=False)
-    except Exception as exc:  # a py: model whose code is not importable here, a missing checkpoint, ...
-        page.note(f"the uncompressed model {manifest.get('ref')} could not be rebuilt here ({exc}): no output error",
-                  warn=True)
+        reference = base_reference(model)  # from the validated base, never the manifest's free-text ref
+    except DeepsqueezeError as exc:  # a py: base (no code named), a zoo model not trained here, ...
+        page.note(f"the uncompressed model could not be rebuilt here ({one_line(exc)}): no output error", warn=True)
     if reference is not None:
         data_name = data_ref or manifest.get("base", {}).get("data")
         if model.task is Task.SENTENCE_ENCODER:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import html
 import math
+from pathlib import Path
 from typing import Any
 
 CSS = """
@@ -60,9 +61,22 @@ class Page:
 
     def render(self) -> str:
         sub = f'<p class="sub">{html.escape(self.subtitle)}</p>' if self.subtitle else ""
-        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(self.title)}'
+        return (f'<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">{GENERATOR}<title>{html.escape(self.title)}'
                 f'</title><style>{CSS}</style></head><body><h1>{html.escape(self.title)}</h1>{sub}'
                 + "\n".join(self.parts) + "</body></html>\n")
+
+
+GENERATOR = '<meta name="generator" content="deepsqueeze">'
+
+
+def is_report(path: Path) -> bool:
+    """Whether ``path`` is an HTML page deepsqueeze wrote (what ``report --out`` may replace)."""
+    try:
+        with open(path, "rb") as fh:
+            head = fh.read(512)
+    except OSError:
+        return False
+    return head.startswith(b"<!DOCTYPE html>") and GENERATOR.encode() in head
 
 
 def cell(value: Any) -> str:

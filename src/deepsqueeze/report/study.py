@@ -3,36 +3,145 @@ importance (fANOVA, Hutter et al. 2014, as Optuna computes it), the answer and t
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
-from deepsqueeze.errors import RecipeError
+import pydantic
+
+from deepsqueeze.core.jsonfile import read_json
+from deepsqueeze.errors import RecipeError, one_line
 from deepsqueeze.report.html import Page
+
+MAX_SUMMARY_BYTES = 16 << 20
+
+
+Num = Annotated[float, pydantic.Strict(), pydantic.Field(allow_inf_nan=False)]
+Int = Annotated[int, pydantic.Strict(), pydantic.Field(ge=0, le=1 << 48)]
+Text = Annotated[str, pydantic.Strict(), pydantic.Field(max_length=4096)]
+Objectives = Annotated[list[Literal["quality", "bytes", "latency"]], pydantic.Field(min_length=1, max_length=3)]
+_Open = pydantic.ConfigDict(extra="allow")
+
+
+class _Baseline(pydantic.BaseModel):
+    model_config = _Open
+    quality: Num
+    bytes: Num
+    latency_ms: Num
+    quality_key: Text = "quality"
+
+
+class _Row(pydantic.BaseModel):
+    model_config = _Open
+    trial: Int
+    recipe_file: Text | None = None
+    quality: Num | None = None
+    drop_pp: Num | None = None
+    bytes: Num | None = None
+    latency_ms: Num | None = None
+    speedup: Num | None = None
+
+
+class _Best(pydantic.BaseModel):
+    model_config = _Open
+    trial: Int
+
+
+class _Summary(pydantic.BaseModel):
+    model_config = _Open
+    objectives: Objectives | None = None
+    baseline: _Baseline | None = None
+    front: Annotated[list[_Row], pydantic.Field(max_length=100_000)] = []
+    best: _Best | None = None
+    message: Text | None = None
+    feasible: bool = False
+
+
+class _Reference(pydantic.BaseModel):
+    model_config = _Open
+    recipe: Text
+    quality: Num
+    drop_pp: Num
+    bytes: Num
+    latency_ms: Num
+
+
+class _StudyAttrs(pydantic.BaseModel):
+    model_config = _Open
+    objectives: Objectives | None = None
+    baseline: _Baseline | None = None
+    references: Annotated[list[_Reference | dict[str, Any]], pydantic.Field(max_length=1000)] = []
+    model: Text | None = None
+
+
+class _TrialAttrs(pydantic.BaseModel):
+    model_config = _Open
+    quality: Num
+    bytes: Num
+    latency_ms: Num
+
+
+def _checked(schema: type[pydantic.BaseModel], value: Any, where: str) -> Any:
+    try:
+        return schema.model_validate(value)
+    except pydantic.ValidationError as exc:
+        err = exc.errors(include_url=False)[0]
+        field = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        raise RecipeError(f"{where} is not a deepsqueeze study's (field {field}: {one_line(err['msg'], 120)}): the "
+                          "folder was edited or comes from another tool; run deepsqueeze search again") from None
+
+
+def _read_only_sqlite(db: Path) -> str:
+    """The SQLAlchemy URL opening ``db`` read-only, once it is known to hold Optuna's tables."""
+    import sqlite3
+
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db.resolve()))}?mode=ro", uri=True)
+        try:
+            tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise RecipeError(f"{db} is not a readable SQLite study ({one_line(exc, 120)}): pass the --out folder of "
+                          "deepsqueeze search") from None
+    if not {"studies", "trials", "study_user_attributes"} <= tables:
+        raise RecipeError(f"{db} holds no Optuna study: pass the --out folder of deepsqueeze search")
+    return f"sqlite:///file:{quote(str(db.resolve()))}?mode=ro&uri=true"
 
 
 def load_study(folder: str | Path, storage: str | None = None, study_name: str = "search") -> tuple[Any, dict]:
-    """The Optuna study of a ``deepsqueeze search --out`` folder (or of ``storage``) and its summary.json."""
+    """The Optuna study of a ``deepsqueeze search --out`` folder (or of ``storage``) and its summary.json,
+    read only (an SQLite study is opened read-only) and validated: a tampered folder is one ``RecipeError``."""
     import optuna
 
-    from deepsqueeze.search.study import default_storage
+    from deepsqueeze.search.study import _redact
 
     root = Path(folder)
     summary_path = root / "summary.json"
-    summary = json.loads(summary_path.read_text()) if summary_path.exists() else {}
-    url = storage or default_storage(root)
-    if storage is None and not (root / "study.db").exists():
-        raise RecipeError(f"{root} holds no study.db: pass the --out folder of deepsqueeze search (or --storage)")
+    summary: dict[str, Any] = {}
+    if summary_path.exists():
+        try:
+            raw = read_json(summary_path, max_bytes=MAX_SUMMARY_BYTES)
+        except (OSError, ValueError) as exc:
+            raise RecipeError(f"{summary_path} is not a deepsqueeze study summary ({one_line(exc, 120)}): run "
+                              "deepsqueeze search again to rewrite it") from None
+        summary = _checked(_Summary, raw, str(summary_path)).model_dump(exclude_none=True)
+    if storage is None:
+        if not (root / "study.db").is_file():
+            raise RecipeError(f"{root} holds no study.db: pass the --out folder of deepsqueeze search (or --storage)")
+        url = _read_only_sqlite(root / "study.db")
+    else:
+        url = storage
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     try:
         study = optuna.load_study(study_name=study_name, storage=url)
     except KeyError:
-        raise RecipeError(f"no study named {study_name!r} in {url}: pass --study NAME") from None
-    except Exception as exc:
-        raise RecipeError(f"cannot open the study storage: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}"
-                          ) from None
+        raise RecipeError(f"no study named {study_name!r} in {_redact(url)}: pass --study NAME") from None
+    except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, read-only schema
+        raise RecipeError(f"cannot open the study storage: {type(exc).__name__}: {one_line(exc, 200)}") from None
+    _checked(_StudyAttrs, study.user_attrs, f"study {study_name!r}")
     return study, summary
 
 
@@ -49,6 +158,8 @@ def study_report(folder: str | Path, storage: str | None = None, study_name: str
     baseline = attrs.get("baseline") or summary.get("baseline") or {}
     complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
                 if "quality" in t.user_attrs]
+    for t in complete:
+        _checked(_TrialAttrs, t.user_attrs, f"trial {t.number} of study {study_name!r}")
     page = Page(f"deepsqueeze search: {attrs.get('model', '?')}",
                 f"study {study_name}: {len(study.trials)} trials ({len(complete)} complete); objectives "
                 f"{', '.join(objectives)}; constraints {attrs.get('constraints') or 'none'}; validation on "
@@ -66,7 +177,9 @@ def study_report(folder: str | Path, storage: str | None = None, study_name: str
     front = set(pareto_front(values, directions))
     shipped = {row["trial"]: row.get("recipe_file") for row in summary.get("front", [])}
     best = (summary.get("best") or {}).get("trial")
-    references = [r for r in attrs.get("references", []) if "quality" in r]
+    references = [r for r in attrs.get("references", []) if isinstance(r, dict) and "quality" in r]
+    for r in references:
+        _checked(_Reference, r, f"a compare reference of study {study_name!r}")
 
     page.heading("Pareto front")
     axes = [("bytes", "artifact bytes (.dsq file)")]

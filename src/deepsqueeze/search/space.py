@@ -57,6 +57,9 @@ OVERRIDE_FIELDS = {"prune": "sparsity", "prune_channels": "ratio", "share": "bit
 PER_LAYER_BITS_METHODS = tuple(m.value for m in PER_LAYER_BITS)
 HOLE_KEYS = ({"choice"}, {"low", "high"}, {"low", "high", "step"}, {"low", "high", "log"})
 
+#: The most points a grid search may list (the product of its holes' sizes), checked before listing.
+MAX_GRID_POINTS = 100_000
+
 
 class TrialLike(Protocol):
     """What a space needs from a sampler's trial (``optuna.Trial`` fits)."""
@@ -92,12 +95,25 @@ class Hole:
         return trial.suggest_float(self.name, float(self.low), float(self.high), step=self.step,  # type: ignore[arg-type]
                                    log=self.log)
 
-    def grid(self) -> list[Any]:
-        """Every value of the hole (a range needs a step, an int range has step 1 by default)."""
+    def size(self) -> int:
+        """How many values :meth:`grid` would list, counted without listing them (RecipeError when infinite)."""
         if self.choice is not None:
-            return list(self.choice)
+            return len(self.choice)
         if self.log or (self.step is None and not self.is_int):
             raise RecipeError(f"hole {self.name}: the grid sampler needs a finite hole: give 'step' or 'choice'")
+        span = (float(self.high) - float(self.low)) / (self.step or 1) + 1e-9  # type: ignore[arg-type]
+        if not math.isfinite(span) or span > MAX_GRID_POINTS:
+            return MAX_GRID_POINTS + 1
+        return int(math.floor(span)) + 1
+
+    def grid(self) -> list[Any]:
+        """Every value of the hole (a range needs a step, an int range has step 1 by default); a hole of
+        more than ``MAX_GRID_POINTS`` values is a RecipeError, before any is listed."""
+        if self.size() > MAX_GRID_POINTS:
+            raise RecipeError(f"hole {self.name} has more than {MAX_GRID_POINTS:,} values: the grid sampler "
+                              "lists every point; widen its step or use --sampler tpe / random")
+        if self.choice is not None:
+            return list(self.choice)
         step = self.step or 1
         n = int(math.floor((float(self.high) - float(self.low)) / step + 1e-9))  # type: ignore[arg-type]
         if self.is_int:
@@ -167,8 +183,16 @@ class SearchSpace:
         return [hole for stage in self.stages for hole in stage.all_holes()]
 
     def grid(self) -> dict[str, list[Any]]:
-        """Every hole's values, for ``optuna.samplers.GridSampler``."""
-        return {hole.name: hole.grid() for hole in self.holes()}
+        """Every hole's values, for ``optuna.samplers.GridSampler`` (which lists their product): the product
+        is counted first and a space of more than ``MAX_GRID_POINTS`` points is a RecipeError."""
+        holes = self.holes()
+        points = 1
+        for hole in holes:
+            points *= hole.size()
+            if points > MAX_GRID_POINTS:
+                raise RecipeError(f"the space holds more than {MAX_GRID_POINTS:,} grid points ({len(holes)} holes): "
+                                  "the grid sampler lists every one; use --sampler tpe or random, or fewer holes")
+        return {hole.name: hole.grid() for hole in holes}
 
     def fingerprint(self) -> str:
         """A digest of the space (holes and stages), so a resumed study refuses a different space."""

@@ -39,10 +39,11 @@ from typing import Any
 
 import yaml
 
+from deepsqueeze.core.files import check_writable, write_text_atomic
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.data.resolve import resolve_data
-from deepsqueeze.errors import DataError, DeepsqueezeError, RecipeError
+from deepsqueeze.errors import ArtifactError, DataError, DeepsqueezeError, RecipeError, redact
 from deepsqueeze.recipes.schema import Recipe, load_recipe
 from deepsqueeze.search.space import SearchSpace, parse_space, read_space_file
 
@@ -138,13 +139,16 @@ def layer_lister(model: Model) -> Callable[[str, list[str] | None], list[str]]:
 
 def load_space(path: str | Path, model_ref: str | None = None) -> tuple[SearchSpace, Model]:
     """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``)."""
-    from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.resolve import resolve_file_reference, resolve_model
 
     data = read_space_file(path)
     ref = model_ref or (data.get("model") if isinstance(data, dict) else None)
-    if not ref:
+    if not ref or not isinstance(ref, str):
         raise RecipeError("no model given: pass --model REF or set 'model:' in the space file")
-    model = resolve_model(ref, progress=False)
+    if model_ref:
+        model = resolve_model(ref, progress=False)
+    else:
+        model = resolve_file_reference(ref, f"the search space's model ({path})", progress=False)
     space = parse_space(data, layer_lister(model), source=str(path))
     space.model = ref
     return space, model
@@ -295,6 +299,26 @@ def make_pruner(name: str) -> Any:
     raise RecipeError(f"unknown pruner {name!r}: use one of {', '.join(PRUNERS)}")
 
 
+STUDY_FILES = ("study.db", "summary.json", "best.yaml", "front", "trials")
+
+
+def prepare_out(out: Path) -> None:
+    """Make ``out`` the study folder, before any work: not a link, and if it exists, a folder that is empty
+    or holds a study deepsqueeze wrote (``RecipeError`` / ``ArtifactError`` otherwise, one line)."""
+    if out.is_symlink():
+        raise ArtifactError(f"--out {out} is a symbolic link: deepsqueeze never writes through one; name a folder")
+    if out.exists() and not out.is_dir():
+        raise RecipeError(f"--out {out} is a file: give a folder for the study")
+    if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in STUDY_FILES):
+        raise ArtifactError(f"--out {out} holds files deepsqueeze did not write: name a new or empty folder")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create the study folder {out}: {exc.strerror or exc}; choose another --out"
+                            ) from None
+    check_writable(out / "summary.json")
+
+
 def default_storage(out: Path) -> str:
     return f"sqlite:///{(out / 'study.db').resolve()}"
 
@@ -331,14 +355,14 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     try:
         study = _open_study(url, study_name, directions)
     except ImportError as exc:
-        raise RecipeError(f"storage {storage} needs a driver: pip install 'psycopg[binary]' ({exc})") from None
+        raise RecipeError(f"storage {_redact(storage or url)} needs a driver: pip install 'psycopg[binary]' ({exc})") from None
     except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, ...
         if isinstance(exc, DeepsqueezeError):
             raise
-        raise RecipeError(f"cannot open the study storage {storage or url}: {type(exc).__name__}: "
+        raise RecipeError(f"cannot open the study storage {_redact(storage or url)}: {type(exc).__name__}: "
                           f"{str(exc).splitlines()[0][:200]}") from None
     if [d.name.lower() for d in study.directions] != directions:
-        raise RecipeError(f"study {study_name!r} in {url} optimizes other objectives: use another --out or --study")
+        raise RecipeError(f"study {study_name!r} in {_redact(url)} optimizes other objectives: use another --out or --study")
     fingerprint = space.fingerprint()
     stored = study.user_attrs.get("space_fingerprint")
     if stored is None:
@@ -348,7 +372,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
         study.set_user_attr("objectives", list(space.objectives))
         study.set_user_attr("constraints", space.constraints)
     elif stored != fingerprint:
-        raise RecipeError(f"study {study_name!r} in {url} was started from another space: use another --out or "
+        raise RecipeError(f"study {study_name!r} in {_redact(url)} was started from another space: use another --out or "
                           "--study to start a new one")
     baseline = _baseline(study, ctx)
     if space.compare and "references" not in study.user_attrs:
@@ -872,7 +896,7 @@ def write_answer(study: Any, space: SearchSpace, out: Path, storage: str, study_
         "best": {k: v for k, v in result.best.items() if k != "recipe"} if result.best else None,
         "feasible": result.feasible, "message": result.message, "references": result.references,
     }
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, default=str))
+    write_text_atomic(out / "summary.json", json.dumps(summary, indent=2, default=str))
     return result
 
 
@@ -906,13 +930,7 @@ def _write_recipe(path: Path, row: dict[str, Any], space: SearchSpace) -> None:
     header = (f"# search trial {row['trial']}: validation quality {row['quality']:.4f}, {row['bytes']:,} bytes, "
               f"{row['latency_ms']:.3f} ms (batch {space.latency_batch}, {space.latency_threads} threads)\n"
               f"# replay: deepsqueeze compress --recipe {path.name} --out OUT.dsq\n")
-    _atomic_write(path, header + yaml.safe_dump(compact_recipe(row["recipe"]), sort_keys=False))
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    write_text_atomic(path, header + yaml.safe_dump(compact_recipe(row["recipe"]), sort_keys=False))
 
 
 def _redact(url: str) -> str:
@@ -920,7 +938,7 @@ def _redact(url: str) -> str:
         scheme, rest = url.split("://", 1)
         creds, host = rest.rsplit("@", 1)
         return f"{scheme}://{creds.split(':')[0]}@{host}"
-    return url
+    return redact(url)
 
 
 def _plain(value: Any) -> Any:

@@ -11,8 +11,6 @@ seed: same code, same torch -> same weights. The checkpoint is cached as safeten
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.files import atomic_write
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import DataError, ModelError
 
@@ -92,7 +91,7 @@ def pretrained_gpt_tiny(data_ref: str = "pydoc", progress: bool = True) -> Model
     """``zoo:gpt-tiny@pydoc`` with its weights (trained once, then read from the cache)."""
     if data_ref not in LM_DATA:
         raise DataError(f"zoo:gpt-tiny trains on pydoc text only: use zoo:gpt-tiny@pydoc, not @{data_ref}")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     path = checkpoint_path()
     if path.exists():
@@ -106,14 +105,9 @@ def pretrained_gpt_tiny(data_ref: str = "pydoc", progress: bool = True) -> Model
     else:
         module = train_gpt_tiny(progress=progress)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            state = {k: v.contiguous() for k, v in module.state_dict().items() if k != "transformer.lm_head.weight"}
-            save_file(state, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        state = {k: v.contiguous() for k, v in module.state_dict().items() if k != "transformer.lm_head.weight"}
+        payload = save(state)
+        atomic_write(path, lambda fh: fh.write(payload))
     base = {"kind": "zoo-lm", "name": "gpt-tiny", "data": "pydoc"}
     return Model(module.eval(), base, Task.CAUSAL_LM, "zoo:gpt-tiny@pydoc", count_params(module),
                  meta={"checkpoint": str(path)})

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
 from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.files import atomic_write
 from deepsqueeze.core.model import Model, Task, load_state_checked
 from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.data.resolve import resolve_data
@@ -48,7 +48,7 @@ def pretrained_zoo_model(name: str, data_ref: str, progress: bool = True,
     data = resolve_data(data_ref)
     if not isinstance(data, ClassificationData):
         raise DataError(f"zoo:{name}@{data_ref}: zoo models train on image data, not on {data_ref}")
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file, save
 
     path = checkpoint_path(name, data_ref)
     module = build_zoo_model(name, data.input_shape, data.num_classes)
@@ -65,13 +65,8 @@ def pretrained_zoo_model(name: str, data_ref: str, progress: bool = True,
     else:
         module = train_zoo_model(name, data, progress=progress, device=device)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({k: v.contiguous() for k, v in module.state_dict().items()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        payload = save({k: v.contiguous() for k, v in module.state_dict().items()})
+        atomic_write(path, lambda fh: fh.write(payload))
     base = {"kind": "zoo", "name": name, "input_shape": list(data.input_shape), "num_classes": data.num_classes,
             "data": data_ref}
     return Model(module.eval(), base, Task.CLASSIFIER, f"zoo:{name}@{data_ref}", count_params(module),

@@ -98,6 +98,13 @@ class HFBase(pydantic.BaseModel):
     path: Annotated[str, pydantic.Strict(), pydantic.Field(min_length=1, max_length=MAX_PATH, pattern=r"^[^\x00]*$")]
     task: Literal["sentence-encoder", "sequence-classifier", "causal-lm"] = "sentence-encoder"
 
+    @pydantic.field_validator("path")
+    @classmethod
+    def _components(cls, value: str) -> str:
+        if any(len(part.encode("utf-8", "surrogatepass")) > 255 for part in value.split("/")):
+            raise ValueError("a path component is longer than 255 bytes")
+        return value
+
 
 class Fingerprint(pydantic.BaseModel):
     """Submodule names and state-dict shapes of a ``py`` base (see ``architecture_fingerprint``)."""
@@ -290,16 +297,42 @@ def base_reference(model: Model) -> Model:
     if model.artifact_path is None:
         return resolve_base_model(model.ref, progress=False)
     spec = validate_base(model.base)
+    where = f"the base model of {model.artifact_path}"
     if isinstance(spec, MiniLMBase):
         return resolve_base_model("minilm", progress=False)
-    if isinstance(spec, HFBase):
+    if isinstance(spec, HFBase):  # the folder the artifact's own load already reads its config from
         return resolve_base_model(f"hf:{spec.path}", progress=False)
-    if isinstance(spec, ZooLMBase):
-        return resolve_base_model(f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else ""), progress=False)
-    if isinstance(spec, ZooBase):
-        return resolve_base_model(f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else ""), progress=False)
+    if isinstance(spec, (ZooLMBase, ZooBase)):
+        ref = f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else "")
+        check_zoo_reference(ref, where)
+        return resolve_base_model(ref, progress=False)
     raise ModelError(f"{model.artifact_path} was compressed from your own model code: pass the uncompressed "
                      "model to compare against with --reference")
+
+
+def check_zoo_reference(ref: str, where: str, option: str = "--model") -> None:
+    """Refuse (``ModelError``) a ``zoo:`` reference read from a file that would need work beyond rebuilding:
+    a training run (``@DATA`` not cached on this machine) or a data folder (``@DATA:PATH``)."""
+    name, _, data_ref = ref[4:].partition("@")
+    if name not in ZOO and name != "gpt-tiny":
+        raise ModelError(f"{where} names an unknown zoo model {one_line(name, 60)!r}: choose one of {', '.join(ZOO)}")
+    if not data_ref:
+        return
+    shown = one_line(ref, 120)
+    if ":" in data_ref or "/" in data_ref or data_ref.startswith("."):
+        raise ModelError(f"{where} names {shown}, whose data is a path: deepsqueeze reads only the data you name: "
+                         f"pass {option} {shown} yourself")
+    if name == "gpt-tiny":
+        from deepsqueeze.zoo.gpt import checkpoint_path as lm_checkpoint
+
+        cached = data_ref == "pydoc" and lm_checkpoint().exists()
+    else:
+        from deepsqueeze.zoo.pretrained import checkpoint_path
+
+        cached = checkpoint_path(name, data_ref).exists()
+    if not cached:
+        raise ModelError(f"{where} names {shown}, which is not trained on this machine, and a file never starts a "
+                         f"training run: run deepsqueeze train zoo:{name} --data {data_ref}, or pass {option} {shown}")
 
 
 def load_weights(module: nn.Module, path: str) -> None:

@@ -1,0 +1,66 @@
+"""One signal contract for every command: SIGINT and SIGTERM both unwind through the same cleanup.
+
+:func:`install` (called by the CLI) makes SIGTERM raise :class:`Terminated`, a ``KeyboardInterrupt``, so
+every ``finally`` and ``except KeyboardInterrupt`` that cleans up after Ctrl-C (temporary files, staging
+folders, a search's running trial, its answer) runs for SIGTERM too; the CLI then exits 130 or 143.
+:func:`deferred_signals` holds a signal back while a temporary is created and recorded, so it is raised
+only once the code that removes it is in charge (create temporaries inside ``try``, within this block).
+"""
+
+from __future__ import annotations
+
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import FrameType
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where Ctrl-C's ``KeyboardInterrupt`` would be."""
+
+    exit_code = 143
+
+
+_depth = 0
+_pending: int | None = None
+
+
+def _interrupt(signum: int) -> KeyboardInterrupt:
+    return Terminated() if signum == signal.SIGTERM else KeyboardInterrupt()
+
+
+def _handler(signum: int, frame: FrameType | None) -> None:
+    global _pending
+    if _depth > 0:
+        _pending = signum
+        return
+    raise _interrupt(signum)
+
+
+def install() -> None:
+    """Route SIGTERM (and SIGINT, unless the process was started ignoring it) through :func:`_handler`."""
+    if threading.current_thread() is not threading.main_thread():
+        return
+    signal.signal(signal.SIGTERM, _handler)
+    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+        signal.signal(signal.SIGINT, _handler)
+
+
+@contextmanager
+def deferred_signals() -> Iterator[None]:
+    """Hold SIGINT / SIGTERM back inside the block; one that came meanwhile is raised as the block ends."""
+    global _depth, _pending
+    _depth += 1
+    try:
+        yield
+    finally:
+        _depth -= 1
+        if _depth == 0 and _pending is not None:
+            signum, _pending = _pending, None
+            raise _interrupt(signum)
+
+
+def exit_code(exc: KeyboardInterrupt) -> int:
+    """130 for Ctrl-C, 143 for SIGTERM (128 + the signal number, as shells report them)."""
+    return getattr(exc, "exit_code", 130)

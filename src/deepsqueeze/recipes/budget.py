@@ -1,0 +1,120 @@
+"""The quality budget: what a recipe promises about quality, measured on held-out data before compress says done.
+
+Every recipe carries ``max_drop`` (or the task's default below; ``--max-drop`` overrides). ``compress``
+scores the uncompressed model and the result on the same held-out data, writes the best artifact it found,
+and reports the measured drop against the budget; over budget, the CLI exits with :data:`EXIT_OVER_BUDGET`,
+never 0. The metric and unit per task:
+
+=====================  ==============================================================  =============
+task                   metric (held-out data)                                          default
+=====================  ==============================================================  =============
+classifier             top-1 accuracy on the data's test split, drop in pp              1.0 pp
+sequence-classifier    label agreement with the uncompressed model, drop in pp         2.0 pp
+sentence-encoder       cosine_mean to the uncompressed model, drop = 1 - cosine_mean    0.03
+causal-lm              perplexity (window 256, stride 128), increase in percent         10 %
+=====================  ==============================================================  =============
+
+Text tasks are scored on ``pydoc-sentences:eval`` (never calibrated or trained on), at most
+:data:`TEXT_SAMPLES` sentences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.data.datasets import ClassificationData, TextData
+
+EXIT_OVER_BUDGET = 3
+DEFAULT_MAX_DROP = {Task.CLASSIFIER: 1.0, Task.SEQUENCE_CLASSIFIER: 2.0, Task.SENTENCE_ENCODER: 0.03,
+                    Task.CAUSAL_LM: 10.0}
+UNITS = {Task.CLASSIFIER: "pp accuracy", Task.SEQUENCE_CLASSIFIER: "pp label agreement",
+         Task.SENTENCE_ENCODER: "cosine", Task.CAUSAL_LM: "% perplexity"}
+METRICS = {Task.CLASSIFIER: "accuracy", Task.SEQUENCE_CLASSIFIER: "label_agreement",
+           Task.SENTENCE_ENCODER: "cosine_mean", Task.CAUSAL_LM: "perplexity"}
+TEXT_SAMPLES = 256
+HELD_OUT_TEXT = "pydoc-sentences:eval"
+
+
+@dataclass
+class BudgetCheck:
+    """One measurement of a compressed model against its budget (``drop`` in ``unit``; lower is better)."""
+
+    metric: str
+    base: float
+    value: float
+    drop: float
+    max_drop: float
+    unit: str
+    data: str
+    samples: int
+
+    @property
+    def within(self) -> bool:
+        return self.drop <= self.max_drop + 1e-12
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "within": self.within}
+
+    def message(self) -> str:
+        verdict = "within" if self.within else "over"
+        return (f"{self.metric} {self.value:.4g} against {self.base:.4g} uncompressed on {self.data} "
+                f"({self.samples} samples): a drop of {self.drop:.3g} {self.unit}, {verdict} the budget of "
+                f"{self.max_drop:g} {self.unit}")
+
+
+def default_max_drop(task: Task) -> float:
+    return DEFAULT_MAX_DROP[task]
+
+
+def held_out(model: Model, data: ClassificationData | TextData | None) -> ClassificationData | TextData | None:
+    """The data a budget is measured on: a classifier's own test split, held-out sentences for text."""
+    if model.task is Task.CLASSIFIER:
+        return data if isinstance(data, ClassificationData) else None
+    from deepsqueeze.data.resolve import resolve_data
+
+    return resolve_data(HELD_OUT_TEXT)
+
+
+@torch.no_grad()
+def _score(model: Model, reference: Model, data: ClassificationData | TextData) -> tuple[float, float, int]:
+    """(reference's figure, model's figure, samples) of the task's metric."""
+    from deepsqueeze.eval import metrics
+
+    task = model.task
+    if task is Task.CLASSIFIER:
+        assert isinstance(data, ClassificationData)
+        return metrics.accuracy(reference.module, data), metrics.accuracy(model.module, data), len(data.test_y)
+    sentences = list(data.sentences[:TEXT_SAMPLES])  # type: ignore[union-attr]
+    if task is Task.CAUSAL_LM:
+        base, _ = metrics.perplexity(reference.module, sentences, window=256, stride=128)
+        value, tokens = metrics.perplexity(model.module, sentences, window=256, stride=128)
+        return base, value, tokens
+    inputs = metrics.encoder_inputs(model.module, sentences)
+    out = model.module.eval()(**inputs)
+    ref = reference.module.eval()(**inputs)
+    if task is Task.SEQUENCE_CLASSIFIER:
+        return 1.0, metrics.label_agreement(out, ref), len(sentences)
+    cosine = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1)
+    return 1.0, float(cosine.mean()), len(sentences)
+
+
+def check_budget(model: Model, reference: Model, data: ClassificationData | TextData | None,
+                 max_drop: float | None) -> BudgetCheck | None:
+    """Measure ``model`` against ``reference`` on held-out data; None when the task has no held-out data
+    here (a classifier compressed without image data)."""
+    evaluation = held_out(model, data)
+    if evaluation is None:
+        return None
+    base, value, samples = _score(model, reference, evaluation)
+    if model.task is Task.CAUSAL_LM:
+        drop = 100 * (value / base - 1)
+    elif model.task is Task.SENTENCE_ENCODER:
+        drop = base - value
+    else:
+        drop = 100 * (base - value)  # percentage points
+    limit = default_max_drop(model.task) if max_drop is None else max_drop
+    return BudgetCheck(METRICS[model.task], base, value, drop, limit, UNITS[model.task], evaluation.name, samples)

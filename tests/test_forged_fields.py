@@ -1,0 +1,149 @@
+"""Every field read from a file is validated against the model it describes, and bounded before work
+(issue 25, findings 5 and 6): forged manifests that pass every checksum end in one ``ArtifactError`` at
+load, never in a model that fails in forward, computes NaN, or a load that runs for minutes."""
+
+from __future__ import annotations
+
+import json
+import struct
+import time
+
+import pytest
+import torch
+
+from deepsqueeze.artifact import load, save
+from deepsqueeze.core.record import record_encoding
+from deepsqueeze.errors import ArtifactError, RecipeError
+from deepsqueeze.quant import Int8DynamicConfig, quantize_
+from deepsqueeze.testing.forge import assemble_artifact, forge_manifest, split_artifact
+from deepsqueeze.testing.models import TINY_SHAPE, tiny_model_handle
+
+TINY = "py:deepsqueeze.testing.models:TinyMLP"
+
+
+@pytest.fixture
+def plain(tmp_path):
+    save(tiny_model_handle(), tmp_path / "plain.dsq")
+    return tmp_path / "plain.dsq"
+
+
+@pytest.fixture
+def sparse(tmp_path):
+    model = tiny_model_handle()
+    with torch.no_grad():
+        model.module.fc1.weight[model.module.fc1.weight.abs() < 0.1] = 0
+    record_encoding(model.module, "fc1.weight", "sparse")
+    save(model, tmp_path / "sparse.dsq")
+    return tmp_path / "sparse.dsq"
+
+
+def _forged(src, tmp_path, edit):
+    return forge_manifest(src, tmp_path / "forged.dsq", edit)
+
+
+def test_a_tie_must_join_tensors_of_the_same_shape_and_dtype(tmp_path, plain):
+    def edit(m):
+        m["tensors"] = [t for t in m["tensors"] if t["name"] != "fc2.bias"]
+        m["ties"] = {"fc2.bias": "fc1.bias"}  # 16 elements tied to 32
+
+    with pytest.raises(ArtifactError, match="ties"):
+        load(_forged(plain, tmp_path, edit), model=TINY)
+
+
+@pytest.mark.parametrize("key", ["encoding", "model", "tensor_name", "scale"])
+def test_tensor_params_are_the_encodings_own(tmp_path, plain, key):
+    def edit(m):
+        m["tensors"][0]["params"] = {key: "x"}
+
+    with pytest.raises(ArtifactError, match="parameter"):
+        load(_forged(plain, tmp_path, edit), model=TINY)
+
+
+@pytest.mark.parametrize("value", [["uint8"], {"a": 1}, 7, None])
+def test_sparse_meta_of_another_json_type_is_refused(tmp_path, sparse, value):
+    def edit(m):
+        entry = next(t for t in m["tensors"] if t["name"] == "fc1.weight")
+        entry["meta"]["col_dtype"] = value
+        entry["meta"]["layout"] = "csr"
+
+    with pytest.raises(ArtifactError):
+        load(_forged(sparse, tmp_path, edit), model=TINY)
+
+
+@pytest.mark.parametrize("shape", [[1, 4, 5], [3, 4, 4], [16], [1, 1, 1, 16]])
+def test_input_shape_must_fit_the_model(tmp_path, plain, shape):
+    def edit(m):
+        m["input_shape"] = shape
+
+    path = _forged(plain, tmp_path, edit)
+    if shape == [16] or shape == [1, 1, 1, 16]:  # flattened to 16 features: the model takes it
+        assert load(path, model=TINY).module(torch.zeros(2, *shape)).shape == (2, 4)
+        return
+    with pytest.raises(ArtifactError, match="does not run"):
+        load(path, model=TINY)
+
+
+def test_num_classes_must_fit_the_model(tmp_path, plain):
+    with pytest.raises(ArtifactError, match="classes"):
+        load(_forged(plain, tmp_path, lambda m: m.update(num_classes=10)), model=TINY)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_weights_are_refused_at_load(tmp_path, plain, value):
+    version, manifest_bytes, payload = split_artifact(plain.read_bytes())
+    manifest = json.loads(manifest_bytes)
+    entry = next(t for t in manifest["tensors"] if t["name"] == "fc1.weight")
+    offset = entry["segments"][0][0]
+    payload = payload[:offset] + struct.pack("<f", value) + payload[offset + 4:]
+    import zlib
+
+    entry["segments"][0][2] = zlib.crc32(payload[offset:offset + entry["segments"][0][1]])
+    (tmp_path / "nan.dsq").write_bytes(assemble_artifact(manifest, payload, version))
+    with pytest.raises(ArtifactError, match="NaN or Inf"):
+        load(tmp_path / "nan.dsq", model=TINY)
+
+
+def test_an_overflowing_int8_scale_is_refused_at_load(tmp_path):
+    model = tiny_model_handle()
+    quantize_(model.module, Int8DynamicConfig())
+    layer = model.module.fc1
+    scale = next(name for name, _ in layer.named_buffers() if "scale" in name)
+    getattr(layer, scale).fill_(3.4e38)  # finite, but scale x code overflows float32
+    save(model, tmp_path / "huge.dsq")
+    with pytest.raises(ArtifactError, match="NaN or Inf"):
+        load(tmp_path / "huge.dsq", model=TINY)
+
+
+@pytest.mark.parametrize("count, needle", [(2_000, "entries"), (200_000, "out of proportion")])
+@pytest.mark.parametrize("key", ["coverage", "transforms"])
+def test_manifest_lists_are_bounded_by_the_model(tmp_path, plain, key, count, needle):
+    entry = ({"stage": 0, "stage_type": "quantize", "module": "fc1", "kind": "Linear", "weights": 1, "action": "kept"}
+             if key == "coverage" else {"kind": "cut", "target": "fc1", "params": {}})
+
+    def edit(m):
+        m[key] = [entry] * count
+
+    path = _forged(plain, tmp_path, edit)
+    start = time.perf_counter()
+    with pytest.raises(ArtifactError, match=needle):
+        load(path, model=TINY)
+    assert time.perf_counter() - start < 60  # a correctness bound, not a timing claim: minutes before
+
+
+def test_a_grid_space_is_counted_before_it_is_listed():
+    from deepsqueeze.search.space import parse_space
+
+    for stage in ({"type": "quantize", "method": "rtn", "group_size": {"low": 8, "high": 10**12}},
+                  {"type": "prune", "sparsity": {"low": 0.0, "high": 0.9, "step": 1e-12}}):
+        data = {"stages": [stage]}
+        space = parse_space(data, lambda *_: [], source="space")
+        with pytest.raises(RecipeError, match="grid"):
+            space.grid()
+    data = {"stages": [{"type": "quantize", "method": "rtn", "bits": {"per_layer": {"choice": [2, 3, 4, 8]}}}]}
+    space = parse_space(data, lambda *_: [f"l{i}" for i in range(40)], source="space")
+    with pytest.raises(RecipeError, match="grid points"):
+        space.grid()
+
+
+def test_a_shape_the_probe_cannot_feed_is_not_a_crash(tmp_path, plain):
+    assert tuple(load(plain, model=TINY).input_shape) == TINY_SHAPE
