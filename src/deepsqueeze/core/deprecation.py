@@ -2,7 +2,7 @@
 
 A module whose contents moved keeps its name and ends with::
 
-    __getattr__ = moved_to(__name__, runtime, ["Int8Linear", ...])
+    __getattr__ = moved_to(__name__, {runtime: ["Int8Linear", ...]})
 
 so ``from deepsqueeze.quant.modules import Int8Linear`` still works and says where the class lives now.
 """
@@ -10,7 +10,7 @@ so ``from deepsqueeze.quant.modules import Int8Linear`` still works and says whe
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from types import ModuleType
 from typing import Any
 
@@ -19,12 +19,13 @@ from deepsqueeze.errors import DeepsqueezeDeprecationWarning
 __all__ = ["moved_to"]
 
 
-def moved_to(old: str, new: ModuleType, names: Iterable[str]) -> Callable[[str], Any]:
-    """A module ``__getattr__`` for module ``old`` whose ``names`` now live in ``new``."""
-    forwarded = frozenset(names)
+def moved_to(old: str, moved: Mapping[ModuleType, Iterable[str]]) -> Callable[[str], Any]:
+    """A module ``__getattr__`` for module ``old`` whose names now live in other modules (``{module: names}``)."""
+    homes = {name: module for module, names in moved.items() for name in names}
 
     def __getattr__(name: str) -> Any:
-        if name not in forwarded:
+        new = homes.get(name)
+        if new is None:
             raise AttributeError(f"module {old!r} has no attribute {name!r}")
         warnings.warn(f"{old}.{name} moved to {new.__name__}.{name}: import it from {new.__name__} "
                       "(the old path goes away in the next release)", DeepsqueezeDeprecationWarning, stacklevel=2)

@@ -5,5 +5,5 @@ for one release."""
 from deepsqueeze.core.deprecation import moved_to
 from deepsqueeze.train import losses
 
-__getattr__ = moved_to(__name__, losses, ["HintAdapter", "attention_loss", "embedding_loss", "hidden_state_loss",
-                                          "hint_loss", "soft_target_loss"])
+__getattr__ = moved_to(__name__, {losses: ["HintAdapter", "attention_loss", "embedding_loss", "hidden_state_loss",
+                                           "hint_loss", "soft_target_loss"]})

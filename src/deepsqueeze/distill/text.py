@@ -4,4 +4,4 @@
 from deepsqueeze.core.deprecation import moved_to
 from deepsqueeze.train import text
 
-__getattr__ = moved_to(__name__, text, ["augment_sentences", "sentence_batches"])
+__getattr__ = moved_to(__name__, {text: ["augment_sentences", "sentence_batches"]})

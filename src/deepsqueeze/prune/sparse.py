@@ -146,5 +146,5 @@ def _decode_sparse(meta: dict[str, Any], segments: list[bytes], shape: tuple[int
 register_encoding("sparse", _encode_sparse, _decode_sparse)
 
 # old home of the sparse representation and its kernel race (deprecated, see deepsqueeze.runtime)
-__getattr__ = moved_to(__name__, runtime, ["CSR_BREAK_EVEN_SPARSITY", "SPARSE_KERNELS", "SparseCSRLinear",
-                                           "sparse_kernel"])
+__getattr__ = moved_to(__name__, {runtime: ["CSR_BREAK_EVEN_SPARSITY", "SPARSE_KERNELS", "SparseCSRLinear",
+                                            "sparse_kernel"]})

@@ -4,4 +4,4 @@ with a DeprecationWarning, for one release)."""
 from deepsqueeze import runtime
 from deepsqueeze.core.deprecation import moved_to
 
-__getattr__ = moved_to(__name__, runtime, ["PackedTensor", "PackedWeights"])
+__getattr__ = moved_to(__name__, {runtime: ["PackedTensor", "PackedWeights"]})

@@ -4,4 +4,4 @@ path works, with a DeprecationWarning, for one release)."""
 from deepsqueeze import runtime
 from deepsqueeze.core.deprecation import moved_to
 
-__getattr__ = moved_to(__name__, runtime, ["PackedTernaryConv2d", "PackedTernaryLinear"])
+__getattr__ = moved_to(__name__, {runtime: ["PackedTernaryConv2d", "PackedTernaryLinear"]})

@@ -290,4 +290,4 @@ def encode_(model: Model | nn.Module, config: EncodeConfig | None = None, ctx: S
 
 
 # old home of the codebook parametrization (deprecated, see deepsqueeze.runtime)
-__getattr__ = moved_to(__name__, runtime, ["CodebookWeight"])
+__getattr__ = moved_to(__name__, {runtime: ["CodebookWeight"]})
