@@ -1,5 +1,5 @@
 """Old import paths of moved code (the runtime representations, the distillation losses and sentence
-batching) work for one release, with a DeprecationWarning."""
+batching, what search/study.py held) work for one release, with a DeprecationWarning."""
 
 import importlib
 import warnings
@@ -9,6 +9,7 @@ import pytest
 from deepsqueeze import runtime
 from deepsqueeze.errors import DeepsqueezeDeprecationWarning
 from deepsqueeze.runtime import onnx_forms
+from deepsqueeze.search import front, space, storage, trial
 from deepsqueeze.train import losses, text
 
 MOVED = [
@@ -34,6 +35,11 @@ MOVED = [
     ("deepsqueeze.distill.losses", "HintAdapter", losses),
     ("deepsqueeze.distill.text", "sentence_batches", text),
     ("deepsqueeze.distill.text", "augment_sentences", text),
+    ("deepsqueeze.search.study", "hypervolume_history", front),
+    ("deepsqueeze.search.study", "compact_recipe", front),
+    ("deepsqueeze.search.study", "load_space", space),
+    ("deepsqueeze.search.study", "prepare_out", storage),
+    ("deepsqueeze.search.study", "measure_point", trial),
 ]
 
 

@@ -36,7 +36,7 @@ def register(app: typer.Typer) -> None:
         """Search a space of recipes for the Pareto front of quality, bytes and latency (resumable)."""
         from deepsqueeze.errors import RecipeError
         from deepsqueeze.search import load_space, run_search
-        from deepsqueeze.search.study import prepare_out
+        from deepsqueeze.search.storage import prepare_out
 
         prepare_out(out)
         parsed, resolved = load_space(space, model)
