@@ -1,11 +1,12 @@
 """Every shipped recipe that runs in seconds on a tiny model writes the same .dsq bytes as before.
 
 The digests below were recorded on the tree before the runtime/ refactor (structure branch, base commit
-e3c4160) and guard moves of code between modules: a representation, a registration or an encoding that
-changes place must not change one byte of what is written (manifest transforms, coverage, encodings,
-payload). Kernels are forced (``int_mm`` / ``dequant`` / ``dense``) so that no per-machine race picks the
-arithmetic. The digests hold for the torch version and CPU family they were recorded with (training
-runs float arithmetic whose last bits depend on both): elsewhere the test skips instead of failing.
+e3c4160) and guard moves of code between modules: a representation, a registration or an encoding that changes
+place must not change one byte of what is written (manifest transforms, coverage, encodings, payload). Kernels
+are forced (``int_mm`` / ``dequant`` / ``dense``) so that no per-machine race picks the arithmetic, and torch
+runs on two threads as when they were recorded. The digests hold for the torch version and CPU family they
+were recorded with (training runs float arithmetic whose last bits depend on both): elsewhere the test skips
+instead of failing.
 
 Left out, because they run for more than a few seconds on any model they accept: none. Recipes whose bytes
 differ between two runs on the same machine: none found (each case ran twice when recorded).
@@ -30,6 +31,7 @@ from deepsqueeze.recipes.schema import shipped_recipes
 
 RECORDED_TORCH = "2.13.0"
 RECORDED_MACHINE = "x86_64"
+RECORDED_THREADS = 2  # float reductions split by thread count: training gives other last bits with 1
 
 # recipe -> sha256 of the .dsq it writes on its model of RECIPE_MODELS
 EXPECTED: dict[str, str] = {
@@ -112,10 +114,16 @@ RECIPE_MODELS = {
 
 
 @pytest.fixture
-def forced_kernels(monkeypatch: pytest.MonkeyPatch) -> None:
+def recorded_conditions(monkeypatch: pytest.MonkeyPatch):
+    """The conditions the digests were recorded under: kernels forced, torch on two threads (other tests,
+    such as the benchmark runner's, leave torch on one)."""
     monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "int_mm")
     monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", "dequant")
     monkeypatch.setenv("DEEPSQUEEZE_SPARSE_KERNEL", "dense")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    yield
+    torch.set_num_threads(threads)
 
 
 def artifact_digest(recipe_name: str, tmp_path: Path) -> str:
@@ -135,7 +143,7 @@ def test_every_shipped_recipe_has_a_case():
 # tiny data hold fewer calibration samples than the recipes ask for, which deepsqueeze warns about
 @pytest.mark.filterwarnings("ignore::deepsqueeze.errors.DeepsqueezeWarning")
 @pytest.mark.parametrize("recipe_name", sorted(EXPECTED))
-def test_artifact_bytes_unchanged(recipe_name, tmp_path, forced_kernels):
+def test_artifact_bytes_unchanged(recipe_name, tmp_path, recorded_conditions):
     if torch.__version__.split("+")[0] != RECORDED_TORCH or platform.machine() != RECORDED_MACHINE:
         pytest.skip(f"digests recorded with torch {RECORDED_TORCH} on {RECORDED_MACHINE}")
     if RECIPE_MODELS[recipe_name] == "tiny-bert":
