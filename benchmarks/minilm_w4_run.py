@@ -57,9 +57,9 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.eval.latency import measure_latency_spread
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule
-    from deepsqueeze.quant.modules import PackedIntLinear, set_packed_kernel
     from deepsqueeze.recipes import compress, load_recipe
     from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.runtime import PackedIntLinear, set_packed_kernel
 
     sentences = resolve_data("pydoc-sentences:eval").sentences
     if ctx.quick:

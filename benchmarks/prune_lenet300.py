@@ -40,8 +40,8 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.data import resolve_data
     from deepsqueeze.eval import accuracy, measure_latency_interleaved
     from deepsqueeze.prune import PruneConfig, SparseCSRLinear, prune_
-    from deepsqueeze.prune.sparse import sparse_kernel
     from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.runtime import sparse_kernel
     from deepsqueeze.train.loop import train_classifier
 
     data_ref = "digits" if ctx.quick else "fashion-mnist"

@@ -79,7 +79,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.eval import accuracy
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.search import load_space, run_search
-    from deepsqueeze.search.study import hypervolume_history
+    from deepsqueeze.search.front import hypervolume_history
 
     trials = 6 if ctx.quick else TRIALS
     seeds = [int(x) for x in os.environ.get("SEARCH_CNN_SEEDS", ",".join(map(str, SEEDS))).split(",")]

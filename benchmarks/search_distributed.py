@@ -46,7 +46,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     import optuna
     import yaml
 
-    from deepsqueeze.search.study import hypervolume_history
+    from deepsqueeze.search.front import hypervolume_history
     from deepsqueeze.testing.postgres import temporary_cluster
 
     trials = 4 if ctx.quick else TRIALS

@@ -66,7 +66,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.eval import embedding_fidelity
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.search import load_space, run_search
-    from deepsqueeze.search.study import hypervolume_history
+    from deepsqueeze.search.front import hypervolume_history
 
     trials = int(os.environ.get("SEARCH_MINILM_TRIALS", "20"))
     sampler = os.environ.get("SEARCH_MINILM_SAMPLER", "tpe")

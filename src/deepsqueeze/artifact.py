@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze import __version__
+from deepsqueeze._version import __version__
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
 from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model, Task

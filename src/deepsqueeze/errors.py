@@ -42,6 +42,11 @@ class DeepsqueezeWarning(UserWarning):
     """Warnings deepsqueeze emits (the test suite turns them into errors)."""
 
 
+class DeepsqueezeDeprecationWarning(DeprecationWarning):
+    """An old import path that still works for one release; the message names the new one (the test suite
+    turns it into an error: deepsqueeze's own code and tests use the new paths)."""
+
+
 _CREDENTIALS = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)(?P<user>[^\s:/@]*):(?P<password>[^\s@/]*)@")
 _SECRET_NAME = re.compile(r"PASS|SECRET|TOKEN|KEY|CREDENTIAL|AUTH", re.IGNORECASE)
 

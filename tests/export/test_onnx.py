@@ -117,7 +117,7 @@ def test_weight_only_layers_become_matmulnbits_with_the_dsq_outputs(tmp_path):
 @pytest.mark.parametrize("bits,group,binary", [(2, 16, False), (3, 16, False), (4, None, False), (6, 16, False),
                                                (8, None, False), (5, 12, False), (1, None, True)])
 def test_every_packed_width_exports_exactly(tmp_path, bits, group, binary):
-    from deepsqueeze.quant.modules import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
+    from deepsqueeze.runtime import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
 
     torch.manual_seed(bits)
 
@@ -167,7 +167,7 @@ def test_static_int8_cnn_exports_integer_convolutions_that_agree_with_torch(tmp_
 
 
 def test_a_check_above_tolerance_writes_nothing(tmp_path, monkeypatch):
-    import deepsqueeze.export as ex
+    import deepsqueeze.export.onnx as ex
 
     model = tiny_model_handle()
     quantize_(model.module, Int8DynamicConfig(activations="per_tensor"))

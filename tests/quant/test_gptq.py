@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from deepsqueeze.errors import ModelError
-from deepsqueeze.quant.gptq import HessianAccumulator, affine_column_quantizer, gptq_quantize
+from deepsqueeze.quant.calibrate import HessianAccumulator
+from deepsqueeze.quant.gptq import affine_column_quantizer, gptq_quantize
 
 
 def _correlated(n: int, d: int, seed: int, dtype=torch.float64) -> torch.Tensor:

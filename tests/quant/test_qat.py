@@ -118,7 +118,7 @@ def test_binary_and_ternary_weight_only_convert_to_the_ptq_packed_modules(digits
     assert isinstance(first, PackedIntConv2d) and first.bits == 8 and not first.binary  # first/last 8-bit
     assert isinstance(last, PackedIntLinear) and last.bits == 8
     if weights == "ttq":
-        from deepsqueeze.quant.ternary_modules import PackedTernaryConv2d
+        from deepsqueeze.runtime import PackedTernaryConv2d
 
         assert isinstance(middle, PackedTernaryConv2d)
         assert not torch.equal(middle.scale, middle.neg_scale)  # learned apart: here initialised apart

@@ -5,7 +5,7 @@ import pytest
 
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.search import parse_space
-from deepsqueeze.search.study import compact_recipe
+from deepsqueeze.search.front import compact_recipe
 
 LAYERS = ["1", "3", "5"]
 

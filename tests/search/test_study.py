@@ -17,7 +17,8 @@ from deepsqueeze.cli.app import main
 from deepsqueeze.data import resolve_data
 from deepsqueeze.recipes.budget import EXIT_OVER_BUDGET
 from deepsqueeze.search import hypervolume, load_space, pareto_front, run_search, write_answer
-from deepsqueeze.search.study import default_storage, make_sampler
+from deepsqueeze.search.storage import default_storage
+from deepsqueeze.search.study import make_sampler
 from deepsqueeze.testing.cli import foreground_sigint
 
 SPACE = {
@@ -105,7 +106,7 @@ def test_pareto_front_and_hypervolume_by_hand():
 
 def test_hypervolume_history_above_a_quality_floor():
     """A reference at a max_drop floor counts only the points above it: a tiny, useless model adds nothing."""
-    from deepsqueeze.search.study import hypervolume_history
+    from deepsqueeze.search.front import hypervolume_history
 
     trials = [{"quality": 0.2, "bytes": 10}, {"quality": 0.95, "bytes": 50}]
     baseline = {"bytes": 100, "latency_ms": 1.0}

@@ -32,12 +32,19 @@ ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:fac
                                "an artifact compressed from your own code (a .dsq never names code to run)")
 
 
+def brief_listing() -> str:
+    """One paragraph for ``--help``: the recipe names and stage types, pointing at ``deepsqueeze recipes``."""
+    from deepsqueeze.core.config import registered_stages
+    from deepsqueeze.recipes.schema import shipped_recipes
+
+    return (f"Shipped recipes: {', '.join(shipped_recipes())}. Stage types: {', '.join(registered_stages())}. "
+            "Run 'deepsqueeze recipes' for one line per recipe and every stage's keys.")
+
+
 class ListingCommand(TyperCommand):
     """A command whose ``--help`` ends with the shipped recipes and stage types (computed only when shown)."""
 
     def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
-        from deepsqueeze.cli.recipes import brief_listing
-
         self.epilog = brief_listing()
         return super().format_help(ctx, formatter)
 

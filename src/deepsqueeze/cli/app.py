@@ -52,7 +52,7 @@ class _Group(TyperGroup):
         return command
 
     def format_help(self, ctx, formatter):  # type: ignore[no-untyped-def]
-        from deepsqueeze.cli.recipes import brief_listing
+        from deepsqueeze.cli._common import brief_listing
 
         _plain_metavars([*self.params, self.get_help_option(ctx)])
         self.epilog = brief_listing()
@@ -61,7 +61,7 @@ class _Group(TyperGroup):
 
 def _version(value: bool) -> None:
     if value:
-        from deepsqueeze import __version__
+        from deepsqueeze._version import __version__
 
         print(f"deepsqueeze {__version__}")
         raise typer.Exit()

@@ -41,15 +41,6 @@ def listing_text() -> str:
     return "\n".join(lines)
 
 
-def brief_listing() -> str:
-    """One paragraph for ``--help``: the recipe names and stage types, pointing at ``deepsqueeze recipes``."""
-    from deepsqueeze.core.config import registered_stages
-    from deepsqueeze.recipes.schema import shipped_recipes
-
-    return (f"Shipped recipes: {', '.join(shipped_recipes())}. Stage types: {', '.join(registered_stages())}. "
-            "Run 'deepsqueeze recipes' for one line per recipe and every stage's keys.")
-
-
 def _plain(value: Any) -> str:
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_plain(v) for v in value) + "]"

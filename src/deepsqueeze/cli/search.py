@@ -50,7 +50,7 @@ def register(app: typer.Typer) -> None:
 
         from deepsqueeze.errors import RecipeError
         from deepsqueeze.search import load_space, run_search
-        from deepsqueeze.search.study import prepare_out
+        from deepsqueeze.search.storage import prepare_out
 
         if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
             raise RecipeError("search does not run under torchrun: each process would train a different trial in "

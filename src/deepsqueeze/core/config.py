@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 
 from deepsqueeze.errors import RecipeError
 
-StageHandler = Callable[..., None]
+StageHandler = Callable[..., Any]  # (model, config, ctx); recipes ignore what it returns
 
 # ----------------------------------------------------------------------------------------------- field kinds
 # Every numeric or boolean option of a stage config is one of these kinds, so its bounds are declared once.

@@ -1,7 +1,8 @@
 """Knowledge distillation: soft targets, hints, transformer layer losses, embedding matching, layer-dropped students."""
 
 from deepsqueeze.distill.distill import DistillConfig, EmbeddingLoss, distill_, prepare_student_
-from deepsqueeze.distill.losses import (
+from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
+from deepsqueeze.train.losses import (
     HintAdapter,
     attention_loss,
     embedding_loss,
@@ -9,8 +10,7 @@ from deepsqueeze.distill.losses import (
     hint_loss,
     soft_target_loss,
 )
-from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
-from deepsqueeze.distill.text import augment_sentences, sentence_batches
+from deepsqueeze.train.text import augment_sentences, sentence_batches
 
 __all__ = [
     "DistillConfig",

@@ -31,15 +31,15 @@ from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.walker import get_submodule
-from deepsqueeze.distill.losses import (
+from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
+from deepsqueeze.errors import DataError, RecipeError
+from deepsqueeze.train.losses import (
     HintAdapter,
     attention_loss,
     embedding_loss,
     hidden_state_loss,
     hint_loss,
 )
-from deepsqueeze.distill.students import alternate_layers, find_layer_stack, keep_layers_
-from deepsqueeze.errors import DataError, RecipeError
 
 
 class EmbeddingLoss(StrEnum):
@@ -132,8 +132,8 @@ def distill_(model: Model, teacher: nn.Module, config: DistillConfig, data: Any,
 def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any, seed: int,
                         progress: bool, device: Any) -> dict[str, float]:
     from deepsqueeze.data.datasets import ClassificationData
-    from deepsqueeze.distill.losses import soft_target_loss
     from deepsqueeze.train.loop import train_classifier
+    from deepsqueeze.train.losses import soft_target_loss
 
     if not isinstance(data, ClassificationData):
         raise DataError(f"distilling a classifier needs image data, not {getattr(data, 'name', data)}")
@@ -184,8 +184,8 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
 def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any,
                      keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
     from deepsqueeze.data.datasets import TextData
-    from deepsqueeze.distill.text import augment_sentences, sentence_batches
     from deepsqueeze.train.loop import fit
+    from deepsqueeze.train.text import augment_sentences, sentence_batches
 
     if not isinstance(data, TextData):
         raise DataError(f"distilling a sentence encoder needs sentences, not {getattr(data, 'name', data)}")
@@ -237,8 +237,10 @@ def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfi
 
 
 @register_stage(DistillConfig)
-def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> None:
-    """Recipe stage ``{"type": "distill", ...}``: teacher = ``teacher`` ref or the uncompressed reference."""
+def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> dict[str, Any]:
+    """Recipe stage ``{"type": "distill", ...}``: teacher = ``teacher`` ref or the uncompressed reference.
+
+    Returns :func:`distill_`'s statistics (QAT trains through this stage, found by name in the registry)."""
     if ctx.data is None:
         raise DataError("the distill stage needs training data: pass --data or set 'data:' in the recipe")
     if config.teacher is not None:
@@ -253,3 +255,4 @@ def distill_stage(model: Model, config: DistillConfig, ctx: StageContext) -> Non
     stats = distill_(model, teacher, config, ctx.data, seed=ctx.seed, progress=ctx.progress, device=ctx.device)
     ctx.report.append({"stage": "distill", "student": config.student, "params_after": stats["params"],
                        "train_loss": round(stats["loss"], 5)})
+    return stats

@@ -1,185 +1,47 @@
 """``export``: a loaded model written for a deployment stack, verified before it is reported done.
 
 * ``onnx``: a graph ONNX Runtime runs on CPU with the model's integers (see
-  :mod:`deepsqueeze.export.onnx` and :mod:`deepsqueeze.quant.onnx_forms`).
+  :mod:`deepsqueeze.export.onnx`; what each representation becomes is :mod:`deepsqueeze.runtime.onnx_forms`).
 * ``hf``: a float transformer (pruned, layer-dropped, distilled) as a Hugging Face directory with an
   updated config, and for sentence encoders a sentence-transformers directory
   (:mod:`deepsqueeze.export.hf`).
 
 Every export runs the written model (ONNX Runtime, or transformers' ``from_pretrained``) on a sample
 batch and compares its outputs with the torch model's; above tolerance nothing is left at ``out``.
-The file or folder appears only once verified (written beside ``out``, then renamed).
+The file or folder appears only once verified (written beside ``out``, then renamed:
+:mod:`deepsqueeze.export.check`).
+
+Exporters read the model's modules and ask :mod:`deepsqueeze.runtime` what they become; they import no
+technique (quant, prune, share, lowrank, distill). Inside this package, ``onnx`` and ``hf`` import ``check``,
+and only this driver imports them.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
+from deepsqueeze.core.model import Model
+from deepsqueeze.errors import ArtifactError
+from deepsqueeze.export.check import (
+    MARKER,
+    PRODUCER,
+    SAMPLES,
+    TOLERANCE,
+    TOLERANCE_QUANTIZED_ACTIVATIONS,
+    ExportResult,
+    check_out,
+    compare_outputs,
+    sample_batch,
+    verify,
+    write_verified,
+)
 
-from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.signals import deferred_signals
-from deepsqueeze.errors import ArtifactError, DataError, ModelError
-
-__all__ = ["FORMATS", "ExportResult", "check_out", "compare_outputs", "export", "sample_batch"]
+__all__ = ["FORMATS", "MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
+           "compare_outputs", "export", "sample_batch", "verify"]
 
 FORMATS = ("onnx", "hf")
-SAMPLES = 16
-# worst 1 - cosine between exported and torch outputs, per sample row
-TOLERANCE = 1e-4  # float arithmetic on the same weights
-TOLERANCE_QUANTIZED_ACTIVATIONS = 2e-2  # integer activations: rounding ties and kernels may differ by a code
-
-
-@dataclass
-class ExportResult:
-    """What :func:`export` wrote: ``path``, ``format``, ``bytes`` (file, or all files of a folder), the
-    per-module ``layers`` list (ONNX: what each representation became) and the ``check`` against torch."""
-
-    path: str
-    format: str
-    bytes: int
-    layers: list[dict[str, str]] = field(default_factory=list)
-    check: dict[str, Any] = field(default_factory=dict)
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def sample_batch(model: Model, data: Any = None, samples: int = SAMPLES) -> Any:
-    """A deterministic input batch: ``samples`` rows of ``data`` (evaluation split) when given, else
-    standard-normal images of ``model.input_shape`` (classifiers) or pydoc sentences (text models,
-    short and long, tokenized by the model)."""
-    if data is not None and model.task.is_text != hasattr(data, "sentences"):
-        wanted = "sentences (e.g. --data pydoc-sentences:eval)" if model.task.is_text else "images"
-        raise DataError(f"{getattr(data, 'name', data)} does not fit this {model.task.value} model: pass {wanted}")
-    if model.task.is_text:
-        sentences = getattr(data, "sentences", None)
-        if not sentences:
-            from deepsqueeze.data.text import load_pydoc_sentences
-
-            sentences = load_pydoc_sentences("eval").sentences
-        chosen = sorted(sentences[: samples * 4], key=len)[:: 4][:samples] or ["a"]
-        return model.module.tokenize(chosen)
-    if data is not None and hasattr(data, "batches"):
-        x, _ = next(iter(data.batches("test", batch_size=samples)))
-        return x.float()
-    if model.input_shape is None:
-        raise ModelError("the export check needs the model's input shape: pass --data with the inputs it takes "
-                         "(e.g. --data fashion-mnist)")
-    return torch.randn(samples, *model.input_shape, generator=torch.Generator().manual_seed(0))
-
-
-def compare_outputs(ours: Any, theirs: Any, classes: bool = False) -> dict[str, Any]:
-    """Worst per-row ``1 - cos``, max absolute error and (``classes``) top-1 agreement of two outputs.
-
-    Outputs may be tensors or containers of them (dicts, tuples, model outputs): their tensors are compared
-    pairwise in order, and the worst figures are kept."""
-    from deepsqueeze.core.outputs import output_tensors
-
-    a_list, b_list = output_tensors(ours), output_tensors(theirs)
-    if len(a_list) != len(b_list):
-        return {"shape_mismatch": f"{len(b_list)} outputs instead of {len(a_list)}"}
-    if len(a_list) != 1:
-        checks = [compare_outputs(a, b, classes and i == 0) for i, (a, b) in enumerate(zip(a_list, b_list, strict=True))]
-        for check in checks:
-            if "shape_mismatch" in check or "non_finite" in check:
-                return check
-        worst = dict(checks[0])
-        worst["worst_cosine_distance"] = max(c["worst_cosine_distance"] for c in checks)
-        worst["max_abs_error"] = max(c["max_abs_error"] for c in checks)
-        return worst
-    ours, theirs = a_list[0].detach().float().cpu(), b_list[0].detach().float().cpu()
-    if ours.shape != theirs.shape:
-        return {"shape_mismatch": f"{list(theirs.shape)} instead of {list(ours.shape)}"}
-    if not torch.isfinite(theirs).all():
-        return {"non_finite": True}
-    a, b = ours.reshape(-1, ours.shape[-1]), theirs.reshape(-1, theirs.shape[-1])
-    cos = torch.nn.functional.cosine_similarity(a.double(), b.double(), dim=1, eps=1e-12)
-    same = (a == b).all(dim=1)
-    distance = torch.where(same, torch.zeros_like(cos), 1 - cos)
-    out = {"samples": int(ours.shape[0]), "worst_cosine_distance": float(distance.max()) if len(a) else 0.0,
-           "max_abs_error": float((a - b).abs().max()) if a.numel() else 0.0}
-    if classes and ours.dim() == 2 and ours.shape[1] > 1:
-        out["top1_agreement"] = float((a.argmax(1) == b.argmax(1)).double().mean())
-    return out
-
-
-def _run_torch(model: Model, sample: Any) -> Any:
-    """The output the exported file must reproduce: the model's reference arithmetic (per-token int8 layers
-    on 8-bit codes through ``_int_mm``, as the graph's MatMulInteger computes them), not the 7-bit
-    activations of fbgemm's kernel that the int8 race picks on CPUs without VNNI."""
-    from deepsqueeze.quant import forced_int8_kernel
-
-    module = model.module
-    module.eval()
-    with torch.no_grad(), forced_int8_kernel("int_mm"):
-        if isinstance(sample, dict):
-            return module(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"])
-        return module(sample)
-
-
-def _size(path: Path) -> int:
-    if path.is_dir():
-        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
-    return path.stat().st_size
-
-
-MARKER = "deepsqueeze-export.json"  # written into every hf export: what --force may replace
-PRODUCER = "deepsqueeze"  # the producer name of every ONNX export: what --force may replace
-
-
-def _source_path(source: str | None) -> Path | None:
-    if not source:
-        return None
-    path = Path(source.removeprefix("hf:"))
-    return path.resolve() if path.exists() else None
-
-
-def _is_our_onnx(path: Path) -> bool:
-    """A plain file holding an ONNX graph deepsqueeze exported (its producer name says so)."""
-    if path.is_symlink() or not path.is_file():
-        return False
-    try:
-        import onnx
-
-        return onnx.load(str(path), load_external_data=False).producer_name == PRODUCER
-    except Exception:  # noqa: BLE001 - not an ONNX file at all: not ours
-        return False
-
-
-def _is_our_folder(path: Path) -> bool:
-    return not path.is_symlink() and path.is_dir() and (path / MARKER).is_file() and not (path / MARKER).is_symlink()
-
-
-def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
-    """``out`` resolved, once it can take a ``fmt`` export of the model read from ``source`` (a path or an
-    ``hf:DIR`` reference); raises :class:`ArtifactError` otherwise, before any work. ``out`` is never the
-    input, a folder holding it or the current folder; an existing ``out`` is replaced only with
-    ``overwrite`` and only if it is an earlier export (a ``.onnx`` file, a folder with the export marker)."""
-    if Path(out).is_symlink():
-        raise ArtifactError(f"{out} is a symbolic link: deepsqueeze never writes through one; name a plain path")
-    out = Path(out).parent.resolve() / Path(out).name
-    src = _source_path(source)
-    if src is not None and (out == src or out in src.parents):
-        raise ArtifactError(f"refusing to replace {out}: it is or holds the input model; choose another --out path")
-    if out == Path.cwd().resolve() or out in Path.cwd().resolve().parents:
-        raise ArtifactError(f"refusing to replace {out}, the current folder or one above it: name a new path")
-    if out.exists() and not overwrite:
-        raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
-    if out.exists() and not (_is_our_onnx(out) if fmt == "onnx" else _is_our_folder(out)):
-        raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
-    if not out.parent.is_dir():
-        raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
-    if fmt == "onnx" and out.suffix != ".onnx":
-        raise ArtifactError(f"--out must name a .onnx file for --format onnx, got {out.name}")
-    if not os.access(out.parent, os.W_OK):
-        raise ArtifactError(f"cannot write {out}: folder {out.parent} is not writable; choose another location")
-    return out
 
 
 def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = None, sample: Any = None,
@@ -193,60 +55,14 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
     """
     if fmt not in FORMATS:
         raise ArtifactError(f"unknown export format {fmt!r}: use one of {', '.join(FORMATS)}")
-    out = check_out(Path(out), fmt, model.artifact_path or model.ref, overwrite)
-    if sample is None:
-        sample = sample_batch(model, data)
-    staging = None
-    try:
-        try:
-            with deferred_signals():
-                staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-        except OSError as exc:
-            raise ArtifactError(f"cannot write in {out.parent}: {exc.strerror or exc}; choose another location"
-                                ) from None
-        staged = staging / out.name
+
+    def write(staged: Path, batch: Any) -> ExportResult:
         if fmt == "onnx":
-            result = _export_onnx(model, staged, sample, threads)
-        else:
-            from deepsqueeze.export.hf import write_hf
+            from deepsqueeze.export.onnx import export_onnx
 
-            result = write_hf(model, staged, sample)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        os.replace(staged, out)
-    finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
-    result.path = str(out)
-    return result
+            return export_onnx(model, staged, batch, threads)
+        from deepsqueeze.export.hf import write_hf
 
+        return write_hf(model, staged, batch)
 
-def _export_onnx(model: Model, path: Path, sample: Any, threads: int) -> ExportResult:
-    import onnx
-
-    from deepsqueeze.export.onnx import OrtModule, write_onnx
-
-    expected = _run_torch(model, sample)
-    layers = write_onnx(model, path, sample, expected)
-    graph = onnx.load(str(path))
-    graph.producer_name = PRODUCER
-    onnx.save(graph, str(path))
-    got = OrtModule(path, model.module, threads).run_all(*(
-        (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
-    check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))
-    quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
-    check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
-    verify(check, "ONNX Runtime")
-    return ExportResult(str(path), "onnx", _size(path), layers, check)
-
-
-def verify(check: dict[str, Any], runtime: str) -> None:
-    """Raise :class:`ModelError` (one line) when ``check`` (:func:`compare_outputs` + ``tolerance``) fails."""
-    if "shape_mismatch" in check:
-        raise ModelError(f"the exported model's output has shape {check['shape_mismatch']} in {runtime}: not written")
-    if check.get("non_finite"):
-        raise ModelError(f"the exported model gives NaN or inf in {runtime}: not written")
-    if check["worst_cosine_distance"] > check["tolerance"]:
-        raise ModelError(f"the exported model disagrees with the torch model in {runtime} (worst 1 - cos "
-                         f"{check['worst_cosine_distance']:.2e} > {check['tolerance']:.0e} on {check['samples']} "
-                         "samples): not written")
+    return write_verified(model, fmt, out, write, data=data, sample=sample, overwrite=overwrite)

@@ -30,6 +30,7 @@ import torch
 
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
+from deepsqueeze.export.check import MARKER, TOLERANCE, ExportResult, compare_outputs, size_of, verify
 from deepsqueeze.zoo.hf import auto_class
 
 ST_MODULES = "deepsqueeze.zoo.st_modules"  # the sentence-transformers modules sentence-transformers loads back
@@ -194,8 +195,6 @@ def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any
     """Write ``model`` (a text model with a float transformers ``transformer``) to the new ``folder`` and
     check it: reloaded with the Auto class of its task (and ``SentenceTransformer`` for sentence
     encoders), its outputs on ``sample`` must match the torch model's. Returns an ``ExportResult``."""
-    from deepsqueeze.export import TOLERANCE, ExportResult, _size, compare_outputs, verify
-
     _refuse_non_float(model)
     transformer = model.module.transformer
     config, state, notes = _rewrite(transformer)
@@ -208,8 +207,6 @@ def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any
     fresh.config.architectures = [type(transformer).__name__]
     folder.mkdir()
     fresh.save_pretrained(str(folder), safe_serialization=True)
-    from deepsqueeze.export import MARKER
-
     (folder / MARKER).write_text(json.dumps({"format": "hf", "source": model.artifact_path or model.ref}))
     del fresh
     tokenizer = getattr(model.module, "tokenizer", None)
@@ -230,14 +227,12 @@ def write_hf(model: Model, folder: Path, sample: dict[str, torch.Tensor]) -> Any
     verify(check, "transformers")
     if model.task is Task.SENTENCE_ENCODER:
         check["sentence_transformers"] = _check_sentence_transformers(model, folder, check)
-    return ExportResult(str(folder), "hf", _size(folder), [], {**check, "notes": notes})
+    return ExportResult(str(folder), "hf", size_of(folder), [], {**check, "notes": notes})
 
 
 def _check_sentence_transformers(model: Model, folder: Path, check: dict[str, Any]) -> float | None:
     """Worst 1 - cos between ``SentenceTransformer(folder).encode`` and the model's ``encode`` (None when
     sentence-transformers is not installed)."""
-    from deepsqueeze.export import compare_outputs, verify
-
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:

@@ -1,12 +1,12 @@
 """ONNX export: the module tree with each representation replaced by its own ONNX form, traced once.
 
-The exporter does not know any technique. It walks the loaded model and asks every module that has an
-``onnx_form()`` method (``Int8Linear``, the packed weight-only layers, ``Int8Conv2d``, ``SparseCSRLinear``,
-...) for the traceable module that emits it (see :mod:`deepsqueeze.quant.onnx_forms` for the integer
-operators). A float Linear / Conv / Embedding whose weight takes at most 256 distinct values (weight
-sharing) is stored as uint8 indices into its codebook. Everything else (float layers, pruned and factored
-layers, which are already their smaller shapes) is traced as it is. The result lists, per replaced module, what it became in the graph, so
-nothing is exported in a different form without saying so.
+The exporter knows no technique and no representation. It walks the loaded model and asks
+:func:`deepsqueeze.runtime.onnx_form` for every module (``Int8Linear``, the packed weight-only layers,
+``Int8Conv2d``, ``SparseCSRLinear``, a float layer whose weights are shared, ...), which answers with the
+traceable module that emits it (see :mod:`deepsqueeze.runtime.onnx_forms` for the integer operators).
+Everything else (float layers, pruned and factored layers, which are already their smaller shapes) is
+traced as it is. The result lists, per replaced module, what it became in the graph, so nothing is
+exported in a different form without saying so.
 
 Constant folding is off while exporting: folding would turn integer codes and their decode arithmetic
 into float initializers and the file would grow back to fp32. ONNX Runtime folds in memory at load.
@@ -31,8 +31,20 @@ from deepsqueeze.core.config import MAX_THREADS
 from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
+from deepsqueeze.export.check import (
+    PRODUCER,
+    TOLERANCE,
+    TOLERANCE_QUANTIZED_ACTIVATIONS,
+    ExportResult,
+    compare_outputs,
+    size_of,
+    verify,
+    write_verified,
+)
+from deepsqueeze.runtime import forced_int8_kernel, onnx_form
 
-__all__ = ["OrtModule", "onnx_forms", "ort_model", "require_ort", "trace_inputs", "write_onnx"]
+__all__ = ["OrtModule", "export_onnx", "onnx_forms", "ort_model", "reference_outputs", "require_ort", "trace_inputs",
+           "write_onnx"]
 
 OPSET = 17
 
@@ -53,7 +65,7 @@ def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
     for name, layer in module.named_modules():  # parents before children: a replaced parent takes its subtree
         if not name or any(name.startswith(p + ".") for p in forms):
             continue
-        found = layer.onnx_form() if hasattr(layer, "onnx_form") else _codebook_form(layer)
+        found = onnx_form(layer)
         if found is not None:
             forms[name] = (found[0], type(layer).__name__, found[1])
     memo = {id(layer): None for name, layer in module.named_modules() if name in forms}  # not deep-copied
@@ -63,39 +75,6 @@ def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
         setattr(shadow.get_submodule(parent) if parent else shadow, child, form)
     report = [{"module": n, "kind": k, "exported_as": d} for n, (_, k, d) in forms.items()]
     return shadow.eval(), report
-
-
-class _CodebookWeight(nn.Module):
-    """A float layer whose weight takes at most 256 distinct values (weight sharing, Deep Compression):
-    uint8 indices into a float codebook, looked up (``Gather``) when the graph runs."""
-
-    def __init__(self, layer: nn.Module, values: torch.Tensor, index: torch.Tensor) -> None:
-        super().__init__()
-        self.layer = copy.deepcopy(layer)
-        self.shape = tuple(layer.weight.shape)
-        del self.layer.weight
-        self.register_buffer("codebook", values.float())
-        self.register_buffer("index", index.to(torch.uint8).reshape(self.shape))
-
-    def forward(self, *args: Any) -> Any:
-        self.layer.weight = self.codebook[self.index.long()]
-        return self.layer(*args)
-
-
-CODEBOOK_MIN_WEIGHTS = 4096
-
-
-def _codebook_form(layer: nn.Module) -> tuple[nn.Module, str] | None:
-    """The codebook form of a float Linear / Conv / Embedding whose weight has at most 256 distinct values."""
-    if type(layer) not in (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding):
-        return None
-    weight = layer.weight.detach()
-    if weight.numel() < CODEBOOK_MIN_WEIGHTS or not weight.is_floating_point():
-        return None
-    values, index = torch.unique(weight, return_inverse=True)
-    if len(values) > 256:
-        return None
-    return _CodebookWeight(layer, values, index), f"uint8 codebook indices ({len(values)} values), Gather"
 
 
 def trace_inputs(model: Model, sample: Any) -> tuple[tuple[Any, ...], list[str], str, dict[str, dict[int, str]]]:
@@ -160,6 +139,37 @@ def _uses_contrib(report: list[dict[str, str]]) -> bool:
     return any("MatMulNBits" in row["exported_as"] for row in report)
 
 
+def reference_outputs(model: Model, sample: Any) -> Any:
+    """The output the exported file must reproduce: the model's reference arithmetic (per-token int8 layers
+    on 8-bit codes through ``_int_mm``, as the graph's MatMulInteger computes them), not the 7-bit
+    activations of fbgemm's kernel that the int8 race picks on CPUs without VNNI."""
+    module = model.module
+    module.eval()
+    with torch.no_grad(), forced_int8_kernel("int_mm"):
+        if isinstance(sample, dict):
+            return module(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"])
+        return module(sample)
+
+
+def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> ExportResult:
+    """Write ``model`` to ``path`` as ONNX and check ONNX Runtime's outputs on ``sample`` against the torch model's
+    (:class:`ModelError` above tolerance); :func:`deepsqueeze.export.export` calls it on a staged path."""
+    import onnx
+
+    expected = reference_outputs(model, sample)
+    layers = write_onnx(model, path, sample, expected)
+    graph = onnx.load(str(path))
+    graph.producer_name = PRODUCER
+    onnx.save(graph, str(path))
+    got = OrtModule(path, model.module, threads).run_all(*(
+        (sample["input_ids"], sample["attention_mask"]) if isinstance(sample, dict) else (sample,)))
+    check = compare_outputs(expected, got, classes=model.task in (Task.CLASSIFIER, Task.SEQUENCE_CLASSIFIER))
+    quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
+    check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
+    verify(check, "ONNX Runtime")
+    return ExportResult(str(path), "onnx", size_of(path), layers, check)
+
+
 class OrtModule(nn.Module):
     """An ONNX Runtime session behind the interface of the module it was exported from.
 
@@ -221,14 +231,13 @@ def ort_model(model: Model, path: str | os.PathLike[str] | None = None, threads:
     A temporary export folder is removed as soon as the session holds the model (nothing is left behind,
     even when the export fails).
     """
-    from deepsqueeze.export import export
-
     temporary = None
     if path is None:
         temporary = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-"))
         path = temporary / "model.onnx"
     try:
-        result = export(model, "onnx", path, sample=sample, threads=threads)
+        result = write_verified(model, "onnx", path, lambda staged, batch: export_onnx(model, staged, batch, threads),
+                                sample=sample)
         module = OrtModule(path, model.module, threads)
     finally:
         if temporary is not None:

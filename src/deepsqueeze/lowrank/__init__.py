@@ -17,7 +17,7 @@ from deepsqueeze.lowrank.lora import (
     merge_lora_,
     train_adapters,
 )
-from deepsqueeze.lowrank.modules import CPConv2d, LowRankLinear, Tucker2Conv2d
+from deepsqueeze.runtime import CPConv2d, LowRankLinear, Tucker2Conv2d
 
 __all__ = [
     "Allocation",

@@ -27,7 +27,6 @@ from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import Size, TransformParams, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
 from deepsqueeze.errors import ArtifactError, DeepsqueezeWarning, RecipeError, UnsupportedLayerError
-from deepsqueeze.lowrank.modules import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
 from deepsqueeze.primitives.factorize import (
     cp_params,
     energy_rank,
@@ -37,6 +36,7 @@ from deepsqueeze.primitives.factorize import (
     svd_relative_errors,
     tucker2_params,
 )
+from deepsqueeze.runtime import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
 
 
 class RankRule(StrEnum):

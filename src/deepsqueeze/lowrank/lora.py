@@ -42,7 +42,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.record import Size, TransformParams, get_record, record_transform, register_transform
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
 from deepsqueeze.errors import ArtifactError, DataError, RecipeError, UnsupportedLayerError
-from deepsqueeze.lowrank.modules import LowRankLinear
+from deepsqueeze.runtime import LowRankLinear
 
 
 class LoRALinear(nn.Module):
@@ -255,8 +255,8 @@ def lora_stage(model: Model, config: LoRAConfig, ctx: StageContext) -> None:
 def train_adapters(model: Model, ctx: StageContext, params: list[nn.Parameter], *, loss: LoRALoss,
                    epochs: float, lr: float, batch_size: int, temperature: float = 4.0) -> dict[str, float]:
     """Train ``params`` with the task loss or by distilling from ``ctx.reference`` (teacher)."""
-    from deepsqueeze.distill.losses import embedding_loss, soft_target_loss
     from deepsqueeze.train.loop import fit, train_classifier
+    from deepsqueeze.train.losses import embedding_loss, soft_target_loss
 
     common: dict[str, Any] = dict(epochs=epochs, lr=lr, seed=ctx.seed, progress=ctx.progress, params=params)
     teacher = ctx.reference.module.eval() if ctx.reference is not None else None
@@ -274,7 +274,7 @@ def train_adapters(model: Model, ctx: StageContext, params: list[nn.Parameter], 
     sentences = list(ctx.data.sentences)
     if teacher is None:
         raise RecipeError("LoRA on a sentence encoder trains by distillation: it needs the reference model")
-    from deepsqueeze.distill.text import sentence_batches
+    from deepsqueeze.train.text import sentence_batches
 
     batches, steps = sentence_batches(model.module, sentences, batch_size, ctx.seed)
 

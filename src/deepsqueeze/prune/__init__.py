@@ -33,7 +33,7 @@ from deepsqueeze.prune.importance import (
     random_scores,
     taylor,
 )
-from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear, to_sparse_execution
+from deepsqueeze.prune.sparse import to_sparse_execution
 from deepsqueeze.prune.stage import as_model
 from deepsqueeze.prune.structured import ChannelPlan, ChannelPruneResult, group_scores, prune_channels_
 from deepsqueeze.prune.surgery import cut_, register_surgery
@@ -56,6 +56,7 @@ from deepsqueeze.prune.unstructured import (
     prunable_weights,
     prune_weights_,
 )
+from deepsqueeze.runtime import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear
 
 
 def prune_(model: Model | nn.Module, config: PruneConfig, ctx: StageContext | None = None) -> Model:

@@ -1,172 +1,35 @@
-"""Sparse execution (``SparseCSRLinear``) and sparse storage (the ``sparse`` tensor encoding).
-
-Break-even, measured with ``torch.sparse.mm`` (CSR) against ``F.linear`` on this project's 2-core CPU
-(torch 2.13.0, 1 thread to keep the shared machine's scheduling noise out, 10th-percentile of 60 calls,
-see the prune engineer's report): at batch 256 CSR wins from about 80% sparsity (0.99x at 80%,
-3.6x at 90%, 7.0x at 95% on a 1536x384 weight; 0.57x / 1.86x / 3.30x on 300x784); at batch 1 only
-from about 93% (0.75x at 90%, 1.23x at 95% on 1536x384). ``CSR_BREAK_EVEN_SPARSITY`` sits between and
-decides which layers are stored and loaded as ``SparseCSRLinear``. At 2 threads the same 300x784 layer
-ran 0.8x of dense, so the break-even moves with shapes, threads and CPUs: each ``SparseCSRLinear``
-therefore races CSR against a dense product on its first call (:func:`sparse_kernel`), once per
-process for each (shape, non-zeros, batch kind), and runs the faster one.
+"""Sparse storage and execution for pruned models: the ``sparse`` tensor encoding (non-zero values plus
+compact indices) and :func:`to_sparse_execution`, which installs :class:`deepsqueeze.runtime.SparseCSRLinear`
+(the representation, its kernel race and its break-even live in :mod:`deepsqueeze.runtime.sparse`) and
+records the ``sparse_csr_linear`` transform the loader replays.
 """
 
 from __future__ import annotations
 
 import math
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
+from deepsqueeze import runtime
 from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
+from deepsqueeze.core.deprecation import moved_to
 from deepsqueeze.core.encoding import register_encoding
 from deepsqueeze.core.kinds import weight_bearing_modules
 from deepsqueeze.core.record import record_encoding, record_transform, register_transform
-from deepsqueeze.core.timing import choose, forced_choice
 from deepsqueeze.core.walker import get_submodule, iter_modules, set_submodule
 from deepsqueeze.errors import ArtifactError
-
-CSR_BREAK_EVEN_SPARSITY = 0.85
-
-_CSR_BETA = "Sparse CSR tensor support is in beta state"
-
-
-SPARSE_KERNELS = ("csr", "dense")
-_measured_sparse_kernel: dict[tuple[int, ...], str] = {}
-
-
-def sparse_kernel(layer: SparseCSRLinear, x: torch.Tensor) -> str:
-    """``"csr"`` or ``"dense"`` for ``layer`` on the 2-D batch ``x``: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
-
-    The race runs both of the layer's forward paths on ``x`` (:func:`deepsqueeze.core.timing.choose`:
-    interleaved repetitions, dense kept unless CSR is 15% faster) and the decision is kept per weight
-    shape, non-zero count and batch kind (one row or many), in the process and in the machine's kernel
-    cache, so every layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
-    """
-    forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
-    if forced is not None:
-        return forced
-    if layer.weight_csr.device.type != "cpu":
-        return "csr"
-    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
-    if key not in _measured_sparse_kernel:
-        name = f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
-        _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
-                                                     "csr": lambda: layer._csr_product(x)})
-    return _measured_sparse_kernel[key]
-
-
-def _to_csr(dense: torch.Tensor) -> torch.Tensor:
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=_CSR_BETA)
-        return dense.to_sparse_csr()
-
-
-class SparseCSRLinear(nn.Module):
-    """A Linear layer whose weight is held as a CSR sparse matrix (inference only).
-
-    It multiplies with ``torch.sparse.mm``, or with a dense copy where :func:`sparse_kernel` measured
-    the dense product faster for this shape and batch on the running machine.
-
-    The state dict still carries the dense ``weight`` (rebuilt from CSR on save, turned back into
-    CSR on load) so the artifact's ``sparse`` encoding and strict loading see the usual keys.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.weight_csr = _to_csr(torch.zeros(out_features, in_features))
-        self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._dense: torch.Tensor | None = None  # a dense copy, kept only if the dense kernel wins
-        self._kernels: dict[int, str] = {}  # batch kind (1 row / many) -> "csr" or "dense"
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> SparseCSRLinear:
-        new = cls(linear.in_features, linear.out_features, linear.bias is not None)
-        new.weight_csr = _to_csr(linear.weight.detach().clone())
-        if linear.bias is not None:
-            new.bias.data.copy_(linear.bias.detach())
-        return new
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        kind = min(flat.shape[0], 2)
-        kernel = self._kernels.get(kind)
-        if kernel is None:
-            kernel = self._kernels[kind] = sparse_kernel(self, flat)
-            if "dense" not in self._kernels.values():
-                self._dense = None  # the race built it: keep it only while some batch kind runs dense
-        product = self._dense_product if kernel == "dense" else self._csr_product
-        return product(flat).reshape(*x.shape[:-1], self.out_features)
-
-    def _csr_product(self, flat: torch.Tensor) -> torch.Tensor:
-        out = torch.sparse.mm(self.weight_csr, flat.T.contiguous()).T
-        return out + self.bias if self.bias is not None else out
-
-    def _dense_product(self, flat: torch.Tensor) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = self.weight_csr.to_dense()
-        return torch.nn.functional.linear(flat, self._dense, self.bias)
-
-    def dense_weight(self) -> torch.Tensor:
-        return self.weight_csr.to_dense()
-
-    def onnx_form(self) -> tuple[nn.Module, str]:
-        """A dense Linear: ONNX Runtime has no sparse matrix kernel on CPU (the zeros are stored)."""
-        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None)
-        dense.weight.data = self.dense_weight()
-        if self.bias is not None:
-            dense.bias.data = self.bias.detach().clone()
-        return dense, "dense float MatMul (ONNX Runtime has no sparse CPU kernel)"
-
-    def deepsqueeze_param_count(self) -> int:
-        return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
-
-    def deepsqueeze_nonzero_count(self) -> int:
-        nonzero = int((self.weight_csr.values() != 0).sum())
-        return nonzero + (int((self.bias != 0).sum()) if self.bias is not None else 0)
-
-    def _save_to_state_dict(self, destination: dict[str, Any], prefix: str, keep_vars: bool) -> None:
-        destination[prefix + "weight"] = self.dense_weight()
-        super()._save_to_state_dict(destination, prefix, keep_vars)
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, local_metadata: Any, strict: bool,
-                              missing_keys: list[str], unexpected_keys: list[str], error_msgs: list[str]) -> None:
-        key = prefix + "weight"
-        if key in state_dict:
-            weight = state_dict[key]
-            if tuple(weight.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"{key}: shape {tuple(weight.shape)} does not fit "
-                                  f"({self.out_features}, {self.in_features})")
-            else:
-                self.weight_csr = _to_csr(weight.detach().float().clone())
-                self._dense, self._kernels = None, {}
-        elif strict:
-            missing_keys.append(key)
-        rest = {k: v for k, v in state_dict.items() if k != key}
-        super()._load_from_state_dict(rest, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
-
-    def _apply(self, fn: Any, recurse: bool = True) -> SparseCSRLinear:
-        super()._apply(fn, recurse)
-        self.weight_csr = fn(self.weight_csr)
-        self._dense, self._kernels = None, {}
-        return self
-
-    def extra_repr(self) -> str:
-        nnz = int(self.weight_csr.values().numel())
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"nnz={nnz} ({1 - nnz / max(self.in_features * self.out_features, 1):.1%} sparse)")
 
 
 @register_transform("sparse_csr_linear")
 def _replay_sparse_linear(root: nn.Module, target: str, params: dict[str, Any]) -> None:
     linear = get_submodule(root, target)
-    set_submodule(root, target, SparseCSRLinear(linear.in_features, linear.out_features, linear.bias is not None))
+    new = runtime.SparseCSRLinear(linear.in_features, linear.out_features, linear.bias is not None)
+    set_submodule(root, target, new)
 
 
-def to_sparse_execution(root: nn.Module, min_sparsity: float = CSR_BREAK_EVEN_SPARSITY,
+def to_sparse_execution(root: nn.Module, min_sparsity: float = runtime.CSR_BREAK_EVEN_SPARSITY,
                         include: list[str] | None = None, exclude: list[str] | None = None) -> list[str]:
     """Replace every ``nn.Linear`` at least ``min_sparsity`` sparse with a ``SparseCSRLinear``; return their names."""
     replaced = []
@@ -177,7 +40,7 @@ def to_sparse_execution(root: nn.Module, min_sparsity: float = CSR_BREAK_EVEN_SP
         weight = linear.weight.detach()
         if 1.0 - float((weight != 0).sum()) / weight.numel() < min_sparsity:
             continue
-        set_submodule(root, name, SparseCSRLinear.from_linear(linear))
+        set_submodule(root, name, runtime.SparseCSRLinear.from_linear(linear))
         record_transform(root, "sparse_csr_linear", name)
         record_encoding(root, f"{name}.weight", "sparse")
         replaced.append(name)
@@ -281,3 +144,7 @@ def _decode_sparse(meta: dict[str, Any], segments: list[bytes], shape: tuple[int
 
 
 register_encoding("sparse", _encode_sparse, _decode_sparse)
+
+# old home of the sparse representation and its kernel race (deprecated, see deepsqueeze.runtime)
+__getattr__ = moved_to(__name__, {runtime: ["CSR_BREAK_EVEN_SPARSITY", "SPARSE_KERNELS", "SparseCSRLinear",
+                                            "sparse_kernel"]})

@@ -42,7 +42,7 @@ from deepsqueeze.prune.config import (
 )
 from deepsqueeze.prune.graph import analyze
 from deepsqueeze.prune.importance import Criterion, accumulate_gradients, element_criterion
-from deepsqueeze.prune.sparse import CSR_BREAK_EVEN_SPARSITY, to_sparse_execution
+from deepsqueeze.prune.sparse import to_sparse_execution
 from deepsqueeze.prune.structured import ChannelPlan, prune_channels_
 from deepsqueeze.prune.unstructured import (
     MaskSet,
@@ -51,6 +51,7 @@ from deepsqueeze.prune.unstructured import (
     prunable_weights,
     prune_coverage,
 )
+from deepsqueeze.runtime import CSR_BREAK_EVEN_SPARSITY
 
 Hook = Callable[[int, int], None]
 

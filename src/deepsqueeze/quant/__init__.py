@@ -1,12 +1,20 @@
-"""Quantization: primitives live in ``deepsqueeze.primitives``; this package holds the stage, the verb
-``quantize_`` and the integer modules it installs (each knows its ONNX form: ``quant/onnx_forms.py``).
+"""Quantization algorithms: the ``quantize`` stage, the verb ``quantize_`` and its methods. What they install
+(Int8Linear, the packed and ternary layers, PackedWeights) are representations of :mod:`deepsqueeze.runtime`,
+re-exported here; the tensor math is in :mod:`deepsqueeze.primitives`.
 
     from deepsqueeze.quant import quantize_, Int8DynamicConfig
     quantize_(model.module, Int8DynamicConfig())
+
+``api`` (the verb, the method registry, coverage), ``methods`` (dynamic, smoothquant, static, rtn, binary,
+ternary), ``replay`` (what the loader rebuilds from the ``quant.*`` transforms), ``calibrate`` (calibration
+data and statistics), ``gptq``, ``awq``, ``mixed``, ``qat`` / ``fake_quant``, ``stream`` (layer by layer from
+shards). quant imports ``core``, ``primitives``, ``runtime``, ``data`` and ``train``, never another technique.
 """
 
 from __future__ import annotations
 
+from deepsqueeze.quant import methods as _methods  # noqa: F401  (registers the built-in methods)
+from deepsqueeze.quant import replay as _replay  # noqa: F401  (registers the quant.* replays and model check)
 from deepsqueeze.quant import stage as _stage  # noqa: F401  (registers the quantize stage)
 from deepsqueeze.quant.api import METHODS, install, quantize_, register_method, run_batch, select_layers
 from deepsqueeze.quant.config import (
@@ -20,7 +28,7 @@ from deepsqueeze.quant.config import (
     SmoothQuantConfig,
     WeightOnlyConfig,
 )
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime import (
     Int8Conv2d,
     Int8Embedding,
     Int8Linear,

@@ -24,10 +24,31 @@ from torch import nn
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData, TextData
-from deepsqueeze.errors import DataError, DeepsqueezeWarning
-from deepsqueeze.quant.gptq import HessianAccumulator
+from deepsqueeze.errors import DataError, DeepsqueezeWarning, ModelError
 
 Convert = Callable[[str, nn.Module, torch.Tensor], nn.Module]
+
+
+class HessianAccumulator:
+    """Running ``H = 2/n * sum x x^T`` over the rows of a layer's inputs (float64 for stability)."""
+
+    def __init__(self, columns: int) -> None:
+        self.columns = columns
+        self.sum = torch.zeros(columns, columns, dtype=torch.float64)
+        self.count = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add inputs ``x`` of shape (..., columns); every leading index is one sample."""
+        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
+        if x.shape[-1] != self.columns:
+            raise ModelError(f"Hessian expects inputs with {self.columns} features, got {x.shape[-1]}")
+        self.sum.addmm_(x.T, x)
+        self.count += x.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        if self.count == 0:
+            raise ModelError("no calibration inputs reached this layer: check the calibration data and model")
+        return (2.0 / self.count) * self.sum
 
 
 @dataclass

@@ -28,8 +28,9 @@ from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
+from deepsqueeze.quant.calibrate import as_calib_batches, layerwise_convert
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.quant.modules import PackedIntLinear
+from deepsqueeze.runtime import PackedIntLinear
 
 # (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
 ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -61,28 +62,6 @@ class GPTQResult:
         """The reconstructed float weight (out x in)."""
         group_of = torch.arange(self.codes.shape[1]) // self.group_size
         return dequant(self.codes, self.scale[:, group_of], self.zero_point[:, group_of])
-
-
-class HessianAccumulator:
-    """Running ``H = 2/n * sum x x^T`` over the rows of a layer's inputs (float64 for stability)."""
-
-    def __init__(self, columns: int) -> None:
-        self.columns = columns
-        self.sum = torch.zeros(columns, columns, dtype=torch.float64)
-        self.count = 0
-
-    def add(self, x: torch.Tensor) -> None:
-        """Add inputs ``x`` of shape (..., columns); every leading index is one sample."""
-        x = x.detach().reshape(-1, x.shape[-1]).to(torch.float64)
-        if x.shape[-1] != self.columns:
-            raise ModelError(f"Hessian expects inputs with {self.columns} features, got {x.shape[-1]}")
-        self.sum.addmm_(x.T, x)
-        self.count += x.shape[0]
-
-    def hessian(self) -> torch.Tensor:
-        if self.count == 0:
-            raise ModelError("no calibration inputs reached this layer: check the calibration data and model")
-        return (2.0 / self.count) * self.sum
 
 
 def affine_column_quantizer(bits: int, symmetric: bool = False) -> ColumnQuantizer:
@@ -248,8 +227,6 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
     transformers). ``build`` turns a result into the replacement module: :func:`packed_linear` (the
     product) or :func:`dequantized_linear` (simulation). Returns the results by layer name.
     """
-    from deepsqueeze.quant.calibrate import as_calib_batches, layerwise_convert
-
     if targets is None:
         targets = [n for n, _ in iter_modules(module, types=nn.Linear)]
     results: dict[str, GPTQResult] = {}

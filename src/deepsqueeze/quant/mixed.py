@@ -34,7 +34,7 @@ from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import install, register_method, run_batch, select_layers
 from deepsqueeze.quant.config import Method, QuantizeConfig
-from deepsqueeze.quant.modules import PackedIntConv2d, PackedIntEmbedding
+from deepsqueeze.runtime import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear
 
 __all__ = [
     "DEFAULT_CANDIDATES",
@@ -236,7 +236,6 @@ def mixed_precision_(module: nn.Module, batches: Sequence[Any], *, max_bytes: in
         gptq_model_(module, list(batches), bits={n: choice[n] for n in linears}, group_size=group_size,
                     symmetric=symmetric, act_order=act_order, damp=damp, targets=linears, progress=progress)
     from deepsqueeze.core.walker import set_submodule
-    from deepsqueeze.quant.modules import PackedIntLinear
 
     for name in names:
         layer = module.get_submodule(name)

@@ -20,7 +20,7 @@ group parameters. Mixed precision (``avg_bits``/``max_bytes``) takes each layer'
 sensitivity allocator of :mod:`deepsqueeze.quant.mixed`.
 
 **train** runs :func:`deepsqueeze.train.train_classifier` (cross-entropy, plus Hinton soft targets from
-the fp32 reference through ``deepsqueeze.distill.soft_target_loss`` when ``distill > 0``) or, for sentence
+the fp32 reference through ``deepsqueeze.train.losses.soft_target_loss`` when ``distill > 0``) or, for sentence
 encoders, embedding matching to the fp32 model (:func:`deepsqueeze.train.finetune_model`). BatchNorm
 statistics freeze after ``freeze_bn_after`` epochs (Krishnamoorthi 2018).
 
@@ -54,7 +54,8 @@ from deepsqueeze.quant.fake_quant import (
     WeightFakeQuant,
     fake_quant_modules,
 )
-from deepsqueeze.quant.modules import (
+from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
+from deepsqueeze.runtime import (
     CONV_INPUT_BITS,
     Int8Conv2d,
     Int8Embedding,
@@ -62,9 +63,9 @@ from deepsqueeze.quant.modules import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
+    PackedTernaryConv2d,
+    PackedTernaryLinear,
 )
-from deepsqueeze.quant.qat_config import QATInit, QATOptions, QATStep, QATWeights
-from deepsqueeze.quant.ternary_modules import PackedTernaryConv2d, PackedTernaryLinear
 
 __all__ = ["convert_qat_", "prepare_qat_", "qat_options", "train_qat"]
 
@@ -282,7 +283,7 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
     Classifiers: cross-entropy on ``data``'s training split, mixed with soft targets from ``reference``
     (the fp32 model) when ``qat.distill > 0``. Sentence encoders: cosine matching of ``reference``'s
     embeddings, with dropout off (it would hide the quantization error in noise); ``qat.distill > 0`` adds
-    the token-level hidden-state loss of every layer at that weight (TinyBERT, through ``distill_``).
+    the token-level hidden-state loss of every layer at that weight (TinyBERT, through the distill stage).
     BatchNorm freezes after ``qat.freeze_bn_after`` epochs.
     """
     from deepsqueeze.data.datasets import ClassificationData, TextData
@@ -300,17 +301,17 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
             raise DataError(f"QAT of a sentence encoder trains on sentences, not {data.name}")
         if reference is None:
             raise DataError("QAT of a sentence encoder needs the fp32 model as its reference")
+        from deepsqueeze.core.config import stage_entry
         from deepsqueeze.core.context import StageContext
 
-        if qat.distill > 0:  # the distill stage's losses: embedding cosine + hidden states of every layer
-            from deepsqueeze.distill import DistillConfig, distill_
-
-            distill = DistillConfig(epochs=qat.epochs, lr=qat.lr, batch_size=qat.batch_size, optimizer=qat.optimizer,
-                                    schedule=qat.schedule, weight_decay=qat.weight_decay, limit=qat.limit,
-                                    hidden_weight=qat.distill, augment=qat.augment)
-            return distill_(model, reference.module, distill, data, seed=seed, progress=progress, device=device)
         ctx = StageContext(model=model, data=data, reference=reference, device=torch.device(device), seed=seed,
                            progress=progress)
+        if qat.distill > 0:  # the distill stage (student: self): embedding cosine + hidden states of every layer
+            distill_config, distill_stage = stage_entry("distill")  # techniques meet through core's registry
+            distill = distill_config(epochs=qat.epochs, lr=qat.lr, batch_size=qat.batch_size, optimizer=qat.optimizer,
+                                     schedule=qat.schedule, weight_decay=qat.weight_decay, limit=qat.limit,
+                                     hidden_weight=qat.distill, augment=qat.augment)
+            return distill_stage(model, distill, ctx)
         return finetune_model(model, ctx, batch_size=qat.batch_size, limit=qat.limit, what="QAT", dropout=False,
                               **fit_args)
     if not isinstance(data, ClassificationData):
@@ -329,7 +330,7 @@ def train_qat(model: Model, config: QuantizeConfig, data: Any, *, reference: Mod
     if qat.distill > 0:
         if reference is None:
             raise DataError("qat.distill needs the fp32 model as the teacher (the recipe's reference)")
-        from deepsqueeze.distill import soft_target_loss
+        from deepsqueeze.train.losses import soft_target_loss
 
         teacher = reference.module.to(device).eval()
 

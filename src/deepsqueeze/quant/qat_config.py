@@ -49,7 +49,7 @@ class QATOptions(BaseModel):
     the fp32 model (``deepsqueeze.distill.soft_target_loss``, at ``temperature``); sentence encoders always
     match the fp32 embeddings (cosine), and with ``distill > 0`` also every layer's token hidden states at
     that weight (``deepsqueeze.distill.hidden_state_loss``, TinyBERT), on the training sentences plus
-    ``augment`` variants of each (``deepsqueeze.distill.text.augment_sentences``). ``lr``, ``epochs``,
+    ``augment`` variants of each (``deepsqueeze.train.text.augment_sentences``). ``lr``, ``epochs``,
     ``batch_size``, ``optimizer``, ``schedule``, ``weight_decay``, ``limit``: the training loop's settings.
     """
 

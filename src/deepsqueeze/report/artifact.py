@@ -143,7 +143,7 @@ def artifact_report(path: str | Path, data_ref: str | None = None, samples: int 
 
 
 def _compact(stage: dict[str, Any]) -> dict[str, Any]:
-    from deepsqueeze.search.study import compact_recipe
+    from deepsqueeze.search.front import compact_recipe
 
     try:
         return compact_recipe({"stages": [stage]})["stages"][0]

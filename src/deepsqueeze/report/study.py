@@ -114,7 +114,7 @@ def load_study(folder: str | Path, storage: str | None = None, study_name: str =
     read only (an SQLite study is opened read-only) and validated: a tampered folder is one ``RecipeError``."""
     import optuna
 
-    from deepsqueeze.search.study import _redact
+    from deepsqueeze.search.storage import redact_url
 
     root = Path(folder)
     summary_path = root / "summary.json"
@@ -138,7 +138,7 @@ def load_study(folder: str | Path, storage: str | None = None, study_name: str =
     try:
         study = optuna.load_study(study_name=study_name, storage=url)
     except KeyError:
-        raise RecipeError(f"no study named {study_name!r} in {_redact(url)}: pass --study NAME") from None
+        raise RecipeError(f"no study named {study_name!r} in {redact_url(url)}: pass --study NAME") from None
     except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, read-only schema
         raise RecipeError(f"cannot open the study storage: {type(exc).__name__}: {one_line(exc, 200)}") from None
     _checked(_StudyAttrs, study.user_attrs, f"study {study_name!r}")
@@ -150,7 +150,7 @@ def study_report(folder: str | Path, storage: str | None = None, study_name: str
     import optuna
     import plotly.graph_objects as go
 
-    from deepsqueeze.search.study import DIRECTIONS, hypervolume_history, pareto_front
+    from deepsqueeze.search.front import DIRECTIONS, hypervolume_history, pareto_front
 
     study, summary = load_study(folder, storage, study_name)
     attrs = study.user_attrs

@@ -43,6 +43,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from deepsqueeze.core.config import config_from_dict, registered_stages
+from deepsqueeze.core.model import Model
 from deepsqueeze.errors import RecipeError
 from deepsqueeze.quant.config import PER_LAYER_BITS
 from deepsqueeze.recipes.schema import Recipe, load_yaml_bounded, parse_recipe
@@ -385,3 +386,50 @@ def read_space_file(path: str | Path) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read search space {file}: {exc}") from None
     return load_yaml_bounded(text, source=f"search space {file}")
+
+
+def layer_lister(model: Model) -> LayerLister:
+    """Names of the layers a per-layer hole opens on, for each stage type."""
+    from torch import nn
+
+    from deepsqueeze.core.walker import iter_modules
+
+    def layers(stage_type: str, patterns: list[str] | None) -> list[str]:
+        if stage_type == "prune_channels":
+            import torch
+
+            from deepsqueeze.prune import analyze
+
+            if model.input_shape is None:
+                raise RecipeError("per-layer channel ratios need an image model with a known input shape")
+            graph = analyze(model.module, torch.zeros(1, *model.input_shape))
+            names = [g.producers[0] for g in graph.prunable_groups()]
+            if patterns:
+                from fnmatch import fnmatchcase
+
+                names = [n for n in names if any(fnmatchcase(n, p) for p in patterns)]
+            return names
+        types = (nn.Linear, nn.Conv2d, nn.Embedding) if stage_type == "quantize" else (nn.Linear, nn.Conv2d)
+        return [name for name, _ in iter_modules(model.module, types=types, include=patterns)]
+
+    return layers
+
+
+def load_space(path: str | Path, model_ref: str | None = None, *, weights: str | None = None,
+               model_code: str | None = None) -> tuple[SearchSpace, Model]:
+    """Read the space file and resolve its model (``model_ref`` overrides the file's ``model``; ``weights`` and
+    ``model_code`` as for ``compress``: the user's own weights, the architecture of a py: model's artifact)."""
+    from deepsqueeze.resolve import resolve_file_reference, resolve_model
+
+    data = read_space_file(path)
+    ref = model_ref or (data.get("model") if isinstance(data, dict) else None)
+    if not ref or not isinstance(ref, str):
+        raise RecipeError("no model given: pass --model REF or set 'model:' in the space file")
+    if model_ref:
+        model = resolve_model(ref, weights=weights, progress=False, model_code=model_code)
+    else:
+        model = resolve_file_reference(ref, f"the search space's model ({path})", (model_code,), weights=weights,
+                                       progress=False, model_code=model_code)
+    space = parse_space(data, layer_lister(model), source=str(path))
+    space.model = ref
+    return space, model

@@ -8,10 +8,10 @@ entropy-coded forms. Recipe stages: ``share`` and ``encode``.
 from __future__ import annotations
 
 from deepsqueeze.codec import codebook as _codebook  # noqa: F401  (registers the codebook encodings)
+from deepsqueeze.runtime import CodebookWeight
 from deepsqueeze.share.config import EncodeConfig, Method, ShareConfig
 from deepsqueeze.share.share import (
     CODEBOOK_ENCODINGS,
-    CodebookWeight,
     cluster,
     encode_,
     finetune_centroids,

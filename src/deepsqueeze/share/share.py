@@ -22,10 +22,12 @@ import torch
 from torch import nn
 from torch.nn.utils import parametrize
 
+from deepsqueeze import runtime
 from deepsqueeze.codec.codebook import analyze
 from deepsqueeze.core.config import register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.deprecation import moved_to
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.core.progress import track
@@ -75,21 +77,6 @@ def cluster(values: torch.Tensor, k: int, method: Method | str = Method.LLOYD, i
     if Method(method) is Method.EXACT:
         return exact_1d(values, k)
     return lloyd(values, init_centroids(values, k, init, seed), iterations)
-
-
-class CodebookWeight(nn.Module):
-    """Parametrization ``weight = centroids[indices]`` (zero where ``mask`` is False) for centroid
-    fine-tuning: the gather's backward adds up the gradients of all weights sharing a centroid."""
-
-    def __init__(self, centroids: torch.Tensor, indices: torch.Tensor, mask: torch.Tensor) -> None:
-        super().__init__()
-        self.centroids = nn.Parameter(centroids.clone())
-        self.register_buffer("indices", indices)
-        self.register_buffer("mask", mask)
-
-    def forward(self, original: torch.Tensor) -> torch.Tensor:
-        shared = self.centroids[self.indices]
-        return torch.where(self.mask, shared, torch.zeros((), dtype=shared.dtype, device=shared.device))
 
 
 def _shared_tensors(module: nn.Module, config: ShareConfig) -> list[tuple[str, nn.Module, str, int]]:
@@ -150,7 +137,7 @@ def finetune_centroids(model: Model, ctx: StageContext, config: ShareConfig,
         name, attr = key.rsplit(".", 1)
         layer = module.get_submodule(name)
         parametrize.register_parametrization(
-            layer, attr, CodebookWeight(info["centroids"], info["indices"], info["mask"]), unsafe=True)
+            layer, attr, runtime.CodebookWeight(info["centroids"], info["indices"], info["mask"]), unsafe=True)
         params.append(getattr(layer.parametrizations, attr)[0].centroids)
     if config.train_biases:
         for name in {key.rsplit(".", 1)[0] for key in shared}:
@@ -300,3 +287,7 @@ def encode_(model: Model | nn.Module, config: EncodeConfig | None = None, ctx: S
     handle = as_model(model)
     encode_stage(handle, config or EncodeConfig(), ctx if ctx is not None else StageContext(handle, progress=False))
     return handle
+
+
+# old home of the codebook parametrization (deprecated, see deepsqueeze.runtime)
+__getattr__ = moved_to(__name__, {runtime: ["CodebookWeight"]})

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from deepsqueeze.errors import ModelError
-from deepsqueeze.quant.modules import (
+from deepsqueeze.runtime import (
     PACKED_KERNELS,
     PackedIntConv2d,
     PackedIntEmbedding,

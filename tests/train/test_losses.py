@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from deepsqueeze.distill import (
+from deepsqueeze.train.losses import (
     HintAdapter,
     attention_loss,
     embedding_loss,

