@@ -187,7 +187,7 @@ def test_a_file_reference_the_user_names_again_is_theirs(canary, tmp_path):
 # Every call of a function that imports user code, trains or loads a model by reference. Each call site
 # is listed with where its argument comes from; a new call fails this test until it is declared here.
 RESOLVERS = {"resolve_model", "resolve_base_model", "_call_factory", "pretrained_zoo_model", "pretrained_gpt_tiny",
-             "load_hf_model", "import_module"}
+             "load_hf_model", "import_module", "resolve_file_reference"}
 DECLARED = {
     # (module, function): origin of the reference
     ("resolve", "resolve_model"): "its caller's argument",
@@ -199,8 +199,7 @@ DECLARED = {
     ("zoo.hf", "load_sentence_encoder"): "its caller's argument",
     ("recipes.run", "compress"): "the user's --model, else the recipe's model through resolve_file_reference",
     ("recipes.plan", "plan"): "the user's --model, else the recipe's model through resolve_file_reference",
-    ("recipes.stream", "skeleton"): "the user's --model or the recipe's, checked by check_file_reference",
-    ("distill.distill", "run_distill_stage"): "the recipe's teacher through resolve_file_reference",
+    ("distill.distill", "distill_stage"): "the recipe's teacher through resolve_file_reference",
     ("search.space", "load_space"): "the user's --model, else the space's through resolve_file_reference",
     ("search.trial", "measure_point"): "the trial artifact search itself wrote",
     ("cli.export", "register"): "the user's MODEL argument and --model-code",
@@ -243,3 +242,6 @@ def test_every_resolver_call_declares_where_its_reference_comes_from():
     assert not undeclared, ("a new call of a model resolver: check that its reference comes from the user's own "
                             "arguments or through resolve_file_reference, then declare it in DECLARED:\n"
                             + "\n".join(undeclared))
+    stale = [key for key in DECLARED if not any((m, fn) == key or (key[1] is None and m == key[0])
+                                                 for m, fn, _, _ in _calls())]
+    assert not stale, f"declared call sites that no longer exist (update DECLARED): {stale}"
