@@ -343,17 +343,17 @@ def test_search_takes_the_users_own_model_weights_and_code(tmp_path, capsys):
     ref = "py:deepsqueeze.testing.models:PlainMLP"
     argv = ["search", "--space", str(space), "--model", ref, "--data", "digits", "--trials", "2", "--sampler",
             "grid", "--json"]
-    with pytest.raises(SystemExit) as info:  # the py: factory named by --model also rebuilds the trials
-        main([*argv, "--out", str(tmp_path / "s"), "--weights", str(tmp_path / "w.safetensors")])
-    out = capsys.readouterr().out
-    assert (info.value.code or 0) == 0
+    from deepsqueeze.testing.cli import run
+
+    # the py: factory named by --model also rebuilds the trials
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path / "s"), "--weights", str(tmp_path / "w.safetensors"))
+    assert code == 0, err
     result = json.loads(out)
     assert result["complete"] == 2 and result["baseline"]["quality"] > 0.8  # the trained weights, not a random net
-    with pytest.raises(SystemExit) as info:  # every trial fails (code of another architecture): said, exit 2
-        main([*argv, "--out", str(tmp_path / "t"), "--weights", str(tmp_path / "w.safetensors"),
-              "--model-code", "py:deepsqueeze.testing.models:TinyMLP"])
-    err = capsys.readouterr().err
-    assert info.value.code == 2 and "all 2 trials failed" in err and len(err.strip().splitlines()) == 1, err
+    # every trial fails (code of another architecture): said, exit 2
+    code, out, err = run(capsys, *argv, "--out", str(tmp_path / "t"), "--weights", str(tmp_path / "w.safetensors"),
+                         "--model-code", "py:deepsqueeze.testing.models:TinyMLP")
+    assert code == 2 and "all 2 trials failed" in err and len(err.strip().splitlines()) == 1, err
 
 
 def test_search_under_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypatch):
