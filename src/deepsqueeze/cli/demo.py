@@ -89,15 +89,9 @@ def run_demo(out_dir: Path, quick: bool = False, progress: bool = True, full: bo
 
 def _prepare_out_dir(out_dir: Path) -> None:
     """Create ``out_dir`` and check a file can be written in it, before any work (ArtifactError otherwise)."""
-    from deepsqueeze.codec.format import check_writable
-    from deepsqueeze.errors import ArtifactError
+    from deepsqueeze.core.files import make_folder
 
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArtifactError(f"cannot create --out-dir {out_dir}: {exc.strerror or exc}; choose another folder"
-                            ) from None
-    check_writable(out_dir / "demo.dsq")
+    make_folder(out_dir, "--out-dir", "demo.dsq")
 
 
 def includes_training(recipe: Any) -> bool:

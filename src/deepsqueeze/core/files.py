@@ -97,3 +97,13 @@ def check_output(path: str | os.PathLike[str], ours: Callable[[Path], bool] | No
     if out.exists() and (ours is None or not ours(out)):
         raise ArtifactError(f"{out} exists and is not a {what} deepsqueeze wrote: choose another --out path")
     return out
+
+
+def make_folder(path: Path, what: str, probe: str) -> None:
+    """Create the folder ``path`` (``what`` names it in errors) and check that a file named ``probe`` can be
+    written in it, before any work; ``ArtifactError`` (one line) otherwise."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ArtifactError(f"cannot create {what} {path}: {exc.strerror or exc}; choose another folder") from None
+    check_writable(path / probe)

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deepsqueeze.core.files import check_writable
+from deepsqueeze.core.files import make_folder
 from deepsqueeze.errors import ArtifactError, DeepsqueezeError, RecipeError, redact
 
 STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
@@ -27,12 +27,7 @@ def prepare_out(out: Path) -> None:
         raise RecipeError(f"--out {out} is a file: give a folder for the study")
     if out.is_dir() and any(out.iterdir()) and not any((out / name).exists() for name in STUDY_FILES):
         raise ArtifactError(f"--out {out} holds files deepsqueeze did not write: name a new or empty folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise ArtifactError(f"cannot create the study folder {out}: {exc.strerror or exc}; choose another --out"
-                            ) from None
-    check_writable(out / "summary.json")
+    make_folder(out, "the study folder", "summary.json")
 
 
 def default_storage(out: Path) -> str:
