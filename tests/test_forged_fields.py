@@ -147,3 +147,29 @@ def test_a_grid_space_is_counted_before_it_is_listed():
 
 def test_a_shape_the_probe_cannot_feed_is_not_a_crash(tmp_path, plain):
     assert tuple(load(plain, model=TINY).input_shape) == TINY_SHAPE
+
+
+@pytest.mark.parametrize("edit", ["drop-padding", "bool-stride", "wrong-groups"])
+def test_a_quantized_conv_replay_needs_its_whole_geometry_with_strict_types(tmp_path, edit):
+    """Issue 25 finding 5: only the geometry keys present were checked (a deleted padding took the
+    constructor default) and ``stride: [true, 1]`` passed because ``True == 1``."""
+    from deepsqueeze.quant import Int8StaticConfig
+    from deepsqueeze.testing.quant_models import tiny_bn_convnet_handle
+
+    model = tiny_bn_convnet_handle()
+    g = torch.Generator().manual_seed(0)
+    quantize_(model.module, Int8StaticConfig(), [torch.randn(16, 1, 8, 8, generator=g) for _ in range(2)])
+    save(model, tmp_path / "conv.dsq")
+
+    def forge(m):
+        t = next(t for t in m["transforms"] if t["kind"] == "quant.module" and "padding" in t["params"])
+        if edit == "drop-padding":
+            del t["params"]["padding"]
+        elif edit == "bool-stride":
+            t["params"]["stride"] = [True, True]
+        else:
+            t["params"]["groups"] = 2
+
+    forged = _forged(tmp_path / "conv.dsq", tmp_path, forge)
+    with pytest.raises(ArtifactError):
+        load(forged, model="py:deepsqueeze.testing.quant_models:TinyBNConvNet")

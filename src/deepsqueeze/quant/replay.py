@@ -5,6 +5,7 @@ bounds what a forged manifest can ask for before anything is allocated.
 
 from __future__ import annotations
 
+import inspect
 from typing import Annotated, Any
 
 import pydantic
@@ -53,13 +54,28 @@ def _replay_module(root: nn.Module, target: str, params: dict[str, Any]) -> None
     if cls is None:
         raise ArtifactError(f"unknown quantized module class for {target}: upgrade deepsqueeze")
     old = get_submodule(root, target)
+    takes = set(inspect.signature(cls).parameters)
     for key in _GEOMETRY:
-        if key in params and _plain(getattr(old, key, None)) != params[key]:
+        if not hasattr(old, key) or key not in takes:
+            continue
+        if key not in params:  # a constructor default would silently stand in for the replaced geometry
+            raise ArtifactError(f"quant.module params for {target!r} lack {key}: the file is corrupted or forged")
+        if not _same(params[key], _plain(getattr(old, key))):
             raise ArtifactError(f"{cls.__name__} with {key}={str(params[key])[:40]} cannot replace "
                                 f"{type(old).__name__} {target!r} ({key}={_plain(getattr(old, key, None))})")
     if not any(key in params for key in _GEOMETRY):
         raise ArtifactError(f"quant.module params for {target!r} name no geometry")
     set_submodule(root, target, cls(**params))
+
+
+def _same(value: Any, expected: Any) -> bool:
+    """Equal as JSON data of the same types: ``True`` is not ``1``, a list must match element by element."""
+    if isinstance(expected, (list, tuple)):
+        return isinstance(value, list) and len(value) == len(expected) and all(
+            _same(v, e) for v, e in zip(value, expected, strict=True))
+    if isinstance(value, bool) or isinstance(expected, bool):
+        return type(value) is type(expected) and value == expected
+    return value == expected
 
 
 class _PackedSpec(pydantic.BaseModel):
