@@ -263,17 +263,48 @@ def load_sentence_encoder(path: str | Path, pretrained: bool = True) -> Sentence
     return module  # type: ignore[return-value]  # SENTENCE_ENCODER always builds a SentenceEncoder
 
 
+#: The longest ``max_seq_length`` a sentence-transformers config may set (real ones: 128 to 8192).
+MAX_SEQ_LENGTH = 1 << 20
+
+
+def _folder_json(folder: Path, rel: str, what: str) -> Any:
+    """``folder / rel`` parsed by the bounded JSON reader. ``rel`` must be a relative path that stays inside
+    ``folder`` (no absolute path, no ``..``): a file of the folder never makes the loader read another folder's
+    files. (Checked on the name, not the resolved path: a Hugging Face cache snapshot's files are links.)"""
+    from deepsqueeze.core.jsonfile import read_json
+
+    norm = os.path.normpath(rel) if rel else "."
+    if "\x00" in rel or os.path.isabs(rel) or norm == ".." or norm.startswith(".." + os.sep):
+        raise ModelError(f"{folder}: {what} is named {one_line(repr(rel), 80)}, outside the model folder: a model "
+                         "folder's files are read from that folder only")
+    try:
+        return read_json(folder / norm, max_bytes=1 << 20)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {what} of {folder}: {one_line(exc, 160)}") from None
+
+
 def _sentence_transformers_settings(folder: Path) -> tuple[str, bool, int]:
+    """Pooling, normalisation and sequence limit from ``modules.json`` and ``sentence_bert_config.json``
+    (validated: types, bounds, module paths inside the folder; ``ModelError`` otherwise)."""
     pooling, normalize, max_len = "mean", False, 256
-    modules_file = folder / "modules.json"
-    if modules_file.is_file():
-        modules = json.loads(modules_file.read_text())
+    if (folder / "modules.json").is_file():
+        modules = _folder_json(folder, "modules.json", "modules.json")
+        if not isinstance(modules, list) or not all(isinstance(m, dict) and isinstance(m.get("type", ""), str)
+                                                    and isinstance(m.get("path", ""), str) for m in modules):
+            raise ModelError(f"{folder}/modules.json is not a list of modules with a string type and path: it is not "
+                             "a sentence-transformers folder")
         normalize = any(m.get("type", "").endswith("Normalize") for m in modules)
         for m in modules:
             if m.get("type", "").endswith("Pooling"):
-                cfg = json.loads((folder / m["path"] / "config.json").read_text())
-                pooling = "cls" if cfg.get("pooling_mode_cls_token") else "mean"
-    st_cfg = folder / "sentence_bert_config.json"
-    if st_cfg.is_file():
-        max_len = int(json.loads(st_cfg.read_text()).get("max_seq_length", max_len))
+                cfg = _folder_json(folder, os.path.join(m.get("path", ""), "config.json"), "the pooling config")
+                if not isinstance(cfg, dict):
+                    raise ModelError(f"{folder}: the pooling config is not a JSON object")
+                pooling = "cls" if cfg.get("pooling_mode_cls_token") is True else "mean"
+    if (folder / "sentence_bert_config.json").is_file():
+        st_cfg = _folder_json(folder, "sentence_bert_config.json", "sentence_bert_config.json")
+        value = st_cfg.get("max_seq_length", max_len) if isinstance(st_cfg, dict) else None
+        if type(value) is not int or not 1 <= value <= MAX_SEQ_LENGTH:
+            raise ModelError(f"{folder}/sentence_bert_config.json: max_seq_length must be an integer from 1 to "
+                             f"{MAX_SEQ_LENGTH:,}, got {one_line(repr(value), 40)}")
+        max_len = value
     return pooling, normalize, max_len

@@ -1,0 +1,85 @@
+"""Hostile ``hf:DIR`` folders found by the fuzzer (tests/fuzz/test_hf.py, issue 25 round three): each ends in one
+``ModelError`` at load, never in a read outside the folder, a model that fails or computes NaN in its forward
+pass, a hang or a memory blow-up."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("transformers")
+
+from deepsqueeze.errors import ModelError  # noqa: E402
+from deepsqueeze.resolve import resolve_model  # noqa: E402
+from deepsqueeze.testing.hf_models import make_hf_dir  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hf-hostile")
+    bert = make_hf_dir("bert", root / "bert")
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+               {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"}]
+    (bert / "modules.json").write_text(json.dumps(modules))
+    (bert / "1_Pooling").mkdir()
+    (bert / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_cls_token": False}))
+    (bert / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 64}))
+    return {"bert": bert, "gpt2": make_hf_dir("gpt2", root / "gpt2"),
+            "bert-classifier": make_hf_dir("bert-classifier", root / "bert-classifier")}
+
+
+def _copy(seeds: dict[str, Path], family: str, dst: Path) -> Path:
+    shutil.copytree(seeds[family], dst)
+    return dst
+
+
+def _edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def test_the_loaded_seed_runs(seeds):
+    model = resolve_model(f"hf:{seeds['bert']}", progress=False)
+    assert model.module.max_seq_length == 64
+    assert model.module(**model.module.tokenize(["a sentence"])).shape == (1, 32)
+
+
+@pytest.mark.parametrize("path", ["{other}", "../other", "1_Pooling/../../other"])
+def test_modules_json_never_names_a_folder_outside_the_model(seeds, tmp_path, path):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"pooling_mode_cls_token": True}))
+    folder = _copy(seeds, "bert", tmp_path / "model")
+    _edit_json(folder / "modules.json", lambda m: m[1].update(path=path.format(other=other)))
+    opened: list[str] = []
+
+    def hook(event, args):
+        if event == "open" and args and isinstance(args[0], str) and args[0].startswith(str(other)):
+            opened.append(args[0])
+
+    sys.addaudithook(hook)
+    with pytest.raises(ModelError, match="outside the model folder"):
+        resolve_model(f"hf:{folder}", progress=False)
+    assert not [p for p in opened if os.path.abspath(p).startswith(str(other))]
+
+
+@pytest.mark.parametrize("value", [10**30, -1, 0, "128", True, 1.5, None])
+def test_max_seq_length_is_a_bounded_integer(seeds, tmp_path, value):
+    folder = _copy(seeds, "bert", tmp_path / "model")
+    (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": value}))
+    with pytest.raises(ModelError, match="max_seq_length"):
+        resolve_model(f"hf:{folder}", progress=False)
+
+
+@pytest.mark.parametrize("modules", ['{"type": "Pooling"}', "[1, 2]", '[{"type": 5, "path": ""}]', "[" * 10_000])
+def test_malformed_modules_json_is_one_model_error(seeds, tmp_path, modules):
+    folder = _copy(seeds, "bert", tmp_path / "model")
+    (folder / "modules.json").write_text(modules)
+    with pytest.raises(ModelError, match="modules.json"):
+        resolve_model(f"hf:{folder}", progress=False)
