@@ -83,3 +83,26 @@ def test_malformed_modules_json_is_one_model_error(seeds, tmp_path, modules):
     (folder / "modules.json").write_text(modules)
     with pytest.raises(ModelError, match="modules.json"):
         resolve_model(f"hf:{folder}", progress=False)
+
+
+@pytest.mark.parametrize("family, key, value, needle", [
+    ("bert-classifier", "num_hidden_layers", 65_537, "layers"),  # took minutes to build
+    ("gpt2", "n_layer", 10**30, "layers"),
+    ("gpt2", "n_inner", 10**6, "parameters"),  # built 130M parameters (+500 MB) before transformers refused
+    ("gpt2", "vocab_size", 10**9, "parameters"),  # 128 GB
+    ("bert-classifier", "max_position_embeddings", 10**7, "parameters"),
+])
+def test_a_config_far_larger_than_its_weights_is_refused_before_it_is_built(seeds, tmp_path, family, key, value,
+                                                                             needle):
+    folder = _copy(seeds, family, tmp_path / "model")
+    _edit_json(folder / "config.json", lambda c: c.update({key: value}))
+    with pytest.raises(ModelError, match=f"{needle}.*does not belong to these weights"):
+        resolve_model(f"hf:{folder}", progress=False)
+
+
+@pytest.mark.parametrize("header", [b"\xff" * 8, (10**6).to_bytes(8, "little") + b"{", (2).to_bytes(8, "little") + b"[]"])
+def test_a_safetensors_header_that_is_not_one_is_a_model_error(seeds, tmp_path, header):
+    folder = _copy(seeds, "gpt2", tmp_path / "model")
+    (folder / "model.safetensors").write_bytes(header)
+    with pytest.raises(ModelError, match="safetensors"):
+        resolve_model(f"hf:{folder}", progress=False)

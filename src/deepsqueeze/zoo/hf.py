@@ -20,7 +20,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -228,13 +230,18 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
     if pretrained:
         _require_safetensors(folder)
     auto = auto_class(task)
+    pooling, normalize, max_len = _sentence_transformers_settings(folder)
     try:
-        pooling, normalize, max_len = _sentence_transformers_settings(folder)
+        config = AutoConfig.from_pretrained(folder)
+        if pretrained:
+            check_described_size(folder, config, auto)  # before anything of the config's size is built
         tokenizer = AutoTokenizer.from_pretrained(folder)
         if pretrained:
             transformer = auto.from_pretrained(folder, use_safetensors=True, dtype=torch.float32)  # bf16/fp16 checkpoints too: every technique starts from fp32
         else:
-            transformer = auto.from_config(AutoConfig.from_pretrained(folder))
+            transformer = auto.from_config(config)
+    except ModelError:
+        raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
         raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
     transformer.eval()
@@ -243,6 +250,66 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
     if task is Task.SEQUENCE_CLASSIFIER:
         return TextClassifier(transformer, tokenizer, max_len).eval()
     return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
+
+
+#: A config may describe at most twice the elements its safetensors hold, plus this many (tensors a checkpoint
+#: legitimately lacks, such as a pooler, are initialised): more is a config that does not belong to its weights.
+SIZE_SLACK = 1 << 20
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
+
+
+def safetensors_inventory(folder: Path) -> tuple[int, int]:
+    """(tensors holding at least one element, elements) of the folder's ``.safetensors`` files, read from their
+    headers alone (bounded JSON); a file's elements count at most twice its bytes (4-bit dtypes are the smallest).
+    ``ModelError`` for a header that is not one."""
+    from deepsqueeze.core.jsonfile import loads_bounded
+
+    tensors = elements = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                prefix = fh.read(8)
+                if len(prefix) < 8:
+                    raise ValueError("shorter than its 8-byte header length")
+                (length,) = struct.unpack("<Q", prefix)
+                if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+                    raise ValueError(f"a {length:,}-byte header in a {size:,}-byte file")
+                header = loads_bounded(fh.read(length))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{file} is not a safetensors file ({one_line(exc, 120)})") from None
+        if not isinstance(header, dict):
+            raise ModelError(f"{file} is not a safetensors file (its header is not a JSON object)")
+        declared = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ModelError(f"{file}: tensor {one_line(name, 80)!r} has a malformed shape in the header")
+            numel = math.prod(shape)
+            tensors += numel > 0
+            declared += numel
+        elements += min(declared, 2 * size)
+    return tensors, elements
+
+
+def check_described_size(folder: Path, config: Any, auto: Any) -> None:
+    """Refuse (``ModelError``) a ``config.json`` that describes far more than the folder's weights hold, before
+    the model is built: more layers than the weights have tensors (each layer has one at least), or more
+    elements than ``2 x weights + SIZE_SLACK`` (counted on the meta device: nothing is allocated). A hostile
+    config (``n_layer`` 10**6, ``vocab_size`` 10**9) would otherwise take minutes or gigabytes to build."""
+    tensors, elements = safetensors_inventory(folder)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > max(tensors, 1):
+        raise ModelError(f"{folder}/config.json declares {layers:,} layers; its weights hold {tensors:,} tensors: the "
+                         "config does not belong to these weights")
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    described = sum(p.numel() for p in skeleton.parameters())
+    if described > 2 * elements + SIZE_SLACK:
+        raise ModelError(f"{folder}/config.json describes a model of {described:,} parameters; its weights hold "
+                         f"{elements:,} values: the config does not belong to these weights")
 
 
 def _require_safetensors(folder: Path) -> None:
