@@ -13,6 +13,7 @@ from deepsqueeze import __version__
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
 from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.outputs import MAX_FLOAT_MAGNITUDE, out_of_range
 from deepsqueeze.core.record import (
     CoverageEntry,
     check_loaded_model,
@@ -96,19 +97,6 @@ def _skeleton(base: dict[str, Any], model_code: ModelCode, transforms: list[dict
     module = build_base(base, model_code)
     replay_transforms(module, transforms, where=where)
     return module
-
-
-#: The largest magnitude a stored float or a probe output may have. No trained weight, scale, statistic or logit
-#: comes near it (fp32 overflows at 3.4e38, about 2**128): a value this large is finite on one input and Inf on
-#: the next (a planted 3.4e38 times an activation above 1), so it is refused at load, not met in a forward pass.
-MAX_FLOAT_MAGNITUDE = 2.0**64
-
-
-def out_of_range(tensor: torch.Tensor) -> bool:
-    """Whether a floating-point ``tensor`` holds NaN, Inf or a value beyond ``MAX_FLOAT_MAGNITUDE``."""
-    if not tensor.is_floating_point() or tensor.numel() == 0:
-        return False
-    return not bool(torch.isfinite(tensor).all()) or float(tensor.abs().max()) > MAX_FLOAT_MAGNITUDE
 
 
 def probe_forward(module: nn.Module, task: Task, input_shape: list[int] | None, num_classes: int | None,

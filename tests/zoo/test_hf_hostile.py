@@ -106,3 +106,38 @@ def test_a_safetensors_header_that_is_not_one_is_a_model_error(seeds, tmp_path, 
     (folder / "model.safetensors").write_bytes(header)
     with pytest.raises(ModelError, match="safetensors"):
         resolve_model(f"hf:{folder}", progress=False)
+
+
+def _tokenizer_edit(edit):
+    def apply(folder: Path) -> None:
+        _edit_json(folder / "tokenizer.json", edit)
+    return apply
+
+
+def _plant_float_max(folder: Path) -> None:
+    import struct
+
+    data = bytearray((folder / "model.safetensors").read_bytes())
+    (length,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + length])
+    start = header["embeddings.word_embeddings.weight"]["data_offsets"][0]
+    row = 4 * 32 * 1000  # a row of a token no probe sentence holds
+    data[8 + length + start + row : 8 + length + start + row + 4] = struct.pack("<f", 3.4028e38)
+    (folder / "model.safetensors").write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("family, edit, needle", [
+    ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].update({"every": 10**6})), "does not run"),
+    ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].pop("[UNK]")), "does not run"),
+    ("bert", lambda f: _edit_json(f / "config.json", lambda c: c.update(layer_norm_eps=-1.0)), "NaN or Inf"),
+    ("bert-classifier", lambda f: _edit_json(f / "tokenizer_config.json", lambda c: c.update(
+        model_input_names=["input_ids"])), "does not run"),
+    ("bert", _plant_float_max, "beyond"),
+])
+def test_files_that_do_not_fit_together_are_refused_at_load(seeds, tmp_path, family, edit, needle):
+    """Found by the fuzzer: each of these loaded, then failed (IndexError, no [UNK], no attention mask) or computed
+    NaN or Inf at the first sentence holding the edited token."""
+    folder = _copy(seeds, family, tmp_path / "model")
+    edit(folder)
+    with pytest.raises(ModelError, match=needle):
+        resolve_model(f"hf:{folder}", progress=False)

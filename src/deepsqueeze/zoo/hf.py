@@ -244,12 +244,57 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
         raise
     except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
         raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
+    except BaseException as exc:
+        _native_panic(exc, folder)
     transformer.eval()
+    module: _TextModule
     if task is Task.CAUSAL_LM:
-        return CausalLM(transformer, tokenizer).eval()
-    if task is Task.SEQUENCE_CLASSIFIER:
-        return TextClassifier(transformer, tokenizer, max_len).eval()
-    return SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
+        module = CausalLM(transformer, tokenizer).eval()
+    elif task is Task.SEQUENCE_CLASSIFIER:
+        module = TextClassifier(transformer, tokenizer, max_len).eval()
+    else:
+        module = SentenceEncoder(transformer, tokenizer, pooling, normalize, max_len).eval()
+    if pretrained:
+        probe_text_model(module, folder)
+    return module
+
+
+#: What every loaded folder's model must tokenize and run to finite outputs (words, one letter, digits, accents,
+#: symbols no WordPiece vocabulary holds, so the unknown token is needed).
+PROBE_SENTENCES = ("deepsqueeze runs every model it loads once.", "x", "Ünïcödé 0123456789, punctuation!? ☃🙂")
+
+
+def _native_panic(exc: BaseException, folder: Path) -> None:
+    """A native parser's panic (pyo3's ``PanicException`` from tokenizers or safetensors, a ``BaseException`` that
+    passes every ``except Exception``) is the folder's fault: one ``ModelError``. Anything else is re-raised."""
+    if type(exc).__name__ != "PanicException":
+        raise exc
+    raise ModelError(f"cannot load the Hugging Face model in {folder}: a native parser failed on its files "
+                     f"({one_line(exc, 200)}): the folder is malformed or hostile") from None
+
+
+def probe_text_model(module: _TextModule, folder: Path) -> None:
+    """Refuse (``ModelError``) a loaded folder whose files load one by one but do not fit together: a weight
+    beyond ``MAX_FLOAT_MAGNITUDE``, or a tokenizer, config and weights that do not tokenize and run a probe
+    (token ids past the embedding table, no unknown token, a negative layer-norm epsilon, an attention mask
+    the model does not get) to finite outputs. Such a model would fail or compute NaN at its first use."""
+    from deepsqueeze.core.outputs import MAX_FLOAT_MAGNITUDE, out_of_range, output_tensors
+
+    bad = next((name for name, t in module.transformer.state_dict().items() if out_of_range(t)), None)
+    if bad is not None:
+        raise ModelError(f"{folder} holds NaN or Inf values (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) in "
+                         f"{one_line(bad, 80)!r}: fix or re-download the weights")
+    try:
+        with torch.no_grad():
+            outputs = output_tensors(module(**module.tokenize(list(PROBE_SENTENCES))))
+    except Exception as exc:  # noqa: BLE001 - whatever the folder's files make the model raise
+        raise ModelError(f"{folder} loads but does not run on a probe sentence ({type(exc).__name__}: "
+                         f"{one_line(exc, 160)}): its tokenizer, config and weights do not fit together") from None
+    except BaseException as exc:
+        _native_panic(exc, folder)
+    if not outputs or any(out_of_range(t) for t in outputs):
+        raise ModelError(f"{folder} computes NaN or Inf (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) on a probe "
+                         "sentence: its tokenizer, config and weights do not fit together")
 
 
 #: A config may describe at most twice the elements its safetensors hold, plus this many (tensors a checkpoint
