@@ -87,7 +87,7 @@ def test_malformed_modules_json_is_one_model_error(seeds, tmp_path, modules):
 
 @pytest.mark.parametrize("family, key, value, needle", [
     ("bert-classifier", "num_hidden_layers", 65_537, "layers"),  # took minutes to build
-    ("gpt2", "n_layer", 10**30, "layers"),
+    ("gpt2", "n_layer", 10**20, "layers"),
     ("gpt2", "n_inner", 10**6, "parameters"),  # built 130M parameters (+500 MB) before transformers refused
     ("gpt2", "vocab_size", 10**9, "parameters"),  # 128 GB
     ("bert-classifier", "max_position_embeddings", 10**7, "parameters"),
@@ -139,5 +139,17 @@ def test_files_that_do_not_fit_together_are_refused_at_load(seeds, tmp_path, fam
     NaN or Inf at the first sentence holding the edited token."""
     folder = _copy(seeds, family, tmp_path / "model")
     edit(folder)
+    with pytest.raises(ModelError, match=needle):
+        resolve_model(f"hf:{folder}", progress=False)
+
+
+@pytest.mark.parametrize("edit, needle", [
+    (lambda c: c.update(id2label={str(i): f"L{i}" for i in range(100_000)}), "labels"),  # took over 10 s
+    (lambda c: c.update(x=json.loads("[" * 100 + "]" * 100)), "nesting"),
+    (lambda c: c.update(x="y" * (5 << 20)), "bytes"),
+])
+def test_config_json_is_bounded(seeds, tmp_path, edit, needle):
+    folder = _copy(seeds, "gpt2", tmp_path / "model")
+    _edit_json(folder / "config.json", edit)
     with pytest.raises(ModelError, match=needle):
         resolve_model(f"hf:{folder}", progress=False)
