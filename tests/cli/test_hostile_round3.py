@@ -221,6 +221,19 @@ def test_report_refuses_rows_optuna_cannot_decode(tmp_path, study_dir, sql, args
     assert (folder / "study.db").read_bytes() == before
 
 
+def test_report_refuses_a_schema_name_that_is_not_utf8(tmp_path, study_dir):
+    """Found by the study fuzzer: one damaged byte in a table name raised UnicodeDecodeError from the schema check."""
+    from deepsqueeze.errors import RecipeError
+    from deepsqueeze.report import study_report
+
+    folder = _copy(study_dir, tmp_path / "s")
+    data = bytearray((folder / "study.db").read_bytes())
+    data[data.find(b"trial_heartbeats") + 2] = 0x81
+    (folder / "study.db").write_bytes(bytes(data))
+    with pytest.raises(RecipeError, match="not a readable SQLite study"):
+        study_report(folder)
+
+
 def test_summary_parsers_are_bounded():
     from deepsqueeze.core.jsonfile import loads_bounded
 

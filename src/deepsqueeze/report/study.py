@@ -101,7 +101,7 @@ def _read_only_sqlite(db: Path) -> str:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         finally:
             con.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:  # ValueError: a damaged name that is not UTF-8 (UnicodeDecodeError)
         raise RecipeError(f"{db} is not a readable SQLite study ({one_line(exc, 120)}): pass the --out folder of "
                           "deepsqueeze search") from None
     if not {"studies", "trials", "study_user_attributes"} <= tables:
