@@ -138,11 +138,12 @@ def _vm_bytes() -> int:
 
 
 @contextmanager
-def bounded(seconds: float = HANG_S, headroom_mb: int = VM_HEADROOM_MB) -> Any:
-    """SIGALRM after ``seconds``; the address space capped at its current size plus ``headroom_mb``."""
+def bounded(seconds: float = HANG_S, headroom_mb: int | None = VM_HEADROOM_MB) -> Any:
+    """SIGALRM after ``seconds``; the address space capped at its current size plus ``headroom_mb`` (None: not
+    capped, for cases that start processes, which inherit the cap)."""
     old_handler = signal.signal(signal.SIGALRM, _alarm)
     old_limit = resource.getrlimit(resource.RLIMIT_AS)
-    vm = _vm_bytes()
+    vm = _vm_bytes() if headroom_mb is not None else 0
     if vm:
         cap = vm + (headroom_mb << 20)
         if old_limit[1] != resource.RLIM_INFINITY:
@@ -175,11 +176,13 @@ class Campaign:
     """Counts for one surface; :meth:`case` runs one case under the oracle."""
 
     def __init__(self, surface: str, canary: Canary, allowed: tuple[type[BaseException], ...] = DOCUMENTED,
-                 hang_s: float = HANG_S) -> None:
+                 hang_s: float = HANG_S, headroom_mb: int | None = VM_HEADROOM_MB, arm: bool = True) -> None:
         self.surface = surface
+        self.arm = arm  # False for a surface whose cases start processes themselves (the hook would see them)
         self.canary = canary
         self.allowed = allowed
         self.hang_s = hang_s
+        self.headroom_mb = headroom_mb
         self.base_rss = peak_rss_mb()
         self.stats: dict[str, Any] = {
             "surface": surface, "cases": 0, "ok": 0, "documented": Counter(), "other": 0, "hangs": 0,
@@ -208,9 +211,9 @@ class Campaign:
         stats["kinds"][kind] += 1
         outcome = "ok"
         start = time.perf_counter()
-        self.canary.armed = True
+        self.canary.armed = self.arm
         try:
-            with bounded(self.hang_s):
+            with bounded(self.hang_s, self.headroom_mb):
                 action()
             stats["ok"] += 1
         except KeyboardInterrupt:
