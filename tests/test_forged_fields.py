@@ -173,3 +173,32 @@ def test_a_quantized_conv_replay_needs_its_whole_geometry_with_strict_types(tmp_
     forged = _forged(tmp_path / "conv.dsq", tmp_path, forge)
     with pytest.raises(ArtifactError):
         load(forged, model="py:deepsqueeze.testing.quant_models:TinyBNConvNet")
+
+
+def test_a_finite_weight_near_the_float_limit_is_refused_at_load(tmp_path):
+    """Found by the fuzzer (tests/fuzz, payload kind): a resealed 3.4e38 in fc3 passed the one-input probe
+    (the ReLU before it was closed, or its input below 1) and the loaded model computed Inf on the next input."""
+    x = torch.randn(256, *TINY_SHAPE, generator=torch.Generator().manual_seed(5))
+    for j in range(16):
+        model = tiny_model_handle()
+        with torch.no_grad():
+            model.module.fc2.weight.mul_(3)  # activations into fc3 around 1, as in the fuzzed (coded) seed
+            model.module.fc3.weight[0, j] = 3.4028e38  # float32 max: any activation above 1 overflows
+        save(model, tmp_path / "huge.dsq")
+        try:
+            loaded = load(tmp_path / "huge.dsq", model=TINY)
+        except ArtifactError as exc:
+            assert "NaN or Inf" in str(exc)
+            continue
+        with torch.no_grad():  # a model that loads computes finite outputs on ordinary inputs
+            assert torch.isfinite(loaded.module(x)).all(), f"fc3.weight[0, {j}] = 3e38 loaded and overflowed"
+
+
+def test_outputs_near_the_float_limit_on_the_probe_are_refused(tmp_path):
+    model = tiny_model_handle()
+    with torch.no_grad():  # each weight below any bound on stored values; their product is not
+        model.module.fc1.weight.mul_(1e12)
+        model.module.fc3.weight.mul_(1e12)
+    save(model, tmp_path / "big.dsq")
+    with pytest.raises(ArtifactError, match="probe"):
+        load(tmp_path / "big.dsq", model=TINY)

@@ -13,6 +13,7 @@ from deepsqueeze._version import __version__
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
 from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.outputs import MAX_FLOAT_MAGNITUDE, out_of_range
 from deepsqueeze.core.record import (
     CoverageEntry,
     check_loaded_model,
@@ -103,14 +104,19 @@ def probe_forward(module: nn.Module, task: Task, input_shape: list[int] | None, 
     """Run the loaded model once on a fixed random probe and require finite outputs (of ``num_classes``
     logits for a classifier): a manifest whose fields are each well-formed but do not fit together (an
     ``input_shape`` the model does not take, a tie or geometry that breaks the forward pass, a finite but
-    overflowing scale) is an ``ArtifactError`` at load, never a model that fails or computes NaN later."""
+    overflowing scale) is an ``ArtifactError`` at load, never a model that fails or computes NaN later.
+
+    A classifier's probe is a random batch and its negation (a unit a ReLU closes on one is open on the
+    other), and outputs must stay within ``MAX_FLOAT_MAGNITUDE``: an output near fp32's limit on the probe
+    overflows on another input."""
     from deepsqueeze.core.outputs import output_tensors
 
     generator = torch.Generator().manual_seed(0)
     if task is Task.CLASSIFIER:
         if not input_shape:
             return
-        args: tuple[Any, ...] = (torch.randn(2, *input_shape, generator=generator),)
+        x = torch.randn(2, *input_shape, generator=generator)
+        args: tuple[Any, ...] = (torch.cat([x, -x]),)
         kwargs: dict[str, Any] = {}
     else:
         config = getattr(getattr(module, "transformer", None), "config", None)
@@ -126,8 +132,9 @@ def probe_forward(module: nn.Module, task: Task, input_shape: list[int] | None, 
     except Exception as exc:  # noqa: BLE001 - whatever the forged model raises, it is the file's fault
         raise ArtifactError(f"{where} does not run ({type(exc).__name__}: {' '.join(str(exc).split())[:160]}): "
                             "its manifest does not fit its model; the file is corrupted or forged") from None
-    if not all(bool(torch.isfinite(t).all()) for t in outputs if t.is_floating_point()):
-        raise ArtifactError(f"{where} computes NaN or Inf on a probe input: the file is corrupted or forged")
+    if any(out_of_range(t) for t in outputs):
+        raise ArtifactError(f"{where} computes NaN or Inf (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) on a probe "
+                            "input: the file is corrupted or forged")
     if task is Task.CLASSIFIER and num_classes and isinstance(raw, torch.Tensor) and raw.shape[-1] != num_classes:
         raise ArtifactError(f"{where} gives {raw.shape[-1]} outputs, its manifest says {num_classes} classes: "
                             "the file is corrupted or forged")
@@ -184,8 +191,9 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     del expected
     tensors = {name: decode_entry(container, entry) for name, entry in stored.items()}
     for name, tensor in tensors.items():
-        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
-            raise ArtifactError(f"{path} holds NaN or Inf values in {name[:80]!r}: the file is corrupted or forged")
+        if out_of_range(tensor):
+            raise ArtifactError(f"{path} holds NaN or Inf values (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) in "
+                                f"{name[:80]!r}: the file is corrupted or forged")
     try:
         module.load_state_dict(tensors, strict=False, assign=True)  # no copy: tensors go in place
     except RuntimeError as exc:

@@ -27,7 +27,12 @@ class _Signal(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+_received: int | None = None  # a signal _early took, in case an import swallowed its KeyboardInterrupt
+
+
 def _early(signum: int, frame: object) -> None:
+    global _received
+    _received = signum
     raise _Signal(signum)
 
 
@@ -36,6 +41,8 @@ def main() -> None:
     with ``interrupted`` / ``terminated`` on a signal that comes while the CLI is still importing."""
     import signal
 
+    global _received
+    _received = None
     signal.signal(signal.SIGTERM, _early)
     if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
         signal.signal(signal.SIGINT, _early)
@@ -48,6 +55,8 @@ def main() -> None:
             sys.exit(2)
         from deepsqueeze.cli.app import main as app_main
 
+        if _received is not None:  # the import went on: a C extension's initialisation (torch importing NumPy)
+            raise _Signal(_received)  # caught the KeyboardInterrupt and left a module half-imported: stop here
         app_main()
     except KeyboardInterrupt as exc:
         code = getattr(exc, "exit_code", 130)

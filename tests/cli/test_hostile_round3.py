@@ -191,6 +191,49 @@ def test_report_refuses_tampered_trial_attributes(tmp_path, study_dir, capsys):
     _one_line_exit_2(code, err, "quality")
 
 
+@pytest.mark.parametrize("sql, args", [
+    ("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'recipe'", ("not json",)),
+    ("UPDATE trial_user_attributes SET value_json = ? WHERE key = 'quality'", ("1" * 5000,)),
+    ("UPDATE study_user_attributes SET value_json = ? WHERE key = 'baseline'", ('{"a" 1}',)),
+    ("UPDATE study_user_attributes SET value_json = ? WHERE key = 'objectives'", ("[" * 10_000,)),
+    ("UPDATE trials SET state = ? WHERE number = 0", ("NOPE",)),
+    ("UPDATE trial_params SET distribution_json = ?", ('{"name": "CategoricalDistribution", "attributes": {}}',)),
+    ("UPDATE trial_params SET distribution_json = ?",
+     ('{"name": "CategoricalDistribution", "attributes": {"choices": []}}',)),
+])
+def test_report_refuses_rows_optuna_cannot_decode(tmp_path, study_dir, sql, args):
+    """Found by the study fuzzer (tests/fuzz/test_study.py): Optuna decodes rows lazily, so these raised
+    JSONDecodeError, ValueError, RecursionError, LookupError, KeyError or IndexError from inside Optuna instead of
+    one RecipeError; the folder is still never written."""
+    import sqlite3
+
+    from deepsqueeze.errors import RecipeError
+    from deepsqueeze.report import study_report
+
+    folder = _copy(study_dir, tmp_path / "s")
+    con = sqlite3.connect(folder / "study.db")
+    con.execute(sql, args)
+    con.commit()
+    con.close()
+    before = (folder / "study.db").read_bytes()
+    with pytest.raises(RecipeError):
+        study_report(folder)
+    assert (folder / "study.db").read_bytes() == before
+
+
+def test_report_refuses_a_schema_name_that_is_not_utf8(tmp_path, study_dir):
+    """Found by the study fuzzer: one damaged byte in a table name raised UnicodeDecodeError from the schema check."""
+    from deepsqueeze.errors import RecipeError
+    from deepsqueeze.report import study_report
+
+    folder = _copy(study_dir, tmp_path / "s")
+    data = bytearray((folder / "study.db").read_bytes())
+    data[data.find(b"trial_heartbeats") + 2] = 0x81
+    (folder / "study.db").write_bytes(bytes(data))
+    with pytest.raises(RecipeError, match="not a readable SQLite study"):
+        study_report(folder)
+
+
 def test_summary_parsers_are_bounded():
     from deepsqueeze.core.jsonfile import loads_bounded
 

@@ -75,3 +75,83 @@ def test_a_signal_during_compress_cleans_up_and_leaves_no_file(tmp_path: Path, c
     assert "Traceback" not in err and out == ""
     started.unlink()
     assert sorted(p.name for p in tmp_path.iterdir() if p.name != "__pycache__") == files_before
+
+
+SWALLOWING_CODE = textwrap.dedent('''
+    import os
+    import time
+    from pathlib import Path
+
+    from torch import nn
+
+
+    def make():
+        """A factory that calls a library which turns Ctrl-C / SIGTERM into its own error (as torch's C
+        initialisation does with the KeyboardInterrupt of an import it runs)."""
+        Path(os.environ["DS_STARTED"]).touch()
+        try:
+            time.sleep(30)
+        except KeyboardInterrupt:
+            raise RuntimeError("the library failed") from None
+        return nn.Linear(64, 10)
+''')
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_a_library_swallows_still_ends_the_command(tmp_path: Path, console_script: list[str], sig: int,
+                                                            code: int, word: str) -> None:
+    """Found by the signal fuzzer (tests/fuzz/test_signals.py): a SIGTERM whose KeyboardInterrupt a library caught
+    let the command go on and fail later (exit 2 with a misleading import error, or a traceback)."""
+    (tmp_path / "ds_swallow_model.py").write_text(SWALLOWING_CODE)
+    started = tmp_path / "started.flag"
+    env = {**os.environ, "DS_STARTED": str(started), "PYTHONPATH": os.pathsep.join([str(tmp_path), *sys.path])}
+    proc = subprocess.Popen(
+        [*console_script, "compress", "--model", "py:ds_swallow_model:make", "--data", "digits",
+         "--recipe", "int8-dynamic", "--out", "out.dsq"],
+        cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=foreground_sigint,
+    )
+    try:
+        deadline = time.monotonic() + 120
+        while not started.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"compress ended (rc {proc.returncode}) before the factory ran: {proc.communicate()[1]}")
+            time.sleep(0.05)
+        time.sleep(0.2)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == code, err
+    assert err.strip().splitlines()[-1] == word and "Traceback" not in err, err
+    assert not (tmp_path / "out.dsq").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_a_signal_an_import_swallows_while_the_cli_starts_ends_it(tmp_path: Path) -> None:
+    """Found by the signal fuzzer: SIGTERM while the CLI imported torch was caught inside torch's C initialisation
+    (its NumPy import); the command ran on with NumPy half-imported and failed later with exit 2."""
+    driver = textwrap.dedent('''
+        import os, signal, sys, time
+        import deepsqueeze_cli
+
+        class Swallow:  # a finder that takes the signal's KeyboardInterrupt while the CLI imports
+            def find_spec(self, name, path=None, target=None):
+                if name == "deepsqueeze.cli.app":
+                    sys.meta_path.remove(self)
+                    try:
+                        os.kill(os.getpid(), signal.SIGTERM)
+                        time.sleep(5)
+                    except KeyboardInterrupt:
+                        pass
+                return None
+
+        sys.meta_path.insert(0, Swallow())
+        sys.argv = ["deepsqueeze", "recipes"]
+        deepsqueeze_cli.main()
+    ''')
+    proc = subprocess.run([sys.executable, "-c", driver], cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                          preexec_fn=foreground_sigint)
+    assert proc.returncode == 143 and proc.stderr.strip().splitlines()[-1] == "terminated", proc.stderr
+    assert proc.stdout == ""

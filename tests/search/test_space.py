@@ -79,3 +79,43 @@ def test_a_continuous_hole_cannot_be_gridded():
     space = parse_space({"stages": [{"type": "prune", "sparsity": {"low": 0.1, "high": 0.9}}]}, lister)
     with pytest.raises(RecipeError, match="grid sampler needs a finite hole"):
         space.grid()
+
+
+PRUNE = [{"type": "prune", "sparsity": {"choice": [0.5]}}]
+
+
+@pytest.mark.parametrize("space, match", [
+    ({"constraints": ["max_bytes"], "stages": PRUNE}, "constraints is a mapping"),  # AttributeError before
+    ({"constraints": {"max_bytes": float("nan")}, "stages": PRUNE}, "non-negative number"),
+    ({"objectives": 7, "stages": PRUNE}, "objectives"),  # TypeError
+    ({"objectives": "quality", "stages": PRUNE}, "objectives"),
+    ({"latency": {"batch": "raw"}, "stages": PRUNE}, "latency batch"),  # ValueError: int('raw')
+    ({"latency": {"batch": [64]}, "stages": PRUNE}, "latency batch"),  # TypeError
+    ({"latency": {"threads": 0}, "stages": PRUNE}, "latency threads"),
+    ({"seed": 2**63, "stages": PRUNE}, "seed"),  # NumPy takes 32 bits: ValueError at the sampler
+    ({"trials": True, "stages": PRUNE}, "trials"),
+    ({"model": ["zoo:lenet300"], "stages": PRUNE}, "model must be a string"),
+    ({"stages": [{"type": "prune", "sparsity": {"low": float("nan"), "high": 0.9}}]}, "low and high"),
+    ({"stages": [{"type": "prune", "sparsity": {"low": -1e308, "high": 1e308, "step": 0.25}}]}, "low and high"),
+    ({"stages": [{"type": "prune", "sparsity": {"low": 0, "high": 1, "step": 1e-300}}]}, "2\\*\\*53 values"),
+    ({"stages": [{"type": "prune", "sparsity": {"low": 0, "high": 1, "log": "yes"}}]}, "log is true or false"),
+    ({"stages": [{"type": "prune", "sparsity": {"per_layer": {"choice": [0.5]}, "layers": "1"}}]}, "layers is a list"),
+    ({"stages": [{"type": "prune", "sparsity": {"per_layer": {"choice": [0.5]}, "layers": [1]}}]}, "layers is a list"),
+    ({"stages": [{"type": "prune", 5: 1}]}, "field names are strings"),
+    ({"stages": [{"type": "prune", "overrides": 5, "sparsity": {"per_layer": {"choice": [0.5]}}}]}, "overrides"),
+])
+def test_hostile_space_fields_are_recipe_errors(space, match):
+    """Found by the space fuzzer (tests/fuzz/test_space.py): each raised AttributeError, TypeError, ValueError or
+    decimal.InvalidOperation (Optuna's stepped range) instead of one RecipeError."""
+    with pytest.raises(RecipeError, match=match):
+        parse_space(space, lister)
+
+
+@pytest.mark.parametrize("text", ["stages: [{type: quantize, bits: {low: 2, high: 1" + "0" * 5000 + "}}]\n",
+                                  "stages: [{type: prune, sparsity: {choice: [!!binary aGVsbG8]}}]\n"])
+def test_yaml_values_python_cannot_convert_are_recipe_errors(tmp_path, text):
+    from deepsqueeze.search.space import read_space_file
+
+    (tmp_path / "s.yaml").write_text(text)
+    with pytest.raises(RecipeError, match="YAML"):
+        read_space_file(tmp_path / "s.yaml")

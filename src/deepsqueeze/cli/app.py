@@ -104,6 +104,18 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
 
 
+def _interrupted(exc: KeyboardInterrupt | None) -> None:
+    """Exit 130 / 143 with ``interrupted`` / ``terminated`` for ``exc`` (nothing when None). Error paths call it with
+    ``signals.received_interrupt()``: a command that failed after a signal a library swallowed ends as interrupted."""
+    if exc is None:
+        return
+    from deepsqueeze.core import signals
+
+    code = signals.exit_code(exc)
+    print("terminated" if code == 143 else "interrupted", file=sys.stderr)
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: user errors become one line and exit code 2, Ctrl-C prints ``interrupted`` and exits
     130, SIGTERM ``terminated`` and 143 (both after the same cleanup, see ``core.signals``).
@@ -122,13 +134,13 @@ def main(argv: list[str] | None = None) -> None:
         with command.make_context("deepsqueeze", args) as ctx:
             command.invoke(ctx)
     except KeyboardInterrupt as exc:
-        code = signals.exit_code(exc)
-        print("terminated" if code == 143 else "interrupted", file=sys.stderr)
-        sys.exit(code)
+        _interrupted(exc)
     except DeepsqueezeError as exc:
+        _interrupted(signals.received_interrupt())
         print(f"error: {one_line(exc)}", file=sys.stderr)
         sys.exit(2)
     except OSError as exc:  # a path the system refuses (too long, no permission, a device full): the input's fault
+        _interrupted(signals.received_interrupt())
         where = f" ({one_line(exc.filename, 160)})" if exc.filename else ""
         print(f"error: {exc.strerror or one_line(exc)}{where}: check the path and its folder", file=sys.stderr)
         sys.exit(2)
@@ -136,6 +148,7 @@ def main(argv: list[str] | None = None) -> None:
         code = getattr(exc, "exit_code", getattr(exc, "code", 0))
         sys.exit(code)
     except Exception as exc:
+        _interrupted(signals.received_interrupt())
         # Usage errors come from click, or from the copy of click that newer typer vendors: match by shape.
         if callable(getattr(exc, "show", None)) and hasattr(exc, "exit_code"):
             exc.show()
@@ -148,6 +161,7 @@ def main(argv: list[str] | None = None) -> None:
         # BaseException that passes every ``except Exception``: it is the input's fault, one line
         if type(exc).__name__ != "PanicException":
             raise
+        _interrupted(signals.received_interrupt())
         print(f"error: a native parser failed on the input ({one_line(exc, 200)}): the file is malformed or hostile",
               file=sys.stderr)
         sys.exit(2)

@@ -15,7 +15,19 @@ import torch
 
 from deepsqueeze.errors import ModelError
 
-__all__ = ["class_logits", "output_shapes", "output_tensors", "primary_output"]
+__all__ = ["MAX_FLOAT_MAGNITUDE", "class_logits", "out_of_range", "output_shapes", "output_tensors", "primary_output"]
+
+#: The largest magnitude a loaded float (a stored weight, a probe output) may have. No trained weight, scale,
+#: statistic or logit comes near it (fp32 overflows at 3.4e38, about 2**128): a value this large is finite on one
+#: input and Inf on the next (a planted 3.4e38 times an activation above 1), so loaders refuse it up front.
+MAX_FLOAT_MAGNITUDE = 2.0**64
+
+
+def out_of_range(tensor: torch.Tensor) -> bool:
+    """Whether a floating-point ``tensor`` holds NaN, Inf or a value beyond ``MAX_FLOAT_MAGNITUDE``."""
+    if not tensor.is_floating_point() or tensor.numel() == 0:
+        return False
+    return not bool(torch.isfinite(tensor).all()) or float(tensor.abs().max()) > MAX_FLOAT_MAGNITUDE
 
 
 def output_tensors(output: Any) -> list[torch.Tensor]:

@@ -24,6 +24,8 @@ class Terminated(KeyboardInterrupt):
 
 _depth = 0
 _pending: int | None = None
+#: The last SIGINT / SIGTERM this process got (see :func:`received_interrupt`).
+_received: int | None = None
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -31,7 +33,8 @@ def _interrupt(signum: int) -> KeyboardInterrupt:
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
-    global _pending
+    global _pending, _received
+    _received = signum
     if _depth > 0:
         _pending = signum
         return
@@ -39,11 +42,15 @@ def _handler(signum: int, frame: FrameType | None) -> None:
 
 
 def install() -> None:
-    """Route SIGTERM (and SIGINT, unless the process was started ignoring it) through :func:`_handler`."""
+    """Route SIGTERM (and SIGINT, unless the process was started ignoring it) through :func:`_handler`; a command
+    starts with no signal received."""
+    global _received
     if threading.current_thread() is not threading.main_thread():
         return
+    _received = None
     signal.signal(signal.SIGTERM, _handler)
-    if signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+    current = signal.getsignal(signal.SIGINT)  # Python's own, or the console script's while it imported the CLI
+    if current is signal.default_int_handler or getattr(current, "__module__", None) == "deepsqueeze_cli":
         signal.signal(signal.SIGINT, _handler)
 
 
@@ -59,6 +66,14 @@ def deferred_signals() -> Iterator[None]:
         if _depth == 0 and _pending is not None:
             signum, _pending = _pending, None
             raise _interrupt(signum)
+
+
+def received_interrupt() -> KeyboardInterrupt | None:
+    """The interrupt of a SIGINT / SIGTERM this process received, or None. A command that ends in an error after
+    one got a signal whose ``KeyboardInterrupt`` a library swallowed (torch's C initialisation catches one raised
+    while it imports NumPy, leaving NumPy half-imported and a later import failing): the command ends as
+    interrupted (130 / 143), never with that later, misleading error."""
+    return None if _received is None else _interrupt(_received)
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:

@@ -53,6 +53,9 @@ def load_yaml_bounded(text: str, source: str = "recipe") -> Any:
                           ) from None
     except RecursionError:  # a bound above should have caught it first; never a traceback
         raise RecipeError(f"{source} is nested too deeply: at most {MAX_RECIPE_DEPTH} levels") from None
+    except (ValueError, TypeError, OverflowError) as exc:  # a scalar YAML's constructors refuse: an integer of
+        # 5,000 digits (Python's int-conversion limit), a bad timestamp or base64 value
+        raise RecipeError(f"{source} holds a value YAML cannot read: {one_line(exc, 160)}") from None
 
 
 def _check_events(events: Iterator[yaml.Event], source: str) -> None:

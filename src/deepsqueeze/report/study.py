@@ -101,7 +101,7 @@ def _read_only_sqlite(db: Path) -> str:
             tables = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         finally:
             con.close()
-    except sqlite3.Error as exc:
+    except (sqlite3.Error, ValueError) as exc:  # ValueError: a damaged name that is not UTF-8 (UnicodeDecodeError)
         raise RecipeError(f"{db} is not a readable SQLite study ({one_line(exc, 120)}): pass the --out folder of "
                           "deepsqueeze search") from None
     if not {"studies", "trials", "study_user_attributes"} <= tables:
@@ -141,8 +141,24 @@ def load_study(folder: str | Path, storage: str | None = None, study_name: str =
         raise RecipeError(f"no study named {study_name!r} in {redact_url(url)}: pass --study NAME") from None
     except Exception as exc:  # sqlalchemy / optuna errors: connection refused, auth failure, read-only schema
         raise RecipeError(f"cannot open the study storage: {type(exc).__name__}: {one_line(exc, 200)}") from None
-    _checked(_StudyAttrs, study.user_attrs, f"study {study_name!r}")
+    # Optuna decodes rows lazily (attributes, trial states, parameter distributions, values): read everything the
+    # report reads now, so a tampered row is one RecipeError here, not a JSONDecodeError, LookupError, IndexError
+    # or RecursionError from deep inside Optuna or SQLAlchemy later.
+    attrs = read_storage(lambda: (study.user_attrs, study.directions, study.get_trials(deepcopy=False)),
+                         f"study {study_name!r}")[0]
+    _checked(_StudyAttrs, attrs, f"study {study_name!r}")
     return study, summary
+
+
+def read_storage(read: Any, where: str) -> Any:
+    """``read()`` of an Optuna study's storage; anything it raises (a row Optuna cannot decode) is a RecipeError."""
+    try:
+        return read()
+    except RecipeError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - whatever a tampered row makes Optuna or SQLAlchemy raise
+        raise RecipeError(f"{where} holds rows Optuna cannot read ({type(exc).__name__}: {one_line(exc, 120)}): the "
+                          "folder was edited or comes from another tool; run deepsqueeze search again") from None
 
 
 def study_report(folder: str | Path, storage: str | None = None, study_name: str = "search") -> str:
@@ -153,15 +169,16 @@ def study_report(folder: str | Path, storage: str | None = None, study_name: str
     from deepsqueeze.search.front import DIRECTIONS, hypervolume_history, pareto_front
 
     study, summary = load_study(folder, storage, study_name)
-    attrs = study.user_attrs
+    attrs = read_storage(lambda: study.user_attrs, f"study {study_name!r}")
     objectives = list(attrs.get("objectives") or summary.get("objectives") or ["quality", "bytes"])
     baseline = attrs.get("baseline") or summary.get("baseline") or {}
-    complete = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-                if "quality" in t.user_attrs]
+    complete = [t for t in read_storage(lambda: study.get_trials(
+        deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)), f"study {study_name!r}") if "quality" in t.user_attrs]
+    total = len(read_storage(lambda: study.get_trials(deepcopy=False), f"study {study_name!r}"))
     for t in complete:
         _checked(_TrialAttrs, t.user_attrs, f"trial {t.number} of study {study_name!r}")
     page = Page(f"deepsqueeze search: {attrs.get('model', '?')}",
-                f"study {study_name}: {len(study.trials)} trials ({len(complete)} complete); objectives "
+                f"study {study_name}: {total} trials ({len(complete)} complete); objectives "
                 f"{', '.join(objectives)}; constraints {attrs.get('constraints') or 'none'}; validation on "
                 f"{baseline.get('validation', '?')} ({baseline.get('validation_samples', '?')} samples); latency "
                 f"batch {baseline.get('latency_batch', '?')}, {baseline.get('threads', '?')} threads")
@@ -266,5 +283,5 @@ def _importance(study: Any, complete: list[Any]) -> dict[str, float]:
         evaluator = optuna.importance.FanovaImportanceEvaluator(seed=0)
         return optuna.importance.get_param_importances(study, evaluator=evaluator,
                                                        target=lambda t: t.user_attrs["quality"])
-    except (RuntimeError, ValueError, ZeroDivisionError):
+    except Exception:  # noqa: BLE001 - optional: a tampered distribution or value costs the chart, not the page
         return {}

@@ -44,7 +44,7 @@ from typing import Any, Protocol
 
 from deepsqueeze.core.config import config_from_dict, registered_stages
 from deepsqueeze.core.model import Model
-from deepsqueeze.errors import RecipeError
+from deepsqueeze.errors import RecipeError, one_line
 from deepsqueeze.quant.config import PER_LAYER_BITS
 from deepsqueeze.recipes.schema import Recipe, load_yaml_bounded, parse_recipe
 
@@ -60,6 +60,12 @@ HOLE_KEYS = ({"choice"}, {"low", "high"}, {"low", "high", "step"}, {"low", "high
 
 #: The most points a grid search may list (the product of its holes' sizes), checked before listing.
 MAX_GRID_POINTS = 100_000
+#: Bounds on the numbers of a space file: hole ends and steps (where floats stop being exact integers; Optuna's
+#: stepped ranges fail beyond), latency batch and threads, trials.
+MAX_HOLE_VALUE = 2**53
+MAX_LATENCY_BATCH = 1 << 16
+MAX_THREADS = 1024
+MAX_TRIALS = 1_000_000
 
 
 class TrialLike(Protocol):
@@ -223,6 +229,8 @@ class SearchSpace:
 def _expand(template: StageTemplate, values: dict[str, Any],
             layer_values: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     base = {"type": template.type, **template.fixed, **values}
+    if not isinstance(base.get("overrides", {}), dict) or not isinstance(base.get("exclude", []), list):
+        raise RecipeError(f"stage {template.prefix}: overrides is a mapping and exclude a list of layer patterns")
     split: list[tuple[str, dict[str, Any]]] = []
     for fname, per_layer in layer_values.items():
         if OVERRIDE_FIELDS.get(template.type) == fname:
@@ -257,15 +265,26 @@ def _hole(name: str, spec: dict[str, Any]) -> Hole:
             raise RecipeError(f"{name}: choice must be a non-empty list")
         return Hole(name, choice=tuple(choice))
     low, high = spec["low"], spec["high"]
-    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)) or low > high:
-        raise RecipeError(f"{name}: low and high must be numbers with low <= high, got {low!r} and {high!r}")
+    if not _number(low) or not _number(high) or low > high:
+        raise RecipeError(f"{name}: low and high must be numbers with low <= high (at most 2**53 in size), got "
+                          f"{one_line(repr(low), 40)} and {one_line(repr(high), 40)}")
     step = spec.get("step")
-    if step is not None and (not isinstance(step, (int, float)) or step <= 0):
-        raise RecipeError(f"{name}: step must be a positive number, got {step!r}")
-    log = bool(spec.get("log", False))
+    if step is not None and (not _number(step) or step <= 0):
+        raise RecipeError(f"{name}: step must be a positive number, got {one_line(repr(step), 40)}")
+    if step is not None and (high - low) / step > MAX_HOLE_VALUE:
+        raise RecipeError(f"{name}: a step of {step} from {low} to {high} makes more than 2**53 values")
+    log = spec.get("log", False)
+    if not isinstance(log, bool):
+        raise RecipeError(f"{name}: log is true or false, got {one_line(repr(log), 40)}")
     if log and (step is not None or low <= 0):
         raise RecipeError(f"{name}: a log range needs low > 0 and no step")
     return Hole(name, low=low, high=high, step=step, log=log)
+
+
+def _number(value: Any) -> bool:
+    """A finite int or float (not a bool) of magnitude at most ``MAX_HOLE_VALUE``."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+            and abs(value) <= MAX_HOLE_VALUE)
 
 
 def _is_hole(value: Any) -> bool:
@@ -295,6 +314,8 @@ def parse_space(data: Any, layers_of: LayerLister | None = None, source: str = "
         template = StageTemplate(index, stage_type, {})
         fields = known[stage_type].model_fields
         for key, value in raw.items():
+            if not isinstance(key, str):
+                raise RecipeError(f"{where}: field names are strings, got {one_line(repr(key), 40)}")
             if key == "type":
                 continue
             if key == "optional":
@@ -307,6 +328,11 @@ def parse_space(data: Any, layers_of: LayerLister | None = None, source: str = "
                 if not _is_hole(value["per_layer"]) or set(value) - {"per_layer", "layers"}:
                     raise RecipeError(f"{where}: {key}: per_layer takes a hole ({{choice: [...]}} or "
                                       "{low, high}) and an optional 'layers' list of patterns")
+                patterns = value.get("layers")
+                if patterns is not None and (not isinstance(patterns, list)
+                                             or not all(isinstance(p, str) for p in patterns)):
+                    raise RecipeError(f"{where}: {key}: layers is a list of name patterns, got "
+                                      f"{one_line(repr(patterns), 60)}")
                 if layers_of is None:
                     raise RecipeError(f"{where}: {key}: per-layer holes need the model to list its layers")
                 layers = layers_of(stage_type, value.get("layers"))
@@ -320,33 +346,48 @@ def parse_space(data: Any, layers_of: LayerLister | None = None, source: str = "
             else:
                 template.fixed[key] = value
         stages.append(template)
-    objectives = tuple(data.get("objectives") or ("quality", "bytes"))
+    objectives_raw = data.get("objectives") or ["quality", "bytes"]
+    if not isinstance(objectives_raw, list) or not all(isinstance(o, str) for o in objectives_raw):
+        raise RecipeError(f"{source}: objectives is a list of names among {', '.join(OBJECTIVES)}, got "
+                          f"{one_line(repr(objectives_raw), 80)}")
+    objectives = tuple(objectives_raw)
     bad = [o for o in objectives if o not in OBJECTIVES]
     if bad or len(set(objectives)) != len(objectives) or "quality" not in objectives:
         raise RecipeError(f"{source}: objectives are distinct names among {', '.join(OBJECTIVES)} and include "
                           f"quality, got {list(objectives)}")
-    constraints = {k: v for k, v in (data.get("constraints") or {}).items() if v is not None}
+    raw_constraints = data.get("constraints") or {}
+    if not isinstance(raw_constraints, dict):
+        raise RecipeError(f"{source}: constraints is a mapping, e.g. {{max_bytes: 60000, max_drop: 1.0}}")
+    constraints = {k: v for k, v in raw_constraints.items() if v is not None}
     bad = [k for k in constraints if k not in CONSTRAINTS]
     if bad:
-        raise RecipeError(f"{source}: unknown constraint {bad[0]!r}; use {', '.join(CONSTRAINTS)}")
+        raise RecipeError(f"{source}: unknown constraint {one_line(repr(bad[0]), 60)}; use {', '.join(CONSTRAINTS)}")
     for key, value in constraints.items():
-        if not isinstance(value, (int, float)) or isinstance(value, bool) or value < 0:
+        if not _number(value) or value < 0:
             raise RecipeError(f"{source}: constraint {key} must be a non-negative number, got {value!r}")
     latency = data.get("latency") or {}
     if not isinstance(latency, dict) or set(latency) - {"batch", "threads"}:
         raise RecipeError(f"{source}: latency takes batch and threads, e.g. {{batch: 64, threads: 2}}")
+    for key, limit in (("batch", MAX_LATENCY_BATCH), ("threads", MAX_THREADS)):
+        value = latency.get(key, 1)
+        if type(value) is not int or not 1 <= value <= limit:
+            raise RecipeError(f"{source}: latency {key} is an integer from 1 to {limit}, got "
+                              f"{one_line(repr(value), 40)}")
     priors = data.get("priors")
     if priors not in (None, "sensitivity"):
-        raise RecipeError(f"{source}: priors is 'sensitivity' or absent, got {priors!r}")
+        raise RecipeError(f"{source}: priors is 'sensitivity' or absent, got {one_line(repr(priors), 60)}")
     compare = data.get("compare") or []
     if not isinstance(compare, list) or not all(isinstance(c, str) for c in compare):
         raise RecipeError(f"{source}: compare is a list of recipe names or files")
     seed = data.get("seed", 0)
-    if not isinstance(seed, int):
-        raise RecipeError(f"{source}: seed must be an integer")
+    if type(seed) is not int or not 0 <= seed < 2**32:
+        raise RecipeError(f"{source}: seed must be an integer from 0 to 2**32 - 1")
     trials = data.get("trials")
-    if trials is not None and (not isinstance(trials, int) or trials < 1):
-        raise RecipeError(f"{source}: trials must be a positive integer")
+    if trials is not None and (type(trials) is not int or not 1 <= trials <= MAX_TRIALS):
+        raise RecipeError(f"{source}: trials must be an integer from 1 to {MAX_TRIALS:,}")
+    for key in ("model", "data", "description", "sampler"):
+        if data.get(key) is not None and not isinstance(data[key], str):
+            raise RecipeError(f"{source}: {key} must be a string, got {one_line(repr(data[key]), 60)}")
     space = SearchSpace(stages, data.get("model"), data.get("data"), seed, data.get("description"), objectives,
                         constraints, int(latency.get("batch", 64)), int(latency.get("threads", 2)), priors,
                         tuple(compare), trials, data.get("sampler"), source=data)

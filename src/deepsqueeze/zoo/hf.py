@@ -24,7 +24,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import math
 import os
+import struct
 from pathlib import Path
 from typing import Any
 
@@ -301,6 +303,15 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
     hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
     pipeline = read_pipeline(folder) if task is Task.SENTENCE_ENCODER else None
     auto = auto_class(task)
+    if pretrained:
+        try:
+            check_described_size(folder, AutoConfig.from_pretrained(folder), auto)  # before anything is built
+        except ModelError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - transformers' own errors for a malformed config
+            raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
+        except BaseException as exc:
+            _native_panic(exc, folder)
     with transformers_log():
         try:
             tokenizer = AutoTokenizer.from_pretrained(folder)
@@ -312,22 +323,127 @@ def load_hf_model(path: str | Path, task: Task | None = None, pretrained: bool =
                 transformer, info = auto.from_config(AutoConfig.from_pretrained(folder)), None
         except Exception as exc:  # transformers raises OSError, ValueError, KeyError... for a malformed folder
             raise ModelError(f"cannot load the Hugging Face model in {folder}: {one_line(exc, 300)}") from None
+        except BaseException as exc:
+            _native_panic(exc, folder)
         if info is not None:
             check_load_report(folder, info, transformer, task)
             check_ties(folder, transformer)
     transformer.eval()
+    module: nn.Module
     if task is Task.CAUSAL_LM:
-        return CausalLM(transformer, tokenizer).eval()
-    if task is Task.SEQUENCE_CLASSIFIER:
-        return TextClassifier(transformer, tokenizer, _plain_max_length(folder)).eval()
-    if pipeline is None:
-        return SentenceEncoder(transformer, tokenizer, "mean", False, _plain_max_length(folder)).eval()
-    head = build_head(pipeline, int(transformer.config.hidden_size))
+        module = CausalLM(transformer, tokenizer).eval()
+    elif task is Task.SEQUENCE_CLASSIFIER:
+        module = TextClassifier(transformer, tokenizer, _plain_max_length(folder)).eval()
+    elif pipeline is None:
+        module = SentenceEncoder(transformer, tokenizer, "mean", False, _plain_max_length(folder)).eval()
+    else:
+        head = build_head(pipeline, int(transformer.config.hidden_size))
+        if pretrained:
+            state = head_state(pipeline, head, prefix="")
+            nn.Sequential(*head).load_state_dict(state, strict=True)
+        module = SentenceEncoder(transformer, tokenizer, pipeline.pooling, False,
+                                 _st_max_length(pipeline, transformer, tokenizer), head).eval()
     if pretrained:
-        state = head_state(pipeline, head, prefix="")
-        nn.Sequential(*head).load_state_dict(state, strict=True)
-    return SentenceEncoder(transformer, tokenizer, pipeline.pooling, False, _st_max_length(pipeline, transformer,
-                                                                                          tokenizer), head).eval()
+        probe_text_model(module, folder)  # type: ignore[arg-type]
+    return module
+
+
+#: What every loaded folder's model must tokenize and run to finite outputs (words, one letter, digits, accents,
+#: symbols no WordPiece vocabulary holds, so the unknown token is needed).
+PROBE_SENTENCES = ("deepsqueeze runs every model it loads once.", "x", "Ünïcödé 0123456789, punctuation!? ☃🙂")
+
+
+def _native_panic(exc: BaseException, folder: Path) -> None:
+    """A native parser's panic (pyo3's ``PanicException`` from tokenizers or safetensors, a ``BaseException`` that
+    passes every ``except Exception``) is the folder's fault: one ``ModelError``. Anything else is re-raised."""
+    if type(exc).__name__ != "PanicException":
+        raise exc
+    raise ModelError(f"cannot load the Hugging Face model in {folder}: a native parser failed on its files "
+                     f"({one_line(exc, 200)}): the folder is malformed or hostile") from None
+
+
+def probe_text_model(module: _TextModule, folder: Path) -> None:
+    """Refuse (``ModelError``) a loaded folder whose files load one by one but do not fit together: a weight
+    beyond ``MAX_FLOAT_MAGNITUDE``, or a tokenizer, config and weights that do not tokenize and run a probe
+    (token ids past the embedding table, no unknown token, a negative layer-norm epsilon, an attention mask
+    the model does not get) to finite outputs. Such a model would fail or compute NaN at its first use."""
+    from deepsqueeze.core.outputs import MAX_FLOAT_MAGNITUDE, out_of_range, output_tensors
+
+    bad = next((name for name, t in module.transformer.state_dict().items() if out_of_range(t)), None)
+    if bad is not None:
+        raise ModelError(f"{folder} holds NaN or Inf values (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) in "
+                         f"{one_line(bad, 80)!r}: fix or re-download the weights")
+    try:
+        with torch.no_grad():
+            outputs = output_tensors(module(**module.tokenize(list(PROBE_SENTENCES))))
+    except Exception as exc:  # noqa: BLE001 - whatever the folder's files make the model raise
+        raise ModelError(f"{folder} loads but does not run on a probe sentence ({type(exc).__name__}: "
+                         f"{one_line(exc, 160)}): its tokenizer, config and weights do not fit together") from None
+    except BaseException as exc:
+        _native_panic(exc, folder)
+    if not outputs or any(out_of_range(t) for t in outputs):
+        raise ModelError(f"{folder} computes NaN or Inf (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) on a probe "
+                         "sentence: its tokenizer, config and weights do not fit together")
+
+
+#: A config may describe at most twice the elements its safetensors hold, plus this many (tensors a checkpoint
+#: legitimately lacks, such as a pooler, are initialised): more is a config that does not belong to its weights.
+SIZE_SLACK = 1 << 20
+MAX_SAFETENSORS_HEADER = 100 << 20  # the safetensors format's own limit
+
+
+def safetensors_inventory(folder: Path) -> tuple[int, int]:
+    """(tensors holding at least one element, elements) of the folder's ``.safetensors`` files, read from their
+    headers alone (bounded JSON); a file's elements count at most twice its bytes (4-bit dtypes are the smallest).
+    ``ModelError`` for a header that is not one."""
+    from deepsqueeze.core.jsonfile import loads_bounded
+
+    tensors = elements = 0
+    for file in sorted(folder.glob("*.safetensors")):
+        try:
+            size = file.stat().st_size
+            with open(file, "rb") as fh:
+                prefix = fh.read(8)
+                if len(prefix) < 8:
+                    raise ValueError("shorter than its 8-byte header length")
+                (length,) = struct.unpack("<Q", prefix)
+                if length > min(MAX_SAFETENSORS_HEADER, size - 8):
+                    raise ValueError(f"a {length:,}-byte header in a {size:,}-byte file")
+                header = loads_bounded(fh.read(length))
+        except (OSError, ValueError) as exc:
+            raise ModelError(f"{file} is not a safetensors file ({one_line(exc, 120)})") from None
+        if not isinstance(header, dict):
+            raise ModelError(f"{file} is not a safetensors file (its header is not a JSON object)")
+        declared = 0
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            shape = entry.get("shape") if isinstance(entry, dict) else None
+            if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+                raise ModelError(f"{file}: tensor {one_line(name, 80)!r} has a malformed shape in the header")
+            numel = math.prod(shape)
+            tensors += numel > 0
+            declared += numel
+        elements += min(declared, 2 * size)
+    return tensors, elements
+
+
+def check_described_size(folder: Path, config: Any, auto: Any) -> None:
+    """Refuse (``ModelError``) a ``config.json`` that describes far more than the folder's weights hold, before
+    the model is built: more layers than the weights have tensors (each layer has one at least), or more
+    elements than ``2 x weights + SIZE_SLACK`` (counted on the meta device: nothing is allocated). A hostile
+    config (``n_layer`` 10**6, ``vocab_size`` 10**9) would otherwise take minutes or gigabytes to build."""
+    tensors, elements = safetensors_inventory(folder)
+    layers = getattr(config, "num_hidden_layers", None)
+    if isinstance(layers, int) and layers > max(tensors, 1):
+        raise ModelError(f"{folder}/config.json declares {layers:,} layers; its weights hold {tensors:,} tensors: the "
+                         "config does not belong to these weights")
+    with torch.device("meta"):
+        skeleton = auto.from_config(config)
+    described = sum(p.numel() for p in skeleton.parameters())
+    if described > 2 * elements + SIZE_SLACK:
+        raise ModelError(f"{folder}/config.json describes a model of {described:,} parameters; its weights hold "
+                         f"{elements:,} values: the config does not belong to these weights")
 
 
 def _require_safetensors(folder: Path) -> None:
@@ -353,8 +469,10 @@ def _plain_max_length(folder: Path) -> int:
     file = folder / "sentence_bert_config.json"
     if file.is_file():
         try:
-            limit = json.loads(file.read_text(encoding="utf-8")).get("max_seq_length")
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+            from deepsqueeze.core.jsonfile import read_json
+
+            limit = read_json(file, max_bytes=1 << 20).get("max_seq_length")
+        except (OSError, ValueError, AttributeError):
             limit = None
         if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
             return limit
