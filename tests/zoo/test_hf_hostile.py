@@ -64,12 +64,12 @@ def test_modules_json_never_names_a_folder_outside_the_model(seeds, tmp_path, pa
             opened.append(args[0])
 
     sys.addaudithook(hook)
-    with pytest.raises(ModelError, match="outside the model folder"):
+    with pytest.raises(ModelError, match="outside the model folder|not a folder of"):
         resolve_model(f"hf:{folder}", progress=False)
     assert not [p for p in opened if os.path.abspath(p).startswith(str(other))]
 
 
-@pytest.mark.parametrize("value", [10**30, -1, 0, "128", True, 1.5, None])
+@pytest.mark.parametrize("value", [10**30, -1, 0, "128", True, 1.5])  # null: the tokenizer's limit, as in sentence-transformers
 def test_max_seq_length_is_a_bounded_integer(seeds, tmp_path, value):
     folder = _copy(seeds, "bert", tmp_path / "model")
     (folder / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": value}))

