@@ -163,8 +163,8 @@ def _dump(space: Any) -> str:
 def _exercise(path: Path, use_load_space: bool, rng: random.Random) -> None:
     import optuna
 
-    from deepsqueeze.search.space import parse_space, read_space_file
-    from deepsqueeze.search.study import _plain, load_space
+    from deepsqueeze.search.space import load_space, parse_space, read_space_file
+    from deepsqueeze.search.trial import plain as _plain
 
     data = read_space_file(path)
     if use_load_space:
