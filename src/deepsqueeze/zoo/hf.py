@@ -212,11 +212,15 @@ def detect_hf_task(folder: str | Path, weights: bool = True) -> Task:
                          "a model directory; use a model transformers implements")
     if weights:
         _require_safetensors(folder)
-    architectures = [str(a) for a in config.get("architectures") or []]
+    architectures = config.get("architectures") or []
+    labels = config.get("id2label") or {}
+    if not isinstance(model_type, (str, type(None))) or not isinstance(architectures, list) \
+            or not all(isinstance(a, str) for a in architectures) or not isinstance(labels, (dict, list)):
+        raise ModelError(f"{folder}/config.json: model_type must be a string, architectures a list of names and "
+                         "id2label a mapping: it is not a Hugging Face config")
     if model_type in DECODER_TYPES:
         return Task.CAUSAL_LM
     if model_type in ENCODER_TYPES:
-        labels = config.get("id2label") or {}
         if any(a.endswith("ForSequenceClassification") for a in architectures) and len(labels) >= 2:
             return Task.SEQUENCE_CLASSIFIER
         return Task.SENTENCE_ENCODER
@@ -298,6 +302,15 @@ def probe_text_model(module: _TextModule, folder: Path) -> None:
     if bad is not None:
         raise ModelError(f"{folder} holds NaN or Inf values (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) in "
                          f"{one_line(bad, 80)!r}: fix or re-download the weights")
+    try:  # every token the tokenizer can yield has a row in the embedding table, not only the probe's
+        ids = [i for i in module.tokenizer.get_vocab().values() if isinstance(i, int)]
+        embeddings = module.transformer.get_input_embeddings()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        ids, embeddings = [], None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and ids and not 0 <= min(ids) <= max(ids) < rows:
+        raise ModelError(f"{folder}: its tokenizer yields token id {max(ids) if max(ids) >= rows else min(ids):,} and "
+                         f"the model's embedding table has {rows:,} rows: the tokenizer does not belong to the model")
     try:
         with torch.no_grad():
             outputs = output_tensors(module(**module.tokenize(list(PROBE_SENTENCES))))
