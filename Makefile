@@ -23,11 +23,12 @@ demo: install
 test: install
 	$(BIN)/python -m pytest --durations=5
 
-# A long decoder-fuzzing campaign (make test runs 1500 cases); FUZZ_CASES / FUZZ_SEED pick size and stream.
-FUZZ_CASES ?= 20000
+# A long fuzzing campaign over every surface of tests/fuzz/ (.dsq loader, hf: folders, study folders, search
+# spaces, signals), FUZZ_CASES split across them, one JSON summary per surface; make test runs a short one of each.
+FUZZ_CASES ?= 30000
 FUZZ_SEED  ?= 1
 fuzz: install
-	DEEPSQUEEZE_FUZZ_CASES=$(FUZZ_CASES) DEEPSQUEEZE_FUZZ_SEED=$(FUZZ_SEED) $(BIN)/python tests/codec/test_fuzz.py
+	nice -n 10 $(BIN)/python -m tests.fuzz.campaign --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

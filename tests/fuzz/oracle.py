@@ -18,6 +18,7 @@ Each case draws its own random stream from ``(surface, seed, case)``, so any cas
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import resource
@@ -38,6 +39,7 @@ HANG_S = 10.0  # no case may take this long
 RSS_LIMIT_MB = 200.0  # peak RSS growth over the warm-up peak, at most
 VM_HEADROOM_MB = 3072  # address space a case may add while it runs (a blow-up fails instead of swapping)
 MAX_FAILURES = 20  # a campaign stops recording (and a surface stops) after this many
+CHECKPOINT_EVERY = 25
 DOCUMENTED: tuple[type[DeepsqueezeError], ...] = (ArtifactError, ModelError, RecipeError, DataError)
 
 CANARY_MODULE = "canary_mod"
@@ -179,6 +181,8 @@ class Campaign:
                  hang_s: float = HANG_S, headroom_mb: int | None = VM_HEADROOM_MB, arm: bool = True) -> None:
         self.surface = surface
         self.arm = arm  # False for a surface whose cases start processes themselves (the hook would see them)
+        # the campaign driver's worker checkpoints its counts here, so a crash inside native code loses few cases
+        self.checkpoint = os.environ.get("DEEPSQUEEZE_FUZZ_CHECKPOINT")
         self.canary = canary
         self.allowed = allowed
         self.hang_s = hang_s
@@ -249,6 +253,8 @@ class Campaign:
         stats["peak_rss_growth_mb"] = max(stats["peak_rss_growth_mb"], growth)
         if growth > RSS_LIMIT_MB and not any("peak RSS" in f[2] for f in stats["failures"]):
             self._fail(case, kind, f"peak RSS grew by {growth:.0f} MB")
+        if self.checkpoint and stats["cases"] % CHECKPOINT_EVERY == 0:
+            Path(self.checkpoint).write_text(json.dumps(self.result(), default=str))
         return outcome
 
     def result(self) -> dict[str, Any]:

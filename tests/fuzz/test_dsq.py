@@ -50,7 +50,7 @@ from tests.fuzz.oracle import (
 )
 
 SURFACE = "dsq"
-CASES = int(os.environ.get("DEEPSQUEEZE_FUZZ_CASES", "1500"))
+CASES = int(os.environ.get("DEEPSQUEEZE_FUZZ_CASES", "1000"))
 SEED = int(os.environ.get("DEEPSQUEEZE_FUZZ_SEED", "0"))
 
 TINY = "py:deepsqueeze.testing.models:TinyMLP"

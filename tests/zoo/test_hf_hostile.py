@@ -127,7 +127,10 @@ def _plant_float_max(folder: Path) -> None:
 
 
 @pytest.mark.parametrize("family, edit, needle", [
-    ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].update({"every": 10**6})), "does not run"),
+    ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].update({"every": 10**6})), "does not"),
+    # a token no probe sentence holds: found by the fuzzer once the probe was in place (IndexError at "jumps")
+    ("gpt2", _tokenizer_edit(lambda t: t["model"]["vocab"].update({"j": 2**31})), "embedding table"),
+    ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].update({"zebra": 10**6})), "embedding table"),
     ("bert", _tokenizer_edit(lambda t: t["model"]["vocab"].pop("[UNK]")), "does not run"),
     ("bert", lambda f: _edit_json(f / "config.json", lambda c: c.update(layer_norm_eps=-1.0)), "NaN or Inf"),
     ("bert-classifier", lambda f: _edit_json(f / "tokenizer_config.json", lambda c: c.update(
@@ -152,4 +155,14 @@ def test_config_json_is_bounded(seeds, tmp_path, edit, needle):
     folder = _copy(seeds, "gpt2", tmp_path / "model")
     _edit_json(folder / "config.json", edit)
     with pytest.raises(ModelError, match=needle):
+        resolve_model(f"hf:{folder}", progress=False)
+
+
+@pytest.mark.parametrize("key, value", [("architectures", True), ("architectures", 5), ("architectures", [1]),
+                                        ("id2label", 7), ("model_type", ["bert"])])
+def test_config_fields_of_the_wrong_type_are_one_model_error(seeds, tmp_path, key, value):
+    """Found by the fuzzer: ``architectures: true`` raised TypeError ('bool' object is not iterable)."""
+    folder = _copy(seeds, "bert-classifier", tmp_path / "model")
+    _edit_json(folder / "config.json", lambda c: c.update({key: value}))
+    with pytest.raises(ModelError, match="config"):
         resolve_model(f"hf:{folder}", progress=False)

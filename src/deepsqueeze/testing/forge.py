@@ -1,6 +1,6 @@
 """Edit a .dsq as an attacker would: change its manifest and recompute every checksum and the digest.
 
-Used by the security tests and the decoder fuzzer (``tests/codec/test_fuzz.py``): a forged file passes
+Used by the security tests and the decoder fuzzer (``tests/fuzz/test_dsq.py``): a forged file passes
 the integrity checks, so only the manifest schema and the decoders stand between it and the loader.
 """
 

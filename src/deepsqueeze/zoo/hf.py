@@ -262,6 +262,11 @@ def detect_hf_task(folder: str | Path, weights: bool = True) -> Task:
     model_type = _check_loadable(folder, config)
     if weights:
         _require_safetensors(folder)
+    raw_architectures, labels = config.get("architectures") or [], config.get("id2label") or {}
+    if not isinstance(model_type, (str, type(None))) or not isinstance(raw_architectures, list) \
+            or not all(isinstance(a, str) for a in raw_architectures) or not isinstance(labels, (dict, list)):
+        raise ModelError(f"{folder}/config.json: model_type must be a string, architectures a list of names and "
+                         "id2label a mapping: it is not a Hugging Face config")
     architectures = [str(a) for a in config.get("architectures") or []]
     if len(architectures) > 1:
         raise ModelError(f"{folder}/config.json names {len(architectures)} architectures ({', '.join(architectures)}): "
@@ -384,6 +389,15 @@ def probe_text_model(module: _TextModule, folder: Path) -> None:
     if bad is not None:
         raise ModelError(f"{folder} holds NaN or Inf values (or values beyond {MAX_FLOAT_MAGNITUDE:.1e}) in "
                          f"{one_line(bad, 80)!r}: fix or re-download the weights")
+    try:  # every token the tokenizer can yield has a row in the embedding table, not only the probe's
+        ids = [i for i in module.tokenizer.get_vocab().values() if isinstance(i, int)]
+        embeddings = module.transformer.get_input_embeddings()
+    except (AttributeError, NotImplementedError, TypeError, ValueError):
+        ids, embeddings = [], None
+    rows = getattr(embeddings, "num_embeddings", None)
+    if isinstance(rows, int) and ids and not 0 <= min(ids) <= max(ids) < rows:
+        raise ModelError(f"{folder}: its tokenizer yields token id {max(ids) if max(ids) >= rows else min(ids):,} and "
+                         f"the model's embedding table has {rows:,} rows: the tokenizer does not belong to the model")
     try:
         with torch.no_grad():
             outputs = output_tensors(module(**module.tokenize(list(PROBE_SENTENCES))))
