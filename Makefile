@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 
-.PHONY: install demo test lint bench clean fuzz
+.PHONY: install demo test lint bench clean fuzz conformance
 
 # torch is pinned to the CPU wheel before the package, whose own requirement is a range (torch>=2.4).
 $(STAMP): pyproject.toml
@@ -29,6 +29,11 @@ FUZZ_CASES ?= 30000
 FUZZ_SEED  ?= 1
 fuzz: install
 	nice -n 10 $(BIN)/python -m tests.fuzz.campaign --cases $(FUZZ_CASES) --seed $(FUZZ_SEED)
+
+# Every command x shipped recipe x model kind end to end (make test plans every cell and runs a covering
+# subset); writes COVERAGE.md, exits non-zero when any cell failed.
+conformance: install
+	$(BIN)/python -m deepsqueeze.testing.conformance --full --out COVERAGE.md --json conformance.json
 
 lint: install
 	$(BIN)/ruff check src tests benchmarks

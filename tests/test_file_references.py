@@ -208,6 +208,8 @@ DECLARED = {
     ("cli.sensitivity", "register"): "the user's MODEL argument",
     ("cli.train", "register"): "the user's zoo:NAME and --data arguments",
     ("cli.demo", "compare"): "the demo's fixed references",
+    ("report.artifact", "artifact_report"): "the user's --model-code and --weights (a py: base's reference)",
+    ("testing.conformance", "_py_weights"): "deepsqueeze.testing's own factories, by a fixed table",
     ("cli.app", None): "deepsqueeze's own command modules",
     ("cli.bench", "benchmarks_runner"): "the checkout's benchmarks package, by a fixed name",
     ("__init__", "__getattr__"): "deepsqueeze's own lazy exports, by a fixed table",

@@ -31,6 +31,50 @@ def threads_option(help: str) -> Any:
 ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:factory building the architecture of "
                                "an artifact compressed from your own code (a .dsq never names code to run)")
 
+# The model options every command that takes a model accepts, declared once (tests/cli checks each command).
+MODEL_OPTIONS = ("--model", "--weights", "--model-code", "--data", "--device", "--threads")
+ModelOption = typer.Option(None, "--model", help="Model reference: zoo:NAME[@DATA], minilm, hf:DIR, "
+                           "py:package.module:factory, or FILE.dsq")
+WeightsOption = typer.Option(None, "--weights", help="safetensors file with a py: model's weights (every tensor "
+                             "must match a parameter or buffer, and every one the model has must be there)")
+DataOption = typer.Option(None, "--data", help="The data the model takes: fashion-mnist, digits, "
+                          "pydoc-sentences[:calib|eval|val], text:FILE ...; a py: model without an input_shape "
+                          "attribute takes its input shape from it")
+ThreadsOption = typer.Option(None, "--threads", min=1, max=MAX_THREADS, help="torch threads, and ONNX Runtime's "
+                             "where the command runs it (default: torch's own; 2 for timing and export checks)")
+
+
+def model_ref(positional: str | None, option: str | None) -> str:
+    """The model a command works on, given as its argument or as ``--model`` (not two different ones)."""
+    from deepsqueeze.errors import RecipeError
+
+    if positional and option and positional != option:
+        raise RecipeError(f"two models given ({positional} and --model {option}): pass one")
+    ref = positional or option
+    if not ref:
+        raise RecipeError("no model given: pass MODEL or --model REF")
+    return ref
+
+
+def need_data(data: str | None, command: str) -> str:
+    """``--data``, required by ``command``."""
+    from deepsqueeze.errors import RecipeError
+
+    if not data:
+        raise RecipeError(f"{command} needs --data: the data the model takes (fashion-mnist, digits, "
+                          "pydoc-sentences, text:FILE ...); a model no shipped data fits cannot be scored here")
+    return data
+
+
+def use_threads(threads: int | None) -> int:
+    """Set torch's threads to ``threads`` (when given); returns the count timing and ONNX Runtime use."""
+    if threads is None:
+        return 2
+    import torch
+
+    torch.set_num_threads(threads)
+    return threads
+
 
 def brief_listing() -> str:
     """One paragraph for ``--help``: the recipe names and stage types, pointing at ``deepsqueeze recipes``."""

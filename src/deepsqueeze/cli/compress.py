@@ -7,15 +7,20 @@ from pathlib import Path
 import typer
 
 from deepsqueeze.cli._common import (
+    DataOption,
     DeviceOption,
     JsonOption,
     ListingCommand,
     ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
     emit_json,
     kv_table,
     rows_table,
     stderr,
     stdout,
+    use_threads,
 )
 from deepsqueeze.core.files import OUT_RULE
 
@@ -26,9 +31,12 @@ def register(app: typer.Typer) -> None:
         recipe: Path = typer.Option(..., "--recipe", help="a shipped recipe name (see deepsqueeze recipes) or a YAML file"),
         out: Path = typer.Option(..., "--out", help="Artifact to write (.dsq); never the input model; "
                          + OUT_RULE),
-        model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
-        data: str = typer.Option(None, "--data", help="Training/calibration data (overrides the recipe's data)"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
+        model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         teacher: str = typer.Option(None, "--teacher", help="Teacher of the recipe's distill stages (a reference "
                                     "the recipe file names runs only when you name it here too)"),
         max_drop: float = typer.Option(None, "--max-drop", min=0, help="Quality budget, in the task's unit: "
@@ -38,14 +46,13 @@ def register(app: typer.Typer) -> None:
         report: bool = typer.Option(False, "--report", help="Measure and print bytes, ratio and quality after every stage"),
         stream: bool = typer.Option(False, "--stream", help="Quantize an hf:DIR model block by block from its "
                                     "safetensors shards (weight-only recipes; for models larger than memory)"),
-        device: str = DeviceOption,
-        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Compress a model with a recipe and write a .dsq artifact."""
         from deepsqueeze.recipes import compress as run_compress
         from deepsqueeze.recipes import load_recipe
 
+        use_threads(threads)
         parsed = load_recipe(recipe)
         from deepsqueeze.train.distributed import is_main_process
 

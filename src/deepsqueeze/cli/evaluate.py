@@ -6,34 +6,41 @@ import typer
 
 from deepsqueeze.cli._common import (
     MAX_BATCH,
+    DataOption,
     DeviceOption,
     JsonOption,
     ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
     emit_json,
     kv_table,
+    model_ref,
+    need_data,
     stderr,
     stdout,
-    threads_option,
+    use_threads,
 )
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def evaluate(
-        model: str = typer.Argument(..., help="Model reference or FILE.dsq"),
-        data: str = typer.Option(..., "--data", help="fashion-mnist, digits, pydoc-sentences:eval, text:FILE ..."),
+        model_arg: str = typer.Argument(None, metavar="[MODEL]", help="Model reference or FILE.dsq (or --model)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
+        model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         reference: str = typer.Option(None, "--reference", help="Reference model for sentence encoders "
                                       "(default: the artifact's base model)"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
         batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH, help="Batch size for the latency measurement"),
-        threads: int = threads_option("torch threads during timing"),
         no_latency: bool = typer.Option(False, "--no-latency", help="Skip the latency measurement"),
         baseline: str = typer.Option(None, "--baseline", help="Model timed interleaved with this one for the "
                                      "speedup (default for FILE.dsq: its base model)"),
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Time this model alone (no speedup)"),
         backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
-        device: str = DeviceOption,
-        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Score a model: accuracy or embedding fidelity, parameters, bytes, compression ratio, latency."""
@@ -42,13 +49,16 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.eval import evaluate as run_evaluation
         from deepsqueeze.resolve import resolve_model
 
+        model = model_ref(model_arg, model)
+        data = need_data(data, "evaluate")
+        threads = use_threads(threads)
         m = resolve_model(model, weights=weights, progress=not as_json, device=device, model_code=model_code)
         dataset = resolve_data(data, split="eval")
         ref = (resolve_model(reference, progress=not as_json, device=device, model_code=model_code)
                if reference else None)
-        from deepsqueeze.recipes.run import shape_from_data
+        from deepsqueeze.recipes.run import fit_to_data
 
-        shape_from_data(m, dataset)  # a py: classifier without input_shape takes it from --data
+        fit_to_data(m, dataset, device)  # a py: classifier without input_shape takes it from --data
         if backend == "ort":
             from deepsqueeze.export import sample_batch
             from deepsqueeze.export.onnx import ort_model

@@ -7,13 +7,19 @@ from pathlib import Path
 import typer
 
 from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
     JsonOption,
     ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
     emit_json,
     kv_table,
+    model_ref,
     rows_table,
     stdout,
-    threads_option,
+    use_threads,
 )
 from deepsqueeze.core.files import OUT_RULE
 
@@ -21,17 +27,19 @@ from deepsqueeze.core.files import OUT_RULE
 def register(app: typer.Typer) -> None:
     @app.command()
     def export(
-        model: str = typer.Argument(..., help="FILE.dsq (or any model reference)"),
+        model_arg: str = typer.Argument(None, metavar="[MODEL]", help="FILE.dsq or any model reference (or --model)"),
         fmt: str = typer.Option(..., "--format", help="onnx (ONNX Runtime, integer operators) or hf (a Hugging "
                                 "Face directory; sentence encoders also load with SentenceTransformer)"),
         out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, a new folder for hf; "
                             + OUT_RULE),
-        data: str = typer.Option(None, "--data", help="inputs for the check against torch (images: default "
-                                 "random of the model's shape; text: pydoc sentences)"),
-        threads: int = threads_option("ONNX Runtime threads for the check"),
         force: bool = typer.Option(False, "--force", help="replace an existing --out that deepsqueeze exported "
                                    "(never a link, never a file or folder it did not write)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Export a model to ONNX or a Hugging Face directory; the written model is run and compared with the
@@ -40,16 +48,18 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.errors import ArtifactError
         from deepsqueeze.export import FORMATS, check_out, sample_batch
         from deepsqueeze.export import export as run_export
-        from deepsqueeze.recipes.run import shape_from_data
+        from deepsqueeze.recipes.run import fit_to_data
         from deepsqueeze.resolve import resolve_model
 
+        model = model_ref(model_arg, model)
+        threads = use_threads(threads)
         if fmt not in FORMATS:
             raise ArtifactError(f"unknown --format {fmt!r}: use one of {', '.join(FORMATS)}")
         check_out(out, fmt, model, force)  # before the model is loaded
-        m = resolve_model(model, progress=not as_json, model_code=model_code)
+        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
         dataset = resolve_data(data, split="eval") if data else None
         if dataset is not None:
-            shape_from_data(m, dataset)
+            fit_to_data(m, dataset, device)
         result = run_export(m, fmt, out, sample=sample_batch(m, dataset), threads=threads, overwrite=force)
         summary = {"path": result.path, "format": result.format, "bytes": result.bytes,
                    "source_bytes": m.meta.get("artifact_bytes"), "check": result.check, "layers": result.layers}

@@ -7,22 +7,48 @@ from typing import Any
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, ModelCodeOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
+    emit_json,
+    kv_table,
+    model_ref,
+    rows_table,
+    stdout,
+    use_threads,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def inspect(
-        model: str = typer.Argument(..., help="Model reference: zoo:NAME[@DATA], minilm, hf:DIR, py:mod:fn, FILE.dsq"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        model_arg: str = typer.Argument(None, metavar="[MODEL]", help="Model reference: zoo:NAME[@DATA], minilm, "
+                                        "hf:DIR, py:mod:fn, FILE.dsq (or --model)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Show a model's parameters, size and layers, or an artifact's manifest."""
         from deepsqueeze.core.counting import count_nonzero_params, count_params
         from deepsqueeze.resolve import resolve_model
 
-        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code)
+        model = model_ref(model_arg, model)
+        use_threads(threads)
+        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
+        if data:
+            from deepsqueeze.data import resolve_data
+            from deepsqueeze.recipes.run import fit_to_data
+
+            fit_to_data(m, resolve_data(data, split="eval"), device)
         layers = Counter(type(mod).__name__ for name, mod in m.module.named_modules() if name and not list(mod.children()))
         info: dict[str, Any] = {
             "model": model,

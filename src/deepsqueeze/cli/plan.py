@@ -6,17 +6,32 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, emit_json, kv_table, rows_table, stdout
+from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
+    emit_json,
+    kv_table,
+    rows_table,
+    stdout,
+    use_threads,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def plan(
         recipe: Path = typer.Option(..., "--recipe", help="YAML recipe (or a shipped recipe's name)"),
-        model: str = typer.Option(None, "--model", help="Model reference (overrides the recipe's model)"),
-        data: str = typer.Option(None, "--data", help="Data the model takes (as for compress): a py: model "
-                                 "without an input_shape attribute takes its input shape from it"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
+        model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         modules: bool = typer.Option(True, "--modules/--totals", help="Print the per-module table too"),
         as_json: bool = JsonOption,
     ) -> None:
@@ -24,7 +39,9 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.recipes import load_recipe
         from deepsqueeze.recipes.plan import plan as make_plan
 
-        result = make_plan(model, load_recipe(recipe), weights=weights, data_ref=data)
+        use_threads(threads)
+        result = make_plan(model, load_recipe(recipe), weights=weights, data_ref=data, model_code=model_code,
+                           device=device)
         if as_json:
             emit_json(result.to_dict())
             return

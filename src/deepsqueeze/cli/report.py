@@ -6,26 +6,43 @@ from pathlib import Path
 
 import typer
 
-from deepsqueeze.cli._common import stdout
+from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
+    ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
+    model_ref,
+    stdout,
+    use_threads,
+)
 from deepsqueeze.core.files import OUT_RULE
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def report(
-        source: Path = typer.Argument(..., help="A deepsqueeze search --out folder, or an artifact FILE.dsq"),
+        source: str = typer.Argument(None, metavar="[SOURCE]", help="A deepsqueeze search --out folder, or an "
+                                     "artifact FILE.dsq (or --model FILE.dsq)"),
         out: Path = typer.Option(..., "--out", help="HTML file to write (plots embedded, opens offline); "
                                  + OUT_RULE),
         storage: str = typer.Option(None, "--storage", help="Study storage when it is not the folder's SQLite"),
         study: str = typer.Option("search", "--study", help="Study name inside the storage"),
-        data: str = typer.Option(None, "--data", help="Artifacts: inputs for the per-layer output error "
-                                 "(default: the model's data)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
+        model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
     ) -> None:
         """Write a report: Pareto front, hypervolume and parameter importance of a study, or per-layer bytes,
         representation, output error, stages and coverage of an artifact."""
         from deepsqueeze.codec.format import atomic_write
         from deepsqueeze.errors import ArtifactError, RecipeError
 
+        source = Path(model_ref(source, model))
+        use_threads(threads)
         if out.suffix.lower() != ".html":
             raise RecipeError(f"--out must name an .html file, got {out.name}")
         if out.exists() and out.resolve() == source.resolve():
@@ -43,7 +60,7 @@ def register(app: typer.Typer) -> None:
         elif source.suffix == ".dsq" or source.is_file():
             from deepsqueeze.report import artifact_report
 
-            text = artifact_report(source, data)
+            text = artifact_report(source, data, model_code=model_code, weights=weights, device=device)
         else:
             raise RecipeError(f"{source} does not exist: pass a search --out folder or a .dsq artifact")
         payload = text.encode("utf-8")

@@ -8,14 +8,20 @@ from pathlib import Path
 import typer
 
 from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
     JsonOption,
     ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
     emit_json,
     fmt,
     kv_table,
     rows_table,
     stderr,
     stdout,
+    use_threads,
 )
 
 
@@ -25,9 +31,6 @@ def register(app: typer.Typer) -> None:
         space: Path = typer.Option(..., "--space", help="YAML search space (a recipe with holes)"),
         out: Path = typer.Option(..., "--out", help="Folder for the study (study.db), the front's recipes, "
                                  "best.yaml and summary.json"),
-        model: str = typer.Option(None, "--model", help="Model reference (overrides the space's model)"),
-        data: str = typer.Option(None, "--data", help="Data (overrides the space's): digits, fashion-mnist, "
-                                 "pydoc-sentences; the validation split is cut from it"),
         sampler: str = typer.Option(None, "--sampler", help="grid, random, tpe, cmaes, gp or nsga2 (default: the "
                                     "space's, else tpe)"),
         trials: int = typer.Option(None, "--trials", help="Finished trials the study should hold (default: the "
@@ -38,9 +41,12 @@ def register(app: typer.Typer) -> None:
         pruner: str = typer.Option("median", "--pruner", help="median, halving or none (single-objective studies)"),
         max_bytes: int = typer.Option(None, "--max-bytes", help="Constraint: artifact bytes (overrides the space)"),
         max_latency_ms: float = typer.Option(None, "--max-latency-ms", help="Constraint: ms per batch"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models (every trial "
-                                    "compresses the model with them)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         max_drop: float = typer.Option(None, "--max-drop", help="Constraint: validation quality drop, in "
                                        "percentage points"),
         as_json: bool = JsonOption,
@@ -56,6 +62,7 @@ def register(app: typer.Typer) -> None:
             raise RecipeError("search does not run under torchrun: each process would train a different trial in "
                               "one process group; start the workers as separate commands sharing --storage "
                               "(or --out), and use torchrun for compress")
+        use_threads(threads)
         prepare_out(out)
         parsed, resolved = load_space(space, model, weights=weights, model_code=model_code)
         for key, value in (("max_bytes", max_bytes), ("max_latency_ms", max_latency_ms), ("max_drop", max_drop)):
@@ -68,7 +75,7 @@ def register(app: typer.Typer) -> None:
                                 trials=trials or parsed.trials or 20, storage=storage, study_name=study,
                                 pruner=pruner, progress=not as_json,
                                 log=None if as_json else lambda msg: stderr.print(msg), weights=weights,
-                                model_code=model_code)
+                                model_code=model_code, device=device)
         except KeyboardInterrupt as exc:
             from deepsqueeze.core.signals import exit_code
 

@@ -4,22 +4,38 @@ from __future__ import annotations
 
 import typer
 
-from deepsqueeze.cli._common import JsonOption, ModelCodeOption, emit_json, stdout
+from deepsqueeze.cli._common import (
+    DataOption,
+    DeviceOption,
+    JsonOption,
+    ModelCodeOption,
+    ModelOption,
+    ThreadsOption,
+    WeightsOption,
+    emit_json,
+    model_ref,
+    need_data,
+    stdout,
+    use_threads,
+)
 
 
 def register(app: typer.Typer) -> None:
     @app.command()
     def sensitivity(
-        model: str = typer.Argument(..., help="Model reference or FILE.dsq"),
-        data: str = typer.Option(..., "--data", help="fashion-mnist, digits, pydoc-sentences:calib, text:FILE ..."),
+        model_arg: str = typer.Argument(None, metavar="[MODEL]", help="Model reference or FILE.dsq (or --model)"),
+        model: str = ModelOption,
+        weights: str = WeightsOption,
+        model_code: str = ModelCodeOption,
+        data: str = DataOption,
+        device: str = DeviceOption,
+        threads: int = ThreadsOption,
         sparsities: str = typer.Option("0.3,0.5,0.7,0.8,0.9,0.95", "--sparsities",
                                        help="Comma-separated sparsities to try on each layer alone"),
         target: float = typer.Option(None, "--target", help="Global sparsity to turn into per-layer sparsities"),
         limit: int = typer.Option(2000, "--limit", help="Evaluation samples (images) or sentences per point"),
         include: list[str] = typer.Option(None, "--include", help="Only layers matching these patterns"),
         exclude: list[str] = typer.Option(None, "--exclude", help="Skip layers matching these patterns"),
-        weights: str = typer.Option(None, "--weights", help="safetensors weights for py: models"),
-        model_code: str = ModelCodeOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Prune each Linear/Conv layer alone to each sparsity and report the metric curve per layer."""
@@ -32,7 +48,10 @@ def register(app: typer.Typer) -> None:
             grid = [float(s) for s in sparsities.split(",") if s.strip()]
         except ValueError:
             raise RecipeError(f"--sparsities must be comma-separated numbers, got {sparsities!r}") from None
-        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code)
+        model = model_ref(model_arg, model)
+        data = need_data(data, "sensitivity")
+        use_threads(threads)
+        m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
         metric, metric_name = _metric(m, data, limit)
         curves = sensitivity_scan(m.module, metric, grid, include=include or None, exclude=exclude or None)
         result: dict = {"model": model, "data": data, "metric": metric_name,
@@ -65,15 +84,18 @@ def register(app: typer.Typer) -> None:
 
 
 def _metric(model, data_ref: str, limit: int):  # type: ignore[no-untyped-def]
-    """Accuracy on ``limit`` test images, or mean cosine to the unpruned embeddings on ``limit`` sentences."""
+    """Accuracy on ``limit`` test images; on ``limit`` sentences, the unpruned model's perplexity over the
+    pruned one's (causal LMs), else the mean cosine to the unpruned outputs."""
     import torch
 
     from deepsqueeze.data import resolve_data
     from deepsqueeze.data.datasets import ClassificationData, TextData
     from deepsqueeze.errors import DataError
     from deepsqueeze.eval import accuracy
+    from deepsqueeze.recipes.run import fit_to_data
 
     data = resolve_data(data_ref)
+    fit_to_data(model, data)
     if isinstance(data, ClassificationData):
         if model.task.value != "classifier":
             raise DataError(f"{data_ref} is image data but {model.ref} is a sentence encoder: pass sentences")
@@ -82,6 +104,11 @@ def _metric(model, data_ref: str, limit: int):  # type: ignore[no-untyped-def]
         return (lambda module: accuracy(module, subset)), "accuracy"
     if isinstance(data, TextData):
         sentences = list(data.sentences[:limit])
+        if model.task.value == "causal-lm":
+            from deepsqueeze.eval.metrics import perplexity
+
+            base, _ = perplexity(model.module, sentences)
+            return (lambda module: base / perplexity(module, sentences)[0]), "perplexity_ratio"
         encode = model.module.encode
         reference = encode(sentences)
 

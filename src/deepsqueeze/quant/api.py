@@ -151,6 +151,12 @@ def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: It
 _SKIPS = "_deepsqueeze_quant_skips"
 
 
+def fitting_group(row: int, group: int | None) -> int | None:
+    """``group`` where it divides a weight row of ``row`` elements, else ``None``: one scale per row (the
+    fallback every weight quantizer takes for such a layer)."""
+    return group if group is not None and row % group == 0 else None
+
+
 def note_skip(root: nn.Module, name: str, reason: str) -> None:
     """A method tells coverage why it left layer ``name`` of ``root`` float (``reason``: a constant of
     :mod:`deepsqueeze.core.record`, then detail)."""

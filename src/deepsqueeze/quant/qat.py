@@ -45,7 +45,14 @@ from deepsqueeze.core.walker import set_submodule
 from deepsqueeze.errors import DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives.observers import make_observer
 from deepsqueeze.quant import int_grid as _int_grid  # noqa: F401  (registers the int-grid encoding)
-from deepsqueeze.quant.api import install, register_method, register_representation, run_batch, select_layers
+from deepsqueeze.quant.api import (
+    fitting_group,
+    install,
+    register_method,
+    register_representation,
+    run_batch,
+    select_layers,
+)
 from deepsqueeze.quant.config import ActScheme, Method, QuantizeConfig
 from deepsqueeze.quant.fake_quant import (
     ActFakeQuant,
@@ -145,7 +152,7 @@ def _first_last(names: list[str]) -> set[str]:
 def _weight_quant(layer: nn.Module, bits: int, config: QuantizeConfig, qat: QATOptions, levels: str,
                   symmetric: bool) -> WeightFakeQuant:
     rows, cols = layer.weight.shape[0], layer.weight[0].numel()
-    group = config.group_size if config.group_size is not None and cols % config.group_size == 0 else None
+    group = fitting_group(cols, config.group_size)
     narrow = qat.act_bits is not None and bits == 8  # int8 kernels: symmetric codes -127..127
     return WeightFakeQuant(rows, cols, bits, group, symmetric, narrow, levels)
 
@@ -473,7 +480,8 @@ def _embeddings(module: nn.Module, config: QuantizeConfig) -> list[str]:
             new: nn.Module = Int8Embedding.from_float(layer)
         else:
             new = PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits),
-                                                config.group_size, config.symmetric)
+                                                fitting_group(layer.embedding_dim, config.group_size),
+                                                config.symmetric)
         install(module, name, new)
         done.append(name)
     return done

@@ -15,12 +15,12 @@ from typing import Any
 
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals, planner_for
-from deepsqueeze.core.model import Task
 from deepsqueeze.core.record import CoverageEntry
 from deepsqueeze.errors import RecipeError
-from deepsqueeze.recipes.run import _example, check_trainable, shape_from_data, training_data
+from deepsqueeze.recipes.run import _example, check_trainable, fit_to_data, training_data
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_file_reference, resolve_model
+from deepsqueeze.zoo.resolve import ModelCode
 
 __all__ = ["Plan", "plan"]
 
@@ -51,17 +51,19 @@ def _bits(config: Any) -> int | None:
     return 8 if method in _INT8_METHODS else int(config.bits)
 
 
-def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None, data_ref: str | None = None) -> Plan:
+def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None, data_ref: str | None = None,
+         model_code: ModelCode = None, device: str = "cpu") -> Plan:
     """Resolve ``model_ref`` (or the recipe's model) and plan every stage of ``recipe`` on it; ``data_ref``
-    (or the recipe's data) gives a classifier without a known input shape its shape, as compress does."""
+    (or the recipe's data) gives a classifier without a known input shape its shape, as compress does.
+    ``model_code``: the architecture of a ``py:`` model's artifact (see :func:`deepsqueeze.load`)."""
     if model_ref is None and recipe.model is None:
         raise RecipeError("no model given: pass --model REF or set 'model:' in the recipe")
     if model_ref is None:
         model = resolve_file_reference(recipe.model, "the recipe's model", weights=weights, progress=False)
     else:
-        model = resolve_model(model_ref, weights=weights, progress=False)
-    if model.task is Task.CLASSIFIER and model.input_shape is None and (data_ref or recipe.data):
-        shape_from_data(model, training_data(model, data_ref or recipe.data))
+        model = resolve_model(model_ref, weights=weights, progress=False, device=device, model_code=model_code)
+    if data_ref or recipe.data:  # data the model cannot take is refused here, as compress refuses it
+        fit_to_data(model, training_data(model, data_ref or recipe.data), device)
     example = _example(model)
     check_trainable(model, recipe, example)
     params = count_params(model.module)

@@ -110,6 +110,14 @@ def check_model_runs_on(model: Model, data: ClassificationData | TextData | None
         model.module.train(was_training)
 
 
+def fit_to_data(model: Model, data: ClassificationData | TextData | None,
+                device: str | torch.device = "cpu") -> None:
+    """Where a command's data meets the model: :func:`shape_from_data`, then :func:`check_model_runs_on`
+    (data the model cannot take is one ``DataError``/``ModelError`` before any work)."""
+    shape_from_data(model, data)
+    check_model_runs_on(model, data, device)
+
+
 SMOKE_SENTENCES = ["A short sentence to check that the compressed model runs.", "And a second, longer one, so "
                    "that the batch holds padding as every real batch does."]
 

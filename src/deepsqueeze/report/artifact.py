@@ -5,13 +5,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from deepsqueeze.codec.format import tensor_payload_bytes
 from deepsqueeze.report.html import Page
+
+if TYPE_CHECKING:
+    from deepsqueeze.zoo.resolve import ModelCode
 
 
 def layer_bytes(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -38,7 +41,7 @@ def layer_output_errors(compressed: nn.Module, reference: nn.Module, inputs: Any
     def hook(tag: str, name: str):  # type: ignore[no-untyped-def]
         def fn(_module: nn.Module, _args: Any, out: Any) -> None:
             if isinstance(out, torch.Tensor):
-                outputs[tag][name] = out.detach().float()
+                outputs[tag][name] = (out.dequantize() if out.is_quantized else out).detach().float()
 
         return fn
 
@@ -67,19 +70,23 @@ def layer_output_errors(compressed: nn.Module, reference: nn.Module, inputs: Any
     return errors
 
 
-def artifact_report(path: str | Path, data_ref: str | None = None, samples: int = 256) -> str:
-    """The HTML page for one artifact (output errors on ``samples`` inputs of ``data_ref`` or the model's data)."""
+def artifact_report(path: str | Path, data_ref: str | None = None, samples: int = 256, *,
+                    model_code: ModelCode = None, weights: str | None = None, device: str = "cpu") -> str:
+    """The HTML page for one artifact (output errors on ``samples`` inputs of ``data_ref`` or the model's data).
+
+    ``model_code`` (and ``weights``) rebuild a ``py:`` model's architecture (and its uncompressed weights, the
+    reference for the output errors); ``device`` is where both models run."""
     import plotly.graph_objects as go
 
     from deepsqueeze.artifact import load
     from deepsqueeze.codec.format import read_manifest
-    from deepsqueeze.core.model import Task
     from deepsqueeze.data import resolve_data
     from deepsqueeze.errors import DeepsqueezeError, one_line
     from deepsqueeze.zoo.resolve import base_reference
 
     manifest, _, size = read_manifest(path)
-    model = load(path)
+    model = load(path, model_code)
+    model.module.to(device)
     fp32 = 4 * int(manifest["base_params"])
     page = Page(f"deepsqueeze artifact: {Path(path).name}",
                 f"{manifest.get('ref')} · {size:,} bytes on disk · fp32 {fp32:,} bytes · "
@@ -103,12 +110,19 @@ def artifact_report(path: str | Path, data_ref: str | None = None, samples: int 
     page.heading("Output error per layer")
     reference = None
     try:
-        reference = base_reference(model)  # from the validated base, never the manifest's free-text ref
+        if model.base.get("kind") == "py" and isinstance(model_code, str):  # the code the user named
+            from deepsqueeze.resolve import resolve_model
+
+            reference = resolve_model(model_code, weights=weights, progress=False)
+            page.note(f"reference: {model_code}" + (f" with {weights}" if weights else " (its own initial weights)"))
+        else:
+            reference = base_reference(model)  # from the validated base, never the manifest's free-text ref
+        reference.module.to(device)
     except DeepsqueezeError as exc:  # a py: base (no code named), a zoo model not trained here, ...
         page.note(f"the uncompressed model could not be rebuilt here ({one_line(exc)}): no output error", warn=True)
     if reference is not None:
         data_name = data_ref or manifest.get("base", {}).get("data")
-        if model.task is Task.SENTENCE_ENCODER:
+        if model.task.is_text:  # every text model tokenizes its own inputs
             data = resolve_data(data_ref or "pydoc-sentences:eval")
             sentences = list(data.sentences[:samples])  # type: ignore[union-attr]
             inputs: Any = {k: v for k, v in model.module.tokenize(sentences).items()}  # type: ignore[operator]

@@ -38,9 +38,10 @@ from pathlib import Path
 from typing import Any
 
 from deepsqueeze.core.deprecation import moved_to
-from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.model import Model
 from deepsqueeze.data.resolve import resolve_data
 from deepsqueeze.errors import DeepsqueezeError, RecipeError
+from deepsqueeze.recipes.run import fit_to_data
 from deepsqueeze.search import front as _front
 from deepsqueeze.search import space as _space
 from deepsqueeze.search import storage as _storage
@@ -50,6 +51,7 @@ from deepsqueeze.search.priors import correct_prior, enqueue_sensitivity_priors
 from deepsqueeze.search.space import SearchSpace
 from deepsqueeze.search.storage import check_storage, open_study, redact_url, study_url
 from deepsqueeze.search.trial import (
+    QUALITY_KEYS,
     SearchContext,
     is_repeat,
     make_objective,
@@ -121,7 +123,7 @@ def make_pruner(name: str) -> Any:
 def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str | None = None, *,
                sampler: str = "tpe", trials: int = 20, storage: str | None = None, study_name: str = "search",
                pruner: str = "median", progress: bool = True, log: Callable[[str], None] | None = None,
-               weights: str | None = None, model_code: str | None = None) -> SearchResult:
+               weights: str | None = None, model_code: str | None = None, device: str = "cpu") -> SearchResult:
     """Run (or resume, or join) the study until it holds ``trials`` finished trials; return the answer.
 
     ``out`` receives ``study.db`` (default storage), ``trials/trial-NNNN.dsq``, ``front/trial-NNNN.yaml``
@@ -139,11 +141,12 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     out_dir.mkdir(parents=True, exist_ok=True)
     fit_ref, val_ref = validation_refs(model, data_ref or space.data)
     val = resolve_data(val_ref, split="val")
-    quality_key = "accuracy" if model.task is Task.CLASSIFIER else "cosine_mean"
+    fit_to_data(model, val)
+    quality_key = QUALITY_KEYS[model.task]
     model_ref = space.model or model.ref
     if model_code is None and model_ref.startswith("py:"):  # the factory the user named rebuilds the trials
         model_code = model_ref
-    ctx = SearchContext(space, model_ref, fit_ref, val, model, out_dir, quality_key, weights, model_code)
+    ctx = SearchContext(space, model_ref, fit_ref, val, model, out_dir, quality_key, weights, model_code, device)
     url = study_url(storage, out_dir)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     directions = [DIRECTIONS[o] for o in space.objectives]

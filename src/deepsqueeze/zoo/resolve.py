@@ -305,7 +305,13 @@ def base_reference(model: Model) -> Model:
     if isinstance(spec, (ZooLMBase, ZooBase)):
         ref = f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else "")
         check_zoo_reference(ref, where)
-        return resolve_base_model(ref, progress=False)
+        base = resolve_base_model(ref, progress=False)
+        if isinstance(spec, ZooBase) and (list(base.input_shape or ()) != list(spec.input_shape)
+                                          or base.num_classes != spec.num_classes):
+            raise ModelError(f"{model.artifact_path} holds a {spec.name} for inputs {list(spec.input_shape)} and "
+                             f"{spec.num_classes} classes (a distilled student), unlike the pretrained {ref}: pass "
+                             "the model to compare against with --reference / --baseline")
+        return base
     raise ModelError(f"{model.artifact_path} was compressed from your own model code: pass the uncompressed "
                      "model to compare against with --reference")
 

@@ -1,0 +1,419 @@
+"""The conformance matrix: every command x every shipped recipe x every model kind of ``deepsqueeze.testing``.
+
+Each cell ends in exactly one of two outcomes: the command **works** end to end (for ``compress``: the
+artifact is written, reloads, runs and its quality is measured; exit 0 within the recipe's budget or the
+documented over-budget exit 3) or it is **refused** in one line, exit 2, with no traceback (for
+``compress``: only where ``plan`` refuses the same cell, so the refusal comes before any work). Anything
+else is **failed**: a traceback, another exit code, or a refusal ``plan`` did not predict.
+
+The matrix is built from the registries: :func:`recipes` (the shipped recipes), :data:`KINDS` (every
+family of :mod:`deepsqueeze.testing.hf_models` joins automatically) and :data:`COMMANDS`, checked against
+the CLI's registered commands by the test suite. ``make test`` plans every cell and runs the whole pipeline
+on :func:`covering_subset`; ``make conformance`` (``python -m deepsqueeze.testing.conformance``) runs every
+cell and writes COVERAGE.md.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import sys
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+__all__ = ["COMMANDS", "KINDS", "Cell", "Kind", "covering_subset", "matrix_markdown", "plan_cell", "recipes",
+           "run_cell", "run_matrix"]
+
+WORKS, OVER_BUDGET, REFUSED, FAILED = "works", "works, over budget", "refused", "failed"
+EXIT_OVER_BUDGET = 3
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A model kind: ``model`` is the reference; ``build(folder)`` writes what it needs (an ``hf:`` folder, a
+    weights file) and returns the reference, or ``None`` where the reference needs nothing written.
+    ``data``: what compress, evaluate and search are given. ``code``: the architecture for ``--model-code``
+    (``py:`` kinds). ``weights``: the kind is loaded with a ``--weights`` file written by ``build``."""
+
+    name: str
+    description: str
+    data: str | None
+    model: str = ""
+    build: Callable[[Path], str] | None = None
+    code: str | None = None
+    weights: bool = False
+
+    def args(self, folder: Path) -> list[str]:
+        """The model options every command takes for this kind, building what it needs under ``folder``."""
+        ref = self.build(folder / self.name) if self.build is not None else self.model
+        out = ["--model", ref]
+        if self.weights:
+            out += ["--weights", str(folder / self.name / "model.safetensors")]
+        return out + (["--data", self.data] if self.data else [])
+
+
+def _py(factory: str) -> str:
+    return f"py:deepsqueeze.testing.{factory}"
+
+
+def _hf(family: str) -> Callable[[Path], str]:
+    def build(folder: Path) -> str:
+        from deepsqueeze.testing.hf_models import make_hf_dir
+
+        if not (folder / "config.json").exists():
+            with _quiet():
+                make_hf_dir(family, folder)
+        return f"hf:{folder}"
+    return build
+
+
+def _st_dense(folder: Path) -> str:
+    from deepsqueeze.testing.hf_models import make_st_dir
+
+    if not (folder / "modules.json").exists():
+        with _quiet():
+            make_st_dir(folder, head=("dense:16",))
+    return f"hf:{folder}"
+
+
+def _py_weights(factory: str) -> Callable[[Path], str]:
+    def build(folder: Path) -> str:
+        from safetensors.torch import save_file
+
+        from deepsqueeze.resolve import resolve_model
+
+        folder.mkdir(parents=True, exist_ok=True)
+        module = resolve_model(factory, progress=False).module
+        save_file({k: v.contiguous() for k, v in module.state_dict().items()}, folder / "model.safetensors")
+        return factory
+    return build
+
+
+_IMAGE_KINDS = {
+    "cnn-bn": ("quant_models:TinyBNConvNet", "plain CNN: conv-BN-ReLU x2, pooling, Linear"),
+    "cnn-residual": ("models:TinyResNet", "residual CNN with BatchNorm (two stages of residual blocks)"),
+    "cnn-depthwise": ("models:DepthwiseSeparableCNN", "depthwise + pointwise CNN with BatchNorm and a concat"),
+    "mlp": ("models:PlainMLP", "MLP 64-48-32-10"),
+}
+_OTHER_PY_KINDS = {
+    "convtranspose": ("user_models:ConvTransposeDecoder", "ConvTranspose2d decoder (image output)"),
+    "dict-output": ("user_models:DictDetector", "CNN whose forward returns a dict"),
+    "tuple-output": ("user_models:TupleDetector", "CNN whose forward returns a tuple"),
+    "recurrent": ("user_models:RecurrentTagger", "Conv1d + LSTM + GRU tagger"),
+    "mha": ("user_models:MHAEncoder", "nn.MultiheadAttention encoder"),
+}
+
+
+def _kinds() -> dict[str, Kind]:
+    from deepsqueeze.testing.hf_models import FAMILIES
+
+    kinds: dict[str, Kind] = {}
+    for name, (factory, text) in _IMAGE_KINDS.items():
+        kinds[name] = Kind(name, text, "digits", model=_py(factory), code=_py(factory))
+    for name, (factory, text) in _OTHER_PY_KINDS.items():
+        kinds[name] = Kind(name, text, None, model=_py(factory), code=_py(factory))
+    kinds["py-weights"] = Kind("py-weights", "py: MLP with a --weights safetensors file", "digits",
+                               build=_py_weights(_py("models:PlainMLP")), code=_py("models:PlainMLP"), weights=True)
+    for family, (model_cls, *_rest) in FAMILIES.items():
+        kinds[f"hf-{family}"] = Kind(f"hf-{family}", f"hf: {model_cls} (tiny, random weights)", "pydoc-sentences",
+                                     build=_hf(family))
+    kinds["st-dense"] = Kind("st-dense", "sentence-transformers folder: BERT, mean pooling, Dense 32->16",
+                             "pydoc-sentences", build=_st_dense)
+    kinds["zoo"] = Kind("zoo", "packaged model: LeNet-300-100 (zoo:lenet300, trained on digits on first use)",
+                        "digits", model="zoo:lenet300@digits")
+    return kinds
+
+
+KINDS: dict[str, Kind] = _kinds()
+
+# command -> what it runs on: "recipe" (the kind's model options and a recipe), "artifact" (compress's
+# output), "model" (the kind's model, once per kind: these take no recipe). ``recipes``, ``bench``, ``demo``
+# and ``train`` take neither a recipe nor a user's model; the suite checks this table against the CLI's
+# registered commands.
+COMMANDS: dict[str, str] = {
+    "plan": "recipe", "compress": "recipe", "search": "recipe", "inspect": "artifact", "evaluate": "artifact",
+    "export-onnx": "artifact", "export-hf": "artifact", "report": "artifact", "load": "artifact",
+    "inspect-model": "model", "sensitivity": "model",
+}
+NOT_MODEL_COMMANDS = ("recipes", "bench", "demo", "train")
+
+
+def recipes() -> list[str]:
+    """The shipped recipe names, sorted."""
+    from deepsqueeze.recipes.schema import shipped_recipes
+
+    return sorted(shipped_recipes())
+
+
+@dataclass
+class Cell:
+    """One command on one recipe and one model kind: ``outcome`` is works / works, over budget / refused /
+    failed; ``message`` the refusal's line or what failed."""
+
+    command: str
+    recipe: str
+    kind: str
+    outcome: str
+    code: int | str
+    seconds: float
+    message: str = ""
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterable[None]:
+    with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+        yield
+
+
+def cli(argv: list[str]) -> tuple[int | str, str, str, float]:
+    """``deepsqueeze *argv`` in this process: (exit code, stdout, stderr, seconds). An exception escaping
+    the CLI's own boundary is returned as the code ``"exception: TYPE: TEXT"``."""
+    from deepsqueeze.cli.app import main
+
+    out, err = io.StringIO(), io.StringIO()
+    start = time.perf_counter()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(argv)
+            code: int | str = 0
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException as exc:  # noqa: BLE001 - a cell records whatever escaped
+            code = f"exception: {type(exc).__name__}: {exc}"
+    return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
+
+
+def _judge(command: str, recipe: str, kind: str, result: tuple[int | str, str, str, float],
+           allow_refusal: bool = True) -> Cell:
+    code, _out, err, seconds = result
+    lines = [line for line in err.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    if isinstance(code, str) or "Traceback" in err:
+        return Cell(command, recipe, kind, FAILED, code, seconds, _last(lines) or str(code))
+    if code == 0:
+        return Cell(command, recipe, kind, WORKS, code, seconds)
+    if code == EXIT_OVER_BUDGET and command in ("compress", "search"):
+        return Cell(command, recipe, kind, OVER_BUDGET, code, seconds, _last(errors or lines))
+    if code == 2 and len(errors) == 1 and allow_refusal:
+        return Cell(command, recipe, kind, REFUSED, code, seconds, errors[0])
+    why = "refused after plan accepted the cell: " if code == 2 and len(errors) == 1 else ""
+    return Cell(command, recipe, kind, FAILED, code, seconds, why + (_last(lines) or f"exit {code}"))
+
+
+def _last(lines: list[str]) -> str:
+    return lines[-1][:300] if lines else ""
+
+
+def plan_cell(recipe: str, kind: Kind, folder: Path) -> Cell:
+    """``plan --recipe RECIPE`` with the kind's model options."""
+    return _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *kind.args(folder)]))
+
+
+def _example(model: object) -> object:
+    import torch
+
+    task = getattr(model, "task", None)
+    if task is not None and task.is_text:
+        return ["a small example sentence.", "another one, a little longer than the first."]
+    return torch.randn(2, *model.input_shape)  # type: ignore[attr-defined]
+
+
+def _load_and_call(artifact: Path, kind: Kind) -> tuple[int | str, str, str, float]:
+    import torch
+
+    import deepsqueeze
+
+    start = time.perf_counter()
+    try:
+        model = deepsqueeze.load(artifact, model=kind.code)
+        with torch.no_grad():
+            out = model(_example(model))
+        if not _finite(out):
+            return "exception: the loaded model's output is not finite", "", "", time.perf_counter() - start
+        return 0, "", "", time.perf_counter() - start
+    except deepsqueeze.DeepsqueezeError as exc:
+        return 2, "", f"error: {exc}", time.perf_counter() - start
+    except Exception as exc:  # noqa: BLE001 - recorded as a failed cell
+        return f"exception: {type(exc).__name__}: {exc}", "", "", time.perf_counter() - start
+
+
+def _finite(out: object) -> bool:
+    import torch
+
+    if isinstance(out, torch.Tensor):
+        return bool(torch.isfinite(out).all())
+    if isinstance(out, dict):
+        return all(_finite(v) for v in out.values())
+    if isinstance(out, list | tuple):
+        return all(_finite(v) for v in out)
+    return hasattr(out, "keys") and all(_finite(out[k]) for k in out.keys())  # type: ignore[index]
+
+
+def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tuple(COMMANDS)) -> list[Cell]:
+    """Plan, then compress, then every artifact command in ``commands`` on the artifact, and ``search`` (one
+    trial of the recipe as a space without holes) on the model."""
+    from deepsqueeze.recipes.schema import find_recipe
+
+    commands = list(commands)
+    args = kind.args(folder)
+    work = folder / "cells" / f"{kind.name}--{recipe}"
+    work.mkdir(parents=True, exist_ok=True)
+    planned = _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *args]))
+    cells = [planned]
+    if "compress" not in commands:
+        return cells
+    artifact = work / "model.dsq"
+    compressed = _judge("compress", recipe, kind.name,
+                        cli(["compress", "--recipe", recipe, *args, "--out", str(artifact)]),
+                        allow_refusal=planned.outcome == REFUSED)
+    if planned.outcome == WORKS and compressed.outcome == REFUSED:
+        compressed.outcome = FAILED
+    cells.append(compressed)
+    if compressed.outcome not in (WORKS, OVER_BUDGET):
+        return cells
+    if not artifact.is_file():
+        compressed.outcome, compressed.message = FAILED, "compress exited without writing the artifact"
+        return cells
+    code = ["--model-code", kind.code] if kind.code else []
+    data = ["--data", kind.data] if kind.data else []
+    artifact_commands: dict[str, Callable[[], tuple[int | str, str, str, float]]] = {
+        "inspect": lambda: cli(["inspect", str(artifact), *code]),
+        "evaluate": lambda: cli(["evaluate", str(artifact), *data, *code]),
+        "export-onnx": lambda: cli(["export", str(artifact), "--format", "onnx", "--out", str(work / "m.onnx"),
+                                    "--force", *code]),
+        "export-hf": lambda: cli(["export", str(artifact), "--format", "hf", "--out", str(work / "hf"), "--force",
+                                  *code]),
+        "report": lambda: cli(["report", str(artifact), "--out", str(work / "report.html"), *code]),
+        "load": lambda: _load_and_call(artifact, kind),
+        "search": lambda: cli(["search", "--space", str(find_recipe(recipe)), *args, "--trials", "1",
+                               "--out", str(work / "search")]),
+    }
+    for command in commands:
+        if command in artifact_commands:
+            cells.append(_judge(command, recipe, kind.name, artifact_commands[command]()))
+    return cells
+
+
+def model_cells(kind: Kind, folder: Path) -> list[Cell]:
+    """The recipe-independent commands on the kind's model: ``inspect MODEL`` and ``sensitivity MODEL``."""
+    args = kind.args(folder)
+    ref, rest = args[1], args[2:]
+    weights = rest[:2] if kind.weights else []
+    return [_judge("inspect-model", "-", kind.name, cli(["inspect", ref, *weights])),
+            _judge("sensitivity", "-", kind.name, cli(["sensitivity", ref, *rest, "--sparsities", "0.5",
+                                                       "--limit", "64"]))]
+
+
+def covering_subset(kinds: Iterable[str] | None = None) -> list[tuple[str, str]]:
+    """A fixed (recipe, kind) list holding every recipe and every kind at least once: recipes in order, each
+    paired with the next kind (round robin) its plan accepts, from :data:`PAIRS` where it names one."""
+    names = sorted(kinds or KINDS)
+    pairs: list[tuple[str, str]] = []
+    for index, recipe in enumerate(recipes()):
+        pairs.append((recipe, PAIRS.get(recipe, names[index % len(names)])))
+    used = {kind for _recipe, kind in pairs}
+    pairs += [(KIND_RECIPE.get(kind, "int8-dynamic"), kind) for kind in names if kind not in used]
+    return pairs
+
+
+# Pairings that exercise a recipe on the kind it is written for (a recipe missing here pairs round robin).
+PAIRS = {
+    "distill-3layer": "hf-bert", "prune-transformer": "hf-distilbert", "qat-w4-minilm": "st-dense",
+    "deep-compression-lenet300": "zoo", "deep-compression-lenet5": "cnn-bn", "distill-lenet300": "mlp",
+    "prune-structured": "cnn-residual", "prune-agp": "py-weights", "deep-compression": "cnn-depthwise",
+    "int8-static": "cnn-residual", "lowrank-tucker": "cnn-depthwise", "w4-gptq": "hf-llama",
+    "int8-smoothquant": "hf-gpt2", "mixed-precision": "hf-roberta", "w3-lora": "hf-bert-classifier",
+    "lowrank-svd": "hf-albert", "w4-rtn": "hf-qwen2", "finetune": "dict-output", "int8-dynamic": "recurrent",
+}
+KIND_RECIPE = {"mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune"}
+
+
+def run_matrix(folder: Path, pairs: Iterable[tuple[str, str]] | None = None, full: bool = False,
+               log: Callable[[str], None] | None = None) -> list[Cell]:
+    """Plan every (recipe, kind) cell; run the whole pipeline on ``pairs`` (every cell when ``full``)."""
+    pairs = set(pairs or ())
+    cells: list[Cell] = []
+    for kind in KINDS.values():
+        for recipe in ["-", *recipes()]:
+            if recipe == "-":
+                got = model_cells(kind, folder)
+            elif full or (recipe, kind.name) in pairs:
+                got = run_cell(recipe, kind, folder)
+            else:
+                got = [plan_cell(recipe, kind, folder)]
+            cells += got
+            if log is not None:
+                for cell in got:
+                    log(f"{cell.kind:18} {cell.recipe:26} {cell.command:12} {cell.outcome:18} {cell.seconds:6.1f}s "
+                        f"{cell.message[:160]}")
+    return cells
+
+
+def counts(cells: Iterable[Cell]) -> dict[str, int]:
+    """Cells per outcome."""
+    got = Counter(cell.outcome for cell in cells)
+    return {outcome: got.get(outcome, 0) for outcome in (WORKS, OVER_BUDGET, REFUSED, FAILED)}
+
+
+_MARK = {WORKS: "✓", OVER_BUDGET: "✓ₒ", REFUSED: "–", FAILED: "✗"}
+
+
+def matrix_markdown(cells: list[Cell]) -> str:
+    """COVERAGE.md: the per-outcome counts, one table of recipes x kinds (compress where it ran, else plan),
+    and every refusal and failure with its line."""
+    by_cell: dict[tuple[str, str], str] = {}
+    for cell in cells:
+        if cell.command in ("plan", "compress"):
+            by_cell[cell.recipe, cell.kind] = _MARK[cell.outcome] + ("" if cell.command == "compress" else "ᵖ")
+    kinds = list(KINDS)
+    lines = ["# Conformance matrix", "",
+             "Generated by `make conformance` (`python -m deepsqueeze.testing.conformance`); do not edit.",
+             "Every command x shipped recipe x model kind of `deepsqueeze.testing`, on tiny random-weight models.",
+             "✓ works end to end (artifact written, reloaded, run, quality measured; ✓ₒ: over the recipe's "
+             "quality budget, exit 3), – refused by plan and compress before any work (one line, exit 2), "
+             "✗ failed; ᵖ: plan only.", "",
+             "| outcome | cells |", "|---|---|"]
+    lines += [f"| {outcome} | {n} |" for outcome, n in counts(cells).items()]
+    lines += ["", "| recipe | " + " | ".join(kinds) + " |", "|---" * (len(kinds) + 1) + "|"]
+    for recipe in recipes():
+        lines.append(f"| {recipe} | " + " | ".join(by_cell.get((recipe, k), "") for k in kinds) + " |")
+    lines += ["", "## Model kinds", ""] + [f"- `{k.name}`: {k.description}" for k in KINDS.values()]
+    lines += ["", "## Refusals and failures", ""]
+    seen: set[tuple[str, str]] = set()
+    for cell in cells:
+        if cell.outcome in (REFUSED, FAILED) and (cell.command, cell.message) not in seen:
+            seen.add((cell.command, cell.message))
+            lines.append(f"- {cell.outcome}, `{cell.command}` (e.g. {cell.recipe} on {cell.kind}): "
+                         f"{cell.message.replace('|', '/')}")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m deepsqueeze.testing.conformance [--full] [--out COVERAGE.md] [--json FILE] [--work DIR]``."""
+    import argparse
+    import tempfile
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--full", action="store_true", help="run the whole pipeline on every cell")
+    parser.add_argument("--out", default=None, help="write the markdown table here (COVERAGE.md)")
+    parser.add_argument("--json", default=None, help="write every cell as JSON here")
+    parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    ns = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(ns.work or tmp)
+        cells = run_matrix(folder, covering_subset(), full=ns.full, log=lambda s: print(s, flush=True))
+    if ns.out:
+        Path(ns.out).write_text(matrix_markdown(cells), encoding="utf-8")
+    if ns.json:
+        Path(ns.json).write_text(json.dumps([asdict(c) for c in cells], indent=1), encoding="utf-8")
+    print(json.dumps(counts(cells)))
+    return 1 if counts(cells)[FAILED] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
