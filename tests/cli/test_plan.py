@@ -11,7 +11,8 @@ GPT2 = "py:deepsqueeze.testing.user_models:gpt2_lm"
 
 def test_plan_json_for_every_shipped_quant_recipe_covers_gpt2(capsys):
     for recipe in ("int8-dynamic", "w4-rtn", "int8-static", "w4-gptq"):
-        code, out, err = run(capsys, "plan", "--model", GPT2, "--recipe", recipe, "--json")
+        code, out, err = run(capsys, "plan", "--model", GPT2, "--recipe", recipe, "--data", "pydoc-sentences:calib",
+                             "--json")
         assert code == 0, err
         plan = json.loads(out)
         quant = [s for s in plan["stages"] if s["type"] == "quantize"]

@@ -69,6 +69,15 @@ class StageConfig(BaseModel):
         except ValidationError as exc:
             raise RecipeError(_explain(exc, type(self))) from None
 
+    def needs_data(self) -> bool:
+        """Whether the stage trains or calibrates on data: without any, plan and compress refuse the recipe
+        before any work. Default: a positive ``epochs``."""
+        return float(getattr(self, "epochs", 0) or 0) > 0
+
+    def preflight(self, model: Any) -> None:
+        """Check, before any work, what the stage needs of ``model`` (a ``Model``) that its config decides:
+        raise ``RecipeError`` / ``UnsupportedLayerError`` naming it. Plan and compress both call it."""
+
     @classmethod
     def example(cls) -> StageConfig:
         """A valid instance (for docs and the round-trip test); override when a field is required."""

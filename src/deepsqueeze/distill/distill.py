@@ -48,6 +48,17 @@ class EmbeddingLoss(StrEnum):
 
 
 class DistillConfig(StageConfig):
+    def needs_data(self) -> bool:  # noqa: D102 - distillation always trains
+        return True
+
+    def preflight(self, model: Any) -> None:
+        """``keep-layers`` keeps indices the model's layer stack has."""
+        if self.student == "keep-layers" and self.keep:
+            n = len(get_submodule(model.module, self.layers_path or find_layer_stack(model.module)))
+            if max(self.keep) >= n:
+                raise RecipeError(f"distill keeps layers {list(self.keep)} but {model.ref} has {n}: keep indices "
+                                  f"in 0..{n - 1} (or set num_layers)")
+
     """Distil the model (the student) from a teacher, by default the uncompressed reference model.
 
     ``student``: ``self`` (train the current model), ``keep-layers`` (drop layers of the current model
@@ -124,7 +135,7 @@ def distill_(model: Model, teacher: nn.Module, config: DistillConfig, data: Any,
     if model.task is Task.CLASSIFIER:
         stats = _distill_classifier(module, teacher, config, data, seed, progress, device)
     else:
-        stats = _distill_encoder(module, teacher, config, data, keep, seed, progress, device)
+        stats = _distill_text(module, teacher, model.task, config, data, keep, seed, progress, device)
     module.eval()
     return {**stats, "params": count_params(module), "kept_layers": keep}
 
@@ -181,20 +192,31 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
             del module._hint_adapters
 
 
-def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfig, data: Any,
-                     keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
+def _logits_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
+                 temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(t/T) || softmax(s/T))`` per position (label logits (B, C), or next-token logits
+    (B, L, V) over the positions ``mask`` (B, L) keeps), averaged (Hinton et al., 2015)."""
+    if student.dim() == 3 and mask is not None:
+        keep = mask.bool()
+        student, teacher = student[keep], teacher[keep]
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
+
+
+def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, data: Any,
+                  keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
+    """Sentence encoders match the teacher's embedding; sequence classifiers and causal LMs its label or
+    next-token distributions (:func:`_logits_loss`); all match hidden states layer by layer."""
     from deepsqueeze.data.datasets import TextData
     from deepsqueeze.train.loop import fit
     from deepsqueeze.train.text import augment_sentences, sentence_batches
 
     if not isinstance(data, TextData):
-        raise DataError(f"distilling a sentence encoder needs sentences, not {getattr(data, 'name', data)}")
+        raise DataError(f"distilling a {task.value} needs sentences, not {getattr(data, 'name', data)}")
     sentences = list(data.sentences[: config.limit] if config.limit else data.sentences)
     if config.augment:
         sentences = augment_sentences(sentences, config.augment, seed)
-    n_student = len(get_submodule(module, config.layers_path or find_layer_stack(module)))
-    n_teacher = len(get_submodule(teacher, config.layers_path or find_layer_stack(teacher)))
-    mapping = keep if keep is not None else alternate_layers(n_teacher, n_student)
     use_attn = config.attention_weight > 0
     if use_attn:
         for m in (module, teacher):
@@ -204,6 +226,8 @@ def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfi
 
     def run(m: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[torch.Tensor, Any]:
         out = m.transformer(**inputs, output_hidden_states=want_inner, output_attentions=use_attn)  # type: ignore[operator]
+        if task is not Task.SENTENCE_ENCODER:
+            return out.logits, out
         pool = getattr(m, "pool", None)
         if callable(pool):  # the encoder's own pooling and head (Dense, LayerNorm, Normalize)
             return pool(out.last_hidden_state, inputs["attention_mask"]), out
@@ -215,8 +239,15 @@ def _distill_encoder(module: nn.Module, teacher: nn.Module, config: DistillConfi
         with torch.no_grad():
             t_emb, t_out = run(teacher, inputs)
         s_emb, s_out = run(m, inputs)
-        loss = config.embedding_weight * embedding_loss(s_emb, t_emb, config.embedding_loss.value)
         mask = inputs["attention_mask"]
+        if task is Task.SENTENCE_ENCODER:
+            loss = config.embedding_weight * embedding_loss(s_emb, t_emb, config.embedding_loss.value)
+        else:
+            loss = config.embedding_weight * _logits_loss(s_emb, t_emb, mask, config.temperature)
+        inner = s_out.hidden_states if want_inner else s_out.attentions
+        teacher_inner = t_out.hidden_states if want_inner else t_out.attentions
+        n_student, n_teacher = len(inner) - int(want_inner), len(teacher_inner) - int(want_inner)
+        mapping = keep if keep is not None else alternate_layers(n_teacher, n_student)
         for i, t_layer in enumerate(mapping):
             if config.hidden_weight > 0:
                 loss = loss + config.hidden_weight / len(mapping) * hidden_state_loss(

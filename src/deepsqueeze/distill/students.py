@@ -20,7 +20,9 @@ LAYER_STACKS = ("transformer.encoder.layer", "encoder.layer", "layers", "layer")
 
 
 def find_layer_stack(root: nn.Module) -> str:
-    """The dotted name of the model's stack of repeated layers (a BERT encoder's ``encoder.layer``)."""
+    """The dotted name of the model's stack of repeated layers (a BERT encoder's ``encoder.layer``, GPT-2's
+    ``h``, Llama's ``layers``): a known path first, else the ``nn.ModuleList`` of two or more modules of one
+    class holding the most parameters. Raises ``UnsupportedLayerError`` when there is none."""
     for name in LAYER_STACKS:
         try:
             stack = get_submodule(root, name)
@@ -28,8 +30,13 @@ def find_layer_stack(root: nn.Module) -> str:
             continue
         if isinstance(stack, nn.ModuleList | nn.Sequential):
             return name
+    stacks = [(sum(p.numel() for p in m.parameters()), name) for name, m in root.named_modules()
+              if isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1]
+    if stacks:
+        return max(stacks, key=lambda item: item[0])[1]
     raise UnsupportedLayerError(
-        f"no stack of layers found (looked for {', '.join(LAYER_STACKS)}): pass layers_path to name it")
+        f"no stack of layers found (looked for {', '.join(LAYER_STACKS)} and any list of repeated blocks): pass "
+        "layers_path to name it")
 
 
 def alternate_layers(n_layers: int, n_keep: int) -> list[int]:

@@ -218,6 +218,9 @@ class LoRALoss(StrEnum):
 
 
 class LoRAConfig(StageConfig):
+    def needs_data(self) -> bool:  # noqa: D102 - LoRA always trains
+        return True
+
     """Train low-rank adapters on a compressed model with its base weights frozen, then merge them."""
 
     stage_type: ClassVar[str] = "lora"

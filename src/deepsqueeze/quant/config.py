@@ -69,6 +69,10 @@ WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY,
 
 
 class QuantizeConfig(StageConfig):
+    def needs_data(self) -> bool:  # noqa: D102 - methods that calibrate or train
+        return Method(self.method) in (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.AWQ, Method.MIXED,
+                                       Method.QAT)
+
     """Every option of the ``quantize`` stage.
 
     ``bits``/``group_size``/``symmetric`` describe the weights (group_size None: one scale per output

@@ -85,8 +85,9 @@ def _score(model: Model, reference: Model, data: ClassificationData | TextData) 
             len(data.test_y)
     sentences = list(data.sentences[:TEXT_SAMPLES])  # type: ignore[union-attr]
     if task is Task.CAUSAL_LM:
-        base, _ = metrics.perplexity(reference.module, sentences, window=256, stride=128)
-        value, tokens = metrics.perplexity(model.module, sentences, window=256, stride=128)
+        window = min(256, int(getattr(model.module, "context_length", 256)))  # never past the position limit
+        base, _ = metrics.perplexity(reference.module, sentences, window=window, stride=window // 2)
+        value, tokens = metrics.perplexity(model.module, sentences, window=window, stride=window // 2)
         return "perplexity", base, value, tokens
     inputs = metrics.encoder_inputs(model.module, sentences)
     out = model.module.eval()(**inputs)

@@ -17,7 +17,7 @@ from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals, planner_for
 from deepsqueeze.core.record import CoverageEntry
 from deepsqueeze.errors import RecipeError
-from deepsqueeze.recipes.run import _example, check_trainable, fit_to_data, training_data
+from deepsqueeze.recipes.run import _example, check_trainable, fit_to_data, preflight, training_data
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_file_reference, resolve_model
 from deepsqueeze.zoo.resolve import ModelCode
@@ -62,10 +62,11 @@ def plan(model_ref: str | None, recipe: Recipe, *, weights: str | None = None, d
         model = resolve_file_reference(recipe.model, "the recipe's model", weights=weights, progress=False)
     else:
         model = resolve_model(model_ref, weights=weights, progress=False, device=device, model_code=model_code)
-    if data_ref or recipe.data:  # data the model cannot take is refused here, as compress refuses it
-        fit_to_data(model, training_data(model, data_ref or recipe.data), device)
+    data = training_data(model, data_ref or recipe.data)
+    fit_to_data(model, data, device)  # data the model cannot take is refused here, as compress refuses it
     example = _example(model)
     check_trainable(model, recipe, example)
+    preflight(model, recipe, data)
     params = count_params(model.module)
     result = Plan(model.ref, params, 4 * params)
     for index, config in enumerate(recipe.stages):

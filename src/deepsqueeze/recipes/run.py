@@ -302,6 +302,16 @@ def check_trainable(model: Model, recipe: Recipe, example: torch.Tensor | None) 
             "model's outputs), or a model that returns (N, classes) logits")
 
 
+def preflight(model: Model, recipe: Recipe, data: ClassificationData | TextData | None) -> None:
+    """Every stage's own checks against the model, and data for the stages that train or calibrate: what
+    plan and compress refuse before any work."""
+    for index, config in enumerate(recipe.stages):
+        if data is None and config.needs_data():
+            raise DataError(f"stage {index + 1} ({config.stage_type}) trains or calibrates on data: pass --data "
+                            "(or set 'data:' in the recipe)")
+        config.preflight(model)
+
+
 def check_out_path(out: str | Path, model_ref: str) -> Path:
     """``out`` as a Path once it is known to be a writable ``.dsq`` path that is not the input model
     (ArtifactError otherwise), checked before any work."""
@@ -354,6 +364,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     shape_from_data(model, data)
     check_model_runs_on(model, data, device)
     check_trainable(model, recipe, data.test_x[:2] if isinstance(data, ClassificationData) else _example(model))
+    preflight(model, recipe, data)
     start = time.perf_counter()
     adapted = adapt_recipe(recipe) if evaluate_result else None
     spare = copy.deepcopy(model) if adapted is not None else None

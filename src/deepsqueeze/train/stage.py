@@ -31,6 +31,9 @@ class Schedule(str, Enum):
 
 
 class FinetuneConfig(StageConfig):
+    def needs_data(self) -> bool:  # noqa: D102 - fine-tuning always trains
+        return True
+
     """Fine-tune every trainable parameter for ``epochs`` (fractions allowed) on the recipe's data."""
 
     stage_type = "finetune"
