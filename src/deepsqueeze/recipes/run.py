@@ -92,7 +92,8 @@ def check_model_runs_on(model: Model, data: ClassificationData | TextData | None
         return
     if isinstance(data, ClassificationData):
         if model.task is not Task.CLASSIFIER:
-            raise DataError(f"{model.ref} is a {model.task.value}: it trains on sentences, not on {data.name}")
+            raise DataError(f"{model.ref} is a {model.task.value}: {data.name} (images) does not fit it; pass "
+                            "sentences (pydoc-sentences, text:FILE)")
         if model.input_shape and tuple(model.input_shape) != tuple(data.input_shape):
             raise DataError(f"{model.ref} takes inputs of shape {tuple(model.input_shape)} but {data.name} has "
                             f"{tuple(data.input_shape)}: compress it with the data it was trained for")

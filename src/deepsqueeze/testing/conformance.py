@@ -190,11 +190,14 @@ def _quiet() -> Iterable[None]:
 def cli(argv: list[str]) -> tuple[int | str, str, str, float]:
     """``deepsqueeze *argv`` in this process: (exit code, stdout, stderr, seconds). An exception escaping
     the CLI's own boundary is returned as the code ``"exception: TYPE: TEXT"``."""
+    import warnings
+
     from deepsqueeze.cli.app import main
 
     out, err = io.StringIO(), io.StringIO()
     start = time.perf_counter()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+        warnings.simplefilter("default")  # as the console script runs (a test runner may make warnings errors)
         try:
             main(argv)
             code: int | str = 0
