@@ -120,3 +120,17 @@ def test_training_stages_take_models_without_class_logits(tmp_path, capsys, fact
         code, out, err = run(capsys, *argv, "--model", ref, "--data", "digits", "--recipe", "qat-w8a8")
         assert code == 2 and "trains on class logits" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "q.dsq").exists()
+
+
+def test_report_shows_the_quality_that_fits_a_causal_lm(tmp_path):
+    """Issue 24 finding 11: ``compress --report`` had no quality column for causal LMs."""
+    from deepsqueeze.recipes import compress
+    from deepsqueeze.testing.hf_models import make_hf_dir
+
+    sentences = tmp_path / "s.txt"
+    sentences.write_text("\n".join(f"sentence number {i} about small models." for i in range(40)) + "\n")
+    result = compress(f"hf:{make_hf_dir('gpt2', tmp_path / 'gpt2')}", load_recipe("w4-rtn"), tmp_path / "g.dsq",
+                      f"text:{sentences}", progress=False, report=True)
+    row = result.stage_reports[-1]
+    assert row["perplexity"] > 1 and "cosine_mean" not in row
+    assert result.budget is not None and result.budget.metric == "perplexity"

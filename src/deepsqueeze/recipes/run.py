@@ -168,8 +168,9 @@ def _example(model: Model) -> torch.Tensor | None:
 def stage_measurement(model: Model, data: ClassificationData | TextData | None,
                       reference: Model | None) -> dict[str, Any]:
     """What the model is worth right now: ``bytes`` of its artifact (written to a temporary folder),
-    ``ratio`` against fp32, and quality (``accuracy`` on the test split, or ``cosine_mean`` to the
-    reference on up to 64 of the stage data's sentences). Values that cannot be measured are None.
+    ``ratio`` against fp32, and quality (``accuracy`` on the test split, ``perplexity`` of a causal LM on up
+    to 64 of the stage data's sentences, or ``cosine_mean`` to the reference on them: label logits of a
+    sequence classifier, embeddings of an encoder). Values that cannot be measured are None.
     """
     import tempfile
 
@@ -190,6 +191,12 @@ def stage_measurement(model: Model, data: ClassificationData | TextData | None,
     with torch.no_grad():
         if isinstance(data, ClassificationData):
             out["accuracy"] = accuracy(model.module, data, device=device)
+        elif isinstance(data, TextData) and model.task is Task.CAUSAL_LM:
+            from deepsqueeze.eval.metrics import perplexity
+
+            window = min(256, int(getattr(model.module, "context_length", 256)))
+            out["perplexity"] = perplexity(model.module, data.sentences[:64], window=window, stride=window // 2,
+                                           device=device)[0]
         elif isinstance(data, TextData) and reference is not None and callable(getattr(model.module, "encode", None)):
             sentences = data.sentences[:64]
             emb = model.module.encode(sentences)  # type: ignore[operator]
