@@ -366,3 +366,27 @@ def test_search_under_torchrun_is_refused_in_one_line(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert info.value.code == 2 and "torchrun" in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "s").exists()
+
+
+def test_a_recipe_another_worker_is_measuring_is_a_repeat(tmp_path, lenet300_digits):
+    """Issue 24 finding 8: duplicates were checked against finished trials only, so workers sharing a study
+    measured the same recipe at once. An earlier RUNNING trial with the same recipe makes the new one a repeat."""
+    import copy
+
+    space, model = load_space(write_space(tmp_path, stages=[
+        {"type": "quantize", "method": "rtn", "bits": {"choice": [2, 3, 4, 8]}}]))
+    run_search(space, model, tmp_path / "out", sampler="random", trials=1)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    first = study.trials[0]
+    (key, value), = first.params.items()
+    other = next(b for b in (2, 3, 4, 8) if b != value)
+    form = copy.deepcopy(first.user_attrs["recipe"])
+    form["stages"][0]["bits"] = other
+    running = study.ask()  # another worker, measuring `other` right now
+    running.set_user_attr("recipe", form)
+    study.enqueue_trial({key: other})
+    run_search(space, model, tmp_path / "out", sampler="random", trials=2)
+    study = optuna.load_study(study_name="search", storage=default_storage(tmp_path / "out"))
+    proposed = study.trials[running.number + 1]
+    assert proposed.params[key] == other
+    assert proposed.state == optuna.trial.TrialState.PRUNED and proposed.user_attrs["repeat_of"] == running.number

@@ -177,10 +177,12 @@ def make_objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[An
         recipe = ctx.space.point(trial, ctx.model_ref, ctx.fit_ref)
         form = plain(recipe.to_dict())
         trial.set_user_attr("recipe", form)
-        # Same recipe, same artifact: a point already measured is not a new trial (NSGA-II's crossover of a
-        # small population repeats parents); pruned and not counted, so the sampler proposes another.
-        twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(
-            optuna.trial.TrialState.COMPLETE,)) if t.user_attrs.get("recipe") == form), None)
+        # Same recipe, same artifact: a point already measured, or being measured by an earlier trial of any
+        # worker, is not a new trial (NSGA-II's crossover of a small population repeats parents; workers
+        # sharing a study propose alike); pruned and not counted, so the sampler proposes another.
+        states = optuna.trial.TrialState
+        twin = next((t.number for t in trial.study.get_trials(deepcopy=False, states=(states.COMPLETE, states.RUNNING))
+                     if t.user_attrs.get("recipe") == form and t.number < trial.number), None)
         if twin is not None:
             trial.set_user_attr("repeat_of", twin)
             raise optuna.TrialPruned(f"the recipe of trial {twin}")
