@@ -119,3 +119,28 @@ def test_yaml_values_python_cannot_convert_are_recipe_errors(tmp_path, text):
     (tmp_path / "s.yaml").write_text(text)
     with pytest.raises(RecipeError, match="YAML"):
         read_space_file(tmp_path / "s.yaml")
+
+
+@pytest.mark.parametrize("name", ["cnn-bits", "cnn-sparsity", "encoder-heads-and-bits"])
+def test_shipped_spaces_load_by_name_on_the_models_they_describe(name, tmp_path):
+    """Issue 29 finding 6: no example space shipped; each is found by name and opens its holes on a model."""
+    from deepsqueeze.recipes.schema import shipped_spaces
+    from deepsqueeze.search.space import load_space
+    from deepsqueeze.testing.hf_models import make_hf_dir
+
+    assert name in shipped_spaces() and shipped_spaces()[name]
+    model = f"hf:{make_hf_dir('bert', tmp_path / 'bert')}" if name.startswith("encoder") \
+        else "py:deepsqueeze.testing.models:TinyResNet"
+    space, _model = load_space(name, model)
+    assert space.stages and space.description
+
+
+def test_search_takes_a_shipped_space_by_name_and_suggests_the_nearest(tmp_path, capsys):
+    from deepsqueeze.testing.cli import run
+
+    code, _out, err = run(capsys, "search", "--space", "cnn-bits", "--model", "py:deepsqueeze.testing.models:PlainMLP",
+                          "--data", "digits", "--trials", "1", "--out", str(tmp_path / "s"), "--json")
+    assert code == 0, err
+    code, _out, err = run(capsys, "search", "--space", "cnn-bit", "--model", "py:deepsqueeze.testing.models:PlainMLP",
+                          "--data", "digits", "--out", str(tmp_path / "t"))
+    assert code == 2 and "did you mean 'cnn-bits'" in err and len(err.strip().splitlines()) == 1

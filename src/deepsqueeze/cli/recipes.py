@@ -29,12 +29,14 @@ def stage_keys() -> dict[str, dict[str, Any]]:
 
 def listing_text() -> str:
     """The human listing: recipes with their descriptions, then stage types with key=default pairs."""
-    from deepsqueeze.recipes.schema import shipped_recipes
+    from deepsqueeze.recipes.schema import shipped_recipes, shipped_spaces
 
-    recipes = shipped_recipes()
-    width = max(map(len, recipes), default=0)
+    recipes, spaces = shipped_recipes(), shipped_spaces()
+    width = max(map(len, [*recipes, *spaces]), default=0)
     lines = ["Shipped recipes (--recipe NAME works from any directory):"]
     lines += [f"  {name:<{width}}  {description}" for name, description in recipes.items()]
+    lines += ["", "Shipped search spaces (deepsqueeze search --space NAME, from any directory):"]
+    lines += [f"  {name:<{width}}  {description}" for name, description in spaces.items()]
     lines += ["", "Stage types (recipe form: {type: NAME, KEY: VALUE, ...}; key=default):"]
     for stage_type, keys in stage_keys().items():
         lines.append(f"  {stage_type}: " + ", ".join(f"{k}={_plain(v)}" for k, v in keys.items()))
@@ -51,9 +53,9 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def recipes(as_json: bool = JsonOption) -> None:
         """List the shipped recipes (one line each) and the stage types with their keys and defaults."""
-        from deepsqueeze.recipes.schema import shipped_recipes
+        from deepsqueeze.recipes.schema import shipped_recipes, shipped_spaces
 
         if as_json:
-            emit_json({"recipes": shipped_recipes(), "stages": stage_keys()})
+            emit_json({"recipes": shipped_recipes(), "spaces": shipped_spaces(), "stages": stage_keys()})
         else:
             print(listing_text())

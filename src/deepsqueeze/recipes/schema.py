@@ -148,10 +148,22 @@ def find_recipe(name: str) -> Path | None:
     return path if path.is_file() else None
 
 
-def shipped_recipes() -> dict[str, str]:
-    """Shipped recipe name -> its one-line ``description`` (empty when the file has none or is unreadable)."""
+def find_space(name: str) -> Path | None:
+    """A shipped search space by name (``cnn-bits``, in ``recipes/spaces/``) or None."""
+    path = shipped_recipes_dir() / "spaces" / f"{name}.yaml"
+    return path if path.is_file() and "/" not in name else None
+
+
+def shipped_spaces() -> dict[str, str]:
+    """Shipped search space name -> its one-line ``description``."""
+    return shipped_recipes(shipped_recipes_dir() / "spaces")
+
+
+def shipped_recipes(folder: Path | None = None) -> dict[str, str]:
+    """Shipped recipe name -> its one-line ``description`` (empty when the file has none or is unreadable);
+    ``folder``: another folder of shipped YAML files (the search spaces)."""
     out: dict[str, str] = {}
-    for file in sorted(shipped_recipes_dir().glob("*.yaml")):
+    for file in sorted((folder or shipped_recipes_dir()).glob("*.yaml")):
         try:
             data = yaml.safe_load(file.read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, yaml.YAMLError):

@@ -1,4 +1,4 @@
-"""The report of a search study: Pareto front (shipped recipes marked), hypervolume per trial, parameter
+"""The report of a search study: Pareto front (the points written as front/*.yaml marked), hypervolume per trial, parameter
 importance (fANOVA, Hutter et al. 2014, as Optuna computes it), the answer and the front's recipes."""
 
 from __future__ import annotations
@@ -216,7 +216,7 @@ def study_report(folder: str | Path, storage: str | None = None, study_name: str
                                  text=[f"trial {t.number}" for t in on_front]))
         marked = [t for t in complete if t.number in shipped]
         fig.add_trace(go.Scatter(x=[t.user_attrs[key] for t in marked], y=[t.user_attrs["quality"] for t in marked],
-                                 mode="markers", name="shipped recipes (front/*.yaml)",
+                                 mode="markers", name="front points written as recipes (front/*.yaml)",
                                  marker={"symbol": "circle-open", "size": 16, "color": "#2f6fd0",
                                          "line": {"width": 2}},
                                  text=[Path(shipped[t.number] or "").name for t in marked]))

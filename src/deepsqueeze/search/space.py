@@ -35,6 +35,7 @@ the same in every trial (grid and CMA-ES need that).
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import math
@@ -418,12 +419,19 @@ class LayerLister(Protocol):
 
 def read_space_file(path: str | Path) -> dict[str, Any]:
     """The space file as plain data (YAML, safe loader)."""
+    from deepsqueeze.recipes.schema import find_space, shipped_spaces
+
     file = Path(path)
+    if not file.exists() and find_space(str(path)) is not None:  # a shipped space by name
+        file = find_space(str(path))  # type: ignore[assignment]
     try:
         text = file.read_text(encoding="utf-8")
     except FileNotFoundError:
-        raise RecipeError(f"search space {file} does not exist: write a YAML space (see deepsqueeze search --help)"
-                          ) from None
+        names = list(shipped_spaces())
+        hint = difflib.get_close_matches(file.stem, names, n=1, cutoff=0.6)
+        raise RecipeError(f"search space {file} does not exist: {f'did you mean {hint[0]!r}? ' if hint else ''}"
+                          f"pass a YAML space or a shipped one by name ({', '.join(names)}; see deepsqueeze "
+                          "recipes)") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise RecipeError(f"cannot read search space {file}: {exc}") from None
     return load_yaml_bounded(text, source=f"search space {file}")
