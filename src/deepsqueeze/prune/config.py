@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
@@ -174,3 +174,18 @@ class PruneTransformerConfig(_FinetuneFields):
         if self.criterion not in (Criterion.L1, Criterion.L2):
             raise ValueError("prune_transformer scores heads and neurons by weight magnitude: use l1 or l2")
         return self
+
+    def preflight(self, model: Any) -> None:
+        """The model has transformer blocks this stage recognises (matching ``include``)."""
+        import fnmatch
+
+        from deepsqueeze.errors import UnsupportedLayerError
+        from deepsqueeze.prune.transformer import find_blocks
+
+        blocks = [b for b in find_blocks(model.module)
+                  if self.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in self.include)]
+        if not blocks and (self.heads or self.ffn_ratio):
+            raise UnsupportedLayerError(
+                f"{model.ref} has no transformer blocks deepsqueeze recognises (BERT, ALBERT, DistilBERT, GPT-2 or "
+                "Llama-style attention with an FFN) matching the include patterns: prune_transformer is for "
+                "transformers; use prune_channels (prune-structured) for CNNs")

@@ -333,8 +333,9 @@ def plan_prune_channels(module: nn.Module, config: PruneChannelsConfig,
                         example: torch.Tensor | None = None) -> list[CoverageEntry]:
     """The coverage a ``prune_channels`` stage will record: graph analysis on one example batch."""
     if example is None:
-        raise ModelError("planning prune_channels traces the model: it needs an example input (a model with an "
-                         "input shape)")
+        raise ModelError("prune_channels traces the model on an example input: it takes models with an input "
+                         "shape (CNNs, MLPs: give a py: model --data or an input_shape attribute); for "
+                         "transformers use prune_transformer (prune-transformer)")
     return channel_coverage(module, example, _channel_plan(config))
 
 
