@@ -390,3 +390,33 @@ def test_a_recipe_another_worker_is_measuring_is_a_repeat(tmp_path, lenet300_dig
     proposed = study.trials[running.number + 1]
     assert proposed.params[key] == other
     assert proposed.state == optuna.trial.TrialState.PRUNED and proposed.user_attrs["repeat_of"] == running.number
+
+
+@pytest.mark.parametrize("objectives", [("quality", "bytes"), ("quality", "bytes", "latency")])
+def test_hypervolume_history_equals_the_front_of_every_prefix(objectives):
+    """The report of a 300-trial study took 24 s (a new Pareto front per trial): the history is now kept
+    incrementally and must equal the hypervolume of each prefix's front, repeated points included."""
+    import random
+
+    from deepsqueeze.search.front import (
+        DIRECTIONS,
+        HV_REFERENCE,
+        hypervolume,
+        hypervolume_history,
+        normalized_values,
+        pareto_front,
+    )
+
+    rng = random.Random(0)
+    baseline = {"bytes": 1000.0, "latency_ms": 10.0}
+    trials = [{"quality": rng.choice([0.5, 0.7, 0.9, rng.random()]), "bytes": rng.choice([200, 500, rng.randint(1, 999)]),
+               "latency_ms": rng.choice([5.0, rng.uniform(1, 19)])} for _ in range(60)]
+    trials += trials[:5]
+    directions = [DIRECTIONS[o] for o in objectives]
+    corner = [HV_REFERENCE[o] for o in objectives]
+    expected = []
+    for n in range(1, len(trials) + 1):
+        points = [normalized_values(t, objectives, baseline) for t in trials[:n]]
+        front = pareto_front(list(enumerate(points)), directions)
+        expected.append(hypervolume([points[i] for i in front], corner, directions))
+    assert hypervolume_history(trials, objectives, baseline) == pytest.approx(expected, rel=1e-12, abs=1e-15)

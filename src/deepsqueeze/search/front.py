@@ -106,12 +106,14 @@ def hypervolume_history(trials: list[dict[str, Any]], objectives: list[str] | tu
     ``max_drop`` constraint sets, so that only points above it count."""
     directions = [DIRECTIONS[o] for o in objectives]
     corner = [{**HV_REFERENCE, **(reference or {})}[o] for o in objectives]
-    points: list[list[float]] = []
-    history = []
+    front: list[list[float]] = []  # kept incrementally: O(trials x front), not a new front per trial
+    volume, history = 0.0, []
     for attrs in trials:
-        points.append(normalized_values(attrs, objectives, baseline))
-        front = pareto_front(list(enumerate(points)), directions)
-        history.append(hypervolume([points[i] for i in front], corner, directions))
+        point = normalized_values(attrs, objectives, baseline)
+        if not any(_dominates(q, point, directions) for q in front):  # a dominated point changes nothing
+            front = [q for q in front if not _dominates(point, q, directions)] + [point]
+            volume = hypervolume(front, corner, directions)
+        history.append(volume)
     return history
 
 
