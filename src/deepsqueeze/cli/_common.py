@@ -31,7 +31,7 @@ def threads_option(help: str) -> Any:
 ModelCodeOption = typer.Option(None, "--model-code", help="py:package.module:factory building the architecture of "
                                "an artifact compressed from your own code (a .dsq never names code to run)")
 
-# The model options every command that takes a model accepts, declared once (tests/cli checks each command).
+# The model options every command that takes a model accepts, declared once (tests/test_conformance.py checks).
 MODEL_OPTIONS = ("--model", "--weights", "--model-code", "--data", "--device", "--threads")
 ModelOption = typer.Option(None, "--model", help="Model reference: zoo:NAME[@DATA], minilm, hf:DIR, "
                            "py:package.module:factory, or FILE.dsq")

@@ -359,6 +359,8 @@ PAIRS = {
 KIND_RECIPE = {"mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune", "recurrent": "w4-rtn"}
 # The subset's cells that also run ``search`` (one per task: classifier, causal LM, sequence classifier).
 SEARCHED = {("prune-structured", "cnn-residual"), ("w4-rtn", "hf-qwen2"), ("w3-lora", "hf-bert-classifier")}
+# The kinds the subset runs the recipe-independent commands on (one per task).
+MODEL_CELLS = {"cnn-residual", "py-weights", "dict-output", "hf-bert", "hf-bert-classifier", "hf-gpt2", "st-dense"}
 # Cells a user found broken once (issue 24 finding 5: prune-transformer on decoders and classifiers).
 ALSO = [("prune-transformer", "hf-gpt2"), ("prune-transformer", "hf-bert-classifier")]
 
@@ -371,7 +373,7 @@ def run_matrix(folder: Path, pairs: Iterable[tuple[str, str]] | None = None, ful
     for kind in KINDS.values():
         for recipe in ["-", *recipes()]:
             if recipe == "-":
-                got = model_cells(kind, folder)
+                got = model_cells(kind, folder) if full or kind.name in MODEL_CELLS else []
             elif full or (recipe, kind.name) in pairs:
                 got = run_cell(recipe, kind, folder, search=full or (recipe, kind.name) in SEARCHED)
             else:
