@@ -203,7 +203,7 @@ def cli(argv: list[str]) -> tuple[int | str, str, str, float]:
             code: int | str = 0
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-        except BaseException as exc:  # noqa: BLE001 - a cell records whatever escaped
+        except Exception as exc:  # noqa: BLE001 - a cell records whatever escaped (Ctrl-C / SIGTERM stop the run)
             code = f"exception: {type(exc).__name__}: {exc}"
     return code, out.getvalue(), err.getvalue(), time.perf_counter() - start
 
