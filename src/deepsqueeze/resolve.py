@@ -30,7 +30,7 @@ def resolve_model(ref: str, weights: str | None = None, progress: bool = True,
     """``FILE.dsq`` loads an artifact (``model_code``: the architecture of a ``py:`` model's artifact,
     see :func:`deepsqueeze.load`); anything else goes to the zoo resolver. ``ref`` must come from the
     user: a reference read from a file goes through :func:`resolve_file_reference`."""
-    if ref.endswith(".dsq") or (Path(ref).is_file() and not ref.startswith(("zoo:", "hf:", "py:"))):
+    if ref.endswith(".dsq") or (Path(ref).is_file() and not ref.startswith(("zoo:", "hf:", "gguf:", "py:"))):
         model = load(ref, model_code)
         model.module.to(device)
         return model
@@ -40,10 +40,14 @@ def resolve_model(ref: str, weights: str | None = None, progress: bool = True,
 def _same_reference(ref: str, named: str) -> bool:
     if ref == named:
         return True
-    if ref.startswith("hf:") != named.startswith("hf:") or ref.startswith(("py:", "zoo:")):
+    def kind(text: str) -> str:  # paths compare resolved, within one kind: hf: folders, gguf: files, .dsq files
+        return next((p for p in ("hf:", "gguf:") if text.startswith(p)), "")
+
+    prefix = kind(ref)
+    if kind(named) != prefix or ref.startswith(("py:", "zoo:")):
         return False
     try:
-        return Path(ref.removeprefix("hf:")).resolve() == Path(named.removeprefix("hf:")).resolve()
+        return Path(ref.removeprefix(prefix)).resolve() == Path(named.removeprefix(prefix)).resolve()
     except (OSError, ValueError):
         return False
 

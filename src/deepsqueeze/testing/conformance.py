@@ -97,6 +97,15 @@ def _st_dense(folder: Path) -> str:
     return f"hf:{folder}"
 
 
+def _gguf(folder: Path) -> str:
+    from deepsqueeze.testing.gguf_models import make_gguf
+
+    file = folder / "model.gguf"
+    if not file.exists():
+        make_gguf(file)
+    return f"gguf:{file}"
+
+
 def _py_weights(factory: str) -> Callable[[Path], str]:
     def build(folder: Path) -> str:
         from safetensors.torch import save_file
@@ -140,6 +149,8 @@ def _kinds() -> dict[str, Kind]:
                                      build=_hf(family))
     kinds["st-dense"] = Kind("st-dense", "sentence-transformers folder: BERT, mean pooling, Dense 32->16",
                              TEXT, build=_st_dense)
+    kinds["gguf-llama"] = Kind("gguf-llama", "gguf: a llama.cpp GGUF file (Llama, GQA, tied head; tiny, random)", TEXT,
+                               build=_gguf)
     kinds["zoo"] = Kind("zoo", "packaged model: LeNet-300-100 (zoo:lenet300, trained on digits on first use)",
                         "digits", model="zoo:lenet300@digits")
     return kinds
@@ -356,7 +367,7 @@ PAIRS = {
     "int8-smoothquant": "hf-gpt2", "mixed-precision": "mlp", "w3-lora": "hf-bert-classifier",
     "lowrank-svd": "hf-albert", "w4-rtn": "hf-qwen2", "finetune": "dict-output", "int8-dynamic": "hf-roberta",
 }
-KIND_RECIPE = {"mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune", "recurrent": "w4-rtn"}
+KIND_RECIPE = {"gguf-llama": "w4-gptq", "mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune", "recurrent": "w4-rtn"}
 # The subset's cells that also run ``search`` (one per task: classifier, causal LM, sequence classifier).
 SEARCHED = {("prune-structured", "cnn-residual"), ("w4-rtn", "hf-qwen2"), ("w3-lora", "hf-bert-classifier")}
 # The kinds the subset runs the recipe-independent commands on (one per task).

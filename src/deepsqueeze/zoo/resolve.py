@@ -28,8 +28,8 @@ from deepsqueeze.zoo.hf import (
     minilm_dir,
 )
 
-MODEL_HELP = ("zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), zoo:gpt-tiny@pydoc, minilm, hf:DIR, "
-              "py:package.module:factory, FILE.dsq")
+MODEL_HELP = ("zoo:NAME[@DATA] (NAME: " + ", ".join(ZOO) + "), zoo:gpt-tiny@pydoc, zoo:smollm2-135m, minilm, "
+              "hf:DIR, gguf:FILE.gguf, py:package.module:factory, FILE.dsq")
 DEFAULT_SHAPE = (1, 28, 28)
 
 #: What ``load(path, model=...)`` / ``--model-code`` accept for artifacts of ``py:`` models.
@@ -106,6 +106,28 @@ class HFBase(pydantic.BaseModel):
         return value
 
 
+class GGUFBase(pydantic.BaseModel):
+    """A GGUF file: ``name`` a packaged one (``smollm2-135m``), else ``path`` on this machine (metadata read only)."""
+
+    model_config = _Strict
+    kind: Literal["gguf"]
+    name: Literal["smollm2-135m"] | None = None
+    path: Annotated[str, pydantic.Strict(), pydantic.Field(min_length=1, max_length=MAX_PATH,
+                                                           pattern=r"^[^\x00]*$")] | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _one(self) -> GGUFBase:
+        if (self.name is None) == (self.path is None):
+            raise ValueError("a gguf base names a packaged model or a path, exactly one")
+        return self
+
+    def file(self) -> Path:
+        """The GGUF file this base is read from."""
+        from deepsqueeze.zoo.gguf import smollm2_path
+
+        return smollm2_path() if self.name else Path(str(self.path))
+
+
 class Fingerprint(pydantic.BaseModel):
     """Submodule names and state-dict shapes of a ``py`` base (see ``architecture_fingerprint``)."""
 
@@ -123,13 +145,15 @@ class PyBase(pydantic.BaseModel):
     fingerprint: Fingerprint | None = None  # absent only in format-1 files
 
 
-BaseSpec = Annotated[ZooBase | ZooLMBase | MiniLMBase | HFBase | PyBase, pydantic.Field(discriminator="kind")]
+BASE_KINDS = ("zoo", "zoo-lm", "minilm", "hf", "gguf", "py")
+BaseSpec = Annotated[ZooBase | ZooLMBase | MiniLMBase | HFBase | GGUFBase | PyBase,
+                     pydantic.Field(discriminator="kind")]
 _BASE_ADAPTER: pydantic.TypeAdapter[Any] = pydantic.TypeAdapter(BaseSpec)
 
 
-def validate_base(base: Any) -> ZooBase | ZooLMBase | MiniLMBase | HFBase | PyBase:
+def validate_base(base: Any) -> ZooBase | ZooLMBase | MiniLMBase | HFBase | GGUFBase | PyBase:
     """Check a manifest's ``base`` against its schema; raise ``ArtifactError`` naming the bad field."""
-    if isinstance(base, dict) and base.get("kind") not in (None, "zoo", "zoo-lm", "minilm", "hf", "py"):
+    if isinstance(base, dict) and base.get("kind") not in (None, *BASE_KINDS):
         raise ArtifactError(f"unknown base model kind {str(base.get('kind'))[:40]!r}: "
                             "this artifact needs a newer deepsqueeze")
     try:
@@ -169,6 +193,10 @@ def build_base(base: dict[str, Any], model_code: ModelCode = None) -> nn.Module:
         return load_sentence_encoder(minilm_dir(), pretrained=False)
     if isinstance(spec, HFBase):
         return load_hf_model(spec.path, Task(spec.task), pretrained=False)
+    if isinstance(spec, GGUFBase):
+        from deepsqueeze.zoo.gguf import load_gguf_model
+
+        return load_gguf_model(spec.file(), pretrained=False)
     if model_code is None:
         raise ModelError(
             "this artifact was compressed from your own architecture code, which a .dsq never names: "
@@ -232,7 +260,14 @@ def check_fingerprint(module: nn.Module, expected: dict[str, Any], label: str) -
 def resolve_base_model(ref: str, weights: str | None = None, progress: bool = True,
                        device: str | torch.device = "cpu") -> Model:
     """Resolve a non-artifact model reference into a ``Model`` with its weights loaded."""
-    if ref.startswith("zoo:gpt-tiny"):
+    if ref.startswith("gguf:") or ref == "zoo:smollm2-135m":
+        from deepsqueeze.zoo.gguf import load_gguf_model
+
+        base: dict[str, Any] = ({"kind": "gguf", "name": "smollm2-135m"} if ref.startswith("zoo:") else
+                                {"kind": "gguf", "path": str(Path(ref[5:]).resolve())})
+        module = load_gguf_model(validate_base(base).file())  # type: ignore[union-attr]
+        model = Model(module, base, Task.CAUSAL_LM, ref, count_params(module))
+    elif ref.startswith("zoo:gpt-tiny"):
         from deepsqueeze.zoo.gpt import build_gpt_tiny, pretrained_gpt_tiny
 
         _, _, data_ref = ref[4:].partition("@")
@@ -302,6 +337,8 @@ def base_reference(model: Model) -> Model:
         return resolve_base_model("minilm", progress=False)
     if isinstance(spec, HFBase):  # the folder the artifact's own load already reads its config from
         return resolve_base_model(f"hf:{spec.path}", progress=False)
+    if isinstance(spec, GGUFBase):  # the file the artifact's own load already reads its config from
+        return resolve_base_model("zoo:smollm2-135m" if spec.name else f"gguf:{spec.path}", progress=False)
     if isinstance(spec, (ZooLMBase, ZooBase)):
         ref = f"zoo:{spec.name}" + (f"@{spec.data}" if spec.data else "")
         check_zoo_reference(ref, where)
@@ -320,6 +357,8 @@ def check_zoo_reference(ref: str, where: str, option: str = "--model") -> None:
     """Refuse (``ModelError``) a ``zoo:`` reference read from a file that would need work beyond rebuilding:
     a training run (``@DATA`` not cached on this machine) or a data folder (``@DATA:PATH``)."""
     name, _, data_ref = ref[4:].partition("@")
+    if name == "smollm2-135m" and not data_ref:  # a packaged GGUF file: data only
+        return
     if name not in ZOO and name != "gpt-tiny":
         raise ModelError(f"{where} names an unknown zoo model {one_line(name, 60)!r}: choose one of {', '.join(ZOO)}")
     if not data_ref:
