@@ -65,10 +65,12 @@ def _substitute(text: str) -> str:
 
 @pytest.fixture(scope="module")
 def workdir(tmp_path_factory):
-    """A folder holding what the README's user has: mynet.py and its weights, an encoder folder, sentence files."""
+    """A folder holding what the README's user has: mynet.py and its weights, an encoder folder, a GGUF file,
+    sentence files."""
     from safetensors.torch import save_file
 
     from deepsqueeze.data import resolve_data
+    from deepsqueeze.testing.gguf_models import make_gguf
     from deepsqueeze.testing.hf_models import make_st_dir
 
     folder = tmp_path_factory.mktemp("readme")
@@ -84,6 +86,7 @@ def workdir(tmp_path_factory):
         sys.path.remove(str(folder))
         sys.modules.pop("mynet", None)
     make_st_dir(folder / "my-encoder", head=("dense:16",))
+    make_gguf(folder / "model.gguf")
     make_st_dir(folder / "tiny-minilm", pooling="mean", head=("normalize",))
     sentences = resolve_data("pydoc-sentences:calib").sentences
     (folder / "my-sentences.txt").write_text("\n".join(sentences[:96]) + "\n", encoding="utf-8")
