@@ -15,13 +15,13 @@ from deepsqueeze.testing import conformance as cf
 
 def test_the_matrix_is_built_from_the_registries():
     from deepsqueeze.cli.app import app
-    from deepsqueeze.testing.hf_models import FAMILIES
+    from deepsqueeze.testing.hf_models import FAMILIES, REFUSED_FAMILIES
 
     cli_commands = {c.name or c.callback.__name__ for c in app.registered_commands}
     covered = {c.split("-")[0] for c in cf.COMMANDS} | set(cf.NOT_MODEL_COMMANDS)
     assert set(cf.NOT_MODEL_COMMANDS) <= cli_commands, "NOT_MODEL_COMMANDS names a command the CLI lacks"
     assert cli_commands <= covered, f"commands the matrix does not run: {sorted(cli_commands - covered)}"
-    assert {f"hf-{f}" for f in FAMILIES} <= set(cf.KINDS)
+    assert {f"hf-{f}" for f in [*FAMILIES, *REFUSED_FAMILIES]} <= set(cf.KINDS)
     from deepsqueeze.testing import user_models
 
     classes = {n for n, obj in vars(user_models).items() if pyinspect.isclass(obj) and obj.__module__ ==

@@ -135,7 +135,7 @@ _OTHER_PY_KINDS = {
 
 
 def _kinds() -> dict[str, Kind]:
-    from deepsqueeze.testing.hf_models import FAMILIES
+    from deepsqueeze.testing.hf_models import FAMILIES, REFUSED_FAMILIES
 
     kinds: dict[str, Kind] = {}
     for name, (factory, text) in _IMAGE_KINDS.items():
@@ -146,6 +146,9 @@ def _kinds() -> dict[str, Kind]:
                                build=_py_weights(_py("models:PlainMLP")), code=_py("models:PlainMLP"), weights=True)
     for family, (model_cls, *_rest) in FAMILIES.items():
         kinds[f"hf-{family}"] = Kind(f"hf-{family}", f"hf: {model_cls} (tiny, random weights)", TEXT,
+                                     build=_hf(family))
+    for family, (model_cls, *_rest) in REFUSED_FAMILIES.items():
+        kinds[f"hf-{family}"] = Kind(f"hf-{family}", f"hf: {model_cls} (a family deepsqueeze refuses)", TEXT,
                                      build=_hf(family))
     kinds["st-dense"] = Kind("st-dense", "sentence-transformers folder: BERT, mean pooling, Dense 32->16",
                              TEXT, build=_st_dense)
@@ -245,7 +248,7 @@ def _last(lines: list[str]) -> str:
 
 def plan_cell(recipe: str, kind: Kind, folder: Path) -> Cell:
     """``plan --recipe RECIPE`` with the kind's model options."""
-    return _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *kind.args(folder)]))
+    return _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *kind.args(folder), "--json"]))
 
 
 def _example(model: object) -> object:
@@ -298,7 +301,7 @@ def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tu
     args = kind.args(folder)
     work = folder / "cells" / f"{kind.name}--{recipe}"
     work.mkdir(parents=True, exist_ok=True)
-    planned = _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *args]))
+    planned = _judge("plan", recipe, kind.name, cli(["plan", "--recipe", recipe, *args, "--json"]))
     cells = [planned]
     if "compress" not in commands:
         return cells

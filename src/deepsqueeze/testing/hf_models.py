@@ -16,7 +16,7 @@ import torch
 
 from deepsqueeze.zoo.byte_tokenizer import BYTE_VOCAB, byte_tokenizer
 
-__all__ = ["FAMILIES", "TiedAutoencoder", "byte_tokenizer", "make_hf_dir", "make_st_dir"]
+__all__ = ["FAMILIES", "REFUSED_FAMILIES", "TiedAutoencoder", "byte_tokenizer", "make_hf_dir", "make_st_dir"]
 
 
 # family -> (model class name in transformers, config class name, config keyword arguments, tokenizer kind)
@@ -51,23 +51,35 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
 }
 
 
+# Families users bring that deepsqueeze refuses in one line (an encoder-decoder, a vision transformer): the
+# conformance matrix checks that every command refuses them before any work. No tokenizer is written.
+REFUSED_FAMILIES: dict[str, tuple[str, str, dict[str, Any], str]] = {
+    "t5": ("T5ForConditionalGeneration", "T5Config", dict(vocab_size=300, d_model=32, d_kv=8, d_ff=64, num_layers=2,
+                                                          num_heads=4, decoder_start_token_id=0), "none"),
+    "vit": ("ViTModel", "ViTConfig", dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                          intermediate_size=64, image_size=28, patch_size=7, num_channels=1), "none"),
+}
+
+
 def make_hf_dir(family: str, folder: str | Path, seed: int = 0, **overrides: Any) -> Path:
-    """Write a tiny random-weight ``family`` model (see :data:`FAMILIES`) with its tokenizer to ``folder``;
-    ``overrides`` replace config values (sizes for benchmarks)."""
+    """Write a tiny random-weight ``family`` model (see :data:`FAMILIES`, :data:`REFUSED_FAMILIES`) with its
+    tokenizer to ``folder``; ``overrides`` replace config values (sizes for benchmarks)."""
     import transformers
     from transformers import AutoTokenizer
 
     from deepsqueeze.zoo.hf import minilm_dir
 
-    model_cls, config_cls, kwargs, tokenizer_kind = FAMILIES[family]
+    model_cls, config_cls, kwargs, tokenizer_kind = {**FAMILIES, **REFUSED_FAMILIES}[family]
     kwargs = {**kwargs, **overrides}
     out = Path(folder)
     out.mkdir(parents=True, exist_ok=True)
     if tokenizer_kind == "wordpiece":
         tokenizer = AutoTokenizer.from_pretrained(minilm_dir())
         kwargs = {"vocab_size": tokenizer.vocab_size, **kwargs}
-    else:
+    elif tokenizer_kind == "bytes":
         tokenizer = byte_tokenizer()
+    else:
+        tokenizer = None
     torch.manual_seed(seed)
     config = getattr(transformers, config_cls)(**kwargs)
     model = getattr(transformers, model_cls)(config).eval()
@@ -76,7 +88,8 @@ def make_hf_dir(family: str, folder: str | Path, seed: int = 0, **overrides: Any
             if "norm" in name.lower() or "ln_" in name:
                 p.add_(0.1 * torch.randn_like(p))
     model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
 
 
