@@ -28,8 +28,11 @@ from deepsqueeze.testing.models import tiny_model_handle
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "deepsqueeze"
 
+# One driver process serves every case of this module (a CLI run per request line on stdin, one JSON line
+# back): the audit hook watches the canary folder and canary imports; stdout and stderr of each run are
+# captured. A case that imports the canary fails by its mark file and hook record, whatever ran before it.
 DRIVER = r"""
-import json, os, sys
+import contextlib, io, json, os, sys, traceback
 watch = os.environ["CANARY_WATCH"]
 hits = []
 def hook(event, args):
@@ -40,17 +43,26 @@ def hook(event, args):
     elif event == "import" and args and str(args[0]).startswith("canary_mod"):
         hits.append("import " + str(args[0]))
 sys.addaudithook(hook)
-code = 0
-try:
-    from deepsqueeze.cli.app import main
-    main(sys.argv[1:])
-except SystemExit as exc:
-    code = exc.code if isinstance(exc.code, int) else 1
-finally:
-    with open(os.environ["CANARY_REPORT"], "w") as fh:
-        json.dump({"hits": hits, "code": code}, fh)
-sys.exit(code)
+reply = sys.stdout
+from deepsqueeze.cli.app import main
+for line in sys.stdin:
+    request = json.loads(line)
+    os.environ.update(request["env"])
+    sys.modules.pop("canary_mod", None)
+    hits.clear()
+    out, err, code = io.StringIO(), io.StringIO(), 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(request["argv"])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+    reply.write(json.dumps({"hits": list(hits), "code": code, "stderr": err.getvalue()}) + "\n")
+    reply.flush()
 """
+
 
 CANARY = textwrap.dedent("""
     import pathlib, os
@@ -86,16 +98,28 @@ REFS = {
 }
 
 
-def _run(canary: Path, tmp_path: Path, *argv: str) -> dict:
-    report = tmp_path / "report.json"
+@pytest.fixture(scope="module")
+def driver(canary, tmp_path_factory):
+    """The module's driver process (see DRIVER)."""
+    logs = tmp_path_factory.mktemp("driver")
     env = {**os.environ,
            "PYTHONPATH": os.pathsep.join([str(canary / "code"), *(p for p in sys.path if p)]),
-           "CANARY_WATCH": str((canary / "secret").resolve()), "CANARY_MARK": str(tmp_path / "mark"),
-           "CANARY_REPORT": str(report), "DEEPSQUEEZE_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-c", DRIVER, *argv], cwd=canary / "code", capture_output=True,
-                          text=True, timeout=300, env=env)
-    result = json.loads(report.read_text())
-    result["stderr"] = proc.stderr
+           "CANARY_WATCH": str((canary / "secret").resolve())}
+    with open(logs / "stderr.txt", "w") as stderr:  # a file, never a full pipe
+        proc = subprocess.Popen([sys.executable, "-c", DRIVER], cwd=canary / "code", stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, stderr=stderr, text=True, env=env)
+        yield proc
+        proc.stdin.close()
+        proc.wait(timeout=60)
+
+
+def _run(driver: subprocess.Popen, tmp_path: Path, *argv: str) -> dict:
+    env = {"CANARY_MARK": str(tmp_path / "mark"), "DEEPSQUEEZE_CACHE": str(tmp_path / "cache")}
+    driver.stdin.write(json.dumps({"argv": list(argv), "env": env}) + "\n")
+    driver.stdin.flush()
+    line = driver.stdout.readline()
+    assert line, f"the driver process died (exit {driver.poll()}): see its stderr.txt"
+    result = json.loads(line)
     result["trained"] = sorted(p.name for p in (tmp_path / "cache").rglob("*.safetensors"))
     result["mark"] = (tmp_path / "mark").exists()
     return result
@@ -129,7 +153,7 @@ def zoo_artifact(canary, tmp_path_factory):
 
 @pytest.mark.parametrize("kind", sorted(REFS))
 @pytest.mark.parametrize("command", ["evaluate", "report", "inspect", "export", "compress"])
-def test_an_artifacts_ref_reaches_no_resolver(canary, zoo_artifact, tmp_path, kind, command):
+def test_an_artifacts_ref_reaches_no_resolver(canary, driver, zoo_artifact, tmp_path, kind, command):
     def edit(manifest):
         manifest["ref"] = _ref(kind, canary)
 
@@ -143,7 +167,7 @@ def test_an_artifacts_ref_reaches_no_resolver(canary, zoo_artifact, tmp_path, ki
     }[command]
     if command in ("evaluate",) and not _fashion_mnist():
         argv = ["evaluate", str(forged), "--data", "digits", "--no-latency"]  # fails on shape, still reads ref
-    _check_clean(_run(canary, tmp_path, *argv))
+    _check_clean(_run(driver, tmp_path, *argv))
 
 
 def _fashion_mnist() -> bool:
@@ -154,7 +178,7 @@ def _fashion_mnist() -> bool:
 
 @pytest.mark.parametrize("kind", sorted(REFS))
 @pytest.mark.parametrize("where", ["recipe-model", "recipe-teacher", "plan", "space"])
-def test_a_recipe_or_space_reference_reaches_no_resolver(canary, tmp_path, kind, where):
+def test_a_recipe_or_space_reference_reaches_no_resolver(canary, driver, tmp_path, kind, where):
     ref = _ref(kind, canary)
     if where == "space":
         (tmp_path / "space.yaml").write_text(yaml.safe_dump({
@@ -171,16 +195,16 @@ def test_a_recipe_or_space_reference_reaches_no_resolver(canary, tmp_path, kind,
                                                           "stages": [{"type": "quantize", "method": "dynamic"}]}))
         argv = (["plan", "--recipe", str(tmp_path / "r.yaml")] if where == "plan" else
                 ["compress", "--recipe", str(tmp_path / "r.yaml"), "--out", str(tmp_path / "c.dsq")])
-    result = _run(canary, tmp_path, *argv)
+    result = _run(driver, tmp_path, *argv)
     _check_clean(result)
     assert result["code"] == 2 and ref.split(":")[0] in result["stderr"], result["stderr"]
 
 
-def test_a_file_reference_the_user_names_again_is_theirs(canary, tmp_path):
+def test_a_file_reference_the_user_names_again_is_theirs(canary, driver, tmp_path):
     """Naming the same reference on the command line is the user's choice: the file's default then applies."""
     (tmp_path / "r.yaml").write_text(yaml.safe_dump({"model": "py:canary_mod:build",
                                                       "stages": [{"type": "quantize", "method": "dynamic"}]}))
-    result = _run(canary, tmp_path, "plan", "--recipe", str(tmp_path / "r.yaml"), "--model", "py:canary_mod:build")
+    result = _run(driver, tmp_path, "plan", "--recipe", str(tmp_path / "r.yaml"), "--model", "py:canary_mod:build")
     assert result["code"] == 0 and result["mark"], result["stderr"]
 
 
