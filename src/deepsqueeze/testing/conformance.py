@@ -380,11 +380,12 @@ ALSO = [("prune-transformer", "hf-gpt2"), ("prune-transformer", "hf-bert-classif
 
 
 def run_matrix(folder: Path, pairs: Iterable[tuple[str, str]] | None = None, full: bool = False,
-               log: Callable[[str], None] | None = None) -> list[Cell]:
-    """Plan every (recipe, kind) cell; run the whole pipeline on ``pairs`` (every cell when ``full``)."""
+               log: Callable[[str], None] | None = None, kinds: Iterable[str] | None = None) -> list[Cell]:
+    """Plan every (recipe, kind) cell; run the whole pipeline on ``pairs`` (every cell when ``full``);
+    ``kinds``: only these kinds (default: all)."""
     pairs = set(pairs or ())
     cells: list[Cell] = []
-    for kind in KINDS.values():
+    for kind in [KINDS[name] for name in (kinds or KINDS)]:
         for recipe in ["-", *recipes()]:
             if recipe == "-":
                 got = model_cells(kind, folder) if full or kind.name in MODEL_CELLS else []
@@ -451,10 +452,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=None, help="write the markdown table here (COVERAGE.md)")
     parser.add_argument("--json", default=None, help="write every cell as JSON here")
     parser.add_argument("--work", default=None, help="working folder (default: a temporary one)")
+    parser.add_argument("--kinds", default=None, help="comma-separated model kinds (default: all)")
     ns = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(ns.work or tmp)
-        cells = run_matrix(folder, covering_subset(), full=ns.full, log=lambda s: print(s, flush=True))
+        cells = run_matrix(folder, covering_subset(), full=ns.full, log=lambda s: print(s, flush=True),
+                           kinds=ns.kinds.split(",") if ns.kinds else None)
     if ns.out:
         Path(ns.out).write_text(matrix_markdown(cells, ns.full), encoding="utf-8")
     if ns.json:
