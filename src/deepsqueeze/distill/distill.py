@@ -48,17 +48,6 @@ class EmbeddingLoss(StrEnum):
 
 
 class DistillConfig(StageConfig):
-    def needs_data(self) -> bool:  # noqa: D102 - distillation always trains
-        return True
-
-    def preflight(self, model: Any) -> None:
-        """``keep-layers`` keeps indices the model's layer stack has."""
-        if self.student == "keep-layers" and self.keep:
-            n = len(get_submodule(model.module, self.layers_path or find_layer_stack(model.module)))
-            if max(self.keep) >= n:
-                raise RecipeError(f"distill keeps layers {list(self.keep)} but {model.ref} has {n}: keep indices "
-                                  f"in 0..{n - 1} (or set num_layers)")
-
     """Distil the model (the student) from a teacher, by default the uncompressed reference model.
 
     ``student``: ``self`` (train the current model), ``keep-layers`` (drop layers of the current model
@@ -69,6 +58,17 @@ class DistillConfig(StageConfig):
     ``augment``: for sentence encoders, add this many variants of every training sentence (spans, word
     dropout, joined pairs: ``augment_sentences``); the teacher labels them, so they are free supervision.
     """
+
+    def needs_data(self) -> bool:  # noqa: D102 - distillation always trains
+        return True
+
+    def preflight(self, model: Any) -> None:
+        """``keep-layers`` keeps indices the model's layer stack has."""
+        if self.student == "keep-layers" and self.keep:
+            n = len(get_submodule(model.module, self.layers_path or find_layer_stack(model.module)))
+            if max(self.keep) >= n:
+                raise RecipeError(f"distill keeps layers {list(self.keep)} but {model.ref} has {n}: keep indices "
+                                  f"in 0..{n - 1} (or set num_layers)")
 
     stage_type: ClassVar[str] = "distill"
 

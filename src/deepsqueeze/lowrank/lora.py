@@ -218,10 +218,10 @@ class LoRALoss(StrEnum):
 
 
 class LoRAConfig(StageConfig):
+    """Train low-rank adapters on a compressed model with its base weights frozen, then merge them."""
+
     def needs_data(self) -> bool:  # noqa: D102 - LoRA always trains
         return True
-
-    """Train low-rank adapters on a compressed model with its base weights frozen, then merge them."""
 
     stage_type: ClassVar[str] = "lora"
 

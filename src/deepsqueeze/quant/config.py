@@ -69,10 +69,6 @@ WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY,
 
 
 class QuantizeConfig(StageConfig):
-    def needs_data(self) -> bool:  # noqa: D102 - methods that calibrate or train
-        return Method(self.method) in (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.AWQ, Method.MIXED,
-                                       Method.QAT)
-
     """Every option of the ``quantize`` stage.
 
     ``bits``/``group_size``/``symmetric`` describe the weights (group_size None: one scale per output
@@ -87,6 +83,10 @@ class QuantizeConfig(StageConfig):
     ``rtn``, ``gptq`` and ``qat``: explicit mixed precision in one stage (one GPTQ pass calibrates every
     width); the first matching pattern wins, the others take ``bits``.
     """
+
+    def needs_data(self) -> bool:  # noqa: D102 - methods that calibrate or train
+        return Method(self.method) in (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.AWQ, Method.MIXED,
+                                       Method.QAT)
 
     stage_type: ClassVar[str] = "quantize"
 

@@ -31,10 +31,10 @@ class Schedule(str, Enum):
 
 
 class FinetuneConfig(StageConfig):
+    """Fine-tune every trainable parameter for ``epochs`` (fractions allowed) on the recipe's data."""
+
     def needs_data(self) -> bool:  # noqa: D102 - fine-tuning always trains
         return True
-
-    """Fine-tune every trainable parameter for ``epochs`` (fractions allowed) on the recipe's data."""
 
     stage_type = "finetune"
 
