@@ -63,7 +63,14 @@ class DistillConfig(StageConfig):
         return True
 
     def preflight(self, model: Any) -> None:
-        """``keep-layers`` keeps indices the model's layer stack has."""
+        """``keep-layers`` keeps indices the model's layer stack has; a ``zoo:`` student needs an image
+        classifier with a known input shape and class count."""
+        if self.student.startswith("zoo:") and (model.task is not Task.CLASSIFIER or model.input_shape is None
+                                                or model.num_classes is None):
+            raise RecipeError(f"a {self.student} student is an image classifier, but {model.ref} is a "
+                              f"{model.task.value}" + (" without a known input shape and class count (pass --data)"
+                                                       if model.task is Task.CLASSIFIER else "") +
+                              ": use student self or keep-layers")
         if self.student == "keep-layers" and self.keep:
             n = len(get_submodule(model.module, self.layers_path or find_layer_stack(model.module)))
             if max(self.keep) >= n:

@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import fnmatch
 from enum import StrEnum
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from pydantic import Field, model_validator
 
 from deepsqueeze.core.config import Bits, ByteSize, Count, Flag, Fraction, MeanBits, Percent, StageConfig
+from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.primitives.quantize import SUPPORTED_BITS
 from deepsqueeze.quant.qat_config import QATOptions
 
@@ -87,6 +88,15 @@ class QuantizeConfig(StageConfig):
     def needs_data(self) -> bool:  # noqa: D102 - methods that calibrate or train
         return Method(self.method) in (Method.STATIC, Method.SMOOTHQUANT, Method.GPTQ, Method.AWQ, Method.MIXED,
                                        Method.QAT)
+
+    def preflight(self, model: Any) -> None:
+        """QAT trains image classifiers and sentence encoders only."""
+        from deepsqueeze.core.model import Task
+
+        if Method(self.method) is Method.QAT and model.task not in (Task.CLASSIFIER, Task.SENTENCE_ENCODER):
+            raise UnsupportedLayerError(f"QAT trains image classifiers and sentence encoders; {model.ref} is a "
+                                        f"{model.task.value}: quantize it after training (w4-gptq, w4-rtn, "
+                                        "int8-dynamic)")
 
     stage_type: ClassVar[str] = "quantize"
 
