@@ -78,3 +78,15 @@ def test_every_command_works_somewhere_and_every_compress_refusal_is_planned(mat
         if cell.command == "compress" and cell.outcome == cf.REFUSED:
             assert plans[cell.recipe, cell.kind] == cf.REFUSED
     assert len(plans) == len(cf.recipes()) * len(cf.KINDS)
+
+
+# Cells the full matrix (make conformance) found refused by compress after plan accepted them.
+PLANNED_REFUSALS = [("distill-lenet300", "hf-gpt2"), ("qat-w8a8", "hf-gpt2"), ("qat-w4-minilm", "hf-bert-classifier"),
+                    ("prune-transformer", "cnn-residual"), ("finetune", "convtranspose")]
+
+
+@pytest.mark.parametrize("recipe, kind", PLANNED_REFUSALS)
+def test_plan_refuses_what_compress_refuses(recipe, kind, tmp_path):
+    plan, compress = cf.run_cell(recipe, cf.KINDS[kind], tmp_path, commands=("plan", "compress"))
+    assert plan.outcome == cf.REFUSED and compress.outcome == cf.REFUSED, (plan, compress)
+    assert not (tmp_path / "cells" / f"{kind}--{recipe}" / "model.dsq").exists()
