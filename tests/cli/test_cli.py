@@ -109,3 +109,20 @@ def test_ort_backend_scores_like_torch(capsys, lenet300_digits):
     assert results["ort"]["backend"] == "ort"
     assert results["ort"]["accuracy"] == pytest.approx(results["torch"]["accuracy"], abs=0.003)
     assert results["ort"]["params"] == results["torch"]["params"]
+
+
+def test_tables_fit_100_columns_and_name_what_they_leave_out(capsys, tmp_path):
+    """Issue 29 finding 4: tables ran 200-400 columns with headers cut; the reader's columns come first."""
+    import deepsqueeze.cli._common as common
+
+    model = "py:deepsqueeze.testing.models:TinyResNet"
+    code, out, err = run(capsys, "plan", "--model", model, "--data", "digits", "--recipe", "w4-rtn")
+    assert code == 0, err
+    code, out2, err = run(capsys, "compress", "--model", model, "--data", "digits", "--recipe", "prune-agp",
+                          "--out", str(tmp_path / "m.dsq"), "--report")
+    assert code in (0, 3), err
+    for text in (out, out2):
+        assert max(len(line) for line in text.splitlines()) <= common.TABLE_WIDTH
+    assert "into" in out and "ratio" in out2 and "accuracy" in out2
+    wide = common.rows_table("t", [{f"column_{i}": 123456789 for i in range(20)}])
+    assert "not shown (--json has them): column_" in str(wide.caption)

@@ -14,8 +14,8 @@ from typer.core import TyperCommand
 
 from deepsqueeze.core.config import MAX_THREADS
 
-# Tables piped to a file or CI log get a wide console instead of rich's 80-column default, which truncates.
-stdout = Console() if sys.stdout.isatty() else Console(width=200)
+# Off a terminal (a file, a CI log) tables get 100 columns, not rich's 80, which truncates; rows_table fits them.
+stdout = Console() if sys.stdout.isatty() else Console(width=100)
 stderr = Console(stderr=True)
 
 JsonOption = typer.Option(False, "--json", help="Print exactly one JSON object on stdout.")
@@ -125,13 +125,35 @@ def kv_table(title: str, values: dict[str, Any]) -> Table:
     return table
 
 
-def rows_table(title: str, rows: list[dict[str, Any]]) -> Table:
+TABLE_WIDTH = 100  # columns a table may take; what does not fit is named under it (--json has every column)
+# Columns a reader looks for first, in this order; the others follow in the order the rows give them.
+PRIORITY = ("stage", "model", "variant", "module", "layer", "trial", "action", "into", "reason", "type", "method",
+            "bits", "bytes",
+            "ratio", "compression_ratio", "accuracy", "perplexity", "cosine_mean", "label_agreement", "quality",
+            "drop_pp", "latency_ms", "speedup", "covered_pct")
+FOLD = 40  # a longer text column is folded onto more lines rather than left out
+
+
+def rows_table(title: str, rows: list[dict[str, Any]], width: int = TABLE_WIDTH) -> Table:
+    """One row per dict; columns in first-seen order while they fit in ``width`` characters, the rest named
+    in the caption (a person reads 100 columns; ``--json`` carries every field)."""
     columns: list[str] = []
     for row in rows:
         columns += [c for c in row if c not in columns]
-    table = Table(title=title, title_justify="left")
+    columns = [c for c in PRIORITY if c in columns] + [c for c in columns if c not in PRIORITY]
+    shown, left_out, used = [], [], 4
     for column in columns:
-        table.add_column(column, justify="left" if column in ("stage", "model", "variant") else "right")
+        need = min(FOLD, max([len(column), *(len(fmt(row.get(column))) for row in rows)])) + 3
+        if used + need <= width or not shown:
+            shown.append(column)
+            used += need
+        else:
+            left_out.append(column)
+    caption = f"not shown (--json has them): {', '.join(left_out)}" if left_out else None
+    table = Table(title=title, title_justify="left", caption=caption, caption_justify="left")
+    for column in shown:
+        table.add_column(column, justify="left" if column in ("stage", "model", "variant") else "right",
+                         overflow="fold")
     for row in rows:
-        table.add_row(*(fmt(row.get(c)) for c in columns))
+        table.add_row(*(fmt(row.get(c)) for c in shown))
     return table
