@@ -13,13 +13,17 @@ The space file is YAML::
                                         # one bits point at each compare recipe's weight bytes)
     compare: [w4-rtn]                   # optional: shipped recipes measured once, as reference points
     stages:
-      - type: prune
-        optional: true                  # the sampler decides whether the stage runs
-        sparsity: {per_layer: {low: 0.5, high: 0.95, step: 0.05}}
       - type: quantize
         method: rtn
         bits: {per_layer: {choice: [2, 4, 8, null]}}   # null: the layer stays float
         group_size: 64
+      - type: lora
+        optional: true                  # the sampler decides whether the stage runs
+        rank: {choice: [4, 8]}
+
+Pruning belongs in a space of its own (``recipes/spaces/cnn-sparsity.yaml``): packed codes store every
+weight, so zeros pruned before a weight-only quantize stage save no bytes (and the stage says so). The
+shipped spaces (``deepsqueeze recipes`` lists them) are found by name: ``search --space cnn-bits``.
 
 A *hole* is a mapping ``{choice: [...]}`` or ``{low: A, high: B[, step: S][, log: true]}``; every other
 value is passed to the stage as is. ``{per_layer: HOLE[, layers: [patterns]]}`` opens one hole per layer:
