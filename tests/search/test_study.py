@@ -420,3 +420,25 @@ def test_hypervolume_history_equals_the_front_of_every_prefix(objectives):
         front = pareto_front(list(enumerate(points)), directions)
         expected.append(hypervolume([points[i] for i in front], corner, directions))
     assert hypervolume_history(trials, objectives, baseline) == pytest.approx(expected, rel=1e-12, abs=1e-15)
+
+
+def test_optuna_logs_only_what_deepsqueeze_does_not_say_itself(caplog):
+    """optuna's logging is not silenced: its per-trial records (said by the search itself) are dropped, any
+    other warning passes as one line."""
+    import logging
+    import sys
+
+    from deepsqueeze.search.storage import _OwnTrialReports, own_trial_reports
+
+    own_trial_reports()
+    keep = _OwnTrialReports()
+    try:
+        raise ValueError("boom")
+    except ValueError:
+        info = sys.exc_info()
+    failed = logging.LogRecord("optuna", logging.WARNING, "", 0, "Trial 3 failed with parameters: {}", (), info)
+    finished = logging.LogRecord("optuna", logging.INFO, "", 0, "Trial 3 finished with value: 0.9", (), None)
+    other = logging.LogRecord("optuna", logging.WARNING, "", 0, "GPSampler falls back to random", (), info)
+    assert not keep.filter(failed) and not keep.filter(finished)
+    assert keep.filter(other) and other.exc_info is None
+    assert any(isinstance(f, _OwnTrialReports) for h in logging.getLogger("optuna").handlers for f in h.filters)

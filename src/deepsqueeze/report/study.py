@@ -114,7 +114,7 @@ def load_study(folder: str | Path, storage: str | None = None, study_name: str =
     read only (an SQLite study is opened read-only) and validated: a tampered folder is one ``RecipeError``."""
     import optuna
 
-    from deepsqueeze.search.storage import redact_url
+    from deepsqueeze.search.storage import own_trial_reports, redact_url
 
     root = Path(folder)
     summary_path = root / "summary.json"
@@ -134,7 +134,7 @@ def load_study(folder: str | Path, storage: str | None = None, study_name: str =
         url = storage
     if url.startswith("postgresql://"):
         url = "postgresql+psycopg://" + url.removeprefix("postgresql://")
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    own_trial_reports()
     try:
         study = optuna.load_study(study_name=study_name, storage=url)
     except KeyError:

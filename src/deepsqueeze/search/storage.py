@@ -5,6 +5,7 @@ racing to create it.
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,29 @@ STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
 
 
 STUDY_FILES = ("study.db", "summary.json", "best.yaml", "front", "trials")
+
+
+class _OwnTrialReports(logging.Filter):
+    """Drops the optuna records deepsqueeze says itself: INFO chatter (study created, each trial finished: the
+    search's progress lines) and a failed trial's warning with its traceback (the search's ``trial N: fail
+    ERROR`` line). Every other optuna warning passes, as one line without a traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.levelno < logging.WARNING or (message.startswith("Trial ") and " failed" in message):
+            return False
+        record.exc_info, record.exc_text = None, None
+        return True
+
+
+def own_trial_reports() -> None:
+    """Install :class:`_OwnTrialReports` on optuna's log handlers (once); optuna's own level stays WARNING."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    for handler in logging.getLogger("optuna").handlers:
+        if not any(isinstance(f, _OwnTrialReports) for f in handler.filters):
+            handler.addFilter(_OwnTrialReports())
 
 
 def prepare_out(out: Path) -> None:

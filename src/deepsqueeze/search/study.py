@@ -49,7 +49,7 @@ from deepsqueeze.search import trial as _trial
 from deepsqueeze.search.front import DIRECTIONS, SearchResult, write_answer
 from deepsqueeze.search.priors import correct_prior, enqueue_sensitivity_priors
 from deepsqueeze.search.space import SearchSpace
-from deepsqueeze.search.storage import check_storage, open_study, redact_url, study_url
+from deepsqueeze.search.storage import check_storage, open_study, own_trial_reports, redact_url, study_url
 from deepsqueeze.search.trial import (
     QUALITY_KEYS,
     SearchContext,
@@ -148,7 +148,7 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
         model_code = model_ref
     ctx = SearchContext(space, model_ref, fit_ref, val, model, out_dir, quality_key, weights, model_code, device)
     url = study_url(storage, out_dir)
-    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    own_trial_reports()
     directions = [DIRECTIONS[o] for o in space.objectives]
     study = open_study(url, study_name, directions, storage or url)
     if [d.name.lower() for d in study.directions] != directions:
