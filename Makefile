@@ -13,6 +13,7 @@ $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev]'
+	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0  # its English prose sample (wiki:, news:)
 	touch $(STAMP)
 
 install: $(STAMP)

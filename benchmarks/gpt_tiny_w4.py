@@ -114,7 +114,7 @@ def _ours(method: str, bits: int, base: Any, calib: Any, texts: list[str], fp32:
           ctx: BenchContext) -> dict[str, Any]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.quant import QuantizeConfig, quantize_
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
 
     ctx.log(f"{NAME}: {method} {bits}-bit")
     model = copy.deepcopy(base)

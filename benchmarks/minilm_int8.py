@@ -62,7 +62,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule, write_onnx
     from deepsqueeze.quant import Int8DynamicConfig, SmoothQuantConfig, quantize_
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.resolve import resolve_model
 
     torch.set_num_threads(ctx.threads)

@@ -99,7 +99,7 @@ def _ours(method: str, bits: int, samples: int, calib: Any, sentences: list[str]
           tmp: Path, ctx: BenchContext, avg_bits: float | None = None) -> dict[str, Any]:
     from deepsqueeze.artifact import load, save
     from deepsqueeze.quant import QuantizeConfig, quantize_
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.resolve import resolve_model
 
     model = resolve_model("minilm", progress=False)

@@ -129,7 +129,7 @@ def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], confi
     from deepsqueeze.artifact import load, save
     from deepsqueeze.eval import accuracy
     from deepsqueeze.quant import convert_qat_, prepare_qat_
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.recipes import compress
     from deepsqueeze.resolve import resolve_model
 

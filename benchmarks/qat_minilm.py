@@ -139,7 +139,7 @@ def _gptq(recipe: Any, path: Path) -> Path:
     from deepsqueeze.artifact import save
     from deepsqueeze.data import resolve_data
     from deepsqueeze.quant import convert_qat_, prepare_qat_
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.resolve import resolve_model
 
     stage = recipe.stages[0]

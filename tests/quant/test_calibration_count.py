@@ -3,7 +3,7 @@
 import pytest
 
 from deepsqueeze.errors import DeepsqueezeWarning
-from deepsqueeze.quant.calibrate import calibration_batches
+from deepsqueeze.core.calibrate import calibration_batches
 from deepsqueeze.testing.models import tiny_classification_data, tiny_model_handle
 
 

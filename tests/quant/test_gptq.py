@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from deepsqueeze.errors import ModelError
-from deepsqueeze.quant.calibrate import HessianAccumulator
+from deepsqueeze.core.calibrate import HessianAccumulator
 from deepsqueeze.quant.gptq import affine_column_quantizer, gptq_quantize
 
 

@@ -7,7 +7,8 @@ from deepsqueeze.errors import DataError
 
 DATA_HELP = (
     "fashion-mnist, fashion-mnist:DIR, fashion-mnist:val, digits, digits:val, text:FILE, pydoc-sentences:calib, "
-    "pydoc-sentences:eval, pydoc-sentences:val, pydoc-sentences:fit, license-sentences"
+    "pydoc-sentences:eval, pydoc-sentences:val, pydoc-sentences:fit, license-sentences, wiki:calib, wiki:fit, "
+    "wiki:val, wiki:eval, news:eval"
 )
 
 
@@ -50,4 +51,8 @@ def resolve_data(ref: str, split: str | None = None) -> ClassificationData | Tex
         if arg:
             raise DataError(f"license-sentences takes no argument, got {ref!r}")
         return license_sentences()
+    if name in ("wiki", "news"):
+        from deepsqueeze.data.prose import load_news, load_wiki
+
+        return (load_wiki if name == "wiki" else load_news)("val" if view else (arg or split))
     raise DataError(f"unknown data reference {ref!r}: use one of {DATA_HELP}")

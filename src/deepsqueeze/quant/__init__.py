@@ -6,9 +6,10 @@ re-exported here; the tensor math is in :mod:`deepsqueeze.primitives`.
     quantize_(model.module, Int8DynamicConfig())
 
 ``api`` (the verb, the method registry, coverage), ``methods`` (dynamic, smoothquant, static, rtn, binary,
-ternary), ``replay`` (what the loader rebuilds from the ``quant.*`` transforms), ``calibrate`` (calibration
-data and statistics), ``gptq``, ``awq``, ``mixed``, ``qat`` / ``fake_quant``, ``stream`` (layer by layer from
-shards). quant imports ``core``, ``primitives``, ``runtime``, ``data`` and ``train``, never another technique.
+ternary), ``replay`` (what the loader rebuilds from the ``quant.*`` transforms), ``gptq``, ``awq``, ``mixed``,
+``qat`` / ``fake_quant``, ``stream`` (layer by layer from shards); calibration data and layer-by-layer
+statistics are :mod:`deepsqueeze.core.calibrate`. quant imports ``core``, ``primitives``, ``runtime``, ``data``
+and ``train``, never another technique.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ methods are in :mod:`deepsqueeze.quant.methods`, the loader's replays of what th
 :mod:`deepsqueeze.quant.replay`.
 
 Calibration batches are any iterable of model inputs: a tensor (``module(x)``), a tuple of positional
-arguments, a dict of keyword arguments, or a ``CalibBatch`` from :mod:`deepsqueeze.quant.calibrate`.
+arguments, a dict of keyword arguments, or a ``CalibBatch`` from :mod:`deepsqueeze.core.calibrate`.
 """
 
 from __future__ import annotations

@@ -541,7 +541,7 @@ def qat_model_(model: Model, config: QuantizeConfig, data: Any, batches: list[An
 
 def qat_stage(model: Model, config: QuantizeConfig, ctx: Any) -> None:
     """The ``quantize`` stage with ``method: qat``: calibration batches from ``ctx.data``, then the steps."""
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
 
     qat = qat_options(config)
     needs_data = qat.step is not QATStep.CONVERT and (

@@ -23,7 +23,7 @@ def quantize_stage(model: Model, config: QuantizeConfig, ctx: StageContext) -> N
         return
     batches: list[Any] | None = None
     if config.method in CALIBRATED:
-        from deepsqueeze.quant.calibrate import calibration_batches
+        from deepsqueeze.core.calibrate import calibration_batches
 
         batches = calibration_batches(model, ctx.data, samples=config.calibration_samples)
     layers = quantize_(model.module, config, batches, on_unsupported=ctx.on_unsupported)

@@ -24,7 +24,7 @@ from torch import nn
 from deepsqueeze.core.record import CoverageEntry, Transform, get_record
 from deepsqueeze.errors import RecipeError, UnsupportedLayerError
 from deepsqueeze.quant.api import quantize_
-from deepsqueeze.quant.calibrate import (
+from deepsqueeze.core.calibrate import (
     CalibBatch,
     _capture_block_inputs,
     _find_blocks,

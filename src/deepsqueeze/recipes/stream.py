@@ -33,7 +33,7 @@ from deepsqueeze.core.record import get_record
 from deepsqueeze.core.skeleton import bounded_heap, empty_weights, release_
 from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.quant import QuantizeConfig, quantize_
-from deepsqueeze.quant.calibrate import calibration_batches
+from deepsqueeze.core.calibrate import calibration_batches
 from deepsqueeze.quant.stream import WEIGHT_ONLY_METHODS, block_stack, quantize_blockwise_
 from deepsqueeze.recipes.run import CompressResult, check_out_path, training_data
 from deepsqueeze.recipes.schema import Recipe

@@ -41,7 +41,7 @@ def _enqueue_bit_priors(study: Any, ctx: SearchContext) -> None:
     bytes when it was not measured), then, once such a prior is measured larger than the reference's file,
     again under a budget smaller by the excess (:func:`correct_prior`). The other optional stages are left
     out of those points."""
-    from deepsqueeze.quant.calibrate import calibration_batches
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.quant.mixed import layer_costs, layer_sensitivity
 
     templates = _bit_templates(ctx.space)

@@ -1,4 +1,4 @@
-"""Calibration for layer-wise weight quantizers (GPTQ, sensitivity analysis).
+"""Calibration for layer-wise methods (GPTQ, AWQ, SparseGPT, Wanda, sensitivity analysis).
 
 Statistics collection is kept apart from the algorithm that uses it: this module turns a data
 split into model inputs, and walks a model layer by layer, handing each target layer's input
@@ -87,9 +87,12 @@ def _calibration_batches(model: Model, data: Any, samples: int, batch_size: int)
     if model.task.is_text:
         if not isinstance(data, TextData):
             raise DataError(f"{model.ref} is a {model.task.value}: calibrate it on sentences "
-                            f"(pydoc-sentences:calib or text:FILE), not {data.name}")
-        if data.name == "pydoc-sentences:eval":
-            raise DataError("pydoc-sentences:eval is reserved for evaluation: calibrate on pydoc-sentences:calib")
+                            f"(pydoc-sentences:calib, wiki:calib or text:FILE), not {data.name}")
+        if data.name.endswith(":eval"):
+            corpus = data.name.removesuffix(":eval")
+            raise DataError(f"{data.name} is reserved for evaluation: calibrate on {corpus}:calib"
+                            if corpus in ("pydoc-sentences", "wiki") else
+                            f"{data.name} is reserved for evaluation: calibrate on wiki:calib or pydoc-sentences:calib")
         sentences = sorted(data.sentences[:samples], key=len)
         out = []
         for i in range(0, len(sentences), batch_size):
