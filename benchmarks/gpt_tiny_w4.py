@@ -113,8 +113,8 @@ def _ideal_mb(module: nn.Module, bits: int) -> float:
 def _ours(method: str, bits: int, base: Any, calib: Any, texts: list[str], fp32: float, tmp: Path,
           ctx: BenchContext) -> dict[str, Any]:
     from deepsqueeze.artifact import load, save
-    from deepsqueeze.quant import QuantizeConfig, quantize_
     from deepsqueeze.core.calibrate import calibration_batches
+    from deepsqueeze.quant import QuantizeConfig, quantize_
 
     ctx.log(f"{NAME}: {method} {bits}-bit")
     model = copy.deepcopy(base)

@@ -56,13 +56,13 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     import copy
 
     from deepsqueeze.artifact import load, save
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.data import resolve_data
     from deepsqueeze.eval import embedding_fidelity
     from deepsqueeze.eval.latency import measure_latency_interleaved
     from deepsqueeze.export import export
     from deepsqueeze.export.onnx import OrtModule, write_onnx
     from deepsqueeze.quant import Int8DynamicConfig, SmoothQuantConfig, quantize_
-    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.resolve import resolve_model
 
     torch.set_num_threads(ctx.threads)

@@ -98,8 +98,8 @@ def _targets(module: nn.Module) -> list[str]:
 def _ours(method: str, bits: int, samples: int, calib: Any, sentences: list[str], ref_emb: torch.Tensor,
           tmp: Path, ctx: BenchContext, avg_bits: float | None = None) -> dict[str, Any]:
     from deepsqueeze.artifact import load, save
-    from deepsqueeze.quant import QuantizeConfig, quantize_
     from deepsqueeze.core.calibrate import calibration_batches
+    from deepsqueeze.quant import QuantizeConfig, quantize_
     from deepsqueeze.resolve import resolve_model
 
     model = resolve_model("minilm", progress=False)

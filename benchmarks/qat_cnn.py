@@ -127,9 +127,9 @@ def _recipe(name: str, seed: int, epochs: float | None, limit: int | None) -> An
 def _model_rows(ctx: BenchContext, name: str, data: Any, seeds: list[int], configs: list[str],
                 epochs: float | None, limit: int | None, peers: bool, train_threads: int) -> list[dict[str, Any]]:
     from deepsqueeze.artifact import load, save
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.eval import accuracy
     from deepsqueeze.quant import convert_qat_, prepare_qat_
-    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.recipes import compress
     from deepsqueeze.resolve import resolve_model
 

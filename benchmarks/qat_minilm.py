@@ -137,9 +137,9 @@ def _recipe(bits: int, seed: int, epochs: float | None, limit: int | None) -> An
 def _gptq(recipe: Any, path: Path) -> Path:
     """Prepare + convert of the recipe's stage without training: GPTQ's codes, QAT's starting point."""
     from deepsqueeze.artifact import save
+    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.data import resolve_data
     from deepsqueeze.quant import convert_qat_, prepare_qat_
-    from deepsqueeze.core.calibrate import calibration_batches
     from deepsqueeze.resolve import resolve_model
 
     stage = recipe.stages[0]

@@ -73,8 +73,8 @@ def test_groups_follow_structure_and_skip_gqa_value_output_pairs(tmp_path):
 
 def test_awq_on_a_causal_lm_packs_every_linear_and_stays_close(tmp_path):
     pytest.importorskip("transformers")
-    from deepsqueeze.data.datasets import TextData
     from deepsqueeze.core.calibrate import calibration_batches
+    from deepsqueeze.data.datasets import TextData
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.testing.hf_models import make_hf_dir
 

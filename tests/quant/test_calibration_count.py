@@ -2,8 +2,8 @@
 
 import pytest
 
-from deepsqueeze.errors import DeepsqueezeWarning
 from deepsqueeze.core.calibrate import calibration_batches
+from deepsqueeze.errors import DeepsqueezeWarning
 from deepsqueeze.testing.models import tiny_classification_data, tiny_model_handle
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from deepsqueeze.errors import ModelError
 from deepsqueeze.core.calibrate import HessianAccumulator
+from deepsqueeze.errors import ModelError
 from deepsqueeze.quant.gptq import affine_column_quantizer, gptq_quantize
 
 

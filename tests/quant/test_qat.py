@@ -211,8 +211,8 @@ def test_sentence_encoder_qat_closes_part_of_the_gap_ptq_leaves(distill, tmp_pat
     """Weight-only 2-bit QAT of a tiny BERT encoder, embedding cosine (distill 0) or plus every layer's hidden
     states (distill 1, the distill stage's TinyBERT loss): held-out sentences end closer to the fp32 model
     than right after prepare (where PTQ leaves them), and the converted model round-trips its .dsq."""
-    from deepsqueeze.data.datasets import TextData
     from deepsqueeze.core.calibrate import calibration_batches
+    from deepsqueeze.data.datasets import TextData
     from deepsqueeze.quant.qat import qat_model_
     from tests.distill.test_distill import SENTENCES, TINY_BERT, _tiny_bert_model
 

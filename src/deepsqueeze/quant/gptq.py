@@ -23,12 +23,12 @@ from typing import Any
 import torch
 from torch import nn
 
+from deepsqueeze.core.calibrate import as_calib_batches, layerwise_convert
 from deepsqueeze.core.sharing import tied_weight_groups
 from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
-from deepsqueeze.core.calibrate import as_calib_batches, layerwise_convert
 from deepsqueeze.quant.config import Method, QuantizeConfig
 from deepsqueeze.runtime import PackedIntLinear
 

@@ -21,9 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.record import CoverageEntry, Transform, get_record
-from deepsqueeze.errors import RecipeError, UnsupportedLayerError
-from deepsqueeze.quant.api import quantize_
 from deepsqueeze.core.calibrate import (
     CalibBatch,
     _capture_block_inputs,
@@ -31,6 +28,9 @@ from deepsqueeze.core.calibrate import (
     _token_mask,
     as_calib_batches,
 )
+from deepsqueeze.core.record import CoverageEntry, Transform, get_record
+from deepsqueeze.errors import RecipeError, UnsupportedLayerError
+from deepsqueeze.quant.api import quantize_
 from deepsqueeze.quant.config import QuantizeConfig
 
 BlockHook = Callable[[str, nn.Module], None]

@@ -25,6 +25,7 @@ from torch import nn
 
 from deepsqueeze.artifact import manifest_of, tensor_entries
 from deepsqueeze.codec.format import ArtifactWriter
+from deepsqueeze.core.calibrate import calibration_batches
 from deepsqueeze.core.config import config_to_dict
 from deepsqueeze.core.counting import count_params
 from deepsqueeze.core.coverage import coverage_totals
@@ -33,7 +34,6 @@ from deepsqueeze.core.record import get_record
 from deepsqueeze.core.skeleton import bounded_heap, empty_weights, release_
 from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.quant import QuantizeConfig, quantize_
-from deepsqueeze.core.calibrate import calibration_batches
 from deepsqueeze.quant.stream import WEIGHT_ONLY_METHODS, block_stack, quantize_blockwise_
 from deepsqueeze.recipes.run import CompressResult, check_out_path, training_data
 from deepsqueeze.recipes.schema import Recipe
