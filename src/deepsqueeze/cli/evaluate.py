@@ -41,9 +41,14 @@ def register(app: typer.Typer) -> None:
                                      "speedup (default for FILE.dsq: its base model)"),
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Time this model alone (no speedup)"),
         backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
+        window: int = typer.Option(None, "--window", min=2, max=1 << 20, help="Causal LMs: tokens per perplexity "
+                                   "window (default 512, at most the model's context)"),
+        stride: int = typer.Option(None, "--stride", min=1, max=1 << 20, help="Causal LMs: tokens between window "
+                                   "ends (default half the window)"),
         as_json: bool = JsonOption,
     ) -> None:
-        """Score a model: accuracy or embedding fidelity, parameters, bytes, compression ratio, latency."""
+        """Score a model: accuracy, embedding fidelity or perplexity (beside its base's, with next-token and
+        greedy agreement), parameters, bytes, compression ratio, latency."""
         from deepsqueeze.data import resolve_data
         from deepsqueeze.errors import DeepsqueezeError
         from deepsqueeze.eval import evaluate as run_evaluation
@@ -82,7 +87,8 @@ def register(app: typer.Typer) -> None:
                     stderr.print(f"no speedup: {one_line(exc)}; pass --baseline REF to time against it",
                                  markup=False, highlight=False)
         result = run_evaluation(m, dataset, ref, batch_size=batch_size, threads=threads,
-                                latency=not no_latency, device=device, baseline=base)
+                                latency=not no_latency, device=device, baseline=base, window=window,
+                                stride=stride)
         result["backend"] = backend
         if as_json:
             emit_json(result)

@@ -279,7 +279,8 @@ def _input_features(layer: nn.Module) -> int:
     if features is None:
         from deepsqueeze.errors import UnsupportedLayerError
 
-        raise UnsupportedLayerError(f"{type(layer).__name__} has no in_features: GPTQ handles Linear layers only")
+        raise UnsupportedLayerError(f"{type(layer).__name__} has no in_features: layer-by-layer calibration "
+                                    "handles Linear layers only")
     return int(features)
 
 

@@ -12,7 +12,7 @@ from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.eval.latency import busy_note, last_times, measure_latency_spread, ratio_stats
-from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs, label_agreement, perplexity
+from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs, label_agreement
 
 # Public contract: these keys are always present (None where a value does not apply).
 EVALUATION_KEYS = (
@@ -26,16 +26,18 @@ EVALUATION_KEYS = (
 def evaluate(model: Model, data: ClassificationData | TextData, reference: Model | None = None, *,
              batch_size: int = 64, threads: int = 2, latency: bool = True,
              device: str | torch.device = "cpu", baseline: Model | None = None,
-             repeat: int = 15, min_seconds: float = 1.0) -> dict[str, Any]:
+             repeat: int = 15, min_seconds: float = 1.0, window: int | None = None,
+             stride: int | None = None) -> dict[str, Any]:
     """Quality on ``data`` plus size and latency.
 
     Classifiers: ``accuracy`` on the full test split. Sentence encoders: ``cosine_mean``,
     ``cosine_min`` and ``neighbor_agreement_at_10`` against ``reference`` (default: the base model).
     Sequence classifiers: ``cosine_mean`` and ``cosine_min`` on the label logits plus ``label_agreement``
     (top label equal to the reference's). Causal LMs: ``perplexity`` on the sentences joined into one token
-    stream (window = the model's context length, stride = half of it; see
-    :func:`deepsqueeze.eval.metrics.perplexity`), ``samples`` = tokens scored; with ``reference`` (default
-    for an artifact: its base model) also ``base_perplexity`` and ``perplexity_delta_pct``.
+    stream, scored in ``window``-token windows every ``stride`` tokens (default 512 / 256, see
+    :func:`deepsqueeze.eval.lm.lm_scores`), ``samples`` = ``tokens`` = tokens scored; with ``reference``
+    (default for an artifact: its base model) also ``base_perplexity``, ``perplexity_delta_pct``,
+    ``top1_agreement`` (next-token) and ``greedy_agreement`` (:func:`deepsqueeze.eval.lm.greedy_agreement`).
     Latency (ms per batch of ``batch_size``): median, p10 and p90 of at least ``repeat`` timed calls
     (more until ``min_seconds``), ``latency_reliable`` False with ``latency_note`` when the spread is wide
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
@@ -64,20 +66,7 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
             raise DataError(f"{model.ref} is a {model.task.value}: evaluate it on sentences "
                             f"(pydoc-sentences:eval, text:FILE), not {data.name}")
         if model.task is Task.CAUSAL_LM:
-            ppl, tokens = perplexity(module, data.sentences, device=device)
-            result.update(perplexity=ppl, tokens=tokens)
-            result["samples"] = tokens
-            if reference is None and model.artifact_path:
-                from deepsqueeze.errors import DeepsqueezeError
-                from deepsqueeze.zoo.resolve import base_reference
-
-                try:
-                    reference = base_reference(model)
-                except DeepsqueezeError:
-                    reference = None  # a py: base without --reference: the artifact's figure alone
-            if reference is not None and reference.module is not module:
-                base_ppl, _ = perplexity(reference.module.to(device), data.sentences, device=device)
-                result.update(base_perplexity=base_ppl, perplexity_delta_pct=100 * (ppl / base_ppl - 1))
+            result.update(_causal_lm_quality(model, data, reference, window, stride, device))
         else:
             if reference is None:
                 from deepsqueeze.zoo.resolve import base_reference
@@ -117,6 +106,26 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     result.update(_latency(run, run_baseline if baseline_module is not None else None, latency, threads, repeat,
                            min_seconds))
     return result
+
+
+def _causal_lm_quality(model: Model, data: TextData, reference: Model | None, window: int | None,
+                       stride: int | None, device: str | torch.device) -> dict[str, Any]:
+    from deepsqueeze.eval.lm import greedy_agreement, lm_scores
+
+    if reference is None and model.artifact_path:
+        from deepsqueeze.errors import DeepsqueezeError
+        from deepsqueeze.zoo.resolve import base_reference
+
+        try:
+            reference = base_reference(model)
+        except DeepsqueezeError:
+            reference = None  # a py: base without --reference: the artifact's figure alone
+    base = reference.module.to(device) if reference is not None and reference.module is not model.module else None
+    scores = lm_scores(model.module, data.sentences, window, stride, reference=base, device=device)
+    out = {**scores.to_dict(), "samples": scores.tokens}
+    if base is not None:
+        out["greedy_agreement"] = greedy_agreement(model.module, base, data.sentences, device=device)
+    return out
 
 
 def _latency(run: Callable[[], object], run_baseline: Callable[[], object] | None, enabled: bool, threads: int,

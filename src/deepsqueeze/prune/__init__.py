@@ -15,9 +15,11 @@ from deepsqueeze.prune import schedules
 from deepsqueeze.prune.config import (
     ChannelSchedule,
     Execution,
+    OneShotMethod,
     Pattern,
     PruneChannelsConfig,
     PruneConfig,
+    PruneOneShotConfig,
     PruneTransformerConfig,
     Schedule,
     Scope,
@@ -33,6 +35,7 @@ from deepsqueeze.prune.importance import (
     random_scores,
     taylor,
 )
+from deepsqueeze.prune.oneshot import magnitude_mask, prune_oneshot_, sparsegpt_prune, wanda_mask
 from deepsqueeze.prune.sparse import to_sparse_execution
 from deepsqueeze.prune.stage import as_model
 from deepsqueeze.prune.structured import ChannelPlan, ChannelPruneResult, group_scores, prune_channels_
@@ -70,6 +73,12 @@ def prune_(model: Model | nn.Module, config: PruneConfig, ctx: StageContext | No
 
 
 __all__ = [
+    "OneShotMethod",
+    "PruneOneShotConfig",
+    "magnitude_mask",
+    "prune_oneshot_",
+    "sparsegpt_prune",
+    "wanda_mask",
     "CSR_BREAK_EVEN_SPARSITY",
     "ChannelPlan",
     "ChannelPruneResult",

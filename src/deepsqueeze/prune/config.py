@@ -189,3 +189,40 @@ class PruneTransformerConfig(_FinetuneFields):
                 f"{model.ref} has no transformer blocks deepsqueeze recognises (BERT, ALBERT, DistilBERT, GPT-2 or "
                 "Llama-style attention with an FFN) matching the include patterns: prune_transformer is for "
                 "transformers; use prune_channels (prune-structured) for CNNs")
+
+
+class OneShotMethod(StrEnum):
+    MAGNITUDE = "magnitude"  # |w|, ranked over the whole layer (the baseline of both papers)
+    WANDA = "wanda"          # |w| * ||x_j||, ranked per output row (Sun et al., 2023)
+    SPARSEGPT = "sparsegpt"  # OBS mask selection and weight update per block of columns (Frantar & Alistarh, 2023)
+
+
+class PruneOneShotConfig(StageConfig):
+    """One-shot pruning of the Linear layers of a large model from calibration data, without training.
+
+    ``sparsegpt`` (Frantar & Alistarh, 2023, "SparseGPT: Massive Language Models Can Be Accurately Pruned in
+    One-Shot") picks each block of ``block_size`` input columns' mask by ``w^2 / [H^-1]_jj^2`` and spreads
+    every removed weight's error over the columns not yet visited; ``wanda`` (Sun et al., 2023, "A Simple
+    and Effective Pruning Approach for Large Language Models") removes, per output row, the weights with the
+    smallest ``|w| * ||x_j||_2``; ``magnitude`` the smallest ``|w|`` of the layer. Layers are visited in
+    execution order, each calibrated on the outputs of the already-pruned layers before it (``H = 2 X X^T / n``
+    from ``calibration_samples`` inputs). ``pattern`` ``2:4`` keeps 2 weights in every 4 consecutive inputs
+    of a row (``sparsity`` is then implied). Pruned weights are stored sparse (values + bitmap); quantizing
+    afterwards keeps them at exactly zero.
+    """
+
+    stage_type = "prune_oneshot"
+
+    method: OneShotMethod = OneShotMethod.SPARSEGPT
+    sparsity: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.5
+    pattern: Pattern = Pattern.UNSTRUCTURED
+    calibration_samples: Count = 128
+    damp: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = Field(
+        0.01, description="added to the Hessian's diagonal, as a fraction of its mean")
+    block_size: Count = Field(128, description="columns per SparseGPT block (mask selection and lazy update)")
+    include: list[str] | None = None
+    exclude: list[str] = Field(default_factory=lambda: ["lm_head", "*.lm_head"])
+    storage: Storage = Storage.SPARSE
+
+    def needs_data(self) -> bool:  # noqa: D102 - wanda and sparsegpt calibrate
+        return self.method is not OneShotMethod.MAGNITUDE

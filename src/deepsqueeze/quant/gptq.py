@@ -99,7 +99,9 @@ def gptq_quantize(
     decreasing Hessian diagonal (largest activations first); group parameters still belong to the
     natural, contiguous groups of ``group_size`` input columns, each computed from that group's
     current (error-compensated) weights when its first column is reached, so the result packs like
-    round-to-nearest output. ``damp`` is added to the diagonal as a fraction of its mean.
+    round-to-nearest output. ``damp`` is added to the diagonal as a fraction of its mean. A weight that is
+    exactly zero (pruned) stays exactly zero: it is rounded to the zero point's code and its whole value
+    counts as error for the columns after it, as in SparseGPT's joint sparsification and quantization.
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
@@ -117,6 +119,7 @@ def gptq_quantize(
 
     perm = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(cols)
     W = W[:, perm]
+    pruned = W == 0
     H = H[perm][:, perm]
     H.diagonal().add_(damp * torch.diagonal(H).mean())
     U = _inverse_hessian_factor(H)  # upper Cholesky factor of H^-1: row i holds the OBQ update of column i
@@ -139,13 +142,14 @@ def gptq_quantize(
             g = int(group_of[i1 + i])
             if not done[g]:
                 members = position[g * group : (g + 1) * group]
-                s, z = quantizer.params(_current_columns(W, W1, E1, U, i1, i2, i, members))
+                current = _current_columns(W, W1, E1, U, i1, i2, i, members)
+                s, z = quantizer.params(current.masked_fill(pruned[:, members], 0.0))
                 if zero is None:
                     zero = torch.zeros(rows, n_groups, dtype=z.dtype)
                 scale[:, g], zero[:, g] = s.to(dtype), z
                 done[g] = True
             w = W1[:, i]
-            q = quantizer.quantize(w, scale[:, g], zero[:, g])
+            q = quantizer.quantize(w.masked_fill(pruned[:, i1 + i], 0.0), scale[:, g], zero[:, g])
             codes[:, i1 + i] = q.to(torch.int32)
             err = (w - quantizer.dequantize(q, scale[:, g], zero[:, g]).to(dtype)) / U1[i, i]
             W1[:, i:].sub_(err.unsqueeze(1) * U1[i, i:].unsqueeze(0))

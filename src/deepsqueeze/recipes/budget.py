@@ -14,8 +14,8 @@ sentence-encoder       cosine_mean to the uncompressed model, drop = 1 - cosine_
 causal-lm              perplexity (window 256, stride 128), increase in percent         10 %
 =====================  ==============================================================  =============
 
-Text tasks are scored on ``pydoc-sentences:eval`` (never calibrated or trained on), at most
-:data:`TEXT_SAMPLES` sentences.
+Text tasks are scored on ``pydoc-sentences:eval`` (never calibrated or trained on), or on ``wiki:eval`` when
+the stages' data is a ``wiki:`` split, at most :data:`TEXT_SAMPLES` sentences or paragraphs.
 """
 
 from __future__ import annotations
@@ -63,12 +63,13 @@ class BudgetCheck:
 
 
 def held_out(model: Model, data: ClassificationData | TextData | None) -> ClassificationData | TextData | None:
-    """The data a budget is measured on: a classifier's own test split, held-out sentences for text."""
+    """The data a budget is measured on: a classifier's own test split; for text the eval split of the
+    Wikipedia sample when the stages' data comes from it, else held-out pydoc sentences."""
     if model.task is Task.CLASSIFIER:
         return data if isinstance(data, ClassificationData) else None
     from deepsqueeze.data.resolve import resolve_data
 
-    return resolve_data(HELD_OUT_TEXT)
+    return resolve_data("wiki:eval" if data is not None and data.name.startswith("wiki:") else HELD_OUT_TEXT)
 
 
 @torch.no_grad()

@@ -1,0 +1,173 @@
+"""Causal-LM quality as LLM users read it: perplexity over a sliding window, next-token agreement with the base
+model, and agreement of greedy generations.
+
+Every function takes a ``CausalLM``-like module: ``module(input_ids=..., attention_mask=...)`` returns logits
+``(batch, tokens, vocabulary)`` and ``module.tokenizer`` is a Hugging Face tokenizer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from deepsqueeze.errors import DataError
+
+DEFAULT_WINDOW = 512
+
+
+@dataclass
+class LMScores:
+    """Perplexity of ``tokens`` scored tokens (windows of ``window`` tokens ending every ``stride``); with a
+    reference also its perplexity on the same tokens and the share of positions whose top-1 next token
+    equals the reference's."""
+
+    perplexity: float
+    tokens: int
+    window: int
+    stride: int
+    base_perplexity: float | None = None
+    top1_agreement: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        if self.base_perplexity:
+            out["perplexity_delta_pct"] = 100 * (self.perplexity / self.base_perplexity - 1)
+        return out
+
+
+def default_window(module: nn.Module, window: int | None = None, stride: int | None = None) -> tuple[int, int]:
+    """``(window, stride)``: the given ones, else 512 tokens (never past the model's ``context_length``) and half."""
+    window = int(window or min(DEFAULT_WINDOW, int(getattr(module, "context_length", DEFAULT_WINDOW))))
+    stride = int(stride or max(1, window // 2))
+    if window < 2 or not 1 <= stride < window:
+        raise DataError(f"perplexity needs a window of at least 2 tokens and a stride in 1..window-1, "
+                        f"got window {window}, stride {stride}")
+    limit = getattr(module, "context_length", None)
+    if limit is not None and window > int(limit):
+        raise DataError(f"a window of {window} tokens runs past the model's {limit}-token context: use --window {limit}")
+    return window, stride
+
+
+def token_stream(module: nn.Module, texts: list[str]) -> torch.Tensor:
+    """The texts joined with newlines, tokenized once without special tokens (1-d int64)."""
+    ids = module.tokenizer("\n".join(texts), add_special_tokens=False)["input_ids"]  # type: ignore[operator,union-attr]
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
+    """``(begin, end, scored)`` windows over ``n`` tokens: each scores only its last ``scored`` tokens, so every
+    token but the first is predicted exactly once (the first window scores all of its own)."""
+    out = [(0, min(window, n), min(window, n))]
+    while out[-1][1] < n:
+        prev_end = out[-1][1]
+        end = min(prev_end + stride, n)
+        out.append((max(0, end - window), end, end - prev_end))
+    return out
+
+
+@torch.no_grad()
+def lm_scores(module: nn.Module, texts: list[str], window: int | None = None, stride: int | None = None,
+              reference: nn.Module | None = None, batch_size: int = 8,
+              device: str | torch.device = "cpu") -> LMScores:
+    """Token-level perplexity (the "perplexity of fixed-length models" procedure of the Hugging Face docs):
+    ``exp`` of the mean negative log-likelihood in nats per scored token; with ``reference`` (the base
+    model) also its perplexity and the top-1 next-token agreement on exactly the same windows.
+
+    Raises:
+        DataError: the text is shorter than two tokens, or the window / stride is invalid.
+    """
+    window, stride = default_window(module, window, stride)
+    ids = token_stream(module, texts)
+    if len(ids) < 2:
+        raise DataError("perplexity needs a text of at least two tokens")
+    models = [module] if reference is None else [module, reference]
+    states = [m.training for m in models]
+    nll = [0.0] * len(models)
+    scored = agree = 0
+    try:
+        for m in models:
+            m.eval()
+        all_spans = spans(len(ids), window, stride)
+        for i in range(0, len(all_spans), batch_size):
+            group = all_spans[i : i + batch_size]
+            length = max(e - b for b, e, _ in group)
+            inputs = torch.zeros(len(group), length, dtype=torch.long)
+            mask = torch.zeros(len(group), length, dtype=torch.long)
+            targets = torch.full((len(group), length), -100, dtype=torch.long)
+            for row, (b, e, count) in enumerate(group):
+                inputs[row, : e - b] = ids[b:e]
+                mask[row, : e - b] = 1
+                targets[row, e - b - count : e - b] = ids[e - count : e]
+            shifted = targets[:, 1:]  # the first token of a window has no prediction
+            keep = shifted != -100
+            top1 = []
+            for k, m in enumerate(models):
+                logits = m(input_ids=inputs.to(device), attention_mask=mask.to(device)).float().cpu()[:, :-1]
+                nll[k] += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                            ignore_index=-100, reduction="sum"))
+                top1.append(logits.argmax(-1)[keep])
+            scored += int(keep.sum())
+            if reference is not None:
+                agree += int((top1[0] == top1[1]).sum())
+    finally:
+        for m, state in zip(models, states, strict=True):
+            m.train(state)
+
+    def ppl(total: float) -> float:
+        return float(torch.exp(torch.tensor(total / scored)))
+
+    if reference is None:
+        return LMScores(ppl(nll[0]), scored, window, stride)
+    return LMScores(ppl(nll[0]), scored, window, stride, ppl(nll[1]), agree / scored)
+
+
+@torch.no_grad()
+def greedy_tokens(module: nn.Module, prompt: torch.Tensor, new_tokens: int, device: str | torch.device = "cpu") -> torch.Tensor:
+    """The ``new_tokens`` tokens greedy decoding appends to ``prompt`` (1-d ids), recomputing the whole
+    sequence each step (a reference procedure, not the fast path)."""
+    ids = prompt.to(device).unsqueeze(0)
+    limit = int(getattr(module, "context_length", ids.shape[1] + new_tokens))
+    out = []
+    for _ in range(new_tokens):
+        logits = module(input_ids=ids[:, -limit:], attention_mask=torch.ones_like(ids[:, -limit:]))
+        nxt = logits[:, -1].float().argmax(-1, keepdim=True)
+        out.append(int(nxt))
+        ids = torch.cat([ids, nxt], dim=1)
+    return torch.tensor(out, dtype=torch.long)
+
+
+def greedy_agreement(module: nn.Module, reference: nn.Module, texts: list[str], prompts: int = 8,
+                     prompt_tokens: int = 32, new_tokens: int = 16, device: str | torch.device = "cpu") -> float:
+    """Mean share of a greedy continuation the model generates identically to ``reference`` before the first
+    differing token, over ``prompts`` prompts (the first ``prompt_tokens`` tokens of the first texts long
+    enough). 1.0: every continuation identical; 0.0: every first token differs.
+
+    Raises:
+        DataError: no text has ``prompt_tokens`` tokens.
+    """
+    chosen = []
+    for text in texts:
+        ids = module.tokenizer(text, add_special_tokens=False)["input_ids"]  # type: ignore[operator]
+        if len(ids) >= prompt_tokens:
+            chosen.append(torch.tensor(ids[:prompt_tokens], dtype=torch.long))
+        if len(chosen) == prompts:
+            break
+    if not chosen:
+        raise DataError(f"greedy agreement needs texts of at least {prompt_tokens} tokens")
+    shares = []
+    was = module.training, reference.training
+    module.eval()
+    reference.eval()
+    try:
+        for prompt in chosen:
+            ours, base = greedy_tokens(module, prompt, new_tokens, device), greedy_tokens(reference, prompt, new_tokens,
+                                                                                         device)
+            differ = (ours != base).nonzero()
+            shares.append((int(differ[0]) if len(differ) else new_tokens) / new_tokens)
+    finally:
+        module.train(was[0])
+        reference.train(was[1])
+    return sum(shares) / len(shares)
