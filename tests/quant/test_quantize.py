@@ -138,12 +138,30 @@ def test_bad_configs_raise_recipe_errors(bad):
         config_from_dict(bad)
 
 
-def test_rtn_group_that_does_not_divide_falls_back_to_rows_with_its_reason():
-    module = nn.Sequential(nn.Linear(10, 4), nn.Linear(4, 4))
+def test_rtn_group_that_fits_no_divisor_falls_back_to_rows_with_its_reason():
+    module = nn.Sequential(nn.Linear(11, 4), nn.Linear(4, 4))
     done = quantize_(module, WeightOnlyConfig(group_size=4))
-    assert done == ["0", "1"] and module[0].group_size == 10 and module[1].group_size == 4
+    assert done == ["0", "1"] and module[0].group_size == 11 and module[1].group_size == 4
     entry = get_record(module).coverage[0]
-    assert (entry.module, entry.action) == ("0", "compressed") and "does not divide 10" in entry.reason
+    assert (entry.module, entry.action) == ("0", "compressed") and "fits no divisor of 11" in entry.reason
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq", "awq"])
+def test_a_group_that_does_not_divide_takes_the_nearest_divisor_below_it(method):
+    """SmolLM2's 576-wide rows with group 128: groups of 96, not one scale per 576 weights."""
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(576, 8), nn.ReLU(), nn.Linear(8, 4))
+    batches = [torch.randn(16, 576)] if method != "rtn" else None
+    quantize_(module, QuantizeConfig(method=method, bits=4, group_size=128, symmetric=False), batches)
+    assert module[0].group_size == 96
+
+
+@pytest.mark.parametrize("row,group,fit", [(576, 128, 96), (576, 64, 64), (1536, 128, 128), (11, 4, None),
+                                           (100, 64, 50), (576, None, None), (96, 256, None)])
+def test_fitting_group(row, group, fit):
+    from deepsqueeze.primitives.quantize import fitting_group
+
+    assert fitting_group(row, group) == fit
 
 
 class _ResidualConvNet(nn.Module):

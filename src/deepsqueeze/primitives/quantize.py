@@ -31,6 +31,7 @@ import torch
 from deepsqueeze.errors import ModelError
 
 __all__ = [
+    "fitting_group",
     "Granularity",
     "PerChannel",
     "PerGroup",
@@ -105,6 +106,20 @@ class QParams:
     @property
     def qmax(self) -> int:
         return qrange(self.bits, self.signed)[1]
+
+
+def fitting_group(row: int, group: int | None) -> int | None:
+    """The group size a weight row of ``row`` elements is quantized with when ``group`` is asked for:
+    ``group`` where it divides the row, else the largest divisor of the row between ``group / 2`` and
+    ``group`` (multiples of 32 first: the packed kernels' block), else ``None`` (one scale per row). SmolLM2's
+    576-wide rows asked for group 128 get 96, not a single scale per row."""
+    if group is None or row <= 0:
+        return None
+    if row % group == 0:
+        return group
+    fits = [d for d in range(group, (group + 1) // 2 - 1, -1) if d > 0 and row % d == 0]
+    aligned = [d for d in fits if d % 32 == 0]
+    return (aligned or fits or [None])[0]
 
 
 def _check_bits(bits: int) -> None:

@@ -226,3 +226,34 @@ class PruneOneShotConfig(StageConfig):
 
     def needs_data(self) -> bool:  # noqa: D102 - wanda and sparsegpt calibrate
         return self.method is not OneShotMethod.MAGNITUDE
+
+    def targets(self, module: Any) -> list[str]:
+        """Names of the Linear layers the stage prunes (include / exclude patterns; a weight tied to an earlier
+        module, such as a tied ``lm_head``, is left to that module)."""
+        import fnmatch
+
+        from torch import nn
+
+        from deepsqueeze.core.sharing import tied_weight_groups
+        from deepsqueeze.core.walker import iter_modules
+
+        tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
+        return [name for name, layer in iter_modules(module, types=nn.Linear)
+                if name not in tied and layer.weight.numel() > 0
+                and (self.include is None or any(fnmatch.fnmatchcase(name, p) for p in self.include))
+                and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
+
+    def preflight(self, model: Any) -> None:
+        """Some Linear layer matches; under N:M every one's input width is a multiple of M."""
+        from deepsqueeze.errors import RecipeError, UnsupportedLayerError
+
+        targets = self.targets(model.module)
+        if not targets:
+            raise UnsupportedLayerError(f"{model.ref} has no Linear layer matching the include / exclude patterns: "
+                                        "prune_oneshot prunes Linear layers (use prune for convolutions)")
+        if self.pattern is not Pattern.UNSTRUCTURED:
+            m = int(self.pattern.value.split(":")[1])
+            odd = [n for n in targets if model.module.get_submodule(n).in_features % m]
+            if odd:
+                raise RecipeError(f"{self.pattern.value} needs input widths that are multiples of {m}: "
+                                  f"{', '.join(odd[:3])} are not; exclude them or prune unstructured")

@@ -8,7 +8,6 @@ before it produce (block by block for transformers), as both papers do.
 
 from __future__ import annotations
 
-import fnmatch
 import time
 
 import torch
@@ -19,8 +18,6 @@ from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import register_planner, report_coverage
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import CoverageEntry, record_coverage, record_encoding
-from deepsqueeze.core.sharing import tied_weight_groups
-from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import ModelError, RecipeError
 from deepsqueeze.primitives.masks import nm_mask, sparsity_mask, sparsity_of
 from deepsqueeze.prune.config import OneShotMethod, Pattern, PruneOneShotConfig, Storage
@@ -115,22 +112,6 @@ def inverse_hessian_factor(H: torch.Tensor) -> torch.Tensor:
                          "or calibrate on more samples") from None
 
 
-def targets_of(module: nn.Module, config: PruneOneShotConfig) -> list[str]:
-    """Names of the Linear layers the stage prunes (include / exclude patterns; a weight tied to an earlier
-    module, such as a tied ``lm_head``, is left to that module)."""
-    tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
-    out = []
-    for name, layer in iter_modules(module, types=nn.Linear):
-        if name in tied or layer.weight.numel() == 0:
-            continue
-        if config.include is not None and not any(fnmatch.fnmatchcase(name, p) for p in config.include):
-            continue
-        if any(fnmatch.fnmatchcase(name, p) for p in config.exclude):
-            continue
-        out.append(name)
-    return out
-
-
 def _what(config: PruneOneShotConfig) -> str:
     pattern = config.pattern.value if config.pattern is not Pattern.UNSTRUCTURED else f"{round(100 * config.sparsity)}%"
     return f"{config.method.value} {pattern}"
@@ -144,7 +125,7 @@ def _entries(module: nn.Module, config: PruneOneShotConfig, targets: list[str]) 
 @register_planner("prune_oneshot")
 def plan_prune_oneshot(module: nn.Module, config: PruneOneShotConfig, example: object = None) -> list[CoverageEntry]:
     """The coverage a ``prune_oneshot`` stage will record (nothing runs)."""
-    return _entries(module, config, targets_of(module, config))
+    return _entries(module, config, config.targets(module))
 
 
 def prune_oneshot_(model: Model, config: PruneOneShotConfig, batches: list | None) -> dict[str, float]:
@@ -152,18 +133,13 @@ def prune_oneshot_(model: Model, config: PruneOneShotConfig, batches: list | Non
     batches (``deepsqueeze.core.calibrate.calibration_batches``); magnitude needs none.
 
     Raises:
-        RecipeError: no Linear layer matches; N:M on a layer whose input width is not a multiple of M.
+        UnsupportedLayerError: no Linear layer matches.
+        RecipeError: N:M on a layer whose input width is not a multiple of M.
     """
+    config.preflight(model)
     module = model.module
-    targets = targets_of(module, config)
-    if not targets:
-        raise RecipeError("no Linear layer matches the include / exclude patterns: nothing to prune")
+    targets = config.targets(module)
     nm = nm_of(config.pattern)
-    if nm is not None:
-        odd = [n for n in targets if module.get_submodule(n).in_features % nm[1]]
-        if odd:
-            raise RecipeError(f"{config.pattern.value} needs input widths that are multiples of {nm[1]}: "
-                              f"{', '.join(odd[:3])} are not; exclude them")
     sparsities: dict[str, float] = {}
 
     def convert(name: str, layer: nn.Module, hessian: torch.Tensor | None) -> nn.Module:

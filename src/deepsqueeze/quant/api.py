@@ -152,9 +152,11 @@ _SKIPS = "_deepsqueeze_quant_skips"
 
 
 def fitting_group(row: int, group: int | None) -> int | None:
-    """``group`` where it divides a weight row of ``row`` elements, else ``None``: one scale per row (the
-    fallback every weight quantizer takes for such a layer)."""
-    return group if group is not None and row % group == 0 else None
+    """The group every weight quantizer uses for a row of ``row`` elements
+    (:func:`deepsqueeze.primitives.quantize.fitting_group`)."""
+    from deepsqueeze.primitives.quantize import fitting_group as fit
+
+    return fit(row, group)
 
 
 def note_skip(root: nn.Module, name: str, reason: str) -> None:

@@ -246,7 +246,7 @@ def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bit
 
 
 def _group_of_cols(group_size: int | None, w: torch.Tensor) -> int | None:
-    return group_size if group_size is not None and w.shape[1] % group_size == 0 else None
+    return Q.fitting_group(w.shape[1], group_size)
 
 
 @register_method(Method.AWQ)

@@ -239,7 +239,7 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
         if not isinstance(layer, nn.Linear):
             raise UnsupportedLayerError(f"{name} is a {type(layer).__name__}: GPTQ quantizes nn.Linear layers only")
         b = bits[name] if isinstance(bits, dict) else bits
-        group = group_size if group_size is not None and layer.in_features % group_size == 0 else None
+        group = Q.fitting_group(layer.in_features, group_size)
         result = gptq_quantize(layer.weight.detach().cpu(), hessian, affine_column_quantizer(b, symmetric), group,
                                act_order=act_order, damp=damp, block_size=block_size)
         results[name] = result

@@ -206,10 +206,10 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
         new: nn.Module
         row = layer.in_features if isinstance(layer, nn.Linear) else layer.embedding_dim \
             if isinstance(layer, nn.Embedding) else None
-        group = config.group_size
-        if row is not None and group is not None and row % group:
-            note_skip(module, name, f"{NOT_DIVISIBLE}: group {group} does not divide {row}, one scale per row")
-            group = None
+        group = config.group_size if row is None else Q.fitting_group(row, config.group_size)
+        if row is not None and config.group_size is not None and group is None:
+            note_skip(module, name, f"{NOT_DIVISIBLE}: group {config.group_size} fits no divisor of {row}, one "
+                      "scale per row")
         try:
             if isinstance(layer, nn.Linear):
                 new = runtime.PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
@@ -230,7 +230,7 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
 def _conv_group(conv: nn.Conv2d, group_size: int | None) -> int | None:
     """A conv row is ``in/groups*kh*kw`` long: fall back to per channel when the group does not divide it."""
     row = conv.in_channels // conv.groups * conv.kernel_size[0] * conv.kernel_size[1]
-    return group_size if group_size is not None and row % group_size == 0 else None
+    return Q.fitting_group(row, group_size)
 
 
 def _levels(module: nn.Module, config: QuantizeConfig, ternary: bool) -> list[str]:

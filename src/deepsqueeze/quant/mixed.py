@@ -66,7 +66,7 @@ def _rows(layer: nn.Module) -> tuple[int, int]:
 
 def _group(cols: int, group_size: int | None) -> int:
     """The group actually used for a row of ``cols`` elements (per row when ``group_size`` does not divide)."""
-    return group_size if group_size is not None and cols % group_size == 0 else cols
+    return Q.fitting_group(cols, group_size) or cols
 
 
 def packed_weight_bytes(rows: int, cols: int, bits: int, group_size: int | None) -> int:

@@ -343,7 +343,7 @@ class PackedWeights(nn.Module):
         specs = {}
         for name, w in weights.items():
             cols = w.numel() // w.shape[0]
-            group = group_size if group_size is not None and cols % group_size == 0 else None
+            group = Q.fitting_group(cols, group_size)
             specs[name] = {"shape": list(w.shape), "bits": bits, "group_size": group}
         new = cls(module, specs)
         for name, w in weights.items():
