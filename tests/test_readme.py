@@ -29,6 +29,8 @@ SUBSTITUTIONS = [
     ("plan --model zoo:lenet5 ", "plan --model zoo:lenet5@digits "),
     ("evaluate minilm --data", "evaluate hf:tiny-minilm --data"),
     ('ds.compress("minilm"', 'ds.compress("hf:tiny-minilm"'),
+    ("zoo:smollm2-135m", "gguf:model.gguf"),
+    ("smollm2-w4.dsq --data wiki:eval", "smollm2-w4.dsq --data text:my-held-out.txt"),
 ]
 # Command prefixes not run here, each with what tests it instead.
 NOT_RUN = {

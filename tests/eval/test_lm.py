@@ -23,7 +23,7 @@ def llama(tmp_path_factory):
     return resolve_model(f"hf:{make_hf_dir('llama', tmp_path_factory.mktemp('llama') / 'm')}", progress=False)
 
 
-@pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (37, 16, 5), (3, 8, 4), (64, 64, 32)])
+@pytest.mark.parametrize("n,window,stride", [(10, 4, 2), (37, 16, 5), (3, 8, 4), (64, 64, 32), (40, 8, 8)])
 def test_windows_score_every_token_but_the_first_exactly_once(n, window, stride):
     got = spans(n, window, stride)
     scored = [t for b, e, k in got for t in range(e - k, e)]
@@ -45,6 +45,11 @@ def test_a_damaged_copy_disagrees_and_scores_worse(llama):
                 param.mul_(-3.0)
     scores = lm_scores(damaged, TEXTS, window=64, stride=32, reference=llama.module)
     assert scores.top1_agreement < 1.0 and scores.perplexity != scores.base_perplexity
+    cached = lm_scores(damaged, TEXTS, window=64, stride=32,
+                       reference_top1=lm_scores(llama.module, TEXTS, window=64, stride=32).top1)
+    assert cached.top1_agreement == scores.top1_agreement and cached.base_perplexity is None
+    with pytest.raises(DataError, match="same texts"):
+        lm_scores(damaged, TEXTS[:2], window=64, stride=32, reference_top1=scores.top1)
     assert greedy_agreement(damaged, llama.module, TEXTS, prompts=2, prompt_tokens=8, new_tokens=8) < 1.0
 
 
@@ -53,7 +58,7 @@ def test_window_defaults_and_limits(llama):
     with pytest.raises(DataError, match="past the model's"):
         default_window(llama.module, llama.module.context_length + 1)
     with pytest.raises(DataError, match="stride"):
-        default_window(llama.module, 16, 16)
+        default_window(llama.module, 16, 17)
 
 
 def test_evaluate_states_window_stride_and_agreement(llama):

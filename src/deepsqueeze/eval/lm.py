@@ -7,12 +7,14 @@ Every function takes a ``CausalLM``-like module: ``module(input_ids=..., attenti
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
+from deepsqueeze.core.progress import track
 from deepsqueeze.errors import DataError
 
 DEFAULT_WINDOW = 512
@@ -30,9 +32,11 @@ class LMScores:
     stride: int
     base_perplexity: float | None = None
     top1_agreement: float | None = None
+    top1: torch.Tensor | None = field(default=None, repr=False)  # the model's top-1 token per scored position
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        out.pop("top1")
         if self.base_perplexity:
             out["perplexity_delta_pct"] = 100 * (self.perplexity / self.base_perplexity - 1)
         return out
@@ -42,8 +46,8 @@ def default_window(module: nn.Module, window: int | None = None, stride: int | N
     """``(window, stride)``: the given ones, else 512 tokens (never past the model's ``context_length``) and half."""
     window = int(window or min(DEFAULT_WINDOW, int(getattr(module, "context_length", DEFAULT_WINDOW))))
     stride = int(stride or max(1, window // 2))
-    if window < 2 or not 1 <= stride < window:
-        raise DataError(f"perplexity needs a window of at least 2 tokens and a stride in 1..window-1, "
+    if window < 2 or not 1 <= stride <= window:
+        raise DataError(f"perplexity needs a window of at least 2 tokens and a stride in 1..window, "
                         f"got window {window}, stride {stride}")
     limit = getattr(module, "context_length", None)
     if limit is not None and window > int(limit):
@@ -71,10 +75,12 @@ def spans(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
 @torch.no_grad()
 def lm_scores(module: nn.Module, texts: list[str], window: int | None = None, stride: int | None = None,
               reference: nn.Module | None = None, batch_size: int = 8,
-              device: str | torch.device = "cpu") -> LMScores:
+              device: str | torch.device = "cpu", reference_top1: torch.Tensor | None = None) -> LMScores:
     """Token-level perplexity (the "perplexity of fixed-length models" procedure of the Hugging Face docs):
     ``exp`` of the mean negative log-likelihood in nats per scored token; with ``reference`` (the base
-    model) also its perplexity and the top-1 next-token agreement on exactly the same windows.
+    model) also its perplexity and the top-1 next-token agreement on exactly the same windows. The returned
+    ``top1`` holds the model's top-1 token at every scored position: passed back as ``reference_top1`` (with
+    the same texts, window and stride) it gives ``top1_agreement`` without running the reference again.
 
     Raises:
         DataError: the text is shorter than two tokens, or the window / stride is invalid.
@@ -85,43 +91,54 @@ def lm_scores(module: nn.Module, texts: list[str], window: int | None = None, st
         raise DataError("perplexity needs a text of at least two tokens")
     models = [module] if reference is None else [module, reference]
     states = [m.training for m in models]
-    nll = [0.0] * len(models)
-    scored = agree = 0
     try:
         for m in models:
             m.eval()
         all_spans = spans(len(ids), window, stride)
-        for i in range(0, len(all_spans), batch_size):
-            group = all_spans[i : i + batch_size]
-            length = max(e - b for b, e, _ in group)
-            inputs = torch.zeros(len(group), length, dtype=torch.long)
-            mask = torch.zeros(len(group), length, dtype=torch.long)
-            targets = torch.full((len(group), length), -100, dtype=torch.long)
-            for row, (b, e, count) in enumerate(group):
-                inputs[row, : e - b] = ids[b:e]
-                mask[row, : e - b] = 1
-                targets[row, e - b - count : e - b] = ids[e - count : e]
-            shifted = targets[:, 1:]  # the first token of a window has no prediction
-            keep = shifted != -100
-            top1 = []
-            for k, m in enumerate(models):
-                logits = m(input_ids=inputs.to(device), attention_mask=mask.to(device)).float().cpu()[:, :-1]
-                nll[k] += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
-                                                            ignore_index=-100, reduction="sum"))
-                top1.append(logits.argmax(-1)[keep])
-            scored += int(keep.sum())
-            if reference is not None:
-                agree += int((top1[0] == top1[1]).sum())
+        with track(f"perplexity on {len(ids)} tokens", len(all_spans), "windows") as bar:
+            nll, top1 = _score_windows(models, ids, all_spans, batch_size, device, bar.advance)
     finally:
         for m, state in zip(models, states, strict=True):
             m.train(state)
 
+    scored = len(top1[0])
+
     def ppl(total: float) -> float:
         return float(torch.exp(torch.tensor(total / scored)))
 
-    if reference is None:
-        return LMScores(ppl(nll[0]), scored, window, stride)
-    return LMScores(ppl(nll[0]), scored, window, stride, ppl(nll[1]), agree / scored)
+    if reference_top1 is not None and len(reference_top1) != scored:
+        raise DataError(f"reference_top1 holds {len(reference_top1)} positions, the text {scored}: score the same "
+                        "texts with the same window and stride")
+    base_top1 = top1[1] if reference is not None else reference_top1
+    agreement = None if base_top1 is None else float((top1[0] == base_top1).float().mean())
+    return LMScores(ppl(nll[0]), scored, window, stride, ppl(nll[1]) if reference is not None else None, agreement,
+                    top1[0])
+
+
+def _score_windows(models: list[nn.Module], ids: torch.Tensor, all_spans: list[tuple[int, int, int]], batch_size: int,
+                   device: str | torch.device, advance: Callable[..., None]) -> tuple[list[float], list[torch.Tensor]]:
+    """(summed NLL per model, top-1 token per scored position per model)."""
+    nll = [0.0] * len(models)
+    top1: list[list[torch.Tensor]] = [[] for _ in models]
+    for i in range(0, len(all_spans), batch_size):
+        group = all_spans[i : i + batch_size]
+        length = max(e - b for b, e, _ in group)
+        inputs = torch.zeros(len(group), length, dtype=torch.long)
+        mask = torch.zeros(len(group), length, dtype=torch.long)
+        targets = torch.full((len(group), length), -100, dtype=torch.long)
+        for row, (b, e, count) in enumerate(group):
+            inputs[row, : e - b] = ids[b:e]
+            mask[row, : e - b] = 1
+            targets[row, e - b - count : e - b] = ids[e - count : e]
+        shifted = targets[:, 1:]  # the first token of a window has no prediction
+        keep = shifted != -100
+        for k, m in enumerate(models):
+            logits = m(input_ids=inputs.to(device), attention_mask=mask.to(device)).float().cpu()[:, :-1]
+            nll[k] += float(nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), shifted.reshape(-1),
+                                                        ignore_index=-100, reduction="sum"))
+            top1[k].append(logits.argmax(-1)[keep])
+        advance(len(group))
+    return nll, [torch.cat(t) for t in top1]
 
 
 @torch.no_grad()

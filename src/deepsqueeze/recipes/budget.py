@@ -15,7 +15,8 @@ causal-lm              perplexity (window 256, stride 128), increase in percent 
 =====================  ==============================================================  =============
 
 Text tasks are scored on ``pydoc-sentences:eval`` (never calibrated or trained on), or on ``wiki:eval`` when
-the stages' data is a ``wiki:`` split, at most :data:`TEXT_SAMPLES` sentences or paragraphs.
+the stages' data is a ``wiki:`` split, at most :data:`TEXT_SAMPLES` sentences or paragraphs (causal LMs: at
+most :data:`LM_CHARS` characters of them).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from deepsqueeze.data.datasets import ClassificationData, TextData
 EXIT_OVER_BUDGET = 3
 TEXT_SAMPLES = 256
 OUTPUT_SAMPLES = 256
+LM_CHARS = 60_000  # a causal LM is scored on about 15K tokens of them (a 135M model: about a minute on 2 cores)
 HELD_OUT_TEXT = "pydoc-sentences:eval"
 
 
@@ -87,6 +89,7 @@ def _score(model: Model, reference: Model, data: ClassificationData | TextData) 
     sentences = list(data.sentences[:TEXT_SAMPLES])  # type: ignore[union-attr]
     if task is Task.CAUSAL_LM:
         window = min(256, int(getattr(model.module, "context_length", 256)))  # never past the position limit
+        sentences = _first_chars(sentences, LM_CHARS)
         base, _ = metrics.perplexity(reference.module, sentences, window=window, stride=window // 2)
         value, tokens = metrics.perplexity(model.module, sentences, window=window, stride=window // 2)
         return "perplexity", base, value, tokens
@@ -97,6 +100,17 @@ def _score(model: Model, reference: Model, data: ClassificationData | TextData) 
         return "label_agreement", 1.0, metrics.label_agreement(out, ref), len(sentences)
     cosine = torch.nn.functional.cosine_similarity(out.float(), ref.float(), dim=-1)
     return "cosine_mean", 1.0, float(cosine.mean()), len(sentences)
+
+
+def _first_chars(texts: list[str], limit: int) -> list[str]:
+    """The leading texts up to ``limit`` characters in all (at least one)."""
+    out, total = [], 0
+    for text in texts:
+        if out and total + len(text) > limit:
+            break
+        out.append(text)
+        total += len(text)
+    return out
 
 
 @torch.no_grad()
