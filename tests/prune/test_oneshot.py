@@ -76,15 +76,24 @@ def _text() -> TextData:
 
 @pytest.mark.parametrize("method", ["sparsegpt", "wanda", "magnitude"])
 def test_stage_prunes_a_decoder_and_the_artifact_round_trips(method, llama_dir, tmp_path):
-    model = resolve_model(f"hf:{llama_dir}", progress=False)
+    _prune_and_round_trip(f"hf:{llama_dir}", method, 2 * 7, "mlp.up_proj", tmp_path)
+
+
+def test_gpt2_conv1d_layers_are_pruned_as_linear_layers(tmp_path):
+    folder = make_hf_dir("gpt2", tmp_path / "gpt2")
+    _prune_and_round_trip(f"hf:{folder}", "sparsegpt", 2 * 4, "mlp.c_fc", tmp_path)
+
+
+def _prune_and_round_trip(ref: str, method: str, layers: int, probe: str, tmp_path) -> None:
+    model = resolve_model(ref, progress=False)
     data = _text()
     recipe = parse_recipe({"stages": [
         {"type": "prune_oneshot", "method": method, "pattern": "2:4", "calibration_samples": 16}]})
     ctx = run_stages(model, recipe, data, progress=False)
     report = ctx.report[-1]
     assert report["stage"] == "prune_oneshot" and report["sparsity"] == 0.5
-    assert report["layers"] == 2 * 7, "every Linear of the two blocks, lm_head excluded"
-    inner = model.module.get_submodule(next(n for n, m in model.module.named_modules() if n.endswith("mlp.up_proj")))
+    assert report["layers"] == layers, "every Linear of the two blocks, lm_head excluded"
+    inner = model.module.get_submodule(next(n for n, m in model.module.named_modules() if n.endswith(probe)))
     assert float((inner.weight == 0).float().mean()) == 0.5
     lm_head = next(m for n, m in model.module.named_modules() if n.endswith("lm_head"))
     assert not bool((lm_head.weight == 0).any())

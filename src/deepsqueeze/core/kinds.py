@@ -15,8 +15,11 @@ from dataclasses import dataclass
 
 from torch import nn
 
+from deepsqueeze.core.record import record_transform, register_transform
+
 __all__ = [
     "LayerKind",
+    "as_linear_",
     "conv1d_to_linear",
     "layer_kind",
     "register_kind",
@@ -126,6 +129,25 @@ def weight_bearing_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module, La
             yield from walk(name, child)
 
     yield from walk("", root)
+
+
+def as_linear_(root: nn.Module, name: str) -> nn.Linear:
+    """Replace transformers' ``Conv1D`` at ``name`` of ``root`` by the equal ``nn.Linear``, recorded (transform
+    ``as_linear``) so that a loader rebuilds the same module tree before it loads the weights."""
+    from deepsqueeze.core.walker import set_submodule
+
+    layer = conv1d_to_linear(root.get_submodule(name))
+    set_submodule(root, name, layer)
+    record_transform(root, "as_linear", name)
+    return layer
+
+
+@register_transform("as_linear")
+@register_transform("quant.as_linear")  # the name artifacts written before the transform moved to core carry
+def _replay_as_linear(root: nn.Module, target: str, params: dict) -> None:
+    from deepsqueeze.core.walker import get_submodule, set_submodule
+
+    set_submodule(root, target, conv1d_to_linear(get_submodule(root, target)))
 
 
 def conv1d_to_linear(conv1d: nn.Module) -> nn.Linear:

@@ -228,17 +228,19 @@ class PruneOneShotConfig(StageConfig):
         return self.method is not OneShotMethod.MAGNITUDE
 
     def targets(self, module: Any) -> list[str]:
-        """Names of the Linear layers the stage prunes (include / exclude patterns; a weight tied to an earlier
-        module, such as a tied ``lm_head``, is left to that module)."""
+        """Names of the Linear layers (and transformers' ``Conv1D``, GPT-2's) the stage prunes (include /
+        exclude patterns; a weight tied to an earlier module, such as a tied ``lm_head``, is left to it)."""
         import fnmatch
 
         from torch import nn
 
+        from deepsqueeze.core.kinds import layer_kind
         from deepsqueeze.core.sharing import tied_weight_groups
-        from deepsqueeze.core.walker import iter_modules
 
         tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
-        return [name for name, layer in iter_modules(module, types=nn.Linear)
+        linear = [(name, layer) for name, layer in module.named_modules() if name and (
+            isinstance(layer, nn.Linear) or getattr(layer_kind(layer), "name", None) == "hf-conv1d")]
+        return [name for name, layer in linear
                 if name not in tied and layer.weight.numel() > 0
                 and (self.include is None or any(fnmatch.fnmatchcase(name, p) for p in self.include))
                 and not any(fnmatch.fnmatchcase(name, p) for p in self.exclude)]
@@ -253,7 +255,12 @@ class PruneOneShotConfig(StageConfig):
                                         "prune_oneshot prunes Linear layers (use prune for convolutions)")
         if self.pattern is not Pattern.UNSTRUCTURED:
             m = int(self.pattern.value.split(":")[1])
-            odd = [n for n in targets if model.module.get_submodule(n).in_features % m]
+            odd = [n for n in targets if _in_features(model.module.get_submodule(n)) % m]
             if odd:
                 raise RecipeError(f"{self.pattern.value} needs input widths that are multiples of {m}: "
                                   f"{', '.join(odd[:3])} are not; exclude them or prune unstructured")
+
+
+def _in_features(layer: Any) -> int:
+    """Inputs of a Linear, or of transformers' Conv1D (weight of shape (in, out))."""
+    return int(getattr(layer, "in_features", None) or layer.weight.shape[0])

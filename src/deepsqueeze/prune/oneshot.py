@@ -16,6 +16,7 @@ from torch import nn
 from deepsqueeze.core.config import register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import register_planner, report_coverage
+from deepsqueeze.core.kinds import as_linear_
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.record import CoverageEntry, record_coverage, record_encoding
 from deepsqueeze.errors import ModelError, RecipeError
@@ -139,6 +140,9 @@ def prune_oneshot_(model: Model, config: PruneOneShotConfig, batches: list | Non
     config.preflight(model)
     module = model.module
     targets = config.targets(module)
+    for name in targets:
+        if not isinstance(module.get_submodule(name), nn.Linear):
+            as_linear_(module, name)  # GPT-2's Conv1D: the equal Linear, recorded for the loader
     nm = nm_of(config.pattern)
     sparsities: dict[str, float] = {}
 

@@ -30,7 +30,7 @@ from deepsqueeze.core.coverage import (
     report_coverage,
     snapshot,
 )
-from deepsqueeze.core.kinds import conv1d_to_linear, layer_kind, weight_bearing_modules
+from deepsqueeze.core.kinds import as_linear_, layer_kind, weight_bearing_modules
 from deepsqueeze.core.progress import track
 from deepsqueeze.core.record import (
     EMPTY,
@@ -329,8 +329,6 @@ def select_layers(module: nn.Module, config: QuantizeConfig,
         if not isinstance(layer, types):
             if nn.Linear not in types or kind is None or kind.name != "hf-conv1d":
                 continue
-            layer = conv1d_to_linear(layer)
-            set_submodule(module, name, layer)
-            record_transform(module, "quant.as_linear", name)
+            layer = as_linear_(module, name)
         out.append((name, layer))
     return out

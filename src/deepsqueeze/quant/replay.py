@@ -12,7 +12,6 @@ import pydantic
 import torch
 from torch import nn
 
-from deepsqueeze.core.kinds import conv1d_to_linear
 from deepsqueeze.core.record import register_model_check, register_transform
 from deepsqueeze.core.walker import get_submodule, set_submodule
 from deepsqueeze.errors import ArtifactError
@@ -103,11 +102,6 @@ def _replay_packed_weights(root: nn.Module, target: str, params: dict[str, Any])
         if not isinstance(weight, torch.Tensor) or list(weight.shape) != spec["shape"]:
             raise ArtifactError(f"packed weight {name!r} of {target!r} does not match the module's tensor")
     set_submodule(root, target, PackedWeights(inner, specs))
-
-
-@register_transform("quant.as_linear")
-def _replay_as_linear(root: nn.Module, target: str, params: dict[str, Any]) -> None:
-    set_submodule(root, target, conv1d_to_linear(get_submodule(root, target)))
 
 
 @register_transform("quant.identity")
