@@ -58,3 +58,17 @@ def test_disabled_stage_silences_everything_inside(capsys):
         for _ in range(3):
             bar.advance()
     assert capsys.readouterr().err == ""
+
+
+def test_a_long_unit_is_not_silent_off_a_terminal(capsys, monkeypatch):
+    """Issue 29: off a terminal a line comes at least every interval, also while one unit of work runs."""
+    import time as _time
+
+    monkeypatch.setenv("DEEPSQUEEZE_PROGRESS_INTERVAL", "0.2")
+    with stage(0, 1, "quantize"), track("calibrating", 2, "layers") as bar:
+        bar.advance()
+        _time.sleep(1.3)  # one long unit: the heartbeat speaks for it
+        bar.advance()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "calibrating" in line]
+    assert len(lines) >= 4, lines
+    assert all(line.startswith("[deepsqueeze] stage 1/1 quantize: calibrating") for line in lines)

@@ -4,7 +4,8 @@ benchmarks, demo jobs).
 On a terminal: a transient rich bar naming the stage and its position in the recipe
 (``stage 2/4 prune: epoch 3/8``), steps done, a detail (loss) and the time left. Elsewhere (CI logs,
 ``| tee``, notebooks): plain lines on stderr, one when the label changes (a new epoch, a new layer
-group), at most one a minute in between, and one at the end, so no long step is silent::
+group), one every 15 s of work in between (also while one long unit runs: a heartbeat thread repeats the
+line with the time elapsed), and one at the end, so no long step is silent for more than 15 s::
 
     [deepsqueeze] stage 2/4 prune: epoch 3/8  120/800 steps (15%)  loss 0.3124  0:12 elapsed, ~1:05 left
 
@@ -17,6 +18,7 @@ from __future__ import annotations
 import contextvars
 import os
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -29,11 +31,11 @@ LOG_PREFIX = "[deepsqueeze]"
 
 
 def log_interval_s() -> float:
-    """Seconds between two log lines of one step outside a terminal (``DEEPSQUEEZE_PROGRESS_INTERVAL``, 60)."""
+    """Seconds between two log lines of one step outside a terminal (``DEEPSQUEEZE_PROGRESS_INTERVAL``, 15)."""
     try:
-        return float(os.environ.get("DEEPSQUEEZE_PROGRESS_INTERVAL", "60"))
+        return max(0.05, float(os.environ.get("DEEPSQUEEZE_PROGRESS_INTERVAL", "15")))
     except ValueError:
-        return 60.0
+        return 15.0
 
 
 def _stream() -> TextIO:
@@ -96,13 +98,16 @@ class Tracker:
         self.completed, self.detail = 0, ""
         self.start = self.last_log = time.perf_counter()
         self.what = what
+        self._prefix = current_stage()  # read here: the heartbeat thread does not see the stage's context
         self._logged_label: str | None = None
         self._bar: Any = None
         self._task: Any = None
+        self._stop: threading.Event | None = None
+        self._lock = threading.Lock()
 
     @property
     def label(self) -> str:
-        prefix = current_stage()
+        prefix = self._prefix
         return f"{prefix}: {self.what}" if prefix and self.what else (prefix or self.what)
 
     def set(self, what: str) -> None:
@@ -125,6 +130,10 @@ class Tracker:
             self._log_line(now)
 
     def _log_line(self, now: float) -> None:
+        with self._lock:
+            self._write_line(now)
+
+    def _write_line(self, now: float) -> None:
         elapsed = now - self.start
         left = elapsed / self.completed * (self.total - self.completed) if self.completed else 0.0
         parts = [self.label, f"{self.completed}/{self.total} {self.unit} ({100 * self.completed / self.total:.0f}%)"]
@@ -134,8 +143,20 @@ class Tracker:
         print(f"{LOG_PREFIX} " + "  ".join(parts), file=_stream(), flush=True)
         self.last_log, self._logged_label = now, self.label
 
+    def _heartbeat(self, stop: threading.Event) -> None:
+        interval = log_interval_s()
+        while not stop.wait(min(interval, 1.0)):
+            now = time.perf_counter()
+            if now - self.last_log >= interval and not stop.is_set():
+                self._log_line(now)
+
     def _open(self) -> None:
-        if not self.enabled or not is_terminal():
+        if not self.enabled:
+            return
+        if not is_terminal():
+            self._stop = threading.Event()
+            threading.Thread(target=self._heartbeat, args=(self._stop,), daemon=True,
+                             name="deepsqueeze-progress").start()
             return
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -147,6 +168,8 @@ class Tracker:
         self._task = self._bar.add_task(self.label, total=self.total, detail="")
 
     def _close(self) -> None:
+        if self._stop is not None:
+            self._stop.set()
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
