@@ -63,3 +63,19 @@ def test_race_times_every_candidate():
 def test_fingerprint_names_cpu_flags_and_threads():
     fp = timing.cpu_fingerprint()
     assert "threads=" in fp and "torch" in fp
+
+
+def test_a_hopeless_candidate_runs_once():
+    """A kernel whose first call is far slower than the fastest's costs that call, not rounds of them."""
+    import time as _time
+
+    from deepsqueeze.core.timing import race
+
+    calls = {"slow": 0}
+
+    def slow() -> None:
+        calls["slow"] += 1
+        _time.sleep(0.05)
+
+    times = race({"fast": lambda: sum(range(10)), "slow": slow})
+    assert calls["slow"] == 1 and times["slow"] >= 0.05 and times["fast"] < times["slow"]

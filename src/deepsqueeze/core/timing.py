@@ -38,22 +38,30 @@ def forced_choice(env_var: str, choices: Sequence[str]) -> str | None:
     return forced
 
 
+WARMUP_DROP_FACTOR = 4.0
+
+
 def race(fns: dict[str, Callable[[], object]], rounds: int = 7, budget_s: float = 1.0, min_sample_s: float = 2e-3,
          drop_factor: float = 8.0) -> dict[str, float]:
     """Best time per call (seconds) of each callable: one warm-up each, then interleaved rounds (A B A B).
 
     Each sample repeats a callable until it has run ``min_sample_s`` (so a sub-millisecond kernel is
     not timed at the scheduler's granularity); a candidate whose best is ``drop_factor`` times the
-    leader's after a round leaves the race; after 2 rounds the race stops once ``budget_s`` is spent.
+    leader's after a round leaves the race (after the warm-up already, at ``WARMUP_DROP_FACTOR`` times that
+    factor); after 2 rounds the race stops once ``budget_s`` is spent. A candidate dropped after its warm-up
+    keeps its warm-up time as its best.
     """
     best = {name: float("inf") for name in fns}
-    reps = {}
+    reps, warm = {}, {}
     for name, fn in fns.items():  # warm-up (packing, thread pools); also sizes each sample
         start = time.perf_counter()
         fn()
-        elapsed = max(time.perf_counter() - start, 1e-7)
+        warm[name] = elapsed = max(time.perf_counter() - start, 1e-7)
         reps[name] = max(1, min(1000, int(min_sample_s / elapsed)))
-    live = dict(fns)
+    # a warm-up far slower than the fastest one (packing included) is not timed again: a kernel that is
+    # hopeless on this shape costs one call, not rounds of them
+    live = {n: f for n, f in fns.items() if warm[n] <= WARMUP_DROP_FACTOR * drop_factor * min(warm.values())}
+    best.update({n: warm[n] for n in fns if n not in live})
     stop = time.perf_counter() + budget_s
     for i in range(rounds):
         for name, fn in live.items():
