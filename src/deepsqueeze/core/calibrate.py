@@ -224,12 +224,14 @@ def _execution_groups(root: nn.Module, targets: list[str], batch: CalibBatch, ru
     """Targets in the order they run; layers that read the very same input tensor form one group."""
     if not targets:
         return []
-    order: list[tuple[str, int]] = []
+    # the input tensors themselves are kept (not their id()): a freed tensor's id is reused by a later one, which
+    # grouped an unrelated layer with the earlier ones at random
+    order: list[tuple[str, Any]] = []
     handles = []
     for name in targets:
         def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
             if not any(n == name for n, _ in order):
-                order.append((name, id(args[0])))
+                order.append((name, args[0]))
 
         handles.append(root.get_submodule(name).register_forward_pre_hook(hook))
     try:
@@ -240,12 +242,12 @@ def _execution_groups(root: nn.Module, targets: list[str], batch: CalibBatch, ru
             h.remove()
     groups: list[list[str]] = []
     last_input = None
-    for name, input_id in order:
-        if groups and input_id == last_input:
+    for name, tensor in order:
+        if groups and tensor is last_input:
             groups[-1].append(name)
         else:
             groups.append([name])
-        last_input = input_id
+        last_input = tensor
     unseen = [t for t in targets if not any(n == t for n, _ in order)]
     return groups + ([unseen] if unseen else [])
 

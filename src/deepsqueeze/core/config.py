@@ -155,8 +155,14 @@ def _short(text: str, limit: int = 60) -> str:
 
 
 def config_to_dict(config: StageConfig) -> dict[str, Any]:
-    """The recipe form of ``config``: plain JSON types only, enums as strings."""
-    return {"type": config.stage_type, **config.model_dump(mode="json")}
+    """The recipe form of ``config``: plain JSON types only, enums as strings. A field the class lists in
+    ``omitted_at_default`` (one added after artifacts were written) is left out while at its default, so a
+    recipe that does not use it writes the bytes it wrote before."""
+    data = config.model_dump(mode="json")
+    for key in getattr(config, "omitted_at_default", ()):
+        if getattr(config, key) == type(config).model_fields[key].default:
+            data.pop(key, None)
+    return {"type": config.stage_type, **data}
 
 
 def _explain(exc: ValidationError, config_cls: type[BaseModel]) -> str:

@@ -193,10 +193,14 @@ def _expand(param: torch.Tensor, shape: torch.Size, granularity: Granularity) ->
 
 
 def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, bits: int = 8, symmetric: bool = True,
-                       signed: bool = True, granularity: Granularity = PerTensor()) -> QParams:
+                       signed: bool = True, granularity: Granularity = PerTensor(),
+                       float_zero: bool = False) -> QParams:
     """Scale and zero point that map ``[min_val, max_val]`` (widened to include 0) onto the code range.
 
     ``min_val``/``max_val`` are in the canonical shape of ``granularity`` (observers produce them).
+    ``float_zero`` (asymmetric only): the zero point is a float32 ``qmin - min / scale`` and the range is
+    not widened to 0, so the codes span exactly ``[min, max]`` (llama.cpp's Q4_1 / Q5_1 "scale and min",
+    HQQ's float zero); 0 is then not exactly representable (a pruned weight is not kept at zero).
     """
     qmin, qmax = qrange(bits, signed)
     min_val = torch.as_tensor(min_val, dtype=torch.float32)
@@ -210,6 +214,10 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, bits: int =
         scale = torch.where(amax > 0, amax / half, one)
         mid = (qmin + qmax + 1) // 2  # 0 signed, 2^(b-1) unsigned
         zero_point = torch.full_like(scale, mid, dtype=zp_dtype)
+    elif float_zero:
+        span = max_val - min_val
+        scale = torch.where(span > 0, span / (qmax - qmin), torch.where(min_val.abs() > 0, min_val.abs(), one))
+        zero_point = qmin - min_val / scale
     else:
         lo = torch.clamp(min_val, max=0.0)
         hi = torch.clamp(max_val, min=0.0)
@@ -220,11 +228,12 @@ def qparams_from_range(min_val: torch.Tensor, max_val: torch.Tensor, bits: int =
 
 
 def choose_qparams(x: torch.Tensor, bits: int = 8, symmetric: bool = True, signed: bool = True,
-                   granularity: Granularity = PerTensor()) -> QParams:
-    """Min-max quantization parameters for ``x`` at the given format and granularity."""
+                   granularity: Granularity = PerTensor(), float_zero: bool = False) -> QParams:
+    """Min-max quantization parameters for ``x`` at the given format and granularity (``float_zero``: see
+    :func:`qparams_from_range`)."""
     check_finite(x)
     lo, hi = _reduce_minmax(x.detach().float(), granularity)
-    return qparams_from_range(lo, hi, bits, symmetric, signed, granularity)
+    return qparams_from_range(lo, hi, bits, symmetric, signed, granularity, float_zero and not symmetric)
 
 
 def _round(v: torch.Tensor, rounding: Rounding | str, generator: torch.Generator | None) -> torch.Tensor:
@@ -243,7 +252,10 @@ def quantize(x: torch.Tensor, qparams: QParams, rounding: Rounding | str = Round
     check_finite(x)
     scale = _expand(qparams.scale, x.shape, qparams.granularity)
     zero_point = _expand(qparams.zero_point, x.shape, qparams.granularity)
-    v = _round(x.float() / scale, rounding, generator) + zero_point
+    if zero_point.is_floating_point():
+        v = _round(x.float() / scale + zero_point, rounding, generator)
+    else:
+        v = _round(x.float() / scale, rounding, generator) + zero_point
     return v.clamp_(qparams.qmin, qparams.qmax).to(code_dtype(qparams.bits, qparams.signed))
 
 
@@ -251,6 +263,8 @@ def dequantize(q: torch.Tensor, qparams: QParams) -> torch.Tensor:
     """Float32 values ``(q - zero_point) * scale``."""
     scale = _expand(qparams.scale, q.shape, qparams.granularity)
     zero_point = _expand(qparams.zero_point, q.shape, qparams.granularity)
+    if zero_point.is_floating_point():
+        return (q.float() - zero_point.float()) * scale
     return (q.to(torch.int32) - zero_point).float() * scale
 
 

@@ -214,11 +214,11 @@ class PruneOneShotConfig(StageConfig):
     stage_type = "prune_oneshot"
 
     method: OneShotMethod = OneShotMethod.SPARSEGPT
-    sparsity: Annotated[float, Field(ge=0, lt=1, allow_inf_nan=False)] = 0.5
+    sparsity: Annotated[Fraction, Field(lt=1)] = 0.5
     pattern: Pattern = Pattern.UNSTRUCTURED
     calibration_samples: Count = 128
-    damp: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)] = Field(
-        0.01, description="added to the Hessian's diagonal, as a fraction of its mean")
+    damp: Annotated[Fraction, Field(gt=0)] = Field(0.01, description="added to the Hessian's diagonal, as a "
+                                                   "fraction of its mean")
     block_size: Count = Field(128, description="columns per SparseGPT block (mask selection and lazy update)")
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=lambda: ["lm_head", "*.lm_head"])

@@ -94,15 +94,17 @@ def find_scale_groups(module: nn.Module, targets: set[str]) -> list[ScaleGroup]:
     return groups
 
 
-def _fake_quant(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+def _fake_quant(w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                float_zero: bool = False) -> torch.Tensor:
     """Round-to-nearest at the packed layout's groups, dequantized (rows x in)."""
     gran = Q.PerGroup(group_size) if group_size else Q.PerChannel(0)
-    qp = Q.choose_qparams(w, bits, symmetric=symmetric, signed=False, granularity=gran)
+    qp = Q.choose_qparams(w, bits, symmetric=symmetric, signed=False, granularity=gran, float_zero=float_zero)
     return Q.dequantize(Q.quantize(w, qp), qp)
 
 
 def search_scale(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Tensor], bits: int,
-                 group_size: int | None, symmetric: bool, grid: int = 20) -> tuple[torch.Tensor, float]:
+                 group_size: int | None, symmetric: bool, grid: int = 20,
+                 float_zero: bool = False) -> tuple[torch.Tensor, float]:
     """AWQ's scale search: ``s = mean_abs ** alpha`` for alpha in ``{0, 1/grid, ..., (grid-1)/grid}``.
 
     ``x`` (n x in) are calibration inputs, ``weights`` the (out x in) weights reading them. Returns the
@@ -119,7 +121,7 @@ def search_scale(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Te
         s = s / (s.max() * s.min()).sqrt()
         err = 0.0
         for w, ref in zip(weights, refs, strict=True):
-            wq = _fake_quant(w.float() * s, bits, group_size, symmetric) / s
+            wq = _fake_quant(w.float() * s, bits, group_size, symmetric, float_zero) / s
             err += float((x @ wq.t() - ref).pow(2).sum())
         if best is None or err < best[0]:
             best = (err, s, alpha)
@@ -129,7 +131,7 @@ def search_scale(x: torch.Tensor, mean_abs: torch.Tensor, weights: list[torch.Te
 
 
 def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-                grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+                grid: int = 20, max_shrink: float = 0.5, float_zero: bool = False) -> torch.Tensor:
     """AWQ's clip search: per output row and group, the range ``r * [min, max]`` (r from 1 down to
     ``1 - max_shrink``) whose round-to-nearest codes give the least output error on inputs ``x``.
     Returns the clipped weight (out x in); quantizing it by RTN gives the chosen codes."""
@@ -148,7 +150,7 @@ def search_clip(x: torch.Tensor, w: torch.Tensor, bits: int, group_size: int | N
     for i in range(steps):
         r = 1 - i / grid
         clipped = torch.minimum(torch.maximum(wg, r * w_min), r * w_max)
-        wq = _fake_quant(clipped.reshape(out, cols), bits, g, symmetric).reshape(out, n_groups, g)
+        wq = _fake_quant(clipped.reshape(out, cols), bits, g, symmetric, float_zero).reshape(out, n_groups, g)
         err = torch.einsum("ngk,ogk->ogn", xg, wq - wg).pow(2).sum(-1)  # (out, groups)
         better = err < best_err
         best_err = torch.where(better, err, best_err)
@@ -211,8 +213,8 @@ class _Inputs:
 
 
 def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bits: int = 4,
-               group_size: int | None = 128, symmetric: bool = False, grid: int = 20, clip: bool = True
-               ) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
+               group_size: int | None = 128, symmetric: bool = False, grid: int = 20, clip: bool = True,
+               float_zero: bool = False) -> tuple[dict[str, float], dict[str, torch.Tensor]]:
     """Apply AWQ's scales and clipping to the float weights of ``targets`` in place (function unchanged
     by the scales; clipping changes only what RTN will round). Returns the chosen alpha per group
     (keyed by producer name) and, per clipped layer, its scaled weight before clipping (to restore a
@@ -229,7 +231,7 @@ def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bit
         st = stats[group.consumers[0]]
         weights = [_weight(modules[c]).float() for c in group.consumers]
         s, alpha = search_scale(st.x(), st.mean_abs(), weights, bits, _group_of_cols(group_size, weights[0]),
-                                symmetric, grid)
+                                symmetric, grid, float_zero)
         alphas[group.producer] = alpha
         _scale_producer_(modules[group.producer], s)
         for c in group.consumers:
@@ -241,7 +243,8 @@ def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bit
             m = modules[name]
             w = _weight(m).float()
             unclipped[name] = w.clone()
-            _set_weight_(m, search_clip(stats[name].x(), w, bits, _group_of_cols(group_size, w), symmetric, grid))
+            _set_weight_(m, search_clip(stats[name].x(), w, bits, _group_of_cols(group_size, w), symmetric, grid,
+                                        float_zero=float_zero))
     return alphas, unclipped
 
 
@@ -262,7 +265,7 @@ def awq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | N
     tied = {name for places in tied_weight_groups(module) for name, _ in places[1:]}
     targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
     _, unclipped = awq_scale_(module, batches, targets, bits=config.bits, group_size=config.group_size,
-                              symmetric=config.symmetric, grid=config.awq_grid)
+                              symmetric=config.symmetric, grid=config.awq_grid, float_zero=config.float_zero)
     done = METHODS[Method.RTN.value](module, config, batches)
     for name in set(unclipped) - set(done):  # left in float by RTN: undo the clipping (scales are exact)
         _set_weight_(module.get_submodule(name), unclipped[name])

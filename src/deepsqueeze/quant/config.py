@@ -65,6 +65,11 @@ class ObserverName(StrEnum):
     ENTROPY = "entropy"
 
 
+class ZeroPoint(StrEnum):
+    INTEGER = "integer"  # uint8 code: 0.0 is exact (pruned weights stay zero); the range is widened to include it
+    FLOAT = "float"      # float32 offset: codes span each group's exact min..max (llama.cpp Q4_1/Q5_1, HQQ)
+
+
 PER_LAYER_BITS = (Method.RTN, Method.GPTQ, Method.QAT)
 WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY, Method.TERNARY)
 
@@ -99,6 +104,7 @@ class QuantizeConfig(StageConfig):
                                         "int8-dynamic)")
 
     stage_type: ClassVar[str] = "quantize"
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("zero_point",)
 
     method: Method = Method.DYNAMIC
     bits: Bits = 8
@@ -119,6 +125,8 @@ class QuantizeConfig(StageConfig):
     avg_bits: MeanBits | None = None
     qat: QATOptions | None = None
     awq_grid: Count = 20
+    zero_point: ZeroPoint = Field(ZeroPoint.INTEGER, description="weight-only asymmetric codes: integer (0 exact, "
+                                  "pruned weights stay zero) or float (codes span each group's min..max)")
     overrides: dict[str, Bits] = Field(default_factory=dict, max_length=100_000)
 
     def override(self, name: str) -> int | None:
@@ -129,8 +137,17 @@ class QuantizeConfig(StageConfig):
         """The weight bits of layer ``name``: its override, else ``default``, else ``bits``."""
         return self.override(name) or default or self.bits
 
+    @property
+    def float_zero(self) -> bool:
+        """Packed weights with float zero points (``zero_point: float``)."""
+        return self.zero_point is ZeroPoint.FLOAT
+
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
+        if self.zero_point is ZeroPoint.FLOAT and (self.symmetric or self.method not in
+                                                   (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED)):
+            raise ValueError("zero_point: float is for asymmetric weight-only codes (rtn, gptq, awq, mixed with "
+                             "symmetric: false)")
         if self.overrides:
             if self.method not in PER_LAYER_BITS:
                 raise ValueError(f"overrides (per-layer bits) apply to methods {', '.join(PER_LAYER_BITS)}; "

@@ -64,14 +64,16 @@ class GPTQResult:
         return dequant(self.codes, self.scale[:, group_of], self.zero_point[:, group_of])
 
 
-def affine_column_quantizer(bits: int, symmetric: bool = False) -> ColumnQuantizer:
-    """Min-max affine codes (unsigned, integer zero point) from ``deepsqueeze.primitives.quantize``.
+def affine_column_quantizer(bits: int, symmetric: bool = False, float_zero: bool = False) -> ColumnQuantizer:
+    """Min-max affine codes (unsigned; integer zero point, or float with ``float_zero``) from
+    ``deepsqueeze.primitives.quantize``.
 
     The same parameters and rounding as round-to-nearest, so GPTQ and RTN output pack identically.
     """
 
     def params(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        qp = Q.choose_qparams(w, bits, symmetric=symmetric, signed=False, granularity=Q.PerChannel(0))
+        qp = Q.choose_qparams(w, bits, symmetric=symmetric, signed=False, granularity=Q.PerChannel(0),
+                              float_zero=float_zero)
         return qp.scale, qp.zero_point
 
     def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -200,7 +202,8 @@ LayerBuilder = Callable[[str, nn.Linear, GPTQResult, int], nn.Module]
 
 def packed_linear(name: str, layer: nn.Linear, result: GPTQResult, bits: int) -> PackedIntLinear:
     """The product builder: GPTQ's codes and group parameters in a :class:`PackedIntLinear`."""
-    out = PackedIntLinear(layer.in_features, layer.out_features, bits, result.group_size, layer.bias is not None)
+    out = PackedIntLinear(layer.in_features, layer.out_features, bits, result.group_size, layer.bias is not None,
+                          float_zero=result.zero_point.is_floating_point())
     out.set_codes(result.codes, result.scale, result.zero_point)
     if layer.bias is not None:
         out.bias.copy_(layer.bias.detach().float())
@@ -211,7 +214,9 @@ def dequantized_linear(name: str, layer: nn.Linear, result: GPTQResult, bits: in
     """Simulation builder: a float Linear holding the dequantized GPTQ weight (for experiments)."""
     out = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None)
     with torch.no_grad():
-        out.weight.copy_(result.dequantize(affine_column_quantizer(bits).dequantize).to(layer.weight.dtype))
+        float_zero = result.zero_point.is_floating_point()
+        out.weight.copy_(result.dequantize(affine_column_quantizer(bits, float_zero=float_zero).dequantize)
+                         .to(layer.weight.dtype))
         if layer.bias is not None:
             out.bias.copy_(layer.bias)
     return out.to(layer.weight.device)
@@ -221,7 +226,7 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
                 group_size: int | None = 64, symmetric: bool = False, act_order: bool = False,
                 damp: float = 0.01, block_size: int = 128, sequential: bool = True,
                 targets: list[str] | None = None, build: LayerBuilder = packed_linear,
-                progress: Callable[[str], None] | None = None) -> dict[str, GPTQResult]:
+                progress: Callable[[str], None] | None = None, float_zero: bool = False) -> dict[str, GPTQResult]:
     """Quantize the Linear layers ``targets`` (default: all) of ``module`` in place with GPTQ.
 
     ``batches`` are calibration inputs (tensors, tuples, kwargs dicts or ``CalibBatch``) from the
@@ -240,7 +245,8 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
             raise UnsupportedLayerError(f"{name} is a {type(layer).__name__}: GPTQ quantizes nn.Linear layers only")
         b = bits[name] if isinstance(bits, dict) else bits
         group = Q.fitting_group(layer.in_features, group_size)
-        result = gptq_quantize(layer.weight.detach().cpu(), hessian, affine_column_quantizer(b, symmetric), group,
+        result = gptq_quantize(layer.weight.detach().cpu(), hessian, affine_column_quantizer(b, symmetric, float_zero),
+                               group,
                                act_order=act_order, damp=damp, block_size=block_size)
         results[name] = result
         return build(name, layer, result, b)
@@ -266,7 +272,8 @@ def gptq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | 
     # so both share one set of codes
     targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
     gptq_model_(module, batches, bits={n: config.bits_for(n) for n in targets}, group_size=config.group_size,
-                symmetric=config.symmetric, act_order=config.act_order, damp=config.damp, targets=targets)
+                symmetric=config.symmetric, act_order=config.act_order, damp=config.damp, targets=targets,
+                float_zero=config.float_zero)
     for name in targets:
         install(module, name, module.get_submodule(name))
     return targets + METHODS[Method.RTN.value](module, config, batches)

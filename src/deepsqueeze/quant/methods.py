@@ -212,13 +212,14 @@ def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -
                       "scale per row")
         try:
             if isinstance(layer, nn.Linear):
-                new = runtime.PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric)
+                new = runtime.PackedIntLinear.from_float(layer, config.bits_for(name), group, config.symmetric,
+                                                         float_zero=config.float_zero)
             elif isinstance(layer, nn.Conv2d):
                 new = runtime.PackedIntConv2d.from_float(layer, config.bits_for(name),
                                                          _conv_group(layer, config.group_size), config.symmetric)
             else:
                 new = runtime.PackedIntEmbedding.from_float(layer, config.bits_for(name, config.embedding_bits),
-                                                            group, config.symmetric)
+                                                            group, config.symmetric, config.float_zero)
         except ValueError as exc:
             note_skip(module, name, f"{NOT_DIVISIBLE}: {exc}")
             continue

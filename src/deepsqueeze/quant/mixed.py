@@ -209,8 +209,8 @@ def mixed_precision_(module: nn.Module, batches: Sequence[Any], *, max_bytes: in
                      avg_bits: float | None = None, candidates: Sequence[int] = DEFAULT_CANDIDATES,
                      group_size: int | None = 64, symmetric: bool = False, names: Sequence[str] | None = None,
                      gptq: bool = True, damp: float = 0.01, act_order: bool = False,
-                     sensitivity_batches: int = 4, progress: Callable[[str], None] | None = None
-                     ) -> dict[str, int]:
+                     sensitivity_batches: int = 4, progress: Callable[[str], None] | None = None,
+                     float_zero: bool = False) -> dict[str, int]:
     """Measure, allocate and quantize in place; returns the width chosen for every layer.
 
     ``names`` defaults to every Linear, Conv2d and Embedding layer. Layers are replaced by packed
@@ -234,7 +234,8 @@ def mixed_precision_(module: nn.Module, batches: Sequence[Any], *, max_bytes: in
     linears = [n for n in names if isinstance(module.get_submodule(n), nn.Linear)]
     if gptq and linears:
         gptq_model_(module, list(batches), bits={n: choice[n] for n in linears}, group_size=group_size,
-                    symmetric=symmetric, act_order=act_order, damp=damp, targets=linears, progress=progress)
+                    symmetric=symmetric, act_order=act_order, damp=damp, targets=linears, progress=progress,
+                    float_zero=float_zero)
     from deepsqueeze.core.walker import set_submodule
 
     for name in names:
@@ -243,11 +244,11 @@ def mixed_precision_(module: nn.Module, batches: Sequence[Any], *, max_bytes: in
             continue  # already replaced by GPTQ
         bits, group = choice[name], _group(_rows(layer)[1], group_size)
         if isinstance(layer, nn.Linear):
-            new: nn.Module = PackedIntLinear.from_float(layer, bits, group, symmetric)
+            new: nn.Module = PackedIntLinear.from_float(layer, bits, group, symmetric, float_zero=float_zero)
         elif isinstance(layer, nn.Conv2d):
             new = PackedIntConv2d.from_float(layer, bits, group, symmetric)
         else:
-            new = PackedIntEmbedding.from_float(layer, bits, group, symmetric)
+            new = PackedIntEmbedding.from_float(layer, bits, group, symmetric, float_zero)
         set_submodule(module, name, new)
     return choice
 
@@ -267,7 +268,7 @@ def mixed_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] |
     names = [name for name, _ in select_layers(module, config, MIXED_TYPES)]
     mixed_precision_(module, batches, max_bytes=config.max_bytes, avg_bits=config.avg_bits, candidates=candidates,
                      group_size=config.group_size, symmetric=config.symmetric, names=names, damp=config.damp,
-                     act_order=config.act_order)
+                     act_order=config.act_order, float_zero=config.float_zero)
     for name in names:
         install(module, name, module.get_submodule(name))
     return names

@@ -37,6 +37,7 @@ class QuantModuleParams(pydantic.BaseModel):
     bits: Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=8)] | None = None
     group_size: Annotated[int, pydantic.Strict(), pydantic.Field(ge=1, le=1 << 31)] | None = None
     bias: Annotated[bool, pydantic.Strict()] | None = None
+    float_zero: Annotated[bool, pydantic.Strict()] | None = None
 
     @pydantic.field_validator("cls")
     @classmethod

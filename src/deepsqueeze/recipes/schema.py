@@ -143,7 +143,9 @@ def shipped_recipes_dir() -> Path:
 
 
 def find_recipe(name: str) -> Path | None:
-    """A shipped recipe by name (``int8-dynamic``) or None."""
+    """A shipped recipe by name (``int8-dynamic``, ``llm-mixed-3.5bpw``) or None; a name is never a path."""
+    if not name or "/" in name or "\\" in name or name.startswith("."):
+        return None
     path = shipped_recipes_dir() / f"{name}.yaml"
     return path if path.is_file() else None
 
@@ -192,7 +194,7 @@ def load_recipe(path: str | Path) -> Recipe:
     Raises RecipeError when the file is missing (naming the nearest shipped recipe), unreadable or invalid.
     """
     file = Path(path)
-    if not file.exists() and file.suffix == "" and find_recipe(str(path)) is not None:
+    if not file.exists() and file.suffix.lower() not in (".yaml", ".yml") and find_recipe(str(path)) is not None:
         file = find_recipe(str(path))  # type: ignore[assignment]
     try:
         with file.open("rb") as fh:

@@ -249,10 +249,9 @@ def _int8pack_layout(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     scale = layer.scale[:, 0].float().contiguous()
     if layer.binary:
         return (2 * q - 1).to(torch.int8), scale, None
-    zero = layer.zero_point[:, :1].to(torch.int16)
-    if layer.bits <= 7:
-        return (q - zero).to(torch.int8), scale, None
-    correction = (128 - zero[:, 0]).float() * scale  # (q - z) s = (q - 128) s + (128 - z) s
+    if layer.bits <= 7 and not layer.zero_point.is_floating_point():
+        return (q - layer.zero_point[:, :1].to(torch.int16)).to(torch.int8), scale, None
+    correction = (128 - layer.zero_point[:, 0].float()) * scale  # (q - z) s = (q - 128) s + (128 - z) s
     return (q - 128).to(torch.int8), scale, correction if bool(correction.any()) else None
 
 

@@ -240,7 +240,8 @@ class _CodesRows(nn.Module):
         self.register_buffer("neg_scale", None if neg is None else neg.float().clone())
         self.binary = bool(getattr(layer, "binary", False))
         zero = getattr(layer, "zero_point", None)
-        self.register_buffer("zero", None if zero is None else zero.to(torch.uint8).clone())
+        self.register_buffer("zero", None if zero is None else zero.clone() if zero.is_floating_point()
+                             else zero.to(torch.uint8).clone())
 
     def rows_float(self) -> torch.Tensor:
         q = self.codes.float().reshape(self.rows, self.groups, self.group)
@@ -266,9 +267,11 @@ class DecodedLinearForm(_CodesRows):
 def packed_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
     bits = 8 if layer.bits > 4 else (4 if layer.bits > 2 else 2)
     block = _nbits_block(layer.group_size, layer.in_features)
-    if getattr(layer, "neg_scale", None) is None and block is not None:
+    float_zero = bool(getattr(layer, "float_zero", False))
+    if getattr(layer, "neg_scale", None) is None and block is not None and not float_zero:
         return MatMulNBitsForm(layer, bits, block), f"MatMulNBits {bits}-bit, block {block}"
-    why = "two-level ternary scales" if block is not None else f"group {layer.group_size} has no power-of-two block"
+    why = ("two-level ternary scales" if getattr(layer, "neg_scale", None) is not None else "float zero points"
+           if float_zero else f"group {layer.group_size} has no power-of-two block")
     return DecodedLinearForm(layer), f"uint8 codes decoded in the graph ({why})"
 
 
@@ -323,7 +326,8 @@ class DecodedEmbeddingForm(nn.Module):
         per_block, block_bytes, _ = _layout(layer.bits)
         self.register_buffer("codes", layer.codes.clone())
         self.register_buffer("scale", layer.scale.float().clone())
-        self.register_buffer("zero", layer.zero_point.to(torch.uint8).clone())
+        zero = layer.zero_point
+        self.register_buffer("zero", zero.clone() if zero.is_floating_point() else zero.to(torch.uint8).clone())
         self.register_buffer("byte_weight", torch.tensor([256 ** j for j in range(block_bytes)], dtype=torch.int64))
         self.register_buffer("divisor", torch.tensor([1 << (i * layer.bits) for i in range(per_block)],
                                                      dtype=torch.int64))

@@ -45,10 +45,16 @@ class _PackedWeight(Cached):
     """Codes of ``bits`` bits for a weight viewed as rows (out, K), packed along K into uint8.
 
     ``scale``/``zero_point`` have shape (out, K // group_size) (per channel: group_size = K). Codes are
-    unsigned: ``w = (q - zero_point) * scale``; binary weights store ``w = (2q - 1) * scale``.
+    unsigned: ``w = (q - zero_point) * scale``; binary weights store ``w = (2q - 1) * scale``. Zero points
+    are uint8 codes, or float32 with ``float_zero`` (the codes then span each group's exact min..max, as
+    llama.cpp's Q4_1 and HQQ do; 0 is not exactly representable).
     """
 
-    def _init_codes(self, rows: int, cols: int, bits: int, group_size: int | None, binary: bool) -> None:
+    def _init_codes(self, rows: int, cols: int, bits: int, group_size: int | None, binary: bool,
+                    float_zero: bool = False) -> None:
+        if not isinstance(float_zero, bool) or (float_zero and binary):
+            raise ValueError("float_zero is true or false, and binary codes have no zero point")
+        self.float_zero = float_zero
         if binary:
             bits = 1
         elif not 2 <= bits <= 8:
@@ -60,7 +66,8 @@ class _PackedWeight(Cached):
         groups = cols // group
         self.register_buffer("codes", torch.zeros(rows, packing.packed_length(cols, bits), dtype=torch.uint8))
         self.register_buffer("scale", torch.ones(rows, groups))
-        self.register_buffer("zero_point", None if binary else torch.zeros(rows, groups, dtype=torch.uint8))
+        self.register_buffer("zero_point", None if binary else torch.zeros(
+            rows, groups, dtype=torch.float32 if float_zero else torch.uint8))
 
     def set_codes(self, codes: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None) -> None:
         """Store unsigned codes (rows, K) with their (rows, groups) scales and zero points (e.g. from GPTQ)."""
@@ -70,7 +77,7 @@ class _PackedWeight(Cached):
         if self.zero_point is not None:
             if zero_point is None:
                 raise ValueError("affine codes need zero points")
-            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).to(torch.uint8))
+            self.zero_point.copy_(zero_point.reshape(self.zero_point.shape).to(self.zero_point.dtype))
         self._cache.clear()
 
     def quantize_weight(self, w: torch.Tensor, symmetric: bool = False,
@@ -83,7 +90,8 @@ class _PackedWeight(Cached):
             self.set_codes((signs > 0).to(torch.uint8), scale[:, None].expand_as(self.scale), None)
             return
         gran = Q.PerGroup(self.group_size)
-        qp = Q.choose_qparams(w, self.bits, symmetric=symmetric, signed=False, granularity=gran)
+        qp = Q.choose_qparams(w, self.bits, symmetric=symmetric, signed=False, granularity=gran,
+                              float_zero=self.float_zero)
         self.set_codes(Q.quantize(w, qp, rounding), qp.scale, qp.zero_point)
 
     def int_codes(self) -> torch.Tensor:
@@ -109,9 +117,9 @@ class _PackedWeight(Cached):
         return nz + (int((bias != 0).sum()) if bias is not None else 0)
 
     def ideal_bits(self) -> int:
-        """Bits of codes plus fp32 scales and 8-bit zero points (the physical lower bound of this layout)."""
+        """Bits of codes plus fp32 scales and 8-bit (float: 32-bit) zero points (this layout's lower bound)."""
         return self.codes.numel() * 8 + self.scale.numel() * 32 + (
-            self.zero_point.numel() * 8 if self.zero_point is not None else 0)
+            self.zero_point.numel() * self.zero_point.element_size() * 8 if self.zero_point is not None else 0)
 
 
 class PackedIntLinear(_PackedWeight):
@@ -138,17 +146,18 @@ class PackedIntLinear(_PackedWeight):
     """
 
     def __init__(self, in_features: int, out_features: int, bits: int = 4, group_size: int | None = None,
-                 bias: bool = True, binary: bool = False) -> None:
+                 bias: bool = True, binary: bool = False, float_zero: bool = False) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_codes(out_features, in_features, bits, group_size, binary)
+        self._init_codes(out_features, in_features, bits, group_size, binary, float_zero)
         self.register_buffer("bias", torch.zeros(out_features) if bias else None)
         self._kernels: dict[str, str] = {}  # batch kind -> kernel chosen in this process
 
     @classmethod
     def from_float(cls, linear: nn.Linear, bits: int = 4, group_size: int | None = None, symmetric: bool = False,
-                   binary: bool = False) -> PackedIntLinear:
-        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, binary)
+                   binary: bool = False, float_zero: bool = False) -> PackedIntLinear:
+        module = cls(linear.in_features, linear.out_features, bits, group_size, linear.bias is not None, binary,
+                     float_zero and not symmetric)
         module.quantize_weight(linear.weight, symmetric)
         if linear.bias is not None:
             module.bias.copy_(linear.bias.detach().float())
@@ -193,11 +202,13 @@ class PackedIntLinear(_PackedWeight):
 
     def replay_params(self) -> dict[str, Any]:
         return {"in_features": self.in_features, "out_features": self.out_features, "bits": self.bits,
-                "group_size": self.group_size, "bias": self.bias is not None, "binary": self.binary}
+                "group_size": self.group_size, "bias": self.bias is not None, "binary": self.binary,
+                **({"float_zero": True} if self.float_zero else {})}
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
-                f"group_size={self.group_size}{', binary' if self.binary else ''}")
+                f"group_size={self.group_size}{', binary' if self.binary else ''}"
+                f"{', float zero point' if self.float_zero else ''}")
 
 
 class PackedInt4Linear(PackedIntLinear):
@@ -256,15 +267,16 @@ class PackedIntEmbedding(_PackedWeight):
     """Embedding table of packed 2..8-bit rows with group scales; a lookup unpacks only the rows it needs."""
 
     def __init__(self, num_embeddings: int, embedding_dim: int, bits: int = 4, group_size: int | None = None,
-                 padding_idx: int | None = None) -> None:
+                 padding_idx: int | None = None, float_zero: bool = False) -> None:
         super().__init__()
         self.num_embeddings, self.embedding_dim, self.padding_idx = num_embeddings, embedding_dim, padding_idx
-        self._init_codes(num_embeddings, embedding_dim, bits, group_size, False)
+        self._init_codes(num_embeddings, embedding_dim, bits, group_size, False, float_zero)
 
     @classmethod
     def from_float(cls, embedding: nn.Embedding, bits: int = 4, group_size: int | None = None,
-                   symmetric: bool = False) -> PackedIntEmbedding:
-        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits, group_size, embedding.padding_idx)
+                   symmetric: bool = False, float_zero: bool = False) -> PackedIntEmbedding:
+        module = cls(embedding.num_embeddings, embedding.embedding_dim, bits, group_size, embedding.padding_idx,
+                     float_zero and not symmetric)
         module.quantize_weight(embedding.weight, symmetric)
         return module
 
@@ -280,7 +292,8 @@ class PackedIntEmbedding(_PackedWeight):
 
     def replay_params(self) -> dict[str, Any]:
         return {"num_embeddings": self.num_embeddings, "embedding_dim": self.embedding_dim, "bits": self.bits,
-                "group_size": self.group_size, "padding_idx": self.padding_idx}
+                "group_size": self.group_size, "padding_idx": self.padding_idx,
+                **({"float_zero": True} if self.float_zero else {})}
 
 
 # ------------------------------------------------------------------------------------------ any layer kind
