@@ -29,8 +29,8 @@ SETUP = (
     "agreement with the base's top-1 token on the wiki tokens. Every row quantizes the 210 Linear layers of the 30 blocks at "
     "its bits and the tied token embedding / output head with deepsqueeze's 8-bit round-to-nearest (group 128 "
     "-> 96 on the 576-wide rows, as for every 576-wide Linear: the largest divisor between half the group and "
-    "the group), so rows differ only in the block weights. Ours: asymmetric codes, one scale and zero point per "
-    "group, GPTQ with act-order (damp 0.01) and AWQ (grid 20, clip search) calibrated on 64 wiki:calib "
+    "the group), so rows differ only in the block weights. Ours: asymmetric codes with float zero points (each "
+    "group's codes span its exact min..max, fp32 scale and zero), one scale and zero point per group, GPTQ with act-order (damp 0.01) and AWQ (grid 20, clip search) calibrated on 64 wiki:calib "
     "paragraphs; scored on the model loaded back from its .dsq; bpw = .dsq bytes x 8 / quantized parameters "
     "(codes, scales, zero points, norms and the file's index all counted). Peers in the same process on the same "
     "tensors: HQQ (PyPI hqq, optimize=True, axis=1, group 128, fp16 scale and zero: bpw = bits + 32/group on "
@@ -114,7 +114,7 @@ def _embedding_8bit(model: Any) -> None:
     from deepsqueeze.quant import QuantizeConfig, quantize_
 
     quantize_(model.module, QuantizeConfig(method="rtn", bits=8, group_size=GROUP, symmetric=False,
-                                           include=("*embed_tokens",)))
+                                           zero_point="float", include=("*embed_tokens",)))
 
 
 def _ours(method: str, bits: int, base: Any, base_top1: torch.Tensor, calib: Any, wiki: list[str], news: list[str], quantized: int,
@@ -127,8 +127,8 @@ def _ours(method: str, bits: int, base: Any, base_top1: torch.Tensor, calib: Any
     model = copy.deepcopy(base)
     start = time.perf_counter()
     samples = 16 if ctx.quick else CALIBRATION
-    config = QuantizeConfig(method=method, bits=bits, group_size=GROUP, symmetric=False, act_order=method == "gptq",
-                            embedding_bits=8, calibration_samples=samples)
+    config = QuantizeConfig(method=method, bits=bits, group_size=GROUP, symmetric=False, zero_point="float",
+                            act_order=method == "gptq", embedding_bits=8, calibration_samples=samples)
     batches = calibration_batches(model, calib, samples=samples) if method != "rtn" else None
     quantize_(model.module, config, batches)
     compress_s = time.perf_counter() - start
