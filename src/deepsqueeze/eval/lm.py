@@ -35,7 +35,8 @@ class LMScores:
     top1: torch.Tensor | None = field(default=None, repr=False)  # the model's top-1 token per scored position
 
     def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
+        """The figures by name; the reference's only where there was one."""
+        out = {k: v for k, v in asdict(self).items() if v is not None or k not in ("base_perplexity", "top1_agreement")}
         out.pop("top1")
         if self.base_perplexity:
             out["perplexity_delta_pct"] = 100 * (self.perplexity / self.base_perplexity - 1)
