@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import copy
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
 from benchmarks.runner import BenchContext
-from benchmarks.smollm2_quant import CALIBRATION, STRIDE, WINDOW, _leading, _scores
+from benchmarks.smollm2_quant import CALIBRATION, STRIDE, WINDOW, _scores, prepare
 
 WIKI_TOKENS, NEWS_TOKENS = 16_384, 4_096  # half of smollm2-quant's: the calibrating methods take most of the time
 
@@ -28,19 +27,11 @@ SETUP = (
 
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
-    from deepsqueeze.data import resolve_data
-    from deepsqueeze.resolve import resolve_model
-
-    base = resolve_model("zoo:smollm2-135m", progress=False)
-    tokenizer = base.module.tokenizer
-    wiki = _leading(resolve_data("wiki:eval").sentences, tokenizer, 4096 if ctx.quick else WIKI_TOKENS)
-    news = _leading(resolve_data("news:eval").sentences, tokenizer, 1024 if ctx.quick else NEWS_TOKENS)
-    calib = resolve_data("wiki:calib")
-    tmp = Path(tempfile.mkdtemp())
-    base_scores = _scores(base.module, None, wiki, news, ctx, "base")
-    base_top1 = base_scores.pop("_top1")
-    rows: list[dict[str, Any]] = [{"method": "base (Q4_1 dequantized, fp32)", "pattern": "dense", **base_scores,
-                                   "seconds": 0.0}]
+    setup = prepare(ctx, WIKI_TOKENS, NEWS_TOKENS)
+    base, wiki, news, calib, tmp, base_top1 = (setup.base, setup.wiki, setup.news, setup.calib, setup.tmp,
+                                               setup.base_top1)
+    rows: list[dict[str, Any]] = [{"method": "base (Q4_1 dequantized, fp32)", "pattern": "dense",
+                                   **setup.base_scores, "seconds": 0.0}]
     samples = 16 if ctx.quick else CALIBRATION
     patterns = ("2:4",) if ctx.quick else ("unstructured", "2:4")
     for pattern in patterns:

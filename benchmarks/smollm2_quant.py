@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -40,23 +41,41 @@ SETUP = (
 )
 
 
-def run(ctx: BenchContext) -> list[dict[str, Any]]:
+@dataclass
+class Setup:
+    """What every SmolLM2 row shares: the base model, the scored texts, the base's figures and top-1 tokens."""
+
+    base: Any
+    wiki: list[str]
+    news: list[str]
+    calib: Any
+    tmp: Path
+    base_scores: dict[str, Any]
+    base_top1: torch.Tensor
+
+
+def prepare(ctx: BenchContext, wiki_tokens: int, news_tokens: int) -> Setup:
+    """Load zoo:smollm2-135m and the texts (the first paragraphs reaching the token counts), score the base."""
     from deepsqueeze.data import resolve_data
     from deepsqueeze.resolve import resolve_model
 
     base = resolve_model("zoo:smollm2-135m", progress=False)
     tokenizer = base.module.tokenizer
-    wiki = _leading(resolve_data("wiki:eval").sentences, tokenizer, 4096 if ctx.quick else WIKI_TOKENS)
-    news = _leading(resolve_data("news:eval").sentences, tokenizer, 1024 if ctx.quick else NEWS_TOKENS)
-    calib = resolve_data("wiki:calib")
-    tmp = Path(tempfile.mkdtemp())
+    wiki = _leading(resolve_data("wiki:eval").sentences, tokenizer, 4096 if ctx.quick else wiki_tokens)
+    news = _leading(resolve_data("news:eval").sentences, tokenizer, 1024 if ctx.quick else news_tokens)
+    scores = _scores(base.module, None, wiki, news, ctx, "base")
+    top1 = scores.pop("_top1")
+    return Setup(base, wiki, news, resolve_data("wiki:calib"), Path(tempfile.mkdtemp()), scores, top1)
+
+
+def run(ctx: BenchContext) -> list[dict[str, Any]]:
+    setup = prepare(ctx, WIKI_TOKENS, NEWS_TOKENS)
+    base, wiki, news, calib, tmp, base_top1 = (setup.base, setup.wiki, setup.news, setup.calib, setup.tmp,
+                                               setup.base_top1)
     quantized = _quantized_params(base.module)
     shared = _shared_bits(base, tmp)
-    rows: list[dict[str, Any]] = []
-    base_scores = _scores(base.module, None, wiki, news, ctx, "base")
-    base_top1 = base_scores.pop("_top1")
-    rows.append({"method": "base (Q4_1 dequantized, fp32)", "bits": 32, "group": None, **base_scores,
-                 "bpw": 32.0, "compress_s": 0.0})
+    rows: list[dict[str, Any]] = [{"method": "base (Q4_1 dequantized, fp32)", "bits": 32, "group": None,
+                                   **setup.base_scores, "bpw": 32.0, "compress_s": 0.0}]
     widths = (4,) if ctx.quick else (4, 3)
     for bits in widths:
         for method in ("rtn", "awq") if ctx.quick else ("rtn", "gptq", "awq"):
