@@ -134,11 +134,12 @@ def _quantized_params(module: nn.Module) -> int:
 
 
 def _embedding_8bit(model: Any) -> None:
-    """The shared treatment of every row: the token embedding (and the head tied to it) to 8-bit RTN."""
+    """The shared treatment of every row: the token embedding and the head tied to it to 8-bit RTN (naming only
+    the embedding left the tied head an fp32 Linear)."""
     from deepsqueeze.quant import QuantizeConfig, quantize_
 
     quantize_(model.module, QuantizeConfig(method="rtn", bits=8, group_size=GROUP, symmetric=False,
-                                           zero_point="float", include=("*embed_tokens",)))
+                                           zero_point="float", include=("*embed_tokens", "*lm_head")))
 
 
 def _ours(method: str, bits: int, base: Any, base_top1: torch.Tensor, calib: Any, wiki: list[str], news: list[str], quantized: int,
