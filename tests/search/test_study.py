@@ -117,7 +117,7 @@ def test_hypervolume_history_above_a_quality_floor():
 
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_a_signal_then_the_same_command_resumes(tmp_path, lenet300_digits, sig):
+def test_a_signal_then_the_same_command_resumes(tmp_path, lenet300_digits, sig, capsys):
     space = write_space(tmp_path)
     out = tmp_path / "out"
     argv = ["search", "--space", str(space), "--out", str(out), "--trials", "4", "--sampler", "random"]
@@ -140,12 +140,16 @@ def test_a_signal_then_the_same_command_resumes(tmp_path, lenet300_digits, sig):
     if len(first) == 4:
         pytest.skip("the study finished before the interrupt arrived")
     assert proc.returncode == 128 + sig and "Traceback" not in err and "run the same command to resume" in err, err
+    assert ": created" in err and "Using an existing study" not in err, err
     assert not [t.number for t in study.trials if t.state == optuna.trial.TrialState.RUNNING]  # marked failed
     assert json.loads((out / "summary.json").read_text())["complete"] >= 1  # the answer so far is written
+    capsys.readouterr()
     try:
         main(argv)
     except SystemExit as exc:
         assert exc.code in (0, None)
+    said = "".join(capsys.readouterr().err.split())  # joined: the console may wrap the line
+    assert "continued(" in said and "trialsstored)" in said, said  # deepsqueeze's own load report
     study = optuna.load_study(study_name="search", storage=default_storage(out))
     complete = {t.number: t.user_attrs["artifact_sha256"] for t in study.trials
                 if t.state == optuna.trial.TrialState.COMPLETE}
@@ -439,6 +443,9 @@ def test_optuna_logs_only_what_deepsqueeze_does_not_say_itself(caplog):
     failed = logging.LogRecord("optuna", logging.WARNING, "", 0, "Trial 3 failed with parameters: {}", (), info)
     finished = logging.LogRecord("optuna", logging.INFO, "", 0, "Trial 3 finished with value: 0.9", (), None)
     other = logging.LogRecord("optuna", logging.WARNING, "", 0, "GPSampler falls back to random", (), info)
-    assert not keep.filter(failed) and not keep.filter(finished)
-    assert keep.filter(other) and other.exc_info is None
+    loaded = logging.LogRecord("optuna", logging.INFO, "", 0, "Using an existing study with name 's' instead of "
+                               "creating a new one.", (), None)
+    note = logging.LogRecord("optuna", logging.INFO, "", 0, "Sampler note", (), None)
+    assert not keep.filter(failed) and not keep.filter(finished) and not keep.filter(loaded)
+    assert keep.filter(other) and other.exc_info is None and keep.filter(note)
     assert any(isinstance(f, _OwnTrialReports) for h in logging.getLogger("optuna").handlers for f in h.filters)

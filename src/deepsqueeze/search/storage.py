@@ -19,24 +19,29 @@ STORAGE_SCHEMES = ("sqlite:///", "postgresql://", "postgresql+psycopg://")
 STUDY_FILES = ("study.db", "summary.json", "best.yaml", "front", "trials")
 
 
+# What optuna logs that the search says itself: its load report (a study created, an existing one used) and its
+# per-trial reports (finished, pruned, failed with a traceback).
+_SAID_BY_SEARCH = ("A new study created", "Using an existing study", "Trial ")
+
+
 class _OwnTrialReports(logging.Filter):
-    """Drops the optuna records deepsqueeze says itself: INFO chatter (study created, each trial finished: the
-    search's progress lines) and a failed trial's warning with its traceback (the search's ``trial N: fail
-    ERROR`` line). Every other optuna warning passes, as one line without a traceback."""
+    """Drops the optuna records deepsqueeze says itself: the load report (the search names the study it created
+    or continues, with the trials stored, after checking the stored study is its own: same objectives, same
+    space) and the per-trial reports (the search's progress lines and ``trial N: fail ERROR`` lines). Every
+    other record passes, at optuna's own level, as one line without a traceback."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        if record.levelno < logging.WARNING or (message.startswith("Trial ") and " failed" in message):
+        if record.getMessage().startswith(_SAID_BY_SEARCH):
             return False
         record.exc_info, record.exc_text = None, None
         return True
 
 
 def own_trial_reports() -> None:
-    """Install :class:`_OwnTrialReports` on optuna's log handlers (once); optuna's own level stays WARNING."""
+    """Install :class:`_OwnTrialReports` on optuna's log handlers (once); optuna's level is left as it is."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.get_logger("optuna")  # makes sure optuna's own handler exists
     for handler in logging.getLogger("optuna").handlers:
         if not any(isinstance(f, _OwnTrialReports) for f in handler.filters):
             handler.addFilter(_OwnTrialReports())

@@ -164,6 +164,9 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     elif stored != fingerprint:
         raise RecipeError(f"study {study_name!r} in {redact_url(url)} was started from another space: use another --out or "
                           "--study to start a new one")
+    say = log or (lambda _msg: None)
+    say(f"study {study_name} in {redact_url(url)}: " + ("created" if stored is None else
+                                                         f"continued ({len(study.trials)} trials stored)"))
     baseline = measure_baseline(study, ctx)
     if space.compare and "references" not in study.user_attrs:
         study.set_user_attr("references", measure_references(ctx, baseline))
@@ -180,7 +183,6 @@ def run_search(space: SearchSpace, model: Model, out: str | Path, data_ref: str 
     study.sampler = make_sampler(sampler, space, trials, seed, seeded)
     study.pruner = make_pruner(pruner) if len(space.objectives) == 1 else optuna.pruners.NopPruner()
     objective = make_objective(ctx, baseline)
-    say = log or (lambda _msg: None)
     note = ""
     try:
         if done < trials:
