@@ -242,16 +242,24 @@ def _pack_generic(module: nn.Module, config: QuantizeConfig) -> list[str]:
 
 
 def _retie(root: nn.Module, groups: list[list[tuple[str, str]]]) -> None:
-    """Modules that shared one float weight share the equal tensors of their quantized representations."""
+    """Modules that shared one float weight share the equal tensors of their quantized representations; a
+    Linear tied to a quantized embedding table (an LM head) computes with the table's own codes."""
     for places in groups:
-        mods = []
+        named = []
         for mod_name, _ in places:
             try:
-                mods.append(get_submodule(root, mod_name))
+                named.append((mod_name, get_submodule(root, mod_name)))
             except AttributeError:
                 continue
-        if len(mods) < 2 or not isinstance(mods[0], representations()):
+        if len(named) < 2 or not isinstance(named[0][1], representations()):
             continue
+        if isinstance(named[0][1], runtime.PackedIntEmbedding):
+            for i, (name, other) in enumerate(named[1:], 1):
+                if isinstance(other, (nn.Linear, runtime.PackedIntLinear)):
+                    head = runtime.PackedIntLinear.sharing_codes(named[0][1], other.bias)
+                    install(root, name, head)
+                    named[i] = (name, head)
+        mods = [m for _, m in named]
         pool = [b for b in mods[0].buffers() if b is not None]
         for other in mods[1:]:
             if not isinstance(other, representations()) or other is mods[0]:

@@ -163,6 +163,17 @@ class PackedIntLinear(_PackedWeight):
             module.bias.copy_(linear.bias.detach().float())
         return module
 
+    @classmethod
+    def sharing_codes(cls, table: PackedIntEmbedding, bias: torch.Tensor | None = None) -> PackedIntLinear:
+        """The Linear ``x @ table^T (+ bias)`` whose codes, scales and zero points are ``table``'s very tensors
+        (a language-model head tied to the token embedding: (vocab, hidden) codes, stored once)."""
+        module = cls(table.embedding_dim, table.num_embeddings, table.bits, table.group_size, bias is not None,
+                     float_zero=table.float_zero)
+        module.codes, module.scale, module.zero_point = table.codes, table.scale, table.zero_point
+        if bias is not None:
+            module.bias.copy_(bias.detach().float())
+        return module
+
     def dequantized_weight(self) -> torch.Tensor:
         """The float weight (out, in) the kernels compute with; built on each call, never kept."""
         return self.dequantized_rows()
