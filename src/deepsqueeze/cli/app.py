@@ -25,6 +25,7 @@ COMMAND_MODULES: tuple[str, ...] = (
     "search",
     "report",
     "export",
+    "generate",
 )
 
 from typer.core import TyperGroup  # noqa: E402

@@ -70,6 +70,14 @@ class Model:
             return self.module(**inputs)
         return self.module(*args, **kwargs)
 
+    def generate(self, prompt: str, **kwargs: Any) -> Any:
+        """Continue ``prompt`` with a causal LM's KV-cached loop (:func:`deepsqueeze.zoo.generate.generate`:
+        ``max_new_tokens``, ``temperature``, ``seed``, ``chat``, ``cache``); returns its ``Generation``.
+        ModelError for other models."""
+        if self.task is not Task.CAUSAL_LM or not callable(getattr(self.module, "generate", None)):
+            raise ModelError(f"{self.ref} is a {self.task.value}, not a causal LM: only causal LMs generate text")
+        return self.module.generate(prompt, **kwargs)
+
     def encode(self, sentences: list[str], **kwargs: Any) -> Any:
         """Sentence embeddings from a sentence encoder's ``encode`` (``(N, dim)``); ModelError for other models."""
         encode = getattr(self.module, "encode", None)

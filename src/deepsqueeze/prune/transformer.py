@@ -372,6 +372,10 @@ def drop_layers_(root: nn.Module, layers: list[str]) -> None:
 def _keep_entries(root: nn.Module, parent: str, keep: list[int]) -> None:
     container = get_submodule(root, parent)
     kept = nn.ModuleList([container[i] for i in keep])
+    for position, block in enumerate(kept):  # a KV cache holds one slot per block, indexed by layer_idx
+        for sub in block.modules():
+            if isinstance(getattr(sub, "layer_idx", None), int):
+                sub.layer_idx = position
     grand, _, attr = parent.rpartition(".")
     setattr(get_submodule(root, grand), attr, kept)
     owner_config = getattr(get_submodule(root, grand), "config", None)

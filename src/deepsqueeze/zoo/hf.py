@@ -175,6 +175,12 @@ class CausalLM(_TextModule):
                 **extra: torch.Tensor) -> torch.Tensor:
         return self.transformer(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **extra).logits
 
+    def generate(self, prompt: str, **kwargs: Any) -> Any:
+        """Continue ``prompt`` (batch 1, KV cache): :func:`deepsqueeze.zoo.generate.generate`."""
+        from deepsqueeze.zoo.generate import generate
+
+        return generate(self, prompt, **kwargs)
+
 
 def auto_class(task: Task) -> Any:
     """The transformers Auto class that loads a model of ``task`` (sentence encoders: ``AutoModel``)."""
