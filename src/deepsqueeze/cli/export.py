@@ -28,9 +28,10 @@ def register(app: typer.Typer) -> None:
     @app.command()
     def export(
         model_arg: str = typer.Argument(None, metavar="[MODEL]", help="FILE.dsq or any model reference (or --model)"),
-        fmt: str = typer.Option(..., "--format", help="onnx (ONNX Runtime, integer operators) or hf (a Hugging "
-                                "Face directory; sentence encoders also load with SentenceTransformer)"),
-        out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, a new folder for hf; "
+        fmt: str = typer.Option(..., "--format", help="onnx (ONNX Runtime, integer operators), hf (a Hugging "
+                                "Face directory; sentence encoders also load with SentenceTransformer) or gguf (a "
+                                "causal LM for llama.cpp, codes on its block types)"),
+        out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, FILE.gguf for gguf, a new folder for hf; "
                             + OUT_RULE),
         force: bool = typer.Option(False, "--force", help="replace an existing --out that deepsqueeze exported "
                                    "(never a link, never a file or folder it did not write)"),
@@ -42,7 +43,7 @@ def register(app: typer.Typer) -> None:
         threads: int = ThreadsOption,
         as_json: bool = JsonOption,
     ) -> None:
-        """Export a model to ONNX or a Hugging Face directory; the written model is run and compared with the
+        """Export a model to ONNX, a Hugging Face directory or GGUF; the written model is run and compared with the
         torch model before it is reported (above tolerance: nothing is written, exit 2)."""
         from deepsqueeze.data import resolve_data
         from deepsqueeze.errors import ArtifactError

@@ -142,6 +142,19 @@ def _is_our_onnx(path: Path) -> bool:
         return False
 
 
+def _is_our_gguf(path: Path) -> bool:
+    """A plain GGUF file deepsqueeze exported (``general.quantized_by`` says so)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        import gguf
+
+        field = gguf.GGUFReader(str(path)).fields.get("general.quantized_by")
+        return field is not None and field.contents() == "deepsqueeze"
+    except Exception:  # noqa: BLE001 - not a GGUF file at all: not ours
+        return False
+
+
 def _is_our_folder(path: Path) -> bool:
     return not path.is_symlink() and path.is_dir() and (path / MARKER).is_file() and not (path / MARKER).is_symlink()
 
@@ -150,7 +163,8 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
     """``out`` resolved, once it can take a ``fmt`` export of the model read from ``source`` (a path or an
     ``hf:DIR`` reference); raises :class:`ArtifactError` otherwise, before any work. ``out`` is never the
     input, a folder holding it or the current folder; an existing ``out`` is replaced only with
-    ``overwrite`` and only if it is an earlier export (a ``.onnx`` file, a folder with the export marker)."""
+    ``overwrite`` and only if it is an earlier export (a ``.onnx`` or ``.gguf`` file it wrote, a folder with the
+    export marker)."""
     if Path(out).is_symlink():
         raise ArtifactError(f"{out} is a symbolic link: deepsqueeze never writes through one; name a plain path")
     out = Path(out).parent.resolve() / Path(out).name
@@ -161,12 +175,13 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
         raise ArtifactError(f"refusing to replace {out}, the current folder or one above it: name a new path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
-    if out.exists() and not (_is_our_onnx(out) if fmt == "onnx" else _is_our_folder(out)):
+    ours = {"onnx": _is_our_onnx, "gguf": _is_our_gguf}.get(fmt, _is_our_folder)
+    if out.exists() and not ours(out):
         raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
     if not out.parent.is_dir():
         raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
-    if fmt == "onnx" and out.suffix != ".onnx":
-        raise ArtifactError(f"--out must name a .onnx file for --format onnx, got {out.name}")
+    if fmt in ("onnx", "gguf") and out.suffix != f".{fmt}":
+        raise ArtifactError(f"--out must name a .{fmt} file for --format {fmt}, got {out.name}")
     if not os.access(out.parent, os.W_OK):
         raise ArtifactError(f"cannot write {out}: folder {out.parent} is not writable; choose another location")
     return out
