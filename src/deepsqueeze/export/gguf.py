@@ -34,7 +34,7 @@ from torch import nn
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
 from deepsqueeze.export.check import ExportResult, compare_outputs, size_of, verify
-from deepsqueeze.runtime.gguf_forms import GGUFForm, gguf_form
+from deepsqueeze.runtime import GGUFForm, gguf_form
 
 __all__ = ["ARCHITECTURES", "TOLERANCE_GGUF", "gguf_runtime", "write_gguf"]
 

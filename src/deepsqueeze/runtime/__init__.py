@@ -13,8 +13,8 @@ all produce the same packed layer). One module per representation:
 
 ``kernels`` holds the kernels they run on and the per-CPU race that picks one (int8, packed, sparse).
 Export forms follow one rule, one file per export format: ``onnx_forms`` maps every representation to what
-it becomes in an ONNX graph (:func:`onnx_form`); a new format adds one ``<format>_forms.py`` beside it
-(``gguf_forms.py``, ``pte_forms.py``), a new representation adds one module here and one entry in each
+it becomes in an ONNX graph (:func:`onnx_form`), ``gguf_forms`` what it becomes in a llama.cpp file
+(:func:`gguf_form`); a new format adds one ``<format>_forms.py`` beside them (``pte_forms.py``), a new representation adds one module here and one entry in each
 forms file. A representation keeps its integers in buffers, so the artifact's ``raw`` encoding stores them
 as they are; what the file does beyond that (the ``sparse``, codebook and ``int-grid`` encodings) and how the
 loader rebuilds a layer (the replayed transforms) are registered by the technique that chooses them.
@@ -47,6 +47,7 @@ from deepsqueeze.runtime.kernels import (
     set_packed_kernel,
     sparse_kernel,
 )
+from deepsqueeze.runtime.gguf_forms import GGUFForm, gguf_form
 from deepsqueeze.runtime.onnx_forms import onnx_form
 from deepsqueeze.runtime.packed import (
     PackedInt4Linear,
@@ -64,6 +65,7 @@ __all__ = [
     "CONV_INPUT_BITS",
     "CSR_BREAK_EVEN_SPARSITY",
     "FBGEMM_ACT_BITS",
+    "GGUFForm",
     "INT8_KERNELS",
     "PACKED_KERNELS",
     "SPARSE_KERNELS",
@@ -86,6 +88,7 @@ __all__ = [
     "Tucker2Conv2d",
     "conv_geometry",
     "forced_int8_kernel",
+    "gguf_form",
     "int8_kernel",
     "onnx_form",
     "quantize_activation_per_token",
