@@ -39,6 +39,7 @@ def test_quantized_gguf_tensors_are_dequantized(tmp_path):
     (dict(drop=("blk.0.ffn_up.weight",)), "no tensor for"),
     (dict(extra=("blk.0.bogus.weight",)), "would not use"),
     (dict(arch="phi2"), "phi2"),
+    (dict(tokenizer=False), "tokenizer"),
 ])
 def test_a_file_deepsqueeze_would_not_load_exactly_is_refused(tmp_path, kwargs, says):
     from deepsqueeze.zoo.gguf import load_gguf_model

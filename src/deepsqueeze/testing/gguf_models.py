@@ -32,9 +32,9 @@ def _byte_alphabet() -> list[str]:
 
 
 def make_gguf(path: str | Path, seed: int = 0, tie: bool = True, arch: str = "llama", quant: str | None = None,
-              drop: tuple[str, ...] = (), extra: tuple[str, ...] = ()) -> Path:
+              drop: tuple[str, ...] = (), extra: tuple[str, ...] = (), tokenizer: bool = True) -> Path:
     """Write a tiny Llama-layout GGUF to ``path``; ``drop``/``extra``: tensor names left out / added (for
-    strict-loading tests)."""
+    strict-loading tests); ``tokenizer=False``: no tokenizer fields."""
     import gguf
 
     rng = np.random.default_rng(seed)
@@ -66,12 +66,13 @@ def make_gguf(path: str | Path, seed: int = 0, tie: bool = True, arch: str = "ll
     writer.add_head_count_kv(KV_HEADS)
     writer.add_rope_freq_base(10000.0)
     writer.add_layer_norm_rms_eps(1e-5)
-    writer.add_tokenizer_model("gpt2")
-    writer.add_token_list(tokens)
-    writer.add_token_types([1] * (vocab - 1) + [3])
-    writer.add_token_merges(MERGES)
-    writer.add_bos_token_id(vocab - 1)
-    writer.add_eos_token_id(vocab - 1)
+    if tokenizer:
+        writer.add_tokenizer_model("gpt2")
+        writer.add_token_list(tokens)
+        writer.add_token_types([1] * (vocab - 1) + [3])
+        writer.add_token_merges(MERGES)
+        writer.add_bos_token_id(vocab - 1)
+        writer.add_eos_token_id(vocab - 1)
     for name, shape in shapes.items():
         if name in drop:
             continue

@@ -68,6 +68,9 @@ def gguf_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
     except Exception as exc:  # noqa: BLE001 - a damaged or hostile header: one line, never a traceback
         raise ModelError(f"gguf:{file} cannot be read: {type(exc).__name__}: {str(exc)[:200]}") from None
     config = dict(parsed.get("config") or {})
+    if not (parsed.get("tokenizer") or {}).get("tokens"):
+        raise ModelError(f"gguf:{file} holds no tokenizer (tokenizer.ggml.tokens): deepsqueeze reads a model with the "
+                         "tokenizer it was trained with; convert it again with llama.cpp's convert_hf_to_gguf.py")
     model_type = config.get("model_type")
     if model_type not in ARCHITECTURES:
         raise ModelError(f"gguf:{file} holds a {model_type or 'unnamed'} model: deepsqueeze loads GGUF files of "
