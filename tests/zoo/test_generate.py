@@ -124,3 +124,14 @@ def test_a_model_that_is_not_a_causal_lm_is_refused(tmp_path, capsys):
     folder = make_hf_dir("bert", tmp_path / "b")
     code, _, err = run(capsys, "generate", f"hf:{folder}", "--prompt", PROMPT)
     assert code == 2 and "not a causal LM" in err
+
+
+def test_token_ids_are_a_prompt_and_ignore_eos_runs_the_full_length(tmp_path):
+    model = resolve_model(f"hf:{make_hf_dir('llama', tmp_path / 'l')}", progress=False)
+    ids = model.module.tokenizer(PROMPT)["input_ids"]
+    assert model.generate(ids, max_new_tokens=6).token_ids == model.generate(PROMPT, max_new_tokens=6).token_ids
+    eos = model.module.tokenizer.eos_token_id
+    result = model.generate([eos, eos], max_new_tokens=20, ignore_eos=True)
+    assert len(result.token_ids) == 20 and result.stopped == "length"
+    with pytest.raises(DataError, match="token ids"):
+        model.generate([10**6])

@@ -57,6 +57,8 @@ def register(app: typer.Typer) -> None:
         chat: bool = typer.Option(False, "--chat", help="Wrap the prompt in the model's chat template"),
         no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole sequence per token (the "
                                       "reference the KV cache must equal)"),
+        ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Go on past an end-of-sequence token (speed "
+                                        "measurements of a fixed length)"),
         model: str = ModelOption,
         weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
@@ -72,7 +74,7 @@ def register(app: typer.Typer) -> None:
         use_threads(threads)
         m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
         result = m.generate(text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
-                            cache=not no_cache)
+                            cache=not no_cache, ignore_eos=ignore_eos)
         if as_json:
             emit_json({"model": model, **result.to_dict()})
             return

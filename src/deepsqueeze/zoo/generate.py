@@ -55,14 +55,19 @@ class Generation:
                 "decode_tokens_per_s": None if self.decode_tokens_per_s is None else round(self.decode_tokens_per_s, 2)}
 
 
-def prompt_ids(lm: Any, prompt: str, chat: bool = False) -> list[int]:
+def prompt_ids(lm: Any, prompt: str | list[int], chat: bool = False) -> list[int]:
     """The token ids of ``prompt`` as the model reads it: its chat template applied (``chat``), else its
-    tokenizer's special tokens added.
+    tokenizer's special tokens added; a list of token ids is taken as it is.
 
     Raises:
         ModelError: ``chat`` and the tokenizer has no chat template.
-        DataError: ``prompt`` is not a string or tokenizes to nothing.
+        DataError: ``prompt`` is neither text nor token ids of the vocabulary, or tokenizes to nothing.
     """
+    if isinstance(prompt, list) and not chat:
+        vocab = int(lm.transformer.config.vocab_size)
+        if not prompt or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < vocab for i in prompt):
+            raise DataError(f"token ids are integers in 0..{vocab - 1}, at least one")
+        return list(prompt)
     if not isinstance(prompt, str):
         raise DataError(f"the prompt is text (str), got {type(prompt).__name__}")
     tokenizer = lm.tokenizer
@@ -103,11 +108,13 @@ def _next_token(logits: torch.Tensor, temperature: float, generator: torch.Gener
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
-def generate(lm: Any, prompt: str, max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
-             chat: bool = False, cache: bool = True) -> Generation:
-    """Continue ``prompt`` with at most ``max_new_tokens`` tokens (batch 1) from ``lm`` (a CausalLM).
+def generate(lm: Any, prompt: str | list[int], max_new_tokens: int = 64, temperature: float = 0.0, seed: int = 0,
+             chat: bool = False, cache: bool = True, ignore_eos: bool = False) -> Generation:
+    """Continue ``prompt`` (text, or token ids) with at most ``max_new_tokens`` tokens (batch 1) from ``lm`` (a
+    CausalLM).
 
-    Stops at an end-of-sequence token or when the model's context (``lm.context_length``) is full.
+    Stops at an end-of-sequence token (unless ``ignore_eos``: speed measurements of a fixed length) or when the
+    model's context (``lm.context_length``) is full.
 
     Raises:
         DataError: ``max_new_tokens`` outside 1..context, ``temperature`` outside 0..100, or a prompt that
@@ -126,7 +133,7 @@ def generate(lm: Any, prompt: str, max_new_tokens: int = 64, temperature: float 
     device = next((p.device for p in lm.parameters()), None) or next(
         (b.device for b in lm.buffers()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(int(seed))
-    stops = _stop_ids(lm)
+    stops = set() if ignore_eos else _stop_ids(lm)
     name = _cache_argument(lm.transformer)
     out: list[int] = []
     was_training = lm.training
