@@ -1,10 +1,11 @@
 """Resident memory of a model in a fresh process (BENCHMARKS.md rule 9), shared by minilm-w4-run and load-peak.
 
-``python -m benchmarks._rss dsq PATH`` (or ``ort PATH``) imports what loading needs, records the RSS,
-loads the model (a .dsq through ``deepsqueeze.load``; an ONNX file into an ONNX Runtime session, 2
-threads), records the RSS and the process's peak RSS (``ru_maxrss``), runs one forward pass on 8
-sentences and records the RSS again; it prints one JSON object (MB = 1e6 bytes, growth over the RSS
-after imports).
+``python -m benchmarks._rss dsq PATH`` (or ``ort PATH``, ``lm REF``, ``gguf PATH``) imports what loading needs,
+records the RSS, loads the model (a .dsq sentence encoder through ``deepsqueeze.load``; an ONNX file into an
+ONNX Runtime session, 2 threads; a causal LM by reference: a .dsq, ``zoo:smollm2-135m``; a GGUF file into
+llama.cpp), records the RSS and the process's peak RSS (``ru_maxrss``), runs one forward pass (8 sentences;
+a causal LM: 128 tokens) and records the RSS again; it prints one JSON object (MB = 1e6 bytes, growth over
+the RSS after imports).
 """
 
 from __future__ import annotations
@@ -39,7 +40,24 @@ def measure(kind: str, path: str) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(2)
-    if kind == "dsq":
+    if kind == "lm":
+        import transformers.models.llama.modeling_llama  # noqa: F401  (import cost is not model memory)
+
+        from deepsqueeze.resolve import resolve_model
+
+        base, peak0 = _rss_mb(), _peak_mb()
+        model = resolve_model(path, progress=False).module
+        loaded, peak = _rss_mb(), _peak_mb()
+        with torch.inference_mode():
+            model(input_ids=torch.arange(128)[None] + 100)
+    elif kind == "gguf":
+        from llama_cpp import Llama
+
+        base, peak0 = _rss_mb(), _peak_mb()
+        llm = Llama(model_path=path, n_ctx=256, n_batch=128, n_threads=2, verbose=False)
+        loaded, peak = _rss_mb(), _peak_mb()
+        llm.eval(list(range(100, 228)))
+    elif kind == "dsq":
         import transformers.models.bert.modeling_bert  # noqa: F401  (import cost is not model memory)
         from transformers import AutoTokenizer
 
