@@ -69,6 +69,7 @@ EXPECTED: dict[str, str] = {
     "llm-sparsegpt-2of4": "fd93cca54b9d9eb08f3261af9713b03f6cae25f452640af432c08fd9a682822d",
     "llm-sparsegpt-2of4-w4": "1fae40749f58f1b34958c617ff7e64185b704ee81232e6c5520c3b50c689a836",
     "llm-wanda-50": "3269c356014a34fb756600cdc4c9e71c7762d9301c5d4ddb0281248ad3bf1ea1",
+    "llm-gguf-q4_0": "894b355ae9963a84701076661f7d2024c37c8bd765444b158093b00a5d5cd86c",
 }
 
 SENTENCES = [f"sentence number {i} says something about {w} and more words to read"
@@ -132,6 +133,7 @@ RECIPE_MODELS = {
     "qat-w8a8": "lenet5", "w3-lora": "lenet300", "w4-gptq": "lenet300", "w4-rtn": "lenet300",
     "llm-w4-gptq": "tiny-llama", "llm-w3-awq": "tiny-llama", "llm-mixed-3.5bpw": "tiny-llama",
     "llm-sparsegpt-2of4": "tiny-llama", "llm-sparsegpt-2of4-w4": "tiny-llama", "llm-wanda-50": "tiny-llama",
+    "llm-gguf-q4_0": "tiny-llama",
 }
 
 

@@ -368,7 +368,9 @@ def _load_error(loader: Any, settings: dict[str, Any]) -> str:
 
 def _reader_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     import transformers
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()
     try:
         reread = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                                    dtype=torch.float32)

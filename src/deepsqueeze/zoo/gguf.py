@@ -60,7 +60,9 @@ def gguf_config(path: str | Path) -> tuple[Any, dict[str, Any]]:
     config past :data:`BOUNDS`."""
     import transformers
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress reporting owns the terminal
     file = Path(path)
     _check_file(file)
     try:
