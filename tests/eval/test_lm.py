@@ -68,3 +68,14 @@ def test_evaluate_states_window_stride_and_agreement(llama):
     assert result["samples"] == result["tokens"] > 0
     assert result["top1_agreement"] == 1.0 and result["greedy_agreement"] == 1.0
     assert result["base_perplexity"] == pytest.approx(result["perplexity"])
+
+
+def test_evaluate_reports_generation_speed_beside_the_baseline(llama):
+    result = evaluate(llama, TextData("t", TEXTS), reference=llama, baseline=copy.deepcopy(llama), repeat=3,
+                      min_seconds=0.0, window=32, stride=16)
+    assert result["gen_prompt_tokens"] == min(128, llama.module.context_length // 2)
+    assert result["gen_new_tokens"] == 32
+    assert result["prompt_tokens_per_s"] > 0 and result["decode_tokens_per_s"] > 0
+    assert result["decode_tokens_per_s_p10"] <= result["decode_tokens_per_s"] <= result["decode_tokens_per_s_p90"]
+    assert result["baseline_decode_tokens_per_s"] > 0 and result["decode_speedup"] > 0
+    assert "decode_tokens_per_s" not in evaluate(llama, TextData("t", TEXTS), latency=False, window=32, stride=16)

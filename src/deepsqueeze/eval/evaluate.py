@@ -38,6 +38,8 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     :func:`deepsqueeze.eval.lm.lm_scores`), ``samples`` = ``tokens`` = tokens scored; with ``reference``
     (default for an artifact: its base model) also ``base_perplexity``, ``perplexity_delta_pct``,
     ``top1_agreement`` (next-token) and ``greedy_agreement`` (:func:`deepsqueeze.eval.lm.greedy_agreement`).
+    Causal LMs with latency also get generation speed at batch 1 with a KV cache (prompt and decode tokens/s,
+    :func:`deepsqueeze.eval.lm.generation_speed`, interleaved with ``baseline``).
     Latency (ms per batch of ``batch_size``): median, p10 and p90 of at least ``repeat`` timed calls
     (more until ``min_seconds``), ``latency_reliable`` False with ``latency_note`` when the spread is wide
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
@@ -105,6 +107,12 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     )
     result.update(_latency(run, run_baseline if baseline_module is not None else None, latency, threads, repeat,
                            min_seconds))
+    if latency and model.task is Task.CAUSAL_LM:
+        from deepsqueeze.eval.latency import pinned_threads
+        from deepsqueeze.eval.lm import generation_speed
+
+        with pinned_threads(threads), torch.inference_mode():
+            result.update(generation_speed(module, data.sentences, baseline_module))  # type: ignore[union-attr]
     return result
 
 

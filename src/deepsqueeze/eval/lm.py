@@ -1,5 +1,5 @@
 """Causal-LM quality as LLM users read it: perplexity over a sliding window, next-token agreement with the base
-model, and agreement of greedy generations.
+model, agreement of greedy generations, and generation speed (prompt and decode tokens/s with a KV cache).
 
 Every function takes a ``CausalLM``-like module: ``module(input_ids=..., attention_mask=...)`` returns logits
 ``(batch, tokens, vocabulary)`` and ``module.tokenizer`` is a Hugging Face tokenizer.
@@ -7,6 +7,7 @@ Every function takes a ``CausalLM``-like module: ``module(input_ids=..., attenti
 
 from __future__ import annotations
 
+import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -189,3 +190,39 @@ def greedy_agreement(module: nn.Module, reference: nn.Module, texts: list[str], 
         module.train(was[0])
         reference.train(was[1])
     return sum(shares) / len(shares)
+
+
+GEN_PROMPT, GEN_NEW, GEN_ROUNDS = 128, 32, 3
+
+
+def generation_speed(module: nn.Module, texts: list[str], baseline: nn.Module | None = None,
+                     rounds: int = GEN_ROUNDS) -> dict[str, Any]:
+    """Prompt and decode tokens/s at batch 1 with a KV cache (``module.generate``): a prompt of the first
+    ``GEN_PROMPT`` tokens of ``texts`` (at most half the context), ``GEN_NEW`` greedy tokens (end of sequence
+    ignored), one warm-up then ``rounds`` timed runs; with ``baseline`` the two run interleaved, round by round,
+    and ``decode_speedup`` is the median of the per-round ratios.
+
+    Returns ``gen_prompt_tokens``, ``gen_new_tokens``, ``prompt_tokens_per_s``, ``decode_tokens_per_s`` (medians),
+    ``decode_tokens_per_s_p10`` / ``_p90``, and with a baseline ``baseline_decode_tokens_per_s`` and
+    ``decode_speedup``. Raises DataError when the texts hold no token."""
+    length = min(GEN_PROMPT, int(getattr(module, "context_length", 2 * GEN_PROMPT)) // 2)
+    ids = module.tokenizer(" ".join(texts[:64]), add_special_tokens=False)["input_ids"][:length]  # type: ignore[operator]
+    if not ids:
+        raise DataError("generation speed needs at least one token of text")
+    runs: dict[str, list[tuple[float, float]]] = {"model": [], "baseline": []}
+    models = {"model": module, **({"baseline": baseline} if baseline is not None else {})}
+    for round_ in range(rounds + 1):
+        for key, lm in models.items():
+            result = lm.generate(list(ids), max_new_tokens=GEN_NEW, ignore_eos=True)  # type: ignore[operator]
+            if round_:
+                runs[key].append((len(ids) / result.prefill_s, (GEN_NEW - 1) / result.decode_s))
+    decode = sorted(d for _, d in runs["model"])
+    out = {"gen_prompt_tokens": len(ids), "gen_new_tokens": GEN_NEW,
+           "prompt_tokens_per_s": round(statistics.median(p for p, _ in runs["model"]), 1),
+           "decode_tokens_per_s": round(statistics.median(decode), 1),
+           "decode_tokens_per_s_p10": round(decode[0], 1), "decode_tokens_per_s_p90": round(decode[-1], 1)}
+    if runs["baseline"]:
+        out["baseline_decode_tokens_per_s"] = round(statistics.median(d for _, d in runs["baseline"]), 1)
+        out["decode_speedup"] = round(statistics.median(
+            a / b for (_, a), (_, b) in zip(runs["model"], runs["baseline"], strict=True)), 3)
+    return out
