@@ -22,7 +22,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -42,6 +42,9 @@ from deepsqueeze.export.check import (
     write_verified,
 )
 from deepsqueeze.runtime import forced_int8_kernel, onnx_form
+
+if TYPE_CHECKING:
+    from deepsqueeze.export.onnx_cache import OrtDecoder
 
 __all__ = ["OrtModule", "export_onnx", "onnx_forms", "ort_model", "reference_outputs", "require_ort", "trace_inputs",
            "write_onnx"]
@@ -104,14 +107,21 @@ def write_onnx(model: Model, path: str | os.PathLike[str], sample: Any, outputs:
     from deepsqueeze.core.outputs import output_tensors
 
     shadow, report = onnx_forms(model.module)
-    args, names, output, dyn = trace_inputs(model, sample)
-    if outputs is None:
-        with torch.no_grad():
-            outputs = model.module(*args)
-    count = len(output_tensors(outputs))
-    output_names = [output] if count == 1 else [f"{output}_{i}" for i in range(count)]
-    if count != 1:
-        dyn = {k: v for k, v in dyn.items() if k != output} | {o: {0: "batch"} for o in output_names}
+    if model.task is Task.CAUSAL_LM:  # with past key-values in and present key-values out
+        from deepsqueeze.export.onnx_cache import WithCache, cache_layout, trace_args
+
+        shadow = WithCache(shadow)
+        args, names, output_names, dyn = trace_args(sample, cache_layout(model.module.transformer),
+                                                    int(model.module.context_length))
+    else:
+        args, names, output, dyn = trace_inputs(model, sample)
+        if outputs is None:
+            with torch.no_grad():
+                outputs = model.module(*args)
+        count = len(output_tensors(outputs))
+        output_names = [output] if count == 1 else [f"{output}_{i}" for i in range(count)]
+        if count != 1:
+            dyn = {k: v for k, v in dyn.items() if k != output} | {o: {0: "batch"} for o in output_names}
     try:
         with torch.no_grad(), warnings.catch_warnings(), _mha_fastpath(False):
             warnings.simplefilter("ignore")  # tracer notes on data-dependent Python branches of transformers
@@ -167,7 +177,29 @@ def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> Expo
     quantized_acts = any("activations" in row["exported_as"] or "QDQ" in row["exported_as"] for row in layers)
     check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
     verify(check, "ONNX Runtime")
+    if model.task is Task.CAUSAL_LM:
+        check["cached_generation"] = _check_cached_generation(model, path, sample, threads)
     return ExportResult(str(path), "onnx", size_of(path), layers, check)
+
+
+GENERATION_CHECK_TOKENS = 8
+
+
+def _check_cached_generation(model: Model, path: Path, sample: Any, threads: int) -> str:
+    """Greedy tokens of ONNX Runtime's cached loop against torch's on the longest sample prompt: equal, or the
+    export is refused (with int8 activations a near tie may flip: their first difference is reported)."""
+    ids, mask = sample["input_ids"], sample["attention_mask"]
+    row = int(mask.sum(1).argmax())
+    prompt = ids[row][mask[row].bool()].tolist()[: max(1, model.module.context_length // 2)]
+    with forced_int8_kernel("int_mm"):
+        ours = model.module.generate(prompt, max_new_tokens=GENERATION_CHECK_TOKENS, ignore_eos=True).token_ids
+    theirs = OrtModule(path, model.module, threads).generate(prompt, max_new_tokens=GENERATION_CHECK_TOKENS,
+                                                            ignore_eos=True).token_ids
+    if ours == theirs:
+        return f"{len(ours)} greedy tokens equal (KV cache)"
+    first = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    raise ModelError(f"ONNX Runtime's cached generation differs from torch's at new token {first + 1} of "
+                     f"{len(ours)}: not written")
 
 
 class OrtModule(nn.Module):
@@ -189,6 +221,12 @@ class OrtModule(nn.Module):
         self.session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
         self.path = str(path)
         self._inputs = [i.name for i in self.session.get_inputs()]
+        self.transformer: OrtDecoder | None = None
+        if any(name.startswith("past_key_values.") for name in self._inputs):
+            from deepsqueeze.export.onnx_cache import OrtDecoder, cache_layout
+
+            self.transformer = OrtDecoder(self.session, like.transformer.config,  # type: ignore[union-attr]
+                                          cache_layout(like.transformer))  # type: ignore[arg-type]
         self._params, self._nonzero = count_params(like), count_nonzero_params(like)
         self.tokenizer = getattr(like, "tokenizer", None)
         self.max_seq_length = getattr(like, "max_seq_length", None)
@@ -201,7 +239,12 @@ class OrtModule(nn.Module):
         return self._tokenize(sentences)
 
     def run_all(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
-        """Every output of the graph, in order (a model returning a dict or tuple has several)."""
+        """Every output of the graph, in order (a model returning a dict or tuple has several); a cached
+        causal-LM graph runs with an empty past and gives its logits."""
+        if self.transformer is not None:
+            feeds = dict(zip(("input_ids", "attention_mask"), args, strict=False)) | kwargs
+            return [self.transformer(feeds["input_ids"], use_cache=False,
+                                     attention_mask=feeds.get("attention_mask")).logits]
         feeds = dict(zip(self._inputs, args, strict=False))
         feeds.update({k: v for k, v in kwargs.items() if k in self._inputs})
         return [torch.from_numpy(r) for r in self.session.run(None, {k: v.detach().cpu().numpy()
@@ -209,6 +252,16 @@ class OrtModule(nn.Module):
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         return self.run_all(*args, **kwargs)[0]
+
+    def generate(self, prompt: str | list[int], **kwargs: Any) -> Any:
+        """A cached causal-LM graph continues ``prompt`` in ONNX Runtime (:func:`deepsqueeze.zoo.generate.generate`,
+        the loop torch runs); ModelError for other graphs."""
+        if self.transformer is None:
+            raise ModelError("this ONNX model has no KV cache inputs: only causal LMs exported by this version "
+                             "generate")
+        from deepsqueeze.zoo.generate import generate
+
+        return generate(self, prompt, **kwargs)
 
     @torch.no_grad()
     def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
