@@ -69,7 +69,7 @@ EXPECTED: dict[str, str] = {
     "llm-sparsegpt-2of4": "fd93cca54b9d9eb08f3261af9713b03f6cae25f452640af432c08fd9a682822d",
     "llm-sparsegpt-2of4-w4": "1fae40749f58f1b34958c617ff7e64185b704ee81232e6c5520c3b50c689a836",
     "llm-wanda-50": "3269c356014a34fb756600cdc4c9e71c7762d9301c5d4ddb0281248ad3bf1ea1",
-    "llm-gguf-q4_0": "894b355ae9963a84701076661f7d2024c37c8bd765444b158093b00a5d5cd86c",
+    "llm-gguf-q4_0": "89fa9d07b75d4f6ff6c41e60128ae0545cb0d15275643d242bfa8cb4c0eb430c",
 }
 
 SENTENCES = [f"sentence number {i} says something about {w} and more words to read"
