@@ -32,7 +32,7 @@ SETUP = (
     "int8 weights per channel, per-token int8 activations) and w4 (RTN 4-bit symmetric, group 32, 8-bit "
     "embedding; the packed kernels raced at load). llama.cpp rows (llama-cpp-python 0.3.36 built from source "
     "on this machine, GGML_NATIVE) run the same token ids: ours = deepsqueeze export --format gguf of the "
-    f"{RECIPE} recipe (GPTQ act-order on Q4_0's grid, Q8_0 embedding, 32 wiki:calib paragraphs) (32 calibration paragraphs) and of RTN 8-bit "
+    f"{RECIPE} recipe (GPTQ act-order on Q4_0's grid, Q8_0 embedding, 32 wiki:calib paragraphs) and of RTN 8-bit "
     "symmetric group 32 (Q8_0); llama.cpp's own = llama_model_quantize (its llama-quantize) of deepsqueeze's F32 "
     "export of the base to Q8_0, Q4_0 and Q4_K_M. Perplexity: every GGUF file read back through gguf:FILE "
     f"(dequantized to fp32) and scored by deepsqueeze.eval.lm.lm_scores on the first {WIKI_TOKENS} wiki:eval "
