@@ -69,7 +69,7 @@ def _demo_once(busy: int) -> dict[str, Any]:
     marks = [start, *stamps, start + wall]
     rows = json.loads(stdout)["rows"] if proc.returncode == 0 else []
     return {"cache": "empty", "busy_processes": busy, "exit_code": proc.returncode, "wall_s": round(wall, 1),
-            "longest_silence_s": round(max(b - a for a, b in zip(marks, marks[1:])), 1),
+            "longest_silence_s": round(max(b - a for a, b in zip(marks, marks[1:], strict=False)), 1),
             "load_start": round(load_start, 2), "load_end": round(load_end, 2), "demo_rows": len(rows),
             "reliable_timings": sum(1 for r in rows if r["variant"] != "fp32" and r["latency_reliable"]),
             "reliable_slower_than_fp32": sum(1 for r in rows if r["variant"] != "fp32" and r["latency_reliable"]

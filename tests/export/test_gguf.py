@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from deepsqueeze.data.datasets import TextData
-from deepsqueeze.errors import ArtifactError, ModelError
+from deepsqueeze.errors import ModelError
 from deepsqueeze.export import export
 from deepsqueeze.export import gguf as gguf_export
 from deepsqueeze.prune import PruneTransformerConfig, prune_

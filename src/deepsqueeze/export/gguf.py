@@ -34,7 +34,13 @@ from torch import nn
 
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
-from deepsqueeze.export.check import TOLERANCE_QUANTIZED_ACTIVATIONS, ExportResult, compare_outputs, size_of, verify
+from deepsqueeze.export.check import (
+    TOLERANCE_QUANTIZED_ACTIVATIONS,
+    ExportResult,
+    compare_outputs,
+    size_of,
+    verify,
+)
 from deepsqueeze.runtime import GGUFForm, Int8Conv2d, Int8Linear, gguf_form
 
 __all__ = ["ARCHITECTURES", "TOLERANCE_GGUF", "TOLERANCE_LLAMA_CPP", "gguf_runtime", "write_gguf"]

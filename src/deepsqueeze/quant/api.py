@@ -151,14 +151,6 @@ def quantize_(module: nn.Module, config: QuantizeConfig, calibration_batches: It
 _SKIPS = "_deepsqueeze_quant_skips"
 
 
-def fitting_group(row: int, group: int | None) -> int | None:
-    """The group every weight quantizer uses for a row of ``row`` elements
-    (:func:`deepsqueeze.primitives.quantize.fitting_group`)."""
-    from deepsqueeze.primitives.quantize import fitting_group as fit
-
-    return fit(row, group)
-
-
 def note_skip(root: nn.Module, name: str, reason: str) -> None:
     """A method tells coverage why it left layer ``name`` of ``root`` float (``reason``: a constant of
     :mod:`deepsqueeze.core.record`, then detail)."""

@@ -230,8 +230,8 @@ def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bit
     for group in find_scale_groups(module, seen):
         st = stats[group.consumers[0]]
         weights = [_weight(modules[c]).float() for c in group.consumers]
-        s, alpha = search_scale(st.x(), st.mean_abs(), weights, bits, _group_of_cols(group_size, weights[0]),
-                                symmetric, grid, float_zero)
+        row_group = Q.fitting_group(weights[0].shape[1], group_size)
+        s, alpha = search_scale(st.x(), st.mean_abs(), weights, bits, row_group, symmetric, grid, float_zero)
         alphas[group.producer] = alpha
         _scale_producer_(modules[group.producer], s)
         for c in group.consumers:
@@ -243,13 +243,9 @@ def awq_scale_(module: nn.Module, batches: list[Any], targets: list[str], *, bit
             m = modules[name]
             w = _weight(m).float()
             unclipped[name] = w.clone()
-            _set_weight_(m, search_clip(stats[name].x(), w, bits, _group_of_cols(group_size, w), symmetric, grid,
-                                        float_zero=float_zero))
+            _set_weight_(m, search_clip(stats[name].x(), w, bits, Q.fitting_group(w.shape[1], group_size), symmetric,
+                                        grid, float_zero=float_zero))
     return alphas, unclipped
-
-
-def _group_of_cols(group_size: int | None, w: torch.Tensor) -> int | None:
-    return Q.fitting_group(w.shape[1], group_size)
 
 
 @register_method(Method.AWQ)

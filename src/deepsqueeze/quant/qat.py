@@ -44,9 +44,9 @@ from deepsqueeze.core.record import record_encoding, record_transform
 from deepsqueeze.core.walker import set_submodule
 from deepsqueeze.errors import DataError, RecipeError, UnsupportedLayerError
 from deepsqueeze.primitives.observers import make_observer
+from deepsqueeze.primitives.quantize import fitting_group
 from deepsqueeze.quant import int_grid as _int_grid  # noqa: F401  (registers the int-grid encoding)
 from deepsqueeze.quant.api import (
-    fitting_group,
     install,
     register_method,
     register_representation,

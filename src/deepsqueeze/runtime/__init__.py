@@ -27,6 +27,7 @@ never its modules; inside runtime, modules import their siblings directly.
 
 from deepsqueeze.runtime.codebook import CodebookWeight, shared_values
 from deepsqueeze.runtime.factored import CPConv2d, LowRankLinear, Tucker2Conv2d, conv_geometry
+from deepsqueeze.runtime.gguf_forms import GGUFForm, gguf_form
 from deepsqueeze.runtime.int8 import (
     ACT_SCHEMES,
     CONV_INPUT_BITS,
@@ -47,7 +48,6 @@ from deepsqueeze.runtime.kernels import (
     set_packed_kernel,
     sparse_kernel,
 )
-from deepsqueeze.runtime.gguf_forms import GGUFForm, gguf_form
 from deepsqueeze.runtime.onnx_forms import onnx_form
 from deepsqueeze.runtime.packed import (
     PackedInt4Linear,
