@@ -64,20 +64,26 @@ class _LlamaCppRunner:
 
         self.llm = Llama(model_path=str(path), n_ctx=PROMPT + DECODE + 8, n_batch=PROMPT, n_threads=2,
                          n_threads_batch=2, verbose=False)
+        self.vocab = self.llm.n_vocab()
 
-    def run(self, ids: list[int]) -> tuple[float, float]:
+    def _next(self) -> int:
+        import llama_cpp
         import numpy as np
 
+        logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(self.llm.ctx, -1), shape=(self.vocab,))
+        return int(np.argmax(logits))
+
+    def run(self, ids: list[int]) -> tuple[float, float]:
         llm = self.llm
         llm.reset()
         start = time.perf_counter()
         llm.eval(ids)
-        token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        token = self._next()
         prefill = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(DECODE - 1):
             llm.eval([token])
-            token = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+            token = self._next()
         return prefill, time.perf_counter() - start
 
 
@@ -169,10 +175,11 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
         if rows[key]["runtime"] == "llama.cpp":
             runners[key] = _LlamaCppRunner(tmp / f"{key}.gguf")
 
-    ctx.log(f"{NAME}: timing {len(runners)} rows, {WARMUP} + {TRIALS} interleaved rounds")
+    trials = 1 if ctx.quick else TRIALS
+    ctx.log(f"{NAME}: timing {len(runners)} rows, {WARMUP} + {trials} interleaved rounds")
     times: dict[str, list[tuple[float, float]]] = {k: [] for k in runners}
     with torch.inference_mode():
-        for round_ in range(WARMUP + (1 if ctx.quick else TRIALS)):
+        for round_ in range(WARMUP + trials):
             for key, runner in runners.items():
                 measured = runner.run(ids)
                 if round_ >= WARMUP:
