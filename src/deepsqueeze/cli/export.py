@@ -1,4 +1,4 @@
-"""``deepsqueeze export ARTIFACT --format onnx|hf --out PATH``: write a model for a deployment stack, verified."""
+"""``deepsqueeze export ARTIFACT --format onnx|hf|gguf --out PATH``: write a model for a deployment stack, verified."""
 
 from __future__ import annotations
 
