@@ -71,4 +71,4 @@ def test_the_cli_generates_in_onnx_runtime(tmp_path, capsys):
     torch_run = json.loads(out)
     assert ort["backend"] == "ort" and ort["token_ids"] == torch_run["token_ids"]
     code, _, err = run(capsys, "generate", f"hf:{folder}", "--prompt", PROMPT, "--backend", "tpu")
-    assert code == 2 and "unknown --backend" in err
+    assert code == 2 and "unknown backend" in err

@@ -76,6 +76,25 @@ def use_threads(threads: int | None) -> int:
     return threads
 
 
+BackendOption = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, causal LMs with past "
+                             "key-values, and run in ONNX Runtime)")
+
+
+def on_backend(model: Any, backend: str, threads: int, data: Any = None) -> Any:
+    """``model`` as ``--backend`` runs it: itself for torch, its verified ONNX export in ONNX Runtime for ort
+    (checked on a sample of ``data``, or the model's own sample)."""
+    if backend == "torch":
+        return model
+    if backend != "ort":
+        from deepsqueeze.errors import DataError
+
+        raise DataError(f"unknown backend {backend!r}: use torch or ort")
+    from deepsqueeze.export import sample_batch
+    from deepsqueeze.export.onnx import ort_model
+
+    return ort_model(model, threads=threads, sample=sample_batch(model, data))
+
+
 def brief_listing() -> str:
     """One paragraph for ``--help``: the recipe names and stage types, pointing at ``deepsqueeze recipes``."""
     from deepsqueeze.core.config import registered_stages

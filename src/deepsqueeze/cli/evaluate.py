@@ -6,6 +6,7 @@ import typer
 
 from deepsqueeze.cli._common import (
     MAX_BATCH,
+    BackendOption,
     DataOption,
     DeviceOption,
     JsonOption,
@@ -17,6 +18,7 @@ from deepsqueeze.cli._common import (
     kv_table,
     model_ref,
     need_data,
+    on_backend,
     stderr,
     stdout,
     use_threads,
@@ -40,7 +42,7 @@ def register(app: typer.Typer) -> None:
         baseline: str = typer.Option(None, "--baseline", help="Model timed interleaved with this one for the "
                                      "speedup (default for FILE.dsq: its base model)"),
         no_baseline: bool = typer.Option(False, "--no-baseline", help="Time this model alone (no speedup)"),
-        backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, run in ONNX Runtime)"),
+        backend: str = BackendOption,
         window: int = typer.Option(None, "--window", min=2, max=1 << 20, help="Causal LMs: tokens per perplexity "
                                    "window (default 512, at most the model's context)"),
         stride: int = typer.Option(None, "--stride", min=1, max=1 << 20, help="Causal LMs: tokens between window "
@@ -64,13 +66,7 @@ def register(app: typer.Typer) -> None:
         from deepsqueeze.recipes.run import fit_to_data
 
         fit_to_data(m, dataset, device)  # a py: classifier without input_shape takes it from --data
-        if backend == "ort":
-            from deepsqueeze.export import sample_batch
-            from deepsqueeze.export.onnx import ort_model
-
-            m = ort_model(m, threads=threads, sample=sample_batch(m, dataset))
-        elif backend != "torch":
-            raise DeepsqueezeError(f"unknown backend {backend!r}: use torch or ort")
+        m = on_backend(m, backend, threads, dataset)
         base = None
         if not no_latency and not no_baseline:
             if baseline:

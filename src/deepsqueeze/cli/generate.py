@@ -7,6 +7,7 @@ from pathlib import Path
 import typer
 
 from deepsqueeze.cli._common import (
+    BackendOption,
     DeviceOption,
     JsonOption,
     ModelCodeOption,
@@ -15,6 +16,7 @@ from deepsqueeze.cli._common import (
     WeightsOption,
     emit_json,
     model_ref,
+    on_backend,
     stdout,
     use_threads,
 )
@@ -59,8 +61,7 @@ def register(app: typer.Typer) -> None:
                                       "reference the KV cache must equal)"),
         ignore_eos: bool = typer.Option(False, "--ignore-eos", help="Go on past an end-of-sequence token (speed "
                                         "measurements of a fixed length)"),
-        backend: str = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX with past key-values, "
-                                    "generate in ONNX Runtime)"),
+        backend: str = BackendOption,
         model: str = ModelOption,
         weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
@@ -69,20 +70,13 @@ def register(app: typer.Typer) -> None:
         as_json: bool = JsonOption,
     ) -> None:
         """Continue a prompt with a causal LM, with a KV cache; prints the text and prompt / decode tokens/s."""
-        from deepsqueeze.errors import DataError
         from deepsqueeze.resolve import resolve_model
 
         model = model_ref(model_arg, model)
         text = _read_prompt(prompt, prompt_file)
         threads = use_threads(threads)
         m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
-        if backend == "ort":
-            from deepsqueeze.export import sample_batch
-            from deepsqueeze.export.onnx import ort_model
-
-            m = ort_model(m, threads=threads, sample=sample_batch(m))
-        elif backend != "torch":
-            raise DataError(f"unknown --backend {backend!r}: use torch or ort")
+        m = on_backend(m, backend, threads)
         result = m.generate(text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
                             cache=not no_cache, ignore_eos=ignore_eos)
         if as_json:
