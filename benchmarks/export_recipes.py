@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from benchmarks.runner import BenchContext
+from deepsqueeze.core.model import Task
 
 NAME = "export"
 TITLE = "Export: each shipped recipe's artifact as ONNX (and Hugging Face), checked against torch"
@@ -26,7 +27,10 @@ SETUP = (
     "transformer recipes. `worst_1-cos`: worst per-sample 1 - cosine of the exported model's outputs against "
     "the .dsq's torch model; `top1`: agreement of predicted classes on those samples (classifiers). Latency: "
     "the same .dsq in torch and its ONNX file in ONNX Runtime, batch 64 images / 32 sentences, 2 threads, "
-    "interleaved, median of 7. `exported_as`: what the representations became in the graph."
+    "interleaved, median of 7. `exported_as`: what the representations became in the graph. `gguf` rows (causal "
+    "LMs): `--format gguf`, verified through transformers' GGUF reader and in llama.cpp where installed; "
+    "gguf_bpw = file bits over the base model's parameters; gguf_max_logit_error: largest logit difference "
+    "from the torch model in the reader."
 )
 
 TEXT_HINTS = ("minilm", "3layer", "transformer", "smoothquant", "lora")
@@ -106,6 +110,8 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             spread = measure_latency_spread(fns, warmup=2, repeat=7, threads=ctx.threads)
         row.update({"torch_ms": round(spread["torch"].median, 2), "ort_ms": round(spread["ort"].median, 2),
                     "ort_speedup": round(spread["torch"].median / spread["ort"].median, 2)})
+        if model.task is Task.CAUSAL_LM:
+            row.update(_gguf_row(model, tmp / f"{name}.gguf", sample, ctx.threads))
         if model.task.is_text:
             try:
                 hf = export(model, "hf", tmp / f"{name}-hf", sample=sample)
@@ -114,3 +120,20 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
                 row["hf"] = f"refused: {str(exc).split(':')[0]}"
         rows.append(row)
     return rows
+
+
+def _gguf_row(model: Any, path: Path, sample: Any, threads: int) -> dict[str, Any]:
+    """A causal LM's GGUF export: verified or refused, bytes, bits per parameter, worst logit error in the reader and
+    in llama.cpp (where llama-cpp-python is installed)."""
+    from deepsqueeze.errors import DeepsqueezeError
+    from deepsqueeze.export import export
+
+    try:
+        result = export(model, "gguf", path, sample=sample, threads=threads)
+    except DeepsqueezeError as exc:
+        return {"gguf": f"refused: {exc}"}
+    llama_cpp = result.check.get("llama_cpp", {})
+    return {"gguf": "ok", "gguf_bytes": result.bytes, "gguf_bpw": round(8 * result.bytes / model.base_params, 3),
+            "gguf_max_logit_error": round(result.check["max_abs_error"], 5),
+            "gguf_llama_cpp_top1": llama_cpp.get("top1_agreement", "llama.cpp not installed"),
+            "gguf_types": "; ".join(sorted({r["type"] for r in result.layers}))}
