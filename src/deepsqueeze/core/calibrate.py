@@ -253,16 +253,25 @@ def _execution_groups(root: nn.Module, targets: list[str], batch: CalibBatch, ru
 
 
 def _collect(root: nn.Module, names: list[str], items: list, run: Callable[[Any], Any]) -> dict[str, HessianAccumulator]:
-    """Input Hessians of the layers ``names`` over every calibration item."""
+    """Input Hessians of the layers ``names`` over every calibration item. Layers that read the very tensor the
+    layer before them read (query, key and value; gate and up) share that layer's accumulator: one sum, once."""
     accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}  # layer -> the layer whose accumulator holds its (identical) inputs
+    last: list[Any] = [None, None, True]  # the input tensor and layer of the latest accumulation; first item
     handles = []
     for name in names:
         layer = root.get_submodule(name)
         columns = _input_features(layer)
         accs[name] = HessianAccumulator(columns)
 
-        def hook(_mod: nn.Module, args: tuple, acc: HessianAccumulator = accs[name]) -> None:
-            acc.add(_real_rows(args[0]))
+        def hook(_mod: nn.Module, args: tuple, name: str = name) -> None:
+            if name in alias:
+                return
+            if last[2] and args[0] is last[0] and accs[name].count == 0 and accs[last[1]].columns == accs[name].columns:
+                alias[name] = last[1]
+                return
+            accs[name].add(_real_rows(args[0]))
+            last[0], last[1] = args[0], name
 
         handles.append(layer.register_forward_pre_hook(hook))
     try:
@@ -270,10 +279,11 @@ def _collect(root: nn.Module, names: list[str], items: list, run: Callable[[Any]
             batch = item[1] if isinstance(item, tuple) else item
             with _token_mask(batch.token_mask):
                 run(item)
+            last[0], last[2] = None, False  # sharing is decided on the first item only
     finally:
         for h in handles:
             h.remove()
-    return accs
+    return {name: accs[alias.get(name, name)] for name in names}
 
 
 def _input_features(layer: nn.Module) -> int:
