@@ -14,6 +14,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet torch==2.13.0
 	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0  # its English prose sample (wiki:, news:)
+	$(BIN)/python -c "from deepsqueeze.runtime.gemv import gemv_unavailable as u; print(u() or 'gemv kernel built')"
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -33,20 +33,22 @@ def test_decision_is_stored_per_cpu_and_reused_without_racing(cache, monkeypatch
     monkeypatch.setattr(timing, "race", lambda fns: {"safe": 1.0, "fast": 0.05})
     assert timing.choose("op", {"safe": _never, "fast": _never}) == "fast"
     stored = json.loads(cache.read_text())
-    assert stored == {timing.cpu_fingerprint(): {"op": "fast"}}
+    assert stored == {timing.cpu_fingerprint(): {"op among safe,fast": "fast"}}
     timing.forget_decisions()  # a new process: the noisy moment now cannot change the decision
     monkeypatch.setattr(timing, "race", lambda fns: _never())
     assert timing.choose("op", {"safe": _never, "fast": _never}) == "fast"
-    # a stored kernel that is no longer a candidate is measured again, not trusted
+    # other candidates (a kernel added or gone) are measured again, not trusted
     monkeypatch.setattr(timing, "race", lambda fns: {"safe": 1.0, "other": 2.0})
     assert timing.choose("op", {"safe": _never, "other": _never}) == "safe"
+    monkeypatch.setattr(timing, "race", lambda fns: {"new": 0.1, "safe": 1.0, "fast": 0.5})
+    assert timing.choose("op", {"new": _never, "safe": _never, "fast": _never}) == "new"
 
 
 def test_damaged_cache_is_remeasured(cache, monkeypatch):
     cache.write_text("{not json")
     monkeypatch.setattr(timing, "race", lambda fns: {"a": 1.0, "b": 0.1})
     assert timing.choose("op", {"a": _never, "b": _never}) == "b"
-    assert json.loads(cache.read_text())[timing.cpu_fingerprint()] == {"op": "b"}
+    assert json.loads(cache.read_text())[timing.cpu_fingerprint()] == {"op among a,b": "b"}
 
 
 def test_race_times_every_candidate():

@@ -54,9 +54,12 @@ def test_each_forced_kernel_equals_the_dequantized_reference(kernel, bits, group
 
 
 def test_kernel_support_names_why_a_kernel_cannot_run():
-    assert PackedIntLinear(256, 16, bits=4, group_size=64).kernel_support() == {
+    assert {k: v for k, v in PackedIntLinear(256, 16, bits=4, group_size=64).kernel_support().items()
+            if k != "gemv"} == {
         "int4pack": None, "int8pack": "the int8 kernel takes one scale per output channel, not groups",
         "dequant": None}
+    assert "4- and 8-bit" in PackedIntLinear(256, 16, bits=3, group_size=64).kernel_support()["gemv"]
+    assert "whole blocks of 32" in PackedIntLinear(96, 16, bits=4, group_size=48).kernel_support()["gemv"]
     support = PackedIntLinear(96, 8, bits=8, group_size=48).kernel_support()
     assert "8-bit codes" in support["int4pack"] and support["int8pack"] and support["dequant"] is None
     assert "divisor" in PackedIntLinear(40, 16, bits=4).kernel_support()["int4pack"]
@@ -72,7 +75,7 @@ def test_measured_choice_keeps_no_float_weight_and_matches_reference():
         torch.testing.assert_close(q(x), nn.functional.linear(x, q.dequantized_rows(), q.bias), rtol=1e-5, atol=1e-5)
     assert set(q.kernels()) == {"few", "many", "large"} and set(q.kernels().values()) <= set(PACKED_KERNELS)
     assert not [t for t in _float_tensors(q) if t.numel() >= 384 * 192]
-    layouts = {k for k in ("int4pack", "int8pack") if k in q._cache}
+    layouts = {k for k in ("gemv", "int4pack", "int8pack") if k in q._cache}
     assert layouts == set(q.kernels().values()) - {"dequant"}  # layouts of kernels not chosen are dropped
 
 
@@ -100,3 +103,29 @@ def test_unknown_packed_kernel_is_a_clear_error(monkeypatch):
     monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", "marlin")
     with pytest.raises(ModelError, match="DEEPSQUEEZE_PACKED_KERNEL='marlin'"):
         PackedIntLinear(64, 8)(torch.randn(2, 64))
+
+
+def _gemv_expected() -> bool:
+    """The kernel must build wherever a C++ compiler and an AVX2 CPU are there (as on CI; ninja is a dependency)."""
+    import shutil
+
+    return bool((shutil.which("c++") or shutil.which("g++"))
+                and torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"))
+
+
+@pytest.mark.parametrize(("bits", "group", "symmetric", "float_zero"), [
+    (4, 32, True, False), (4, 64, False, False), (4, 96, False, True), (4, None, False, False),
+    (8, 32, True, False), (8, 64, False, True), (8, None, False, False)])
+def test_the_gemv_kernel_reads_the_stored_codes_exactly(bits, group, symmetric, float_zero):
+    from deepsqueeze.runtime.gemv import gemv_unavailable
+
+    reason = gemv_unavailable()
+    if reason is not None:
+        assert not _gemv_expected(), reason
+        pytest.skip(reason)
+    torch.manual_seed(bits)
+    q = PackedIntLinear.from_float(nn.Linear(192, 80), bits, group, symmetric, float_zero=float_zero)
+    for rows in (1, 5, 32, 45):
+        x = torch.randn(rows, 192)
+        ref = nn.functional.linear(x, q.dequantized_rows(), q.bias)
+        torch.testing.assert_close(q._run("gemv", x), ref, rtol=1e-4, atol=1e-4)

@@ -136,8 +136,8 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], margin: float 
     ``candidates`` maps kernel names to callables that run the same product; the first one is the
     preferred kernel, kept unless another's best time beats it by ``margin`` (1.15: 15% faster). A
     decision already made in this process or stored for this machine (:func:`cpu_fingerprint`) in
-    :func:`kernel_cache_path` is reused when it names a current candidate; otherwise the candidates
-    race (:func:`race`) and the decision is stored. With one candidate nothing is measured.
+    :func:`kernel_cache_path` among the same candidates is reused; otherwise the candidates race
+    (:func:`race`) and the decision is stored. With one candidate nothing is measured.
     """
     names = list(candidates)
     if not names:
@@ -145,6 +145,7 @@ def choose(key: str, candidates: dict[str, Callable[[], object]], margin: float 
     if len(names) == 1:
         return names[0]
     fingerprint = cpu_fingerprint()
+    key = f"{key} among {','.join(names)}"  # a new candidate (a kernel added since) races again
     full = f"{fingerprint} :: {key}"
     known = _decisions.get(full)
     if known is None and persist:

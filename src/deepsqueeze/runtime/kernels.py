@@ -2,9 +2,10 @@
 
 * int8 x int8 Linear (:class:`~deepsqueeze.runtime.int8.Int8Linear`): ``torch._int_mm`` or fbgemm's
   ``quantized::linear_dynamic`` on weights prepacked from our codes (:func:`int8_kernel`).
-* Weight-only packed Linear (:class:`~deepsqueeze.runtime.packed.PackedIntLinear`): PyTorch's
-  ``int4pack`` / ``int8pack`` CPU kernels on layouts built from the codes, or ``dequant`` (decode, then
-  ``F.linear``), raced per shape, bits, groups and batch kind (:func:`packed_linear_kernel`).
+* Weight-only packed Linear (:class:`~deepsqueeze.runtime.packed.PackedIntLinear`): deepsqueeze's ``gemv``
+  (:mod:`deepsqueeze.runtime.gemv`, on the stored codes, up to 32 rows), PyTorch's ``int4pack`` / ``int8pack``
+  CPU kernels on layouts built from the codes, or ``dequant`` (decode, then ``F.linear``), raced per shape,
+  bits, groups and batch kind (:func:`packed_linear_kernel`).
 * CSR sparse Linear (:class:`~deepsqueeze.runtime.sparse.SparseCSRLinear`): ``torch.sparse.mm`` or the
   dense product, raced per shape, non-zeros and batch kind (:func:`sparse_kernel`).
 
@@ -28,6 +29,7 @@ from torch import nn
 
 from deepsqueeze.core.timing import choose, forced_choice
 from deepsqueeze.errors import ModelError, UnsupportedLayerError
+from deepsqueeze.runtime.gemv import GEMV_MAX_ROWS, gemv_unavailable, run_gemv
 
 __all__ = ["FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
            "forced_int8_kernel", "int8_kernel", "packed_kernel_support", "packed_linear_kernel", "run_packed_linear",
@@ -173,7 +175,7 @@ def fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ packed kernels
 
 #: Weight-only Linear kernels, in order of preference: see :class:`PackedIntLinear`.
-PACKED_KERNELS = ("int4pack", "int8pack", "dequant")
+PACKED_KERNELS = ("gemv", "int4pack", "int8pack", "dequant")
 INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
 PACKED_RACE_ROWS = {"few": 32, "many": 256, "large": 2048}  # rows of the first batch each kind's race runs on
 _packed_override: str | None = None
@@ -211,7 +213,8 @@ def _int4pack_group(bits: int, binary: bool, group_size: int, cols: int) -> int 
 
 def packed_kernel_support(layer: nn.Module) -> dict[str, str | None]:
     """Each kernel of :data:`PACKED_KERNELS` -> None where it can run the packed Linear ``layer``, else why not."""
-    support: dict[str, str | None] = {"int4pack": None, "int8pack": None, "dequant": None}
+    support: dict[str, str | None] = {"gemv": _gemv_support(layer), "int4pack": None, "int8pack": None,
+                                      "dequant": None}
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         support["int4pack"] = "this PyTorch has no _weight_int4pack_mm_for_cpu"
     elif layer.bits > 4 and not layer.binary:
@@ -226,6 +229,19 @@ def packed_kernel_support(layer: nn.Module) -> dict[str, str | None]:
     elif layer.group_size != layer.in_features:
         support["int8pack"] = "the int8 kernel takes one scale per output channel, not groups"
     return support
+
+
+def _gemv_support(layer: nn.Module) -> str | None:
+    if layer.binary or layer.bits not in (4, 8):
+        return f"the gemv kernel reads 4- and 8-bit codes, not {'binary' if layer.binary else layer.bits}-bit ones"
+    if layer.group_size % 32 or layer.in_features % 32:
+        return f"the gemv kernel takes groups of whole blocks of 32 inputs, not {layer.group_size}"
+    return gemv_unavailable()
+
+
+def _gemv_layout(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    scale = layer.scale.float().contiguous()
+    return scale, (layer.zero_point.float() * scale).contiguous()
 
 
 def _int4pack_layout(layer: nn.Module) -> tuple[torch.Tensor, int, torch.Tensor]:
@@ -255,7 +271,8 @@ def _int8pack_layout(layer: nn.Module) -> tuple[torch.Tensor, torch.Tensor, torc
     return (q - 128).to(torch.int8), scale, correction if bool(correction.any()) else None
 
 
-_PACKED_LAYOUTS: dict[str, Callable[[nn.Module], Any]] = {"int4pack": _int4pack_layout, "int8pack": _int8pack_layout}
+_PACKED_LAYOUTS: dict[str, Callable[[nn.Module], Any]] = {"gemv": _gemv_layout, "int4pack": _int4pack_layout,
+                                                         "int8pack": _int8pack_layout}
 
 
 def _packed_layout(layer: Cached, kernel: str) -> Any:
@@ -265,7 +282,12 @@ def _packed_layout(layer: Cached, kernel: str) -> Any:
 def run_packed_linear(layer: Cached, kernel: str, x2: torch.Tensor) -> torch.Tensor:
     """``x2 @ W^T + b`` of the packed Linear ``layer`` for 2-D float32 ``x2`` with ``kernel``."""
     bias = layer.bias
-    if kernel == "int4pack":
+    if kernel == "gemv" and x2.shape[0] <= GEMV_MAX_ROWS:
+        scale, zero_scale = _packed_layout(layer, "gemv")
+        y = run_gemv(x2, layer.codes, scale, zero_scale, layer.bits, layer.group_size)
+    elif kernel == "gemv":  # more rows than the kernel shares a block among: in chunks
+        return torch.cat([run_packed_linear(layer, kernel, part) for part in x2.split(GEMV_MAX_ROWS)])
+    elif kernel == "int4pack":
         packed, g, scale_zeros = _packed_layout(layer, "int4pack")
         y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2.contiguous(), packed, g, scale_zeros)
     elif kernel == "int8pack":
@@ -294,14 +316,15 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
     chosen = layer._kernels.get(kind)
     if chosen is None:
         sample = x2[:PACKED_RACE_ROWS[kind]]
-        order = PACKED_KERNELS if kind == "few" else ("dequant", *PACKED_KERNELS[:2])  # first: kept unless beaten
+        # the first is kept unless another is 15% faster; gemv shares a block among at most 32 rows
+        order = PACKED_KERNELS if kind == "few" else ("dequant", "int4pack", "int8pack")
         usable = [k for k in order if support[k] is None]
         key = (f"packed-linear {layer.out_features}x{layer.in_features} bits={layer.bits}"
                f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}")
         with torch.no_grad():
             chosen = choose(key, {k: (lambda k=k: run_packed_linear(layer, k, sample)) for k in usable})
         layer._kernels[kind] = chosen
-        for k in ("int4pack", "int8pack"):
+        for k in ("gemv", "int4pack", "int8pack"):
             if k not in layer._kernels.values():
                 layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
     return chosen
