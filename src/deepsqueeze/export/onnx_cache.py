@@ -11,7 +11,6 @@ model side for :func:`deepsqueeze.zoo.generate.generate`, so ONNX Runtime genera
 
 from __future__ import annotations
 
-import inspect
 from types import SimpleNamespace
 from typing import Any
 
@@ -19,13 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsqueeze.zoo.generate import cache_argument
+
 __all__ = ["OrtDecoder", "WithCache", "cache_layout", "cache_names", "empty_past", "trace_args"]
 
 TRACE_PAST = 2  # past tokens in the traced call: a non-empty past, so no shape is specialized on it
-
-
-def _cache_arg(transformer: nn.Module) -> str:
-    return "cache" if "cache" in inspect.signature(transformer.forward).parameters else "past_key_values"
 
 
 def _layers(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
@@ -39,7 +36,7 @@ def cache_layout(transformer: nn.Module) -> list[tuple[int, int]]:
     removed blocks included)."""
     with torch.no_grad():
         out = transformer(input_ids=torch.zeros(1, 1, dtype=torch.long), use_cache=True)
-    return [(int(k.shape[1]), int(k.shape[3])) for k, _ in _layers(getattr(out, _cache_arg(transformer)))]
+    return [(int(k.shape[1]), int(k.shape[3])) for k, _ in _layers(getattr(out, cache_argument(transformer)))]
 
 
 def cache_names(layers: int) -> tuple[list[str], list[str]]:
@@ -64,8 +61,8 @@ class WithCache(nn.Module):
             cache.update(past[2 * i], past[2 * i + 1], i)
         positions = torch.arange(input_ids.shape[1]).unsqueeze(0) + past[0].shape[2]
         out = transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                          **{_cache_arg(transformer): cache})
-        return (out.logits, *(t for pair in _layers(getattr(out, _cache_arg(transformer))) for t in pair))
+                          **{cache_argument(transformer): cache})
+        return (out.logits, *(t for pair in _layers(getattr(out, cache_argument(transformer))) for t in pair))
 
 
 def empty_past(layout: list[tuple[int, int]], batch: int) -> list[torch.Tensor]:

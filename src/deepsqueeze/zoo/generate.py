@@ -19,7 +19,7 @@ import torch
 
 from deepsqueeze.errors import DataError, ModelError
 
-__all__ = ["MAX_TEMPERATURE", "Generation", "generate", "prompt_ids"]
+__all__ = ["MAX_TEMPERATURE", "Generation", "cache_argument", "generate", "prompt_ids"]
 
 MAX_TEMPERATURE = 100.0
 
@@ -93,7 +93,7 @@ def _stop_ids(lm: Any) -> set[int]:
     return {int(i) for i in ids}
 
 
-def _cache_argument(transformer: Any) -> str:
+def cache_argument(transformer: Any) -> str:
     """The name transformers gives the KV cache in this version (``cache`` from 5.x, ``past_key_values`` before)."""
     import inspect
 
@@ -134,7 +134,7 @@ def generate(lm: Any, prompt: str | list[int], max_new_tokens: int = 64, tempera
         (b.device for b in lm.buffers()), torch.device("cpu"))
     generator = torch.Generator().manual_seed(int(seed))
     stops = set() if ignore_eos else _stop_ids(lm)
-    name = _cache_argument(lm.transformer)
+    name = cache_argument(lm.transformer)
     out: list[int] = []
     was_training = lm.training
     lm.eval()
