@@ -116,3 +116,22 @@ def test_benchmark_runner_flags_unreliable_timings(monkeypatch):
     assert "machine busy (load average 9.0 on 2 CPUs)" in result["latency_notes"]
     fake.run = lambda ctx: [{"size": 1}]
     assert run_benchmark(fake, BenchContext(threads=1, quick=True))["latency_reliable"] is None
+
+
+def test_evaluation_talks_off_a_terminal_while_it_measures(lenet300_digits, digits, monkeypatch, capsys):
+    """Issue 29: the demo was silent for minutes while MiniLM was evaluated; every evaluation now prints a
+    line at least every progress interval off a terminal, through quality scoring and latency timing."""
+    import time as _time
+
+    monkeypatch.setenv("DEEPSQUEEZE_PROGRESS_INTERVAL", "0.1")
+    module = lenet300_digits.module
+    slow_forward = module.forward
+
+    def forward(x):
+        _time.sleep(0.2)
+        return slow_forward(x)
+
+    monkeypatch.setattr(module, "forward", forward)
+    evaluate(lenet300_digits, digits, repeat=3, min_seconds=0.0)
+    lines = [line for line in capsys.readouterr().err.splitlines() if "evaluating" in line]
+    assert len(lines) >= 3, lines

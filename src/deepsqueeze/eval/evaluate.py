@@ -9,6 +9,7 @@ import torch
 
 from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.progress import track
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.eval.latency import busy_note, last_times, measure_latency_spread, ratio_stats
@@ -45,6 +46,16 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
     round, and ``speedup`` (median of per-round ratios, with p10/p90) compares them.
     """
+    # off a terminal the tracker's heartbeat prints a line every 15 s while quality and latency are measured
+    with track("evaluating: quality, then latency" if latency else "evaluating quality", 2 if latency else 1,
+               "parts") as bar:
+        return _evaluate(model, data, reference, batch_size, threads, latency, device, baseline, repeat, min_seconds,
+                         window, stride, bar)
+
+
+def _evaluate(model: Model, data: ClassificationData | TextData, reference: Model | None, batch_size: int,
+              threads: int, latency: bool, device: str | torch.device, baseline: Model | None, repeat: int,
+              min_seconds: float, window: int | None, stride: int | None, bar: Any) -> dict[str, Any]:
     module = model.module.to(device).eval()
     baseline_module = baseline.module.to(device).eval() if baseline is not None and latency else None
     result: dict[str, Any] = {"model": model.ref, "task": model.task.value, "data": data.name}
@@ -105,6 +116,7 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
         latency_batch=batch_size,
         threads=threads,
     )
+    bar.advance(detail="quality measured")
     result.update(_latency(run, run_baseline if baseline_module is not None else None, latency, threads, repeat,
                            min_seconds))
     if latency and model.task is Task.CAUSAL_LM:
@@ -113,6 +125,7 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
 
         with pinned_threads(threads), torch.inference_mode():
             result.update(generation_speed(module, data.sentences, baseline_module))  # type: ignore[union-attr]
+    bar.advance(detail="done")
     return result
 
 
