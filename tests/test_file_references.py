@@ -227,6 +227,7 @@ DECLARED = {
     ("search.space", "load_space"): "the user's --model, else the space's through resolve_file_reference",
     ("search.trial", "measure_point"): "the trial artifact search itself wrote",
     ("cli.export", "register"): "the user's MODEL argument and --model-code",
+    ("cli.generate", "register"): "the user's MODEL argument and --model-code",
     ("cli.inspect", "register"): "the user's MODEL argument",
     ("cli.evaluate", "register"): "the user's MODEL, --reference and --baseline arguments",
     ("cli.sensitivity", "register"): "the user's MODEL argument",

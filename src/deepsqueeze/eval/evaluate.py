@@ -46,16 +46,15 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
     round, and ``speedup`` (median of per-round ratios, with p10/p90) compares them.
     """
-    # off a terminal the tracker's heartbeat prints a line every 15 s while quality and latency are measured
-    with track("evaluating: quality, then latency" if latency else "evaluating quality", 2 if latency else 1,
-               "parts") as bar:
+    # off a terminal the tracker's heartbeat prints a line after each 15 s without one (a quick evaluation: none)
+    with track("evaluating: quality, then latency" if latency else "evaluating quality", 1, "parts"):
         return _evaluate(model, data, reference, batch_size, threads, latency, device, baseline, repeat, min_seconds,
-                         window, stride, bar)
+                         window, stride)
 
 
 def _evaluate(model: Model, data: ClassificationData | TextData, reference: Model | None, batch_size: int,
               threads: int, latency: bool, device: str | torch.device, baseline: Model | None, repeat: int,
-              min_seconds: float, window: int | None, stride: int | None, bar: Any) -> dict[str, Any]:
+              min_seconds: float, window: int | None, stride: int | None) -> dict[str, Any]:
     module = model.module.to(device).eval()
     baseline_module = baseline.module.to(device).eval() if baseline is not None and latency else None
     result: dict[str, Any] = {"model": model.ref, "task": model.task.value, "data": data.name}
@@ -116,7 +115,6 @@ def _evaluate(model: Model, data: ClassificationData | TextData, reference: Mode
         latency_batch=batch_size,
         threads=threads,
     )
-    bar.advance(detail="quality measured")
     result.update(_latency(run, run_baseline if baseline_module is not None else None, latency, threads, repeat,
                            min_seconds))
     if latency and model.task is Task.CAUSAL_LM:
@@ -125,7 +123,6 @@ def _evaluate(model: Model, data: ClassificationData | TextData, reference: Mode
 
         with pinned_threads(threads), torch.inference_mode():
             result.update(generation_speed(module, data.sentences, baseline_module))  # type: ignore[union-attr]
-    bar.advance(detail="done")
     return result
 
 

@@ -168,7 +168,7 @@ KINDS: dict[str, Kind] = _kinds()
 COMMANDS: dict[str, str] = {
     "plan": "recipe", "compress": "recipe", "search": "recipe", "inspect": "artifact", "evaluate": "artifact",
     "export-onnx": "artifact", "export-hf": "artifact", "report": "artifact", "load": "artifact",
-    "inspect-model": "model", "sensitivity": "model",
+    "generate": "artifact", "inspect-model": "model", "sensitivity": "model",
 }
 NOT_MODEL_COMMANDS = ("recipes", "bench", "demo", "train")
 
@@ -328,6 +328,8 @@ def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tu
                                   *code]),
         "report": lambda: cli(["report", str(artifact), "--out", str(work / "report.html"), *code]),
         "load": lambda: _load_and_call(artifact, kind),
+        "generate": lambda: cli(["generate", str(artifact), "--prompt", "The cat sat", "--max-new-tokens", "4",
+                                 *code]),
         "search": lambda: cli(["search", "--space", str(find_recipe(recipe)), *args, "--trials", "1",
                                "--out", str(work / "search")]),
     }
