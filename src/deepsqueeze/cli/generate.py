@@ -8,6 +8,7 @@ import typer
 
 from deepsqueeze.cli._common import (
     BackendOption,
+    DataOption,
     DeviceOption,
     JsonOption,
     ModelCodeOption,
@@ -65,6 +66,7 @@ def register(app: typer.Typer) -> None:
         model: str = ModelOption,
         weights: str = WeightsOption,
         model_code: str = ModelCodeOption,
+        data: str = DataOption,
         device: str = DeviceOption,
         threads: int = ThreadsOption,
         as_json: bool = JsonOption,
@@ -76,7 +78,12 @@ def register(app: typer.Typer) -> None:
         text = _read_prompt(prompt, prompt_file)
         threads = use_threads(threads)
         m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
-        m = on_backend(m, backend, threads)
+        if data:  # the sentences the ONNX export (--backend ort) is checked on
+            from deepsqueeze.data import resolve_data
+
+            m = on_backend(m, backend, threads, resolve_data(data, split="eval"))
+        else:
+            m = on_backend(m, backend, threads)
         result = m.generate(text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
                             cache=not no_cache, ignore_eos=ignore_eos)
         if as_json:
