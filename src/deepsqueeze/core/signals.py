@@ -38,6 +38,13 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if _depth > 0:
         _pending = signum
         return
+    if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
+        # inside the import machinery (a module lock's weakref callback ignores and prints what it raises):
+        # deliver the signal again a moment later, outside it
+        import os
+
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
     raise _interrupt(signum)
 
 
