@@ -60,9 +60,10 @@ class WithCache(nn.Module):
         for i in range(len(past) // 2):
             cache.update(past[2 * i], past[2 * i + 1], i)
         positions = torch.arange(input_ids.shape[1]).unsqueeze(0) + past[0].shape[2]
+        name = cache_argument(transformer)
         out = transformer(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions, use_cache=True,
-                          **{cache_argument(transformer): cache})
-        return (out.logits, *(t for pair in _layers(getattr(out, cache_argument(transformer))) for t in pair))
+                          **{name: cache})
+        return (out.logits, *(t for pair in _layers(getattr(out, name)) for t in pair))
 
 
 def empty_past(layout: list[tuple[int, int]], batch: int) -> list[torch.Tensor]:

@@ -90,12 +90,14 @@ def _float(weight: torch.Tensor, note: str, exact: bool = True) -> GGUFForm:
 
 def _packed(layer: PackedIntLinear | PackedIntEmbedding, rows: torch.Tensor | None) -> GGUFForm:
     cols = layer._cols
-    weight_rows = layer.dequantized_rows() if rows is None else layer.dequantized_rows()[rows]
+    def decoded(note: str) -> GGUFForm:  # only where no block type holds the codes: the whole layer decoded
+        weight = layer.dequantized_rows()
+        return _float(weight if rows is None else weight[rows], note, exact=False)
+
     if layer.binary:
-        return _float(weight_rows, "binary codes: no GGUF type holds them, decoded to F16", exact=False)
+        return decoded("binary codes: no GGUF type holds them, decoded to F16")
     if layer.group_size % BLOCK or cols % BLOCK:
-        return _float(weight_rows, f"group of {layer.group_size} is not whole blocks of {BLOCK}: decoded to F16",
-                      exact=False)
+        return decoded(f"group of {layer.group_size} is not whole blocks of {BLOCK}: decoded to F16")
     q, scale, zero = layer.int_codes(), layer.scale, layer.zero_point
     if rows is not None:
         q, scale, zero = q[rows], scale[rows], zero[rows]
@@ -117,8 +119,8 @@ def _packed(layer: PackedIntLinear | PackedIntEmbedding, rows: torch.Tensor | No
     if not layer.float_zero and bool((centred >= -128).all() and (centred <= 127).all()):
         return GGUFForm("Q8_0", encode_blocks("Q8_0", centred, d), tuple(q.shape), True,
                         f"{bits}-bit codes carried over")
-    return _float(weight_rows, f"{bits}-bit codes with {'float ' if layer.float_zero else ''}zero points off "
-                  "int8: no GGUF type holds them, decoded to F16", exact=False)
+    return decoded(f"{bits}-bit codes with {'float ' if layer.float_zero else ''}zero points off "
+                   "int8: no GGUF type holds them, decoded to F16")
 
 
 def gguf_form(module: nn.Module, rows: torch.Tensor | None = None) -> GGUFForm:
