@@ -57,7 +57,12 @@ def main() -> None:
 
         if _received is not None:  # the import went on: a C extension's initialisation (torch importing NumPy)
             raise _Signal(_received)  # caught the KeyboardInterrupt and left a module half-imported: stop here
-        app_main()
+        try:
+            app_main()
+        finally:  # the command is over: a signal during the interpreter's exit must not print a traceback
+            signal.signal(signal.SIGTERM, _late)
+            if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+                signal.signal(signal.SIGINT, _late)
     except KeyboardInterrupt as exc:
         code = getattr(exc, "exit_code", 130)
         print("terminated" if code == 143 else "interrupted", file=sys.stderr)
@@ -66,6 +71,16 @@ def main() -> None:
         if exc.code in (130, 143):
             _exit_interrupted(exc.code)
         raise
+
+
+def _late(signum: int, frame: object) -> None:
+    """SIGINT / SIGTERM after the command ended (while the interpreter joins threads and exits): say so and what
+    the command had written, then exit 130 / 143."""
+    from deepsqueeze.core.signals import interrupted_line
+
+    exc = KeyboardInterrupt() if signum == 2 else _Signal(signum)
+    print(interrupted_line(exc), file=sys.stderr)
+    _exit_interrupted(128 + signum)
 
 
 def _exit_interrupted(code: int) -> None:

@@ -189,3 +189,46 @@ def test_an_interrupted_command_ends_with_its_code_not_through_interpreter_exit(
             signal.signal(s, handler)
     assert exits == [code]
     assert capsys.readouterr().err.strip() == ("terminated" if code == 143 else "interrupted")
+
+
+@pytest.mark.parametrize("sig, code, word", [(signal.SIGINT, 130, "interrupted"), (signal.SIGTERM, 143, "terminated")])
+def test_a_signal_after_the_output_is_in_place_says_it_was_written(tmp_path, monkeypatch, capsys, sig, code, word):
+    """Found by CI: SIGTERM 3.6 s into ``export --format onnx`` exited 143 with ``m.onnx`` complete beside a bare
+    ``terminated``, so a user read it as not written. A signal that lands after a file is put in place is held
+    until it is recorded, and the last line names it."""
+    import deepsqueeze.cli.app as app
+    from deepsqueeze.core import files
+
+    out = tmp_path / "m.json"
+    real_replace = os.replace
+
+    def replace_then_signal(src, dst):
+        real_replace(src, dst)
+        os.kill(os.getpid(), sig)  # the signal lands the moment the file is in place
+
+    monkeypatch.setattr(os, "replace", replace_then_signal)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    monkeypatch.setattr(app.typer.main, "get_command", lambda _: _Writes(lambda: files.write_text_atomic(out, "{}")))
+    try:
+        with pytest.raises(SystemExit) as exc:
+            app.main(["anything"])
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert exc.value.code == code and out.read_text() == "{}"
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"{word} after writing {out} in full"
+
+
+class _Writes:
+    """A stand-in for the CLI's click command that only runs ``action``."""
+
+    def __init__(self, action):
+        self.action = action
+
+    def make_context(self, name, args):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def invoke(self, ctx):
+        self.action()

@@ -112,9 +112,8 @@ def _interrupted(exc: KeyboardInterrupt | None) -> None:
         return
     from deepsqueeze.core import signals
 
-    code = signals.exit_code(exc)
-    print("terminated" if code == 143 else "interrupted", file=sys.stderr)
-    sys.exit(code)
+    print(signals.interrupted_line(exc), file=sys.stderr)
+    sys.exit(signals.exit_code(exc))
 
 
 def main(argv: list[str] | None = None) -> None:

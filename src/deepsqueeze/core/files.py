@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepsqueeze.core.signals import deferred_signals
+from deepsqueeze.core.signals import deferred_signals, published
 from deepsqueeze.errors import ArtifactError
 
 #: The ``--out`` rule, stated in ``--help`` of every command that writes.
@@ -61,7 +61,9 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with deferred_signals():  # in place and recorded together
+            os.replace(tmp, path)
+            published(path)
     except OSError as exc:  # disk full, a folder appearing at ``path`` meanwhile ...
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)

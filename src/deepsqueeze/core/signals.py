@@ -9,6 +9,7 @@ only once the code that removes it is in charge (create temporaries inside ``try
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from collections.abc import Iterator
@@ -26,6 +27,8 @@ _depth = 0
 _pending: int | None = None
 #: The last SIGINT / SIGTERM this process got (see :func:`received_interrupt`).
 _received: int | None = None
+#: The files this command has put in place, complete (see :func:`published`).
+_published: list[str] = []
 
 
 def _interrupt(signum: int) -> KeyboardInterrupt:
@@ -41,8 +44,6 @@ def _handler(signum: int, frame: FrameType | None) -> None:
     if frame is not None and frame.f_code.co_filename.startswith("<frozen importlib"):
         # inside the import machinery (a module lock's weakref callback ignores and prints what it raises):
         # deliver the signal again a moment later, outside it
-        import os
-
         threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
         return
     raise _interrupt(signum)
@@ -55,6 +56,7 @@ def install() -> None:
     if threading.current_thread() is not threading.main_thread():
         return
     _received = None
+    _published.clear()
     signal.signal(signal.SIGTERM, _handler)
     current = signal.getsignal(signal.SIGINT)  # Python's own, or the console script's while it imported the CLI
     if current is signal.default_int_handler or getattr(current, "__module__", None) == "deepsqueeze_cli":
@@ -81,6 +83,18 @@ def received_interrupt() -> KeyboardInterrupt | None:
     while it imports NumPy, leaving NumPy half-imported and a later import failing): the command ends as
     interrupted (130 / 143), never with that later, misleading error."""
     return None if _received is None else _interrupt(_received)
+
+
+def published(path: str | os.PathLike[str]) -> None:
+    """Record that ``path`` is in place, complete: a signal after this point cannot take it back, so the
+    command's last line says it was written (see :func:`interrupted_line`)."""
+    _published.append(os.fspath(path))
+
+
+def interrupted_line(exc: KeyboardInterrupt) -> str:
+    """``interrupted`` / ``terminated``, naming the files already put in place, complete, before the signal."""
+    word = "terminated" if exit_code(exc) == 143 else "interrupted"
+    return f"{word} after writing {', '.join(_published)} in full" if _published else word
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:
