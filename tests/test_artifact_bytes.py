@@ -70,6 +70,7 @@ EXPECTED: dict[str, str] = {
     "llm-sparsegpt-2of4-w4": "1fae40749f58f1b34958c617ff7e64185b704ee81232e6c5520c3b50c689a836",
     "llm-wanda-50": "3269c356014a34fb756600cdc4c9e71c7762d9301c5d4ddb0281248ad3bf1ea1",
     "llm-gguf-q4_0": "89fa9d07b75d4f6ff6c41e60128ae0545cb0d15275643d242bfa8cb4c0eb430c",
+    "llm-gguf-q4_k_m": "170452b3f2445aea56ff8aff293b0672a0b3439a90a929eae066f32e16b0be14",
 }
 
 SENTENCES = [f"sentence number {i} says something about {w} and more words to read"
@@ -133,7 +134,7 @@ RECIPE_MODELS = {
     "qat-w8a8": "lenet5", "w3-lora": "lenet300", "w4-gptq": "lenet300", "w4-rtn": "lenet300",
     "llm-w4-gptq": "tiny-llama", "llm-w3-awq": "tiny-llama", "llm-mixed-3.5bpw": "tiny-llama",
     "llm-sparsegpt-2of4": "tiny-llama", "llm-sparsegpt-2of4-w4": "tiny-llama", "llm-wanda-50": "tiny-llama",
-    "llm-gguf-q4_0": "tiny-llama",
+    "llm-gguf-q4_0": "tiny-llama", "llm-gguf-q4_k_m": "tiny-llama",
 }
 
 

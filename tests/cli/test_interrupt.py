@@ -209,6 +209,7 @@ def test_a_signal_after_the_output_is_in_place_says_it_was_written(tmp_path, mon
     monkeypatch.setattr(os, "replace", replace_then_signal)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     monkeypatch.setattr(app.typer.main, "get_command", lambda _: _Writes(lambda: files.write_text_atomic(out, "{}")))
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # as a console starts it (an earlier test may not)
     try:
         with pytest.raises(SystemExit) as exc:
             app.main(["anything"])

@@ -51,7 +51,8 @@ QUANTIZED_BY = "deepsqueeze"  # general.quantized_by of every file written here:
 # for its block dot products (SmolLM2-135M at 4 bits: 3e-6 / 9e-3)
 TOLERANCE_GGUF, TOLERANCE_LLAMA_CPP = 1e-4, 5e-2
 FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "Q4_0": "MOSTLY_Q4_0", "Q4_1": "MOSTLY_Q4_1",
-              "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0"}
+              "Q5_0": "MOSTLY_Q5_0", "Q5_1": "MOSTLY_Q5_1", "Q8_0": "MOSTLY_Q8_0", "Q4_K": "MOSTLY_Q4_K_M",
+              "Q5_K": "MOSTLY_Q5_K_M", "Q6_K": "MOSTLY_Q6_K"}  # the label of the most common tensor type
 TOKEN_NORMAL, TOKEN_CONTROL, TOKEN_USER, TOKEN_UNUSED = 1, 3, 4, 5
 PROMPTS = 4
 

@@ -29,6 +29,7 @@ from deepsqueeze.quant.qat_config import QATOptions
 __all__ = [
     "AWQConfig",
     "ActScheme",
+    "GGUFType",
     "Int8DynamicConfig",
     "Int8StaticConfig",
     "Method",
@@ -70,6 +71,21 @@ class ZeroPoint(StrEnum):
     FLOAT = "float"      # float32 offset: codes span each group's exact min..max (llama.cpp Q4_1/Q5_1, HQQ)
 
 
+class GGUFType(StrEnum):
+    """llama.cpp's file types (``llama-quantize`` names, lower case): :mod:`deepsqueeze.quant.gguf_types`."""
+
+    Q4_0 = "q4_0"
+    Q4_1 = "q4_1"
+    Q5_0 = "q5_0"
+    Q5_1 = "q5_1"
+    Q8_0 = "q8_0"
+    Q4_K_S = "q4_k_s"
+    Q4_K_M = "q4_k_m"
+    Q5_K_S = "q5_k_s"
+    Q5_K_M = "q5_k_m"
+    Q6_K = "q6_k"
+
+
 PER_LAYER_BITS = (Method.RTN, Method.GPTQ, Method.QAT)
 WEIGHT_ONLY = (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED, Method.BINARY, Method.TERNARY)
 
@@ -84,7 +100,10 @@ class QuantizeConfig(StageConfig):
     ``include``/``exclude`` are fnmatch patterns on module names. ``damp``/``act_order``/``max_bytes``/
     ``avg_bits`` belong to GPTQ and mixed precision (and to QAT, which then trains per-layer widths).
     ``qat`` holds the options of ``method: qat`` (:class:`~deepsqueeze.quant.qat_config.QATOptions`).
-    ``awq_grid`` is AWQ's number of search points (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios
+    ``gguf_type`` (``rtn``, ``gptq``) lays every Linear and embedding out as llama.cpp's ``llama-quantize`` does
+    for that file type (``q4_k_m``: ``Q4_K`` / ``Q6_K`` super-blocks, ``Q5_0`` / ``Q8_0`` where a row is not
+    whole super-blocks), replacing ``bits``, ``group_size``, ``symmetric``, ``zero_point``, ``overrides`` and
+    ``embedding_bits`` (:mod:`deepsqueeze.quant.gguf_types`). ``awq_grid`` is AWQ's number of search points (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios
     down to 0.5). ``overrides`` maps fnmatch patterns on layer names to their own weight bits (2..8) for
     ``rtn``, ``gptq`` and ``qat``: explicit mixed precision in one stage (one GPTQ pass calibrates every
     width); the first matching pattern wins, the others take ``bits``.
@@ -104,7 +123,7 @@ class QuantizeConfig(StageConfig):
                                         "int8-dynamic)")
 
     stage_type: ClassVar[str] = "quantize"
-    omitted_at_default: ClassVar[tuple[str, ...]] = ("zero_point",)
+    omitted_at_default: ClassVar[tuple[str, ...]] = ("zero_point", "gguf_type")
 
     method: Method = Method.DYNAMIC
     bits: Bits = 8
@@ -128,6 +147,8 @@ class QuantizeConfig(StageConfig):
     zero_point: ZeroPoint = Field(ZeroPoint.INTEGER, description="weight-only asymmetric codes: integer (0 exact, "
                                   "pruned weights stay zero) or float (codes span each group's min..max)")
     overrides: dict[str, Bits] = Field(default_factory=dict, max_length=100_000)
+    gguf_type: GGUFType | None = Field(None, description="lay tensors out as llama.cpp's llama-quantize does for "
+                                       "this file type (q4_k_m, q5_k_s, q6_k, q4_0 ...)")
 
     def override(self, name: str) -> int | None:
         """The bits of the first ``overrides`` pattern matching layer ``name``, or None."""
@@ -144,6 +165,15 @@ class QuantizeConfig(StageConfig):
 
     @model_validator(mode="after")
     def _check(self) -> QuantizeConfig:
+        if self.gguf_type is not None:
+            if self.method not in (Method.RTN, Method.GPTQ):
+                raise ValueError("gguf_type lays out the codes of method rtn or gptq: choose one of them")
+            fields = QuantizeConfig.model_fields
+            clash = [k for k in ("bits", "embedding_bits", "group_size", "overrides", "symmetric", "zero_point")
+                     if getattr(self, k) != fields[k].get_default(call_default_factory=True)]
+            if clash:
+                raise ValueError(f"gguf_type {self.gguf_type.value} sets each tensor's bits, group and zero point: "
+                                 f"remove {', '.join(clash)}")
         if self.zero_point is ZeroPoint.FLOAT and (self.symmetric or self.method not in
                                                    (Method.RTN, Method.GPTQ, Method.AWQ, Method.MIXED)):
             raise ValueError("zero_point: float is for asymmetric weight-only codes (rtn, gptq, awq, mixed with "

@@ -28,11 +28,13 @@ from deepsqueeze.core.sharing import tied_weight_groups
 from deepsqueeze.core.walker import iter_modules
 from deepsqueeze.errors import DataError, ModelError, UnsupportedLayerError
 from deepsqueeze.primitives import quantize as Q
+from deepsqueeze.primitives.kquant import SUPER_BLOCK, KGrid, kquant_qparams
 from deepsqueeze.quant.api import METHODS, install, register_method, select_layers
 from deepsqueeze.quant.config import Method, QuantizeConfig
+from deepsqueeze.quant.gguf_types import TensorGrid, tensor_grids
 from deepsqueeze.runtime import PackedIntLinear
 
-# (weights of one group: rows x n) -> (scale, zero_point), each of shape (rows,)
+# (weights of one group, or of one span of groups: rows x n) -> (scale, zero_point), each (rows,) or (rows, groups)
 ParamsFn = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 # (one column: rows, scale, zero_point) -> integer codes (rows,)
 QuantFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -42,11 +44,13 @@ DequantFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class ColumnQuantizer:
-    """How GPTQ rounds: group parameters from weights, then quantize / dequantize one column."""
+    """How GPTQ rounds: group parameters from weights, then quantize / dequantize one column. ``span``: the
+    columns whose groups' parameters are chosen together (a k-quant super-block of 256), None for one group."""
 
     params: ParamsFn
     quantize: QuantFn
     dequantize: DequantFn
+    span: int | None = None
 
 
 @dataclass
@@ -83,6 +87,16 @@ def affine_column_quantizer(bits: int, symmetric: bool = False, float_zero: bool
         return Q.dequantize(q, Q.QParams(scale.float(), zero, bits, False, Q.PerTensor()))
 
     return ColumnQuantizer(params, quantize, dequantize)
+
+
+def kquant_column_quantizer(grid: KGrid, bits: int | None = None) -> ColumnQuantizer:
+    """Codes on llama.cpp's k-quant ``grid`` (:mod:`deepsqueeze.primitives.kquant`): each super-block's scales
+    and minimums are chosen together from its current weights when GPTQ first reaches one of its columns.
+    ``bits`` below the grid's (3-bit codes in ``Q4_K``) narrows the codes, not the layout."""
+    bits = grid.bits if bits is None else bits
+    grid = KGrid(grid.name, bits, grid.group, grid.symmetric, grid.levels)
+    affine = affine_column_quantizer(bits, grid.symmetric, not grid.symmetric)
+    return ColumnQuantizer(lambda w: kquant_qparams(w, grid), affine.quantize, affine.dequantize, SUPER_BLOCK)
 
 
 def gptq_quantize(
@@ -127,6 +141,10 @@ def gptq_quantize(
     U = _inverse_hessian_factor(H)  # upper Cholesky factor of H^-1: row i holds the OBQ update of column i
 
     n_groups = cols // group
+    per = 1 if quantizer.span is None else quantizer.span // group
+    if per < 1 or quantizer.span is not None and (quantizer.span % group or cols % quantizer.span):
+        raise ModelError(f"parameters chosen over {quantizer.span} columns do not fit groups of {group} in "
+                         f"{cols} columns")
     scale = torch.zeros(rows, n_groups, dtype=dtype)
     zero: torch.Tensor | None = None  # dtype follows the quantizer (integer zero points for affine codes)
     done = torch.zeros(n_groups, dtype=torch.bool)
@@ -142,14 +160,16 @@ def gptq_quantize(
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
             g = int(group_of[i1 + i])
-            if not done[g]:
-                members = position[g * group : (g + 1) * group]
+            if not done[g]:  # the parameters of g's span (its group, or every group of its super-block)
+                first = g - g % per
+                members = position[first * group : (first + per) * group]
                 current = _current_columns(W, W1, E1, U, i1, i2, i, members)
                 s, z = quantizer.params(current.masked_fill(pruned[:, members], 0.0))
                 if zero is None:
                     zero = torch.zeros(rows, n_groups, dtype=z.dtype)
-                scale[:, g], zero[:, g] = s.to(dtype), z
-                done[g] = True
+                scale[:, first : first + per] = s.reshape(rows, per).to(dtype)
+                zero[:, first : first + per] = z.reshape(rows, per)
+                done[first : first + per] = True
             w = W1[:, i]
             q = quantizer.quantize(w.masked_fill(pruned[:, i1 + i], 0.0), scale[:, g], zero[:, g])
             codes[:, i1 + i] = q.to(torch.int32)
@@ -226,7 +246,8 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
                 group_size: int | None = 64, symmetric: bool = False, act_order: bool = False,
                 damp: float = 0.01, block_size: int = 128, sequential: bool = True,
                 targets: list[str] | None = None, build: LayerBuilder = packed_linear,
-                progress: Callable[[str], None] | None = None, float_zero: bool = False) -> dict[str, GPTQResult]:
+                progress: Callable[[str], None] | None = None, float_zero: bool = False,
+                grids: dict[str, TensorGrid | None] | None = None) -> dict[str, GPTQResult]:
     """Quantize the Linear layers ``targets`` (default: all) of ``module`` in place with GPTQ.
 
     ``batches`` are calibration inputs (tensors, tuples, kwargs dicts or ``CalibBatch``) from the
@@ -234,7 +255,9 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
     inputs ``group_size`` does not divide falls back to one group per row. ``sequential`` calibrates
     every layer on the outputs of the already-quantized layers before it (block by block for
     transformers). ``build`` turns a result into the replacement module: :func:`packed_linear` (the
-    product) or :func:`dequantized_linear` (simulation). Returns the results by layer name.
+    product) or :func:`dequantized_linear` (simulation). ``grids`` (from :func:`~deepsqueeze.quant.gguf_types.
+    tensor_grids`) replace bits, groups and zero points per layer with llama.cpp's tensor types. Returns the
+    results by layer name.
     """
     if targets is None:
         targets = [n for n, _ in iter_modules(module, types=nn.Linear)]
@@ -243,10 +266,16 @@ def gptq_model_(module: nn.Module, batches: list[Any], *, bits: int | dict[str, 
     def convert(name: str, layer: nn.Module, hessian: torch.Tensor) -> nn.Module:
         if not isinstance(layer, nn.Linear):
             raise UnsupportedLayerError(f"{name} is a {type(layer).__name__}: GPTQ quantizes nn.Linear layers only")
-        b = bits[name] if isinstance(bits, dict) else bits
-        group = Q.fitting_group(layer.in_features, group_size)
-        result = gptq_quantize(layer.weight.detach().cpu(), hessian, affine_column_quantizer(b, symmetric, float_zero),
-                               group,
+        grid = None if grids is None else grids[name]
+        if grid is not None:
+            b, group = grid.bits, grid.group
+            quantizer = (affine_column_quantizer(b, grid.symmetric, grid.float_zero) if grid.kgrid is None
+                         else kquant_column_quantizer(grid.kgrid))
+        else:
+            b = bits[name] if isinstance(bits, dict) else bits
+            group = Q.fitting_group(layer.in_features, group_size)
+            quantizer = affine_column_quantizer(b, symmetric, float_zero)
+        result = gptq_quantize(layer.weight.detach().cpu(), hessian, quantizer, group,
                                act_order=act_order, damp=damp, block_size=block_size)
         results[name] = result
         return build(name, layer, result, b)
@@ -271,9 +300,12 @@ def gptq_method(module: nn.Module, config: QuantizeConfig, batches: list[Any] | 
     # a weight tied to an earlier module (GPT-2's lm_head) is rounded by RTN below, as that module is,
     # so both share one set of codes
     targets = [name for name, _ in select_layers(module, config, (nn.Linear,)) if name not in tied]
+    grids = None if config.gguf_type is None else tensor_grids(module, config.gguf_type)
+    if grids is not None:  # a layer no GGUF type holds is left to round-to-nearest, which reports it
+        targets = [name for name in targets if grids.get(name) is not None]
     gptq_model_(module, batches, bits={n: config.bits_for(n) for n in targets}, group_size=config.group_size,
                 symmetric=config.symmetric, act_order=config.act_order, damp=config.damp, targets=targets,
-                float_zero=config.float_zero)
+                float_zero=config.float_zero, grids=grids)
     for name in targets:
         install(module, name, module.get_submodule(name))
     return targets + METHODS[Method.RTN.value](module, config, batches)

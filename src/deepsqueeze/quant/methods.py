@@ -20,6 +20,7 @@ from deepsqueeze.primitives.observers import Observer, make_observer
 from deepsqueeze.quant.api import install, note_skip, register_method, run_calibration, select_layers
 from deepsqueeze.quant.config import Method, QuantizeConfig
 from deepsqueeze.quant.fold import conv_batchnorm_pairs
+from deepsqueeze.quant.gguf_types import packed_on_grid, tensor_grids
 
 
 def _install_identity(root: nn.Module, name: str) -> None:
@@ -202,8 +203,18 @@ def _static(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None
 @register_method(Method.RTN)
 def _rtn(module: nn.Module, config: QuantizeConfig, batches: list[Any] | None) -> list[str]:
     done = []
+    grids = None if config.gguf_type is None else tensor_grids(module, config.gguf_type)
     for name, layer in select_layers(module, config, (nn.Linear, nn.Conv2d, nn.Embedding)):
         new: nn.Module
+        if grids is not None:
+            grid = grids.get(name)
+            if grid is None:
+                note_skip(module, name, f"{NOT_DIVISIBLE}: GGUF {config.gguf_type.value} holds Linear layers and "
+                          "embeddings whose rows are whole blocks of 32: kept in float")
+                continue
+            install(module, name, packed_on_grid(layer, grid))
+            done.append(name)
+            continue
         row = layer.in_features if isinstance(layer, nn.Linear) else layer.embedding_dim \
             if isinstance(layer, nn.Embedding) else None
         group = config.group_size if row is None else Q.fitting_group(row, config.group_size)

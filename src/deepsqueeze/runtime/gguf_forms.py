@@ -11,6 +11,10 @@ whenever its group is a multiple of 32 inputs (a group of 96 is three blocks wit
 * packed 5-bit codes: ``Q5_0`` / ``Q5_1`` likewise;
 * packed 6..8-bit codes with integer zero points whose ``q - zero_point`` fits int8, and :class:`Int8Linear` /
   :class:`Int8Embedding` (per-row scales): ``Q8_0`` with ``q - zero_point``;
+* packed codes on a k-quant grid (:mod:`deepsqueeze.primitives.kquant`: scales, and minimums, that are
+  6-bit / int8 integers times one fp16 number per super-block of 256 inputs): ``Q4_K`` (2..4-bit, groups of
+  32, float zero points), ``Q5_K`` (5-bit), ``Q6_K`` (6-bit symmetric, groups of 16), ahead of the block
+  types above;
 * float weights (plain, sparse, 1-D norms): ``F32``, exactly;
 * anything else (binary codes, groups that are not whole blocks, 6..8-bit float zero points): the decoded
   weight as ``F16``, marked not exact, with the reason.
@@ -27,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from deepsqueeze.primitives.kquant import K_GRIDS, SUPER_BLOCK, super_block_grid
 from deepsqueeze.runtime.int8 import Int8Embedding, Int8Linear
 from deepsqueeze.runtime.packed import PackedIntEmbedding, PackedIntLinear
 
@@ -81,6 +86,70 @@ def encode_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, m: torch.Tensor |
     return torch.cat(parts, -1).reshape(rows, -1).numpy()
 
 
+def _scales_and_mins(sc: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """(rows, supers, 8) 6-bit scales and minimums -> (rows, supers, 12): llama.cpp's ``get_scale_min_k4``
+    packing (low 6 bits of groups 0..3 in bytes 0..7, groups 4..7 split over the low nibbles of bytes 8..11
+    and the top 2 bits of bytes 0..7)."""
+    sc, m = sc.to(torch.uint8), m.to(torch.uint8)
+    first = torch.cat([sc[..., :4] | ((sc[..., 4:] >> 4) << 6), m[..., :4] | ((m[..., 4:] >> 4) << 6)], -1)
+    return torch.cat([first, (sc[..., 4:] & 0xF) | ((m[..., 4:] & 0xF) << 4)], -1)
+
+
+def encode_k_blocks(kind: str, q: torch.Tensor, d: torch.Tensor, sc: torch.Tensor, dmin: torch.Tensor | None = None,
+                    m: torch.Tensor | None = None) -> np.ndarray:
+    """Bytes of ``kind`` (``Q4_K``, ``Q5_K``, ``Q6_K``) super-blocks from unsigned codes ``q`` (rows, cols;
+    ``Q6_K``: 0..63 around 32), per-super-block ``d`` (and ``dmin``) (rows, cols / 256) and per-group integer
+    ``sc`` (and ``m``) (rows, supers, groups per super-block), in llama.cpp's ``block_q4_K`` / ``block_q5_K``
+    / ``block_q6_K`` layouts."""
+    rows, cols = q.shape
+    qs = q.to(torch.int64).reshape(rows, cols // SUPER_BLOCK, SUPER_BLOCK)
+    if kind == "Q6_K":
+        half = qs.reshape(rows, -1, 2, 4, 32)  # (.., 128-halves, quarter k, l): element 128n + 32k + l
+        ql = torch.cat([half[..., 0, :] & 0xF | (half[..., 2, :] & 0xF) << 4,
+                        half[..., 1, :] & 0xF | (half[..., 3, :] & 0xF) << 4], -1)
+        qh = sum(((half[..., k, :] >> 4) & 3) << (2 * k) for k in range(4))
+        parts = [ql.reshape(rows, -1, 128), qh.reshape(rows, -1, 64), sc.to(torch.int8).view(torch.uint8)]
+        return torch.cat([p.to(torch.uint8) for p in parts] + [_f16_bytes(d)], -1).reshape(rows, -1).numpy()
+    assert dmin is not None and m is not None
+    chunks = qs.reshape(rows, -1, 4, 2, 32)  # 64-chunks: low nibble element l, high nibble element 32 + l
+    low = (chunks[..., 0, :] & 0xF) | ((chunks[..., 1, :] & 0xF) << 4)
+    parts = [_f16_bytes(d), _f16_bytes(dmin), _scales_and_mins(sc, m)]
+    if kind == "Q5_K":  # bit k of qh[l]: bit 4 of element 32k + l
+        eighths = qs.reshape(rows, -1, 8, 32)
+        parts.append(sum(((eighths[..., k, :] >> 4) & 1) << k for k in range(8)).to(torch.uint8))
+    parts.append(low.reshape(rows, -1, 128).to(torch.uint8))
+    return torch.cat(parts, -1).reshape(rows, -1).numpy()
+
+
+def _k_form(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, float_zero: bool
+            ) -> GGUFForm | None:
+    """The k-quant tensor of packed codes whose scales (and minimums) lie on a k-quant grid, else None."""
+    rows, cols = q.shape
+    if cols % SUPER_BLOCK:
+        return None
+    for grid in K_GRIDS.values():
+        if group != grid.group or (bits != grid.bits if grid.symmetric or grid.bits > 4 else bits > 4):
+            continue
+        per = SUPER_BLOCK // group
+        if grid.symmetric != (not float_zero and bool((zero == (1 << (bits - 1))).all())):
+            continue
+        scales = super_block_grid(scale, per, grid.levels)
+        if scales is None:
+            continue
+        d, sc = scales
+        shape = (rows, cols // SUPER_BLOCK, per)
+        if grid.symmetric:
+            return GGUFForm(grid.name, encode_k_blocks(grid.name, q, d, sc.reshape(shape)), (rows, cols), True,
+                            f"{bits}-bit codes on the {grid.name} grid carried over")
+        mins = super_block_grid(zero.float() * scale, per, grid.levels, tolerance=1e-5)
+        if mins is None:
+            continue
+        dmin, m = mins
+        return GGUFForm(grid.name, encode_k_blocks(grid.name, q, d, sc.reshape(shape), dmin, m.reshape(shape)),
+                        (rows, cols), True, f"{bits}-bit codes on the {grid.name} grid carried over")
+    return None
+
+
 def _float(weight: torch.Tensor, note: str, exact: bool = True) -> GGUFForm:
     w = weight.detach().float().cpu()
     if exact:
@@ -96,11 +165,14 @@ def _packed(layer: PackedIntLinear | PackedIntEmbedding, rows: torch.Tensor | No
 
     if layer.binary:
         return decoded("binary codes: no GGUF type holds them, decoded to F16")
-    if layer.group_size % BLOCK or cols % BLOCK:
-        return decoded(f"group of {layer.group_size} is not whole blocks of {BLOCK}: decoded to F16")
     q, scale, zero = layer.int_codes(), layer.scale, layer.zero_point
     if rows is not None:
         q, scale, zero = q[rows], scale[rows], zero[rows]
+    k_form = _k_form(q, scale, zero, layer.bits, layer.group_size, layer.float_zero)
+    if k_form is not None:
+        return k_form
+    if layer.group_size % BLOCK or cols % BLOCK:
+        return decoded(f"group of {layer.group_size} is not whole blocks of {BLOCK}: decoded to F16")
     per = layer.group_size // BLOCK
     d = scale.float().repeat_interleave(per, dim=1)
     z = zero.float().repeat_interleave(per, dim=1)
