@@ -8,7 +8,8 @@ input rows (FMA), one group at a time:
 
     y[m, n] = sum_g s[n, g] * sum_{k in g} q[n, k] x[m, k]  -  sum_g s[n, g] z[n, g] sum_{k in g} x[m, k]
 
-Output rows are split across threads (``at::parallel_for``). Up to 32 input rows share each decoded block;
+Output rows are split across threads (``at::parallel_for``). Up to 32 input rows share each decoded block; one
+input row (decoding) takes four output rows at a time, so their accumulations hide each other's FMA latency;
 groups must be whole blocks of 32 inputs. The C++ source is compiled once per machine by
 ``torch.utils.cpp_extension`` (needs a C++ compiler and ninja) into torch's extension folder
 (``TORCH_EXTENSIONS_DIR``); where that fails, or the CPU lacks AVX2/FMA, the kernel is unavailable, says why,
@@ -24,7 +25,7 @@ import torch
 __all__ = ["GEMV_MAX_ROWS", "gemv_unavailable", "run_gemv"]
 
 GEMV_MAX_ROWS = 32
-_VERSION = 1
+_VERSION = 2
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -42,6 +43,51 @@ static inline __m256 widen(__m128i bytes) {
   return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(bytes));
 }
 
+// 32 codes of one row from k on, as four vectors of 8 floats
+static inline void decode32(const uint8_t* row, int64_t k, int64_t bits, __m256& w0, __m256& w1, __m256& w2,
+                            __m256& w3) {
+  if (bits == 4) {
+    const __m128i low = _mm_set1_epi8(0x0F);
+    __m128i b = _mm_loadu_si128((const __m128i*)(row + k / 2));
+    __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
+    __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);
+    w0 = widen(c0); w1 = widen(_mm_srli_si128(c0, 8)); w2 = widen(c1); w3 = widen(_mm_srli_si128(c1, 8));
+  } else {
+    const uint8_t* p = row + k;
+    w0 = widen(_mm_loadl_epi64((const __m128i*)p)); w1 = widen(_mm_loadl_epi64((const __m128i*)(p + 8)));
+    w2 = widen(_mm_loadl_epi64((const __m128i*)(p + 16))); w3 = widen(_mm_loadl_epi64((const __m128i*)(p + 24)));
+  }
+}
+
+// One input row (decoding at batch 1), R output rows at a time: their R accumulation chains interleave, so the
+// FMA latency is hidden (one row alone waits on its own chain 4 times per 32 codes).
+template <int R>
+static inline void rows_m1(const float* xp, const uint8_t* cp, const float* sp, const float* zp, const float* xsp,
+                           float* yp, int64_t n, int64_t K, int64_t G, int64_t group, int64_t bits, int64_t row_bytes) {
+  __m256 tot[R];
+  for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    __m256 acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = _mm256_setzero_ps();
+    for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+      for (int r = 0; r < R; ++r) {
+        __m256 w0, w1, w2, w3;
+        decode32(cp + (n + r) * row_bytes, k, bits, w0, w1, w2, w3);
+        __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp + k), acc[r]);
+        a = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp + k + 8), a);
+        a = _mm256_fmadd_ps(w2, _mm256_loadu_ps(xp + k + 16), a);
+        acc[r] = _mm256_fmadd_ps(w3, _mm256_loadu_ps(xp + k + 24), a);
+      }
+    }
+    for (int r = 0; r < R; ++r) tot[r] = _mm256_fmadd_ps(acc[r], _mm256_set1_ps(sp[(n + r) * G + g]), tot[r]);
+  }
+  for (int r = 0; r < R; ++r) {
+    float v = hsum(tot[r]);
+    for (int64_t g = 0; g < G; ++g) v -= zp[(n + r) * G + g] * xsp[g];
+    yp[n + r] = v;
+  }
+}
+
 torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor scale, torch::Tensor zero_scale,
                             int64_t bits, int64_t group) {
   const int64_t M = x.size(0), K = x.size(1), N = codes.size(0), G = K / group, row_bytes = codes.size(1);
@@ -57,8 +103,13 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   const float* zp = zero_scale.data_ptr<float>();
   float* yp = y.data_ptr<float>();
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
+    if (M == 1) {
+      int64_t n = n0;
+      for (; n + 4 <= n1; n += 4) rows_m1<4>(xp, cp, sp, zp, xsp, yp, n, K, G, group, bits, row_bytes);
+      for (; n < n1; ++n) rows_m1<1>(xp, cp, sp, zp, xsp, yp, n, K, G, group, bits, row_bytes);
+      return;
+    }
     __m256 acc[32], tot[32];
-    const __m128i low = _mm_set1_epi8(0x0F);
     for (int64_t n = n0; n < n1; ++n) {
       const uint8_t* row = cp + n * row_bytes;
       for (int64_t m = 0; m < M; ++m) tot[m] = _mm256_setzero_ps();
@@ -66,17 +117,7 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
         for (int64_t m = 0; m < M; ++m) acc[m] = _mm256_setzero_ps();
         for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
           __m256 w0, w1, w2, w3;
-          if (bits == 4) {
-            __m128i b = _mm_loadu_si128((const __m128i*)(row + k / 2));
-            __m128i lo = _mm_and_si128(b, low), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low);
-            __m128i c0 = _mm_unpacklo_epi8(lo, hi), c1 = _mm_unpackhi_epi8(lo, hi);
-            w0 = widen(c0); w1 = widen(_mm_srli_si128(c0, 8)); w2 = widen(c1); w3 = widen(_mm_srli_si128(c1, 8));
-          } else {
-            const uint8_t* p = row + k;
-            w0 = widen(_mm_loadl_epi64((const __m128i*)p)); w1 = widen(_mm_loadl_epi64((const __m128i*)(p + 8)));
-            w2 = widen(_mm_loadl_epi64((const __m128i*)(p + 16)));
-            w3 = widen(_mm_loadl_epi64((const __m128i*)(p + 24)));
-          }
+          decode32(row, k, bits, w0, w1, w2, w3);
           for (int64_t m = 0; m < M; ++m) {
             const float* xm = xp + m * K + k;
             __m256 a = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xm), acc[m]);

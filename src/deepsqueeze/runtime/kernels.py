@@ -306,15 +306,15 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
     this layer), else chosen by :func:`deepsqueeze.core.timing.choose` per (out, in, bits, group, batch
     kind) and kept for the machine (in ``layer._kernels`` for this process); layouts of kernels not chosen
     are dropped after the choice."""
-    support = packed_kernel_support(layer)
     forced = _forced_packed_kernel()
     if forced is not None:
-        return forced if support[forced] is None else "dequant"
+        return forced if packed_kernel_support(layer)[forced] is None else "dequant"
     if x2.device.type != "cpu":
         return "dequant"
     kind = _batch_kind(x2.shape[0])
     chosen = layer._kernels.get(kind)
     if chosen is None:
+        support = packed_kernel_support(layer)
         sample = x2[:PACKED_RACE_ROWS[kind]]
         # the first is kept unless another is 15% faster; gemv shares a block among at most 32 rows
         order = PACKED_KERNELS if kind == "few" else ("dequant", "int4pack", "int8pack")
