@@ -104,10 +104,9 @@ def tensor_grids(module: nn.Module, gguf_type: GGUFType | str) -> dict[str, Tens
     return grids
 
 
-def packed_on_grid(layer: nn.Linear | nn.Embedding, grid: TensorGrid, bits: int | None = None
-                   ) -> PackedIntLinear | PackedIntEmbedding:
-    """Round-to-nearest codes of ``layer``'s weight on ``grid`` (``bits`` narrows a k-quant's codes)."""
-    bits = grid.bits if bits is None else bits
+def packed_on_grid(layer: nn.Linear | nn.Embedding, grid: TensorGrid) -> PackedIntLinear | PackedIntEmbedding:
+    """Round-to-nearest codes of ``layer``'s weight on ``grid``."""
+    bits = grid.bits
     weight = layer.weight.detach().float()
     if isinstance(layer, nn.Embedding):
         out: PackedIntLinear | PackedIntEmbedding = PackedIntEmbedding(
@@ -120,8 +119,7 @@ def packed_on_grid(layer: nn.Linear | nn.Embedding, grid: TensorGrid, bits: int 
     if grid.kgrid is None:
         out.quantize_weight(weight, symmetric=grid.symmetric)
     else:
-        k = grid.kgrid
-        scale, zero = kquant_qparams(weight, KGrid(k.name, bits, k.group, k.symmetric, k.levels))
+        scale, zero = kquant_qparams(weight, grid.kgrid)
         qp = Q.QParams(scale, zero, bits, False, Q.PerGroup(grid.group))
         out.set_codes(Q.quantize(weight, qp), scale, zero)
     return out.to(layer.weight.device)

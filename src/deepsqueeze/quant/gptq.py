@@ -89,13 +89,10 @@ def affine_column_quantizer(bits: int, symmetric: bool = False, float_zero: bool
     return ColumnQuantizer(params, quantize, dequantize)
 
 
-def kquant_column_quantizer(grid: KGrid, bits: int | None = None) -> ColumnQuantizer:
+def kquant_column_quantizer(grid: KGrid) -> ColumnQuantizer:
     """Codes on llama.cpp's k-quant ``grid`` (:mod:`deepsqueeze.primitives.kquant`): each super-block's scales
-    and minimums are chosen together from its current weights when GPTQ first reaches one of its columns.
-    ``bits`` below the grid's (3-bit codes in ``Q4_K``) narrows the codes, not the layout."""
-    bits = grid.bits if bits is None else bits
-    grid = KGrid(grid.name, bits, grid.group, grid.symmetric, grid.levels)
-    affine = affine_column_quantizer(bits, grid.symmetric, not grid.symmetric)
+    and minimums are chosen together from its current weights when GPTQ first reaches one of its columns."""
+    affine = affine_column_quantizer(grid.bits, grid.symmetric, not grid.symmetric)
     return ColumnQuantizer(lambda w: kquant_qparams(w, grid), affine.quantize, affine.dequantize, SUPER_BLOCK)
 
 
