@@ -72,3 +72,45 @@ def test_a_long_unit_is_not_silent_off_a_terminal(capsys, monkeypatch):
     lines = [line for line in capsys.readouterr().err.splitlines() if "calibrating" in line]
     assert len(lines) >= 4, lines
     assert all(line.startswith("[deepsqueeze] stage 1/1 quantize: calibrating") for line in lines)
+
+
+def test_work_between_steps_is_not_silent_either(monkeypatch):
+    """Issue 29: the demo stayed silent 20 s (30 s at load 4) between steps, where no tracker runs (loading a
+    model, writing an artifact, a tracker's last line followed by more work): keep_talking fills every gap."""
+    import time as _time
+
+    from deepsqueeze.core import progress
+
+    written: list[tuple[float, str]] = []
+
+    class Stream:
+        def write(self, text: str) -> None:
+            if text.strip():
+                written.append((_time.perf_counter(), text.strip()))
+
+        def flush(self) -> None:
+            pass
+
+        def isatty(self) -> bool:
+            return False
+
+    monkeypatch.setattr(progress, "_stream", lambda: Stream())
+    monkeypatch.setenv("DEEPSQUEEZE_PROGRESS_INTERVAL", "0.5")
+    start = _time.perf_counter()
+    with progress.keep_talking("demo"):
+        with track("evaluating", 1) as bar:
+            bar.advance()
+        _time.sleep(1.6)  # no tracker here
+    times = [start] + [t for t, _ in written]
+    assert any("demo: still working" in text and "after: evaluating" in text for _, text in written), written
+    assert max(b - a for a, b in zip(times, times[1:])) < 1.0, written  # never a whole interval and more
+
+
+def test_keep_talking_is_quiet_when_progress_is_off(capsys):
+    import time as _time
+
+    from deepsqueeze.core import progress
+
+    with progress.keep_talking("demo", enabled=False):
+        _time.sleep(0.1)
+    assert capsys.readouterr().err == ""

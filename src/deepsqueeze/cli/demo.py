@@ -68,7 +68,7 @@ def choose_images(full: bool, quick: bool) -> str:
 
 
 def run_demo(out_dir: Path, quick: bool = False, progress: bool = True, full: bool = False) -> list[dict[str, Any]]:
-    from deepsqueeze.core.progress import log
+    from deepsqueeze.core.progress import keep_talking, log
     from deepsqueeze.recipes.schema import find_recipe
 
     images = choose_images(full, quick)
@@ -78,12 +78,13 @@ def run_demo(out_dir: Path, quick: bool = False, progress: bool = True, full: bo
     jobs = QUICK_JOBS if quick else FULL_JOBS if full else DEFAULT_JOBS
     _prepare_out_dir(out_dir)
     rows: list[dict[str, Any]] = []
-    for number, (model_ref, data_ref, recipe_names) in enumerate(jobs, start=1):
-        model_ref, data_ref = model_ref.format(images=images), data_ref.format(images=images)
-        shipped = [name for name in recipe_names if find_recipe(name) is not None] or ["finetune"]
-        if progress:
-            log(f"demo job {number}/{len(jobs)}: {model_ref} with {', '.join(shipped)}")
-        rows += compare(model_ref, data_ref, shipped, out_dir, progress)
+    with keep_talking("demo", progress):  # a line every 15 s, between steps too (loading, writing)
+        for number, (model_ref, data_ref, recipe_names) in enumerate(jobs, start=1):
+            model_ref, data_ref = model_ref.format(images=images), data_ref.format(images=images)
+            shipped = [name for name in recipe_names if find_recipe(name) is not None] or ["finetune"]
+            if progress:
+                log(f"demo job {number}/{len(jobs)}: {model_ref} with {', '.join(shipped)}")
+            rows += compare(model_ref, data_ref, shipped, out_dir, progress)
     return rows
 
 

@@ -28,6 +28,13 @@ _STAGE: contextvars.ContextVar[str | None] = contextvars.ContextVar("deepsqueeze
 _ENABLED: contextvars.ContextVar[bool] = contextvars.ContextVar("deepsqueeze_progress", default=True)
 
 LOG_PREFIX = "[deepsqueeze]"
+#: When the last progress line was written (``time.perf_counter``) and its text: :func:`keep_talking` reads them.
+_last_line: dict[str, Any] = {"at": time.perf_counter(), "text": ""}
+
+
+def _emit(text: str) -> None:
+    print(f"{LOG_PREFIX} {text}", file=_stream(), flush=True)
+    _last_line.update(at=time.perf_counter(), text=text)
 
 
 def log_interval_s() -> float:
@@ -62,7 +69,7 @@ def log(message: str, enabled: bool | None = None) -> None:
 
         Console(stderr=True).print(message, markup=False, highlight=False)
     else:
-        print(f"{LOG_PREFIX} {message}", file=_stream(), flush=True)
+        _emit(message)
 
 
 def current_stage() -> str | None:
@@ -140,7 +147,7 @@ class Tracker:
         if self.detail:
             parts.append(self.detail)
         parts.append(f"{_clock(elapsed)} elapsed" + (f", ~{_clock(left)} left" if self.completed < self.total else ""))
-        print(f"{LOG_PREFIX} " + "  ".join(parts), file=_stream(), flush=True)
+        _emit("  ".join(parts))
         self.last_log, self._logged_label = now, self.label
 
     def _heartbeat(self, stop: threading.Event) -> None:
@@ -173,6 +180,36 @@ class Tracker:
         if self._bar is not None:
             self._bar.stop()
             self._bar = None
+
+
+@contextmanager
+def keep_talking(what: str, enabled: bool | None = None) -> Iterator[None]:
+    """Outside a terminal, guarantee a line at least every :func:`log_interval_s` while the block runs, across
+    steps and between them (loading a model, a step with no tracker): when no progress line came for that long,
+    one says ``what`` is still working and what the last line was. On a terminal, and when progress is off,
+    nothing."""
+    if not (_ENABLED.get() if enabled is None else enabled) or is_terminal():
+        yield
+        return
+    interval = log_interval_s()
+    quiet = max(0.05, interval - min(2.0, interval / 5))  # a line before the interval is up, polled below
+    stop, start = threading.Event(), time.perf_counter()
+
+    def watch() -> None:
+        while not stop.wait(min(1.0, quiet / 4)):
+            now = time.perf_counter()
+            if now - _last_line["at"] >= quiet and not stop.is_set():
+                last = _last_line["text"].split("  ")[0]
+                _emit(f"{what}: still working ({_clock(now - start)} elapsed)" + (f", after: {last}" if last else ""))
+
+    thread = threading.Thread(target=watch, daemon=True, name="deepsqueeze-keep-talking")
+    _last_line["at"] = start
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 @contextmanager
