@@ -103,7 +103,7 @@ def test_work_between_steps_is_not_silent_either(monkeypatch):
         _time.sleep(1.6)  # no tracker here
     times = [start] + [t for t, _ in written]
     assert any("demo: still working" in text and "after: evaluating" in text for _, text in written), written
-    assert max(b - a for a, b in zip(times, times[1:])) < 1.0, written  # never a whole interval and more
+    assert max(b - a for a, b in zip(times, times[1:], strict=False)) < 1.0, written  # never a whole interval and more
 
 
 def test_keep_talking_is_quiet_when_progress_is_off(capsys):
