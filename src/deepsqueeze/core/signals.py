@@ -94,7 +94,10 @@ def published(path: str | os.PathLike[str]) -> None:
 def interrupted_line(exc: KeyboardInterrupt) -> str:
     """``interrupted`` / ``terminated``, naming the files already put in place, complete, before the signal."""
     word = "terminated" if exit_code(exc) == 143 else "interrupted"
-    return f"{word} after writing {', '.join(_published)} in full" if _published else word
+    if not _published:
+        return word
+    names = ", ".join(_published[-3:]) + (f" and {len(_published) - 3} more" if len(_published) > 3 else "")
+    return f"{word} after writing {names} in full"
 
 
 def exit_code(exc: KeyboardInterrupt) -> int:
