@@ -171,22 +171,17 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     quantize_(q8.module, QuantizeConfig(method="rtn", bits=8, group_size=32, symmetric=True))
     export(q8, "gguf", tmp / "ours-Q8_0.gguf")
     add("ours-Q8_0", "llama.cpp", "ours Q8_0 (RTN 8-bit g32)", "", tmp / "ours-Q8_0.gguf", "gguf")
-    ctx.log(f"{NAME}: recipe {RECIPE}")
-    gptq = copy.deepcopy(base)
-    start = time.perf_counter()
-    run_stages(gptq, _quick(load_recipe(RECIPE), ctx), resolve_data("wiki:calib"), progress=False)
-    compress_s = time.perf_counter() - start
-    result = export(gptq, "gguf", tmp / "ours-Q4_0.gguf")
-    add("ours-Q4_0", "llama.cpp", f"ours Q4_0 ({RECIPE}: GPTQ)", "", tmp / "ours-Q4_0.gguf", "gguf",
-        compress_s=round(compress_s, 1), llama_cpp_top1=result.check.get("llama_cpp", {}).get("top1_agreement"))
-    ctx.log(f"{NAME}: recipe {K_RECIPE}")
-    kquant = copy.deepcopy(base)
-    start = time.perf_counter()
-    run_stages(kquant, _quick(load_recipe(K_RECIPE), ctx), resolve_data("wiki:calib"), progress=False)
-    compress_s = time.perf_counter() - start
-    result = export(kquant, "gguf", tmp / "ours-Q4_K_M.gguf")
-    add("ours-Q4_K_M", "llama.cpp", f"ours Q4_K_M ({K_RECIPE}: GPTQ)", "", tmp / "ours-Q4_K_M.gguf", "gguf",
-        compress_s=round(compress_s, 1), llama_cpp_top1=result.check.get("llama_cpp", {}).get("top1_agreement"))
+    for recipe_name, ftype in ((RECIPE, "Q4_0"), (K_RECIPE, "Q4_K_M")):
+        ctx.log(f"{NAME}: recipe {recipe_name}")
+        gptq = copy.deepcopy(base)
+        start = time.perf_counter()
+        run_stages(gptq, _quick(load_recipe(recipe_name), ctx), resolve_data("wiki:calib"), progress=False)
+        compress_s = time.perf_counter() - start
+        result = export(gptq, "gguf", tmp / f"ours-{ftype}.gguf")
+        add(f"ours-{ftype}", "llama.cpp", f"ours {ftype} ({recipe_name}: GPTQ)", "", tmp / f"ours-{ftype}.gguf",
+            "gguf", compress_s=round(compress_s, 1),
+            llama_cpp_top1=result.check.get("llama_cpp", {}).get("top1_agreement"))
+        del gptq
     for key in rows:
         if rows[key]["runtime"] == "llama.cpp":
             runners[key] = _LlamaCppRunner(tmp / f"{key}.gguf")
