@@ -192,7 +192,7 @@ def keep_talking(what: str, enabled: bool | None = None) -> Iterator[None]:
         yield
         return
     interval = log_interval_s()
-    quiet = max(0.05, interval - min(2.0, interval / 5))  # a line before the interval is up, polled below
+    quiet = max(0.05, 0.6 * interval)  # well before the interval is up: polling and a busy machine add seconds
     stop, start = threading.Event(), time.perf_counter()
 
     def watch() -> None:
