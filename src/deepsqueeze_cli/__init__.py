@@ -78,8 +78,7 @@ def _late(signum: int, frame: object) -> None:
     the command had written, then exit 130 / 143."""
     from deepsqueeze.core.signals import interrupted_line
 
-    exc = KeyboardInterrupt() if signum == 2 else _Signal(signum)
-    print(interrupted_line(exc), file=sys.stderr)
+    print(interrupted_line(_Signal(signum)), file=sys.stderr)
     _exit_interrupted(128 + signum)
 
 

@@ -4,11 +4,14 @@ which ``test_onnx.py`` exports one by one."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 
 pytest.importorskip("onnxruntime")
 
 import deepsqueeze  # noqa: E402
+from deepsqueeze.errors import DeepsqueezeWarning  # noqa: E402
 from deepsqueeze.export import export  # noqa: E402
 from deepsqueeze.recipes import compress, load_recipe  # noqa: E402
 from deepsqueeze.recipes.schema import shipped_recipes  # noqa: E402
@@ -31,7 +34,11 @@ def test_the_no_training_recipes_are_the_quantization_and_factorization_ones():
 @pytest.mark.parametrize("name", NO_TRAINING)
 def test_shipped_recipe_exports_to_onnx_matching_its_dsq(tmp_path, name, lenet300_digits, digits):
     out = tmp_path / "m.dsq"
-    compress("zoo:lenet300@digits", load_recipe(name), out, "digits", progress=False, evaluate_result=False)
+    recipe = load_recipe(name)
+    # llama.cpp's layouts hold rows of whole blocks of 32: LeNet-300's 300- and 100-wide rows stay float, said so
+    gguf = any(getattr(stage, "gguf_type", None) for stage in recipe.stages)
+    with pytest.warns(DeepsqueezeWarning, match="whole blocks of 32") if gguf else contextlib.nullcontext():
+        compress("zoo:lenet300@digits", recipe, out, "digits", progress=False, evaluate_result=False)
     model = deepsqueeze.load(out)
     images = next(iter(digits.batches("test", batch_size=64)))[0]
     result = export(model, "onnx", tmp_path / "m.onnx", sample=images)

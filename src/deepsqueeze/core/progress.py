@@ -185,7 +185,7 @@ class Tracker:
 @contextmanager
 def keep_talking(what: str, enabled: bool | None = None) -> Iterator[None]:
     """Outside a terminal, guarantee a line at least every :func:`log_interval_s` while the block runs, across
-    steps and between them (loading a model, a step with no tracker): when no progress line came for that long,
+    steps and between them (loading a model, a step with no tracker): when no progress line came for 60% of it,
     one says ``what`` is still working and what the last line was. On a terminal, and when progress is off,
     nothing."""
     if not (_ENABLED.get() if enabled is None else enabled) or is_terminal():

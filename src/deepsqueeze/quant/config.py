@@ -103,8 +103,8 @@ class QuantizeConfig(StageConfig):
     ``gguf_type`` (``rtn``, ``gptq``) lays every Linear and embedding out as llama.cpp's ``llama-quantize`` does
     for that file type (``q4_k_m``: ``Q4_K`` / ``Q6_K`` super-blocks, ``Q5_0`` / ``Q8_0`` where a row is not
     whole super-blocks), replacing ``bits``, ``group_size``, ``symmetric``, ``zero_point``, ``overrides`` and
-    ``embedding_bits`` (:mod:`deepsqueeze.quant.gguf_types`). ``awq_grid`` is AWQ's number of search points (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios
-    down to 0.5). ``overrides`` maps fnmatch patterns on layer names to their own weight bits (2..8) for
+    ``embedding_bits`` (:mod:`deepsqueeze.quant.gguf_types`). ``awq_grid`` is AWQ's number of search points
+    (alpha in ``{0, 1/n, ..., (n-1)/n}``, clip ratios down to 0.5). ``overrides`` maps fnmatch patterns on layer names to their own weight bits (2..8) for
     ``rtn``, ``gptq`` and ``qat``: explicit mixed precision in one stage (one GPTQ pass calibrates every
     width); the first matching pattern wins, the others take ``bits``.
     """
