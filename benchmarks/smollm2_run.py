@@ -36,7 +36,8 @@ SETUP = (
     "on this machine, GGML_NATIVE) run the same token ids: ours = deepsqueeze export --format gguf of the "
     f"{RECIPE} recipe (GPTQ act-order on Q4_0's grid, Q8_0 embedding, 32 wiki:calib paragraphs), of the "
     f"{K_RECIPE} recipe (llama-quantize's Q4_K_M tensor types, codes by GPTQ act-order on those grids, 32 "
-    "wiki:calib paragraphs) and of RTN 8-bit symmetric group 32 (Q8_0); llama.cpp's own = llama_model_quantize (its llama-quantize) of deepsqueeze's F32 "
+    "wiki:calib paragraphs) and of RTN 8-bit symmetric group 32 (Q8_0); llama.cpp's own = llama_model_quantize "
+    "(its llama-quantize) of deepsqueeze's F32 "
     "export of the base to Q8_0, Q4_0 and Q4_K_M. Perplexity: every GGUF file read back through gguf:FILE "
     f"(dequantized to fp32) and scored by deepsqueeze.eval.lm.lm_scores on the first {WIKI_TOKENS} wiki:eval "
     f"tokens, windows of {WINDOW} every {WINDOW}: the same code and tokens for every row. resident_mb: RSS "
@@ -55,12 +56,7 @@ class _GenerateRunner:
         self.module = module
 
     def run(self, ids: list[int]) -> tuple[float, float]:
-        from deepsqueeze.zoo.generate import generate
-
-        if hasattr(self.module, "session"):
-            result = self.module.generate(ids, max_new_tokens=DECODE, ignore_eos=True)
-        else:
-            result = generate(self.module, ids, max_new_tokens=DECODE, ignore_eos=True)
+        result = self.module.generate(ids, max_new_tokens=DECODE, ignore_eos=True)
         return result.prefill_s, result.decode_s
 
 

@@ -78,12 +78,10 @@ def register(app: typer.Typer) -> None:
         text = _read_prompt(prompt, prompt_file)
         threads = use_threads(threads)
         m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
-        if data:  # the sentences the ONNX export (--backend ort) is checked on
-            from deepsqueeze.data import resolve_data
+        from deepsqueeze.data import resolve_data
 
-            m = on_backend(m, backend, threads, resolve_data(data, split="eval"))
-        else:
-            m = on_backend(m, backend, threads)
+        # --data: the sentences the ONNX export (--backend ort) is checked on
+        m = on_backend(m, backend, threads, resolve_data(data, split="eval") if data else None)
         result = m.generate(text, max_new_tokens=max_new_tokens, temperature=temperature, seed=seed, chat=chat,
                             cache=not no_cache, ignore_eos=ignore_eos)
         if as_json:

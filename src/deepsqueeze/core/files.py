@@ -61,9 +61,7 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
-        with deferred_signals():  # in place and recorded together
-            os.replace(tmp, path)
-            published(path)
+        publish(tmp, path)
     except OSError as exc:  # disk full, a folder appearing at ``path`` meanwhile ...
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
@@ -72,6 +70,14 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def publish(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> None:
+    """Rename the finished ``source`` onto ``path`` and record it as written (``core.signals.published``), both
+    before a signal is let through: an interrupted command's last line names every file it put in place."""
+    with deferred_signals():
+        os.replace(source, path)
+        published(path)
 
 
 def _umask() -> int:

@@ -13,8 +13,9 @@ from typing import Any
 
 import torch
 
+from deepsqueeze.core.files import publish
 from deepsqueeze.core.model import Model
-from deepsqueeze.core.signals import deferred_signals, published
+from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
 
 __all__ = ["MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
@@ -209,9 +210,7 @@ def write_verified(model: Model, fmt: str, out: str | os.PathLike[str], write: C
         result = write(staged, sample)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        with deferred_signals():  # in place and recorded together
-            os.replace(staged, out)
-            published(out)
+        publish(staged, out)
     finally:
         if staging is not None:
             shutil.rmtree(staging, ignore_errors=True)

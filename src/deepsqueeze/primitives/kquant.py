@@ -54,7 +54,7 @@ def _round_onto_grid(values: torch.Tensor, per: int, levels: int, least: int) ->
     d = (top / levels).to(torch.float16).float()
     if not bool(torch.isfinite(d).all()):
         raise ModelError("a weight is too large for a GGUF k-quant's fp16 super-block scale")
-    d = torch.where(top > 0, d.clamp_min(_FP16_TINY), torch.where(torch.tensor(least > 0), _FP16_TINY, 0.0))
+    d = torch.where(top > 0, d.clamp_min(_FP16_TINY), (_FP16_TINY if least else 0.0))
     k = torch.where(d > 0, torch.round(v / torch.where(d > 0, d, 1.0)), 0.0).clamp_(least, levels)
     return (d * k).reshape(rows, groups)
 

@@ -25,7 +25,7 @@ import torch
 __all__ = ["GEMV_MAX_ROWS", "gemv_unavailable", "run_gemv"]
 
 GEMV_MAX_ROWS = 32
-_VERSION = 2
+_VERSION = 3
 _SOURCE = r"""
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -63,7 +63,7 @@ static inline void decode32(const uint8_t* row, int64_t k, int64_t bits, __m256&
 // FMA latency is hidden (one row alone waits on its own chain 4 times per 32 codes).
 template <int R>
 static inline void rows_m1(const float* xp, const uint8_t* cp, const float* sp, const float* zp, const float* xsp,
-                           float* yp, int64_t n, int64_t K, int64_t G, int64_t group, int64_t bits, int64_t row_bytes) {
+                           float* yp, int64_t n, int64_t G, int64_t group, int64_t bits, int64_t row_bytes) {
   __m256 tot[R];
   for (int r = 0; r < R; ++r) tot[r] = _mm256_setzero_ps();
   for (int64_t g = 0; g < G; ++g) {
@@ -105,8 +105,8 @@ torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor codes, torch::Tensor 
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     if (M == 1) {
       int64_t n = n0;
-      for (; n + 4 <= n1; n += 4) rows_m1<4>(xp, cp, sp, zp, xsp, yp, n, K, G, group, bits, row_bytes);
-      for (; n < n1; ++n) rows_m1<1>(xp, cp, sp, zp, xsp, yp, n, K, G, group, bits, row_bytes);
+      for (; n + 4 <= n1; n += 4) rows_m1<4>(xp, cp, sp, zp, xsp, yp, n, G, group, bits, row_bytes);
+      for (; n < n1; ++n) rows_m1<1>(xp, cp, sp, zp, xsp, yp, n, G, group, bits, row_bytes);
       return;
     }
     __m256 acc[32], tot[32];

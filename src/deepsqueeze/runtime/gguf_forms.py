@@ -127,25 +127,19 @@ def _k_form(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
     rows, cols = q.shape
     if cols % SUPER_BLOCK:
         return None
+    symmetric = not float_zero and bool((zero == (1 << (bits - 1))).all())
     for grid in K_GRIDS.values():
-        if group != grid.group or (bits != grid.bits if grid.symmetric or grid.bits > 4 else bits > 4):
+        fits = bits == grid.bits or (grid.bits == 4 and bits < 4)  # 2- and 3-bit codes ride in Q4_K
+        if group != grid.group or grid.symmetric != symmetric or not fits:
             continue
         per = SUPER_BLOCK // group
-        if grid.symmetric != (not float_zero and bool((zero == (1 << (bits - 1))).all())):
-            continue
         scales = super_block_grid(scale, per, grid.levels)
-        if scales is None:
+        mins = None if grid.symmetric else super_block_grid(zero.float() * scale, per, grid.levels, tolerance=1e-5)
+        if scales is None or (mins is None and not grid.symmetric):
             continue
-        d, sc = scales
         shape = (rows, cols // SUPER_BLOCK, per)
-        if grid.symmetric:
-            return GGUFForm(grid.name, encode_k_blocks(grid.name, q, d, sc.reshape(shape)), (rows, cols), True,
-                            f"{bits}-bit codes on the {grid.name} grid carried over")
-        mins = super_block_grid(zero.float() * scale, per, grid.levels, tolerance=1e-5)
-        if mins is None:
-            continue
-        dmin, m = mins
-        return GGUFForm(grid.name, encode_k_blocks(grid.name, q, d, sc.reshape(shape), dmin, m.reshape(shape)),
+        offsets = () if mins is None else (mins[0], mins[1].reshape(shape))
+        return GGUFForm(grid.name, encode_k_blocks(grid.name, q, scales[0], scales[1].reshape(shape), *offsets),
                         (rows, cols), True, f"{bits}-bit codes on the {grid.name} grid carried over")
     return None
 
