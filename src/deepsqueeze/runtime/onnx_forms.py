@@ -268,9 +268,10 @@ def packed_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
     bits = 8 if layer.bits > 4 else (4 if layer.bits > 2 else 2)
     block = _nbits_block(layer.group_size, layer.in_features)
     float_zero = bool(getattr(layer, "float_zero", False))
-    if getattr(layer, "neg_scale", None) is None and block is not None and not float_zero:
+    if layer.affine_codes and block is not None and not float_zero:
         return MatMulNBitsForm(layer, bits, block), f"MatMulNBits {bits}-bit, block {block}"
-    why = ("two-level ternary scales" if getattr(layer, "neg_scale", None) is not None else "float zero points"
+    why = ("two-level ternary scales" if getattr(layer, "neg_scale", None) is not None else
+           f"{type(layer).__name__} codes are not affine" if not layer.affine_codes else "float zero points"
            if float_zero else f"group {layer.group_size} has no power-of-two block")
     return DecodedLinearForm(layer), f"uint8 codes decoded in the graph ({why})"
 

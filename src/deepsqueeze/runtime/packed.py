@@ -107,6 +107,13 @@ class _PackedWeight(Cached):
             return q.mul_(2).sub_(1).mul_(scale).reshape(self._rows, self._cols)
         return q.sub_(self.zero_point.float()[:, :, None]).mul_(scale).reshape(self._rows, self._cols)
 
+    @property
+    def affine_codes(self) -> bool:
+        """Whether every weight is ``(q - zero_point) * scale`` (binary: ``(2q - 1) * scale``): the form kernels
+        and exporters read from the codes, scales and zero points. False for a subclass that decodes its codes
+        otherwise in its own :meth:`dequantized_rows` (two-level ternary scales): only that method computes it."""
+        return type(self).dequantized_rows is _PackedWeight.dequantized_rows
+
     def deepsqueeze_param_count(self) -> int:
         bias = getattr(self, "bias", None)
         return self._rows * self._cols + (bias.numel() if bias is not None else 0)
