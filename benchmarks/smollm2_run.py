@@ -117,8 +117,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     from benchmarks.smollm2_quant import _leading
     from deepsqueeze.artifact import save
     from deepsqueeze.data import resolve_data
-    from deepsqueeze.export import export, sample_batch
-    from deepsqueeze.export.onnx import ort_model
+    from deepsqueeze.export import export, runnable, sample_batch
     from deepsqueeze.quant import QuantizeConfig, quantize_
     from deepsqueeze.recipes import load_recipe
     from deepsqueeze.recipes.run import run_stages
@@ -152,7 +151,7 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
     add("w4", "torch", "ours w4 RTN g32", str(tmp / "w4.dsq"), tmp / "w4.dsq", "lm")
     runners["w4"] = _GenerateRunner(w4.module)
     ctx.log(f"{NAME}: ONNX export of w4")
-    ort = ort_model(w4, threads=2, sample=sample_batch(w4, None))
+    ort = runnable(w4, "ort", threads=2, sample=sample_batch(w4, None))
     rows["ort-w4"] = {"runtime": "onnxruntime", "model": "ours w4 RTN g32 (MatMulNBits, past key-values)",
                       "file_mb": round(ort.meta["artifact_bytes"] / 1e6, 1)}
     runners["ort-w4"] = _GenerateRunner(ort.module)

@@ -15,8 +15,8 @@ from deepsqueeze.artifact import load, save  # noqa: E402
 from deepsqueeze.core.counting import count_params  # noqa: E402
 from deepsqueeze.core.model import Model, Task, py_base  # noqa: E402
 from deepsqueeze.errors import ArtifactError, ModelError  # noqa: E402
-from deepsqueeze.export import export  # noqa: E402
-from deepsqueeze.export.onnx import OrtModule, ort_model  # noqa: E402
+from deepsqueeze.export import export, runnable  # noqa: E402
+from deepsqueeze.export.onnx import OrtModule  # noqa: E402
 from deepsqueeze.primitives.quantize import sqnr_db  # noqa: E402
 from deepsqueeze.quant import (  # noqa: E402
     Int8DynamicConfig,
@@ -196,7 +196,7 @@ def test_temporary_export_leaves_no_folder_behind(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
     model = tiny_model_handle()
-    ort = ort_model(model, threads=1)
+    ort = runnable(model, "ort", threads=1)
     x = torch.randn(8, 1, 4, 4)
     with torch.no_grad():
         assert torch.allclose(ort.module(x), model.module(x), atol=1e-4)

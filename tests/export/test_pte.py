@@ -208,3 +208,23 @@ def test_the_cli_exports_an_artifact_and_lists_where_each_layer_runs(tmp_path, c
     code, _, err = run(capsys, "export", str(tmp_path / "m.dsq"), "--format", "pte", "--out", str(tmp_path / "m.pte"),
                        "--model-code", "py:deepsqueeze.testing.models:TinyMLP")
     assert code == 2 and "already exists" in err and len(err.strip().splitlines()) == 1
+
+
+def test_evaluate_backend_pte_runs_the_program_and_reports_its_bytes(tmp_path, capsys, digits):
+    import json
+
+    from deepsqueeze.testing.cli import run
+
+    ref = "py:deepsqueeze.testing.models:PlainMLP"
+    dsq = tmp_path / "m.dsq"
+    code, _, err = run(capsys, "compress", "--model", ref, "--recipe", "int8-dynamic", "--data", "digits",
+                       "--out", str(dsq), "--json")
+    assert code == 0, err
+    code, out, err = run(capsys, "evaluate", str(dsq), "--model-code", ref, "--data", "digits", "--backend", "pte",
+                         "--no-latency", "--json")
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["backend"] == "pte" and result["artifact_bytes"] != dsq.stat().st_size
+    code, out, _ = run(capsys, "evaluate", str(dsq), "--model-code", ref, "--data", "digits", "--no-latency", "--json")
+    assert abs(json.loads(out)["accuracy"] - result["accuracy"]) <= 0.01
+    assert list(tmp_path.iterdir()) == [dsq]

@@ -76,23 +76,23 @@ def use_threads(threads: int | None) -> int:
     return threads
 
 
-BackendOption = typer.Option("torch", "--backend", help="torch, or ort (export to ONNX, causal LMs with past "
-                             "key-values, and run in ONNX Runtime)")
+BackendOption = typer.Option("torch", "--backend", help="torch, ort (export to ONNX, causal LMs with past "
+                             "key-values, and run in ONNX Runtime) or pte (export an ExecuTorch program and run it "
+                             "in ExecuTorch's runtime)")
 
 
 def on_backend(model: Any, backend: str, threads: int, data: Any = None) -> Any:
-    """``model`` as ``--backend`` runs it: itself for torch, its verified ONNX export in ONNX Runtime for ort
-    (checked on a sample of ``data``, or the model's own sample)."""
+    """``model`` as ``--backend`` runs it: itself for torch, its verified export in ONNX Runtime (ort) or
+    ExecuTorch (pte), checked on a sample of ``data`` (or the model's own sample)."""
     if backend == "torch":
         return model
-    if backend != "ort":
+    from deepsqueeze.export import BACKENDS, runnable, sample_batch
+
+    if backend not in BACKENDS:
         from deepsqueeze.errors import DataError
 
-        raise DataError(f"unknown backend {backend!r}: use torch or ort")
-    from deepsqueeze.export import sample_batch
-    from deepsqueeze.export.onnx import ort_model
-
-    return ort_model(model, threads=threads, sample=sample_batch(model, data))
+        raise DataError(f"unknown backend {backend!r}: use torch, {', '.join(BACKENDS)}")
+    return runnable(model, backend, threads=threads, sample=sample_batch(model, data))
 
 
 def brief_listing() -> str:

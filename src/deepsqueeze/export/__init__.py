@@ -23,10 +23,12 @@ exporters ``onnx`` and ``pte`` also ``forms``), and only this driver imports the
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from deepsqueeze.core.model import Model
+from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ArtifactError
 from deepsqueeze.export.check import (
     MARKER,
@@ -42,8 +44,8 @@ from deepsqueeze.export.check import (
     write_verified,
 )
 
-__all__ = ["FORMATS", "MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
-           "compare_outputs", "export", "sample_batch", "verify"]
+__all__ = ["BACKENDS", "FORMATS", "MARKER", "PRODUCER", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
+           "compare_outputs", "export", "runnable", "sample_batch", "verify"]
 
 FORMATS = ("onnx", "hf", "gguf", "pte")
 
@@ -78,3 +80,42 @@ def export(model: Model, fmt: str, out: str | os.PathLike[str], *, data: Any = N
         return write_hf(model, staged, batch)
 
     return write_verified(model, fmt, out, write, data=data, sample=sample, overwrite=overwrite)
+
+
+#: ``--backend`` -> the export format it runs.
+BACKENDS = {"ort": "onnx", "pte": "pte"}
+
+
+def runnable(model: Model, backend: str, path: str | os.PathLike[str] | None = None, threads: int = 2,
+             sample: Any = None) -> Model:
+    """``model`` exported (and verified, see :func:`export`) for ``backend`` (``ort``: ONNX in ONNX Runtime,
+    ``pte``: an ExecuTorch program) at ``path`` (or a temporary file) and wrapped as a runnable ``Model`` whose
+    ``meta["artifact_bytes"]`` is the exported file's size (the .dsq's is ``meta["dsq_bytes"]``).
+
+    A temporary export folder is removed as soon as the runtime holds the model (nothing is left behind, even
+    when the export fails). Raises :class:`ArtifactError` for an unknown backend.
+    """
+    if backend not in BACKENDS:
+        raise ArtifactError(f"unknown backend {backend!r}: use torch, {', '.join(BACKENDS)}")
+    fmt = BACKENDS[backend]
+    temporary = None
+    if path is None:
+        temporary = Path(tempfile.mkdtemp(prefix=f"deepsqueeze-{backend}-"))
+        path = temporary / f"model.{fmt}"
+    try:
+        result = export(model, fmt, path, sample=sample, threads=threads)
+        if fmt == "onnx":
+            from deepsqueeze.export.onnx import OrtModule as Runner
+        else:
+            from deepsqueeze.export.pte import PteModule as Runner
+        module = Runner(path, model.module, threads)
+    finally:
+        if temporary is not None:
+            shutil.rmtree(temporary, ignore_errors=True)
+    if model.task is Task.CLASSIFIER:
+        module.tokenizer = None
+    # what runs is the exported file: its bytes are the artifact's size (the .dsq's stay as dsq_bytes)
+    meta = dict(model.meta, backend=backend, exported_path=None if temporary else str(path),
+                artifact_bytes=result.bytes, dsq_bytes=model.meta.get("artifact_bytes"), export_check=result.check)
+    return Model(module, model.base, model.task, model.ref, model.base_params, model.input_shape, model.num_classes,
+                 model.artifact_path, meta)

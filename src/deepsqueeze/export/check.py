@@ -218,7 +218,8 @@ def load_program(path: Path, threads: int | None = None) -> Any:
     """The ExecuTorch program at ``path`` (``executorch.runtime.Program``), XNNPACK's thread pool set to ``threads``
     (process-wide in ExecuTorch's runtime) when given."""
     runtime = require_executorch()
-    from executorch.extension.pybindings import portable_lib
+    with quiet_logs():
+        from executorch.extension.pybindings import portable_lib
 
     with _native_log_silenced():
         if threads is not None:

@@ -16,8 +16,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -38,7 +36,6 @@ from deepsqueeze.export.check import (
     compare_outputs,
     size_of,
     verify,
-    write_verified,
 )
 from deepsqueeze.export.forms import replaced_by_forms, traced_reference
 from deepsqueeze.runtime import forced_int8_kernel, onnx_form
@@ -46,7 +43,7 @@ from deepsqueeze.runtime import forced_int8_kernel, onnx_form
 if TYPE_CHECKING:
     from deepsqueeze.export.onnx_cache import OrtDecoder
 
-__all__ = ["OrtModule", "export_onnx", "onnx_forms", "ort_model", "reference_outputs", "require_ort", "trace_inputs",
+__all__ = ["OrtModule", "export_onnx", "onnx_forms", "reference_outputs", "require_ort", "trace_inputs",
            "write_onnx"]
 
 OPSET = 17
@@ -253,32 +250,3 @@ class OrtModule(nn.Module):
 
     def deepsqueeze_nonzero_count(self) -> int:
         return self._nonzero
-
-
-def ort_model(model: Model, path: str | os.PathLike[str] | None = None, threads: int = 2,
-              sample: Any = None) -> Model:
-    """``model`` exported (and verified, see :func:`deepsqueeze.export.export`) to ONNX at ``path`` (or a
-    temporary file) and wrapped as a runnable ``Model`` whose ``meta["artifact_bytes"]`` is the ONNX file's
-    size (the .dsq's is ``meta["dsq_bytes"]``).
-
-    A temporary export folder is removed as soon as the session holds the model (nothing is left behind,
-    even when the export fails).
-    """
-    temporary = None
-    if path is None:
-        temporary = Path(tempfile.mkdtemp(prefix="deepsqueeze-ort-"))
-        path = temporary / "model.onnx"
-    try:
-        result = write_verified(model, "onnx", path, lambda staged, batch: export_onnx(model, staged, batch, threads),
-                                sample=sample)
-        module = OrtModule(path, model.module, threads)
-    finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
-    if model.task is Task.CLASSIFIER:
-        module.tokenizer = None
-    # what runs is the ONNX file: its bytes are the artifact's size (the .dsq's stay as dsq_bytes)
-    meta = dict(model.meta, backend="ort", onnx_path=None if temporary else str(path), artifact_bytes=result.bytes,
-                dsq_bytes=model.meta.get("artifact_bytes"), export_check=result.check)
-    return Model(module, model.base, model.task, model.ref, model.base_params, model.input_shape, model.num_classes,
-                 model.artifact_path, meta)
