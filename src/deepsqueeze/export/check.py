@@ -216,13 +216,14 @@ def require_executorch() -> Any:
 
 def load_program(path: Path, threads: int | None = None) -> Any:
     """The ExecuTorch program at ``path`` (``executorch.runtime.Program``), XNNPACK's thread pool set to ``threads``
-    (process-wide in ExecuTorch's runtime) when given."""
+    when given. The pool is process-wide in ExecuTorch's runtime: programs loaded earlier run on the new size."""
     runtime = require_executorch()
     with quiet_logs():
         from executorch.extension.pybindings import portable_lib
 
     with _native_log_silenced():
-        if threads is not None:
+        # a reset while earlier programs hold the old pool can leave their threads spinning: only when it differs
+        if threads is not None and portable_lib._threadpool_get_thread_count() != int(threads):
             portable_lib._unsafe_reset_threadpool(int(threads))
         return runtime.get().load_program(path)
 

@@ -167,7 +167,8 @@ KINDS: dict[str, Kind] = _kinds()
 # registered commands.
 COMMANDS: dict[str, str] = {
     "plan": "recipe", "compress": "recipe", "search": "recipe", "inspect": "artifact", "evaluate": "artifact",
-    "export-onnx": "artifact", "export-hf": "artifact", "report": "artifact", "load": "artifact",
+    "export-onnx": "artifact", "export-hf": "artifact", "export-pte": "artifact", "report": "artifact",
+    "load": "artifact",
     "generate": "artifact", "inspect-model": "model", "sensitivity": "model",
 }
 NOT_MODEL_COMMANDS = ("recipes", "bench", "demo", "train")
@@ -326,6 +327,8 @@ def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tu
                                     "--force", *code]),
         "export-hf": lambda: cli(["export", str(artifact), "--format", "hf", "--out", str(work / "hf"), "--force",
                                   *code]),
+        "export-pte": lambda: cli(["export", str(artifact), "--format", "pte", "--out", str(work / "m.pte"),
+                                   "--force", *code]),
         "report": lambda: cli(["report", str(artifact), "--out", str(work / "report.html"), *code]),
         "load": lambda: _load_and_call(artifact, kind),
         "generate": lambda: cli(["generate", str(artifact), "--prompt", "The cat sat", "--max-new-tokens", "4",
