@@ -18,7 +18,8 @@ SETUP = (
     "W8A8 on every Linear, int8 embedding rows; w4: 4-bit groups of 32, packed embeddings). Each .dsq is loaded "
     "and exported with `deepsqueeze export --format pte` (XNNPACK delegate: our int8 / 4-bit codes as XNNPACK's "
     "qs8 convolutions, qd8-qc8w and qd8-qc4w/qb4w GEMMs with per-token dynamic int8 activations) and "
-    "`--format onnx`; both are verified against the .dsq's torch model before they are timed. Latency: the .dsq in "
+    "`--format onnx`; packed convolutions become XNNPACK's dynamic int8 convolution on their codes (8-bit storage: "
+    "XNNPACK convolutions take no 4-bit weights); both are verified against the .dsq's torch model before they are timed. Latency: the .dsq in "
     "torch, the ONNX file in ONNX Runtime and the .pte in ExecuTorch's runtime (pybindings), 2 threads each, "
     "interleaved and order-rotating, median of 15 rounds after 3 warm-up calls: CNNs at batch 1 and 256 test "
     "images, MiniLM at 1 sentence and 32 (padded to the longest). `max_err`: largest |output - .dsq output| on 256 "
@@ -123,7 +124,7 @@ def _row(name: str, label: str, model: Any, batches: dict[str, Any], check: Any,
                     row[f"{fmt}_top1"] = round(float((out.argmax(1) == reference.argmax(1)).double().mean()), 4)
                 else:
                     row[f"{fmt}_cos_min"] = round(float(torch.nn.functional.cosine_similarity(out, reference).min()), 5)
-        decoded = "portable" in row.get("pte_runs_on", "")
+        decoded = "convolution" in row.get("pte_runs_on", "")  # a portable (naive) convolution
         for kind, batch in batches.items():
             fns = {rt: (lambda m=m, b=batch: _call(m, b)) for rt, m in runners.items()
                    if not (rt == "pte" and decoded and kind != "batch 1")}

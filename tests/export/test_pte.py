@@ -115,10 +115,10 @@ def _tiny_factory() -> nn.Module:
 SENTENCES = [f"sentence {i} about {'quantized ' * (i % 9)}models on phones" for i in range(12)]
 
 
-@pytest.mark.parametrize("config", [WeightOnlyConfig(bits=4, group_size=32), Int8DynamicConfig()], ids=["w4", "int8"])
-def test_a_sentence_encoder_runs_at_every_batch_and_length(tmp_path, config):
+def test_a_sentence_encoder_runs_at_every_batch_and_length(tmp_path):
+    """4-bit groups (qb4w) and packed embedding rows; an int8 encoder takes the same paths as the int8 MLP."""
     model = _encoder()
-    quantize_(model.module, config)
+    quantize_(model.module, WeightOnlyConfig(bits=4, group_size=32))
     save(model, tmp_path / "e.dsq")
     loaded = load(tmp_path / "e.dsq", model=_tiny_factory)
     result = export(loaded, "pte", tmp_path / "e.pte")
@@ -151,12 +151,26 @@ def test_codes_xnnpack_cannot_take_are_decoded_on_the_portable_kernels_and_said_
     assert _close(model, tmp_path / "m.pte") <= 1e-6
 
 
-def test_packed_convolutions_run_decoded_and_recurrent_codes_are_refused_by_name(tmp_path):
+@pytest.mark.parametrize("bits,symmetric", [(4, False), (2, True), (8, False)])
+def test_packed_convolutions_run_xnnpacks_dynamic_int8_convolution_on_their_codes(tmp_path, bits, symmetric):
+    torch.manual_seed(bits)
+    conv = nn.Sequential(PackedIntConv2d.from_float(nn.Conv2d(3, 8, 3, padding=1), bits=bits, symmetric=symmetric),
+                         nn.ReLU(), nn.Flatten()).eval()
+    model = Model(conv, py_base(conv), Task.CLASSIFIER, "conv", count_params(conv), (3, 8, 8), None)
+    result = export(model, "pte", tmp_path / "c.pte")
+    assert result.layers[0]["exported_as"].startswith("XNNPACK qd8 convolution"), result.layers
+    assert result.layers[0]["runs_on"].startswith("XNNPACK")
+    assert (result.layers[0]["runs_on"] == "XNNPACK") == symmetric  # zero points: the input-sum term
+    assert _close(model, tmp_path / "c.pte") <= 1e-3
+
+
+def test_kernels_xnnpack_takes_as_depthwise_run_decoded_and_recurrent_codes_are_refused_by_name(tmp_path):
     torch.manual_seed(0)
     conv = nn.Sequential(PackedIntConv2d.from_float(nn.Conv2d(1, 4, 3)), nn.Flatten()).eval()
     model = Model(conv, py_base(conv), Task.CLASSIFIER, "conv", count_params(conv), (1, 8, 8), None)
     result = export(model, "pte", tmp_path / "c.pte")
     assert "portable" in result.layers[0]["runs_on"] and result.check["worst_cosine_distance"] <= 1e-6
+    assert "depthwise" in result.layers[0]["exported_as"]
     from deepsqueeze.testing import user_models
 
     module = user_models.RecurrentTagger().eval()

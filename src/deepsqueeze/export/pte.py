@@ -81,7 +81,10 @@ def write_pte(model: Model, path: str | os.PathLike[str], sample: Any) -> tuple[
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_configs())],
                                                constant_methods={PTE_PRODUCER_METHOD: 1})
             counts = _delegation(edge.exported_program().graph_module, layers)
+            _require_delegated(edge.exported_program().graph_module)
             buffer = edge.to_executorch().buffer
+        except ModelError:
+            raise
         except Exception as exc:  # noqa: BLE001 - the lowering passes raise many kinds
             raise ModelError(f"ExecuTorch could not lower this model: {_first_line(exc)}") from None
     Path(path).write_bytes(buffer)
@@ -147,6 +150,17 @@ def _delegation(graph: torch.fx.GraphModule, layers: list[dict[str, str]]) -> di
                       for op in names})
         row["runs_on"] = "XNNPACK" if not ops else f"XNNPACK + portable {', '.join(ops)}"
     return {"xnnpack_subgraphs": delegated, "portable": len(portable), "portable_ops": sorted(set(portable))}
+
+
+def _require_delegated(graph: torch.fx.GraphModule) -> None:
+    """The quantize / dequantize operators of our forms have no portable kernel: where XNNPACK declined one, the
+    program could not run. ModelError naming the layers."""
+    declined = sorted({_module_path(path) for node in graph.graph.nodes if node.op == "call_function"
+                       and "quantized_decomposed" in str(node.target)
+                       for path, _ in list((node.meta.get("nn_module_stack") or {}).values())[-1:]})
+    if declined:
+        raise ModelError(f"XNNPACK declined the integer form of {', '.join(declined[:3])}"
+                         f"{' and more' if len(declined) > 3 else ''}: ExecuTorch has no portable kernel for it")
 
 
 def _module_path(stack_path: str) -> str:

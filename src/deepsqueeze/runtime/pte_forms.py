@@ -117,15 +117,19 @@ class Group4BitLinearForm(nn.Module):
         return y - F.linear(sums, self.offset)
 
 
-def _signed_codes(layer: PackedIntLinear) -> tuple[torch.Tensor, torch.Tensor | None, str]:
-    """(signed codes ``q - c``, per-group ``s (z - c)`` or None when every zero point is ``c``, description)."""
+def _signed_codes(layer: Any, signed: tuple[int, int] = (-8, 7)) -> tuple[torch.Tensor, torch.Tensor | None, str]:
+    """(signed codes ``q - c`` within ``signed``, per-group ``s (z - c)`` or None when every zero point is ``c``,
+    description): ``c`` is the layer's one zero point where it has one and the codes fit around it, else
+    ``2**(bits-1)``."""
     q = layer.int_codes().to(torch.int16)
     if layer.binary:
         return (2 * q - 1), None, "binary codes as +-1"
-    center = 1 << (layer.bits - 1)
     zero = layer.zero_point.float()
-    if bool((zero == center).all()):
-        return q - center, None, "symmetric"
+    first = float(zero.reshape(-1)[0])
+    if bool((zero == first).all()) and first.is_integer() and signed[0] <= int(q.min()) - first \
+            and int(q.max()) - first <= signed[1]:
+        return q - int(first), None, "one zero point"
+    center = 1 << (layer.bits - 1)
     return q - center, layer.scale.float() * (zero - center), "zero points as a per-group input-sum term"
 
 
@@ -142,7 +146,7 @@ def packed_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
 def _delegated_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
     if not layer.affine_codes:
         raise UnsupportedLayerError(f"{type(layer).__name__} codes are not (q - zero point) * scale, as XNNPACK's are")
-    codes, offset, how = _signed_codes(layer)
+    codes, offset, how = _signed_codes(layer, (-8, 7) if layer.bits <= 4 else (-128, 127))
     k, group = layer.in_features, layer.group_size
     if group == k:  # one group per row: per-channel codes (qc4w or qc8w)
         qrange = (-8, 7) if layer.bits <= 4 else (-128, 127)
@@ -206,8 +210,46 @@ def sparse_linear_form(layer: SparseCSRLinear) -> tuple[nn.Module, str]:
     return dense, "dense float Linear (XNNPACK has no sparse GEMM)"
 
 
+class DynamicInt8ConvForm(nn.Module):
+    """Signed codes per output channel (qc8w storage) in a convolution behind per-tensor dynamic int8 activations
+    (XNNPACK's qd8 convolution), plus the zero points' term: each output channel's ``s (z - c)`` times the input's
+    sum over the receptive field (a one-channel convolution with a ones kernel)."""
+
+    def __init__(self, layer: PackedIntConv2d, codes: torch.Tensor, offset: torch.Tensor | None) -> None:
+        super().__init__()
+        shape = (layer.out_channels, layer.in_channels // layer.groups, *layer.kernel_size)
+        self.register_buffer("codes", codes.to(torch.int8).reshape(shape).contiguous())
+        self.register_buffer("scale", layer.scale.float()[:, 0].contiguous())
+        self.register_buffer("zero", torch.zeros(layer.out_channels, dtype=torch.int64))
+        self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
+        self.register_buffer("offset", None if offset is None else offset[:, 0].reshape(1, -1, 1, 1).contiguous())
+        self.register_buffer("ones", None if offset is None else torch.ones(1, 1, *layer.kernel_size))
+        self.conv = dict(stride=layer.stride, padding=layer.padding, dilation=layer.dilation)
+        self.qrange = (-128, 127)  # XNNPACK's convolutions take 8-bit weights (no qc4w): the codes ride in int8
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        qd = register_quantized_ops()
+        scale, zero = qd.choose_qparams.tensor(x, -128, 127, torch.finfo(torch.float32).eps, torch.int8)
+        xq = qd.quantize_per_tensor.tensor(x, scale, zero, -128, 127, torch.int8)
+        xd = qd.dequantize_per_tensor.tensor(xq, scale, zero, -128, 127, torch.int8)
+        w = qd.dequantize_per_channel(self.codes, self.scale, self.zero, 0, *self.qrange, torch.int8)
+        y = F.conv2d(xd, w, self.bias, **self.conv)
+        if self.offset is None:
+            return y
+        return y - F.conv2d(x.sum(1, keepdim=True), self.ones, None, **self.conv) * self.offset
+
+
 def packed_conv_form(layer: PackedIntConv2d) -> tuple[nn.Module, str]:
-    return DecodedConvForm(layer), f"{DECODED}, then the convolution"
+    why = ("codes are not (q - zero point) * scale" if not layer.affine_codes else
+           "XNNPACK's dynamic int8 convolutions are not grouped or depthwise" if layer.groups != 1 else
+           "XNNPACK takes a one-input-channel kernel as depthwise" if layer.in_channels == 1 else
+           f"groups of {layer.group_size} codes, not one per output channel" if layer.scale.shape[1] != 1 else None)
+    if why is not None:
+        return DecodedConvForm(layer), f"{DECODED}, then the convolution ({why})"
+    codes, offset, how = _signed_codes(layer, (-128, 127))
+    return (DynamicInt8ConvForm(layer, codes, offset),
+            f"XNNPACK qd8 convolution: {layer.bits}-bit codes per channel as int8 ({how}), per-tensor dynamic int8 "
+            "activations")
 
 
 def packed_embedding_form(layer: PackedIntEmbedding) -> tuple[nn.Module, str]:

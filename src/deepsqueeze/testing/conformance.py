@@ -293,9 +293,9 @@ def _finite(out: object) -> bool:
 
 
 def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tuple(COMMANDS),
-             search: bool = True) -> list[Cell]:
-    """Plan, then compress, then every artifact command in ``commands`` on the artifact, and ``search`` (one
-    trial of the recipe as a space without holes) on the model."""
+             search: bool = True, pte: bool = True) -> list[Cell]:
+    """Plan, then compress, then every artifact command in ``commands`` on the artifact (``export-pte`` only with
+    ``pte``), and ``search`` (one trial of the recipe as a space without holes) on the model."""
     from deepsqueeze.recipes.schema import find_recipe
 
     commands = list(commands)
@@ -337,7 +337,7 @@ def run_cell(recipe: str, kind: Kind, folder: Path, commands: Iterable[str] = tu
                                "--out", str(work / "search")]),
     }
     for command in commands:
-        if command == "search" and not search:
+        if (command == "search" and not search) or (command == "export-pte" and not pte):
             continue
         if command in artifact_commands:
             cells.append(_judge(command, recipe, kind.name, artifact_commands[command]()))
@@ -381,6 +381,9 @@ PAIRS = {
 KIND_RECIPE = {"gguf-llama": "w4-gptq", "mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune", "recurrent": "w4-rtn"}
 # The subset's cells that also run ``search`` (one per task: classifier, causal LM, sequence classifier).
 SEARCHED = {("prune-structured", "cnn-residual"), ("w4-rtn", "hf-qwen2"), ("w3-lora", "hf-bert-classifier")}
+# The subset's cells that also export an ExecuTorch program (a static int8 CNN, weight-only codes on a
+# classifier, a causal LM's refusal); lowering takes seconds per model, so the full matrix runs the rest.
+PTE_CELLS = {("int8-static", "cnn-residual"), ("mixed-precision", "mlp"), ("w4-rtn", "hf-qwen2")}
 # The kinds the subset runs the recipe-independent commands on (one per task).
 MODEL_CELLS = {"cnn-residual", "py-weights", "dict-output", "hf-bert", "hf-bert-classifier", "hf-gpt2", "st-dense"}
 # Cells a user found broken once (issue 24 finding 5: prune-transformer on decoders and classifiers).
@@ -398,7 +401,8 @@ def run_matrix(folder: Path, pairs: Iterable[tuple[str, str]] | None = None, ful
             if recipe == "-":
                 got = model_cells(kind, folder) if full or kind.name in MODEL_CELLS else []
             elif full or (recipe, kind.name) in pairs:
-                got = run_cell(recipe, kind, folder, search=full or (recipe, kind.name) in SEARCHED)
+                got = run_cell(recipe, kind, folder, search=full or (recipe, kind.name) in SEARCHED,
+                               pte=full or (recipe, kind.name) in PTE_CELLS)
             else:
                 got = [plan_cell(recipe, kind, folder)]
             cells += got
