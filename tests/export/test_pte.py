@@ -35,7 +35,7 @@ def _close(model: Model, path, rows: int = 5) -> float:
     x = torch.randn(rows, *model.input_shape, generator=torch.Generator().manual_seed(1))
     with torch.no_grad(), forced_int8_kernel("int_mm"):
         ours = model.module(x)
-    theirs = PteModule(path, model.module, 1)(x)
+    theirs = PteModule(path, model.module, 2)(x)
     return float((1 - torch.nn.functional.cosine_similarity(ours, theirs)).max())
 
 
@@ -91,7 +91,7 @@ def test_static_int8_cnn_runs_xnnpacks_integer_convolutions(tmp_path, digits):
     assert result.bytes <= 1.6 * out.stat().st_size
     with torch.no_grad():
         ours = model.module(images).argmax(1)
-    theirs = PteModule(tmp_path / "cnn.pte", model.module, 1)(images).argmax(1)
+    theirs = PteModule(tmp_path / "cnn.pte", model.module, 2)(images).argmax(1)
     assert float((ours == theirs).double().mean()) >= 0.99
 
 
@@ -124,7 +124,7 @@ def test_a_sentence_encoder_runs_at_every_batch_and_length(tmp_path):
     result = export(loaded, "pte", tmp_path / "e.pte")
     assert result.layers and all(r["runs_on"].startswith("XNNPACK") for r in result.layers
                                  if r["kind"] != "Int8Embedding")
-    program = PteModule(tmp_path / "e.pte", loaded.module, 1)
+    program = PteModule(tmp_path / "e.pte", loaded.module, 2)
     ours, theirs = loaded.module.encode(SENTENCES), program.encode(SENTENCES)
     assert float(torch.nn.functional.cosine_similarity(ours, theirs).min()) > 0.995
     alone = torch.cat([program.encode([s]) for s in SENTENCES[:3]])
@@ -169,8 +169,8 @@ def test_kernels_xnnpack_takes_as_depthwise_run_decoded_and_recurrent_codes_are_
     conv = nn.Sequential(PackedIntConv2d.from_float(nn.Conv2d(1, 4, 3)), nn.Flatten()).eval()
     model = Model(conv, py_base(conv), Task.CLASSIFIER, "conv", count_params(conv), (1, 8, 8), None)
     result = export(model, "pte", tmp_path / "c.pte")
-    assert "portable" in result.layers[0]["runs_on"] and result.check["worst_cosine_distance"] <= 1e-6
-    assert "depthwise" in result.layers[0]["exported_as"]
+    assert result.layers[0]["runs_on"] == "XNNPACK" and result.check["worst_cosine_distance"] <= 1e-6
+    assert "decoded to float32" in result.layers[0]["exported_as"] and "depthwise" in result.layers[0]["exported_as"]
     from deepsqueeze.testing import user_models
 
     module = user_models.RecurrentTagger().eval()

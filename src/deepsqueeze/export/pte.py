@@ -59,8 +59,9 @@ def write_pte(model: Model, path: str | os.PathLike[str], sample: Any) -> tuple[
     write the program to ``path``.
 
     Returns the per-module list (``module``, ``kind``, ``exported_as``, ``runs_on``) and the operator counts
-    (``{"xnnpack": n, "portable": m, "portable_ops": [...]}``). Raises :class:`ModelError` for a causal LM,
-    a layer with no ExecuTorch form (naming it) or a model ``torch.export`` cannot capture.
+    (``{"xnnpack_subgraphs": n, "portable": m, "portable_ops": [...]}``). Raises :class:`ModelError` for a causal
+    LM, a layer with no ExecuTorch form or one XNNPACK declines (naming it), or a model ``torch.export`` cannot
+    capture.
     """
     require_executorch()  # before any work
     if model.task is Task.CAUSAL_LM:
@@ -73,8 +74,8 @@ def write_pte(model: Model, path: str | os.PathLike[str], sample: Any) -> tuple[
         from executorch.exir import to_edge_transform_and_lower
 
         try:
-            program = torch.export.export((_TextInputs if model.task.is_text else _Inputs)(shadow), args, dynamic_shapes=dynamic,
-                                          strict=False)
+            wrapped = (_TextInputs if model.task.is_text else _Inputs)(shadow)
+            program = torch.export.export(wrapped, args, dynamic_shapes=dynamic, strict=False)
         except Exception as exc:  # noqa: BLE001 - torch.export raises many kinds; the first line says what failed
             raise ModelError(f"this model cannot be captured by torch.export: {_first_line(exc)}") from None
         try:
@@ -165,8 +166,8 @@ def _require_delegated(graph: torch.fx.GraphModule) -> None:
 
 def _module_path(stack_path: str) -> str:
     """``L['self'].module.fc1`` / ``module.fc1`` (torch.export's module stack) -> ``fc1``."""
-    path = stack_path.removeprefix("L['self'].").removeprefix("module").removeprefix(".")
-    return path
+    path = stack_path.removeprefix("L['self'].")
+    return "" if path == "module" else path.removeprefix("module.")
 
 
 def export_pte(model: Model, path: Path, sample: Any, threads: int = 2) -> ExportResult:

@@ -15,8 +15,13 @@ re-quantized by another tool):
   term is each group's input sum times ``s (z - c)``, one small float matrix (groups x outputs, as large
   as the scales). 5..8-bit codes with one group per row -> qc8w the same way. Where XNNPACK has no such
   weights (5..8-bit groups, 4-bit groups that are not multiples of 32, two-level ternary scales) the codes
-  stay uint8 and are decoded in the program on the portable kernels, as are packed convolutions; packed
-  embeddings gather their packed rows and decode only those. :class:`PackedWeights` (recurrent, attention
+  stay uint8 and are decoded in the program on the portable kernels; packed embeddings gather their packed
+  rows and decode only those.
+* :class:`PackedIntConv2d` with one group per output channel -> XNNPACK's dynamic int8 convolution (qd8, per-tensor
+  dynamic activations) on its codes in int8 storage (XNNPACK's convolutions take no 4-bit weights), zero points as
+  the input's receptive-field sum times ``s (z - c)``. Convolutions XNNPACK takes no integer weights for (grouped,
+  depthwise, one input channel, not affine) are decoded to float32 at export and run XNNPACK's fp32 kernel: 4
+  bytes a weight instead of a naive portable convolution. :class:`PackedWeights` (recurrent, attention
   and transposed-convolution layers) have no form yet: refused, naming the layer.
 * :class:`Int8Conv2d` -> a static QDQ group XNNPACK lowers to its qs8 convolution: the input quantized with
   the calibrated scale and zero point (its 7-bit range as a clamp), int8 weights per channel, the float
@@ -39,7 +44,7 @@ from torch import nn
 
 from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.runtime.int8 import CONV_INPUT_BITS, Int8Conv2d, Int8Embedding, Int8Linear
-from deepsqueeze.runtime.onnx_forms import DecodedConvForm, DecodedEmbeddingForm, DecodedLinearForm
+from deepsqueeze.runtime.onnx_forms import DecodedEmbeddingForm, DecodedLinearForm
 from deepsqueeze.runtime.packed import PackedIntConv2d, PackedIntEmbedding, PackedIntLinear, PackedWeights
 from deepsqueeze.runtime.sparse import SparseCSRLinear
 
@@ -244,8 +249,13 @@ def packed_conv_form(layer: PackedIntConv2d) -> tuple[nn.Module, str]:
            "XNNPACK's dynamic int8 convolutions are not grouped or depthwise" if layer.groups != 1 else
            "XNNPACK takes a one-input-channel kernel as depthwise" if layer.in_channels == 1 else
            f"groups of {layer.group_size} codes, not one per output channel" if layer.scale.shape[1] != 1 else None)
-    if why is not None:
-        return DecodedConvForm(layer), f"{DECODED}, then the convolution ({why})"
+    if why is not None:  # a naive portable convolution would take seconds a batch: XNNPACK's fp32 one instead
+        conv = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                         layer.dilation, layer.groups, layer.bias is not None)
+        conv.weight.data = layer.dequantized_weight()
+        if layer.bias is not None:
+            conv.bias.data = layer.bias.detach().float().clone()
+        return conv.eval(), f"codes decoded to float32 at export: XNNPACK fp32 convolution ({why})"
     codes, offset, how = _signed_codes(layer, (-128, 127))
     return (DynamicInt8ConvForm(layer, codes, offset),
             f"XNNPACK qd8 convolution: {layer.bits}-bit codes per channel as int8 ({how}), per-tensor dynamic int8 "

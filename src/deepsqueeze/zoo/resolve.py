@@ -418,7 +418,11 @@ def _call_factory(spec: str) -> nn.Module:
     if not callable(factory):
         raise ModelError(f"module {module_name!r} has no callable {attr!r} (from py:{spec})")
     try:
-        module = factory()
+        # a factory's random initialisation (a model whose weights come later, or never) is the same in every
+        # process and call: same inputs, same bytes; the caller's random state is left as it was
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            module = factory()
     except (Exception, SystemExit) as exc:
         raise ModelError(f"py:{spec} raised {type(exc).__name__}: {one_line(exc, 300)}") from None
     if not isinstance(module, nn.Module):
