@@ -242,3 +242,20 @@ def test_evaluate_backend_pte_runs_the_program_and_reports_its_bytes(tmp_path, c
     code, out, _ = run(capsys, "evaluate", str(dsq), "--model-code", ref, "--data", "digits", "--no-latency", "--json")
     assert abs(json.loads(out)["accuracy"] - result["accuracy"]) <= 0.01
     assert list(tmp_path.iterdir()) == [dsq]
+
+
+def test_a_program_the_runtime_cannot_initialise_is_one_line_and_no_file(tmp_path, digits):
+    """XNNPACK's partitioner took a residual add between two static int8 convolutions as a quantized add that its
+    runtime then refused (``xnn_status_invalid_parameter``): the export printed a traceback."""
+    from deepsqueeze.recipes import compress, load_recipe
+
+    ref = "py:deepsqueeze.testing.models:TinyResNet"
+    compress(ref, load_recipe("int8-static"), tmp_path / "r.dsq", "digits", progress=False, evaluate_result=False)
+    model = load(tmp_path / "r.dsq", model=ref)
+    try:
+        export(model, "pte", tmp_path / "r.pte")
+    except ModelError as exc:
+        assert "cannot initialise this program" in str(exc) and "\n" not in str(exc)
+        assert not (tmp_path / "r.pte").exists()
+    else:  # a later ExecuTorch that initialises it: then the program was verified like any other
+        assert (tmp_path / "r.pte").is_file()

@@ -16,14 +16,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
 
+from deepsqueeze.core.config import MAX_THREADS
+from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.files import publish
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
 
 __all__ = ["MARKER", "PRODUCER", "PTE_PRODUCER_METHOD", "SAMPLES", "TOLERANCE", "TOLERANCE_QUANTIZED_ACTIVATIONS", "ExportResult", "check_out",
-           "compare_outputs", "load_program", "quiet_logs", "require_executorch", "sample_batch", "size_of", "verify",
+           "RuntimeModule", "compare_outputs", "load_method", "load_program", "quiet_logs", "require_executorch", "sample_batch", "size_of", "verify",
            "write_verified"]
 
 SAMPLES = 16
@@ -190,18 +193,20 @@ def quiet_logs() -> Iterator[None]:
 
 
 @contextlib.contextmanager
-def _native_log_silenced() -> Iterator[None]:
-    """ExecuTorch's native runtime logs CPU probing and thread-pool resets on file descriptor 2 (not Python's
-    stderr): hidden while it loads a program, restored before anything else is printed."""
+def _native_log_captured() -> Iterator[list[str]]:
+    """ExecuTorch's native runtime logs on file descriptor 2 (not Python's stderr): its lines are captured while
+    it loads a program (the list holds them once the block ends), and fd 2 restored before anything is printed."""
     sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as null:
-            os.dup2(null.fileno(), 2)
-            yield
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    saved, lines = os.dup(2), []
+    with tempfile.TemporaryFile() as log:
+        try:
+            os.dup2(log.fileno(), 2)
+            yield lines
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            log.seek(0)
+            lines.extend(log.read().decode(errors="replace").splitlines())
 
 
 def require_executorch() -> Any:
@@ -221,11 +226,22 @@ def load_program(path: Path, threads: int | None = None) -> Any:
     with quiet_logs():
         from executorch.extension.pybindings import portable_lib
 
-    with _native_log_silenced():
+    with _native_log_captured():
         # a reset while earlier programs hold the old pool can leave their threads spinning: only when it differs
         if threads is not None and portable_lib._threadpool_get_thread_count() != int(threads):
             portable_lib._unsafe_reset_threadpool(int(threads))
         return runtime.get().load_program(path)
+
+
+def load_method(program: Any, name: str = "forward") -> Any:
+    """``program``'s method ``name``, initialised (XNNPACK compiles its subgraphs here). ModelError (one line,
+    the runtime's own reason) when ExecuTorch's runtime cannot initialise it."""
+    try:
+        with _native_log_captured() as log:
+            return program.load_method(name)
+    except RuntimeError as exc:
+        why = next((line.split("] ", 1)[-1] for line in log if "fail" in line.lower()), str(exc))
+        raise ModelError(f"ExecuTorch's runtime cannot initialise this program ({why[:200]}): not written") from None
 
 
 def _is_our_folder(path: Path) -> bool:
@@ -288,3 +304,34 @@ def write_verified(model: Model, fmt: str, out: str | os.PathLike[str], write: C
             shutil.rmtree(staging, ignore_errors=True)
     result.path = str(out)
     return result
+
+
+class RuntimeModule(nn.Module):
+    """What the runners of exported files (ONNX Runtime, ExecuTorch) share: the interface of the module they were
+    exported from (``tokenize``, ``encode``, the parameter counts), ``threads`` checked."""
+
+    def __init__(self, like: nn.Module, threads: int, runtime: str) -> None:
+        super().__init__()
+        if not 1 <= int(threads) <= MAX_THREADS:
+            raise ModelError(f"{runtime} threads must be 1..{MAX_THREADS}, got {threads}")
+        self.runtime = runtime
+        self._params, self._nonzero = count_params(like), count_nonzero_params(like)
+        self.tokenizer = getattr(like, "tokenizer", None)
+        self.max_seq_length = getattr(like, "max_seq_length", None)
+        self._tokenize = getattr(like, "tokenize", None)
+
+    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
+        if self._tokenize is None:
+            raise ModelError(f"this {self.runtime} model takes no sentences: it has no tokenizer")
+        return self._tokenize(sentences)
+
+    @torch.no_grad()
+    def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
+        out = [self(**self.tokenize(sentences[i : i + batch_size])) for i in range(0, len(sentences), batch_size)]
+        return torch.cat(out) if out else torch.empty(0)
+
+    def deepsqueeze_param_count(self) -> int:
+        return self._params
+
+    def deepsqueeze_nonzero_count(self) -> int:
+        return self._nonzero

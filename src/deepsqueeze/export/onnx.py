@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.config import MAX_THREADS
-from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
 from deepsqueeze.export.check import (
@@ -33,6 +31,7 @@ from deepsqueeze.export.check import (
     TOLERANCE,
     TOLERANCE_QUANTIZED_ACTIVATIONS,
     ExportResult,
+    RuntimeModule,
     compare_outputs,
     size_of,
     verify,
@@ -179,7 +178,7 @@ def _check_cached_generation(model: Model, path: Path, sample: Any, threads: int
                      f"{len(ours)}: not written")
 
 
-class OrtModule(nn.Module):
+class OrtModule(RuntimeModule):
     """An ONNX Runtime session behind the interface of the module it was exported from.
 
     Text models: ``tokenize``, ``encode(sentences)`` and ``forward(input_ids, attention_mask)``;
@@ -187,9 +186,7 @@ class OrtModule(nn.Module):
     """
 
     def __init__(self, path: str | os.PathLike[str], like: nn.Module, threads: int = 2) -> None:
-        super().__init__()
-        if not 1 <= int(threads) <= MAX_THREADS:
-            raise ModelError(f"ONNX Runtime threads must be 1..{MAX_THREADS}, got {threads}")
+        super().__init__(like, threads, "ONNX Runtime")
         ort = require_ort()
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -204,16 +201,7 @@ class OrtModule(nn.Module):
 
             self.transformer = OrtDecoder(self.session, like.transformer.config,  # type: ignore[union-attr]
                                           cache_layout(like.transformer))  # type: ignore[arg-type]
-        self._params, self._nonzero = count_params(like), count_nonzero_params(like)
-        self.tokenizer = getattr(like, "tokenizer", None)
-        self.max_seq_length = getattr(like, "max_seq_length", None)
-        self._tokenize = getattr(like, "tokenize", None)
         self.context_length = getattr(like, "context_length", None)
-
-    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
-        if self._tokenize is None:
-            raise ModelError("this ONNX model takes no sentences: it has no tokenizer")
-        return self._tokenize(sentences)
 
     def run_all(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> list[torch.Tensor]:
         """Every output of the graph, in order (a model returning a dict or tuple has several); a cached
@@ -239,14 +227,3 @@ class OrtModule(nn.Module):
         from deepsqueeze.zoo.generate import generate
 
         return generate(self, prompt, **kwargs)
-
-    @torch.no_grad()
-    def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-        out = [self(**self.tokenize(sentences[i : i + batch_size])) for i in range(0, len(sentences), batch_size)]
-        return torch.cat(out) if out else torch.empty(0)
-
-    def deepsqueeze_param_count(self) -> int:
-        return self._params
-
-    def deepsqueeze_nonzero_count(self) -> int:
-        return self._nonzero

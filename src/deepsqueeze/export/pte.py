@@ -21,8 +21,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.core.config import MAX_THREADS
-from deepsqueeze.core.counting import count_nonzero_params, count_params
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.errors import ModelError
 from deepsqueeze.export.check import (
@@ -30,7 +28,9 @@ from deepsqueeze.export.check import (
     TOLERANCE,
     TOLERANCE_QUANTIZED_ACTIVATIONS,
     ExportResult,
+    RuntimeModule,
     compare_outputs,
+    load_method,
     load_program,
     quiet_logs,
     require_executorch,
@@ -187,7 +187,7 @@ def export_pte(model: Model, path: Path, sample: Any, threads: int = 2) -> Expor
     return ExportResult(str(path), "pte", size_of(path), layers, check)
 
 
-class PteModule(nn.Module):
+class PteModule(RuntimeModule):
     """An ExecuTorch program behind the interface of the module it was exported from.
 
     Text models: ``tokenize``, ``encode(sentences)`` and ``forward(input_ids, attention_mask)``; classifiers:
@@ -195,37 +195,19 @@ class PteModule(nn.Module):
     """
 
     def __init__(self, path: str | os.PathLike[str], like: nn.Module, threads: int = 2) -> None:
-        super().__init__()
-        if not 1 <= int(threads) <= MAX_THREADS:
-            raise ModelError(f"ExecuTorch threads must be 1..{MAX_THREADS}, got {threads}")
-        self.method = load_program(Path(path), threads).load_method("forward")
+        super().__init__(like, threads, "ExecuTorch")
+        self.method = load_method(load_program(Path(path), threads))
         self.path = str(path)
-        self._params, self._nonzero = count_params(like), count_nonzero_params(like)
-        self.tokenizer = getattr(like, "tokenizer", None)
-        self.max_seq_length = getattr(like, "max_seq_length", None)
-        self._tokenize = getattr(like, "tokenize", None)
-
-    def tokenize(self, sentences: list[str]) -> dict[str, torch.Tensor]:
-        if self._tokenize is None:
-            raise ModelError("this ExecuTorch program takes no sentences: it has no tokenizer")
-        return self._tokenize(sentences)
 
     def run_all(self, *args: torch.Tensor) -> list[torch.Tensor]:
         """Every output of the program, in order."""
-        return [t.clone() for t in self.method.execute([a.detach().cpu().contiguous() for a in args])]
+        try:
+            outputs = self.method.execute([a.detach().cpu().contiguous() for a in args])
+        except RuntimeError as exc:
+            raise ModelError(f"ExecuTorch's runtime failed to run the program: {_first_line(exc)}") from None
+        return [t.clone() for t in outputs]
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if kwargs:
             args = (kwargs["input_ids"], kwargs["attention_mask"])
         return self.run_all(*args)[0]
-
-    @torch.no_grad()
-    def encode(self, sentences: list[str], batch_size: int = 64) -> torch.Tensor:
-        out = [self(**self.tokenize(sentences[i : i + batch_size])) for i in range(0, len(sentences), batch_size)]
-        return torch.cat(out) if out else torch.empty(0)
-
-    def deepsqueeze_param_count(self) -> int:
-        return self._params
-
-    def deepsqueeze_nonzero_count(self) -> int:
-        return self._nonzero

@@ -419,11 +419,7 @@ def int8_embedding_form(layer: Int8Embedding) -> tuple[nn.Module, str]:
 
 def sparse_linear_form(layer: SparseCSRLinear) -> tuple[nn.Module, str]:
     """A dense Linear: ONNX Runtime has no sparse matrix kernel on CPU (the zeros are stored)."""
-    dense = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-    dense.weight.data = layer.dense_weight()
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
-    return dense, "dense float MatMul (ONNX Runtime has no sparse CPU kernel)"
+    return layer.dense_linear(), "dense float MatMul (ONNX Runtime has no sparse CPU kernel)"
 
 
 # ------------------------------------------------------------------------------------------ codebook

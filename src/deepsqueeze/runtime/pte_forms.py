@@ -208,11 +208,7 @@ def int8_embedding_form(layer: Int8Embedding) -> tuple[nn.Module, str]:
 
 
 def sparse_linear_form(layer: SparseCSRLinear) -> tuple[nn.Module, str]:
-    dense = nn.Linear(layer.in_features, layer.out_features, layer.bias is not None)
-    dense.weight.data = layer.dense_weight()
-    if layer.bias is not None:
-        dense.bias.data = layer.bias.detach().clone()
-    return dense, "dense float Linear (XNNPACK has no sparse GEMM)"
+    return layer.dense_linear(), "dense float Linear (XNNPACK has no sparse GEMM)"
 
 
 class DynamicInt8ConvForm(nn.Module):

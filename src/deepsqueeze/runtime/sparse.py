@@ -86,6 +86,15 @@ class SparseCSRLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return self.weight_csr.to_dense()
 
+    def dense_linear(self) -> nn.Linear:
+        """The same layer as a dense float ``nn.Linear`` (the zeros stored): what runtimes without a sparse
+        kernel run."""
+        dense = nn.Linear(self.in_features, self.out_features, self.bias is not None)
+        dense.weight.data = self.dense_weight()
+        if self.bias is not None:
+            dense.bias.data = self.bias.detach().clone()
+        return dense
+
     def deepsqueeze_param_count(self) -> int:
         return self.in_features * self.out_features + (self.out_features if self.bias is not None else 0)
 
