@@ -259,3 +259,21 @@ def test_a_program_the_runtime_cannot_initialise_is_one_line_and_no_file(tmp_pat
         assert not (tmp_path / "r.pte").exists()
     else:  # a later ExecuTorch that initialises it: then the program was verified like any other
         assert (tmp_path / "r.pte").is_file()
+
+
+def test_commands_on_hugging_face_models_print_no_library_log_lines(tmp_path):
+    """The pte extra installs torchao, which transformers then imports: every command on a Hugging Face model
+    printed torchao's native-library failures and torch's deprecation lines on stderr."""
+    import os
+    import subprocess
+    import sys
+
+    pytest.importorskip("transformers")
+    from deepsqueeze.testing.hf_models import make_hf_dir
+
+    folder = make_hf_dir("bert", tmp_path / "bert")
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    done = subprocess.run([sys.executable, "-m", "deepsqueeze", "inspect", f"hf:{folder}"], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr[-500:]
+    assert "Failed to load" not in done.stderr and "_pytree" not in done.stderr, done.stderr[-500:]

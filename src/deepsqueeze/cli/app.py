@@ -105,6 +105,18 @@ def _show_warning(message: Warning | str, category: type[Warning], filename: str
     print(f"warning: {one_line(message)}", file=sys.stderr if file is None else file)
 
 
+#: Loggers of libraries imported under the commands (transformers imports torchao where it is installed) that log
+#: optional native libraries they cannot load and deprecations of their own: not the user's business on a console.
+QUIET_LOGGERS = ("torchao", "torch.utils._pytree", "executorch")
+
+
+def _quiet_library_loggers() -> None:
+    import logging
+
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def _interrupted(exc: KeyboardInterrupt | None) -> None:
     """Exit 130 / 143 with ``interrupted`` / ``terminated`` for ``exc`` (nothing when None). Error paths call it with
     ``signals.received_interrupt()``: a command that failed after a signal a library swallowed ends as interrupted."""
@@ -129,6 +141,7 @@ def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else list(argv)
     signals.install()
     warnings.showwarning = _show_warning
+    _quiet_library_loggers()
     try:
         command = typer.main.get_command(app)
         with command.make_context("deepsqueeze", args) as ctx:
