@@ -134,3 +134,35 @@ def test_report_shows_the_quality_that_fits_a_causal_lm(tmp_path):
     row = result.stage_reports[-1]
     assert row["perplexity"] > 1 and "cosine_mean" not in row
     assert result.budget is not None and result.budget.metric == "perplexity"
+
+
+def test_structured_pruning_adapts_per_group_at_no_more_multiply_adds(resnet_weights, digits):
+    """Issue 24 finding 3: prune-structured (one channel ratio everywhere) had no adaptation. Over budget it
+    runs again with per-group ratios from a scan, leaving no more multiply-adds than the uniform cut."""
+    import copy
+
+    from safetensors.torch import load_file
+
+    from deepsqueeze.core.context import StageContext
+    from deepsqueeze.core.model import Model, Task
+    from deepsqueeze.prune import PruneChannelsConfig
+    from deepsqueeze.prune.sensitivity import multiply_adds
+    from deepsqueeze.prune.stage import prune_channels_stage
+    from deepsqueeze.testing.models import TinyResNet
+
+    adapted = adapt_recipe(load_recipe("prune-structured"))
+    assert adapted is not None and adapted.stages[0].scope == "sensitivity"
+    base = TinyResNet()
+    base.load_state_dict(load_file(str(resnet_weights)))
+    example = torch.zeros(1, 1, 8, 8)
+    macs, reports = {}, {}
+    for scope in ("uniform", "sensitivity"):
+        module = copy.deepcopy(base).eval()
+        model = Model(module, {"kind": "py"}, Task.CLASSIFIER, RESNET, 0, (1, 8, 8), 10)
+        ctx = StageContext(model=model, data=digits, reference=Model(copy.deepcopy(base), {}, Task.CLASSIFIER, "", 0))
+        prune_channels_stage(model, PruneChannelsConfig(ratio=0.5, scope=scope), ctx)
+        macs[scope], reports[scope] = multiply_adds(module.eval(), example), ctx.report[-1]
+    ratios = reports["sensitivity"]["ratios"]
+    assert len(ratios) == 6 and len(set(ratios.values())) > 1, ratios  # every prunable group, not one ratio
+    assert all(0 < r <= 0.75 for r in ratios.values()), ratios
+    assert 0.9 * macs["uniform"] <= macs["sensitivity"] <= macs["uniform"], macs

@@ -14,6 +14,7 @@ from deepsqueeze.core.model import Model
 from deepsqueeze.prune import schedules
 from deepsqueeze.prune.config import (
     ChannelSchedule,
+    ChannelScope,
     Execution,
     OneShotMethod,
     Pattern,
@@ -83,6 +84,7 @@ __all__ = [
     "ChannelPlan",
     "ChannelPruneResult",
     "ChannelSchedule",
+    "ChannelScope",
     "Criterion",
     "DependencyGraph",
     "Execution",

@@ -118,6 +118,11 @@ class PruneConfig(_FinetuneFields):
         return self
 
 
+class ChannelScope(StrEnum):
+    UNIFORM = "uniform"          # every group loses ``ratio`` of its channels
+    SENSITIVITY = "sensitivity"  # per-group ratios from a measured scan, no more multiply-adds than uniform
+
+
 class ChannelSchedule(StrEnum):
     ONE_SHOT = "one_shot"    # cut everything, then fine-tune
     ITERATIVE = "iterative"  # cut a share, fine-tune, repeat (rounds)
@@ -128,13 +133,17 @@ class PruneChannelsConfig(_FinetuneFields):
 
     ``ratio`` of the channels of every prunable dependency group is removed (Conv2d outputs with their
     BatchNorm and consumers, Linear neurons, residual-coupled channels together); ``include``/``exclude``/
-    ``overrides`` match the names of the layers producing a group.
+    ``overrides`` match the names of the layers producing a group. ``scope: sensitivity`` gives each group
+    not overridden its own ratio from a scan on held-out training samples (each group pruned alone), so the
+    model keeps at most the multiply-adds ``ratio`` everywhere would leave, the groups whose cut hurts most
+    losing least.
     """
 
     stage_type = "prune_channels"
 
     ratio: Fraction = Field(0.5, lt=1)
     criterion: Criterion = Criterion.L2
+    scope: ChannelScope = ChannelScope.UNIFORM
     include: list[str] | None = None
     exclude: list[str] = Field(default_factory=list)
     overrides: dict[str, Annotated[Fraction, Field(lt=1)]] = Field(default_factory=dict)

@@ -30,6 +30,7 @@ from deepsqueeze.primitives.masks import sparsity_of
 from deepsqueeze.prune import schedules
 from deepsqueeze.prune.config import (
     ChannelSchedule,
+    ChannelScope,
     Execution,
     Pattern,
     PruneChannelsConfig,
@@ -208,23 +209,7 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
     free = [name.removesuffix(".weight") for name in params if name.endswith(".weight") and plan.layer_target(name) is None]
     if not free:
         return {}
-    data = ctx.data
-    if isinstance(data, ClassificationData):
-        x, y = data.train_x[-SCAN_SAMPLES:].to(ctx.device), data.train_y[-SCAN_SAMPLES:].to(ctx.device)
-
-        def metric(module: nn.Module) -> float:
-            from deepsqueeze.core.outputs import primary_output
-
-            return float((primary_output(module(x)).argmax(-1) == y).float().mean())
-    elif isinstance(data, TextData) and ctx.reference is not None and hasattr(model.module, "encode"):
-        sentences = list(data.sentences[:64])
-        target = ctx.reference.module.encode(sentences).float()  # type: ignore[operator]
-
-        def metric(module: nn.Module) -> float:
-            emb = module.encode(sentences).float()  # type: ignore[operator]
-            return float(torch.nn.functional.cosine_similarity(emb, target, dim=-1).mean())
-    else:
-        raise DataError("scope: sensitivity measures each layer on held-out samples: pass --data")
+    metric = scan_metric(model, ctx)
     was_training = model.module.training
     model.module.eval()
     try:
@@ -233,6 +218,29 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
         model.module.train(was_training)
     sizes = {name: params[f"{name}.weight"].numel() for name in curves}
     return {glob.escape(name): s for name, s in allocate_sparsity_greedy(curves, sizes, config.sparsity).items()}
+
+
+def scan_metric(model: Model, ctx: StageContext) -> Callable[[nn.Module], float]:
+    """What a sensitivity scan scores a module by: accuracy on the last ``SCAN_SAMPLES`` training samples, or
+    cosine to the reference on up to 64 calibration sentences. Raises DataError without such data."""
+    data = ctx.data
+    if isinstance(data, ClassificationData):
+        x, y = data.train_x[-SCAN_SAMPLES:].to(ctx.device), data.train_y[-SCAN_SAMPLES:].to(ctx.device)
+
+        def metric(module: nn.Module) -> float:
+            from deepsqueeze.core.outputs import primary_output
+
+            return float((primary_output(module(x)).argmax(-1) == y).float().mean())
+        return metric
+    if isinstance(data, TextData) and ctx.reference is not None and hasattr(model.module, "encode"):
+        sentences = list(data.sentences[:64])
+        target = ctx.reference.module.encode(sentences).float()  # type: ignore[operator]
+
+        def cosine(module: nn.Module) -> float:
+            emb = module.encode(sentences).float()  # type: ignore[operator]
+            return float(torch.nn.functional.cosine_similarity(emb, target, dim=-1).mean())
+        return cosine
+    raise DataError("scope: sensitivity measures each layer on held-out samples: pass --data")
 
 
 def self_criterion(config: PruneConfig, ctx: StageContext) -> Any:
@@ -347,11 +355,14 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
                           "prune_transformer stage (heads and FFN neurons)")
     start = time.perf_counter()
     example = example_input(model).to(ctx.device)
+    full = _channel_plan(config)
+    if config.scope is ChannelScope.SENSITIVITY:
+        full.overrides.update(_channel_allocation(model, config, ctx, example, full))
     rounds = config.rounds if config.schedule is ChannelSchedule.ITERATIVE else 1
     ratio = 1.0 - (1.0 - config.ratio) ** (1.0 / rounds)
-    overrides = {k: 1.0 - (1.0 - v) ** (1.0 / rounds) for k, v in config.overrides.items()}
+    overrides = {k: 1.0 - (1.0 - v) ** (1.0 / rounds) for k, v in full.overrides.items()}
     plan = ChannelPlan(ratio, overrides, config.include, list(config.exclude), config.round_to, config.min_channels)
-    entries = channel_coverage(model.module, example, _channel_plan(config))
+    entries = channel_coverage(model.module, example, full)
     params_before = count_params(model.module)
     criterion_seconds, loss = 0.0, float("nan")
     for r in range(rounds):
@@ -368,10 +379,30 @@ def prune_channels_stage(model: Model, config: PruneChannelsConfig, ctx: StageCo
     record_coverage(model.module, entries)
     report_coverage(entries, ctx.on_unsupported)
     ctx.report.append({
-        "stage": "prune_channels", "ratio": config.ratio, "rounds": rounds, "params_before": params_before,
+        "stage": "prune_channels", "ratio": config.ratio, "scope": config.scope.value,
+        **({"ratios": dict(full.overrides)} if config.scope is ChannelScope.SENSITIVITY else {}),
+        "rounds": rounds, "params_before": params_before,
         "params_after": count_params(model.module), "train_loss": None if loss != loss else round(loss, 5),
         "prune_seconds": round(criterion_seconds, 3), "seconds": round(time.perf_counter() - start, 2),
     })
+
+
+def _channel_allocation(model: Model, config: PruneChannelsConfig, ctx: StageContext, example: torch.Tensor,
+                        plan: ChannelPlan) -> dict[str, float]:
+    """Per-group ratios from a scan (``prune.sensitivity.allocate_channels``) scored by :func:`scan_metric`;
+    gradient criteria scan by L2 magnitude."""
+    from deepsqueeze.prune.sensitivity import allocate_channels
+
+    metric = scan_metric(model, ctx)
+    criterion: Any = Criterion.L2 if config.criterion is Criterion.TAYLOR else config.criterion
+    if criterion is Criterion.RANDOM:
+        criterion = element_criterion(Criterion.RANDOM, ctx.seed)
+    was_training = model.module.training
+    model.module.eval()
+    try:
+        return allocate_channels(model.module, example, plan, metric, criterion)
+    finally:
+        model.module.train(was_training)
 
 
 def heads_to_remove(root: nn.Module, block: Any, heads: float) -> int:

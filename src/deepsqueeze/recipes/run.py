@@ -352,7 +352,8 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
 
     Quality budget (``evaluate_result``): the result is measured against the uncompressed model on held-out
     data (``deepsqueeze.recipes.budget``; ``max_drop`` overrides the recipe's). Over budget, a recipe whose
-    pruning stages rank weights by one rule is run again with per-layer sparsities from a sensitivity scan
+    pruning stages rank weights by one rule (or cut one channel ratio everywhere) is run again with per-layer
+    sparsities (per-group ratios) from a sensitivity scan
     (:func:`adapt_recipe`), and the better of the two is written; ``CompressResult.budget`` says whether it
     meets the budget (the CLI then exits with ``EXIT_OVER_BUDGET``).
     """
@@ -400,7 +401,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     if budget is not None and not budget.within and adapted is not None and spare is not None:
         if progress:
             log(f"over the quality budget ({budget.message()}): running the recipe again with per-layer "
-                "sparsities from a sensitivity scan")
+                "sparsities (channel ratios) from a sensitivity scan")
         ctx2, budget2 = attempt(spare, adapted)
         attempts.append({"recipe": "pruning scope: sensitivity", "drop": budget2.drop if budget2 else None})
         if budget2 is not None and budget2.drop < budget.drop:
@@ -418,11 +419,14 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
 
 def adapt_recipe(recipe: Recipe) -> Recipe | None:
     """``recipe`` with every unstructured ``prune`` stage that ranks by one rule (``scope: layer | global``)
-    allocating per-layer sparsities from a sensitivity scan instead; None when no stage can adapt."""
+    allocating per-layer sparsities, and every ``prune_channels`` stage with one ratio for all groups
+    (``scope: uniform``) per-group ratios, from a sensitivity scan instead; None when no stage can adapt."""
     stages, changed = [], False
     for stage in recipe.stages:
-        if (stage.stage_type == "prune" and getattr(stage, "scope", None) in ("layer", "global")
-                and getattr(stage, "threshold", 1) is None and getattr(stage, "pattern", None) == "unstructured"):
+        scope = getattr(stage, "scope", None)
+        if (stage.stage_type == "prune" and scope in ("layer", "global") and getattr(stage, "threshold", 1) is None
+                and getattr(stage, "pattern", None) == "unstructured") or \
+                (stage.stage_type == "prune_channels" and scope == "uniform"):
             stage, changed = type(stage).model_validate({**stage.model_dump(), "scope": "sensitivity"}), True
         stages.append(stage)
     return recipe.model_copy(update={"stages": tuple(stages)}) if changed else None
