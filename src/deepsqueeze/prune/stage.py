@@ -221,17 +221,24 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
 
 
 def scan_metric(model: Model, ctx: StageContext) -> Callable[[nn.Module], float]:
-    """What a sensitivity scan scores a module by: accuracy on the last ``SCAN_SAMPLES`` training samples, or
-    cosine to the reference on up to 64 calibration sentences. Raises DataError without such data."""
+    """What a sensitivity scan scores a module by: accuracy on the last ``SCAN_SAMPLES`` training samples (the
+    cosine of all outputs to the reference's for a model without class logits), or cosine to the reference on
+    up to 64 calibration sentences. Raises DataError without such data."""
+    from deepsqueeze.core.outputs import class_logits, output_tensors
+
     data = ctx.data
     if isinstance(data, ClassificationData):
         x, y = data.train_x[-SCAN_SAMPLES:].to(ctx.device), data.train_y[-SCAN_SAMPLES:].to(ctx.device)
-
-        def metric(module: nn.Module) -> float:
-            from deepsqueeze.core.outputs import primary_output
-
-            return float((primary_output(module(x)).argmax(-1) == y).float().mean())
-        return metric
+        source = (ctx.reference or model).module
+        was_training = source.training
+        with torch.no_grad():
+            reference = source.eval()(x)
+        source.train(was_training)
+        if class_logits(reference, data.num_classes) is not None:
+            return lambda module: float((class_logits(module(x)).argmax(-1) == y).float().mean())
+        flat = torch.cat([t.flatten(1).float() for t in output_tensors(reference)], dim=1)
+        return lambda module: float(torch.nn.functional.cosine_similarity(
+            torch.cat([t.flatten(1).float() for t in output_tensors(module(x))], dim=1), flat, dim=-1).mean())
     if isinstance(data, TextData) and ctx.reference is not None and hasattr(model.module, "encode"):
         sentences = list(data.sentences[:64])
         target = ctx.reference.module.encode(sentences).float()  # type: ignore[operator]

@@ -36,6 +36,7 @@ from deepsqueeze.errors import (
 from deepsqueeze.recipes.budget import BudgetCheck, check_budget
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
+from deepsqueeze.runtime.kernels import reference_kernels
 from deepsqueeze.train import distributed
 from deepsqueeze.train.loop import seed_everything
 
@@ -221,7 +222,19 @@ def run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData
     ``measure``: after every stage add ``bytes``, ``ratio`` and a quality column to its report row
     (see :func:`stage_measurement`; costs one artifact encoding and one evaluation per stage).
     ``evaluate=False``: stages leave quality out of their own report rows (the caller scores the result).
+    Stages compute through compressed layers on their reference kernels
+    (:func:`deepsqueeze.runtime.kernels.reference_kernels`): the bytes written never depend on which kernel
+    this machine races fastest.
     """
+    with reference_kernels():
+        return _run_stages(model, recipe, data, device=device, progress=progress, measure=measure,
+                           evaluate=evaluate, on_stage_end=on_stage_end, model_code=model_code, named_refs=named_refs)
+
+
+def _run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextData | None, *,
+                device: str | torch.device, progress: bool, measure: bool, evaluate: bool,
+                on_stage_end: StageCallback | None, model_code: str | None,
+                named_refs: tuple[str | None, ...]) -> StageContext:
     seed_everything(recipe.seed)
     reference = Model(copy.deepcopy(model.module).eval(), model.base, model.task, model.ref, model.base_params,
                       model.input_shape, model.num_classes)

@@ -70,6 +70,7 @@ def skeleton(ref: str) -> tuple[Model, ShardedCheckpoint]:
 def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
                        progress: bool = True) -> CompressResult:
     """Quantize ``hf:DIR`` block by block into ``out`` (see the module docstring); returns what happened."""
+    from deepsqueeze.runtime.kernels import reference_kernels
     from deepsqueeze.train.loop import seed_everything
 
     config = stream_config(recipe)
@@ -116,7 +117,8 @@ def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, d
             if progress:
                 print(f"stage 1/1 quantize (streamed): block {done}/{total}", flush=True, file=sys.stderr)
 
-        quantize_blockwise_(root, config, batches, before_block=before, after_block=after, progress=report)
+        with reference_kernels():  # later blocks' inputs come through the quantized ones: same bytes everywhere
+            quantize_blockwise_(root, config, batches, before_block=before, after_block=after, progress=report)
         rest = QuantizeConfig(**{**config.model_dump(), "method": "rtn", "exclude": (*config.exclude, f"{prefix}.*")})
         quantize_(root, rest)
         record.stages.append(config_to_dict(config))

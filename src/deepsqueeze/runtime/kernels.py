@@ -33,7 +33,8 @@ from deepsqueeze.runtime.gemv import GEMV_MAX_ROWS, gemv_unavailable, run_gemv
 
 __all__ = ["FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
            "forced_int8_kernel", "int8_kernel", "packed_kernel_support", "packed_linear_kernel", "run_packed_linear",
-           "SPARSE_KERNELS", "set_int8_kernel", "set_packed_kernel", "sparse_kernel"]
+           "REFERENCE_KERNELS", "SPARSE_KERNELS", "reference_kernels", "set_int8_kernel", "set_packed_kernel",
+           "sparse_kernel"]
 
 
 class Cached(nn.Module):
@@ -337,6 +338,7 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
 
 SPARSE_KERNELS = ("csr", "dense")
 _measured_sparse_kernel: dict[tuple[int, ...], str] = {}
+_sparse_override: str | None = None
 
 
 def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
@@ -347,7 +349,7 @@ def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
     shape, non-zero count and batch kind (one row or many), in the process and in the machine's kernel
     cache, so every layer of that kind, in every copy of the model, runs the same kernel and gives the same bits.
     """
-    forced = forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
+    forced = _sparse_override or forced_choice("DEEPSQUEEZE_SPARSE_KERNEL", SPARSE_KERNELS)
     if forced is not None:
         return forced
     if layer.weight_csr.device.type != "cpu":
@@ -358,3 +360,26 @@ def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
         _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
                                                      "csr": lambda: layer._csr_product(x)})
     return _measured_sparse_kernel[key]
+
+
+# ------------------------------------------------------------------------------------------ reference arithmetic
+
+REFERENCE_KERNELS = {"int8": "int_mm", "packed": "dequant", "sparse": "dense"}
+
+
+@contextlib.contextmanager
+def reference_kernels() -> Iterator[None]:
+    """Every representation on the kernel whose arithmetic is the layer's definition, for the ``with`` block:
+    int8 Linear on ``_int_mm`` (8-bit per-token codes, not fbgemm's 7-bit), packed Linear decoded then
+    ``F.linear``, CSR Linear as the dense product. Races pick kernels by speed on each machine, and the
+    kernels differ in their arithmetic (activation bits, summation order): work whose result is stored
+    (the stages of a recipe) runs here, so the same inputs give the same bytes on every machine. Forced
+    kernels (``set_*_kernel``, ``DEEPSQUEEZE_*_KERNEL``) are set aside inside the block."""
+    global _kernel_override, _packed_override, _sparse_override
+    previous = (_kernel_override, _packed_override, _sparse_override)
+    _kernel_override, _packed_override, _sparse_override = (REFERENCE_KERNELS["int8"], REFERENCE_KERNELS["packed"],
+                                                            REFERENCE_KERNELS["sparse"])
+    try:
+        yield
+    finally:
+        _kernel_override, _packed_override, _sparse_override = previous
