@@ -11,7 +11,8 @@ instead of failing.
 Re-recorded on purpose (a behaviour change, not a move): ``mixed-precision``, ``w3-lora``, ``w4-gptq`` and
 ``w4-rtn`` when a group size that does not divide a row (LeNet-300's 784 inputs at group 64) started taking the
 nearest divisor (56) instead of one scale per row; the ``llm-*`` recipes when they shipped; ``prune-structured``
-when ``prune_channels`` gained ``scope`` (its stage record names it).
+when ``prune_channels`` gained ``scope`` (its stage record names it); every recipe when format 3 stored the
+manifest deflated (the payload bytes unchanged).
 
 Left out, because they run for more than a few seconds on any model they accept: none. Recipes whose bytes
 differ between two runs on the same machine: none found (each case ran twice when recorded).
@@ -40,38 +41,38 @@ RECORDED_THREADS = 2  # float reductions split by thread count: training gives o
 
 # recipe -> sha256 of the .dsq it writes on its model of RECIPE_MODELS
 EXPECTED: dict[str, str] = {
-    "deep-compression": "f1c5c5cdedf4fcd41bfc0c3845274f3e5582c2e3572b739fd16b4f49ca42b7a1",
-    "deep-compression-lenet300": "f14527e1a5072420a2505da9148cc1b8e858c18d5010e1b1cf5f8d0591cd74e9",
-    "deep-compression-lenet5": "a5811a75a459e9b53324e0954e512546e521ec0379a34fb64cd59597a42e6c35",
-    "distill-3layer": "f05436b4716bd54e197b7a707a4071304c7987fc1966242ffa4605ab07099e98",
-    "distill-lenet300": "6d547526f364c88a3fd91be44fcc136e291e4663ecc1c83fe60a7c50f657d16b",
-    "finetune": "ceac52800173b5df0ec0a5a5c0d2ae4e5e5c10116a9cfa55c6fa0d284084572b",
-    "int8-dynamic": "658195fa665572446886bf7384b8bbc37f2424ac6e91142164011a088294f44b",
-    "int8-smoothquant": "5fc2f4e8bcd856ed6e752b332dbbe924f069304df738a819ac3b22e46c2560cc",
-    "int8-static": "b8611dde166e4f99bb20ef3738b65f7f7b39853d80c8ec01a2348f9b34a6ff50",
-    "lowrank-svd": "da3ae2922b43b2e32f8de9841cbe86317bf68678a3e2c604876de0ad954f1e26",
-    "lowrank-tucker": "ead9f07caced98975e7f87ac152541bc0d47dc02c152eb57007015c793bdb282",
-    "mixed-precision": "255bbbceced3823e51f87205305014ed58e8be347e6a8d49924157d6564105d5",
-    "prune-agp": "b1fa0689c64af37479dd65de4db682d3b051bbb9e8fa7e75d78ce3f1b55db996",
-    "prune-structured": "b2c2928663e1c01adf7f047bc17adfee0ee8a0ba91b165972e72550136adb8c8",
-    "prune-transformer": "bd73747730c849ecdfc417f1c6b010ea7d2d7e9b294f1032b567db2fe9e7e532",
-    "qat-binary": "0047ef944ee58387280bb7362da6de0f75341e23f834f7b31710d54e9b4bdfe1",
-    "qat-ternary": "1ceb14c7bf212250a95a533835fbb5b45e7ee66c06d52958db48c158b5904a74",
-    "qat-w2a8": "1ec143f76a48cbc39a631615040bdfa6c9899f019ae83c2769f427b12e8d3428",
-    "qat-w4-minilm": "664b365cb592cdbbeaf1c0fb5c1892fb11b46b9295f4f1ceca7baaa26b1d5da1",
-    "qat-w4a8": "82349c51c5458055888e995f50bcc21d02b2d2929fd403825f47797d06be6e2b",
-    "qat-w8a8": "5add13044581b5a8d3795a5cf61f82b02c27f11ad8b3c81659fd4903f7d3e3f6",
-    "w3-lora": "e6459b18e31eec41a94d326b9683fdbca169e1ed2234ad81c20ed96406d8c0c0",
-    "w4-gptq": "a3df163dc541f1acd1ec5c89227380eb19bd42d0ef33f45f4ed8137f87a16439",
-    "w4-rtn": "cd5dcb1ae443bfb0c5b6f8ad432dfa216c835fbe6806ca304b2a3900a1007624",
-    "llm-w4-gptq": "bd9eb87ac3759970cb532c2b010abc72af4d49f6909100c4414899db2133134b",
-    "llm-w3-awq": "b30437cd2105b10b2c0cbea2370d72ab21a862f4358b0c0443a330d2252a5374",
-    "llm-mixed-3.5bpw": "093f7b1e6a9d04b38a24076ff654d573d23c6ef4ef30fdbb4f1965bd3b59a577",
-    "llm-sparsegpt-2of4": "fd93cca54b9d9eb08f3261af9713b03f6cae25f452640af432c08fd9a682822d",
-    "llm-sparsegpt-2of4-w4": "1fae40749f58f1b34958c617ff7e64185b704ee81232e6c5520c3b50c689a836",
-    "llm-wanda-50": "3269c356014a34fb756600cdc4c9e71c7762d9301c5d4ddb0281248ad3bf1ea1",
-    "llm-gguf-q4_0": "89fa9d07b75d4f6ff6c41e60128ae0545cb0d15275643d242bfa8cb4c0eb430c",
-    "llm-gguf-q4_k_m": "170452b3f2445aea56ff8aff293b0672a0b3439a90a929eae066f32e16b0be14",
+    "deep-compression": "9f97f34fe11793b9b7531128e5cbd6d6109d2cbe9184875362154aa03b9e089a",
+    "deep-compression-lenet300": "8ebef490628e559f196ea15d8df1a11c19758012601bb8932e718da02d5a6d2f",
+    "deep-compression-lenet5": "8d4f8392f9420ab208bd9e8a215cc2f7f84715ffdcc21b78f05f8b3816deee32",
+    "distill-3layer": "2e67bdeac3fa28366dcf3718eaff91692e5bf2ce9e24008e176aeae4a74685ce",
+    "distill-lenet300": "aaba83afb7d87464f11386f5ce210e600ce24e8c003b14d6d085675357a719a7",
+    "finetune": "30cd53554319e6751d409b99826833fa406c992adaf84f903396fd75660ee2be",
+    "int8-dynamic": "74ea4db2ca447b93692905f7247db8df8e1024976173422a7e15956ee685bf7f",
+    "int8-smoothquant": "6e09a872796b8c9f8bf8293df9e8376fdb33db93b86f66fa7782884b48cf55f6",
+    "int8-static": "adde15d266244c696c5a6a731b0e2b99894989f69a4828e7d4997099d75bbc4f",
+    "lowrank-svd": "3b38d5748d312bb001da296f34569dd221bfb77d29380139b4da0830367fe720",
+    "lowrank-tucker": "2820cb07e27c0affc05fa416b35beb21f4ba5c782a9912e1f7fd8e2b14dd7174",
+    "mixed-precision": "31055f9a8788ed0e574b179d133745a3552667113c6c7d6fad269a15693a9893",
+    "prune-agp": "c8d440e85e72f1cf8da96eb8e1241f02faa6d48a54a2cdef020cdad9738ecb47",
+    "prune-structured": "2b4f74b08d112f6260b5828dc26cfd2ba73ba1d2dd642a4d72c701da9efdec8a",
+    "prune-transformer": "e10576ff041daa91a61202ab1ad888a66114080520660e15ca7b1eba789c2b24",
+    "qat-binary": "a5ecf2a2b05de88173317ee33a56f820002718e3b74824c232debc59aef86e5e",
+    "qat-ternary": "39126ad90d247b7baed4b9c6940eaf5aa648fd9f3207441df33efe041608463c",
+    "qat-w2a8": "d0abeeea26c6edde90ade7416aac5581d6555f257b699da61914ad987303e2db",
+    "qat-w4-minilm": "32e8b105bad34ca6c835014b1ce6491d524d3466d027c66585fbff3294cb5352",
+    "qat-w4a8": "4a599c8359139abca6525970a37f214d2988ec97a54569f4dff7cc23989a9934",
+    "qat-w8a8": "5526c5d3413bd74f1e958820fd12cb237d060bc04f43592edb37b5c71a519a3b",
+    "w3-lora": "e313c13e0f07cf1fe3124aec4b616f5f01580bc815f023e2ec60598b1442d7a5",
+    "w4-gptq": "6ed48e7a7bcd600896533025533a4db442faa94600f1a9327349225e59aff8fd",
+    "w4-rtn": "14a3227f06888d0ebb9bfb404d6417427544cc6ec2f252fbe0778417810285ff",
+    "llm-w4-gptq": "2bacc9ebac465d35163a4ef3082653c20220a3e952281dcaafcfed3020abdb4e",
+    "llm-w3-awq": "3e63b2cd33421d22e8e9212dbe296aa32df665abdfc2e7fe7a122351b926edc4",
+    "llm-mixed-3.5bpw": "45577956b70f0c0812e47922054e3b910c44fcfeb3983c078e2e57a0b872aa56",
+    "llm-sparsegpt-2of4": "087be5dc97f6283579b2adda2edec8cf45fa830aa8852381bf91542d99aa55a8",
+    "llm-sparsegpt-2of4-w4": "085dffdb3da63a63f27a02353968adc18e70032895ee64acefd0c9c52accfc6f",
+    "llm-wanda-50": "fbc47fb697dc12133acb818a58bf58320c213a1d78c7a2a1ed7c9ec7732158a9",
+    "llm-gguf-q4_0": "87330befc5268879641a741a2f9c94240885b559a68e98872163952176485ed1",
+    "llm-gguf-q4_k_m": "bd99d714a4310772f36de77a3f98ce859e9374b3096138a6d3ad79459db9250f",
 }
 
 SENTENCES = [f"sentence number {i} says something about {w} and more words to read"

@@ -35,6 +35,7 @@ import pytest
 import torch
 
 from deepsqueeze.artifact import load, save
+from deepsqueeze.codec.format import DEFLATED_FROM, FORMAT_VERSION
 from deepsqueeze.core.outputs import output_tensors
 from deepsqueeze.core.record import record_encoding
 from deepsqueeze.errors import ArtifactError, ModelError
@@ -260,7 +261,14 @@ def _mutate_bytes(rng: random.Random, data: bytes) -> bytes:
     mlen = len(manifest) + rng.choice([0, 0, 0, -1, 1, rng.randint(-50, 50)])
     mlen = max(0, min(len(body), mlen))
     if rng.random() < 0.8:  # resealed: checksums and digest match, so parsing and schema must cope
-        return assemble_artifact(bytes(body[:mlen]), bytes(body[mlen:]), rng.choice([version] * 5 + [1, 3, 0]))
+        target = rng.choice([version] * 5 + [1, 2, FORMAT_VERSION + 1, 0])
+        head, tail = bytes(body[:mlen]), bytes(body[mlen:])
+        if target >= DEFLATED_FROM and rng.random() < 0.3:  # the deflate stream itself damaged, then resealed
+            stored = bytearray(zlib.compress(head, 9))
+            stored[rng.randrange(len(stored))] ^= 1 << rng.randrange(8)
+            return assemble_artifact(bytes(stored[: rng.choice([len(stored), rng.randrange(len(stored))])]), tail,
+                                     target, stored=True)
+        return assemble_artifact(head, tail, target)
     damaged = bytearray(data)
     if damaged:
         damaged[rng.randrange(len(damaged))] ^= 0xFF

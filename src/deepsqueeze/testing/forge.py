@@ -14,22 +14,36 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from deepsqueeze.codec.format import _HEADER, _HEADER_V1, _PREFIX, FORMAT_VERSION, MAGIC
+from deepsqueeze.codec.format import (
+    _HEADER,
+    _HEADER_V1,
+    _PREFIX,
+    DEFLATED_FROM,
+    FORMAT_VERSION,
+    MAGIC,
+    store_manifest,
+)
 
 
 def split_artifact(data: bytes) -> tuple[int, bytes, bytes]:
-    """(format version, manifest bytes, payload) of a .dsq's bytes (format 1 or 2)."""
+    """(format version, manifest JSON bytes, payload) of a .dsq's bytes (any format; a deflated manifest is
+    inflated, unbounded: forge only files you made)."""
     _, version = _PREFIX.unpack_from(data)
     header = _HEADER_V1 if version == 1 else _HEADER
     length = header.unpack_from(data)[2]
     start = header.size
-    return version, data[start : start + length], data[start + length :]
+    manifest = data[start : start + length]
+    return version, zlib.decompress(manifest) if version >= DEFLATED_FROM else manifest, data[start + length :]
 
 
-def assemble_artifact(manifest: dict[str, Any] | bytes, payload: bytes, version: int = FORMAT_VERSION) -> bytes:
-    """A .dsq whose header, manifest checksum and digest are consistent with ``manifest`` and ``payload``."""
+def assemble_artifact(manifest: dict[str, Any] | bytes, payload: bytes, version: int = FORMAT_VERSION,
+                      stored: bool = False) -> bytes:
+    """A .dsq whose header, manifest checksum and digest are consistent with ``manifest`` (a dict, or its JSON
+    bytes; ``stored``: bytes already as the file keeps them, e.g. a forged deflate stream) and ``payload``."""
     body = manifest if isinstance(manifest, bytes) else json.dumps(manifest, sort_keys=True,
                                                                    separators=(",", ":")).encode()
+    if not stored:
+        body = store_manifest(body, version)
     if version == 1:
         return _HEADER_V1.pack(MAGIC, 1, len(body), zlib.crc32(body)) + body + payload
     digest = hashlib.sha256(body + payload).digest()
