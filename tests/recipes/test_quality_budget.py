@@ -164,5 +164,5 @@ def test_structured_pruning_adapts_per_group_at_no_more_multiply_adds(resnet_wei
         macs[scope], reports[scope] = multiply_adds(module.eval(), example), ctx.report[-1]
     ratios = reports["sensitivity"]["ratios"]
     assert len(ratios) == 6 and len(set(ratios.values())) > 1, ratios  # every prunable group, not one ratio
-    assert all(0 < r <= 0.75 for r in ratios.values()), ratios
+    assert all(0 <= r <= 0.75 for r in ratios.values()), ratios  # a group may be kept whole
     assert 0.9 * macs["uniform"] <= macs["sensitivity"] <= macs["uniform"], macs

@@ -36,7 +36,7 @@ from deepsqueeze.errors import (
 from deepsqueeze.recipes.budget import BudgetCheck, check_budget
 from deepsqueeze.recipes.schema import Recipe
 from deepsqueeze.resolve import resolve_model
-from deepsqueeze.runtime.kernels import reference_kernels
+from deepsqueeze.runtime import reference_kernels
 from deepsqueeze.train import distributed
 from deepsqueeze.train.loop import seed_everything
 

@@ -70,7 +70,7 @@ def skeleton(ref: str) -> tuple[Model, ShardedCheckpoint]:
 def compress_streaming(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: str | None = None, *,
                        progress: bool = True) -> CompressResult:
     """Quantize ``hf:DIR`` block by block into ``out`` (see the module docstring); returns what happened."""
-    from deepsqueeze.runtime.kernels import reference_kernels
+    from deepsqueeze.runtime import reference_kernels
     from deepsqueeze.train.loop import seed_everything
 
     config = stream_config(recipe)
