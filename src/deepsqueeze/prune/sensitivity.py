@@ -111,8 +111,8 @@ def allocate_sparsity_greedy(curves: Curves, sizes: dict[str, int], target: floa
     return _trim(choice, sizes, target) if removed > target * total else choice
 
 
-# No group loses more than three quarters of its channels: one-shot scans (no fine-tuning) rank the deepest
-# cuts poorly, and a group cut to an eighth did not recover in fine-tuning on the benchmark CNNs.
+# No group loses more than three quarters of its channels (or the stage's own ratio, if higher): one-shot scans
+# (no fine-tuning) rank the deepest cuts poorly, and a group cut to an eighth did not recover in fine-tuning.
 CHANNEL_RATIOS = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75)
 
 
@@ -168,7 +168,7 @@ def allocate_channels(module: nn.Module, example: torch.Tensor, plan: ChannelPla
     curves = {}  # group id -> [(ratio, metric, multiply-adds saved)]
     for group in free:
         curve = [(0.0, base_metric, 0)]
-        for ratio in sorted(ratios):
+        for ratio in sorted({*ratios, plan.ratio}):  # the uniform cut itself stays reachable
             pruned = cut({group.id: ratio})
             curve.append((ratio, metric(pruned), base_macs - multiply_adds(pruned, example)))
         curves[group.id] = curve
