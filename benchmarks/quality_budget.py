@@ -5,6 +5,7 @@ depthwise CNNs of ``deepsqueeze.testing`` trained on Fashion-MNIST, as written (
 from __future__ import annotations
 
 import copy
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -31,6 +32,8 @@ SETUP = (
 MODELS = {"cnn-residual": "TinyResNet", "cnn-depthwise": "DepthwiseSeparableCNN"}
 RECIPES = ("deep-compression", "prune-structured", "prune-agp")
 BASE_EPOCHS = 4
+#: (model, recipe) cells not run (QUALITY_BUDGET_SKIP="model:recipe,..."): kept from the stored result if any
+SKIP = {tuple(c.split(":", 1)) for c in os.environ.get("QUALITY_BUDGET_SKIP", "").split(",") if ":" in c}
 TARGET_RATIO = 10.0  # deep-compression: file size
 TARGET_SPEEDUP = 1.5  # prune-structured: batch 256
 
@@ -124,7 +127,7 @@ def _bench_model(ctx: BenchContext, kind: str, factory: str, data_ref: str, reci
         row["met"] = "yes" if met else "no"
         ctx.log(f"{kind} {name}: {row['attempts']} -> {acc:.4f} ({row['ratio']}x)")
         rows.append(row)
-    if kind == "cnn-residual" and "prune-structured" in recipes:
+    if kind == "cnn-residual":
         stage = load_recipe("prune-structured").stages[0]
         peer = copy.deepcopy(base)
         start = time.perf_counter()
@@ -143,10 +146,17 @@ def _bench_model(ctx: BenchContext, kind: str, factory: str, data_ref: str, reci
 
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:
+    """Every recipe on every model but the cells of ``SKIP``, whose rows are kept from the stored result (each
+    names its run)."""
     if ctx.quick:
         return _bench_model(ctx, "cnn-depthwise", MODELS["cnn-depthwise"], "digits", ("prune-structured",), 2, None)
     ctx.notes.append(f"base models trained {BASE_EPOCHS} epochs on the Fashion-MNIST training split")
     rows = []
     for kind, factory in MODELS.items():
-        rows += _bench_model(ctx, kind, factory, "fashion-mnist", RECIPES, BASE_EPOCHS, None)
-    return rows
+        ran = tuple(r for r in RECIPES if (kind, r) not in SKIP)
+        rows += _bench_model(ctx, kind, factory, "fashion-mnist", ran, BASE_EPOCHS, None)
+    from benchmarks.runner import kept_rows
+
+    done = {(r["model"], r["recipe"]) for r in rows}
+    return kept_rows(ctx, NAME, lambda r: (r["model"], r["recipe"]) not in done,
+                     lambda kept: sorted({f"{r['model']} {r['recipe']}" for r in kept})) + rows
