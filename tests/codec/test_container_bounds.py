@@ -82,15 +82,15 @@ def test_the_manifest_is_stored_deflated_and_a_small_model_file_is_mostly_tensor
 
 @pytest.mark.parametrize("damage", ["bomb", "truncated", "trailing", "not-zlib"])
 def test_a_hostile_deflated_manifest_is_an_artifact_error(tmp_path, damage):
-    """A deflate stream that inflates past the manifest bound (a bomb: 1 KB stored, 1 GB inflated), stops
-    early, carries bytes after its end, or is no stream at all: one ArtifactError, nothing allocated past the
+    """A deflate stream that inflates past the manifest bound (a bomb: a few hundred bytes stored, 128 MB
+    inflated), stops early, carries bytes after its end, or is no stream at all: one ArtifactError, nothing allocated past the
     bound."""
     import zlib
 
     if damage == "bomb":
         inflater = zlib.compressobj(9)
         stored = inflater.compress(b'{"tensors":[],"x":"') + b"".join(
-            inflater.compress(b"a" * (1 << 24)) for _ in range(64)) + inflater.flush()
+            inflater.compress(b"a" * (1 << 24)) for _ in range(8)) + inflater.flush()
     else:
         stored = zlib.compress(b'{"tensors": []}', 9)
         stored = {"truncated": stored[:-3], "trailing": stored + b"\x00", "not-zlib": b"{}"}[damage]
