@@ -83,8 +83,8 @@ def test_the_manifest_is_stored_deflated_and_a_small_model_file_is_mostly_tensor
 @pytest.mark.parametrize("damage", ["bomb", "truncated", "trailing", "not-zlib"])
 def test_a_hostile_deflated_manifest_is_an_artifact_error(tmp_path, damage):
     """A deflate stream that inflates past the manifest bound (a bomb: a few hundred bytes stored, 128 MB
-    inflated), stops early, carries bytes after its end, or is no stream at all: one ArtifactError, nothing allocated past the
-    bound."""
+    inflated), stops early, carries bytes after its end, or is no stream at all: one ArtifactError, nothing
+    allocated past the bound."""
     import zlib
 
     if damage == "bomb":
