@@ -51,6 +51,11 @@ def _collect(value: Any, out: list[torch.Tensor]) -> None:
             _collect(item, out)
 
 
+def flat_outputs(output: Any) -> torch.Tensor:
+    """Every tensor of a batch's ``output`` flattened per sample and concatenated, as float32: ``(N, features)``."""
+    return torch.cat([t.flatten(1).float() for t in output_tensors(output)], dim=1)
+
+
 def primary_output(output: Any) -> torch.Tensor:
     """The first tensor of ``output`` (``logits`` / ``last_hidden_state`` of a ``ModelOutput``).
 

@@ -209,10 +209,10 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
     free = [name.removesuffix(".weight") for name in params if name.endswith(".weight") and plan.layer_target(name) is None]
     if not free:
         return {}
-    metric = scan_metric(model, ctx)
     was_training = model.module.training
     model.module.eval()
     try:
+        metric = scan_metric(model, ctx)
         curves = sensitivity_scan(model.module, metric, SCAN_SPARSITIES, self_criterion(config, ctx), include=free)
     finally:
         model.module.train(was_training)
@@ -223,22 +223,20 @@ def _sensitivity_allocation(model: Model, config: PruneConfig, ctx: StageContext
 def scan_metric(model: Model, ctx: StageContext) -> Callable[[nn.Module], float]:
     """What a sensitivity scan scores a module by: accuracy on the last ``SCAN_SAMPLES`` training samples (the
     cosine of all outputs to the reference's for a model without class logits), or cosine to the reference on
-    up to 64 calibration sentences. Raises DataError without such data."""
-    from deepsqueeze.core.outputs import class_logits, output_tensors
+    up to 64 calibration sentences. The model (and the reference) must be in eval mode. Raises DataError
+    without such data."""
+    from deepsqueeze.core.outputs import class_logits, flat_outputs
 
     data = ctx.data
     if isinstance(data, ClassificationData):
         x, y = data.train_x[-SCAN_SAMPLES:].to(ctx.device), data.train_y[-SCAN_SAMPLES:].to(ctx.device)
-        source = (ctx.reference or model).module
-        was_training = source.training
         with torch.no_grad():
-            reference = source.eval()(x)
-        source.train(was_training)
+            reference = (ctx.reference or model).module(x)
         if class_logits(reference, data.num_classes) is not None:
             return lambda module: float((class_logits(module(x)).argmax(-1) == y).float().mean())
-        flat = torch.cat([t.flatten(1).float() for t in output_tensors(reference)], dim=1)
-        return lambda module: float(torch.nn.functional.cosine_similarity(
-            torch.cat([t.flatten(1).float() for t in output_tensors(module(x))], dim=1), flat, dim=-1).mean())
+        target = flat_outputs(reference)
+        return lambda module: float(torch.nn.functional.cosine_similarity(flat_outputs(module(x)), target,
+                                                                          dim=-1).mean())
     if isinstance(data, TextData) and ctx.reference is not None and hasattr(model.module, "encode"):
         sentences = list(data.sentences[:64])
         target = ctx.reference.module.encode(sentences).float()  # type: ignore[operator]
@@ -400,14 +398,13 @@ def _channel_allocation(model: Model, config: PruneChannelsConfig, ctx: StageCon
     gradient criteria scan by L2 magnitude."""
     from deepsqueeze.prune.sensitivity import allocate_channels
 
-    metric = scan_metric(model, ctx)
     criterion: Any = Criterion.L2 if config.criterion is Criterion.TAYLOR else config.criterion
     if criterion is Criterion.RANDOM:
         criterion = element_criterion(Criterion.RANDOM, ctx.seed)
     was_training = model.module.training
     model.module.eval()
     try:
-        return allocate_channels(model.module, example, plan, metric, criterion)
+        return allocate_channels(model.module, example, plan, scan_metric(model, ctx), criterion)
     finally:
         model.module.train(was_training)
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from deepsqueeze.core.model import Model, Task
-from deepsqueeze.core.outputs import class_logits, output_tensors
+from deepsqueeze.core.outputs import class_logits, flat_outputs
 from deepsqueeze.data.datasets import ClassificationData, TextData
 
 EXIT_OVER_BUDGET = 3
@@ -118,8 +118,7 @@ def _output_cosine(model: Model, reference: Model, data: ClassificationData) -> 
     """Mean cosine between the model's and the reference's outputs (all output tensors of a sample,
     flattened) on the first ``OUTPUT_SAMPLES`` test images: the fidelity of a model without class logits."""
     x = data.test_x[:OUTPUT_SAMPLES]
-    ours = torch.cat([t.flatten(1).float() for t in output_tensors(model.module.eval()(x))], dim=1)
-    theirs = torch.cat([t.flatten(1).float() for t in output_tensors(reference.module.eval()(x))], dim=1)
+    ours, theirs = flat_outputs(model.module.eval()(x)), flat_outputs(reference.module.eval()(x))
     return float(torch.nn.functional.cosine_similarity(ours, theirs, dim=-1).mean())
 
 
