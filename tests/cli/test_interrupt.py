@@ -233,3 +233,43 @@ class _Writes:
 
     def invoke(self, ctx):
         self.action()
+
+
+@pytest.mark.parametrize("fails", [False, True])
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_staging_is_removed_still_removes_all_of_it(tmp_path, monkeypatch, sig, fails):
+    """Found by CI: SIGINT 2.4 s into ``export --format onnx`` left the staging folder ``.m.onnx.ltq7lxvj`` beside
+    ``m.onnx``: the signal landed while the folder was being removed and cut the removal short. Every removal of a
+    temporary (``core.files.discard``) now holds signals back until it is done, whether the export succeeded or
+    failed."""
+    import shutil
+    from types import SimpleNamespace
+
+    from deepsqueeze.core import signals
+    from deepsqueeze.export.check import ExportResult, write_verified
+
+    real_rmtree = shutil.rmtree
+
+    def signal_then_rmtree(path, *args, **kwargs):
+        os.kill(os.getpid(), sig)  # the signal lands as the removal starts
+        real_rmtree(path, *args, **kwargs)
+
+    def write(staged: Path, sample) -> ExportResult:
+        staged.write_bytes(b"model")
+        (staged.parent / "weights.data").write_bytes(b"sidecar")  # what a rename of ``staged`` leaves behind
+        if fails:
+            raise RuntimeError("the runtime refused the file")
+        return ExportResult(str(staged), "onnx", 5)
+
+    out = tmp_path / "m.onnx"
+    monkeypatch.setattr(shutil, "rmtree", signal_then_rmtree)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signals.install()
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            write_verified(SimpleNamespace(artifact_path=None, ref="x"), "onnx", out, write, sample={})
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ([] if fails else ["m.onnx"])

@@ -10,6 +10,7 @@ replaced only when deepsqueeze wrote it.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
@@ -37,7 +38,7 @@ def check_writable(path: str | os.PathLike[str]) -> None:
         with deferred_signals():
             fd, probe = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".probe", dir=path.parent)
             os.close(fd)
-            Path(probe).unlink(missing_ok=True)
+            discard(probe)
     except OSError as exc:
         raise ArtifactError(f"cannot write {path}: {exc.strerror or exc} in {path.parent}; choose another location"
                             ) from None
@@ -63,12 +64,10 @@ def atomic_write(path: Path, write: Callable[[Any], object]) -> None:
             os.fsync(fh.fileno())
         publish(tmp, path)
     except OSError as exc:  # disk full, a folder appearing at ``path`` meanwhile ...
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        discard(tmp)
         raise ArtifactError(f"cannot write {path}: {exc.strerror or exc}") from None
     except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
+        discard(tmp)
         raise
 
 
@@ -78,6 +77,19 @@ def publish(source: str | os.PathLike[str], path: str | os.PathLike[str]) -> Non
     with deferred_signals():
         os.replace(source, path)
         published(path)
+
+
+def discard(path: str | os.PathLike[str] | None) -> None:
+    """Remove the temporary file or folder ``path`` (nothing if None or gone) with SIGINT / SIGTERM held back until
+    it is gone: cleanup that a second signal, or the first one arriving late, cuts short leaves staging behind."""
+    if path is None:
+        return
+    path = Path(path)
+    with deferred_signals():
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 def _umask() -> int:

@@ -23,12 +23,13 @@ exporters ``onnx`` and ``pte`` also ``forms``), and only this driver imports the
 from __future__ import annotations
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from deepsqueeze.core.files import discard
 from deepsqueeze.core.model import Model, Task
+from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError
 from deepsqueeze.export.check import (
     MARKER,
@@ -99,10 +100,11 @@ def runnable(model: Model, backend: str, path: str | os.PathLike[str] | None = N
         raise ArtifactError(f"unknown backend {backend!r}: use torch, {', '.join(BACKENDS)}")
     fmt = BACKENDS[backend]
     temporary = None
-    if path is None:
-        temporary = Path(tempfile.mkdtemp(prefix=f"deepsqueeze-{backend}-"))
-        path = temporary / f"model.{fmt}"
     try:
+        if path is None:
+            with deferred_signals():
+                temporary = Path(tempfile.mkdtemp(prefix=f"deepsqueeze-{backend}-"))
+            path = temporary / f"model.{fmt}"
         result = export(model, fmt, path, sample=sample, threads=threads)
         if fmt == "onnx":
             from deepsqueeze.export.onnx import OrtModule as Runner
@@ -110,8 +112,7 @@ def runnable(model: Model, backend: str, path: str | os.PathLike[str] | None = N
             from deepsqueeze.export.pte import PteModule as Runner
         module = Runner(path, model.module, threads)
     finally:
-        if temporary is not None:
-            shutil.rmtree(temporary, ignore_errors=True)
+        discard(temporary)
     if model.task is Task.CLASSIFIER:
         module.tokenizer = None
     # what runs is the exported file: its bytes are the artifact's size (the .dsq's stay as dsq_bytes)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import shutil
 import sys
 import tempfile
 import warnings
@@ -20,7 +19,7 @@ from torch import nn
 
 from deepsqueeze.core.config import MAX_THREADS
 from deepsqueeze.core.counting import count_nonzero_params, count_params
-from deepsqueeze.core.files import publish
+from deepsqueeze.core.files import discard, publish
 from deepsqueeze.core.model import Model
 from deepsqueeze.core.signals import deferred_signals
 from deepsqueeze.errors import ArtifactError, DataError, ModelError
@@ -296,12 +295,11 @@ def write_verified(model: Model, fmt: str, out: str | os.PathLike[str], write: C
                                 ) from None
         staged = staging / out.name
         result = write(staged, sample)
-        if out.exists():
-            shutil.rmtree(out) if out.is_dir() else out.unlink()
-        publish(staged, out)
+        with deferred_signals():
+            discard(out)
+            publish(staged, out)
     finally:
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+        discard(staging)
     result.path = str(out)
     return result
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from deepsqueeze.core.files import discard
 from deepsqueeze.core.model import Model, Task
 from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError, DeepsqueezeError
@@ -202,7 +203,7 @@ def make_objective(ctx: SearchContext, baseline: dict[str, Any]) -> Callable[[An
             measured = measure_point(recipe, path, ctx, baseline, on_stage_end)
         except DeepsqueezeError as exc:
             trial.set_user_attr("error", str(exc)[:500])
-            path.unlink(missing_ok=True)
+            discard(path)
             raise
         over = violations(measured, ctx.space.constraints)
         for key, value in measured.items():
