@@ -28,7 +28,7 @@ def _text() -> TextData:
 
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 @pytest.mark.parametrize("stage", [None, {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16}])
-def test_onnx_runtime_generates_torchs_tokens_with_the_cache(family, stage, tmp_path):
+def test_onnx_runtime_generates_torchs_tokens_with_the_cache(family, stage, tmp_path, float_activation_nbits):
     model = resolve_model(f"hf:{make_hf_dir(family, tmp_path / family)}", progress=False)
     if stage:
         run_stages(model, parse_recipe({"stages": [stage]}), _text(), progress=False)

@@ -154,16 +154,19 @@ def export_onnx(model: Model, path: Path, sample: Any, threads: int = 2) -> Expo
     check["tolerance"] = TOLERANCE_QUANTIZED_ACTIVATIONS if quantized_acts else TOLERANCE
     verify(check, "ONNX Runtime")
     if model.task is Task.CAUSAL_LM:
-        check["cached_generation"] = _check_cached_generation(model, path, sample, threads)
+        check["cached_generation"] = _check_cached_generation(model, path, sample, threads, quantized_acts)
     return ExportResult(str(path), "onnx", size_of(path), layers, check)
 
 
 GENERATION_CHECK_TOKENS = 8
+#: A flipped greedy token is a near tie when torch's two logits differ by at most this share of the logit range.
+NEAR_TIE = 1e-2
 
 
-def _check_cached_generation(model: Model, path: Path, sample: Any, threads: int) -> str:
+def _check_cached_generation(model: Model, path: Path, sample: Any, threads: int, quantized_acts: bool) -> str:
     """Greedy tokens of ONNX Runtime's cached loop against torch's on the longest sample prompt: equal, or the
-    export is refused (with int8 activations a near tie may flip: their first difference is reported)."""
+    export is refused. With int8 activations a near tie may flip: the first difference is accepted only where
+    torch's logits for the two tokens lie within :data:`NEAR_TIE` of the logit range (then said)."""
     ids, mask = sample["input_ids"], sample["attention_mask"]
     row = int(mask.sum(1).argmax())
     prompt = ids[row][mask[row].bool()].tolist()[: max(1, model.module.context_length // 2)]
@@ -174,6 +177,13 @@ def _check_cached_generation(model: Model, path: Path, sample: Any, threads: int
     if ours == theirs:
         return f"{len(ours)} greedy tokens equal (KV cache)"
     first = next(i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b)
+    if quantized_acts:
+        with torch.inference_mode(), forced_int8_kernel("int_mm"):
+            logits = model.module.transformer(input_ids=torch.tensor([prompt + ours[:first]])).logits[0, -1].float()
+        gap = float(logits[ours[first]] - logits[theirs[first]]) / max(float(logits.max() - logits.min()), 1e-12)
+        if gap <= NEAR_TIE:
+            return (f"{first} greedy tokens equal (KV cache), then a near tie (logit gap {gap:.1e} of the range) "
+                    "taken the other way by int8 activations")
     raise ModelError(f"ONNX Runtime's cached generation differs from torch's at new token {first + 1} of "
                      f"{len(ours)}: not written")
 

@@ -163,14 +163,15 @@ class _MatMulNBits(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, packed: torch.Tensor,  # noqa: ARG004
-                scales: torch.Tensor, zeros: torch.Tensor, k: int, n: int, bits: int, block: int) -> torch.Tensor:
+                scales: torch.Tensor, zeros: torch.Tensor, k: int, n: int, bits: int, block: int,
+                level: int) -> torch.Tensor:
         return x @ weight.t()
 
     @staticmethod
     def symbolic(g: Any, x: Any, weight: Any, packed: Any, scales: Any, zeros: Any, k: int, n: int,  # noqa: ARG004
-                 bits: int, block: int) -> Any:
+                 bits: int, block: int, level: int) -> Any:
         y = g.op("com.microsoft::MatMulNBits", x, packed, scales, zeros, K_i=k, N_i=n, bits_i=bits,
-                 block_size_i=block, accuracy_level_i=0)
+                 block_size_i=block, accuracy_level_i=level)
         sizes = x.type().varyingSizes() if x.isCompleteTensor() or hasattr(x.type(), "varyingSizes") else None
         if sizes:  # the contrib op has no shape inference in the exporter: state the output's (.., N)
             y.setType(x.type().with_sizes(list(sizes[:-1]) + [n]))
@@ -196,8 +197,17 @@ def _nbits_block(group: int, cols: int) -> int | None:
     return block if block >= 16 and cols % block == 0 else None
 
 
+#: ``accuracy_level`` of every ``MatMulNBits`` written: 4 computes with int8 activations quantized per block
+#: inside ONNX Runtime's kernel (as llama.cpp's Q4_0 x Q8_0 dot product does), 0 with float activations. On
+#: SmolLM2-135M w4 (2 threads, AVX2) decode ran at 70.6 tokens/s with 4 against 10.4 with 0: level 0 decodes
+#: the whole weight for every call, ruinous at one token per call. The export check holds such layers to the
+#: quantized-activation tolerance.
+MATMUL_NBITS_ACCURACY_LEVEL = 4
+
+
 class MatMulNBitsForm(nn.Module):
-    """A :class:`PackedIntLinear` as ``MatMulNBits`` (codes repacked into ONNX Runtime's layout)."""
+    """A :class:`PackedIntLinear` as ``MatMulNBits`` (codes repacked into ONNX Runtime's layout), computing at
+    :data:`MATMUL_NBITS_ACCURACY_LEVEL`."""
 
     def __init__(self, layer: PackedIntLinear, bits: int, block: int) -> None:
         super().__init__()
@@ -220,11 +230,12 @@ class MatMulNBitsForm(nn.Module):
         self.register_buffer("zeros", _pack_lsb(zeros, bits).reshape(-1))
         self.register_buffer("bias", None if layer.bias is None else layer.bias.float().clone())
         self.k, self.n, self.bits, self.block = k, n, bits, block
+        self.level = MATMUL_NBITS_ACCURACY_LEVEL
         self._traced_weight = layer.dequantized_weight()  # a plain attribute: traced as a constant, then unused
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _MatMulNBits.apply(x, self._traced_weight, self.packed, self.scales, self.zeros,
-                               self.k, self.n, self.bits, self.block)
+                               self.k, self.n, self.bits, self.block, self.level)
         return y if self.bias is None else y + self.bias
 
 
@@ -269,7 +280,9 @@ def packed_linear_form(layer: PackedIntLinear) -> tuple[nn.Module, str]:
     block = _nbits_block(layer.group_size, layer.in_features)
     float_zero = bool(getattr(layer, "float_zero", False))
     if layer.affine_codes and block is not None and not float_zero:
-        return MatMulNBitsForm(layer, bits, block), f"MatMulNBits {bits}-bit, block {block}"
+        form = MatMulNBitsForm(layer, bits, block)
+        acts = ", int8 activations per block" if form.level == 4 else ""
+        return form, f"MatMulNBits {bits}-bit, block {block}{acts}"
     why = ("two-level ternary scales" if getattr(layer, "neg_scale", None) is not None else
            f"{type(layer).__name__} codes are not affine" if not layer.affine_codes else "float zero points"
            if float_zero else f"group {layer.group_size} has no power-of-two block")
