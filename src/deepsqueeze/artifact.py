@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from deepsqueeze._version import __version__
+from deepsqueeze.codec.encodings import stored_encoding
 from deepsqueeze.codec.format import TensorEntry, decode_entry, read_container, write_artifact
 from deepsqueeze.core.materialize import meta_tensors, skeleton
 from deepsqueeze.core.model import Model, Task
@@ -59,7 +60,7 @@ def tensor_entries(state: dict[str, torch.Tensor], encodings: dict[str, dict[str
         if name in ties:
             continue  # stored once, under the name it was first seen by; re-tied at load
         hint = dict(encodings.get(name, {"encoding": "raw"}))
-        entries.append(TensorEntry(name, tensor, hint.pop("encoding"), hint))
+        entries.append(TensorEntry(name, tensor, stored_encoding(hint.pop("encoding"), tensor), hint))
     return entries, ties
 
 
@@ -209,7 +210,7 @@ def load(path: str | os.PathLike[str], model: ModelCode = None) -> Model:
     get_record(module).stages = list(manifest.get("stages", []))
     get_record(module).coverage = [CoverageEntry.from_dict(e) for e in manifest.get("coverage", [])]
     for entry in spec.tensors:
-        if entry.encoding != "raw":
+        if entry.encoding not in ("raw", "narrow-float"):  # the writer's own choices, made again at each save
             record_encoding(module, entry.name, entry.encoding, **(entry.params or {}))
     return Model(
         module.eval(), base, spec.task_enum, spec.ref or str(path), spec.base_params,

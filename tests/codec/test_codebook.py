@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from deepsqueeze.codec.codebook import analyze, split_codebook
+from deepsqueeze.codec.format import TensorEntry, read_artifact, write_artifact
 from deepsqueeze.core.encoding import get_encoding
 from deepsqueeze.errors import ArtifactError
 
@@ -115,3 +116,60 @@ def test_decoders_never_crash_on_garbage(pos: bytes, idx: bytes, name: str, k: i
     except ArtifactError:
         return
     assert out.shape == (6, 7)
+
+
+def test_a_float32_tensor_a_two_byte_float_holds_is_stored_in_two_bytes_bit_for_bit(tmp_path):
+    """Issue 24's quality-budget row: on a 43K-parameter residual CNN after Deep Compression, fp32 codebooks
+    (3.9 KB) and BatchNorm tensors (4 KB) were over half the file. Values a 2-byte float holds exactly are stored
+    in it (float16, else bfloat16: past float16's range), read back as the same float32 bits; others stay raw."""
+    from deepsqueeze.codec.format import read_manifest
+
+    halves = torch.randn(300).half().float()
+    big = (torch.randn(50) * 1e6).bfloat16().float()  # past float16's range, exact in bfloat16
+    entries = [TensorEntry("halves", halves, "narrow-float"), TensorEntry("big", big, "narrow-float"),
+               TensorEntry("neg0", torch.tensor([-0.0, 0.0, 1.5]), "narrow-float")]
+    write_artifact(tmp_path / "n.dsq", {"ref": "t"}, entries)
+    specs = {e["name"]: e for e in read_manifest(tmp_path / "n.dsq")[0]["tensors"]}
+    assert specs["halves"]["meta"] == {"as": "float16"} and specs["big"]["meta"] == {"as": "bfloat16"}
+    assert specs["halves"]["segments"][0][1] == 600
+    tensors = read_artifact(tmp_path / "n.dsq").tensors
+    for name, want in (("halves", halves), ("big", big), ("neg0", torch.tensor([-0.0, 0.0, 1.5]))):
+        assert tensors[name].dtype == torch.float32
+        assert torch.equal(tensors[name].view(torch.int32), want.view(torch.int32)), name
+    with pytest.raises(ArtifactError, match="2-byte float"):
+        write_artifact(tmp_path / "x.dsq", {"ref": "t"}, [TensorEntry("x", torch.tensor([0.1]), "narrow-float")])
+
+
+def test_the_writer_narrows_exactly_what_it_can_and_codebooks_too(tmp_path):
+    from deepsqueeze.codec.encodings import stored_encoding
+
+    assert stored_encoding("raw", torch.ones(4)) == "narrow-float"
+    assert stored_encoding("raw", torch.tensor([0.1, 1.0])) == "raw"
+    assert stored_encoding("raw", torch.ones(4, dtype=torch.float64)) == "raw"
+    assert stored_encoding("codebook", torch.ones(4)) == "codebook"
+    weight = torch.randn(64, 64).half().float()
+    weight[weight.abs() < 0.8] = 0
+    weight = (weight * 4).round() / 4  # a few distinct values, exact in float16
+    meta, segments = get_encoding("sparse-codebook-entropy").encode(weight)
+    assert meta["cb"] == "float16" and len(segments[0]) == 2 * meta["k"]
+    assert torch.equal(get_encoding("sparse-codebook-entropy").decode(meta, segments, (64, 64), torch.float32), weight)
+    meta32, segments32 = get_encoding("sparse-codebook-entropy").encode(weight + 1e-4 * (weight != 0))
+    assert "cb" not in meta32 and len(segments32[0]) == 4 * meta32["k"]
+
+
+@pytest.mark.parametrize("meta", [{"as": "float8"}, {"as": 16}, {"as": "float16", "x": 1}, {}])
+def test_a_forged_narrow_float_is_an_artifact_error(meta):
+    with pytest.raises(ArtifactError, match="narrow-float"):
+        get_encoding("narrow-float").decode(meta, [b"\x00\x3c"], (1,), torch.float32)
+    with pytest.raises(ArtifactError):
+        get_encoding("narrow-float").decode({"as": "float16"}, [b"\x00\x3c\x00"], (2,), torch.float32)
+
+
+def test_a_forged_codebook_type_is_an_artifact_error():
+    weight = torch.tensor([[0.0, 0.5], [0.25, 0.0]])
+    meta, segments = get_encoding("sparse-codebook").encode(weight)
+    with pytest.raises(ArtifactError, match="codebook type"):
+        get_encoding("sparse-codebook").decode({**meta, "cb": "float64"}, segments, (2, 2), torch.float32)
+    with pytest.raises(ArtifactError, match="corrupted"):
+        get_encoding("sparse-codebook").decode({**meta, "cb": "bfloat16"}, [segments[0] + b"\x00"] + segments[1:],
+                                              (2, 2), torch.float32)

@@ -43,9 +43,9 @@ def test_digest_covers_the_whole_file(artifact, tmp_path):
         read_artifact(tmp_path / "d.dsq")
 
 
-@pytest.mark.parametrize("version", [1, 2])
+@pytest.mark.parametrize("version", [1, 2, 3])
 def test_earlier_formats_still_load(artifact, tmp_path, version):
-    """Format 1 (no digest) and format 2 (the manifest stored as plain JSON)."""
+    """Format 1 (no digest), format 2 (the manifest stored as plain JSON) and format 3 (no 2-byte floats)."""
     _, manifest, payload = split_artifact(artifact.read_bytes())
     old = json.loads(manifest)
     old["version"] = version
@@ -161,7 +161,7 @@ def test_a_raw_dtype_change_never_reinterprets_bytes(artifact, tmp_path):
 
 def test_reseal_recomputes_checksums(artifact):
     assert reseal(artifact.read_bytes()) == artifact.read_bytes()
-    assert FORMAT_VERSION == 3
+    assert FORMAT_VERSION == 4
 
 
 @pytest.mark.parametrize("encoding", ["codebook", "codebook-entropy", "sparse-codebook",

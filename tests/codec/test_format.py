@@ -57,7 +57,7 @@ def test_header_layout(tmp_path):
     write_artifact(tmp_path / "a.dsq", {}, _tensors())
     data = (tmp_path / "a.dsq").read_bytes()
     magic, version, length, crc, digest = struct.unpack_from("<8sIQI32s", data)
-    assert magic == MAGIC and version == FORMAT_VERSION == 3
+    assert magic == MAGIC and version == FORMAT_VERSION == 4
     manifest = data[56 : 56 + length]
     assert zlib.crc32(manifest) == crc and json.loads(zlib.decompress(manifest))["format"] == "deepsqueeze"
     assert hashlib.sha256(data[56:]).digest() == digest

@@ -188,3 +188,52 @@ def test_shipped_recipes_parse() -> None:
     for name in ("deep-compression.yaml", "deep-compression-lenet300.yaml", "deep-compression-lenet5.yaml"):
         recipe = load_recipe(RECIPES / name)
         assert [s.stage_type for s in recipe.stages] == ["prune", "share", "encode"]
+
+
+def test_deep_compression_can_store_its_centroids_and_other_floats_in_two_bytes(tmp_path):
+    """Issue 24: on a residual CNN after Deep Compression fp32 codebooks and BatchNorm tensors were over half the
+    file. ``centroid_dtype: float16`` rounds the trained centroids and ``float_dtype: float16`` (encode) the
+    other float tensors; the model is measured as rounded, and the file holds exactly that model in less."""
+    from deepsqueeze.resolve import resolve_model
+
+    data = tiny_classification_data()
+    sizes, models = {}, {}
+    for dtype in ("float32", "float16"):
+        torch.manual_seed(0)
+        model = resolve_model("py:deepsqueeze.testing.models:TinyResNet", progress=False)
+        recipe = parse_recipe({"stages": [
+            {"type": "prune", "sparsity": 0.8, "scope": "global"},
+            {"type": "share", "bits": 4, "conv_bits": 6, "epochs": 1, "lr": 0.001, "centroid_dtype": dtype},
+            {"type": "encode", "float_dtype": dtype}]})
+        ctx = run_stages(model, recipe, data, progress=False)
+        save(model, tmp_path / f"{dtype}.dsq")
+        sizes[dtype], models[dtype] = (tmp_path / f"{dtype}.dsq").stat().st_size, model
+        if dtype == "float16":
+            assert ctx.report[-1]["float16_tensors"] > 0
+    specs = {e["name"]: e for e in read_manifest(tmp_path / "float16.dsq")[0]["tensors"]}
+    assert specs["stem.1.running_var"]["encoding"] == "narrow-float"
+    assert all(s["meta"].get("cb") for s in specs.values() if "codebook" in s["encoding"])
+    assert sizes["float16"] < 0.92 * sizes["float32"], sizes
+    loaded = load(tmp_path / "float16.dsq", "py:deepsqueeze.testing.models:TinyResNet")
+    for name, tensor in models["float16"].module.state_dict().items():
+        assert torch.equal(loaded.module.state_dict()[name], tensor), name
+
+
+def test_a_loaded_artifact_with_two_byte_floats_compresses_again(tmp_path):
+    """``narrow-float`` is the writer's choice for values it holds exactly: a model loaded from such a file and
+    trained further (its BatchNorm no longer exact in 2 bytes) is written again, raw where it must be."""
+    from deepsqueeze.resolve import resolve_model
+
+    data = tiny_classification_data()
+    torch.manual_seed(0)
+    model = resolve_model("py:deepsqueeze.testing.models:TinyResNet", progress=False)
+    run_stages(model, parse_recipe({"stages": [{"type": "share", "bits": 4, "centroid_dtype": "float16"},
+                                               {"type": "encode", "float_dtype": "float16"}]}), data, progress=False)
+    save(model, tmp_path / "a.dsq")
+    loaded = load(tmp_path / "a.dsq", "py:deepsqueeze.testing.models:TinyResNet")
+    assert "stem.1.running_var" not in get_record(loaded.module).encodings
+    run_stages(loaded, parse_recipe({"stages": [{"type": "finetune", "epochs": 1, "lr": 0.01}]}), data,
+               progress=False)
+    save(loaded, tmp_path / "b.dsq")
+    specs = {e["name"]: e for e in read_manifest(tmp_path / "b.dsq")[0]["tensors"]}
+    assert specs["stem.1.running_var"]["encoding"] == "raw"

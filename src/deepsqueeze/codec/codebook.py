@@ -1,7 +1,8 @@
 """Codebook tensor encodings: a tensor whose values come from a small set of shared values.
 
-A weight-shared tensor is stored as its distinct values (the codebook, in the tensor's own dtype, so
-decoding is bit-exact) plus one index per entry. Three forms, registered as .dsq encodings:
+A weight-shared tensor is stored as its distinct values (the codebook, in the tensor's own dtype, or in a
+2-byte float where that holds every value exactly, meta ``cb``: decoding is bit-exact either way) plus one
+index per entry. Three forms, registered as .dsq encodings:
 
 - ``codebook``: every entry gets an index (zero included when present), packed at a fixed width;
   ``codebook-entropy``: the same indices entropy-coded (for dense tensors such as shared biases).
@@ -26,7 +27,7 @@ import numpy as np
 import torch
 
 from deepsqueeze.codec.bits import pack_fixed, unpack_fixed
-from deepsqueeze.codec.encodings import bytes_to_tensor, tensor_to_bytes
+from deepsqueeze.codec.encodings import NARROW_FLOATS, bytes_to_tensor, narrow_float, tensor_to_bytes
 from deepsqueeze.codec.entropy import Coder, StreamStats, decode_stream, encode_stream, shannon_bits
 from deepsqueeze.codec.sparse_index import PositionScheme, decode_positions, encode_positions, scheme_name
 from deepsqueeze.core.encoding import register_encoding
@@ -75,7 +76,10 @@ def _encode(tensor: torch.Tensor, *, sparse: bool, positions: str, coder: str,
     codebook, mask, indices = split_codebook(tensor, sparse)
     k = codebook.numel()
     meta: dict[str, Any] = {"k": k}
-    segments = [tensor_to_bytes(codebook)]
+    narrow = narrow_float(codebook)  # centroids a 2-byte float holds exactly are stored in it
+    if narrow is not None:
+        meta["cb"] = narrow
+    segments = [tensor_to_bytes(codebook.to(NARROW_FLOATS[narrow]) if narrow else codebook)]
     if sparse:
         if positions == PositionScheme.GAPS_FIXED.value:
             pos = _encode_positions_fixed(mask, gap_width)
@@ -109,8 +113,13 @@ def _decode(meta: dict[str, Any], segments: list[bytes], shape: tuple[int, ...],
     k = meta.get("k")
     if not isinstance(k, int) or not 0 <= k <= MAX_CODEBOOK:
         raise ArtifactError("codebook tensor is corrupted (bad codebook size in the manifest)")
+    stored = dtype
+    if "cb" in meta:
+        stored = NARROW_FLOATS.get(meta["cb"]) if isinstance(meta["cb"], str) else None
+        if stored is None or dtype != torch.float32:
+            raise ArtifactError("codebook tensor is corrupted (bad codebook type in the manifest)")
     try:
-        codebook = bytes_to_tensor(segments[0], (k,), dtype)
+        codebook = bytes_to_tensor(segments[0], (k,), stored).to(dtype)
     except ValueError as exc:
         raise ArtifactError(f"codebook tensor is corrupted ({exc})") from None
     numel = math.prod(shape)

@@ -1,6 +1,6 @@
 """The .dsq container: ``magic | version | manifest length | manifest crc | digest | JSON manifest | segments``.
 
-Layout (little-endian), format version 3::
+Layout (little-endian), format version 4::
 
     8 bytes   magic  b"\\x89DSQ\\r\\n\\x1a\\n"  (PNG-style: catches text-mode and 7-bit mangling)
     u32       format version
@@ -10,7 +10,9 @@ Layout (little-endian), format version 3::
     ...       manifest: UTF-8 JSON, keys sorted (same inputs -> same bytes), deflated (zlib, level 9)
     ...       segments, concatenated; each tensor entry lists (offset, length, crc32) of its own
 
-Format 2 (the manifest stored as plain JSON) and format 1 (no digest field either; its per-segment CRCs still
+Format 4 added 2-byte floats for float32 values they hold exactly (the ``narrow-float`` encoding, codebooks'
+``cb``), which a format 3 reader would misread: it is told the file is newer instead. Format 3, format 2 (the
+manifest stored as plain JSON) and format 1 (no digest field either; its per-segment CRCs still
 verify it) still load. Version 0 and versions newer than this reader are refused. The manifest is deflated
 because on small models it was half the file (a 43K-parameter CNN after Deep Compression: 14 KB of JSON
 beside 14 KB of tensors); inflating it is bounded like the plain one.
@@ -44,8 +46,8 @@ from deepsqueeze.core.jsonfile import loads_bounded
 from deepsqueeze.errors import ArtifactError
 
 MAGIC = b"\x89DSQ\r\n\x1a\n"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 DEFLATED_FROM = 3  # the first format version whose manifest is stored deflated
 _PREFIX = struct.Struct("<8sI")
 _HEADER_V1 = struct.Struct("<8sIQI")

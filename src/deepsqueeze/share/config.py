@@ -18,6 +18,11 @@ class Method(StrEnum):
     EXACT = "exact"  # globally optimal 1-D k-means by dynamic programming (init ignored)
 
 
+class FloatStorage(StrEnum):
+    FLOAT32 = "float32"  # as trained
+    FLOAT16 = "float16"  # rounded to float16 (bfloat16 for a tensor past float16's range), stored in 2 bytes
+
+
 class TrainOptimizer(StrEnum):
     ADAM = "adam"
     SGD = "sgd"
@@ -55,14 +60,20 @@ class ShareConfig(StageConfig):
     lr_schedule: LRSchedule = LRSchedule.CONSTANT
     train_biases: Flag = True
     limit: Count | None = Field(None, description="use at most this many training samples per epoch")
-
+    centroid_dtype: FloatStorage = Field(FloatStorage.FLOAT32, description=(
+        "float16: the trained centroids rounded to 16-bit floats, stored in 2 bytes (a small layer's 256-entry "
+        "codebook is otherwise 1 KB)"))
 
 
 class EncodeConfig(StageConfig):
     """Entropy-code every weight-shared tensor: positions by ``positions`` (``auto`` keeps the smallest of
-    entropy-coded gaps and the adaptive bitmap), indices by ``coder`` (``auto``: smaller of Huffman/ANS)."""
+    entropy-coded gaps and the adaptive bitmap), indices by ``coder`` (``auto``: smaller of Huffman/ANS);
+    ``float_dtype: float16`` also rounds the remaining float tensors to 2 bytes."""
 
     stage_type = "encode"
 
     positions: PositionScheme = PositionScheme.AUTO
     coder: Coder = Coder.AUTO
+    float_dtype: FloatStorage = Field(FloatStorage.FLOAT32, description=(
+        "float16: every other float32 tensor (BatchNorm statistics and affine, unshared biases) rounded to "
+        "16-bit floats and stored in 2 bytes; the model is measured as rounded"))

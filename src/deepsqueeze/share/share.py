@@ -24,6 +24,7 @@ from torch.nn.utils import parametrize
 
 from deepsqueeze import runtime
 from deepsqueeze.codec.codebook import analyze
+from deepsqueeze.codec.encodings import half_precision, stored_encoding
 from deepsqueeze.core.config import register_stage
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.counting import count_params
@@ -36,7 +37,7 @@ from deepsqueeze.core.walker import has_empty_weight
 from deepsqueeze.data.datasets import ClassificationData
 from deepsqueeze.errors import DataError, RecipeError
 from deepsqueeze.primitives.kmeans import assign, exact_1d, init_centroids, lloyd
-from deepsqueeze.share.config import EncodeConfig, Method, ShareConfig
+from deepsqueeze.share.config import EncodeConfig, FloatStorage, Method, ShareConfig
 
 SHAREABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d)
 CODEBOOK_ENCODINGS = ("codebook", "codebook-entropy", "sparse-codebook", "sparse-codebook-entropy")
@@ -180,7 +181,8 @@ def payload_bytes(module: nn.Module) -> int:
     total = 0
     for name, tensor in module.state_dict().items():
         hint = dict(encodings.get(name, {"encoding": "raw"}))
-        _, segments = get_encoding(hint.pop("encoding")).encode(tensor.detach().cpu(), **hint)
+        encoding = stored_encoding(hint.pop("encoding"), tensor)
+        _, segments = get_encoding(encoding).encode(tensor.detach().cpu(), **hint)
         total += sum(len(s) for s in segments)
     return total
 
@@ -226,6 +228,11 @@ def share_stage(model: Model, config: ShareConfig, ctx: StageContext) -> None:
         raise RecipeError("the share stage found no Linear/Conv weights to cluster: check include/exclude")
     cluster_s = time.perf_counter() - start
     loss = finetune_centroids(model, ctx, config, shared)
+    if config.centroid_dtype == FloatStorage.FLOAT16:
+        state = model.module.state_dict()
+        with torch.no_grad():
+            for name in shared:  # rounding the values rounds the centroids: zeros stay zero
+                state[name].copy_(half_precision(state[name]))
     _record_codebook_encodings(model.module, list(shared))
     ctx.report.append({
         "stage": "share", "shared_tensors": len(shared), "bits": _bits_range([i["bits"] for i in shared.values()]),
@@ -246,6 +253,7 @@ def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
         raise RecipeError("the encode stage found no weight-shared tensors: put a share stage before it")
     start = time.perf_counter()
     state = module.state_dict()
+    rounded = _round_other_floats(state, record.encodings) if config.float_dtype == FloatStorage.FLOAT16 else 0
     streams = []
     for name in names:
         sparse = record.encodings[name]["encoding"] != "codebook"
@@ -264,8 +272,22 @@ def encode_stage(model: Model, config: EncodeConfig, ctx: StageContext) -> None:
         "index_shannon_bytes": round(sum(s["index_shannon_bytes"] for s in streams)),
         "position_bytes": sum(s["position_bytes"] for s in streams),
         "gap_shannon_bytes": round(sum(s["gap_shannon_bytes"] for s in streams)),
-        "encode_s": round(time.perf_counter() - start, 3), **measure(model, ctx),
+        "encode_s": round(time.perf_counter() - start, 3), **({"float16_tensors": rounded} if rounded else {}),
+        **measure(model, ctx),
     })
+
+
+def _round_other_floats(state: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]]) -> int:
+    """Round, in place, every float32 tensor of ``state`` stored as is (no recorded encoding) to 16-bit floats;
+    return how many (tied tensors once)."""
+    seen: set[int] = set()
+    with torch.no_grad():
+        for name, tensor in state.items():
+            if tensor.dtype == torch.float32 and encodings.get(name, {"encoding": "raw"})["encoding"] == "raw" \
+                    and tensor.untyped_storage().data_ptr() not in seen:
+                seen.add(tensor.untyped_storage().data_ptr())
+                tensor.copy_(half_precision(tensor))
+    return len(seen)
 
 
 def as_model(model: Model | nn.Module) -> Model:
