@@ -72,3 +72,32 @@ def test_the_cli_generates_in_onnx_runtime(tmp_path, capsys):
     assert ort["backend"] == "ort" and ort["token_ids"] == torch_run["token_ids"]
     code, _, err = run(capsys, "generate", f"hf:{folder}", "--prompt", PROMPT, "--backend", "tpu")
     assert code == 2 and "unknown backend" in err
+
+
+@pytest.mark.parametrize("near_tie, written", [(1.0, True), (0.0, False)])
+def test_a_greedy_token_int8_activations_flip_is_accepted_only_at_a_near_tie(tmp_path, monkeypatch, near_tie,
+                                                                             written):
+    """MatMulNBits computes with int8 activations (accuracy level 4): ONNX Runtime's greedy tokens may leave
+    torch's where torch's two best logits nearly tie. Such a flip is said in the check; any other is refused."""
+    from deepsqueeze.errors import ModelError
+    from deepsqueeze.export import onnx as onnx_export
+
+    model = resolve_model(f"hf:{make_hf_dir('llama', tmp_path / 'l')}", progress=False)
+    run_stages(model, parse_recipe({"stages": [{"type": "quantize", "method": "rtn", "bits": 4, "group_size": 16}]}),
+               _text(), progress=False)
+    real = OrtModule.generate
+
+    def flipped(self, prompt, **kwargs):
+        out = real(self, prompt, **kwargs)
+        out.token_ids[0] = (out.token_ids[0] + 1) % 256  # another first token than torch's
+        return out
+
+    monkeypatch.setattr(OrtModule, "generate", flipped)
+    monkeypatch.setattr(onnx_export, "NEAR_TIE", near_tie)
+    if written:
+        result = export(model, "onnx", tmp_path / "m.onnx")
+        assert "near tie" in result.check["cached_generation"]
+    else:
+        with pytest.raises(ModelError, match="differs from torch's at new token 1"):
+            export(model, "onnx", tmp_path / "m.onnx")
+        assert not (tmp_path / "m.onnx").exists()
