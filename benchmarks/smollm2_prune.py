@@ -21,8 +21,9 @@ SETUP = (
     "(OBS mask selection in blocks of 128 columns with weight update, damp 0.01); Wanda and SparseGPT calibrate "
     "layer by layer (sequentially, each on the pruned layers' outputs) on 64 wiki:calib paragraphs. Quality: the "
     f"scoring of smollm2-quant (windows of {WINDOW} every {STRIDE}) on {WIKI_TOKENS} wiki:eval and {NEWS_TOKENS} "
-    "news:eval tokens, on the model loaded back from its .dsq. Not run here yet: 2:4 + 4-bit (the "
-    "llm-sparsegpt-2of4-w4 recipe), block removal with LM distillation."
+    "news:eval tokens, on the model loaded back from its .dsq. `sparsegpt + w4`: the llm-sparsegpt-2of4-w4 "
+    "recipe's stages (SparseGPT 2:4, then GPTQ 4-bit group 128 keeping the zeros, 8-bit embedding) on the same "
+    "calibration count. Not run here yet: block removal with LM distillation."
 )
 
 
@@ -39,6 +40,11 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             stages = [{"type": "prune_oneshot", "method": method, "pattern": pattern, "sparsity": 0.5,
                        "calibration_samples": samples}]
             rows.append(_row(method, pattern, stages, base, base_top1, calib, wiki, news, tmp, ctx))
+    from deepsqueeze.recipes.schema import load_recipe
+
+    stages = [{**stage.model_dump(mode="json"), "type": stage.stage_type, "calibration_samples": samples}
+              for stage in load_recipe("llm-sparsegpt-2of4-w4").stages]
+    rows.append(_row("sparsegpt + w4", "2:4", stages, base, base_top1, calib, wiki, news, tmp, ctx))
     base_ppl = rows[0]["wiki_ppl"]
     for row in rows[1:]:
         row["vs_base"] = f"{100 * (row['wiki_ppl'] / base_ppl - 1):+.2f}%"
