@@ -71,6 +71,7 @@ EXPECTED: dict[str, str] = {
     "llm-mixed-3.5bpw": "6499f12ba3b6b8f49d2536e40995e5fc7c434e5b707039b26d73b9fad2bc977d",
     "llm-sparsegpt-2of4": "cfc40b0818ac67d42339fef3bc7417350968aad9227f273c9c3ba24a4f05d668",
     "llm-sparsegpt-2of4-w4": "9bef0646f2442bfc62b29b8d3b9e5893be1d6bc1477f9a047d6d10f4ac0e6d93",
+    "llm-drop-blocks": "ae0359458ee8608fe32a28b040833a95ca28dfb6d02b69a0a38b510619e61c00",
     "llm-wanda-50": "14fdf79b86b1b525fd54fca3a40e1cf5c94f774669c28376701ec61410ef82fe",
     "llm-gguf-q4_0": "5c614662403cada7a61f5f8d32458faa49494b11e34417af74325a890e8e8b38",
     "llm-gguf-q4_k_m": "74bbdb82b617a0e91eeed430a0ab288664c8d02c8ad49adf6f417408f94853fb",
@@ -137,7 +138,7 @@ RECIPE_MODELS = {
     "qat-w8a8": "lenet5", "w3-lora": "lenet300", "w4-gptq": "lenet300", "w4-rtn": "lenet300",
     "llm-w4-gptq": "tiny-llama", "llm-w3-awq": "tiny-llama", "llm-mixed-3.5bpw": "tiny-llama",
     "llm-sparsegpt-2of4": "tiny-llama", "llm-sparsegpt-2of4-w4": "tiny-llama", "llm-wanda-50": "tiny-llama",
-    "llm-gguf-q4_0": "tiny-llama", "llm-gguf-q4_k_m": "tiny-llama",
+    "llm-gguf-q4_0": "tiny-llama", "llm-gguf-q4_k_m": "tiny-llama", "llm-drop-blocks": "tiny-llama",
 }
 
 

@@ -107,3 +107,48 @@ def test_stage_with_layer_dropping_round_trips_through_the_artifact(models, tmp_
     assert count_params(loaded.module) == count_params(model.module)
     inputs = model.module.tokenize(SENTENCES)
     torch.testing.assert_close(_out(loaded.module, inputs), _out(model.module, inputs))
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_drop_blocks_removes_the_block_that_changes_its_input_least(tmp_path, family):
+    """Issue 30: block removal by measured importance (Block Influence, ShortGPT). A block whose output
+    projections are zero passes its input through unchanged (pre-norm residual): it has influence 0, it is the
+    one removed, and the model without it computes exactly what it computed with it."""
+    from deepsqueeze.data.datasets import TextData
+    from deepsqueeze.recipes.run import run_stages
+    from deepsqueeze.recipes.schema import parse_recipe
+
+    model = resolve_model(f"hf:{make_hf_dir(family, tmp_path / family, num_hidden_layers=4)}", progress=False)
+    stack = {"gpt2": "transformer.transformer.h", "llama": "transformer.model.layers"}[family]
+    idle = model.module.get_submodule(f"{stack}.2")
+    with torch.no_grad():
+        for name, p in idle.named_parameters():
+            if name.endswith(("o_proj.weight", "down_proj.weight", "c_proj.weight", "c_proj.bias")):
+                p.zero_()
+    inputs = model.module.tokenize(SENTENCES)
+    before = _out(model.module, inputs)
+    data = TextData("text:calib", SENTENCES * 4)
+    ctx = run_stages(model, parse_recipe({"stages": [{"type": "prune_transformer", "drop_blocks": 1,
+                                                      "calibration_samples": 8}]}), data, progress=False)
+    row = ctx.report[-1]
+    assert row["dropped"] == [f"{stack}.2"]
+    assert row["block_influence"][f"{stack}.2"] == pytest.approx(0, abs=1e-6)
+    assert min(v for k, v in row["block_influence"].items() if k != f"{stack}.2") > 1e-4
+    assert len(model.module.get_submodule(stack)) == 3
+    torch.testing.assert_close(_out(model.module, inputs), before, rtol=1e-4, atol=1e-5)
+    save(model, tmp_path / "d.dsq")
+    torch.testing.assert_close(_out(load(tmp_path / "d.dsq").module, inputs), before, rtol=1e-4, atol=1e-5)
+
+
+def test_drop_blocks_is_refused_before_any_work_where_it_cannot_hold(models, tmp_path):
+    from deepsqueeze.testing.models import tiny_model_handle
+
+    with pytest.raises(RecipeError, match="keep at least one"):
+        PruneTransformerConfig(drop_blocks=2).preflight(models["llama"])
+    with pytest.raises(RecipeError, match="keep at least one"):
+        PruneTransformerConfig(drop_blocks=1, drop_layers=["transformer.model.layers.0"]).preflight(models["llama"])
+    from deepsqueeze.errors import UnsupportedLayerError
+
+    with pytest.raises(UnsupportedLayerError, match="sentences"):
+        PruneTransformerConfig(drop_blocks=1).preflight(tiny_model_handle())
+    assert PruneTransformerConfig(drop_blocks=1).needs_data() and not PruneTransformerConfig().needs_data()

@@ -57,6 +57,9 @@ class DistillConfig(StageConfig):
     fixed teacher, and noise slows short distillation runs down).
     ``augment``: for sentence encoders, add this many variants of every training sentence (spans, word
     dropout, joined pairs: ``augment_sentences``); the teacher labels them, so they are free supervision.
+    ``lm_weight``: for causal LMs, the weight of the next-token cross-entropy on the data's own tokens, added
+    to ``embedding_weight`` x the KL to the teacher's next-token distributions (the LM objective recovery after
+    block removal trains with; Kim et al. 2024, "Shortened LLaMA", recover with the LM loss).
     """
 
     def needs_data(self) -> bool:  # noqa: D102 - distillation always trains
@@ -64,7 +67,10 @@ class DistillConfig(StageConfig):
 
     def preflight(self, model: Any) -> None:
         """``keep-layers`` keeps indices the model's layer stack has; a ``zoo:`` student needs an image
-        classifier with a known input shape and class count."""
+        classifier with a known input shape and class count; ``lm_weight`` needs a causal LM."""
+        if self.lm_weight and model.task is not Task.CAUSAL_LM:
+            raise RecipeError(f"lm_weight trains on next tokens, but {model.ref} is a {model.task.value}: set it "
+                              "to 0 (or distil a causal LM)")
         if self.student.startswith("zoo:") and (model.task is not Task.CLASSIFIER or model.input_shape is None
                                                 or model.num_classes is None):
             raise RecipeError(f"a {self.student} student is an image classifier, but {model.ref} is a "
@@ -98,6 +104,7 @@ class DistillConfig(StageConfig):
     embedding_weight: Weight = 1.0
     hidden_weight: Weight = 1.0
     attention_weight: Weight = 0.0
+    lm_weight: Weight = 0.0
     limit: Count | None = None
     dropout: Flag = False
     augment: Annotated[Index, Field(le=1000)] = 0
@@ -211,6 +218,13 @@ def _logits_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tenso
     return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
 
 
+def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next-token ``logits`` (B, L, V) against ``ids`` (B, L) shifted by one, over the
+    positions whose next token is real (``mask`` (B, L))."""
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
+
+
 def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, data: Any,
                   keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
     """Sentence encoders match the teacher's embedding; sequence classifiers and causal LMs its label or
@@ -251,6 +265,10 @@ def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: Dis
             loss = config.embedding_weight * embedding_loss(s_emb, t_emb, config.embedding_loss.value)
         else:
             loss = config.embedding_weight * _logits_loss(s_emb, t_emb, mask, config.temperature)
+        if task is Task.CAUSAL_LM and config.lm_weight > 0:
+            loss = loss + config.lm_weight * _next_token_loss(s_emb, inputs["input_ids"], mask)
+        if not want_inner:
+            return loss
         inner = s_out.hidden_states if want_inner else s_out.attentions
         teacher_inner = t_out.hidden_states if want_inner else t_out.attentions
         n_student, n_teacher = len(inner) - int(want_inner), len(teacher_inner) - int(want_inner)

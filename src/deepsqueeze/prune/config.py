@@ -158,7 +158,9 @@ class PruneTransformerConfig(_FinetuneFields):
     """Structured pruning of transformer blocks (BERT, RoBERTa, ALBERT, DistilBERT, GPT-2, Llama/Mistral/Qwen2
     with grouped-query attention): ``heads`` attention heads (GQA: evenly per KV group or whole groups) and
     ``ffn_ratio`` of the FFN neurons removed from every block matching ``include``, and whole blocks in
-    ``drop_layers`` removed.
+    ``drop_layers`` removed, and the ``drop_blocks`` blocks of lowest Block Influence on ``calibration_samples``
+    sentences of the data (Men et al. 2024, ShortGPT: ``1 - cos`` of each block's input and output hidden
+    states; :mod:`deepsqueeze.prune.blocks`).
 
     ``heads`` is a count (``2``: two heads per block) or a fraction below 1 (``0.25``: a quarter of each
     block's heads, rounded to the nearest count); ``ffn_ratio`` is a fraction of the FFN neurons.
@@ -173,26 +175,49 @@ class PruneTransformerConfig(_FinetuneFields):
         "below 1 (0.25)")
     ffn_ratio: Fraction = Field(0.0, lt=1, description="fraction of FFN neurons removed from every block")
     drop_layers: list[str] = Field(default_factory=list, description="blocks removed, e.g. encoder.layer.5")
+    drop_blocks: Index | Annotated[float, Field(ge=0, le=MAX_COUNT, allow_inf_nan=False)] = Field(
+        0, description="more blocks removed, those whose output changes their input least on calibration sentences "
+        "(Block Influence): a count (4) or a fraction of the blocks below 1 (0.125; at least one)")
+    calibration_samples: Count = 32
     criterion: Criterion = Criterion.L2
     include: list[str] | None = None
+
+    def needs_data(self) -> bool:  # noqa: D102 - fine-tuning, or measuring which blocks to remove
+        return self.drop_blocks > 0 or super().needs_data()
+
+    def blocks_to_drop(self, total: int) -> int:
+        """``drop_blocks`` as a count for a model of ``total`` blocks (a fraction rounds, to at least one)."""
+        if self.drop_blocks >= 1 or self.drop_blocks == 0:
+            return int(self.drop_blocks)
+        return max(1, int(self.drop_blocks * total + 0.5))
 
     @model_validator(mode="after")
     def _check_criterion(self) -> PruneTransformerConfig:
         if self.heads >= 1 and float(self.heads) != int(self.heads):
             raise ValueError(f"heads: {self.heads} is neither a count of heads (2) nor a fraction below 1 (0.25)")
+        if self.drop_blocks >= 1 and float(self.drop_blocks) != int(self.drop_blocks):
+            raise ValueError(f"drop_blocks: {self.drop_blocks} is neither a count of blocks (4) nor a fraction below "
+                             "1 (0.125)")
         if self.criterion not in (Criterion.L1, Criterion.L2):
             raise ValueError("prune_transformer scores heads and neurons by weight magnitude: use l1 or l2")
         return self
 
     def preflight(self, model: Any) -> None:
-        """The model has transformer blocks this stage recognises (matching ``include``)."""
+        """The model has transformer blocks this stage recognises (matching ``include``); ``drop_blocks`` leaves
+        at least one on a model that reads sentences."""
         import fnmatch
 
-        from deepsqueeze.errors import UnsupportedLayerError
+        from deepsqueeze.errors import RecipeError, UnsupportedLayerError
         from deepsqueeze.prune.transformer import find_blocks
 
-        blocks = [b for b in find_blocks(model.module)
-                  if self.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in self.include)]
+        every = find_blocks(model.module)
+        blocks = [b for b in every if self.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in self.include)]
+        if self.drop_blocks and not model.task.is_text:
+            raise UnsupportedLayerError(f"drop_blocks measures blocks on sentences; {model.ref} is a "
+                                        f"{model.task.value}: name the blocks to remove in drop_layers")
+        if self.drop_blocks and self.blocks_to_drop(len(every)) + len(self.drop_layers) >= len(every):
+            raise RecipeError(f"drop_blocks {self.drop_blocks} and drop_layers {len(self.drop_layers)} would remove "
+                              f"all {len(every)} blocks of {model.ref}: keep at least one")
         if not blocks and (self.heads or self.ffn_ratio):
             raise UnsupportedLayerError(
                 f"{model.ref} has no transformer blocks deepsqueeze recognises (BERT, ALBERT, DistilBERT, GPT-2 or "

@@ -423,13 +423,18 @@ def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: S
     """Remove heads / FFN neurons / whole blocks of a transformer (encoders and decoders), then fine-tune."""
     import fnmatch
 
+    from deepsqueeze.prune.blocks import block_influence, least_influential
     from deepsqueeze.prune.transformer import drop_layers_, find_blocks, prune_ffn_, prune_heads_
 
     start = time.perf_counter()
     root = model.module
     params_before = count_params(root)
-    if config.drop_layers:
-        drop_layers_(root, list(config.drop_layers))
+    dropped, influence = list(config.drop_layers), None
+    if config.drop_blocks:
+        influence = block_influence(model, ctx.data, config.calibration_samples)
+        dropped += least_influential(influence, config.blocks_to_drop(len(influence)), dropped)
+    if dropped:
+        drop_layers_(root, dropped)
     blocks = [b for b in find_blocks(root)
               if config.include is None or any(fnmatch.fnmatchcase(b.layer, p) for p in config.include)]
     if not blocks and (config.heads or config.ffn_ratio):
@@ -447,7 +452,8 @@ def prune_transformer_stage(model: Model, config: PruneTransformerConfig, ctx: S
     loss = finetune(model, ctx, config, config.epochs, description="transformer pruning")
     ctx.report.append({
         "stage": "prune_transformer", "blocks": len(blocks), "heads_kept": heads, "ffn_ratio": config.ffn_ratio,
-        "dropped": list(config.drop_layers), "params_before": params_before, "params_after": count_params(root),
+        "dropped": dropped, **({"block_influence": {k: round(v, 5) for k, v in influence.items()}} if influence else {}),
+        "params_before": params_before, "params_after": count_params(root),
         "train_loss": None if loss != loss else round(loss, 5), "prune_seconds": round(prune_s, 3),
         "seconds": round(time.perf_counter() - start, 2),
     })

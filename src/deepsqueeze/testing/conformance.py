@@ -376,7 +376,7 @@ PAIRS = {
     "lowrank-svd": "hf-albert", "w4-rtn": "hf-qwen2", "finetune": "dict-output", "int8-dynamic": "hf-roberta",
     "llm-w4-gptq": "gguf-llama", "llm-w3-awq": "hf-llama", "llm-mixed-3.5bpw": "hf-qwen2",
     "llm-sparsegpt-2of4": "hf-llama", "llm-sparsegpt-2of4-w4": "gguf-llama", "llm-wanda-50": "hf-gpt2",
-    "llm-gguf-q4_0": "gguf-llama", "llm-gguf-q4_k_m": "hf-llama",
+    "llm-gguf-q4_0": "gguf-llama", "llm-gguf-q4_k_m": "hf-llama", "llm-drop-blocks": "hf-qwen2",
 }
 KIND_RECIPE = {"gguf-llama": "w4-gptq", "mha": "w4-rtn", "convtranspose": "int8-dynamic", "tuple-output": "finetune", "recurrent": "w4-rtn"}
 # The subset's cells that also run ``search`` (one per task: classifier, causal LM, sequence classifier).
