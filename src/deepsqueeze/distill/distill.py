@@ -269,9 +269,7 @@ def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: Dis
             loss = loss + config.lm_weight * _next_token_loss(s_emb, inputs["input_ids"], mask)
         if not want_inner:
             return loss
-        inner = s_out.hidden_states if want_inner else s_out.attentions
-        teacher_inner = t_out.hidden_states if want_inner else t_out.attentions
-        n_student, n_teacher = len(inner) - int(want_inner), len(teacher_inner) - int(want_inner)
+        n_student, n_teacher = len(s_out.hidden_states) - 1, len(t_out.hidden_states) - 1
         mapping = keep if keep is not None else alternate_layers(n_teacher, n_student)
         for i, t_layer in enumerate(mapping):
             if config.hidden_weight > 0:
