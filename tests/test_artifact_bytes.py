@@ -15,7 +15,8 @@ when ``prune_channels`` gained ``scope`` (its stage record names it); every reci
 manifest deflated (the payload bytes unchanged), and again when format 4 stored float32 tensors a 2-byte float
 holds exactly in 2 bytes (the same values; ``deep-compression`` also rounds centroids and BatchNorm tensors);
 ``distill-*`` and ``prune-transformer`` when their stages gained ``lm_weight`` / ``drop_blocks`` (the stage
-records name them).
+records name them); ``w4-rtn`` again at group 32. The recipes' ``min_steps`` is left out here (a few
+steps of the tiny data are what the digests guard).
 
 Left out, because they run for more than a few seconds on any model they accept: none. Recipes whose bytes
 differ between two runs on the same machine: none found (each case ran twice when recorded).
@@ -67,7 +68,7 @@ EXPECTED: dict[str, str] = {
     "qat-w8a8": "3c3b7af49cfbc774694d780547d91ab23fdfe0df3dd01950b8eafb365e4c53ab",
     "w3-lora": "ab67d09e2c44a898b103fcc44023d4dd3fca5f6e77729fd319ee70d61f97c013",
     "w4-gptq": "50fa9898f8525e678748981509349621696b9dc50a8638b4c5402e0682238806",
-    "w4-rtn": "f04722a46cea3b0cd536cdfc7cc1f92bac46996fdbbde0917c930f057a24b32e",
+    "w4-rtn": "d6a32e0a7f2171603da4a58ce7b181bae7fa40352e3904268cfada47f8c7703d",
     "llm-w4-gptq": "05b07df6129a23d923f2da1223c17b407ba522e7f4d7dff33fe421b9ce601696",
     "llm-w3-awq": "508a391d485d499dbfd6cd022288871ce005984f65dc55d7e5e2294037c15166",
     "llm-mixed-3.5bpw": "6499f12ba3b6b8f49d2536e40995e5fc7c434e5b707039b26d73b9fad2bc977d",
@@ -157,7 +158,8 @@ def recorded_conditions():
 def artifact_digest(recipe_name: str, tmp_path: Path) -> str:
     """Run ``recipe_name`` on its tiny model and data, write the .dsq, return its sha256."""
     model, data = MODELS[RECIPE_MODELS[recipe_name]](tmp_path)
-    run_stages(model, load_recipe(recipe_name), copy.deepcopy(data), progress=False, evaluate=False)
+    recipe = load_recipe(recipe_name).model_copy(update={"min_steps": None})  # seconds on the tiny data
+    run_stages(model, recipe, copy.deepcopy(data), progress=False, evaluate=False)
     model.module.cpu().eval()
     path = tmp_path / f"{recipe_name}.dsq"
     save(model, path)

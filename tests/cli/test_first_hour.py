@@ -176,17 +176,40 @@ def test_demo_table_is_narrow_and_withholds_unreliable_speedups():
     from deepsqueeze.cli.demo import demo_notes, demo_table
 
     rows = [_demo_row("fp32", compress_s=None, compress_includes_training=None, speedup=1.0),
-            _demo_row("deep-compression-lenet5"), _demo_row("int8-static", reliable=False, compress_s=0.4,
-                                                             compress_includes_training=False)]
-    console = Console(width=300, record=True)
+            _demo_row("deep-compression-lenet5", budget_within=True, budget="accuracy ..."),
+            _demo_row("int8-static", reliable=False, compress_s=0.4, compress_includes_training=False),
+            _demo_row("distill-lenet300", budget_within=False, budget="a drop of 7.35 pp accuracy, over the "
+                      "budget of 1 pp accuracy")]
+    console = Console(width=80, record=True)
     console.print(demo_table(rows))
     text = console.export_text()
-    assert max(len(line.rstrip()) for line in text.splitlines()) <= 100, text
-    assert "1.72" in text and "51.2x" in text and "acc 91.23%" in text and "3.14 ±8%" in text
+    assert max(len(line.rstrip()) for line in text.splitlines()) <= 80, text
+    assert "\u2026" not in text and "zoo:lenet5@fashion-mnist: accuracy" in text, text  # nothing cut to "…"
+    assert "deep-compression-" in text and "lenet300" in text, text  # names wrap after a hyphen
+    assert "1.72" in text and "51.2x" in text and "91.23%" in text and "3.14 ±8%" in text
     assert "32.50x" in text and "923 +train" in text and "0.4" in text
-    assert text.count("n/a*") == 1
+    assert "91.23% over" in text and text.count(" over") == 1
+
+
+def test_demo_withholds_every_untrusted_timing_with_a_note_per_row():
+    """Issue 29 finding 3: fp32 LeNet-5 printed as ``1.67 ±6076%`` beside trusted numbers, and one footnote
+    for all rows did not say which row each reason belonged to."""
+    from rich.console import Console
+
+    from deepsqueeze.cli.demo import demo_notes, demo_table
+
+    rows = [_demo_row("fp32", reliable=False, latency_ms=1.67, latency_ms_p10=0.1, latency_ms_p90=200.0,
+                      latency_note="p10-p90 spread 6076% of the median"),
+            _demo_row("int8-static", latency_ms=279.97),
+            _demo_row("w4-rtn", reliable=False)]
+    console = Console(width=80, record=True)
+    console.print(demo_table(rows))
+    text = console.export_text()
+    assert "1.67" not in text and "6076" not in text and "279.97" in text
+    assert "n/a [1]" in text and "n/a [2]" in text
     notes = demo_notes(rows)
-    assert any("withheld" in n and "load average 18.0" in n for n in notes)
+    assert any(n.startswith("[1] zoo:lenet5@fashion-mnist fp32") and "6076%" in n for n in notes), notes
+    assert any(n.startswith("[2] zoo:lenet5@fashion-mnist w4-rtn") and "load average 18.0" in n for n in notes)
     assert any("+train: includes fine-tuning" in n for n in notes)
     assert any("batch of 64" in n for n in notes)
 

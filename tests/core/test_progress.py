@@ -40,6 +40,7 @@ def test_json_output_keeps_stderr_quiet(workdir, lenet300_digits, capsys):
 
 def test_log_lines_once_per_label_and_at_the_end(capsys, monkeypatch):
     monkeypatch.setenv("DEEPSQUEEZE_PROGRESS_INTERVAL", "3600")
+    monkeypatch.setattr("deepsqueeze.core.progress.RENAMED_GAP_S", 0.0)
     with stage(1, 4, "prune"), track("epoch 1/2", 100) as bar:
         for i in range(100):
             if i == 50:
@@ -51,6 +52,17 @@ def test_log_lines_once_per_label_and_at_the_end(capsys, monkeypatch):
     assert lines[2].startswith("[deepsqueeze] stage 2/4 prune: epoch 2/2  51/100 steps (51%)  loss 50")
     assert lines[3].startswith("[deepsqueeze] stage 2/4 prune: epoch 2/2  100/100 steps (100%)  loss 99")
     assert lines[4].startswith("[deepsqueeze] stage 2/4 prune: done in") and len(lines) == 5
+
+
+def test_parts_renamed_in_quick_succession_get_one_line_per_gap(capsys, monkeypatch):
+    """Issue 29: 37 epochs of the bundled digits take 2 s: off a terminal they were 37 lines, one per epoch."""
+    monkeypatch.setenv("DEEPSQUEEZE_PROGRESS_INTERVAL", "3600")
+    with stage(0, 1, "finetune"), track("epoch 1/40", 40) as bar:
+        for i in range(40):
+            bar.set(f"epoch {i + 1}/40")
+            bar.advance()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "epoch" in line]
+    assert len(lines) == 2 and "epoch 1/40  1/40" in lines[0] and "epoch 40/40  40/40" in lines[1], lines
 
 
 def test_disabled_stage_silences_everything_inside(capsys):

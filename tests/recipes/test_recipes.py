@@ -109,3 +109,41 @@ def test_finetune_after_full_quantization_is_a_recipe_error(tmp_path):
     with pytest.raises(RecipeError, match="put the training stage before it"):
         compress("zoo:lenet300@digits", recipe, tmp_path / "m.dsq", "digits", progress=False)
     assert not (tmp_path / "m.dsq").exists()
+
+
+def test_min_steps_raises_the_epochs_of_training_stages_on_small_data():
+    """Issue 29: recipes count training in epochs; on the bundled digits (11 steps per epoch at batch 128)
+    deep-compression-lenet5's 4 + 2 epochs were 66 steps and the demo showed LeNet-5 losing 7 pp."""
+    from deepsqueeze.data.resolve import resolve_data
+    from deepsqueeze.recipes.run import at_least_steps
+    from deepsqueeze.recipes.schema import parse_recipe
+
+    recipe = parse_recipe({"min_steps": 400, "stages": [
+        {"type": "prune", "sparsity": 0.5, "schedule": "agp", "epochs": 4, "agp_end": 0.6},
+        {"type": "finetune", "epochs": 2, "batch_size": 64, "limit": 640},
+        {"type": "quantize", "method": "rtn", "bits": 4},
+        {"type": "finetune", "epochs": 1000}]})
+    assert recipe.to_dict()["min_steps"] == 400
+    digits = resolve_data("digits")
+    steps = -(-len(digits.train_x) // 128)
+    raised = [at_least_steps(stage, recipe.min_steps, digits) for stage in recipe.stages]
+    assert raised[0].epochs == -(-400 // steps) and raised[0].sparsity == 0.5
+    assert raised[1].epochs == 40  # 640 samples at batch 64: 10 steps per epoch
+    assert raised[2] is recipe.stages[2] and raised[3] is recipe.stages[3]  # no training / long enough
+    assert at_least_steps(recipe.stages[0], None, digits) is recipe.stages[0]
+    with pytest.raises(RecipeError, match="min_steps"):
+        parse_recipe({"min_steps": 0, "stages": [{"type": "finetune"}]})
+
+
+def test_zoo_models_train_at_least_the_minimum_steps(monkeypatch):
+    """Issue 29: zoo:lenet5@digits trained 6 epochs of 11 steps (66 steps) and scored 89.5% on digits."""
+    from deepsqueeze.data.resolve import resolve_data
+    from deepsqueeze.zoo import pretrained
+
+    seen = {}
+    monkeypatch.setattr(pretrained, "train_classifier", lambda module, data, **kw: seen.update(kw))
+    digits = resolve_data("digits")
+    pretrained.train_zoo_model("lenet5", digits, progress=False)
+    assert seen["epochs"] * -(-len(digits.train_x) // seen["batch_size"]) >= pretrained.MIN_TRAINING_STEPS
+    pretrained.train_zoo_model("lenet5", digits, progress=False, epochs=2)
+    assert seen["epochs"] == 2  # an explicit --epochs is kept

@@ -243,7 +243,7 @@ def test_bit_sensitivity_priors_allocate_per_layer_widths(stage, tmp_path, lenet
 
 
 def test_bit_priors_sit_at_the_weight_bytes_of_each_compare_recipe(tmp_path, lenet300_digits):
-    """A `compare` recipe at one width (w4-rtn: 4 bits, group 64) gets a prior allocated under exactly its
+    """A `compare` recipe at one width (w4-rtn: 4 bits, group 32) gets a prior allocated under exactly its
     layers' weight bytes, at its group size, so the front has a point no larger than the reference."""
     from deepsqueeze.quant.mixed import packed_weight_bytes
 
@@ -255,11 +255,11 @@ def test_bit_priors_sit_at_the_weight_bytes_of_each_compare_recipe(tmp_path, len
     matched = [t for t in study.trials if "weight bytes of w4-rtn" in t.user_attrs.get("prior", "")]
     assert len(matched) == 1
     params = matched[0].params or matched[0].system_attrs["fixed_params"]  # still waiting: its enqueued params
-    assert params["0.quantize.group_size"] == 64
+    assert params["0.quantize.group_size"] == 32
     shapes = {n: tuple(model.module.get_submodule(n).weight.shape) for n in ("1", "3", "5")}
     widths = {n: params[f"0.quantize.bits[{n}]"] for n in shapes}
-    spent = sum(packed_weight_bytes(r, c, widths[n], 64) for n, (r, c) in shapes.items())
-    assert spent <= sum(packed_weight_bytes(r, c, 4, 64) for r, c in shapes.values())
+    spent = sum(packed_weight_bytes(r, c, widths[n], 32) for n, (r, c) in shapes.items())
+    assert spent <= sum(packed_weight_bytes(r, c, 4, 32) for r, c in shapes.values())
     assert study.user_attrs["references"][0]["recipe"] == "w4-rtn"
 
 

@@ -144,45 +144,69 @@ def compare(model_ref: str, data_ref: str, recipe_names: list[str], out_dir: Pat
     for recipe_name in recipe_names:
         recipe = load_recipe(recipe_name)
         out = out_dir / f"{model_ref.replace(':', '-').replace('@', '-')}.{recipe_name}.dsq"
-        result = compress(model_ref, recipe, out, progress=progress, evaluate_result=False)
+        result = compress(model_ref, recipe, out, progress=progress)  # the quality budget measured too
         if progress:
             log(f"{model_ref} {recipe_name}: evaluating the artifact, timed interleaved with fp32")
         after = evaluate(load(out), data, fp32, baseline=fp32)
-        rows.append(row(recipe_name, after, after["artifact_bytes"], round(result.compress_s, 1),
-                        includes_training(recipe)))
+        rows.append({**row(recipe_name, after, after["artifact_bytes"], round(result.compress_s, 1),
+                           includes_training(recipe)),
+                     "budget_within": None if result.budget is None else result.budget.within,
+                     "budget": None if result.budget is None else result.budget.message()})
     return rows
 
 
+NAME_WIDTH = 17  # recipe names wrap at hyphens to this width: the table fits 80 columns
+
+
 def demo_table(rows: list[dict[str, Any]]) -> Any:
-    """A narrow table: one quality column, latency as median ms ± half the p10-p90 spread, speedup only where
-    the timing was reliable (``n/a*`` with a note otherwise)."""
+    """One table per model, each fitting 80 columns: quality in the model's metric (``over`` past the recipe's
+    quality budget), latency as median ms ± half the p10-p90 spread and the speedup, both ``n/a [k]`` where the
+    timing was not trustworthy (note k in :func:`demo_notes` says why)."""
     from rich import box
+    from rich.console import Group
     from rich.table import Table
 
-    table = Table(title="deepsqueeze demo: measured in this run", title_justify="left", box=box.SIMPLE_HEAD,
-                  pad_edge=False, show_edge=False, collapse_padding=True)
-    for name, justify in (("model", "left"), ("recipe", "left"), ("MB", "right"), ("ratio", "right"),
-                          ("quality", "right"), ("ms ±spread", "right"), ("speedup", "right"),
-                          ("compress s", "right")):
-        table.add_column(name, justify=justify)  # type: ignore[arg-type]
-    for r in rows:
-        if "accuracy" in r:
-            quality = f"acc {100 * r['accuracy']:.2f}%"
-        else:
-            quality = f"cos {r['cosine_mean']:.4f}"
-        spread = 50 * (r["latency_ms_p90"] - r["latency_ms_p10"]) / r["latency_ms"] if r["latency_ms"] else 0.0
-        latency = f"{r['latency_ms']:.2f} ±{spread:.0f}%"
-        if r["variant"] == "fp32":
-            speedup = "1.00x"
-        elif r["latency_reliable"]:
-            speedup = f"{r['speedup']:.2f}x"
-        else:
-            speedup = "n/a*"
-        compress_s = "-" if r["compress_s"] is None else \
-            f"{r['compress_s']:.3g}{' +train' if r['compress_includes_training'] else ''}"
-        table.add_row(r["model"].replace("@", "\n@") if len(r["model"]) > 14 else r["model"], r["variant"],
-                      f"{r['size_mb']:.2f}", f"{r['ratio']:.1f}x", quality, latency, speedup, compress_s)
-    return table
+    marks, tables = _untrusted_marks(rows), []
+    for model in dict.fromkeys(r["model"] for r in rows):
+        ours = [r for r in rows if r["model"] == model]
+        metric = "accuracy" if "accuracy" in ours[0] else "cosine"
+        table = Table(title=f"{model}: {metric} on held-out data, measured in this run", title_justify="left",
+                      box=box.SIMPLE_HEAD, pad_edge=False, show_edge=False, collapse_padding=True)
+        for name, justify in (("recipe", "left"), ("MB", "right"), ("ratio", "right"), (metric, "right"),
+                              ("ms ±spread", "right"), ("speedup", "right"), ("compress s", "right")):
+            table.add_column(name, justify=justify, no_wrap=True)  # type: ignore[arg-type]
+        for r in ours:
+            quality = f"{100 * r['accuracy']:.2f}%" if metric == "accuracy" else f"{r['cosine_mean']:.4f}"
+            if r.get("budget_within") is False:
+                quality += " over"
+            if id(r) in marks:
+                latency = speedup = f"n/a [{marks[id(r)]}]"
+            else:
+                spread = 50 * (r["latency_ms_p90"] - r["latency_ms_p10"]) / r["latency_ms"] if r["latency_ms"] else 0.0
+                latency = f"{r['latency_ms']:.2f} ±{spread:.0f}%"
+                speedup = "1.00x" if r["variant"] == "fp32" else f"{r['speedup']:.2f}x"
+            compress_s = "-" if r["compress_s"] is None else \
+                f"{r['compress_s']:.3g}{' +train' if r['compress_includes_training'] else ''}"
+            table.add_row(_wrap(r["variant"]), f"{r['size_mb']:.2f}", f"{r['ratio']:.1f}x", quality, latency,
+                          speedup, compress_s)
+        tables.append(table)
+    return Group(*tables)
+
+
+def _wrap(name: str, width: int = NAME_WIDTH) -> str:
+    """``name`` on lines of at most ``width`` characters, broken after hyphens (never inside a word)."""
+    lines = [""]
+    for part in name.replace("-", "-\0").split("\0"):
+        if lines[-1] and len(lines[-1]) + len(part) > width:
+            lines.append("")
+        lines[-1] += part
+    return "\n".join(lines)
+
+
+def _untrusted_marks(rows: list[dict[str, Any]]) -> dict[int, int]:
+    """id(row) -> note number, for every row whose timing was not trustworthy, in table order."""
+    untrusted = [r for r in rows if not r["latency_reliable"]]
+    return {id(r): k for k, r in enumerate(untrusted, start=1)}
 
 
 def demo_notes(rows: list[dict[str, Any]]) -> list[str]:
@@ -190,10 +214,12 @@ def demo_notes(rows: list[dict[str, Any]]) -> list[str]:
     notes = [f"ms: median wall time per batch of {', '.join(map(str, batches))} on 2 threads, timed interleaved "
              "with fp32, round by round (± half the p10-p90 range); speedup: median of per-round fp32/recipe ratios.",
              "compress s: seconds the recipe ran; +train: includes fine-tuning or distillation epochs."]
-    unreliable = [r for r in rows if r["variant"] != "fp32" and not r["latency_reliable"]]
-    if unreliable:
-        reasons = "; ".join(dict.fromkeys(part for r in unreliable for part in (r["latency_note"] or "").split("; ")
-                                          if part))
-        notes.append(f"n/a*: speedup withheld where the timing was not trustworthy ({reasons}): "
-                     "rerun on a quiet machine.")
+    over = [r for r in rows if r.get("budget_within") is False]
+    for r in over:
+        notes.append(f"over: {r['model']} {r['variant']} is over its recipe's quality budget: {r['budget']}.")
+    marks = _untrusted_marks(rows)
+    for r in rows:
+        if id(r) in marks:
+            notes.append(f"[{marks[id(r)]}] {r['model']} {r['variant']}: timing withheld, not trustworthy "
+                         f"({r['latency_note'] or 'wide p10-p90 spread'}): rerun on a quiet machine.")
     return notes

@@ -37,6 +37,9 @@ def _emit(text: str) -> None:
     _last_line.update(at=time.perf_counter(), text=text)
 
 
+RENAMED_GAP_S = 2.0  # off a terminal a new part (epoch 7/37) gets its line only this long after the last one
+
+
 def log_interval_s() -> float:
     """Seconds between two log lines of one step outside a terminal (``DEEPSQUEEZE_PROGRESS_INTERVAL``, 15)."""
     try:
@@ -132,8 +135,10 @@ class Tracker:
             self._bar.update(self._task, completed=self.completed, detail=self.detail)
             return
         now = time.perf_counter()
-        if (self.label != self._logged_label or now - self.last_log >= log_interval_s()
-                or self.completed == self.total):
+        since = now - self.last_log
+        if (self._logged_label is None
+                or self.label != self._logged_label and since >= min(RENAMED_GAP_S, log_interval_s())
+                or since >= log_interval_s() or self.completed == self.total):
             self._log_line(now)
 
     def _log_line(self, now: float) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from deepsqueeze.artifact import save
 from deepsqueeze.codec.format import check_writable, is_artifact
-from deepsqueeze.core.config import config_to_dict, stage_entry
+from deepsqueeze.core.config import StageConfig, config_to_dict, stage_entry
 from deepsqueeze.core.context import StageContext
 from deepsqueeze.core.coverage import check_unsupported, coverage_totals, planner_for
 from deepsqueeze.core.files import check_output
@@ -250,6 +250,7 @@ def _run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextDat
                 check_unsupported(planner(model.module, config, _example(model)), "error")
     for index, config in enumerate(recipe.stages):
         _, handler = stage_entry(config.stage_type)
+        config = at_least_steps(config, recipe.min_steps, data, progress)
         start, reported = time.perf_counter(), len(ctx.report)
         with progress_stage(index, len(recipe.stages), config.stage_type,
                             enabled=progress and distributed.is_main_process()):
@@ -266,6 +267,27 @@ def _run_stages(model: Model, recipe: Recipe, data: ClassificationData | TextDat
         if on_stage_end is not None:
             on_stage_end(index, model)
     return ctx
+
+
+def at_least_steps(config: StageConfig, min_steps: int | None, data: ClassificationData | TextData | None,
+                   progress: bool = False) -> StageConfig:
+    """``config`` with its ``epochs`` raised so that it takes at least ``min_steps`` optimizer steps, counted as
+    ceil(training samples / ``batch_size``) per epoch (images, or sentences; at most ``limit`` of them);
+    unchanged when it does not train (``epochs`` 0 or absent) or already trains that long."""
+    epochs = float(getattr(config, "epochs", 0) or 0)
+    if min_steps is None or epochs <= 0 or data is None:
+        return config
+    samples = len(data.train_x) if isinstance(data, ClassificationData) else len(data.sentences)
+    if getattr(config, "limit", None):
+        samples = min(samples, config.limit)
+    steps_per_epoch = -(-max(samples, 1) // int(getattr(config, "batch_size", 128)))
+    if epochs * steps_per_epoch >= min_steps:
+        return config
+    raised = float(-(-min_steps // steps_per_epoch))
+    if progress:
+        log(f"{config.stage_type}: epochs raised from {epochs:g} to {raised:g} to take the recipe's min_steps "
+            f"{min_steps} on {samples} training samples ({steps_per_epoch} steps per epoch)")
+    return type(config).model_validate({**config.model_dump(), "epochs": raised})
 
 
 def with_teacher(recipe: Recipe, teacher: str | None) -> Recipe:

@@ -17,7 +17,8 @@ from deepsqueeze.train.loop import seed_everything, train_classifier
 from deepsqueeze.zoo.builders import ZOO, build_zoo_model
 
 ZOO_SEED = 0
-ZOO_RECIPE_VERSION = 1
+ZOO_RECIPE_VERSION = 2  # 2: at least MIN_TRAINING_STEPS
+MIN_TRAINING_STEPS = 600  # on small data (digits: 11 steps per epoch) the zoo's epochs leave a model undertrained
 
 
 def cache_dir() -> Path:
@@ -31,12 +32,16 @@ def checkpoint_path(name: str, data_ref: str) -> Path:
 
 def train_zoo_model(name: str, data: ClassificationData, progress: bool = True,
                     device: str | torch.device = "cpu", epochs: float | None = None) -> torch.nn.Module:
-    """Train zoo model ``name`` on ``data`` with its fixed recipe and seed."""
+    """Train zoo model ``name`` on ``data`` with its fixed recipe and seed: its epochs, but at least
+    :data:`MIN_TRAINING_STEPS` optimizer steps (unless ``epochs`` is given)."""
     entry = ZOO[name]
     seed_everything(ZOO_SEED)
     module = build_zoo_model(name, data.input_shape, data.num_classes)
+    if epochs is None:
+        steps_per_epoch = -(-len(data.train_x) // entry.batch_size)
+        epochs = max(entry.epochs, -(-MIN_TRAINING_STEPS // steps_per_epoch))
     train_classifier(
-        module, data, epochs=entry.epochs if epochs is None else epochs, lr=entry.lr, batch_size=entry.batch_size,
+        module, data, epochs=epochs, lr=entry.lr, batch_size=entry.batch_size,
         optimizer=entry.optimizer, schedule=entry.schedule, weight_decay=entry.weight_decay,
         device=device, seed=ZOO_SEED, progress=progress,
     )
