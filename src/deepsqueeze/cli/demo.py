@@ -189,8 +189,8 @@ def demo_table(rows: list[dict[str, Any]]) -> Any:
                 f"{r['compress_s']:.3g}{' +train' if r['compress_includes_training'] else ''}"
             table.add_row(_wrap(r["variant"]), f"{r['size_mb']:.2f}", f"{r['ratio']:.1f}x", quality, latency,
                           speedup, compress_s)
-        tables.append(table)
-    return Group(*tables)
+        tables += [table, ""]
+    return Group(*tables[:-1])
 
 
 def _wrap(name: str, width: int = NAME_WIDTH) -> str:
