@@ -74,7 +74,8 @@ def _demo_once(busy: int) -> dict[str, Any]:
             "longest_silence_s": round(max(b - a for a, b in zip(marks, marks[1:], strict=False)), 1),
             "stderr_lines": len(stamps), "load_start": round(load_start, 2), "load_end": round(load_end, 2),
             "withheld_timings": len(re.findall(r"n/a \[\d+\]", stdout)) // 2,
-            "rows_over_budget": len(re.findall(r"\d over\b", stdout)), "slower_than_fp32": len(re.findall(r" 0\.\d\dx ", stdout))}
+            "rows_over_budget": len(re.findall(r"\d over\b", stdout)), "slower_than_fp32": len(re.findall(r" 0\.\d\dx ", stdout)),
+            "slower_rows": "; ".join(line.split()[0] for line in stdout.splitlines() if re.search(r" 0\.\d\dx ", line))}
 
 
 def run(ctx: BenchContext) -> list[dict[str, Any]]:

@@ -144,7 +144,8 @@ def test_distill_errors_and_config_round_trip():
 def test_the_lm_objective_is_the_models_own_next_token_loss_and_only_for_causal_lms(tmp_path):
     """Issue 30: recovery after block removal trains with the LM objective: ``lm_weight`` x next-token
     cross-entropy (equal to transformers' own loss on unpadded text) beside the KL to the teacher."""
-    from deepsqueeze.distill.distill import DistillConfig, _next_token_loss
+    from deepsqueeze.distill.distill import DistillConfig
+    from deepsqueeze.train.losses import next_token_loss
     from deepsqueeze.errors import RecipeError
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.testing.hf_models import make_hf_dir
@@ -154,12 +155,12 @@ def test_the_lm_objective_is_the_models_own_next_token_loss_and_only_for_causal_
     inputs = model.module.tokenize(["one sentence of a few words for the loss"])
     with torch.no_grad():
         out = model.module.transformer(**inputs, labels=inputs["input_ids"])
-    ours = _next_token_loss(out.logits, inputs["input_ids"], inputs["attention_mask"])
+    ours = next_token_loss(out.logits, inputs["input_ids"], inputs["attention_mask"])
     assert float(ours) == pytest.approx(float(out.loss), rel=1e-5)
     padded = model.module.tokenize(["short", "one sentence of a few words for the loss"])
     with torch.no_grad():
         logits = model.module.transformer(**padded).logits
-    assert torch.isfinite(_next_token_loss(logits, padded["input_ids"], padded["attention_mask"]))
+    assert torch.isfinite(next_token_loss(logits, padded["input_ids"], padded["attention_mask"]))
     DistillConfig(lm_weight=1.0).preflight(model)
     with pytest.raises(RecipeError, match="lm_weight"):
         DistillConfig(lm_weight=1.0).preflight(tiny_model_handle())

@@ -166,3 +166,39 @@ def test_lora_errors_and_config_round_trip():
     model = tiny_model_handle()
     with pytest.raises(DataError, match="training data"):
         lora_stage(model, LoRAConfig(), StageContext(model, data=None, reference=model, progress=False))
+
+
+def test_lora_recovers_a_3bit_causal_lm_with_the_lm_objective(tmp_path):
+    """Issue 30: LoRA on a causal LM trained the cosine of its logits as if it were a sentence encoder; it
+    trains on the next tokens (cross-entropy) plus the KL to the reference's next-token distributions."""
+    from deepsqueeze.data.datasets import TextData
+    from deepsqueeze.recipes import run_stages
+    from deepsqueeze.recipes.schema import parse_recipe
+    from deepsqueeze.resolve import resolve_model
+    from deepsqueeze.testing.hf_models import make_hf_dir
+    from deepsqueeze.train.loop import fit
+    from deepsqueeze.train.losses import logits_kl, next_token_loss
+
+    model = resolve_model(f"hf:{make_hf_dir('llama', tmp_path / 'llama')}", progress=False)
+    data = TextData("toy", [f"sentence {i} tells of {w} and of more words" for i, w in enumerate(
+        ["lists", "sets", "bytes", "files", "paths", "loops", "tests", "types"] * 2)])
+    inputs = model.module.tokenize(data.sentences)
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    fit(model.module, lambda epoch: [inputs], lambda m, b: next_token_loss(m(**b), ids, mask), epochs=200,
+        steps_per_epoch=1, lr=1e-2, optimizer="adamw", progress=False)  # a base that has learnt the text
+    reference = copy.deepcopy(model.module).eval()
+
+    def scores(module: nn.Module) -> tuple[float, float]:
+        with torch.no_grad():
+            logits = module(**inputs)
+            return float(next_token_loss(logits, ids, mask)), float(logits_kl(logits, reference(**inputs), mask, 1.0))
+
+    quantize = {"type": "quantize", "method": "rtn", "bits": 3, "group_size": 32}
+    alone = copy.deepcopy(model)
+    run_stages(alone, parse_recipe({"stages": [quantize]}), data, progress=False, evaluate=False)
+    ctx = run_stages(model, parse_recipe({"stages": [quantize, {"type": "lora", "rank": 8, "epochs": 20, "lr": 5e-3,
+                                                                "batch_size": 8, "temperature": 1.0}]}),
+                     data, progress=False, evaluate=False)
+    assert ctx.report[-1]["objective"] == "next-token cross-entropy + KL to the reference"
+    (ce, kl), (ce_quantized, kl_quantized) = scores(model.module), scores(alone.module)
+    assert ce < 0.7 * ce_quantized and kl < 0.7 * kl_quantized, (ce, ce_quantized, kl, kl_quantized)

@@ -39,6 +39,8 @@ from deepsqueeze.train.losses import (
     embedding_loss,
     hidden_state_loss,
     hint_loss,
+    logits_kl,
+    next_token_loss,
 )
 
 
@@ -206,29 +208,10 @@ def _distill_classifier(module: nn.Module, teacher: nn.Module, config: DistillCo
             del module._hint_adapters
 
 
-def _logits_loss(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
-                 temperature: float) -> torch.Tensor:
-    """``T^2 KL(softmax(t/T) || softmax(s/T))`` per position (label logits (B, C), or next-token logits
-    (B, L, V) over the positions ``mask`` (B, L) keeps), averaged (Hinton et al., 2015)."""
-    if student.dim() == 3 and mask is not None:
-        keep = mask.bool()
-        student, teacher = student[keep], teacher[keep]
-    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
-    log_t = torch.log_softmax(teacher.detach().float() / temperature, dim=-1)
-    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
-
-
-def _next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of the next-token ``logits`` (B, L, V) against ``ids`` (B, L) shifted by one, over the
-    positions whose next token is real (``mask`` (B, L))."""
-    keep = (mask[:, :-1] * mask[:, 1:]).bool()
-    return torch.nn.functional.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
-
-
 def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: DistillConfig, data: Any,
                   keep: list[int] | None, seed: int, progress: bool, device: Any) -> dict[str, float]:
     """Sentence encoders match the teacher's embedding; sequence classifiers and causal LMs its label or
-    next-token distributions (:func:`_logits_loss`); all match hidden states layer by layer."""
+    next-token distributions (:func:`~deepsqueeze.train.losses.logits_kl`); all match hidden states layer by layer."""
     from deepsqueeze.data.datasets import TextData
     from deepsqueeze.train.loop import fit
     from deepsqueeze.train.text import augment_sentences, sentence_batches
@@ -264,9 +247,9 @@ def _distill_text(module: nn.Module, teacher: nn.Module, task: Task, config: Dis
         if task is Task.SENTENCE_ENCODER:
             loss = config.embedding_weight * embedding_loss(s_emb, t_emb, config.embedding_loss.value)
         else:
-            loss = config.embedding_weight * _logits_loss(s_emb, t_emb, mask, config.temperature)
+            loss = config.embedding_weight * logits_kl(s_emb, t_emb, mask, config.temperature)
         if task is Task.CAUSAL_LM and config.lm_weight > 0:
-            loss = loss + config.lm_weight * _next_token_loss(s_emb, inputs["input_ids"], mask)
+            loss = loss + config.lm_weight * next_token_loss(s_emb, inputs["input_ids"], mask)
         if not want_inner:
             return loss
         n_student, n_teacher = len(s_out.hidden_states) - 1, len(t_out.hidden_states) - 1

@@ -213,8 +213,10 @@ def _replay_merge_rank(root: nn.Module, target: str, params: dict[str, Any]) -> 
 
 
 class LoRALoss(StrEnum):
-    TASK = "task"  # cross-entropy on labels (classifiers)
-    DISTILL = "distill"  # match the reference model: soft targets (classifiers), cosine (sentence encoders)
+    TASK = "task"  # cross-entropy on labels (classifiers) or on the next tokens (causal LMs)
+    # match the reference model: soft targets (classifiers), cosine (sentence encoders), next-token KL plus
+    # next-token cross-entropy (causal LMs)
+    DISTILL = "distill"
 
 
 class LoRAConfig(StageConfig):
@@ -250,14 +252,27 @@ def lora_stage(model: Model, config: LoRAConfig, ctx: StageContext) -> None:
     stats = train_adapters(model, ctx, params, loss=config.loss, epochs=config.epochs, lr=config.lr,
                            batch_size=config.batch_size, temperature=config.temperature)
     merged = merge_lora_(model) if config.merge else {}
-    ctx.report.append({"stage": "lora", "layers": len(wrapped), "trained_params": sum(p.numel() for p in params),
+    ctx.report.append({"stage": "lora", "objective": objective(model.task, config.loss),
+                       "layers": len(wrapped), "trained_params": sum(p.numel() for p in params),
                        "train_loss": round(stats["loss"], 5),
                        "side_branches": sum(v == "side-branch" for v in merged.values())})
 
 
+def objective(task: Task, loss: LoRALoss) -> str:
+    """What the adapters of a ``task`` model are trained to minimise with ``loss``."""
+    if task is Task.CAUSAL_LM:
+        return "next-token cross-entropy" + (" + KL to the reference" if loss is LoRALoss.DISTILL else "")
+    if task is Task.CLASSIFIER:
+        return "cross-entropy on labels" if loss is LoRALoss.TASK else "soft targets of the reference"
+    return "embedding cosine to the reference" if task is Task.SENTENCE_ENCODER else "output cosine to the reference"
+
+
 def train_adapters(model: Model, ctx: StageContext, params: list[nn.Parameter], *, loss: LoRALoss,
                    epochs: float, lr: float, batch_size: int, temperature: float = 4.0) -> dict[str, float]:
-    """Train ``params`` with the task loss or by distilling from ``ctx.reference`` (teacher)."""
+    """Train ``params`` with the task loss or by distilling from ``ctx.reference`` (teacher): classifiers on
+    labels or soft targets, sentence encoders by embedding cosine, causal LMs on next-token cross-entropy
+    over the data's own tokens plus (``distill``) the KL to the teacher's next-token distributions at
+    ``temperature`` (the LM objective of the distill stage's ``lm_weight``)."""
     from deepsqueeze.train.loop import fit, train_classifier
     from deepsqueeze.train.losses import embedding_loss, soft_target_loss
 
@@ -275,11 +290,24 @@ def train_adapters(model: Model, ctx: StageContext, params: list[nn.Parameter], 
 
         return train_classifier(model.module, ctx.data, batch_size=batch_size, loss_fn=kd, **common)
     sentences = list(ctx.data.sentences)
-    if teacher is None:
-        raise RecipeError("LoRA on a sentence encoder trains by distillation: it needs the reference model")
     from deepsqueeze.train.text import sentence_batches
 
     batches, steps = sentence_batches(model.module, sentences, batch_size, ctx.seed)
+    if model.task is Task.CAUSAL_LM:
+        from deepsqueeze.train.losses import logits_kl, next_token_loss
+
+        def lm(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+            logits, mask = module(**inputs), inputs["attention_mask"]
+            ce = next_token_loss(logits, inputs["input_ids"], mask)
+            if loss is LoRALoss.TASK or teacher is None:
+                return ce
+            with torch.no_grad():
+                t = teacher(**inputs)
+            return ce + logits_kl(logits, t, mask, temperature)
+
+        return fit(model.module, batches, lm, steps_per_epoch=steps, description="LoRA recovery", **common)
+    if teacher is None:
+        raise RecipeError("LoRA on a sentence encoder trains by distillation: it needs the reference model")
 
     def cos(module: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         with torch.no_grad():

@@ -1,5 +1,6 @@
 """Distillation losses: soft targets (Hinton), hints with an adapter (FitNets), transformer
-hidden states and attention maps (TinyBERT / MiniLM), and sentence-embedding matching.
+hidden states and attention maps (TinyBERT / MiniLM), sentence-embedding matching, and a causal LM's
+next-token KL to a teacher and cross-entropy on its own tokens.
 
 They live beside the training loop because every stage that learns from a teacher uses them: the
 distill stage, QAT's and LoRA's recovery; ``deepsqueeze.distill`` re-exports them."""
@@ -99,3 +100,22 @@ def embedding_loss(student_emb: torch.Tensor, teacher_emb: torch.Tensor, kind: s
     if kind == "mse":
         return F.mse_loss(student_emb, t)
     raise ValueError(f"unknown embedding loss {kind!r}: use cosine or mse")
+
+
+def logits_kl(student: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor | None,
+              temperature: float) -> torch.Tensor:
+    """``T^2 KL(softmax(t/T) || softmax(s/T))`` per position (label logits (B, C), or next-token logits
+    (B, L, V) over the positions ``mask`` (B, L) keeps), averaged (Hinton et al., 2015)."""
+    if student.dim() == 3 and mask is not None:
+        keep = mask.bool()
+        student, teacher = student[keep], teacher[keep]
+    log_s = torch.log_softmax(student.float() / temperature, dim=-1)
+    log_t = torch.log_softmax(teacher.detach().float() / temperature, dim=-1)
+    return (log_t.exp() * (log_t - log_s)).sum(-1).mean() * temperature ** 2
+
+
+def next_token_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of the next-token ``logits`` (B, L, V) against ``ids`` (B, L) shifted by one, over the
+    positions whose next token is real (``mask`` (B, L))."""
+    keep = (mask[:, :-1] * mask[:, 1:]).bool()
+    return F.cross_entropy(logits[:, :-1][keep].float(), ids[:, 1:][keep])
