@@ -173,7 +173,7 @@ def _demo_row(variant, reliable=True, **extra):
 def test_demo_table_is_narrow_and_withholds_unreliable_speedups():
     from rich.console import Console
 
-    from deepsqueeze.cli.demo import demo_notes, demo_table
+    from deepsqueeze.cli.demo import demo_table
 
     rows = [_demo_row("fp32", compress_s=None, compress_includes_training=None, speedup=1.0),
             _demo_row("deep-compression-lenet5", budget_within=True, budget="accuracy ..."),

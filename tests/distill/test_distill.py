@@ -145,11 +145,11 @@ def test_the_lm_objective_is_the_models_own_next_token_loss_and_only_for_causal_
     """Issue 30: recovery after block removal trains with the LM objective: ``lm_weight`` x next-token
     cross-entropy (equal to transformers' own loss on unpadded text) beside the KL to the teacher."""
     from deepsqueeze.distill.distill import DistillConfig
-    from deepsqueeze.train.losses import next_token_loss
     from deepsqueeze.errors import RecipeError
     from deepsqueeze.resolve import resolve_model
     from deepsqueeze.testing.hf_models import make_hf_dir
     from deepsqueeze.testing.models import tiny_model_handle
+    from deepsqueeze.train.losses import next_token_loss
 
     model = resolve_model(f"hf:{make_hf_dir('llama', tmp_path / 'l')}", progress=False)
     inputs = model.module.tokenize(["one sentence of a few words for the loss"])

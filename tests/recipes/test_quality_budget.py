@@ -53,6 +53,30 @@ def test_a_collapsing_recipe_is_never_reported_done(tmp_path, capsys, resnet_wei
     assert (tmp_path / "out.dsq").exists()  # the best artifact found is written
 
 
+def test_a_recipe_with_min_ratio_lowers_its_sparsity_until_within_the_budget(tmp_path, capsys, lenet300_digits):
+    """Issue 24: deep-compression on the residual CNN stayed 1.67 pp over its budget at 13.5x, with room to
+    spare above its 10x: a recipe that states ``min_ratio`` trades file size for quality down to it."""
+    recipe = tmp_path / "harsh.yaml"
+
+    def compress_with(min_ratio: float):
+        recipe.write_text(yaml.safe_dump({"max_drop": 3, "min_ratio": min_ratio, "stages": [
+            {"type": "prune", "sparsity": 0.9, "scope": "global"}]}))
+        code, out, err = run(capsys, "compress", "--model", "zoo:lenet300@digits", "--recipe", str(recipe),
+                             "--out", str(tmp_path / "out.dsq"), "--json")
+        return code, json.loads(out) if out.strip() else None, err
+
+    code, result, err = compress_with(3)
+    assert code == 0, err
+    tried = [a["recipe"] for a in result["attempts"]]
+    assert tried[:3] == ["as written", "pruning scope: sensitivity", "sparsity x0.9"], tried
+    assert result["adapted"].endswith(tried[-1]) and result["budget"]["within"]
+    assert result["compression_ratio"] >= 3 and all(a["ratio"] >= 3 for a in result["attempts"][2:])
+    code, result, err = compress_with(4)  # the milder sparsity that meets the budget leaves the file under 4x
+    assert code == EXIT_OVER_BUDGET, err
+    assert result["attempts"][-1]["ratio"] < 4 <= result["compression_ratio"]
+    assert not result["adapted"].endswith(result["attempts"][-1]["recipe"])
+
+
 def test_max_drop_overrides_the_budget(tmp_path, capsys, resnet_weights):
     recipe = tmp_path / "harsh.yaml"
     recipe.write_text(yaml.safe_dump({"max_drop": 100, "stages": [{"type": "prune", "sparsity": 0.98}]}))

@@ -412,6 +412,7 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     start = time.perf_counter()
     adapted = adapt_recipe(recipe) if evaluate_result else None
     spare = copy.deepcopy(model) if adapted is not None else None
+    original = copy.deepcopy(model) if evaluate_result and recipe.min_ratio is not None else None
 
     def attempt(model: Model, recipe: Recipe) -> tuple[StageContext, BudgetCheck | None]:
         ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
@@ -441,6 +442,10 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
         attempts.append({"recipe": "pruning scope: sensitivity", "drop": budget2.drop if budget2 else None})
         if budget2 is not None and budget2.drop < budget.drop:
             model, ctx, budget, adaptation = spare, ctx2, budget2, "pruning scope: sensitivity"
+    if budget is not None and not budget.within and recipe.min_ratio is not None:
+        model, ctx, budget, adaptation = _trade_size_for_quality(
+            original, model, ctx, budget, adaptation, adapted if adaptation else recipe, recipe.min_ratio, attempt,
+            attempts, progress)
     compress_s = time.perf_counter() - start
     if distributed.is_main_process():
         save(model, out_path)
@@ -450,6 +455,55 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     return CompressResult(model, str(out_path), size, 4 * model.base_params / size, ctx.report, metrics, compress_s,
                           coverage_totals(get_record(model.module).coverage), budget, adaptation,
                           notes[-1] if notes and budget is None else None, attempts)
+
+
+SPARSITY_SCALES = (0.9, 0.8, 0.7, 0.6, 0.5)  # of each pruning stage's sparsity, tried in turn
+
+
+def _trade_size_for_quality(original: Model | None, model: Model, ctx: StageContext, budget: BudgetCheck,
+                            adaptation: str | None, recipe: Recipe, min_ratio: float,
+                            attempt: Callable[[Model, Recipe], tuple[StageContext, BudgetCheck | None]],
+                            attempts: list[dict[str, Any]], progress: bool
+                            ) -> tuple[Model, StageContext, BudgetCheck, str | None]:
+    """Over the budget with a recipe that states ``min_ratio``: run it again with every pruning stage's sparsity
+    (and per-layer overrides) scaled by :data:`SPARSITY_SCALES` in turn, from a fresh copy of ``original``, until
+    one is within the budget or the file would be less than ``min_ratio`` times smaller than fp32. Returns the
+    best run whose file keeps ``min_ratio`` (the one given when none improves on it)."""
+    best = (model, ctx, budget, adaptation)
+    for scale in SPARSITY_SCALES:
+        lowered = scale_sparsity(recipe, scale)
+        if lowered is None or original is None:
+            break
+        if progress:
+            log(f"over the quality budget ({best[2].message()}): running the recipe again at {scale:g}x its "
+                f"pruning sparsity (the file must stay {min_ratio:g}x smaller than fp32)")
+        candidate = copy.deepcopy(original)
+        ctx2, budget2 = attempt(candidate, lowered)
+        ratio = stage_measurement(candidate, None, None)["ratio"]
+        label = f"sparsity x{scale:g}"
+        attempts.append({"recipe": label, "drop": budget2.drop if budget2 else None, "ratio": ratio})
+        if budget2 is None or ratio is None or ratio < min_ratio:
+            break  # lower sparsity only makes the file larger
+        if budget2.drop < best[2].drop:
+            best = (candidate, ctx2, budget2, ", ".join(filter(None, (adaptation, label))))
+        if budget2.within:
+            break
+    return best
+
+
+def scale_sparsity(recipe: Recipe, scale: float) -> Recipe | None:
+    """``recipe`` with the sparsity of every unstructured ``prune`` stage, and of its per-layer overrides,
+    multiplied by ``scale``; None when it has no such stage."""
+    stages, changed = [], False
+    for stage in recipe.stages:
+        if stage.stage_type == "prune" and getattr(stage, "pattern", None) == "unstructured" \
+                and getattr(stage, "threshold", None) is None:
+            fields = stage.model_dump()
+            fields["sparsity"] = stage.sparsity * scale
+            fields["overrides"] = {k: v * scale for k, v in stage.overrides.items()}
+            stage, changed = type(stage).model_validate(fields), True
+        stages.append(stage)
+    return recipe.model_copy(update={"stages": tuple(stages)}) if changed else None
 
 
 def adapt_recipe(recipe: Recipe) -> Recipe | None:

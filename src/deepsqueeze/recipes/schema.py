@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError
 from deepsqueeze.core.config import Seed, StageConfig, config_from_dict, config_to_dict
 from deepsqueeze.errors import RecipeError, one_line
 
-RECIPE_KEYS = ("model", "data", "seed", "description", "on_unsupported", "max_drop", "min_steps", "stages")
+RECIPE_KEYS = ("model", "data", "seed", "description", "on_unsupported", "max_drop", "min_ratio", "min_steps",
+               "stages")
 MAX_RECIPE_BYTES = 1_000_000
 MAX_RECIPE_DEPTH = 32
 MAX_RECIPE_VALUES = 100_000
@@ -104,6 +105,9 @@ class Recipe(BaseModel):
     on_unsupported: Literal["warn", "skip", "error"] = "warn"  # weight-bearing layers a stage does not handle
     # the quality budget, in the task's unit (deepsqueeze.recipes.budget); None: the task's default
     max_drop: Annotated[float, Field(ge=0, le=1000, allow_inf_nan=False)] | None = None
+    # over the quality budget, compress may lower the pruning stages' sparsity while the file stays this much
+    # smaller than fp32 (None: it never trades size for quality)
+    min_ratio: Annotated[float, Field(ge=1, le=1e6, allow_inf_nan=False)] | None = None
     # every training stage runs at least this many optimizer steps: its epochs are raised on small data
     min_steps: Annotated[int, Strict(), Field(ge=1, le=1_000_000)] | None = None
 
@@ -112,7 +116,7 @@ class Recipe(BaseModel):
         out["seed"] = self.seed
         if self.on_unsupported != "warn":
             out["on_unsupported"] = self.on_unsupported
-        for key in ("max_drop", "min_steps"):
+        for key in ("max_drop", "min_ratio", "min_steps"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         out["stages"] = [config_to_dict(stage) for stage in self.stages]
