@@ -211,7 +211,7 @@ def test_demo_withholds_every_untrusted_timing_with_a_note_per_row():
     assert any(n.startswith("[1] zoo:lenet5@fashion-mnist fp32") and "6076%" in n for n in notes), notes
     assert any(n.startswith("[2] zoo:lenet5@fashion-mnist w4-rtn") and "load average 18.0" in n for n in notes)
     assert any("+train: includes fine-tuning" in n for n in notes)
-    assert any("batch of 64" in n for n in notes)
+    assert any("per batch (its size in the title)" in n for n in notes) and "ms per batch of 64" in text
 
 
 def test_default_demo_covers_every_family_and_full_adds_the_long_recipes():
@@ -219,11 +219,11 @@ def test_default_demo_covers_every_family_and_full_adds_the_long_recipes():
     from deepsqueeze.recipes import load_recipe
 
     def stage_types(jobs):
-        return {stage.stage_type for _, _, names in jobs for name in names for stage in load_recipe(name).stages}
+        return {stage.stage_type for _, _, names, _ in jobs for name in names for stage in load_recipe(name).stages}
 
     assert {"quantize", "prune", "share", "encode", "lowrank", "distill"} <= stage_types(DEFAULT_JOBS)
     assert stage_types(FULL_JOBS) >= stage_types(DEFAULT_JOBS)
-    assert "w4-gptq" in {n for _, _, names in FULL_JOBS for n in names}
+    assert "w4-gptq" in {n for _, _, names, _ in FULL_JOBS for n in names}
 
 
 def test_py_model_without_input_shape_takes_it_from_data(capsys, workdir):
