@@ -57,10 +57,16 @@ def run(ctx: BenchContext) -> list[dict[str, Any]]:
             if ctx.quick and "+" in method:
                 continue
             rows.append(_row(method, f"{count} of 30 blocks", stages, base, base_top1, calib, wiki, news, tmp, ctx))
+    return mark_targets(rows, patterns)
+
+
+def mark_targets(rows: list[dict[str, Any]], patterns: tuple[str, ...]) -> list[dict[str, Any]]:
+    """Each row's perplexity against the base's (first row); the SparseGPT row of each pattern with the
+    issue's target (SparseGPT <= Wanda < magnitude; 2:4 within 40% of the base) and whether it is met."""
     base_ppl = rows[0]["wiki_ppl"]
     for row in rows[1:]:
         row["vs_base"] = f"{100 * (row['wiki_ppl'] / base_ppl - 1):+.2f}%"
-    for pattern in patterns:
+    for pattern in (_label(p) for p in patterns):
         got = {r["method"]: r["wiki_ppl"] for r in rows if r["pattern"] == pattern and "+" not in r["method"]}
         row = next(r for r in rows if r["pattern"] == pattern and r["method"] == "sparsegpt")
         row["target"] = "SparseGPT <= Wanda < magnitude" + ("; within 40% of the base" if pattern == "2:4" else "")
@@ -85,6 +91,11 @@ def _row(method: str, pattern: str, stages: list[dict[str, Any]], base: Any, bas
     loaded = load(path)
     scores = _scores(loaded.module, base_top1, wiki, news, ctx, f"{method} {pattern}")
     scores.pop("_top1")
-    return {"method": method, "pattern": pattern if pattern != "unstructured" else "50% unstructured",
+    return {"method": method, "pattern": _label(pattern),
             **scores,
             "artifact_mb": round(path.stat().st_size / 1e6, 2), "seconds": round(seconds, 1)}
+
+
+def _label(pattern: str) -> str:
+    """A row's pattern as the table shows it (the unstructured rows are at 50%)."""
+    return "50% unstructured" if pattern == "unstructured" else pattern
