@@ -8,6 +8,7 @@ on the bundled digits in seconds; ``--full`` runs the long recipes (GPTQ, distil
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -196,12 +197,7 @@ def demo_table(rows: list[dict[str, Any]]) -> Any:
 
 def _wrap(name: str, width: int = NAME_WIDTH) -> str:
     """``name`` on lines of at most ``width`` characters, broken after hyphens (never inside a word)."""
-    lines = [""]
-    for part in name.replace("-", "-\0").split("\0"):
-        if lines[-1] and len(lines[-1]) + len(part) > width:
-            lines.append("")
-        lines[-1] += part
-    return "\n".join(lines)
+    return "\n".join(textwrap.wrap(name, width, break_on_hyphens=True, break_long_words=False))
 
 
 def _untrusted_marks(rows: list[dict[str, Any]]) -> dict[int, int]:

@@ -411,8 +411,9 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     preflight(model, recipe, data)
     start = time.perf_counter()
     adapted = adapt_recipe(recipe) if evaluate_result else None
-    spare = copy.deepcopy(model) if adapted is not None else None
-    original = copy.deepcopy(model) if evaluate_result and recipe.min_ratio is not None else None
+    # the model as given, for a rerun over the quality budget (each rerun starts from a copy of it)
+    original = copy.deepcopy(model) if adapted is not None or (evaluate_result and recipe.min_ratio is not None) \
+        else None
 
     def attempt(model: Model, recipe: Recipe) -> tuple[StageContext, BudgetCheck | None]:
         ctx = run_stages(model, recipe, data, device=device, progress=progress, measure=report,
@@ -434,10 +435,11 @@ def compress(model_ref: str | None, recipe: Recipe, out: str | Path, data_ref: s
     ctx, budget = attempt(model, recipe)
     attempts = [{"recipe": "as written", "drop": budget.drop}] if budget is not None else []
     adaptation = None
-    if budget is not None and not budget.within and adapted is not None and spare is not None:
+    if budget is not None and not budget.within and adapted is not None and original is not None:
         if progress:
             log(f"over the quality budget ({budget.message()}): running the recipe again with per-layer "
                 "sparsities (channel ratios) from a sensitivity scan")
+        spare = copy.deepcopy(original)
         ctx2, budget2 = attempt(spare, adapted)
         attempts.append({"recipe": "pruning scope: sensitivity", "drop": budget2.drop if budget2 else None})
         if budget2 is not None and budget2.drop < budget.drop:
