@@ -14,8 +14,10 @@ SETUP = (
     "each kxk conv becomes 1x1 -> kxk core -> 1x1), rule=budget, budget=0.5 of the convolutions' MACs, ranks "
     "spread across layers greedily by relative squared weight error (HOSVD) saved per MAC; Linear layers untouched. "
     "Fine-tuned with Adam (lr 5e-4, cosine, batch 128) for the epochs listed. Accuracy on the full 10k test "
-    "split; latency at batch 1 and 256 interleaved with the fp32 model, 2 threads; `conv_macs_kept` is "
-    "measured by forward hooks on both models."
+    "split; latency at batch 1 and 256 interleaved with the fp32 model, 2 threads: each Tucker-2 layer runs its "
+    "three convolutions or the one dense convolution they equal (rebuilt per call), whichever raced faster for "
+    "its input size and batch (`kernels`); `*_speed`: the same .dsq run with `--prefer speed` (the dense kernel "
+    "kept where it races faster); `conv_macs_kept` is measured by forward hooks on both models."
 )
 TARGET_DROP_PP = 1.0
 TARGET_SPEEDUP = 1.5

@@ -76,6 +76,24 @@ def use_threads(threads: int | None) -> int:
     return threads
 
 
+PreferOption = typer.Option(None, "--prefer", metavar="memory|speed", help="memory (default): a compressed layer "
+                            "keeps no float copy of its weight; speed: it may keep its decoded weight where that "
+                            "runs faster (env DEEPSQUEEZE_PREFER)")
+
+
+def use_prefer(prefer: str | None) -> None:
+    """Apply ``--prefer`` (None: the environment's, else memory) before any model runs."""
+    from deepsqueeze.runtime import set_prefer
+
+    set_prefer(prefer)
+
+
+def kernels_line(kernels: dict[str, dict[str, int]]) -> str:
+    """``evaluate``'s ``kernels`` field as one line: ``PackedIntLinear few: gemv x36, many: dequant x36; ...``."""
+    return "; ".join(f"{name} " + ", ".join(f"{k} x{n}" for k, n in counts.items())
+                     for name, counts in kernels.items())
+
+
 BackendOption = typer.Option("torch", "--backend", help="torch, ort (export to ONNX, causal LMs with past "
                              "key-values, and run in ONNX Runtime) or pte (export an ExecuTorch program and run it "
                              "in ExecuTorch's runtime)")

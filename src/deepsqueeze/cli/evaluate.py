@@ -12,15 +12,18 @@ from deepsqueeze.cli._common import (
     JsonOption,
     ModelCodeOption,
     ModelOption,
+    PreferOption,
     ThreadsOption,
     WeightsOption,
     emit_json,
+    kernels_line,
     kv_table,
     model_ref,
     need_data,
     on_backend,
     stderr,
     stdout,
+    use_prefer,
     use_threads,
 )
 
@@ -35,6 +38,7 @@ def register(app: typer.Typer) -> None:
         data: str = DataOption,
         device: str = DeviceOption,
         threads: int = ThreadsOption,
+        prefer: str = PreferOption,
         reference: str = typer.Option(None, "--reference", help="Reference model for sentence encoders "
                                       "(default: the artifact's base model)"),
         batch_size: int = typer.Option(64, "--batch-size", min=1, max=MAX_BATCH, help="Batch size for the latency measurement"),
@@ -59,6 +63,7 @@ def register(app: typer.Typer) -> None:
         model = model_ref(model_arg, model)
         data = need_data(data, "evaluate")
         threads = use_threads(threads)
+        use_prefer(prefer)
         m = resolve_model(model, weights=weights, progress=not as_json, device=device, model_code=model_code)
         dataset = resolve_data(data, split="eval")
         ref = (resolve_model(reference, progress=not as_json, device=device, model_code=model_code)
@@ -90,6 +95,9 @@ def register(app: typer.Typer) -> None:
             emit_json(result)
         else:
             stdout.print(kv_table(f"{model} on {dataset.name}", result))
+            if result.get("kernels"):
+                stdout.print(f"kernels ({result['prefer']}): {kernels_line(result['kernels'])}", markup=False,
+                             highlight=False)
             if result["latency_reliable"] is False:
                 stderr.print(f"[yellow]latency figures are unreliable: {result['latency_note']}; "
                              "rerun on a quiet machine before trusting the speedup[/yellow]")

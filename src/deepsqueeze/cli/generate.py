@@ -13,12 +13,14 @@ from deepsqueeze.cli._common import (
     JsonOption,
     ModelCodeOption,
     ModelOption,
+    PreferOption,
     ThreadsOption,
     WeightsOption,
     emit_json,
     model_ref,
     on_backend,
     stdout,
+    use_prefer,
     use_threads,
 )
 
@@ -69,6 +71,7 @@ def register(app: typer.Typer) -> None:
         data: str = DataOption,
         device: str = DeviceOption,
         threads: int = ThreadsOption,
+        prefer: str = PreferOption,
         as_json: bool = JsonOption,
     ) -> None:
         """Continue a prompt with a causal LM, with a KV cache; prints the text and prompt / decode tokens/s."""
@@ -77,6 +80,7 @@ def register(app: typer.Typer) -> None:
         model = model_ref(model_arg, model)
         text = _read_prompt(prompt, prompt_file)
         threads = use_threads(threads)
+        use_prefer(prefer)
         m = resolve_model(model, weights=weights, progress=not as_json, model_code=model_code, device=device)
         from deepsqueeze.data import resolve_data
 

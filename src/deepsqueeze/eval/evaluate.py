@@ -14,13 +14,14 @@ from deepsqueeze.data.datasets import ClassificationData, TextData
 from deepsqueeze.errors import DataError
 from deepsqueeze.eval.latency import busy_note, last_times, measure_latency_spread, ratio_stats
 from deepsqueeze.eval.metrics import accuracy, embedding_fidelity, encoder_inputs, label_agreement
+from deepsqueeze.runtime import kernel_summary, preferred
 
 # Public contract: these keys are always present (None where a value does not apply).
 EVALUATION_KEYS = (
     "params", "nonzero_params", "fp32_bytes", "artifact_bytes", "compression_ratio",
     "latency_ms_median", "latency_batch", "threads", "samples",
     "latency_ms_p10", "latency_ms_p90", "latency_repeats", "latency_reliable", "latency_note",
-    "baseline_latency_ms_median", "speedup", "speedup_p10", "speedup_p90",
+    "baseline_latency_ms_median", "speedup", "speedup_p10", "speedup_p90", "prefer", "kernels",
 )
 
 
@@ -44,7 +45,10 @@ def evaluate(model: Model, data: ClassificationData | TextData, reference: Model
     Latency (ms per batch of ``batch_size``): median, p10 and p90 of at least ``repeat`` timed calls
     (more until ``min_seconds``), ``latency_reliable`` False with ``latency_note`` when the spread is wide
     or the machine busy. With ``baseline`` (e.g. the fp32 model) both are timed interleaved, round by
-    round, and ``speedup`` (median of per-round ratios, with p10/p90) compares them.
+    round, and ``speedup`` (median of per-round ratios, with p10/p90) compares them. ``kernels``: which kernel
+    each compressed layer ran, by representation and batch kind
+    (:func:`deepsqueeze.runtime.kernels.kernel_summary`), under ``prefer`` (memory or speed,
+    :func:`deepsqueeze.runtime.kernels.set_prefer`).
     """
     # off a terminal the tracker's heartbeat prints a line after each 15 s without one (a quick evaluation: none)
     with track("evaluating: quality, then latency" if latency else "evaluating quality", 1, "parts"):
@@ -123,6 +127,7 @@ def _evaluate(model: Model, data: ClassificationData | TextData, reference: Mode
 
         with pinned_threads(threads), torch.inference_mode():
             result.update(generation_speed(module, data.sentences, baseline_module))  # type: ignore[union-attr]
+    result["prefer"], result["kernels"] = preferred(), kernel_summary(module)
     return result
 
 

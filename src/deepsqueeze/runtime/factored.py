@@ -2,19 +2,59 @@
 
 They are named by what they are (a low-rank Linear, a Tucker-2 or CP convolution), hold plain
 ``nn.Linear``/``nn.Conv2d`` children (so quantization, pruning and LoRA can address the factors by
-name), and can be built empty from their shapes, which is how the loader replays them.
+name), and can be built empty from their shapes, which is how the loader replays them. Each runs its
+factors or the one dense layer they equal, whichever raced faster for its shape and batch on this CPU
+(:func:`~deepsqueeze.runtime.kernels.factored_kernel`): at large batches a dense product can beat three
+thin ones, and a layer is never left slower than its float form.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.primitives.factorize import cp_factors, svd_factors, tucker2_factors
+from deepsqueeze.runtime.kernels import Cached, factored_kernel, preferred
 
 
-class LowRankLinear(nn.Module):
+class _Factored(Cached):
+    """A chain of plain layers that runs as the chain or as the one dense layer it equals (see the module)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._kernels: dict[tuple[Any, ...], str] = {}  # (batch kind, input size...) -> kernel chosen
+
+    def has_dense_form(self) -> bool:
+        """Whether every factor is a plain float Linear / Conv2d (a quantized or pruned factor is not)."""
+        return all(type(m) in (nn.Linear, nn.Conv2d) and m.weight.dtype == torch.float32 for m in self.children())
+
+    def dense_weight(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _held_dense_weight(self) -> torch.Tensor:
+        """:meth:`dense_weight`, kept between calls where speed is preferred (rebuilt once a factor changed)."""
+        if preferred() != "speed":
+            return self.dense_weight()
+        versions = tuple(p._version for p in self.parameters())
+        held = self._cache.get("dense")
+        if held is None or held[0] != versions:
+            held = self._cache["dense"] = (versions, self.dense_weight().detach())
+        return held[1]
+
+    def kernel_choices(self) -> dict[str, str]:
+        """Batch kind -> kernel chosen so far in this process (``factors`` or ``dense``)."""
+        return {kind[0]: kernel for kind, kernel in self._kernels.items()}
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        self._kernels.clear()
+        return super()._apply(fn, recurse)
+
+
+class LowRankLinear(_Factored):
     """``y = second(first(x))``: a Linear of rank ``rank`` stored as ``in -> rank -> out``."""
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True) -> None:
@@ -36,7 +76,15 @@ class LowRankLinear(nn.Module):
         return out.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        run = self.dense_forward if factored_kernel(self, x2) == "dense" else self.factored_forward
+        return run(x2).reshape(*x.shape[:-1], self.out_features)
+
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._held_dense_weight(), self.second.bias)
 
     def dense_weight(self) -> torch.Tensor:
         """The ``(out, in)`` weight this product equals."""
@@ -61,7 +109,24 @@ def conv_geometry(conv: nn.Conv2d) -> dict:
     }
 
 
-class Tucker2Conv2d(nn.Module):
+class _FactoredConv(_Factored):
+    stride: tuple[int, ...]
+    padding: tuple[int, ...]
+    dilation: tuple[int, ...]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() == 4 and factored_kernel(self, x) == "dense":
+            return self.dense_forward(x)
+        return self.factored_forward(x)
+
+    def dense_forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, self._held_dense_weight(), self.last.bias, self.stride, self.padding, self.dilation)
+
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Tucker2Conv2d(_FactoredConv):
     """``1x1 (I -> r_in) -> kxk core (r_in -> r_out, the original stride/padding) -> 1x1 (r_out -> O)``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: list[int] | tuple[int, int],
@@ -75,6 +140,7 @@ class Tucker2Conv2d(nn.Module):
         self.core = nn.Conv2d(r_in, r_out, tuple(kernel_size), stride=tuple(stride), padding=tuple(padding),
                               dilation=tuple(dilation), bias=False)
         self.last = nn.Conv2d(r_out, out_channels, 1, bias=bias)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, ranks: tuple[int, int]) -> Tucker2Conv2d:
@@ -89,14 +155,19 @@ class Tucker2Conv2d(nn.Module):
                 out.last.bias.copy_(conv.bias)
         return out.to(conv.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.core(self.first(x)))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in, kh, kw)`` kernel this chain equals."""
+        return torch.einsum("oa,abhw,bi->oihw", self.last.weight[:, :, 0, 0], self.core.weight,
+                            self.first.weight[:, :, 0, 0])
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, ranks={self.ranks}"
 
 
-class CPConv2d(nn.Module):
+class CPConv2d(_FactoredConv):
     """CP-factored conv: ``1x1 (I -> r) -> kh x 1 depthwise -> 1 x kw depthwise -> 1x1 (r -> O)``."""
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: list[int] | tuple[int, int], rank: int,
@@ -111,6 +182,7 @@ class CPConv2d(nn.Module):
         self.horizontal = nn.Conv2d(rank, rank, (1, kw), stride=(1, stride[1]), padding=(0, padding[1]),
                                     dilation=(1, dilation[1]), groups=rank, bias=False)
         self.last = nn.Conv2d(rank, out_channels, 1, bias=bias)
+        self.stride, self.padding, self.dilation = tuple(stride), tuple(padding), tuple(dilation)
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, rank: int) -> CPConv2d:
@@ -126,8 +198,13 @@ class CPConv2d(nn.Module):
                 out.last.bias.copy_(conv.bias)
         return out.to(conv.weight.device)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.last(self.horizontal(self.vertical(self.first(x))))
+
+    def dense_weight(self) -> torch.Tensor:
+        """The ``(out, in, kh, kw)`` kernel this chain equals (a sum of ``rank`` separable terms)."""
+        return torch.einsum("or,rh,rw,ri->oihw", self.last.weight[:, :, 0, 0], self.vertical.weight[:, 0, :, 0],
+                            self.horizontal.weight[:, 0, 0, :], self.first.weight[:, :, 0, 0])
 
     def extra_repr(self) -> str:
         return f"{self.in_channels}, {self.out_channels}, rank={self.rank}"

@@ -143,6 +143,10 @@ class Int8Linear(Cached):
             return "fbgemm"
         return "int_mm"
 
+    def kernel_choices(self) -> dict[str, str]:
+        """``{"all": kernel}``: the one integer kernel this layer runs on its device (:meth:`kernel`)."""
+        return {"all": self.kernel(self.weight.device)}
+
     def _colsum(self) -> torch.Tensor:
         return self._cached("colsum", lambda: self.weight.sum(1, dtype=torch.int32))
 

@@ -9,6 +9,16 @@
 * CSR sparse Linear (:class:`~deepsqueeze.runtime.sparse.SparseCSRLinear`): ``torch.sparse.mm`` or the
   dense product, raced per shape, non-zeros and batch kind (:func:`sparse_kernel`).
 
+* Factored layers (:mod:`deepsqueeze.runtime.factored`): the product of the factors, or (``prefer speed``)
+  the dense weight they equal, raced per shape, rank and batch kind (:func:`factored_kernel`).
+
+What a representation may keep beside its codes is the process's preference (:func:`set_prefer`,
+``DEEPSQUEEZE_PREFER``, the commands' ``--prefer``): ``memory`` (the default) holds no float copy of a
+compressed weight, so a kernel racing the dense float form decodes it on each call (bounded by the largest
+layer); ``speed`` lets a layer keep its decoded float weight when that races faster (``float`` for packed
+Linear, ``dense`` for CSR and factored layers) and packed convolutions keep theirs (decoding once instead
+of per call). Either way no layer runs a kernel that measured slower than the other candidates on this CPU.
+
 Every race goes through :func:`deepsqueeze.core.timing.choose` (interleaved repetitions, the first
 candidate kept unless another is 15% faster, decisions stored per CPU in the kernel cache); an environment
 variable (``DEEPSQUEEZE_INT8_KERNEL``, ``DEEPSQUEEZE_PACKED_KERNEL``, ``DEEPSQUEEZE_SPARSE_KERNEL``) or a
@@ -31,7 +41,9 @@ from deepsqueeze.core.timing import choose, forced_choice
 from deepsqueeze.errors import ModelError, UnsupportedLayerError
 from deepsqueeze.runtime.gemv import GEMV_MAX_ROWS, gemv_unavailable, run_gemv
 
-__all__ = ["FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
+__all__ = ["FACTORED_KERNELS", "PREFERENCES", "factored_kernel", "kernel_summary", "preferred", "preferring",
+           "set_prefer",
+           "FBGEMM_ACT_BITS", "INT4PACK_GROUPS", "INT8_KERNELS", "PACKED_KERNELS", "PACKED_RACE_ROWS", "Cached",
            "forced_int8_kernel", "int8_kernel", "packed_kernel_support", "packed_linear_kernel", "run_packed_linear",
            "REFERENCE_KERNELS", "SPARSE_KERNELS", "reference_kernels", "set_int8_kernel", "set_packed_kernel",
            "sparse_kernel"]
@@ -57,6 +69,47 @@ class Cached(nn.Module):
     def _apply(self, fn: Any, recurse: bool = True) -> Any:  # device / dtype moves
         self._cache.clear()
         return super()._apply(fn, recurse)
+
+
+# ------------------------------------------------------------------------------------------ memory or speed
+
+PREFERENCES = ("memory", "speed")
+_prefer: str | None = None
+
+
+def set_prefer(preference: str | None) -> None:
+    """``"memory"`` (no float copy of a compressed weight is ever kept) or ``"speed"`` (a layer may keep its
+    decoded float weight where that runs faster); ``None``: ``DEEPSQUEEZE_PREFER``, else memory. Layers
+    choose their kernels at their first call after this: set it before running a model.
+
+    Raises:
+        ModelError: ``preference`` is not one of :data:`PREFERENCES`.
+    """
+    global _prefer
+    if preference is not None and preference not in PREFERENCES:
+        raise ModelError(f"unknown preference {preference!r}: choose one of {PREFERENCES}")
+    _prefer = preference
+
+
+@contextlib.contextmanager
+def preferring(preference: str) -> Iterator[None]:
+    """:func:`set_prefer` for the ``with`` block only (e.g. to time one model under each preference)."""
+    global _prefer
+    previous = _prefer
+    set_prefer(preference)
+    try:
+        yield
+    finally:
+        _prefer = previous
+
+
+def preferred() -> str:
+    """The preference in force: :func:`set_prefer`'s, else ``DEEPSQUEEZE_PREFER``'s, else ``"memory"``."""
+    return _prefer or forced_choice("DEEPSQUEEZE_PREFER", PREFERENCES) or "memory"
+
+
+def _keeps_float() -> bool:
+    return preferred() == "speed"
 
 
 # ------------------------------------------------------------------------------------------ int8 kernels
@@ -176,7 +229,7 @@ def fbgemm_per_token(x: torch.Tensor, packed: Any) -> torch.Tensor:
 # ------------------------------------------------------------------------------------------ packed kernels
 
 #: Weight-only Linear kernels, in order of preference: see :class:`PackedIntLinear`.
-PACKED_KERNELS = ("gemv", "int4pack", "int8pack", "dequant")
+PACKED_KERNELS = ("gemv", "int4pack", "int8pack", "dequant", "float")
 INT4PACK_GROUPS = (256, 128, 64, 32)  # the group sizes _weight_int4pack_mm_for_cpu accepts
 PACKED_RACE_ROWS = {"few": 32, "many": 256, "large": 2048}  # rows of the first batch each kind's race runs on
 _packed_override: str | None = None
@@ -216,9 +269,9 @@ def packed_kernel_support(layer: nn.Module) -> dict[str, str | None]:
     """Each kernel of :data:`PACKED_KERNELS` -> None where it can run the packed Linear ``layer``, else why not."""
     if not layer.affine_codes:
         why = f"{type(layer).__name__} decodes its codes otherwise than (q - zero point) * scale"
-        return {k: None if k == "dequant" else why for k in PACKED_KERNELS}
+        return {k: None if k in ("dequant", "float") else why for k in PACKED_KERNELS}
     support: dict[str, str | None] = {"gemv": _gemv_support(layer), "int4pack": None, "int8pack": None,
-                                      "dequant": None}
+                                      "dequant": None, "float": None}
     if not hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
         support["int4pack"] = "this PyTorch has no _weight_int4pack_mm_for_cpu"
     elif layer.bits > 4 and not layer.binary:
@@ -299,6 +352,8 @@ def run_packed_linear(layer: Cached, kernel: str, x2: torch.Tensor) -> torch.Ten
         y = torch.ops.aten._weight_int8pack_mm(x2.contiguous(), w8, scale)
         if correction is not None:
             y = torch.addmm(y, x2.sum(dim=1, keepdim=True), correction[None, :])
+    elif kernel == "float":  # the decoded weight kept (prefer speed): dequant's arithmetic without the decode
+        return F.linear(x2, layer._cached("float", layer.dequantized_rows), bias)
     else:
         return F.linear(x2, layer.dequantized_rows(), bias)
     return y if bias is None else y.add_(bias)
@@ -308,8 +363,9 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
     """The kernel for the packed Linear ``layer`` on a 2-D float32 batch like ``x2``: forced
     (:func:`set_packed_kernel`, ``DEEPSQUEEZE_PACKED_KERNEL``; ``dequant`` where the forced one cannot run
     this layer), else chosen by :func:`deepsqueeze.core.timing.choose` per (out, in, bits, group, batch
-    kind) and kept for the machine (in ``layer._kernels`` for this process); layouts of kernels not chosen
-    are dropped after the choice."""
+    kind) and kept for the machine (in ``layer._kernels`` for this process); ``float`` (the decoded weight
+    kept) races only where speed is preferred (:func:`set_prefer`); layouts of kernels not chosen are
+    dropped after the choice."""
     forced = _forced_packed_kernel()
     if forced is not None:
         return forced if packed_kernel_support(layer)[forced] is None else "dequant"
@@ -321,14 +377,16 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
         support = packed_kernel_support(layer)
         sample = x2[:PACKED_RACE_ROWS[kind]]
         # the first is kept unless another is 15% faster; gemv shares a block among at most 32 rows
-        order = PACKED_KERNELS if kind == "few" else ("dequant", "int4pack", "int8pack")
+        order = PACKED_KERNELS[:4] if kind == "few" else ("dequant", "int4pack", "int8pack")
+        order += ("float",) if _keeps_float() else ()
         usable = [k for k in order if support[k] is None]
         key = (f"packed-linear {layer.out_features}x{layer.in_features} bits={layer.bits}"
-               f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}")
+               f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}"
+               f"{' prefer=speed' if _keeps_float() else ''}")
         with torch.no_grad():
             chosen = choose(key, {k: (lambda k=k: run_packed_linear(layer, k, sample)) for k in usable})
         layer._kernels[kind] = chosen
-        for k in ("gemv", "int4pack", "int8pack"):
+        for k in ("gemv", "int4pack", "int8pack", "float"):
             if k not in layer._kernels.values():
                 layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
     return chosen
@@ -337,7 +395,7 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
 # ------------------------------------------------------------------------------------------ sparse kernels
 
 SPARSE_KERNELS = ("csr", "dense")
-_measured_sparse_kernel: dict[tuple[int, ...], str] = {}
+_measured_sparse_kernel: dict[tuple[int, ...], str] = {}  # (out, in, nnz, batch kind, keeps float) -> kernel
 _sparse_override: str | None = None
 
 
@@ -354,32 +412,92 @@ def sparse_kernel(layer: nn.Module, x: torch.Tensor) -> str:
         return forced
     if layer.weight_csr.device.type != "cpu":
         return "csr"
-    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2))
+    key = (*layer.weight_csr.shape, int(layer.weight_csr.values().numel()), min(x.shape[0], 2), _keeps_float())
     if key not in _measured_sparse_kernel:
-        name = f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
+        name = (f"sparse-csr-linear {key[0]}x{key[1]} nnz={key[2]} rows={'1' if key[3] == 1 else 'many'}"
+                f"{' prefer=speed' if key[4] else ''}")
         _measured_sparse_kernel[key] = choose(name, {"dense": lambda: layer._dense_product(x),
                                                      "csr": lambda: layer._csr_product(x)})
     return _measured_sparse_kernel[key]
 
 
+# ------------------------------------------------------------------------------------------ factored kernels
+
+FACTORED_KERNELS = ("factors", "dense")
+_factored_override: str | None = None
+
+
+def factored_kernel(layer: Any, x: torch.Tensor) -> str:
+    """``"factors"`` (the chain of thin layers) or ``"dense"`` (one layer on the weight they equal: rebuilt on
+    each call, or kept where speed is preferred) for the factored ``layer`` on the batch ``x`` (2-D rows for
+    a Linear, ``(N, C, H, W)`` for a convolution): forced by
+    ``DEEPSQUEEZE_FACTORED_KERNEL``, else raced once per shape, ranks, input size and batch kind
+    (:func:`deepsqueeze.core.timing.choose`: the factors kept unless the dense form is 15% faster). The
+    factors run where gradients flow, off the CPU, and where a factor is not a plain float layer (a
+    quantized or pruned factor: its own representation races its kernels)."""
+    forced = _factored_override or forced_choice("DEEPSQUEEZE_FACTORED_KERNEL", FACTORED_KERNELS)
+    if not layer.has_dense_form() or x.device.type != "cpu" or _tracing() or (
+            torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())):
+        return "factors"
+    if forced is not None:
+        return forced
+    kind = (_batch_kind(x.shape[0]), *x.shape[1:]) if x.dim() == 4 else (_batch_kind(x.shape[0]),)
+    chosen = layer._kernels.get(kind)
+    if chosen is None:
+        geometry = f" stride={layer.stride} padding={layer.padding} dilation={layer.dilation}" if x.dim() == 4 else ""
+        key = (f"factored {type(layer).__name__} {layer.extra_repr()}{geometry} input={list(kind[1:])} "
+               f"rows={kind[0]}{' prefer=speed' if _keeps_float() else ''}")
+        sample = x[:PACKED_RACE_ROWS[kind[0]]]
+        with torch.no_grad():
+            chosen = layer._kernels[kind] = choose(key, {"factors": lambda: layer.factored_forward(sample),
+                                                         "dense": lambda: layer.dense_forward(sample)})
+        if "dense" not in layer._kernels.values():
+            layer._cache.pop("dense", None)
+    return chosen
+
+
+def _tracing() -> bool:
+    """Whether the call is being traced or exported (the graph records the factors; nothing is raced)."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export()
+
+
+# ------------------------------------------------------------------------------------------ what runs
+
+def kernel_summary(module: nn.Module) -> dict[str, dict[str, int]]:
+    """Representation class -> ``"<batch kind>: <kernel>"`` -> how many of its layers in ``module`` run that
+    kernel, from the choices made so far in this process (run the model first); a layer with one kernel for
+    every batch kind is counted under ``"all: <kernel>"``. Every representation that chooses among kernels
+    has a ``kernel_choices()`` method (batch kind -> kernel)."""
+    summary: dict[str, dict[str, int]] = {}
+    for layer in module.modules():
+        choices = getattr(layer, "kernel_choices", None)
+        if not callable(choices):
+            continue
+        counts = summary.setdefault(type(layer).__name__, {})
+        for kind, kernel in sorted(choices().items()):
+            counts[f"{kind}: {kernel}"] = counts.get(f"{kind}: {kernel}", 0) + 1
+    return {name: dict(sorted(c.items())) for name, c in sorted(summary.items()) if c}
+
+
 # ------------------------------------------------------------------------------------------ reference arithmetic
 
-REFERENCE_KERNELS = {"int8": "int_mm", "packed": "dequant", "sparse": "dense"}
+REFERENCE_KERNELS = {"int8": "int_mm", "packed": "dequant", "sparse": "dense", "factored": "factors"}
 
 
 @contextlib.contextmanager
 def reference_kernels() -> Iterator[None]:
     """Every representation on the kernel whose arithmetic is the layer's definition, for the ``with`` block:
     int8 Linear on ``_int_mm`` (8-bit per-token codes, not fbgemm's 7-bit), packed Linear decoded then
-    ``F.linear``, CSR Linear as the dense product. Races pick kernels by speed on each machine, and the
+    ``F.linear``, CSR Linear as the dense product, factored layers as their factors. Races pick kernels by speed on each machine, and the
     kernels differ in their arithmetic (activation bits, summation order): work whose result is stored
     (the stages of a recipe) runs here, so the same inputs give the same bytes on every machine. Forced
     kernels (``set_*_kernel``, ``DEEPSQUEEZE_*_KERNEL``) are set aside inside the block."""
-    global _kernel_override, _packed_override, _sparse_override
-    previous = (_kernel_override, _packed_override, _sparse_override)
-    _kernel_override, _packed_override, _sparse_override = (REFERENCE_KERNELS["int8"], REFERENCE_KERNELS["packed"],
-                                                            REFERENCE_KERNELS["sparse"])
+    global _kernel_override, _packed_override, _sparse_override, _factored_override
+    previous = (_kernel_override, _packed_override, _sparse_override, _factored_override)
+    _kernel_override, _packed_override, _sparse_override, _factored_override = (
+        REFERENCE_KERNELS["int8"], REFERENCE_KERNELS["packed"], REFERENCE_KERNELS["sparse"],
+        REFERENCE_KERNELS["factored"])
     try:
         yield
     finally:
-        _kernel_override, _packed_override, _sparse_override = previous
+        _kernel_override, _packed_override, _sparse_override, _factored_override = previous

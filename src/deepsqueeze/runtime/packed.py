@@ -35,7 +35,13 @@ from deepsqueeze.core.kinds import layer_kind
 from deepsqueeze.errors import UnsupportedLayerError
 from deepsqueeze.primitives import packing
 from deepsqueeze.primitives import quantize as Q
-from deepsqueeze.runtime.kernels import Cached, packed_kernel_support, packed_linear_kernel, run_packed_linear
+from deepsqueeze.runtime.kernels import (
+    Cached,
+    packed_kernel_support,
+    packed_linear_kernel,
+    preferred,
+    run_packed_linear,
+)
 
 __all__ = ["PackedInt4Linear", "PackedIntConv2d", "PackedIntEmbedding", "PackedIntLinear", "PackedTensor",
            "PackedWeights"]
@@ -147,6 +153,8 @@ class PackedIntLinear(_PackedWeight):
     * ``dequant``: decodes this layer's codes into a transient float weight on each call and runs
       ``F.linear`` (memory bounded by the largest layer, not the model; the fast choice for large
       batches, where the two kernels above run 10-100x slower than fp32 on CPUs).
+    * ``float``: ``F.linear`` on the decoded weight kept after the first call: the dense float form,
+      raced only where speed is preferred over memory (:func:`~deepsqueeze.runtime.kernels.set_prefer`).
 
     On a non-CPU device, or when the input needs gradients (LoRA on a quantized base), ``dequant``
     runs. ``bias`` (out,) stays float.
@@ -204,6 +212,8 @@ class PackedIntLinear(_PackedWeight):
     def kernels(self) -> dict[str, str]:
         """Batch kind (``few`` rows <= 32, ``many`` <= 512, ``large``) -> kernel chosen so far in this process."""
         return dict(self._kernels)
+
+    kernel_choices = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -271,8 +281,17 @@ class PackedIntConv2d(_PackedWeight):
         return self.dequantized_rows().reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(x, self.dequantized_weight().to(x.dtype), self.bias, self.stride, self.padding,
-                        self.dilation, self.groups)
+        """The convolution on the weight decoded for this call, or (speed preferred, no gradients) on the
+        decoded weight kept after the first call: the same arithmetic, without decoding again."""
+        if preferred() == "speed" and not (torch.is_grad_enabled() and x.requires_grad):
+            weight = self._cached("float", self.dequantized_weight)
+        else:
+            weight = self.dequantized_weight()
+        return F.conv2d(x, weight.to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+
+    def kernel_choices(self) -> dict[str, str]:
+        """``{"all": "float"}`` once the decoded weight is kept (speed preferred), else ``{"all": "dequant"}``."""
+        return {"all": "float" if "float" in self._cache else "dequant"}
 
     def replay_params(self) -> dict[str, Any]:
         return {"in_channels": self.in_channels, "out_channels": self.out_channels,

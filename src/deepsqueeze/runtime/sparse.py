@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from deepsqueeze.runtime.kernels import sparse_kernel
+from deepsqueeze.runtime.kernels import preferred, sparse_kernel
 
 __all__ = ["CSR_BREAK_EVEN_SPARSITY", "SparseCSRLinear"]
 
@@ -40,8 +40,9 @@ def _to_csr(dense: torch.Tensor) -> torch.Tensor:
 class SparseCSRLinear(nn.Module):
     """A Linear layer whose weight is held as a CSR sparse matrix (inference only).
 
-    It multiplies with ``torch.sparse.mm``, or with a dense copy where :func:`sparse_kernel` measured
-    the dense product faster for this shape and batch on the running machine.
+    It multiplies with ``torch.sparse.mm``, or densely where :func:`sparse_kernel` measured the dense
+    product faster for this shape and batch on the running machine: on a dense weight rebuilt on each call,
+    or (:func:`~deepsqueeze.runtime.kernels.set_prefer` ``"speed"``) on a dense copy kept.
 
     The state dict still carries the dense ``weight`` (rebuilt from CSR on save, turned back into
     CSR on load) so the artifact's ``sparse`` encoding and strict loading see the usual keys.
@@ -52,7 +53,7 @@ class SparseCSRLinear(nn.Module):
         self.in_features, self.out_features = in_features, out_features
         self.weight_csr = _to_csr(torch.zeros(out_features, in_features))
         self.bias = nn.Parameter(torch.zeros(out_features), requires_grad=False) if bias else None
-        self._dense: torch.Tensor | None = None  # a dense copy, kept only if the dense kernel wins
+        self._dense: torch.Tensor | None = None  # a dense copy, kept only if the dense kernel wins and speed is preferred
         self._kernels: dict[int, str] = {}  # batch kind (1 row / many) -> "csr" or "dense"
 
     @classmethod
@@ -79,9 +80,16 @@ class SparseCSRLinear(nn.Module):
         return out + self.bias if self.bias is not None else out
 
     def _dense_product(self, flat: torch.Tensor) -> torch.Tensor:
-        if self._dense is None:
-            self._dense = self.weight_csr.to_dense()
-        return torch.nn.functional.linear(flat, self._dense, self.bias)
+        dense = self._dense
+        if dense is None:
+            dense = self.weight_csr.to_dense()
+            if preferred() == "speed":
+                self._dense = dense
+        return torch.nn.functional.linear(flat, dense, self.bias)
+
+    def kernel_choices(self) -> dict[str, str]:
+        """Batch kind (``one`` row, ``many``) -> ``csr`` or ``dense``, as chosen so far in this process."""
+        return {"one" if kind == 1 else "many": kernel for kind, kernel in self._kernels.items()}
 
     def dense_weight(self) -> torch.Tensor:
         return self.weight_csr.to_dense()
