@@ -138,10 +138,12 @@ class _PackedWeight(Cached):
 class PackedIntLinear(_PackedWeight):
     """Weight-only Linear: packed 1..8-bit codes computed on without a float copy of the weight.
 
-    Each call runs one of three kernels (chosen per weight shape, bits, groups and batch kind, see
+    Each call runs one of these kernels (chosen per weight shape, bits, groups and batch kind, see
     :meth:`kernel`), whose operands are built from the codes at first use after loading (the file
     keeps our packing; kernel layouts are never stored):
 
+    * ``gemv``: deepsqueeze's own kernel on the stored 4- and 8-bit codes, for up to 32 rows
+      (:mod:`deepsqueeze.runtime.gemv`).
     * ``int4pack``: PyTorch's ``aten._weight_int4pack_mm_for_cpu`` on a layout made by
       ``_convert_weight_to_int4pack_for_cpu`` (4 bits per weight; 2/3-bit and binary codes are exact
       in it: ``w = (q - 8) * s + z`` with ``z = (8 - zero_point) * s``). Needs codes of at most 4 bits
