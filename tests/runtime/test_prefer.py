@@ -129,11 +129,16 @@ def test_a_kept_dense_weight_follows_its_factors_and_stages_run_the_factors(monk
     assert K.factored_kernel(layer, x) == "factors"  # gradients flow through the factors
 
 
-def test_a_quantized_factor_has_no_dense_form():
+def test_a_quantized_factor_has_no_dense_form(monkeypatch):
+    _float_form_wins(monkeypatch)
     layer = LowRankLinear.from_linear(nn.Linear(64, 32), 8)
-    layer.second = PackedIntLinear.from_float(layer.second, 4, 8)
-    assert not layer.has_dense_form()
-    assert K.factored_kernel(layer, torch.randn(4, 64)) == "factors"
+    x = torch.randn(4, 64)
+    with torch.no_grad():
+        assert layer(x).shape == (4, 32) and layer.kernel_choices() == {"few": "dense"}
+        layer.second = PackedIntLinear.from_float(layer.second, 4, 8)  # a factor quantized after the race
+        assert not layer.has_dense_form() and layer.kernel_choices() == {}
+        torch.testing.assert_close(layer(x), layer.factored_forward(x))
+    assert layer.kernel_choices() == {"few": "factors"}
 
 
 def test_evaluate_names_each_layer_kernel(lenet300_digits, digits):

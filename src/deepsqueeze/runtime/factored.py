@@ -45,6 +45,12 @@ class _Factored(Cached):
             held = self._cache["dense"] = (versions, self.dense_weight().detach())
         return held[1]
 
+    def __setattr__(self, name: str, value: Any) -> None:
+        if isinstance(value, nn.Module) and "_kernels" in self.__dict__:  # a factor replaced (quantized, pruned)
+            self._kernels.clear()
+            self._cache.pop("dense", None)
+        super().__setattr__(name, value)
+
     def kernel_choices(self) -> dict[str, str]:
         """Batch kind -> kernel chosen so far in this process (``factors`` or ``dense``)."""
         return {kind[0]: kernel for kind, kernel in self._kernels.items()}
@@ -76,9 +82,9 @@ class LowRankLinear(_Factored):
         return out.to(linear.weight.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x2 = x.reshape(-1, self.in_features)
-        run = self.dense_forward if factored_kernel(self, x2) == "dense" else self.factored_forward
-        return run(x2).reshape(*x.shape[:-1], self.out_features)
+        x2 = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        y = (self.dense_forward if factored_kernel(self, x2) == "dense" else self.factored_forward)(x2)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def factored_forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.second(self.first(x))

@@ -435,24 +435,30 @@ def factored_kernel(layer: Any, x: torch.Tensor) -> str:
     (:func:`deepsqueeze.core.timing.choose`: the factors kept unless the dense form is 15% faster). The
     factors run where gradients flow, off the CPU, and where a factor is not a plain float layer (a
     quantized or pruned factor: its own representation races its kernels)."""
-    forced = _factored_override or forced_choice("DEEPSQUEEZE_FACTORED_KERNEL", FACTORED_KERNELS)
-    if not layer.has_dense_form() or x.device.type != "cpu" or _tracing() or (
-            torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())):
+    if _factored_override is not None:
+        return _factored_override
+    if _tracing() or (torch.is_grad_enabled() and any(p.requires_grad for p in layer.parameters())):
         return "factors"
-    if forced is not None:
-        return forced
     kind = (_batch_kind(x.shape[0]), *x.shape[1:]) if x.dim() == 4 else (_batch_kind(x.shape[0]),)
-    chosen = layer._kernels.get(kind)
-    if chosen is None:
+    chosen = layer._kernels.get(kind)  # cleared when the layer moves or a factor is replaced
+    if chosen is not None:
+        return chosen
+    forced = forced_choice("DEEPSQUEEZE_FACTORED_KERNEL", FACTORED_KERNELS)
+    if not layer.has_dense_form() or x.device.type != "cpu":
+        chosen = "factors"
+    elif forced is not None:
+        chosen = forced
+    else:
         geometry = f" stride={layer.stride} padding={layer.padding} dilation={layer.dilation}" if x.dim() == 4 else ""
         key = (f"factored {type(layer).__name__} {layer.extra_repr()}{geometry} input={list(kind[1:])} "
                f"rows={kind[0]}{' prefer=speed' if _keeps_float() else ''}")
         sample = x[:PACKED_RACE_ROWS[kind[0]]]
         with torch.no_grad():
-            chosen = layer._kernels[kind] = choose(key, {"factors": lambda: layer.factored_forward(sample),
-                                                         "dense": lambda: layer.dense_forward(sample)})
-        if "dense" not in layer._kernels.values():
-            layer._cache.pop("dense", None)
+            chosen = choose(key, {"factors": lambda: layer.factored_forward(sample),
+                                  "dense": lambda: layer.dense_forward(sample)})
+    layer._kernels[kind] = chosen
+    if "dense" not in layer._kernels.values():
+        layer._cache.pop("dense", None)
     return chosen
 
 

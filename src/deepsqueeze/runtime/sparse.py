@@ -65,15 +65,15 @@ class SparseCSRLinear(nn.Module):
         return new
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, self.in_features)
-        kind = min(flat.shape[0], 2)
+        flat = x if x.dim() == 2 else x.reshape(-1, self.in_features)
+        kind = 1 if flat.shape[0] == 1 else 2
         kernel = self._kernels.get(kind)
         if kernel is None:
             kernel = self._kernels[kind] = sparse_kernel(self, flat)
             if "dense" not in self._kernels.values():
                 self._dense = None  # the race built it: keep it only while some batch kind runs dense
-        product = self._dense_product if kernel == "dense" else self._csr_product
-        return product(flat).reshape(*x.shape[:-1], self.out_features)
+        y = self._dense_product(flat) if kernel == "dense" else self._csr_product(flat)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], self.out_features)
 
     def _csr_product(self, flat: torch.Tensor) -> torch.Tensor:
         out = torch.sparse.mm(self.weight_csr, flat.T.contiguous()).T
