@@ -366,13 +366,17 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
     kind) and kept for the machine (in ``layer._kernels`` for this process); ``float`` (the decoded weight
     kept) races only where speed is preferred (:func:`set_prefer`); layouts of kernels not chosen are
     dropped after the choice."""
+    if _packed_override is not None:
+        return _packed_override if packed_kernel_support(layer)[_packed_override] is None else "dequant"
+    kind = _batch_kind(x2.shape[0])
+    chosen = layer._kernels.get(kind)  # a measured choice (cleared when the layer moves)
+    if chosen is not None:
+        return chosen
     forced = _forced_packed_kernel()
     if forced is not None:
         return forced if packed_kernel_support(layer)[forced] is None else "dequant"
     if x2.device.type != "cpu":
         return "dequant"
-    kind = _batch_kind(x2.shape[0])
-    chosen = layer._kernels.get(kind)
     if chosen is None:
         support = packed_kernel_support(layer)
         sample = x2[:PACKED_RACE_ROWS[kind]]

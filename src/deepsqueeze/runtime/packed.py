@@ -218,13 +218,14 @@ class PackedIntLinear(_PackedWeight):
     kernel_choices = kernels
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = x.shape
-        x2 = x.reshape(-1, self.in_features).float()
+        flat = x.dim() == 2 and x.dtype == torch.float32
+        x2 = x if flat else x.reshape(-1, self.in_features).float()
         if x2.shape[0] == 0 or (x2.requires_grad and torch.is_grad_enabled()):
             kernel = "dequant"
         else:
-            kernel = self.kernel(x2)
-        return self._run(kernel, x2).reshape(*shape[:-1], self.out_features).to(x.dtype)
+            kernel = packed_linear_kernel(self, x2)
+        y = run_packed_linear(self, kernel, x2)
+        return y if flat else y.reshape(*x.shape[:-1], self.out_features).to(x.dtype)
 
     def _apply(self, fn: Any, recurse: bool = True) -> Any:
         self._kernels.clear()
@@ -283,13 +284,15 @@ class PackedIntConv2d(_PackedWeight):
         return self.dequantized_rows().reshape(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The convolution on the weight decoded for this call, or (speed preferred, no gradients) on the
-        decoded weight kept after the first call: the same arithmetic, without decoding again."""
-        if preferred() == "speed" and not (torch.is_grad_enabled() and x.requires_grad):
-            weight = self._cached("float", self.dequantized_weight)
-        else:
-            weight = self.dequantized_weight()
-        return F.conv2d(x, weight.to(x.dtype), self.bias, self.stride, self.padding, self.dilation, self.groups)
+        """The convolution on the weight decoded for this call, or (speed preferred) on the decoded weight kept
+        after the first call: the same arithmetic, without decoding again."""
+        weight = self._cache.get("float")
+        if weight is None:
+            weight = self.dequantized_weight()  # no gradient reaches integer codes: keeping it is always safe
+            if preferred() == "speed":
+                self._cache["float"] = weight
+        return F.conv2d(x, weight if weight.dtype == x.dtype else weight.to(x.dtype), self.bias, self.stride,
+                        self.padding, self.dilation, self.groups)
 
     def kernel_choices(self) -> dict[str, str]:
         """``{"all": "float"}`` once the decoded weight is kept (speed preferred), else ``{"all": "dequant"}``."""
