@@ -4,8 +4,8 @@ They are named by what they are (a low-rank Linear, a Tucker-2 or CP convolution
 ``nn.Linear``/``nn.Conv2d`` children (so quantization, pruning and LoRA can address the factors by
 name), and can be built empty from their shapes, which is how the loader replays them. Each runs its
 factors or the one dense layer they equal, whichever raced faster for its shape and batch on this CPU
-(:func:`~deepsqueeze.runtime.kernels.factored_kernel`): at large batches a dense product can beat three
-thin ones, and a layer is never left slower than its float form.
+(:func:`~deepsqueeze.runtime.kernels.factored_kernel`): at large batches one dense product can beat
+three thin ones.
 """
 
 from __future__ import annotations
