@@ -9,8 +9,8 @@
 * CSR sparse Linear (:class:`~deepsqueeze.runtime.sparse.SparseCSRLinear`): ``torch.sparse.mm`` or the
   dense product, raced per shape, non-zeros and batch kind (:func:`sparse_kernel`).
 
-* Factored layers (:mod:`deepsqueeze.runtime.factored`): the product of the factors, or (``prefer speed``)
-  the dense weight they equal, raced per shape, rank and batch kind (:func:`factored_kernel`).
+* Factored layers (:mod:`deepsqueeze.runtime.factored`): the product of the factors, or the one dense layer
+  they equal, raced per shape, rank and batch kind (:func:`factored_kernel`).
 
 What a representation may keep beside its codes is the process's preference (:func:`set_prefer`,
 ``DEEPSQUEEZE_PREFER``, the commands' ``--prefer``): ``memory`` (the default) holds no float copy of a
@@ -377,22 +377,21 @@ def packed_linear_kernel(layer: Cached, x2: torch.Tensor) -> str:
         return forced if packed_kernel_support(layer)[forced] is None else "dequant"
     if x2.device.type != "cpu":
         return "dequant"
-    if chosen is None:
-        support = packed_kernel_support(layer)
-        sample = x2[:PACKED_RACE_ROWS[kind]]
-        # the first is kept unless another is 15% faster; gemv shares a block among at most 32 rows
-        order = PACKED_KERNELS[:4] if kind == "few" else ("dequant", "int4pack", "int8pack")
-        order += ("float",) if _keeps_float() else ()
-        usable = [k for k in order if support[k] is None]
-        key = (f"packed-linear {layer.out_features}x{layer.in_features} bits={layer.bits}"
-               f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}"
-               f"{' prefer=speed' if _keeps_float() else ''}")
-        with torch.no_grad():
-            chosen = choose(key, {k: (lambda k=k: run_packed_linear(layer, k, sample)) for k in usable})
-        layer._kernels[kind] = chosen
-        for k in ("gemv", "int4pack", "int8pack", "float"):
-            if k not in layer._kernels.values():
-                layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
+    support = packed_kernel_support(layer)
+    sample = x2[:PACKED_RACE_ROWS[kind]]
+    # the first is kept unless another is 15% faster; gemv shares a block among at most 32 rows
+    order = PACKED_KERNELS[:4] if kind == "few" else ("dequant", "int4pack", "int8pack")
+    order += ("float",) if _keeps_float() else ()
+    usable = [k for k in order if support[k] is None]
+    key = (f"packed-linear {layer.out_features}x{layer.in_features} bits={layer.bits}"
+           f"{'b' if layer.binary else ''} group={layer.group_size} rows={kind}"
+           f"{' prefer=speed' if _keeps_float() else ''}")
+    with torch.no_grad():
+        chosen = choose(key, {k: (lambda k=k: run_packed_linear(layer, k, sample)) for k in usable})
+    layer._kernels[kind] = chosen
+    for k in ("gemv", "int4pack", "int8pack", "float"):
+        if k not in layer._kernels.values():
+            layer._cache.pop(k, None)  # the race built it: keep only the layouts in use
     return chosen
 
 
